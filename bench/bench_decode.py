@@ -1,0 +1,209 @@
+"""Decode and candump-parse throughput on the real Kona log, repeated to ~1M frames.
+
+    .venv/bin/python -m bench.bench_decode [--frames 1000000] [--runs 5]
+
+Decode-only rates (frames/s, median of ``runs``):
+  cantools       ``Message.decode`` frame by frame, message and bytes resolved beforehand
+  reference      ``CantoolsDecoder.decode`` (the project's reference, series built)
+  vector/batch   ``VectorDecoder.decode`` on the whole repeated log as one batch
+  vector/chunks  ``VectorDecoder.decode`` on the chunks a replay feeds it (``iter_candump``)
+Parse rates: ``iter_candump`` vs python-can's ``CanutilsLogReader`` (frames/s).
+Every function is importable, for a ``make bench`` table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import can
+import numpy as np
+
+from gateway.canbus.candump import iter_candump
+from gateway.canbus.dbc import ChannelDbcs
+from gateway.canbus.decode import CantoolsDecoder
+from gateway.canbus.fastdecode import VectorDecoder
+from gateway.records import FrameBatch
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH_SIZES = (2048, 8192, 65536)
+
+
+def find_data(pattern: str) -> Path:
+    for base in (ROOT / "can_fixtures", ROOT.parent / "shared" / "data" / "can"):
+        found = sorted(base.rglob(pattern)) if base.is_dir() else []
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"{pattern} not in can_fixtures/ or ../shared/data/can")
+
+
+def kona_inputs() -> tuple[Path, ChannelDbcs]:
+    """The Kona candump log; P-CAN DBC on can0, C-CAN DBC on can1."""
+    dbcs = ChannelDbcs()
+    dbcs.add("can0", find_data("kona_pcan.cantools.dbc"))
+    dbcs.add("can1", find_data("kona_ccan.cantools.dbc"))
+    return find_data("*.candump.log"), dbcs
+
+
+def repeated_log(src: Path, frames: int, out: Path) -> Path:
+    """``src`` written again and again, each copy shifted to start after the previous one."""
+    lines = src.read_text().splitlines()
+    stamps = [float(line[1 : line.index(")")]) for line in lines]
+    span = max(stamps) - min(stamps) + 0.001
+    with open(out, "w") as fh:
+        written, lap = 0, 0
+        while written < frames:
+            for ts, line in zip(stamps, lines, strict=True):
+                fh.write(f"({ts + lap * span:.6f}){line[line.index(')') + 1 :]}\n")
+                written += 1
+                if written >= frames:
+                    break
+            lap += 1
+    return out
+
+
+def concat(batches: list[FrameBatch]) -> FrameBatch:
+    return FrameBatch(
+        *(
+            batches[-1].channels
+            if f.name == "channels"
+            else np.concatenate([getattr(b, f.name) for b in batches])
+            for f in dataclasses.fields(FrameBatch)
+        )
+    )
+
+
+def median_rate(n: int, fn: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
+
+
+def cantools_rate(batch: FrameBatch, dbcs: ChannelDbcs, frames: int, runs: int) -> float:
+    """Log frames per second when each is decoded with ``Message.decode`` as CantoolsDecoder
+    calls it; the lookup is done beforehand and unknown ids cost nothing, so this is the
+    decode-only time of the same frames the vector decoder is timed on."""
+    work = []
+    n = min(frames, len(batch))
+    for i in range(n):
+        if batch.is_error[i] or batch.is_remote[i]:
+            continue
+        for db in dbcs.for_channel(batch.channels[batch.channel[i]]):
+            try:
+                msg = db.get_message_by_frame_id(int(batch.arbitration_id[i]))
+            except KeyError:
+                continue
+            work.append((msg.decode, bytes(batch.data[i, : batch.dlc[i]])))
+            break
+
+    def run() -> None:
+        for decode, data in work:
+            decode(
+                data, decode_choices=False, scaling=True, allow_truncated=True, allow_excess=True
+            )
+
+    return median_rate(n, run, runs)
+
+
+def decoded_share(batch: FrameBatch, dbcs: ChannelDbcs) -> float:
+    stats = VectorDecoder(dbcs).decode(batch).stats
+    return stats.decoded / max(stats.frames, 1)
+
+
+def vector_rate(batches: list[FrameBatch], dbcs: ChannelDbcs, runs: int) -> float:
+    dec = VectorDecoder(dbcs)
+    for b in batches[:3]:
+        dec.decode(b)  # plans are built once, on first sight of an id
+    n = sum(len(b) for b in batches)
+    return median_rate(n, lambda: [dec.decode(b) for b in batches], runs)
+
+
+def sized_batches(batch: FrameBatch, size: int) -> list[FrameBatch]:
+    return [
+        batch.select(np.arange(lo, min(lo + size, len(batch)))) for lo in range(0, len(batch), size)
+    ]
+
+
+def reference_rate(batch: FrameBatch, dbcs: ChannelDbcs, frames: int, runs: int) -> float:
+    part = batch.select(np.arange(min(frames, len(batch))))
+    dec = CantoolsDecoder(dbcs)
+    return median_rate(len(part), lambda: dec.decode(part), runs)
+
+
+def candump_rate(path: Path, runs: int) -> tuple[float, int]:
+    n = sum(len(b) for b in iter_candump(path))
+    return median_rate(n, lambda: sum(1 for _ in iter_candump(path)), runs), n
+
+
+def python_can_rate(path: Path, runs: int) -> float:
+    def count() -> Iterator[can.Message]:
+        yield from can.CanutilsLogReader(str(path))
+
+    n = sum(1 for _ in count())
+    return median_rate(n, lambda: sum(1 for _ in count()), runs)
+
+
+def run(frames: int = 1_000_000, runs: int = 5, cantools_frames: int = 100_000) -> dict[str, float]:
+    log, dbcs = kona_inputs()
+    with tempfile.TemporaryDirectory() as tmp:
+        big = repeated_log(log, frames, Path(tmp) / "kona_x.log")
+        small = repeated_log(log, min(frames, 100_000), Path(tmp) / "kona_small.log")
+        chunks = list(iter_candump(big))
+        batch = concat(chunks)
+        out = {
+            "frames": float(len(batch)),
+            "decoded_share": decoded_share(batch, dbcs),
+            "chunks": float(len(chunks)),
+            "cantools_fps": cantools_rate(batch, dbcs, cantools_frames, max(2, runs // 2)),
+            "reference_fps": reference_rate(batch, dbcs, cantools_frames, max(2, runs // 2)),
+            "vector_batch_fps": vector_rate([batch], dbcs, runs),
+            "vector_chunks_fps": vector_rate(chunks, dbcs, runs),
+            **{
+                f"vector_{size}_fps": vector_rate(sized_batches(batch, size), dbcs, runs)
+                for size in BATCH_SIZES
+            },
+            "candump_fps": candump_rate(big, max(2, runs // 2))[0],
+            "python_can_fps": python_can_rate(small, max(2, runs // 2)),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--cantools-frames", type=int, default=100_000)
+    args = ap.parse_args()
+    r = run(args.frames, args.runs, args.cantools_frames)
+    print(
+        f"Kona log x{r['frames'] / 39546:.1f}: {int(r['frames'])} frames "
+        f"({r['decoded_share']:.0%} known to the DBCs), {int(r['chunks'])} replay chunks "
+        f"(avg {r['frames'] / r['chunks']:.0f} frames)"
+    )
+    print(f"{'decode (log frames/s)':<34}{'frames/s':>14}{'vs cantools':>14}")
+    for key, label in (
+        ("cantools_fps", "cantools Message.decode"),
+        ("reference_fps", "CantoolsDecoder"),
+        ("vector_batch_fps", "VectorDecoder, one batch"),
+        ("vector_chunks_fps", "VectorDecoder, replay chunks"),
+        *((f"vector_{n}_fps", f"VectorDecoder, {n}-frame batches") for n in BATCH_SIZES),
+    ):
+        print(f"{label:<34}{r[key]:>14,.0f}{r[key] / r['cantools_fps']:>13.1f}x")
+    print(f"{'parse candump':<34}{'frames/s':>14}{'vs python-can':>14}")
+    for key, label in (
+        ("python_can_fps", "python-can CanutilsLogReader"),
+        ("candump_fps", "iter_candump"),
+    ):
+        print(f"{label:<34}{r[key]:>14,.0f}{r[key] / r['python_can_fps']:>13.1f}x")
+
+
+if __name__ == "__main__":
+    main()

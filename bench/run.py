@@ -1,0 +1,265 @@
+"""``make bench``: the gateway against the field's standard tools, in one run, as ratios.
+
+Everything runs on this machine, one measurement after another, on the same real logs (the
+Kona EV capture repeated with shifted timestamps into long replays; the synthetic Model 3 drive
+when it is there). Each figure is the median of ``--runs`` runs.
+
+  end to end   ``gateway replay --fast`` as a process (read + decode + aggregate + policy +
+               guard + ledger + outbox + publish to a real local Mosquitto), frames / wall
+               second including start-up; vs. python-can ``LogReader`` + cantools
+               ``decode_message`` frame by frame (bench/baseline.py) on the same file
+  decode       the vector decoder vs. cantools ``Message.decode`` (bench/bench_decode.py)
+  parse        the candump parser vs. python-can's ``CanutilsLogReader``
+  memory       peak RSS of the gateway process, CAN only and CAN + camera
+  camera       anonymised frames per second at 640x360 and 1280x720
+  latency      end of a window (frame time, real-time replay) to the summary at the owner
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import bench_decode  # noqa: E402
+from gateway.localbroker import LocalBroker  # noqa: E402
+
+KONA = ROOT / "can_fixtures" / "kona_ev_2019"
+DBCS = [f"can0={KONA / 'kona_pcan.cantools.dbc'}", f"can1={KONA / 'kona_ccan.cantools.dbc'}"]
+PY = sys.executable
+
+
+def _child_rss(cmd: list[str]) -> tuple[float, float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {err[-500:]}")
+    return wall, usage.ru_maxrss / 1024, err
+
+
+def gateway_replay(
+    log: Path, dbcs: list[str], url: str, tmp: Path, *extra: str
+) -> tuple[float, float]:
+    cmd = [
+        PY,
+        "-m",
+        "gateway",
+        "replay",
+        str(log),
+        *sum((["--dbc", d] for d in dbcs), []),
+        "--fast",
+        "--broker",
+        url,
+        "-q",
+        "--ledger",
+        str(tmp / "bench-ledger.jsonl"),
+        "--outbox",
+        str(tmp / "bench-outbox.sqlite"),
+        *extra,
+    ]
+    wall, rss, _ = _child_rss(cmd)
+    return wall, rss
+
+
+def baseline(log: Path, dbcs: list[str]) -> float:
+    out = subprocess.run(
+        [PY, str(ROOT / "bench" / "baseline.py"), str(log), *dbcs],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    frames, seconds = int(out[0]), float(out[1])
+    return frames / seconds
+
+
+def latency(url: str, tmp: Path, runs: int) -> float:
+    """Median seconds from a window's end (mapped to wall time) to its arrival at the owner."""
+    import aiomqtt
+
+    from gateway import settings as settings_mod
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.egress.schema import unpack
+
+    async def one() -> list[float]:
+        s = settings_mod.load(
+            None,
+            env={},
+            overrides={
+                "broker.url": url,
+                "gateway.window": 1.0,
+                "gateway.vin": "BENCHLATENCY00001",
+                "gateway.ledger": str(tmp / "lat.jsonl"),
+                "gateway.outbox": str(tmp / "lat.sqlite"),
+            },
+        )
+        s = dataclasses.replace(s, dbc={"can0": [DBCS[0].split("=", 1)[1]]})
+        src = ReplaySource([KONA / "230112-7-2019-pcan-ccan-power-off-on-ready-off.csv"], speed=1.0)
+        gw = Gateway(s, [src])
+        host, port = url.removeprefix("mqtt://").split(":")
+        delays: list[float] = []
+        async with aiomqtt.Client(host, int(port)) as owner:
+            await owner.subscribe("vehicles/BENCHLATENCY00001/owner/signals", qos=1)
+            task = asyncio.create_task(gw.run())
+
+            async def read() -> None:
+                async for m in owner.messages:
+                    body = unpack(m.payload)
+                    due = src.due(body["window"][1])
+                    if due is not None:
+                        delays.append(time.monotonic() - due)
+
+            reader = asyncio.create_task(read())
+            await task
+            await asyncio.sleep(0.5)
+            reader.cancel()
+        return delays[:-1]  # the last window is flushed at the end of the log, not on time
+
+    out: list[float] = []
+    for _ in range(runs):
+        out += asyncio.run(one())
+    return statistics.median(out)
+
+
+def camera_fps() -> dict[str, float]:
+    try:
+        from bench.eval_anonymisation import stream_fps  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        return {}
+    return stream_fps()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--frames", type=int, default=2_000_000, help="length of the long Kona replay")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    args = ap.parse_args()
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmpdir, LocalBroker() as broker:
+        tmp = Path(tmpdir)
+        log = bench_decode.repeated_log(
+            bench_decode.kona_inputs()[0], args.frames, tmp / "kona_long.log"
+        )
+        print(
+            f"long replay: Kona EV capture x{args.frames / 39546:.0f} = {args.frames:,} frames, "
+            f"{log.stat().st_size / 1e6:.0f} MB; {args.runs} runs each",
+            flush=True,
+        )
+        walls, rsss = [], []
+        for _ in range(args.runs):
+            w, r = gateway_replay(log, DBCS, broker.url, tmp)
+            walls.append(w)
+            rsss.append(r)
+        e2e = args.frames / statistics.median(walls)
+        base = statistics.median(baseline(log, DBCS) for _ in range(args.runs))
+        rows.append(
+            (
+                "end to end, frames/s (Kona x long)",
+                f"{e2e:,.0f}",
+                f"{base:,.0f}",
+                f"{e2e / base:.1f}x",
+            )
+        )
+        drive = ROOT / "can_fixtures" / "model3" / "model3_synthetic_drive.log"
+        m3 = [f"{ROOT / 'can_fixtures' / 'model3' / 'Model3CAN.dbc'}"]
+        if drive.exists():
+            long_drive = tmp / "drive_long.log"
+            n = _repeat_any(drive, long_drive, args.frames // 2)
+            w = statistics.median(
+                gateway_replay(long_drive, m3, broker.url, tmp)[0] for _ in range(args.runs)
+            )
+            b = statistics.median(baseline(long_drive, [f"can0={m3[0]}"]) for _ in range(args.runs))
+            rows.append(
+                (
+                    "end to end, frames/s (Model 3 drive)",
+                    f"{n / w:,.0f}",
+                    f"{b:,.0f}",
+                    f"{n / w / b:.1f}x",
+                )
+            )
+        d = bench_decode.run(frames=1_000_000, runs=args.runs, cantools_frames=100_000)
+        rows.append(
+            (
+                "decode only, frames/s (65k batches)",
+                f"{d['vector_65536_fps']:,.0f}",
+                f"{d['cantools_fps']:,.0f}",
+                f"{d['vector_65536_fps'] / d['cantools_fps']:.1f}x",
+            )
+        )
+        rows.append(
+            (
+                "decode only, frames/s (one 1M batch)",
+                f"{d['vector_batch_fps']:,.0f}",
+                f"{d['cantools_fps']:,.0f}",
+                f"{d['vector_batch_fps'] / d['cantools_fps']:.1f}x",
+            )
+        )
+        rows.append(
+            (
+                "candump parse, frames/s",
+                f"{d['candump_fps']:,.0f}",
+                f"{d['python_can_fps']:,.0f}",
+                f"{d['candump_fps'] / d['python_can_fps']:.1f}x",
+            )
+        )
+        rows.append(
+            ("peak RSS, CAN only, MB", f"{statistics.median(rsss):.0f}", "", "target <= 80")
+        )
+        clip = ROOT / "can_fixtures" / "camera" / "demo_clip.mp4"
+        if clip.exists():
+            _, rss_cam = gateway_replay(
+                KONA / "230112-7-2019-pcan-ccan-power-off-on-ready-off.converted.candump.log",
+                DBCS,
+                broker.url,
+                tmp,
+                "--video",
+                str(clip),
+            )
+            rows.append(("peak RSS, CAN + camera, MB", f"{rss_cam:.0f}", "", "target <= 150"))
+        for size, fps in camera_fps().items():
+            rows.append(
+                (
+                    f"camera anonymised frames/s, {size}",
+                    f"{fps:.1f}",
+                    "",
+                    "target >= 15 at 1280x720",
+                )
+            )
+        lat = latency(broker.url, tmp, 1)
+        rows.append(("latency, window end -> owner, s (real-time replay)", f"{lat:.2f}", "", ""))
+    head = ("measure", "gateway", "standard tool", "ratio")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for r in [head, tuple("-" * w for w in widths), *rows]:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    if args.markdown:
+        md = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|"]
+        md += ["| " + " | ".join(r) + " |" for r in rows]
+        Path(args.markdown).write_text("\n".join(md) + "\n")
+    return 0
+
+
+def _repeat_any(src: Path, out: Path, frames: int) -> int:
+    return sum(1 for _ in open(bench_decode.repeated_log(src, frames, out)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

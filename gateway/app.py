@@ -1,0 +1,531 @@
+"""The only module that knows the whole graph: sources -> decode -> aggregate / location /
+trips -> policy -> guard -> ledger -> outbox -> MQTT, the owner's inbound commands, periodic
+health and ledger digests, and a bounded shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway import __version__
+from gateway.canbus.dbc import ChannelDbcs
+from gateway.canbus.decode import CantoolsDecoder, Decoder
+from gateway.egress.guard import EgressGuard, Outgoing, Released
+from gateway.egress.ledger import Ledger
+from gateway.egress.mqtt import MqttPublisher
+from gateway.egress.outbox import Outbox, Pending
+from gateway.egress.schema import Topics
+from gateway.errors import ConfigError
+from gateway.health import HealthMonitor
+from gateway.records import DecodeStats, FrameBatch, ReadStats, SignalSeries, WindowSummary
+from gateway.settings import Settings
+from gateway.telemetry.aggregate import WindowAggregator
+from gateway.telemetry.consent import ConsentRefused, ConsentState, parse_owner_message
+from gateway.telemetry.location import (
+    LocationLimiter,
+    LocationStage,
+    coarsen,
+    parse_geofences,
+)
+from gateway.telemetry.policy import (
+    Category,
+    LocationAxis,
+    Policy,
+    load_policy,
+    permitted_signals,
+    quantize,
+)
+from gateway.telemetry.trips import Trip, TripDetector
+
+log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    def batches(self) -> AsyncIterator[FrameBatch]: ...
+
+
+def make_decoder(settings: Settings, dbcs: ChannelDbcs, wanted: set[str]) -> Decoder:
+    if settings.gateway.decoder == "vector":
+        from gateway.canbus.fastdecode import VectorDecoder
+
+        return VectorDecoder(dbcs, wanted=wanted)
+    return CantoolsDecoder(dbcs, wanted=wanted)
+
+
+@dataclass
+class RunReport:
+    frames: int = 0
+    raw_bytes: int = 0
+    decode: DecodeStats = field(default_factory=DecodeStats)
+    read: list[ReadStats] = field(default_factory=list)
+    windows: int = 0
+    released: int = 0
+    blocked: int = 0
+    bytes_released: int = 0
+    sent: int = 0
+    outbox_left: int = 0
+    late_samples: int = 0
+    positions_withheld: int = 0
+    positions_in_geofence: int = 0
+    trips: int = 0
+    broker_error: str | None = None
+    camera: list[Any] = field(default_factory=list)
+
+    @property
+    def bad_lines(self) -> int:
+        return sum(s.bad_lines for s in self.read)
+
+
+def _apply_config_consent(
+    consent: ConsentState, specs: Sequence[str], policy: Policy, now: float
+) -> None:
+    for spec in specs:
+        cat, _, days = spec.partition(":")
+        try:
+            category = Category(cat.strip())
+            until = now + float(days) * 86400
+        except ValueError:
+            raise ConfigError(
+                f"consent {spec!r}: expected CATEGORY:DAYS, e.g. location:7"
+            ) from None
+        try:
+            consent.grant(category, until, now, policy.max_consent_days, source="config")
+        except ConsentRefused as exc:
+            raise ConfigError(f"consent {spec!r} refused: {exc}") from None
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        sources: Sequence[Source],
+        *,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.time,
+        cameras: Sequence[Any] = (),
+        on_batch: Callable[[FrameBatch], None] | None = None,
+    ) -> None:
+        g = settings.gateway
+        self.settings = settings
+        self.sources = list(sources)
+        self.cameras = list(cameras)
+        self.clock = clock
+        self.on_batch = on_batch
+        self.policy = policy or load_policy(g.policy or None)
+        self.dbcs = ChannelDbcs.from_specs(settings.dbc)
+        self.decoder = make_decoder(settings, self.dbcs, self.policy.wanted_signals())
+        self.topics = Topics(settings.broker.topic_prefix, g.vin)
+        self.state_dir = Path(g.state_dir) if g.state_dir else Path(g.ledger).resolve().parent
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.consent_path = self.state_dir / f"consent-{g.vin}.json"
+        now = clock()
+        self.consent = ConsentState.load(self.consent_path)
+        self.consent.new_ignition_cycle(now)
+        _apply_config_consent(self.consent, g.consent, self.policy, now)
+        self.ledger = Ledger(g.ledger)
+        self.outbox = Outbox(
+            g.outbox,
+            on_drop=self._record_drop,
+            max_age_s=self.policy.location_retention_days * 86400,
+        )
+        self.guard = EgressGuard(
+            self.policy,
+            self.topics,
+            consent_ok=lambda c: self.consent.ok(c, self.clock()),
+            consent_snapshot=lambda: self.consent.snapshot(self.clock()),
+            next_seq=self.outbox.next_seq,
+            on_block=self._record_block,
+        )
+        self.publisher = MqttPublisher(
+            settings.broker,
+            self.outbox,
+            identifier=settings.broker.client_id or f"gateway-{g.vin}",
+            status=self._status,
+            inbound_topics=(self.topics.consent_set, self.topics.command),
+            on_inbound=self.handle_owner_message,
+        )
+        self.health = HealthMonitor()
+        self.report = RunReport()
+        self.ledger.append(
+            "start",
+            gateway=__version__,
+            vin=g.vin,
+            policy=self.policy.ident,
+            policy_sha256=self.policy.digest,
+            policy_source=self.policy.source,
+            consent=self.consent.snapshot(now),
+        )
+        self._digest_sent_at = time.monotonic()
+
+    # -- egress ----------------------------------------------------------------------------
+    def emit(self, out: Outgoing) -> Released | None:
+        """Guard, ledger, outbox: the one path by which anything may leave."""
+        msg = self.guard.release(out)
+        if msg is None:
+            return None
+        self._ledger_egress(msg)
+        self.outbox.put(msg)
+        self.report.released += 1
+        self.report.bytes_released += len(msg.payload)
+        return msg
+
+    def _ledger_egress(self, msg: Released) -> None:
+        self.ledger.append(
+            "egress",
+            topic=msg.topic,
+            seq=msg.seq,
+            schema=msg.schema,
+            sha256=msg.sha256,
+            bytes=len(msg.payload),
+            rules=list(msg.rules),
+            consent=dict(msg.consent),
+        )
+
+    def _record_block(self, out: Outgoing, reason: str) -> None:
+        self.report.blocked += 1
+        self.ledger.append("blocked", schema=out.schema, reason=reason, rules=list(out.rules))
+
+    def _record_drop(self, items: list[Pending], why: str) -> None:
+        self.ledger.append(
+            "dropped",
+            reason=why,
+            seqs=[i.seq for i in items],
+            sha256=[hashlib.sha256(i.payload).hexdigest() for i in items],
+        )
+
+    def _status(self, state: str, reason: str) -> Released | None:
+        msg = self.guard.release(
+            Outgoing(
+                "gateway.status",
+                {
+                    "state": state,
+                    "at": round(self.clock(), 3),
+                    "reason": reason,
+                    "collection": self.consent.collection.value,
+                },
+            )
+        )
+        if msg is not None:
+            self._ledger_egress(msg)
+        return msg
+
+    def publish_consent_state(self) -> None:
+        self.consent.save(self.consent_path)
+        self.emit(Outgoing("gateway.consent", self.consent.public(round(self.clock(), 3))))
+
+    def publish_digest(self) -> None:
+        self._digest_sent_at = time.monotonic()
+        self.emit(
+            Outgoing(
+                "gateway.ledger",
+                {
+                    "at": round(self.clock(), 3),
+                    "entries": self.ledger.count,
+                    "head": self.ledger.head,
+                },
+            )
+        )
+
+    def publish_health(self) -> None:
+        self.emit(
+            Outgoing(
+                "gateway.health",
+                self.health.snapshot(
+                    bad_frames=sum(s.bad_lines for s in self._read_stats()),
+                    decode_errors=sum(self.report.decode.errors.values()),
+                    unknown_ids=len(self.report.decode.unknown_id),
+                    dropped_frames=sum(getattr(c, "dropped", 0) for c in self.cameras),
+                    outbox_depth=self.outbox.depth(),
+                    reconnects=self.publisher.reconnects,
+                    blocked=self.report.blocked,
+                    storage=self.outbox.storage,
+                ),
+            )
+        )
+
+    def _read_stats(self) -> list[ReadStats]:
+        return [st for s in self.sources for st in getattr(s, "stats", [])]
+
+    # -- inbound: the owner's consent and commands -----------------------------------------
+    async def handle_owner_message(self, topic: str, payload: bytes) -> None:
+        kind = "command" if topic == self.topics.command else "consent/set"
+        now = self.clock()
+        try:
+            cmd = parse_owner_message(kind, payload, now)
+            if cmd.action == "grant":
+                assert cmd.category is not None
+                self.consent.grant(cmd.category, cmd.until, now, self.policy.max_consent_days)
+            elif cmd.action == "withdraw":
+                self.consent.withdraw(cmd.category, now)
+            elif cmd.action == "persist":
+                self.consent.persist_across_ignition = bool(cmd.persist)
+                self.consent.last_change = {
+                    "at": now,
+                    "action": "persist",
+                    "value": bool(cmd.persist),
+                    "by": "owner",
+                }
+            elif cmd.action == "stop":
+                self.consent.stop(now)
+            elif cmd.action == "resume":
+                self.consent.resume(now)
+            elif cmd.action == "delete":
+                from gateway.datarights import delete_category
+
+                n = delete_category(self.outbox, cmd.category)
+                self.consent.last_change = {
+                    "at": now,
+                    "action": "delete",
+                    "by": "owner",
+                    "category": cmd.category.value if cmd.category else "all",
+                    "removed": n,
+                }
+        except ConsentRefused as exc:
+            self.consent.last_change = {
+                "at": now,
+                "action": "refused",
+                "reason": str(exc),
+                "by": "owner",
+            }
+        self.ledger.append(
+            "consent",
+            topic=topic,
+            sha256=hashlib.sha256(payload).hexdigest(),
+            result=dict(self.consent.last_change),
+            state=self.consent.snapshot(now),
+            collection=self.consent.collection.value,
+        )
+        self.publish_consent_state()
+
+    # -- CAN path --------------------------------------------------------------------------
+    def publish_window(self, w: WindowSummary) -> None:
+        self.report.windows += 1
+        signals, used, _withheld = permitted_signals(
+            self.policy, w, lambda c: self.consent.ok(c, self.clock())
+        )
+        if not signals:
+            return
+        self.emit(
+            Outgoing(
+                "gateway.signals",
+                {
+                    "window": [round(w.start, 3), round(w.end, 3)],
+                    "policy": self.policy.ident,
+                    "signals": signals,
+                },
+                tuple(used),
+            )
+        )
+
+    def _location_stage(self) -> LocationStage | None:
+        rules = self.policy.location_rules()
+        if LocationAxis.LATITUDE not in rules or LocationAxis.LONGITUDE not in rules:
+            return None
+        self._loc_rules = (
+            rules[LocationAxis.LATITUDE].rule_id,
+            rules[LocationAxis.LONGITUDE].rule_id,
+        )
+        return LocationStage(
+            rules[LocationAxis.LATITUDE].signal,
+            rules[LocationAxis.LONGITUDE].signal,
+            self.policy.location_grid_m,
+            self.settings.gateway.window,
+            parse_geofences(self.policy.geofences, self.policy.source),
+            LocationLimiter(self.policy.location_min_interval_s, self.policy.location_min_change_m),
+        )
+
+    def publish_positions(self, stage: LocationStage, series: Sequence[SignalSeries]) -> None:
+        ok = self.consent.ok(Category.LOCATION, self.clock())
+        before = stage.withheld
+        for start, lat, lon in stage.feed(series, ok):
+            self.emit(
+                Outgoing(
+                    "gateway.location",
+                    {
+                        "window": [round(start, 3), round(start + self.settings.gateway.window, 3)],
+                        "policy": self.policy.ident,
+                        "lat": lat,
+                        "lon": lon,
+                        "grid_m": self.policy.location_grid_m,
+                        "consent_until": self.consent.grants.get(Category.LOCATION, 0.0),
+                    },
+                    self._loc_rules,
+                )
+            )
+        self.report.positions_withheld += stage.withheld - before
+        self.report.positions_in_geofence = stage.in_geofence
+
+    def publish_trip(self, trip: Trip) -> None:
+        self.report.trips += 1
+        body: dict[str, Any] = {
+            "window": [round(trip.start, 3), round(trip.end, 3)],
+            "policy": self.policy.ident,
+            "start": quantize(trip.start, 60),
+            "end": quantize(trip.end, 60),
+            "duration_s": quantize(trip.duration_s, 60),
+            "distance_km": quantize(trip.distance_km, 0.1),
+            "energy_kwh": quantize(trip.energy_kwh, 0.1),
+            "avg_speed_kph": quantize(trip.avg_speed_kph, 1),
+        }
+        body["window"] = [body["start"], body["end"]]
+        if self.consent.ok(Category.LOCATION, self.clock()):
+            grid = self.policy.location_grid_m
+            fences = parse_geofences(self.policy.geofences, self.policy.source)
+            for key, pos in (("start_area", trip.start_pos), ("end_area", trip.end_pos)):
+                if pos is not None and not any(f.contains(*pos) for f in fences):
+                    lat, lon = coarsen(pos[0], pos[1], grid)
+                    body[key] = {"lat": lat, "lon": lon}
+        self.emit(Outgoing("gateway.trip", body, ("trips",)))
+
+    async def _can_loop(self, source: Source) -> None:
+        agg = WindowAggregator(self.settings.gateway.window)
+        loc = self._location_stage()
+        trips = TripDetector(self.policy.trips) if self.policy.trips.enabled else None
+        last_t = 0.0
+        try:
+            async for batch in source.batches():
+                if not len(batch):
+                    continue
+                self.report.frames += len(batch)
+                self.report.raw_bytes += batch.raw_bytes
+                self.health.on_batch(batch)
+                if self.on_batch is not None:
+                    self.on_batch(batch)
+                if not self.consent.collecting():
+                    continue
+                decoded = self.decoder.decode(batch)
+                self.report.decode.merge(decoded.stats)
+                last_t = float(batch.timestamp.max())
+                if loc is not None:
+                    self.publish_positions(loc, decoded.series)
+                if trips is not None:
+                    for trip in trips.feed(decoded.series):
+                        self.publish_trip(trip)
+                agg.add(decoded.series)
+                for w in agg.advance(last_t):
+                    self.publish_window(w)
+        finally:
+            if self.consent.collecting():
+                for w in agg.flush():
+                    self.publish_window(w)
+                if trips is not None:
+                    for trip in trips.flush(last_t):
+                        self.publish_trip(trip)
+            self.report.late_samples += agg.late_samples
+
+    async def _periodic(self, stop: asyncio.Event) -> None:
+        g = self.settings.gateway
+        next_health = (
+            time.monotonic() + g.health_interval if g.health_interval > 0 else float("inf")
+        )
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            now = time.monotonic()
+            if now >= next_health:
+                next_health = now + g.health_interval
+                self.publish_health()
+            if now - self._digest_sent_at >= g.digest_interval:
+                self.publish_digest()
+
+    # -- the whole run ---------------------------------------------------------------------
+    async def run(
+        self,
+        stop: asyncio.Event | None = None,
+        *,
+        require_broker: bool = True,
+        drain_timeout: float = 30.0,
+    ) -> RunReport:
+        stop = stop or asyncio.Event()
+        if require_broker:
+            await self.publisher.check_connect()
+        pub_stop = asyncio.Event()
+        pub_task = asyncio.create_task(self.publisher.run(pub_stop), name="mqtt")
+        periodic_stop = asyncio.Event()
+        periodic = asyncio.create_task(self._periodic(periodic_stop), name="periodic")
+        self.publish_consent_state()
+        try:
+            await self._run_sources(stop)
+            periodic_stop.set()
+            await periodic
+            if self.settings.gateway.health_interval > 0:
+                self.publish_health()
+            self.publish_digest()
+            # flush: wait (bounded) for the outbox to drain while the publisher reconnects
+            deadline = time.monotonic() + drain_timeout
+            while self.outbox.depth() and time.monotonic() < deadline and not pub_task.done():
+                await asyncio.sleep(0.05)
+        finally:
+            periodic_stop.set()
+            pub_stop.set()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(pub_task, timeout=10)
+            self.report.sent = self.publisher.sent
+            self.report.outbox_left = self.outbox.depth()
+            self.report.broker_error = self.publisher.last_error
+            self.report.read = self._read_stats()
+            self.consent.save(self.consent_path)
+            self.ledger.append(
+                "stop",
+                released=self.report.released,
+                blocked=self.report.blocked,
+                outbox_left=self.report.outbox_left,
+            )
+            self.ledger.close()
+            self.outbox.close()
+        return self.report
+
+    async def _run_sources(self, stop: asyncio.Event) -> None:
+        work = [asyncio.create_task(self._can_loop(s), name="can") for s in self.sources]
+        work += [
+            asyncio.create_task(self._camera_loop(c, stop), name="camera") for c in self.cameras
+        ]
+        stopper = asyncio.create_task(stop.wait())
+        pending = set(work)
+        try:
+            while pending:
+                done, _ = await asyncio.wait(
+                    pending | {stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending -= done
+                for t in done & set(work):
+                    if t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+                if stopper in done:
+                    break
+        finally:
+            stopper.cancel()
+            for p in pending:
+                p.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _camera_loop(self, camera: Any, stop: asyncio.Event) -> None:
+        async def emit(summary: Any) -> None:
+            self.report.camera.append(summary)
+            self.emit(
+                Outgoing(
+                    "gateway.camera",
+                    {
+                        "window": [round(summary.start, 3), round(summary.end, 3)],
+                        "policy": self.policy.ident,
+                        "camera": summary.camera,
+                        "frames_seen": summary.frames_seen,
+                        "frames_anonymised": summary.frames_anonymised,
+                        "frames_dropped": summary.frames_dropped,
+                        "faces_blurred": summary.faces_blurred,
+                        "plates_blurred": summary.plates_blurred,
+                        "fps": quantize(summary.fps, 0.1),
+                        "health": summary.health,
+                    },
+                    ("camera",),
+                )
+            )
+
+        await camera.run(emit, stop)

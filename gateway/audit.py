@@ -1,0 +1,88 @@
+"""``gateway audit verify``: the hash chain, then every entry against the policy it names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.egress.ledger import read_entries, verify_chain
+from gateway.egress.schema import SCHEMAS
+from gateway.errors import AuditError, ConfigError
+from gateway.telemetry.policy import Category, Policy, load_policy
+
+
+@dataclass
+class VerifyResult:
+    path: str
+    entries: int
+    head: str
+    kinds: dict[str, int]
+    rechecked: int = 0
+    policies: list[str] = field(default_factory=list)
+    unchecked: int = 0
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
+        text = (
+            f"ledger OK: {self.path}: {self.entries} entries ({kinds}); head {self.head[:16]}; "
+            f"{self.rechecked} egress entries re-checked against {', '.join(self.policies) or 'no policy'}"
+        )
+        if self.unchecked:
+            text += f"; {self.unchecked} not re-checked (their policy file was not given)"
+        return text
+
+
+def _candidates(policy_path: str | None) -> list[Policy]:
+    out = [load_policy(None)]
+    if policy_path:
+        try:
+            out.insert(0, load_policy(policy_path))
+        except ConfigError as exc:
+            raise AuditError(str(exc)) from exc
+    return out
+
+
+def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyResult:
+    chain = verify_chain(path)
+    result = VerifyResult(str(path), chain.entries, chain.head, chain.kinds)
+    policies = {p.digest: p for p in _candidates(policy_path)}
+    current: Policy | None = None
+    for n, entry, _raw in read_entries(path):
+        assert entry is not None  # verify_chain passed
+        kind = entry.get("kind")
+        if kind == "start":
+            current = policies.get(str(entry.get("policy_sha256")))
+            if current is not None and current.ident not in result.policies:
+                result.policies.append(current.ident)
+            continue
+        if kind != "egress":
+            continue
+        schema = SCHEMAS.get(str(entry.get("schema")))
+        if schema is None:
+            raise AuditError(f"{path}:{n}: egress of undeclared schema {entry.get('schema')!r}")
+        if current is None:
+            result.unchecked += 1
+            continue
+        rules = {r.rule_id: r for r in current.rules.values()}
+        at = float(entry.get("at", 0))
+        consent = entry.get("consent") or {}
+        for rule_id in entry.get("rules", []):
+            rule = rules.get(rule_id)
+            if rule is None:
+                raise AuditError(
+                    f"{path}:{n}: egress under rule {rule_id!r}, which policy "
+                    f"{current.ident} does not have"
+                )
+            if rule.category.sensitive:
+                until = consent.get(rule.category.value)
+                if until is None or float(until) <= at:
+                    raise AuditError(
+                        f"{path}:{n}: {rule.category.value} data left without valid consent"
+                    )
+        if (
+            schema.name == "gateway.location"
+            and not float(consent.get(Category.LOCATION.value, 0)) > at
+        ):
+            raise AuditError(f"{path}:{n}: a position left without valid location consent")
+        result.rechecked += 1
+    return result

@@ -1,0 +1,157 @@
+"""DBC loading: cantools' model, made tolerant of the real-world files a bench meets."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cantools
+import cantools.database
+
+from gateway.errors import DbcError
+
+log = logging.getLogger(__name__)
+
+ALL_CHANNELS = "*"
+_MISSING_SECTIONS = re.compile(r"^(BS_\s*:|BU_\s*:)", re.MULTILINE)
+
+
+def _load(path: Path, text: str | None, strict: bool) -> cantools.database.can.Database:
+    if text is None:
+        db = cantools.database.load_file(str(path), database_format="dbc", strict=strict)
+    else:
+        db = cantools.database.load_string(text, database_format="dbc", strict=strict)
+    assert isinstance(db, cantools.database.can.Database)
+    return db
+
+
+def _add_missing_sections(text: str) -> str | None:
+    """Real DBCs written by hand often lack the (empty) ``BS_:``/``BU_:`` sections that
+    cantools' grammar requires; add them right before the first message."""
+    present = {m.group(1)[:3] for m in _MISSING_SECTIONS.finditer(text)}
+    if {"BS_", "BU_"} <= present:
+        return None
+    nodes = sorted(set(re.findall(r"^BO_\s+\d+\s+\w+\s*:\s*\d+\s+(\w+)", text, re.MULTILINE)))
+    insert = ""
+    if "BS_" not in present:
+        insert += "BS_:\n\n"
+    if "BU_" not in present:
+        insert += "BU_: " + " ".join(nodes or ["XXX"]) + "\n\n"
+    first = re.search(r"^BO_\s", text, re.MULTILINE)
+    if first is None:
+        return None
+    return text[: first.start()] + insert + text[first.start() :]
+
+
+def load_dbc(path: str | Path) -> cantools.database.can.Database:
+    """Load a DBC strictly; fall back to ``strict=False`` (with a warning), then to adding the
+    missing ``BS_:``/``BU_:`` sections. Raise ``DbcError`` naming the file if all fail.
+    A file is parsed (and warned about) once per process while it is unchanged."""
+    path = Path(path)
+    if not path.is_file():
+        raise DbcError(f"{path}: DBC file not found")
+    st = path.stat()
+    return _load_cached(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.Database:
+    try:
+        return _load(path, None, strict=True)
+    except (cantools.database.UnsupportedDatabaseFormatError, ValueError, KeyError) as exc:
+        first_error = exc
+    except UnicodeDecodeError:
+        # cantools opens with the platform encoding; many DBCs are cp1252
+        first_error = None
+    try:
+        db = _load(path, None, strict=False)
+        log.warning("%s: loaded with strict=False (%s)", path, _one_line(first_error))
+        return db
+    except (
+        cantools.database.UnsupportedDatabaseFormatError,
+        ValueError,
+        KeyError,
+        UnicodeDecodeError,
+    ):
+        pass
+    try:
+        text = path.read_bytes().decode("cp1252", errors="replace")
+    except OSError as exc:
+        raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
+    repaired = _add_missing_sections(text)
+    for candidate, note in (
+        (text, "re-read as cp1252"),
+        (repaired, "added the missing BS_:/BU_: sections"),
+    ):
+        if candidate is None:
+            continue
+        for strict in (True, False):
+            try:
+                db = _load(path, candidate, strict=strict)
+            except (cantools.database.UnsupportedDatabaseFormatError, ValueError, KeyError):
+                continue
+            log.warning(
+                "%s: loaded after a repair: %s%s", path, note, "" if strict else ", strict=False"
+            )
+            return db
+    raise DbcError(
+        f"{path}: cantools cannot load this DBC, even with strict=False: {_one_line(first_error)}"
+    )
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return "not valid text"
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+@dataclass
+class ChannelDbcs:
+    """Which DBC decodes which channel. ``"*"`` applies to every channel without its own DBC;
+    several DBCs on one channel are searched in the order given."""
+
+    by_channel: dict[str, list[cantools.database.can.Database]] = field(default_factory=dict)
+    paths: dict[str, list[Path]] = field(default_factory=dict)
+
+    def add(self, channel: str, path: str | Path) -> None:
+        db = load_dbc(path)
+        self.by_channel.setdefault(channel, []).append(db)
+        self.paths.setdefault(channel, []).append(Path(path))
+
+    def for_channel(self, channel: str) -> list[cantools.database.can.Database]:
+        return self.by_channel.get(channel) or self.by_channel.get(ALL_CHANNELS, [])
+
+    def all_databases(self) -> Iterable[cantools.database.can.Database]:
+        seen: set[int] = set()
+        for dbs in self.by_channel.values():
+            for db in dbs:
+                if id(db) not in seen:
+                    seen.add(id(db))
+                    yield db
+
+    @classmethod
+    def from_specs(cls, specs: Iterable[str] | Mapping[str, str | list[str]]) -> ChannelDbcs:
+        """``["can0=pcan.dbc", "any.dbc"]`` or ``{"can0": "pcan.dbc", "*": ["a.dbc"]}``."""
+        out = cls()
+        items: list[tuple[str, str]] = []
+        if isinstance(specs, Mapping):
+            for ch, paths in specs.items():
+                for p in [paths] if isinstance(paths, str) else paths:
+                    items.append((ch, p))
+        else:
+            for spec in specs:
+                ch, sep, p = spec.partition("=")
+                items.append((ch, p) if sep and not Path(spec).exists() else (ALL_CHANNELS, spec))
+        for ch, p in items:
+            out.add(ch.strip() or ALL_CHANNELS, p.strip())
+        return out
+
+
+def signal_names(dbcs: ChannelDbcs) -> set[str]:
+    return {
+        f"{m.name}.{s.name}" for db in dbcs.all_databases() for m in db.messages for s in m.signals
+    }

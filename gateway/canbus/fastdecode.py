@@ -1,0 +1,470 @@
+"""Decoding, a column at a time: the same results as ``CantoolsDecoder``, tens of times faster.
+
+Frames are grouped per (channel, arbitration id); every message gets a plan, built once from
+cantools' own codec tree (``Message._codecs``), that extracts all its signals from 64-bit words
+with two shifts each, scales them in float64 and routes multiplexed signals with boolean masks.
+
+Equality with the reference is bit for bit, and the plan copies cantools 45's quirks:
+
+* the lookup is cantools' ``get_message_by_frame_id`` (ids above 0x7FF are extended, whatever
+  the frame's flag says), first database of the channel wins;
+* a short frame keeps only the signals that fit in ``dlc`` bytes; a multiplexer that does not
+  fit drops its whole branch; an unknown multiplexer value makes the frame an error;
+* bytes past the message length are ignored (``allow_excess``);
+* ``raw * scale + offset`` is computed as Python would: integer scale and offset in exact
+  integers, a float scale on ``float(raw)``; a plan only uses float64 where that is exact;
+* a node whose bit layout bitstruct cannot unpack (a signal past the message end, accepted by
+  ``strict=False``) fails every frame that reaches it, as it does in cantools.
+
+A message whose layout the plan cannot reproduce exactly (overlapping signals, which cantools
+silently shifts; containers; a signal name twice in one frame) is decoded by cantools itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.canbus.dbc import ChannelDbcs
+from gateway.canbus.decode import _DECODE_ERRORS
+from gateway.canbus.signalplan import (
+    FLAT_MAX_GROUP,
+    BoolArr,
+    _build_plan,
+    _is_flat,
+    _mux_numbers,
+    _Node,
+    _Plan,
+    _raw,
+    _values,
+    _words,
+)
+from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries
+
+
+class _Piece(NamedTuple):
+    """Samples of one series from one group (or from the flat path)."""
+
+    name: str
+    first: int  # batch index of the first sample
+    rank: int  # position in that frame's decoded dict
+    frames: Any  # batch indices
+    ts: Any
+    values: Any
+    meta: tuple[str, dict[float, str] | None]
+
+
+class VectorDecoder:
+    """Drop-in for ``CantoolsDecoder``: same series, same order, same values, same stats."""
+
+    def __init__(self, dbcs: ChannelDbcs, wanted: set[str] | None = None) -> None:
+        self._dbcs = dbcs
+        self._wanted = wanted
+        self._lookup: dict[tuple[str, int], _Plan | None] = {}
+        self._plans: dict[int, _Plan] = {}
+        self._flat_plans: list[_Plan] = []
+        self._flat_rows: list[tuple[int, int, bool, bool, float, float, int, int]] = []
+        self._flat_start: list[int] = []
+        self._flat_meta: list[tuple[str, tuple[str, dict[float, str] | None]]] = []
+        self._series: dict[str, int] = {}  # name -> series id of the flat path
+        self._series_names: list[str] = []
+        self._tables: dict[str, Any] | None = None
+        self._word0: Any = None
+
+    def _plan(self, channel: str, frame_id: int) -> _Plan | None:
+        key = (channel, frame_id)
+        if key in self._lookup:
+            return self._lookup[key]
+        found = None
+        for db in self._dbcs.for_channel(channel):
+            try:
+                found = db.get_message_by_frame_id(frame_id)
+                break
+            except KeyError:
+                continue
+        plan = None
+        if found is not None:
+            plan = self._plans.get(id(found))
+            if plan is None:
+                plan = self._plans[id(found)] = _build_plan(found)
+                if _is_flat(plan):
+                    self._add_flat(plan)
+        self._lookup[key] = plan
+        return plan
+
+    def _add_flat(self, plan: _Plan) -> None:
+        assert plan.root is not None
+        plan.flat = len(self._flat_plans)
+        self._flat_plans.append(plan)
+        self._flat_start.append(len(self._flat_rows))
+        prefix = plan.message.name + "."
+        for i, name, rank in plan.root.occ:  # node order: the order of cantools' dict
+            if not self._wants(prefix + name):
+                continue
+            r = plan.rows[i]
+            sid = self._series.setdefault(prefix + name, len(self._series))
+            if sid == len(self._series_names):
+                self._series_names.append(prefix + name)
+            self._flat_rows.append(
+                (
+                    r.shl,
+                    r.shr,
+                    r.sig.byte_order == "big_endian",
+                    bool(r.sig.is_signed),
+                    float(r.scale),
+                    float(r.offset),
+                    r.seq_end,
+                    sid * 65536 + rank,
+                )
+            )
+            self._flat_meta.append((prefix + name, plan.meta[prefix + name]))
+        self._tables = None
+
+    def _flat_tables(self) -> dict[str, Any]:
+        if self._tables is None:
+            cols = list(zip(*self._flat_rows, strict=True)) or [()] * 8
+            names = ("shl", "shr", "big", "signed", "scale", "offset", "seq_end", "sid")
+            types = (
+                np.uint64,
+                np.uint64,
+                np.bool_,
+                np.bool_,
+                np.float64,
+                np.float64,
+                np.int64,
+                np.int64,
+            )
+            t = {n: np.array(c, dtype) for n, c, dtype in zip(names, cols, types, strict=True)}
+            t["start"] = np.array(self._flat_start + [len(self._flat_rows)], np.int64)
+            self._tables = t
+        return self._tables
+
+    def fallback_messages(self) -> list[str]:
+        """Names of the messages seen so far that cantools decodes frame by frame."""
+        return sorted(p.message.name for p in self._plans.values() if p.fallback)
+
+    def decode(self, batch: FrameBatch) -> DecodedBatch:
+        stats = DecodeStats(frames=len(batch))
+        special = batch.is_error | batch.is_remote
+        stats.skipped_special = int(special.sum())
+        keep = np.flatnonzero(~special)
+        keys = (batch.channel[keep].astype(np.uint64) << np.uint64(32)) | batch.arbitration_id[
+            keep
+        ].astype(np.uint64)
+        order = _group_order(keys)
+        frames = keep[order]
+        skeys = keys[order]
+        self._word0 = None
+        bounds = np.flatnonzero(skeys[1:] != skeys[:-1]) + 1
+        starts = np.concatenate(([0], bounds)).tolist()
+        ends = np.concatenate((bounds, [len(skeys)])).tolist()
+        pieces: list[_Piece] = []
+        flat_of_group = np.full(len(starts), -1, np.int64)
+        for g, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
+            if lo == hi:
+                continue
+            key = int(skeys[lo])
+            fid = key & 0xFFFFFFFF
+            plan = self._plan(batch.channels[key >> 32], fid)
+            idx = frames[lo:hi]
+            if plan is None:
+                stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + hi - lo
+                continue
+            if plan.flat >= 0 and hi - lo <= FLAT_MAX_GROUP:
+                flat_of_group[g] = plan.flat
+                stats.decoded += hi - lo
+                continue
+            if plan.fallback:
+                errs = self._decode_slow(plan, batch, idx, pieces)
+            else:
+                errs = self._decode_group(plan, batch, idx, pieces)
+            if errs:
+                stats.errors[fid] = stats.errors.get(fid, 0) + errs
+            stats.decoded += hi - lo - errs
+        if (flat_of_group >= 0).any():
+            # group number of every kept frame, in batch order
+            gid = np.empty(len(keep), np.int64)
+            gid[order] = np.repeat(np.arange(len(starts)), np.array(ends) - np.array(starts))
+            plan_of = flat_of_group[gid]
+            sel = plan_of >= 0
+            self._decode_flat(batch, keep[sel], plan_of[sel], pieces)
+        return DecodedBatch(_assemble(pieces), stats)
+
+    def _decode_flat(self, batch: FrameBatch, f: Any, p: Any, pieces: list[_Piece]) -> None:
+        """Frames ``f`` (batch order) of flat plans ``p``: every (frame, signal) pair at once."""
+        t = self._flat_tables()
+        first_row = t["start"][p]
+        counts = t["start"][p + 1] - first_row
+        total = int(counts.sum())
+        if total == 0:
+            return
+        local = np.repeat(np.arange(len(f)), counts)
+        offsets = np.cumsum(counts) - counts
+        row = np.repeat(first_row - offsets, counts) + np.arange(total)
+        words = np.ascontiguousarray(batch.data[f, :8]).view("<u8").ravel()
+        w = words[local]
+        big = t["big"][row]
+        if big.any():
+            w = np.where(big, w.byteswap(), w)
+        u = w << t["shl"][row]
+        shr = t["shr"][row]
+        signed = t["signed"][row]
+        raw = (u >> shr).astype(np.float64)
+        if signed.any():
+            raw = np.where(signed, (u.view(np.int64) >> shr.view(np.int64)).astype(np.float64), raw)
+        val = raw * t["scale"][row] + t["offset"][row]
+        frame = f[local]
+        dlc_bits = batch.dlc[frame].astype(np.int64) * 8
+        seq_end = t["seq_end"][row]
+        if (dlc_bits < seq_end).any():
+            fits = dlc_bits >= seq_end
+            frame, val, row = frame[fits], val[fits], row[fits]
+            if len(frame) == 0:
+                return
+        sid = t["sid"][row]
+        order = np.argsort(sid >> 16, kind="stable")  # keeps frame order within a series
+        frame, val, row, sid = frame[order], val[order], row[order], sid[order] >> 16
+        cut = np.flatnonzero(sid[1:] != sid[:-1]) + 1
+        los = np.concatenate(([0], cut))
+        bounds = np.concatenate((los, [len(order)])).tolist()
+        ts = batch.timestamp[frame]
+        meta = self._flat_meta
+        rank = (t["sid"][row[los]] & 0xFFFF).tolist()
+        for k, (first, r) in enumerate(zip(frame[los].tolist(), row[los].tolist(), strict=True)):
+            lo, hi = bounds[k], bounds[k + 1]
+            name, m = meta[r]
+            pieces.append(_Piece(name, first, rank[k], frame[lo:hi], ts[lo:hi], val[lo:hi], m))
+
+    def _wants(self, name: str) -> bool:
+        return self._wanted is None or name in self._wanted
+
+    def _group_setup(self, plan: _Plan) -> tuple[set[int], list[int], int, bool]:
+        """(wanted rows, rows to extract, data width, all rows in the first 8 bytes)."""
+        if plan.setup is None:
+            assert plan.root is not None
+            prefix = plan.message.name + "."
+            wanted = {r for r, name, _ in _all_occ(plan.root) if self._wants(prefix + name)}
+            needed = sorted(wanted | {mr for mr, _ in _all_muxes(plan.root)})
+            width = max(8, plan.message.length, *(r.window + 8 + r.wide for r in plan.rows))
+            first8 = all(plan.rows[i].window == 0 and not plan.rows[i].wide for i in needed)
+            plan.setup = (wanted, needed, width, first8)
+        return plan.setup
+
+    def _first_words(self, batch: FrameBatch) -> Any:
+        """Bytes 0..7 of every frame as little-endian uint64 (once per batch)."""
+        if self._word0 is None:
+            self._word0 = np.ascontiguousarray(batch.data).view("<u8")[:, 0]
+        return self._word0
+
+    def _decode_group(self, plan: _Plan, batch: FrameBatch, idx: Any, pieces: list[_Piece]) -> int:
+        assert plan.root is not None
+        m = len(idx)
+        prefix = plan.message.name + "."
+        wanted_rows, needed, width, first8 = self._group_setup(plan)
+        if not wanted_rows and not plan.muxed and not plan.root.fails:
+            return 0
+        if first8:
+            data = None
+            le = self._first_words(batch)[idx]
+            words = {(0, False): le, (0, True): le.byteswap()}
+        else:
+            data = batch.data[idx]
+            if data.shape[1] < width:
+                data = np.concatenate([data, np.zeros((m, width - data.shape[1]), np.uint8)], 1)
+            words = _words(data, [plan.rows[i] for i in needed])
+        raws = {i: _raw(plan.rows[i], words, data) for i in needed}
+        dlc = batch.dlc[idx]
+        min_bits = 8 * int(dlc.min())
+        dlc_bits = dlc.astype(np.int64) * 8 if min_bits < 8 * plan.all_fit_bytes else None
+
+        def fits(i: int) -> BoolArr | None:
+            if dlc_bits is None or plan.rows[i].seq_end <= min_bits:
+                return None
+            return dlc_bits >= plan.rows[i].seq_end
+
+        err = np.zeros(m, np.bool_)
+        # (row, name, rank) -> frames reaching it (None: all)
+        reach: list[tuple[int, str, int, BoolArr | None]] = []
+
+        def route(node: _Node, mask: BoolArr | None) -> None:
+            if node.fails:
+                np.logical_or(err, True if mask is None else mask, out=err)
+                return
+            for i, name, rank in node.occ:
+                reach.append((i, name, rank, _and(mask, fits(i))))
+            for mux_row, branches in node.muxes:
+                present = _and(mask, fits(mux_row))
+                num = _mux_numbers(plan.rows[mux_row], raws[mux_row])
+                sel = num if present is None else num[present]
+                for value in np.unique(sel).tolist():
+                    child = branches.get(int(value))
+                    hit = num == value
+                    hit = hit if present is None else hit & present
+                    if child is None:
+                        np.logical_or(err, hit, out=err)
+                    else:
+                        route(child, hit)
+
+        route(plan.root, None)
+        n_err = int(err.sum())
+        ok = ~err if n_err else None
+        ts = batch.timestamp[idx]
+        values: dict[int, Any] = {}
+        by_name: dict[str, list[tuple[int, int, BoolArr | None]]] = {}
+        for i, name, rank, mask in reach:
+            if i in wanted_rows:
+                by_name.setdefault(name, []).append((i, rank, _and(mask, ok)))
+        for name, occs in by_name.items():
+            for i, _, _ in occs:
+                if i not in values:
+                    values[i] = _values(plan.rows[i], raws[i])
+            full = prefix + name
+            if len(occs) == 1:
+                i, rank, mask = occs[0]
+                if mask is None:
+                    pieces.append(
+                        _Piece(full, int(idx[0]), rank, idx, ts, values[i], plan.meta[full])
+                    )
+                    continue
+                sel = np.flatnonzero(mask)
+                if len(sel):
+                    pieces.append(
+                        _Piece(
+                            full,
+                            int(idx[sel[0]]),
+                            rank,
+                            idx[sel],
+                            ts[sel],
+                            values[i][sel],
+                            plan.meta[full],
+                        )
+                    )
+                continue
+            # one name in several exclusive branches (extended multiplexing)
+            val = np.empty(m, np.float64)
+            union = np.zeros(m, np.bool_)
+            firsts = []
+            for i, rank, mask in occs:
+                mk = np.ones(m, np.bool_) if mask is None else mask
+                val[mk] = values[i][mk]
+                union |= mk
+                if mk.any():
+                    firsts.append((int(np.argmax(mk)), rank))
+            sel = np.flatnonzero(union)
+            if len(sel):
+                pieces.append(
+                    _Piece(
+                        full,
+                        int(idx[sel[0]]),
+                        min(firsts)[1],
+                        idx[sel],
+                        ts[sel],
+                        val[sel],
+                        plan.meta[full],
+                    )
+                )
+        return n_err
+
+    def _decode_slow(self, plan: _Plan, batch: FrameBatch, idx: Any, pieces: list[_Piece]) -> int:
+        msg = plan.message
+        prefix = msg.name + "."
+        acc: dict[str, tuple[int, list[int], list[float]]] = {}
+        errs = 0
+        dlcs = batch.dlc[idx].tolist()
+        for i, n in zip(idx.tolist(), dlcs, strict=True):
+            try:
+                decoded = msg.decode(
+                    bytes(batch.data[i, :n]),
+                    decode_choices=False,
+                    scaling=True,
+                    allow_truncated=True,
+                    allow_excess=True,
+                )
+            except _DECODE_ERRORS:
+                errs += 1
+                continue
+            for rank, (sig, val) in enumerate(decoded.items()):
+                name = prefix + sig
+                if not self._wants(name):
+                    continue
+                a = acc.setdefault(name, (rank, [], []))
+                a[1].append(i)
+                a[2].append(float(val))
+        for name, (rank, fr, vals) in acc.items():
+            f = np.array(fr, np.intp)
+            pieces.append(
+                _Piece(
+                    name,
+                    fr[0],
+                    rank,
+                    f,
+                    batch.timestamp[f],
+                    np.array(vals, np.float64),
+                    plan.meta[name],
+                )
+            )
+        return errs
+
+
+def _group_order(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+    """A stable order that groups equal (channel << 32 | id) keys: a radix sort on 16-bit
+    codes for standard ids on the first 32 channels, a comparison sort for the rest."""
+    small = keys < np.uint64(32 << 32)
+    small &= (keys & np.uint64(0xFFFFFFFF)) <= np.uint64(0x7FF)
+    if small.all():
+        return np.argsort(((keys >> np.uint64(21)) | keys).astype(np.uint16), kind="stable")
+    a = np.flatnonzero(small)
+    b = np.flatnonzero(~small)
+    codes = ((keys[a] >> np.uint64(21)) | keys[a]).astype(np.uint16)
+    return np.concatenate(
+        (a[np.argsort(codes, kind="stable")], b[np.argsort(keys[b], kind="stable")])
+    )
+
+
+def _and(a: BoolArr | None, b: BoolArr | None) -> BoolArr | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _all_occ(node: _Node) -> list[tuple[int, str, int]]:
+    out = list(node.occ)
+    for _, branches in node.muxes:
+        for child in branches.values():
+            out += _all_occ(child)
+    return out
+
+
+def _all_muxes(node: _Node) -> list[tuple[int, dict[int, _Node]]]:
+    out = list(node.muxes)
+    for _, branches in node.muxes:
+        for child in branches.values():
+            out += _all_muxes(child)
+    return out
+
+
+def _assemble(pieces: list[_Piece]) -> list[SignalSeries]:
+    """One series per name, samples in frame order, series in order of first appearance."""
+    first_of: dict[str, _Piece] = {}
+    more: dict[str, list[_Piece]] = {}
+    for p in pieces:
+        q = first_of.setdefault(p.name, p)
+        if q is not p:
+            more.setdefault(p.name, [q]).append(p)
+    out: list[tuple[int, int, int, SignalSeries]] = []
+    for k, (name, p) in enumerate(first_of.items()):
+        ts, vals = p.ts, p.values
+        ps = more.get(name)
+        if ps is not None:
+            ps.sort(key=lambda q: q.first)
+            p = ps[0]
+            order = np.argsort(np.concatenate([q.frames for q in ps]), kind="stable")
+            ts = np.concatenate([q.ts for q in ps])[order]
+            vals = np.concatenate([q.values for q in ps])[order]
+        out.append((p.first, p.rank, k, SignalSeries(name, ts, vals, *p.meta)))
+    out.sort()
+    return [t[3] for t in out]

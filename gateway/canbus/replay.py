@@ -1,0 +1,347 @@
+"""Recorded CAN logs in, ``FrameBatch`` chunks out, whatever the format.
+
+candump and SavvyCAN/GVRET CSV have readers of our own (python-can has none for GVRET, and the
+candump one is the hot path); every other format goes through python-can's readers (ASC, BLF,
+TRC, python-can CSV, MF4 where asammdf is installed). A text line a reader cannot parse is
+counted and skipped, and the reading goes on at the next line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import can
+import numpy as np
+
+from gateway.canbus.candump import iter_candump
+from gateway.canbus.chunking import FAST, PACED, Chunking
+from gateway.canbus.gvret import iter_gvret, looks_like_gvret
+from gateway.errors import LogFormatError
+from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
+
+
+class LogFormat(Enum):
+    CANDUMP = "candump"
+    GVRET_CSV = "gvret-csv"
+    PYTHON_CAN_CSV = "python-can-csv"
+    ASC = "asc"
+    BLF = "blf"
+    TRC = "trc"
+    MF4 = "mf4"
+
+
+_SUFFIXES = {
+    ".log": LogFormat.CANDUMP,
+    ".asc": LogFormat.ASC,
+    ".blf": LogFormat.BLF,
+    ".trc": LogFormat.TRC,
+    ".mf4": LogFormat.MF4,
+}
+_PYTHON_CAN_CSV_HEADER = "timestamp,arbitration_id,extended,remote,error,dlc,data"
+
+
+def detect_format(path: Path) -> LogFormat:
+    """By suffix, confirmed or decided by the first bytes."""
+    if not path.exists():
+        raise LogFormatError(f"{path}: log file not found")
+    if not path.is_file():
+        raise LogFormatError(f"{path}: not a file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise LogFormatError(f"{path}: cannot read: {exc.strerror}") from exc
+    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    suffix = path.suffix.lower()
+    if suffix == ".csv" or (suffix not in _SUFFIXES and b"," in head[:200]):
+        if looks_like_gvret(first):
+            return LogFormat.GVRET_CSV
+        if first.replace(" ", "").lower() == _PYTHON_CAN_CSV_HEADER:
+            return LogFormat.PYTHON_CAN_CSV
+        raise LogFormatError(
+            f"{path}:1: unknown CSV layout (expected a SavvyCAN/GVRET header 'Time Stamp,ID,...' "
+            f"or python-can's '{_PYTHON_CAN_CSV_HEADER}')"
+        )
+    if suffix in _SUFFIXES:
+        return _SUFFIXES[suffix]
+    if head.startswith(b"LOGG"):
+        return LogFormat.BLF
+    if first.startswith("("):
+        return LogFormat.CANDUMP
+    if first.startswith("date ") or first.startswith("base "):
+        return LogFormat.ASC
+    if first.startswith(";$FILEVERSION") or first.startswith(";"):
+        return LogFormat.TRC
+    raise LogFormatError(
+        f"{path}: unknown log format (known: candump .log, .asc, .blf, .trc, python-can .csv, "
+        f"SavvyCAN/GVRET .csv, .mf4)"
+    )
+
+
+def channel_name(channel: Any) -> str:
+    """python-can channels are ints, strings or None; a bus name is always a string here.
+    Vector ASC numbers channels from 1 and python-can reports them from 0, so a file that
+    numbers from 0 (python-can says -1) is still the first channel, ``can0``."""
+    if channel is None:
+        return "can0"
+    if isinstance(channel, int):
+        return f"can{max(channel, 0)}"
+    return str(channel)
+
+
+class _CountingLines:
+    """A text file proxy that counts the lines python-can's reader pulled, so a parse error can
+    be pinned to its line, and that lets a restarted reader resume right after it."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.line_no = 0
+        self.chars = 0
+        self.pushback: list[str] = []
+
+    def __iter__(self) -> _CountingLines:
+        return self
+
+    def __next__(self) -> str:
+        if self.pushback:
+            return self.pushback.pop()
+        line = next(self._fh)
+        self.line_no += 1
+        self.chars += len(line)
+        return line
+
+    def readline(self) -> str:
+        try:
+            return next(self)
+        except StopIteration:
+            return ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+_READERS: dict[LogFormat, Callable[..., Any]] = {
+    LogFormat.ASC: can.ASCReader,
+    LogFormat.TRC: can.TRCReader,
+    LogFormat.PYTHON_CAN_CSV: can.CSVReader,
+}
+
+
+def _resume(reader: Any, fmt: LogFormat, lines: _CountingLines) -> None:
+    """Make a reader whose generator died on a bad line continue at the next one: its header
+    has been read already (ASC, TRC) or must be skipped again (CSV)."""
+    if fmt in (LogFormat.ASC, LogFormat.TRC):
+        reader._extract_header = lambda: None
+    elif fmt is LogFormat.PYTHON_CAN_CSV:
+        lines.pushback.append(_PYTHON_CAN_CSV_HEADER + "\n")
+
+
+class _CountParseWarnings(logging.Handler):
+    """python-can's TRC reader logs a line it cannot parse and moves on; count it as bad."""
+
+    def __init__(self, stats: ReadStats, lines: _CountingLines) -> None:
+        super().__init__(logging.WARNING)
+        self.stats, self.lines = stats, lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "Failed to parse" in msg:
+            self.stats.bad(self.lines.line_no, " ".join(msg.split())[:120])
+
+
+@contextlib.contextmanager
+def _counting_warnings(stats: ReadStats, lines: _CountingLines) -> Iterator[None]:
+    logger = logging.getLogger("can.io")
+    handler = _CountParseWarnings(stats, lines)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _iter_python_can_text(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
+    with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
+        lines = _CountingLines(fh)
+        with _counting_warnings(stats, lines):
+            yield from _resilient(path, fmt, stats, lines)
+
+
+def _resilient(
+    path: Path, fmt: LogFormat, stats: ReadStats, lines: _CountingLines
+) -> Iterator[can.Message]:
+    reader = _READERS[fmt](lines)
+    last_error_line = -1
+    while True:
+        try:
+            for msg in reader:
+                stats.bytes_read = lines.chars
+                yield msg
+            return
+        except (ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
+            if lines.line_no == last_error_line:
+                # the reader fails again without consuming anything: give up on the rest
+                stats.stopped_early = f"line {lines.line_no}: {exc}"
+                return
+            last_error_line = lines.line_no
+            stats.bad(lines.line_no, " ".join(str(exc).split())[:120] or type(exc).__name__)
+            _resume(reader, fmt, lines)
+
+
+def _iter_python_can_binary(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
+    try:
+        reader = can.LogReader(str(path))
+    except ImportError as exc:
+        raise LogFormatError(f"{path}: reading {fmt.value} needs an extra package: {exc}") from exc
+    except Exception as exc:  # python-can raises assorted errors on a corrupt header
+        raise LogFormatError(f"{path}: cannot read as {fmt.value}: {exc}") from exc
+    size = path.stat().st_size
+    try:
+        for i, msg in enumerate(reader):
+            if i % 4096 == 0:
+                stats.bytes_read = min(size, getattr(reader.file, "tell", lambda: 0)() or 0)
+            yield msg
+    except Exception as exc:  # a corrupt object in a binary log ends what can be read
+        stats.stopped_early = f"{type(exc).__name__}: {exc}"
+    finally:
+        stats.bytes_read = size
+        reader.stop()
+
+
+def _batches_from_messages(
+    messages: Iterator[can.Message], stats: ReadStats, chunking: Chunking
+) -> Iterator[FrameBatch]:
+    builder = FrameBatchBuilder()
+    chunk_start: float | None = None
+    for msg in messages:
+        ts = float(msg.timestamp)
+        if chunk_start is None:
+            chunk_start = ts
+        builder.add(
+            ts,
+            channel_name(msg.channel),
+            msg.arbitration_id,
+            bytes(msg.data),
+            is_extended=msg.is_extended_id,
+            is_remote=msg.is_remote_frame,
+            is_error=msg.is_error_frame,
+            is_fd=msg.is_fd,
+        )
+        stats.frames += 1
+        if len(builder) >= chunking.frames or ts - chunk_start >= chunking.seconds:
+            yield builder.build()
+            chunk_start = None
+    if len(builder):
+        yield builder.build()
+
+
+def iter_log(
+    path: str | Path, stats: ReadStats | None = None, chunking: Chunking = PACED
+) -> Iterator[FrameBatch]:
+    """Every frame of one log file, in file order, as content-cut chunks."""
+    path = Path(path)
+    fmt = detect_format(path)
+    stats = stats if stats is not None else ReadStats(path=str(path))
+    stats.path = str(path)
+    if fmt is LogFormat.GVRET_CSV:
+        yield from iter_gvret(
+            path, stats, chunk_frames=chunking.frames, chunk_seconds=chunking.seconds
+        )
+    elif fmt is LogFormat.CANDUMP:
+        yield from iter_candump(
+            path, stats, chunk_frames=chunking.frames, max_chunk_seconds=chunking.seconds
+        )
+    elif fmt in _READERS:
+        yield from _batches_from_messages(_iter_python_can_text(path, fmt, stats), stats, chunking)
+    else:
+        yield from _batches_from_messages(
+            _iter_python_can_binary(path, fmt, stats), stats, chunking
+        )
+
+
+def shift(batch: FrameBatch, offset: float) -> FrameBatch:
+    if offset == 0.0:
+        return batch
+    from dataclasses import replace
+
+    return replace(batch, timestamp=batch.timestamp + offset)
+
+
+@dataclass
+class ReplaySource:
+    """Replays logs one after another (and again with ``loop``), paced on the frames' own
+    timestamps: ``speed=1`` is real time, ``speed=None`` as fast as possible. Pacing sleeps
+    with ``asyncio.sleep`` (python-can's ``MessageSync`` would block the event loop).
+
+    A later file, or the next lap of a loop, is shifted to start just after the previous one
+    ended, so that window time never runs backwards.
+    """
+
+    paths: Sequence[Path]
+    speed: float | None = 1.0
+    loop: bool = False
+    stats: list[ReadStats] = field(default_factory=list)
+    on_progress: Callable[[ReadStats, int, int], None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    max_laps: int | None = None
+    wall0: float | None = None  # clock() when the first frame was due: maps log time to wall time
+    log0: float = 0.0
+
+    def due(self, log_time: float) -> float | None:
+        """The clock time at which a frame of ``log_time`` is released (paced replays)."""
+        if self.wall0 is None or self.speed is None:
+            return None
+        return self.wall0 + (log_time - self.log0) / self.speed
+
+    async def batches(self) -> AsyncIterator[FrameBatch]:
+        offset = 0.0
+        last_end: float | None = None
+        wall0: float | None = None
+        log0 = 0.0
+        lap = 0
+        while True:
+            for path in self.paths:
+                stats = ReadStats(path=str(path))
+                self.stats.append(stats)
+                size = path.stat().st_size if path.exists() else 0
+                first = True
+                chunking = FAST if self.speed is None else PACED
+                for batch in iter_log(path, stats, chunking):
+                    if len(batch) == 0:
+                        continue
+                    if first:
+                        first = False
+                        if last_end is not None and batch.timestamp[0] + offset <= last_end:
+                            offset = last_end - float(batch.timestamp[0]) + 0.001
+                    batch = shift(batch, offset)
+                    if wall0 is None:
+                        wall0, log0 = self.clock(), float(batch.timestamp[0])
+                        self.wall0, self.log0 = wall0, log0
+                    if self.speed is not None:
+                        due = wall0 + (float(batch.timestamp[-1]) - log0) / self.speed
+                        delay = due - self.clock()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    else:
+                        await asyncio.sleep(0)
+                    last_end = (
+                        float(np.max(batch.timestamp))
+                        if last_end is None
+                        else max(last_end, float(np.max(batch.timestamp)))
+                    )
+                    if self.on_progress is not None:
+                        self.on_progress(stats, stats.bytes_read, size)
+                    yield batch
+            lap += 1
+            if not self.loop or (self.max_laps is not None and lap >= self.max_laps):
+                return

@@ -1,0 +1,268 @@
+"""Compiling cantools' signal definitions into bit-extraction plans for ``VectorDecoder``.
+
+A plan, built once per message from cantools' own codec tree (``Message._codecs``), says which
+64-bit word of the payload each signal lives in, the two shifts that isolate it, how to sign-
+extend and scale it exactly as cantools does, and how multiplexers route it. The execution of
+plans over a batch is in ``gateway.canbus.fastdecode``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cantools.database
+import numpy as np
+import numpy.typing as npt
+from cantools.database.conversion import (
+    IdentityConversion,
+    LinearConversion,
+    LinearIntegerConversion,
+    NamedSignalConversion,
+)
+
+from gateway.canbus.decode import signal_meta
+
+Message = cantools.database.can.Message
+Signal = cantools.database.can.Signal
+BoolArr = npt.NDArray[np.bool_]
+
+_EXACT = 2**53  # integers up to here are exact in float64
+FLAT_MAX_GROUP = 128  # larger groups of one id are faster decoded a message at a time
+
+
+def _network_start(s: Signal) -> int:
+    """First bit of the signal in network order (byte 0 bit 7 = 0) for big endian, else the LSB."""
+    if s.byte_order == "big_endian":
+        return 8 * (s.start // 8) + 7 - s.start % 8
+    return int(s.start)
+
+
+def _linear(s: Signal) -> tuple[Any, Any] | None:
+    """(scale, offset) as the Python objects cantools multiplies with, None if unknown."""
+    conv = s.conversion
+    if isinstance(conv, NamedSignalConversion):
+        conv = conv._conversion
+    if isinstance(conv, IdentityConversion):
+        return None if conv.is_float != s.is_float else (1, 0)
+    if isinstance(conv, (LinearIntegerConversion, LinearConversion)):
+        return conv.scale, conv.offset
+    raise NotImplementedError(type(conv).__name__)
+
+
+@dataclass
+class _Row:
+    """One signal definition: where its bits are and how its value is made."""
+
+    sig: Signal
+    seq_end: int  # bits needed: the signal fits a frame of dlc bytes when dlc * 8 >= seq_end
+    window: int  # first byte of the 8-byte word the bits are read from
+    shl: int
+    shr: int
+    wide: bool  # spans 9 bytes: needs the byte after the word
+    scale: Any
+    offset: Any
+    mode: str  # "mat": exact in float64; "float": IEEE signal; "obj": exact Python ints
+    identity: bool
+
+
+def _make_row(s: Signal) -> _Row:
+    length = int(s.length)
+    start = _network_start(s)
+    lin = _linear(s)
+    if lin is None or not 1 <= length <= 64:
+        raise NotImplementedError("conversion")
+    scale, offset = lin
+    first, last = start // 8, (start + length - 1) // 8
+    window = 0 if last < 8 else first
+    wide = last - window >= 8
+    pos = start - 8 * window
+    if s.byte_order == "little_endian":
+        shl, shr = (64 - pos - length, 64 - length) if not wide else (0, pos)
+    else:
+        shl, shr = pos, 64 - length
+    identity = type(scale) is int and type(offset) is int and scale == 1 and offset == 0
+    if s.is_float:
+        if length not in (16, 32, 64):
+            raise NotImplementedError("float length")
+        mode = "float"
+    elif isinstance(scale, float) or (
+        isinstance(scale, int)
+        and isinstance(offset, (int, float))
+        and 2**length * abs(scale) + abs(offset) < _EXACT
+    ):
+        mode = "mat"
+    else:
+        mode = "obj"
+    return _Row(s, start + length, window, shl, shr, wide, scale, offset, mode, identity)
+
+
+@dataclass
+class _Node:
+    occ: list[tuple[int, str, int]]  # (row, name, dfs rank) of this node's signals
+    muxes: list[tuple[int, dict[int, _Node]]]  # (multiplexer row, {mux value: child})
+    fails: bool  # bitstruct cannot unpack this node's layout: every frame reaching it errs
+
+
+def _layout_ok(signals: list[Signal], length: int) -> bool:
+    """Whether bitstruct reads every signal of a node where the DBC puts it (no overlaps)."""
+    bits = 8 * length
+    big = sorted((s for s in signals if s.byte_order == "big_endian"), key=_network_start)
+    pos = 0
+    for s in big:
+        if _network_start(s) < pos:
+            return False
+        pos = _network_start(s) + s.length
+    end = bits
+    for s in reversed([s for s in signals if s.byte_order == "little_endian"]):
+        if s.start + s.length > end:
+            return False
+        end = s.start
+    return pos <= bits and end >= 0
+
+
+def _node_fails(node: dict[str, Any], length: int) -> bool:
+    zeros = bytes(length)
+    try:
+        node["formats"].big_endian.unpack(zeros)
+        node["formats"].little_endian.unpack(zeros)
+    except Exception:  # bitstruct raises its own errors, or ValueError; cantools counts them
+        return True
+    return False
+
+
+@dataclass
+class _Plan:
+    message: Message
+    fallback: bool = False
+    rows: list[_Row] = field(default_factory=list)
+    root: _Node | None = None
+    all_fit_bytes: int = 0  # a frame with this many bytes holds every signal
+    muxed: bool = False
+    meta: dict[str, tuple[str, dict[float, str] | None]] = field(default_factory=dict)
+    flat: int = -1  # index in the decoder's flat tables, when the message qualifies
+    setup: tuple[set[int], list[int], int, bool] | None = None  # see _group_setup
+
+
+def _is_flat(plan: _Plan) -> bool:
+    """Plain messages (no multiplexer, 8 bytes, signals exact in float64) that small groups
+    decode all together, one numpy operation for every (frame, signal) pair of the batch."""
+    return (
+        not plan.fallback
+        and plan.root is not None
+        and not plan.muxed
+        and not plan.root.fails
+        and plan.message.length <= 8
+        and all(r.mode == "mat" and r.window == 0 and not r.wide for r in plan.rows)
+    )
+
+
+def _build_plan(msg: Message) -> _Plan:
+    plan = _Plan(msg, meta=signal_meta(msg))
+    if msg.is_container or msg._codecs is None:
+        plan.fallback = True
+        return plan
+    row_of: dict[int, int] = {}
+    rank = [0]
+
+    def row(s: Signal) -> int:
+        if id(s) not in row_of:
+            row_of[id(s)] = len(plan.rows)
+            plan.rows.append(_make_row(s))
+        return row_of[id(s)]
+
+    def names(node: dict[str, Any]) -> set[str]:
+        own = {s.name for s in node["signals"]}
+        if len(own) != len(node["signals"]):
+            raise NotImplementedError("duplicate name")
+        for branches in node["multiplexers"].values():
+            below: set[str] = set().union(*(names(c) for c in branches.values()))
+            if below & own:
+                raise NotImplementedError("duplicate name")
+            own |= below
+        return own
+
+    def build(node: dict[str, Any]) -> _Node:
+        fails = _node_fails(node, msg.length)
+        if not fails and not _layout_ok(node["signals"], msg.length):
+            raise NotImplementedError("overlapping signals")
+        occ = []
+        for s in node["signals"]:
+            occ.append((row(s), s.name, rank[0]))
+            rank[0] += 1
+        muxes = []
+        for mux_name, branches in node["multiplexers"].items():
+            mux_row = row(next(s for s in node["signals"] if s.name == mux_name))
+            r = plan.rows[mux_row]
+            if r.mode != "mat" or r.sig.length > 62:
+                raise NotImplementedError("multiplexer")
+            muxes.append((mux_row, {int(k): build(c) for k, c in branches.items()}))
+        return _Node(occ, muxes, fails)
+
+    try:
+        names(msg._codecs)
+        plan.root = build(msg._codecs)
+    except NotImplementedError:
+        plan.fallback = True
+        return plan
+    plan.muxed = bool(plan.root.muxes)
+    plan.all_fit_bytes = max((-(-r.seq_end // 8) for r in plan.rows), default=0)
+    return plan
+
+
+def _words(data: npt.NDArray[np.uint8], rows: list[_Row]) -> dict[tuple[int, bool], Any]:
+    """The 8-byte words the rows read, little- and big-endian, keyed by (first byte, big)."""
+    out: dict[tuple[int, bool], Any] = {}
+    for r in rows:
+        big = r.sig.byte_order == "big_endian"
+        if (r.window, big) in out:
+            continue
+        le = out.get((r.window, False))
+        if le is None:
+            le = np.ascontiguousarray(data[:, r.window : r.window + 8]).view("<u8").ravel()
+            out[(r.window, False)] = le
+        if big:
+            out[(r.window, True)] = le.byteswap()
+    return out
+
+
+def _raw(r: _Row, words: dict[tuple[int, bool], Any], data: npt.NDArray[np.uint8]) -> Any:
+    """The signal's raw bits, sign-extended to int64 when signed (uint64 otherwise)."""
+    big = r.sig.byte_order == "big_endian"
+    w = words[(r.window, big)]
+    n = r.sig.length
+    if not r.wide:
+        u = w << np.uint64(r.shl)
+    else:
+        extra = data[:, r.window + 8].astype(np.uint64)
+        if big:
+            u = (w << np.uint64(r.shl)) | (extra >> np.uint64(8 - r.shl))
+        else:
+            u = ((w >> np.uint64(r.shr)) | (extra << np.uint64(64 - r.shr))) << np.uint64(64 - n)
+    if r.sig.is_signed and not r.sig.is_float:
+        return u.view(np.int64) >> np.int64(64 - n)
+    return u >> np.uint64(64 - n)
+
+
+def _values(r: _Row, raw: Any) -> npt.NDArray[np.float64]:
+    if r.mode == "float":
+        n = r.sig.length
+        with np.errstate(all="ignore"):  # NaN and inf are values here, as in cantools
+            v = (
+                raw.astype({16: np.uint16, 32: np.uint32, 64: np.uint64}[n])
+                .view({16: np.float16, 32: np.float32, 64: np.float64}[n])
+                .astype(np.float64)
+            )
+            return v if r.identity else v * r.scale + r.offset
+    if r.mode == "obj":
+        scale, offset = r.scale, r.offset
+        return np.array([float(x * scale + offset) for x in raw.tolist()], np.float64)
+    v = raw.astype(np.float64)
+    return v if r.identity else v * float(r.scale) + float(r.offset)
+
+
+def _mux_numbers(r: _Row, raw: Any) -> Any:
+    """``int(scaled value)`` of a multiplexer, as cantools' ``_get_mux_number`` computes it."""
+    if isinstance(r.scale, int) and isinstance(r.offset, int):
+        return raw.astype(np.int64) * r.scale + r.offset
+    return np.trunc(_values(r, raw))

@@ -1,0 +1,639 @@
+"""The ``gateway`` command: one sub-command per job. User mistakes end as one line on stderr
+(``gateway: error: ...``) and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.errors import ConfigError, GatewayError
+
+log = logging.getLogger("gateway")
+
+EPILOG_REPLAY = """\
+examples:
+  gateway replay can_fixtures/kona_ev_2019/kona_2019_power_cycle.candump.log \\
+      --dbc can0=can_fixtures/kona_ev_2019/kona_pcan.dbc \\
+      --dbc can1=can_fixtures/kona_ev_2019/kona_ccan.dbc --fast
+  gateway replay drive.log --dbc Model3CAN.dbc --speed 10 --window 30 --vin 5YJ3E1EA7KF000001
+
+Logs: candump .log, Vector .asc, .blf, PEAK .trc, python-can .csv, SavvyCAN/GVRET .csv, .mf4.
+Lines a reader cannot parse are skipped and counted; the count is reported at the end.
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config; options given here override it")
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="broker, mqtt://host:port or mqtts://host:port (default mqtt://127.0.0.1:1883)",
+    )
+    p.add_argument("--vin", help="vehicle identification number: topics are vehicles/VIN/owner/...")
+    p.add_argument("--topic-prefix", metavar="PREFIX", help="topic prefix (default 'vehicles')")
+
+
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy", metavar="FILE", help="egress policy TOML (default: the bundled policy)"
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        metavar="SECONDS",
+        help="aggregation window in seconds of frame time (default 60)",
+    )
+    p.add_argument(
+        "--ledger", metavar="PATH", help="audit ledger file (default gateway-ledger.jsonl)"
+    )
+    p.add_argument(
+        "--outbox", metavar="PATH", help="durable outbox (default gateway-outbox.sqlite)"
+    )
+    p.add_argument(
+        "--decoder",
+        choices=("vector", "cantools"),
+        help="'vector': numpy, fast (default); 'cantools': per frame, the reference",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    return {
+        "broker.url": get("broker"),
+        "gateway.vin": get("vin"),
+        "broker.topic_prefix": get("topic_prefix"),
+        "gateway.policy": get("policy"),
+        "gateway.window": get("window"),
+        "gateway.ledger": get("ledger"),
+        "gateway.outbox": get("outbox"),
+        "gateway.decoder": get("decoder"),
+    }
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from gateway import settings as settings_mod
+
+    ov = _overrides(args)
+    s = settings_mod.load(args.config, overrides=ov)
+    # command-line paths are relative to the working directory, not the config file
+    for key in ("policy", "ledger", "outbox"):
+        if ov.get(f"gateway.{key}"):
+            import dataclasses
+
+            s = dataclasses.replace(
+                s,
+                gateway=dataclasses.replace(
+                    s.gateway, **{key: str(Path(ov[f"gateway.{key}"]).expanduser().resolve())}
+                ),
+            )
+    return s
+
+
+# -- replay ---------------------------------------------------------------------------------
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource, detect_format
+    from gateway.progress import Progress
+
+    s = _settings(args)
+    if args.dbc:
+        dbc: dict[str, list[str]] = {}
+        for spec in args.dbc:
+            ch, sep, path = spec.partition("=")
+            if not sep or Path(spec).exists():
+                ch, path = "*", spec
+            dbc.setdefault(ch, []).append(path)
+        s = dataclasses.replace(s, dbc=dbc)
+    if not s.dbc:
+        raise ConfigError("no DBC given: use --dbc [CHANNEL=]FILE (or [dbc] in --config)")
+    paths = [Path(p) for p in args.logs]
+    for p in paths:
+        detect_format(p)  # a missing or unknown file fails here, before anything starts
+    speed = None if args.fast else (args.speed if args.speed is not None else s.replay.speed)
+    if speed is not None and speed <= 0:
+        raise ConfigError(f"--speed must be positive, got {speed}")
+    progress = Progress("replay", enabled=None if not args.quiet else False)
+    frames_seen = [0]
+
+    def on_progress(stats: Any, done: int, total: int) -> None:
+        progress.update(frames_seen[0], done, total)
+
+    source = ReplaySource(paths, speed=speed, loop=args.loop, on_progress=on_progress)
+    cameras = _camera_sources(args, s)
+    gw = Gateway(
+        s,
+        [source],
+        cameras=cameras,
+        on_batch=lambda b: frames_seen.__setitem__(0, frames_seen[0] + len(b)),
+    )
+    t0 = time.monotonic()
+    try:
+        report = _run_until_signal(gw, drain_timeout=args.drain_timeout)
+    finally:
+        progress.close()
+    report.read = source.stats
+    elapsed = time.monotonic() - t0
+    _print_report(report, s, elapsed, quiet=args.quiet)
+    if report.outbox_left:
+        print(
+            f"gateway: error: {report.outbox_left} summaries could not be delivered "
+            f"({report.broker_error or 'broker unavailable'}); they wait in {s.gateway.outbox} "
+            "and are sent on the next run",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+def _camera_sources(args: argparse.Namespace, s: Any) -> list[Any]:
+    videos = list(getattr(args, "video", None) or []) + [c.source for c in s.camera]
+    if not videos:
+        return []
+    from gateway.camera.wiring import camera_stages
+
+    return camera_stages(videos, s)
+
+
+def _run_until_signal(gw: Any, drain_timeout: float = 30.0) -> Any:
+    async def main() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        return await gw.run(stop, drain_timeout=drain_timeout)
+
+    return asyncio.run(main())
+
+
+def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> None:
+    out = sys.stderr
+    rate = report.frames / elapsed if elapsed > 0 else 0.0
+    files = len(report.read)
+    print(
+        f"replayed {report.frames:,} frames from {files} file(s) in {elapsed:.1f} s "
+        f"({rate:,.0f} frames/s)",
+        file=out,
+    )
+    for st in report.read:
+        if st.bad_lines or st.stopped_early:
+            where = "; ".join(f"line {n}: {why}" for n, why in st.first_bad)
+            more = f" (first: {where})" if where else ""
+            print(f"  {st.path}: skipped {st.bad_lines} bad line(s){more}", file=out)
+            if st.stopped_early:
+                print(
+                    f"  {st.path}: the rest of the file could not be read: {st.stopped_early}",
+                    file=out,
+                )
+    d = report.decode
+    unknown = sum(d.unknown_id.values())
+    errors = sum(d.errors.values())
+    print(
+        f"decoded {d.decoded:,} frames; {unknown:,} with ids not in the DBCs "
+        f"({len(d.unknown_id)} ids), {errors:,} decode errors, "
+        f"{d.skipped_special:,} error/remote frames",
+        file=out,
+    )
+    share = 100.0 * report.bytes_released / report.raw_bytes if report.raw_bytes else 0.0
+    print(
+        f"released {report.released} message(s) ({report.bytes_released:,} bytes, {share:.2f}% of "
+        f"{report.raw_bytes:,} raw CAN payload bytes), blocked {report.blocked}, sent "
+        f"{report.sent} to {s.broker.url} under {s.broker.topic_prefix}/{s.gateway.vin}/owner/",
+        file=out,
+    )
+    print(f"audit ledger: {s.gateway.ledger}", file=out)
+
+
+# -- run ------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.canbus.source import LiveBusSource
+
+    s = _settings(args)
+    if not s.can and not s.camera:
+        raise ConfigError(
+            f"{args.config}: no sources: add [[can]] (logs or interface/channel) "
+            "or [[camera]] tables"
+        )
+    sources: list[Any] = []
+    for c in s.can:
+        if c.logs:
+            speed = None if s.replay.fast else s.replay.speed
+            sources.append(ReplaySource([Path(p) for p in c.logs], speed=speed, loop=s.replay.loop))
+        else:
+            sources.append(LiveBusSource(c.interface, c.channel, c.bitrate, c.name))
+    gw = Gateway(s, sources, cameras=_camera_sources(argparse.Namespace(video=[]), s))
+    t0 = time.monotonic()
+    report = _run_until_signal(gw)
+    _print_report(report, s, time.monotonic() - t0)
+    return 3 if report.outbox_left else 0
+
+
+# -- owner ----------------------------------------------------------------------------------
+def _cmd_owner(args: argparse.Namespace) -> int:
+    from gateway.egress.schema import Topics
+    from gateway.owner import watch
+
+    s = _settings(args)
+    topics = Topics(s.broker.topic_prefix, s.gateway.vin)
+    if not args.json:
+        print(f"owner view of {topics.all} on {s.broker.url} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        view = asyncio.run(
+            watch(
+                s.broker,
+                topics,
+                as_json=args.json,
+                count=args.count,
+                idle_timeout=args.idle_timeout,
+            )
+        )
+    except KeyboardInterrupt:
+        return 0
+    if view.duplicates:
+        print(
+            f"dropped {view.duplicates} redelivered message(s) (seq already seen)", file=sys.stderr
+        )
+    return 0
+
+
+# -- audit ----------------------------------------------------------------------------------
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.audit import verify_ledger
+
+    result = verify_ledger(args.ledger, policy_path=args.policy)
+    print(result.summary())
+    return 0
+
+
+# -- consent (the owner's side) -------------------------------------------------------------
+def _cmd_consent(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.egress.mqtt import describe_error, make_client
+    from gateway.egress.schema import Topics
+    from gateway.errors import BrokerError
+
+    s = _settings(args)
+    topics = Topics(s.broker.topic_prefix, s.gateway.vin)
+    if args.action in ("stop", "resume"):
+        topic, body = topics.command, {"command": args.action}
+    elif args.action == "delete":
+        topic, body = topics.command, {"command": "delete", "category": args.category or "all"}
+    elif args.action == "grant":
+        if not args.category:
+            raise ConfigError(
+                "consent grant needs a category (location, cabin, exterior_camera, biometric)"
+            )
+        if args.days is None:
+            raise ConfigError("consent grant needs --days N: a consent always expires")
+        topic, body = (
+            topics.consent_set,
+            {"category": args.category, "grant": True, "days": args.days},
+        )
+    else:
+        topic, body = topics.consent_set, {"category": args.category or "all", "grant": False}
+
+    async def send() -> None:
+        import aiomqtt
+
+        try:
+            async with make_client(s.broker, identifier=None) as client:
+                await client.publish(topic, json.dumps(body), qos=1)
+        except aiomqtt.MqttError as exc:
+            raise BrokerError(describe_error(s.broker, exc)) from exc
+
+    asyncio.run(send())
+    print(
+        f"sent {json.dumps(body)} to {topic}; the gateway answers on {topics.stream_name('consent')}"
+    )
+    return 0
+
+
+# -- data rights ----------------------------------------------------------------------------
+def _cmd_data(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.datarights import delete_category, export_outbox
+    from gateway.egress.ledger import Ledger
+    from gateway.egress.outbox import Outbox
+    from gateway.telemetry.policy import Category
+
+    s = _settings(args)
+    outbox = Outbox(s.gateway.outbox)
+    try:
+        if args.data_command == "export":
+            data = {"vin": s.gateway.vin, "outbox": export_outbox(outbox)}
+            consent_file = (
+                Path(s.gateway.state_dir or Path(s.gateway.ledger).resolve().parent)
+                / f"consent-{s.gateway.vin}.json"
+            )
+            if consent_file.exists():
+                data["consent"] = json.loads(consent_file.read_text())
+            text = json.dumps(data, indent=1, default=str)
+            if args.out:
+                Path(args.out).write_text(text)
+            else:
+                print(text)
+            ledger = Ledger(s.gateway.ledger)
+            ledger.append("data-export", messages=len(data["outbox"]), to=args.out or "stdout")
+            ledger.close()
+            return 0
+        category = None if args.category == "all" else Category(args.category)
+        n = delete_category(outbox, category)
+        ledger = Ledger(s.gateway.ledger)
+        ledger.append("data-delete", category=args.category, removed=n)
+        ledger.close()
+        print(
+            f"deleted {n} waiting message(s) of category {args.category}; recorded in {s.gateway.ledger}"
+        )
+        return 0
+    finally:
+        outbox.close()
+
+
+# -- validate -------------------------------------------------------------------------------
+_DEFAULT_DRIVE = Path(__file__).resolve().parents[1] / "can_fixtures" / "model3"
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from gateway.validate import run_validation
+
+    s = _settings(args)
+    log_path = Path(args.log) if args.log else _DEFAULT_DRIVE / "model3_synthetic_drive.log"
+    if args.dbc:
+        dbc: dict[str, list[str]] = {}
+        for spec in args.dbc:
+            ch, sep, path = spec.partition("=")
+            if not sep or Path(spec).exists():
+                ch, path = "*", spec
+            dbc.setdefault(ch, []).append(path)
+        s = dataclasses.replace(s, dbc=dbc)
+    elif not s.dbc:
+        s = dataclasses.replace(s, dbc={"*": [str(_DEFAULT_DRIVE / "Model3CAN.dbc")]})
+    if args.consent:
+        s = dataclasses.replace(
+            s, gateway=dataclasses.replace(s.gateway, consent=list(args.consent))
+        )
+    if not log_path.exists():
+        raise ConfigError(f"{log_path}: drive log not found (give one with --log)")
+    out = Path(args.out)
+    result = run_validation(s, log_path, out, broker_url=args.broker)
+    r = result.report
+    print(
+        f"verdict: {r['verdict']}  ({r['messages_out']} messages, {r['bytes_out']:,} bytes out of "
+        f"{r['raw_bytes_in']:,} raw bytes in; {r['leak_count']} leak(s))"
+    )
+    for leak in result.leaks[:10]:
+        print(f"  LEAK {leak.kind} on {leak.topic}: {leak.detail}")
+    print(f"report: {out / 'report.md'} and {out / 'report.json'}")
+    return 0 if result.ok else 1
+
+
+# -- config ---------------------------------------------------------------------------------
+def _cmd_config(args: argparse.Namespace) -> int:
+    from gateway import settings as settings_mod
+
+    if args.doc:
+        print(settings_mod.describe())
+        return 0
+    s = _settings(args)
+    print(
+        f"config OK: vin={s.gateway.vin} broker={s.broker.url} can sources={len(s.can)} "
+        f"cameras={len(s.camera)} dbc channels={sorted(s.dbc)}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="In-vehicle data gateway: reads CAN (recorded logs or a live bus) and camera "
+        "frames, keeps raw data on the device, and publishes only the summaries a "
+        "policy permits to the owner's MQTT channel, with an audit ledger of every "
+        "byte that left.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "replay",
+        help="replay recorded CAN logs through the gateway and publish",
+        description="Replay recorded CAN logs through decode, aggregation, policy "
+        "and guard, and publish the permitted summaries. Ends by "
+        "flushing every summary.",
+        epilog=EPILOG_REPLAY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("logs", nargs="+", metavar="LOG", help="log files, replayed in order")
+    p.add_argument(
+        "--dbc",
+        action="append",
+        metavar="[CHANNEL=]DBC",
+        help="DBC for one channel (can1=ccan.dbc) or, bare, for every channel; repeatable",
+    )
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, metavar="X", help="X times real time (default 1)")
+    pace.add_argument("--fast", action="store_true", help="as fast as possible")
+    p.add_argument(
+        "--loop", action="store_true", help="start again after the last log (Ctrl-C stops)"
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        metavar="FILE",
+        help="a camera clip (or image folder) replayed beside the CAN log",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long to wait at the end for the broker to take every summary (30)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    _add_pipeline(p)
+    p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser(
+        "run",
+        help="the long-running gateway described by a config file",
+        description="Run the gateway from a TOML config: CAN sources (logs or live "
+        "python-can buses such as socketcan can0), cameras, DBCs, "
+        "policy, broker. Stops cleanly on SIGINT/SIGTERM.",
+    )
+    _add_common(p)
+    _add_pipeline(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "owner",
+        help="the owner's view: subscribe and print what arrives",
+        description="Subscribe to PREFIX/VIN/owner/# and print each message as it "
+        "arrives; redeliveries (a seq already seen) are dropped.",
+    )
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    p.add_argument(
+        "--idle-timeout", type=float, metavar="S", help="exit after S seconds without a message"
+    )
+    p.set_defaults(func=_cmd_owner)
+
+    p = sub.add_parser("audit", help="check an audit ledger")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION")
+    v = asub.add_parser(
+        "verify",
+        help="verify the hash chain and re-check entries against the policy",
+        description="Verify the ledger's hash chain and re-check every entry "
+        "against the policy. Exits 1 naming the first bad line.",
+    )
+    v.add_argument("ledger", metavar="PATH")
+    v.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="policy to re-check against (default: the bundled one when the ledger names it)",
+    )
+    v.set_defaults(func=_cmd_audit_verify)
+
+    p = sub.add_parser(
+        "validate",
+        help="the bench verdict: replay canaries, search every byte out",
+        description="Replay a drive with canaries injected (exact GPS points, a "
+        "VIN, distinctive raw payloads), observe every topic on the "
+        "broker, search every byte that left, and write a report. "
+        "Exits 1 if anything leaked. Starts a private broker unless "
+        "--broker is given.",
+    )
+    p.add_argument(
+        "--log", metavar="LOG", help="drive log (default: the bundled synthetic Model 3 drive)"
+    )
+    p.add_argument("--dbc", action="append", metavar="[CHANNEL=]DBC", help="DBCs for --log")
+    p.add_argument(
+        "--consent",
+        action="append",
+        metavar="CATEGORY:DAYS",
+        help="run with this consent given (e.g. location:1) to check coarsening",
+    )
+    p.add_argument("--out", default="validate-report", metavar="DIR", help="report folder")
+    p.add_argument("--config", metavar="FILE", help="TOML config (policy, window, VIN)")
+    p.add_argument("--broker", metavar="URL", help="an existing broker to validate against")
+    p.add_argument("--vin", help="VIN of the gateway under test")
+    p.add_argument("--policy", metavar="FILE", help="policy to validate")
+    p.add_argument("--window", type=float, metavar="SECONDS", help="aggregation window")
+    p.set_defaults(func=_cmd_validate, topic_prefix=None, decoder=None, ledger=None, outbox=None)
+
+    p = sub.add_parser("config", help="check a config file, or print the option reference")
+    _add_common(p)
+    _add_pipeline(p)
+    p.add_argument("--doc", action="store_true", help="print docs/config.md")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "consent",
+        help="the owner's controls: grant/withdraw consent, stop/resume, delete",
+        description="Publish an owner command to the gateway: consent for a "
+        "sensitive category (always with an expiry), the one-touch "
+        "stop, resume, or deletion of waiting data.",
+    )
+    p.add_argument("action", choices=("grant", "withdraw", "stop", "resume", "delete"))
+    p.add_argument(
+        "category",
+        nargs="?",
+        choices=(
+            "location",
+            "cabin",
+            "exterior_camera",
+            "biometric",
+            "vehicle_status",
+            "driving_behaviour",
+            "all",
+        ),
+    )
+    p.add_argument("--days", type=float, help="how long a grant lasts (required for grant)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_consent)
+
+    p = sub.add_parser(
+        "data",
+        help="the owner's data on this device: export or delete",
+        description="Export or delete what the gateway keeps on the device "
+        "(messages waiting in the outbox, consent state); each action "
+        "is recorded in the audit ledger.",
+    )
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    e = dsub.add_parser("export", help="write the locally kept data as JSON")
+    e.add_argument("--out", metavar="FILE", help="file to write (default: stdout)")
+    d = dsub.add_parser("delete", help="delete locally kept data of one category")
+    d.add_argument(
+        "--category",
+        required=True,
+        choices=("location", "vehicle_status", "driving_behaviour", "exterior_camera", "all"),
+    )
+    for q in (e, d):
+        _add_common(q)
+        _add_pipeline(q)
+        q.set_defaults(func=_cmd_data)
+
+    for module in _EXTRA_COMMANDS:
+        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    return parser
+
+
+# sub-commands that live with their stage
+_EXTRA_COMMANDS: tuple[str, ...] = ()
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            msg += f" ({record.exc_info[1]!r})"
+        return f"gateway: {record.levelname.lower()}: {' '.join(msg.split())}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    level = (
+        logging.WARNING
+        if args.verbose == 0
+        else logging.INFO
+        if args.verbose == 1
+        else logging.DEBUG
+    )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except GatewayError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gateway: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

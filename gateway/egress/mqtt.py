@@ -1,0 +1,177 @@
+"""The MQTT edge: drains the outbox to the broker with QoS 1, reconnecting with capped,
+jittered exponential backoff (aiomqtt 2.x does not reconnect by itself), keeps the retained
+status topic and its last will, and hands inbound owner commands to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiomqtt
+
+from gateway.egress.guard import Released
+from gateway.egress.outbox import Outbox
+from gateway.errors import BrokerError
+from gateway.settings import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+StatusFactory = Callable[[str, str], Released | None]  # (state, reason) -> status message
+InboundHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+def make_client(
+    broker: BrokerSettings,
+    *,
+    identifier: str | None,
+    will: aiomqtt.Will | None = None,
+    clean_session: bool = True,
+    timeout: float = 10.0,
+) -> aiomqtt.Client:
+    tls_params = None
+    if broker.tls:
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=broker.tls_ca or None, cert_reqs=ssl.CERT_REQUIRED
+        )
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=identifier,
+        will=will,
+        username=broker.username or None,
+        password=broker.secret() or None,
+        tls_params=tls_params,
+        tls_insecure=broker.tls_insecure if broker.tls else None,
+        keepalive=broker.keepalive,
+        timeout=timeout,
+        clean_session=clean_session,
+    )
+
+
+def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"broker {broker.url}: {text}"
+
+
+@dataclass
+class MqttPublisher:
+    broker: BrokerSettings
+    outbox: Outbox
+    identifier: str
+    status: StatusFactory
+    inbound_topics: tuple[str, ...] = ()
+    on_inbound: InboundHandler | None = None
+    on_sent: Callable[[int], None] = lambda n: None
+    backoff_initial: float = 0.2
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    reconnects: int = 0
+    sent: int = 0
+    last_error: str | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.outbox.subscribe(self._wake.set)
+
+    async def check_connect(self) -> None:
+        """Connect once and disconnect: turns a refused or unreachable broker into a one-line
+        ``BrokerError`` before a replay starts."""
+        try:
+            async with make_client(self.broker, identifier=None, timeout=5.0):
+                pass
+        except aiomqtt.MqttError as exc:
+            raise BrokerError(describe_error(self.broker, exc)) from exc
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set; then drain what waits if connected and return. If the
+        broker is away when ``stop`` is set, return at once: the outbox keeps the rest."""
+        delay = self.backoff_initial
+        while True:
+            will_msg = self.status("offline", "connection lost")
+            will = (
+                aiomqtt.Will(will_msg.topic, will_msg.payload, qos=1, retain=True)
+                if will_msg is not None
+                else None
+            )
+            try:
+                client = make_client(self.broker, identifier=self.identifier, will=will)
+                async with client:
+                    self.connected.set()
+                    delay = self.backoff_initial
+                    self.last_error = None
+                    await self._publish_status(client, "online", "")
+                    for topic in self.inbound_topics:
+                        await client.subscribe(topic, qos=1)
+                    reader = (
+                        asyncio.create_task(self._read_inbound(client))
+                        if self.inbound_topics
+                        else None
+                    )
+                    try:
+                        await self._drain_until(client, stop)
+                        await self._publish_status(client, "offline", "stopped")
+                    finally:
+                        if reader is not None:
+                            reader.cancel()
+                            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                                await reader
+                    self.connected.clear()
+                    return
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self.last_error = describe_error(self.broker, exc)
+                if stop.is_set():
+                    log.warning(
+                        "%s; %d message(s) stay in the outbox", self.last_error, self.outbox.depth()
+                    )
+                    return
+                self.reconnects += 1
+                log.warning("%s; reconnecting in %.1f s", self.last_error, delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.broker.backoff_max)
+
+    async def _publish_status(self, client: aiomqtt.Client, state: str, reason: str) -> None:
+        msg = self.status(state, reason)
+        if msg is not None:
+            await client.publish(msg.topic, msg.payload, qos=1, retain=True)
+
+    async def _drain_until(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        while True:
+            self._wake.clear()
+            batch = self.outbox.peek(200)
+            for item in batch:
+                await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                self.outbox.ack(item)
+                self.sent += 1
+                self.on_sent(1)
+            if batch:
+                continue
+            if stop.is_set():
+                return
+            waiter = asyncio.create_task(self._wake.wait())
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+
+    async def _read_inbound(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if self.on_inbound is None:
+                continue
+            payload = (
+                message.payload
+                if isinstance(message.payload, bytes)
+                else str(message.payload).encode()
+            )
+            try:
+                await self.on_inbound(str(message.topic), payload)
+            except Exception:  # an owner's bad command must never stop publishing
+                log.exception("inbound message on %s could not be handled", message.topic)

@@ -1,0 +1,248 @@
+"""The durable outbox: released messages wait here until the broker acknowledged them.
+
+SQLite in WAL mode with ``synchronous=FULL``: a message is committed before the publisher may
+send it and deleted only after its PUBACK, so neither a broker outage nor a power cut loses a
+summary (a crash between PUBACK and delete re-sends it; the owner drops it by ``seq``).
+
+Bounds and the overflow rule: at most ``max_messages`` wait, none older than ``max_age_s``.
+When full, the OLDEST waiting messages are dropped first (an owner gains more from the latest
+state than from a stale one), and every drop is reported through ``on_drop`` (the app writes
+it to the audit ledger). If the disk is full or read-only, messages are kept in memory up to
+``memory_limit`` and the outbox reports itself ``degraded``; the CAN path carries on.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.egress.guard import Released
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER, topic TEXT NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL,
+    schema TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Pending:
+    key: tuple[str, int]  # ("db", rowid) or ("mem", n)
+    seq: int | None
+    topic: str
+    payload: bytes
+    retain: bool
+    schema: str
+    created: float
+
+
+class Outbox:
+    def __init__(
+        self,
+        path: str | Path | None,
+        *,
+        max_messages: int = 100_000,
+        max_age_s: float = 7 * 86400.0,
+        memory_limit: int = 10_000,
+        on_drop: Callable[[list[Pending], str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path) if path else None
+        self.max_messages = max_messages
+        self.max_age_s = max_age_s
+        self.memory_limit = memory_limit
+        self.on_drop = on_drop or (lambda items, why: None)
+        self._clock = clock
+        self._mem: collections.OrderedDict[int, Pending] = collections.OrderedDict()
+        self._mem_n = 0
+        self.storage_error: str | None = None
+        self.dropped = 0
+        self._db: sqlite3.Connection | None = None
+        self._listeners: list[Callable[[], None]] = []
+        stored_seq = 0
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(str(self.path), isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                row = self._db.execute(
+                    "SELECT MAX(v) FROM (SELECT value AS v FROM meta WHERE key='next_seq' "
+                    "UNION ALL SELECT MAX(seq) + 1 FROM outbox)"
+                ).fetchone()
+                stored_seq = int(row[0] or 0)
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+        self._next_seq = stored_seq
+
+    # -- sequence numbers ------------------------------------------------------------------
+    def next_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    # -- writing ---------------------------------------------------------------------------
+    def put(self, msg: Released) -> None:
+        now = self._clock()
+        if self._db is not None:
+            try:
+                with self._tx():
+                    self._db.execute(
+                        "INSERT INTO outbox(seq, topic, payload, retain, schema, created) "
+                        "VALUES (?,?,?,?,?,?)",
+                        (msg.seq, msg.topic, msg.payload, int(msg.retain), msg.schema, now),
+                    )
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (self._next_seq,)
+                    )
+                self._enforce_bounds(now)
+                self._notify()
+                return
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+        self._mem_n += 1
+        self._mem[self._mem_n] = Pending(
+            ("mem", self._mem_n), msg.seq, msg.topic, msg.payload, msg.retain, msg.schema, now
+        )
+        if len(self._mem) > self.memory_limit:
+            _, oldest = self._mem.popitem(last=False)
+            self._dropped([oldest], f"in-memory outbox over {self.memory_limit} messages")
+        self._notify()
+
+    def _tx(self) -> sqlite3.Connection:
+        assert self._db is not None
+
+        class _Tx:
+            def __init__(s, db: sqlite3.Connection) -> None:
+                s.db = db
+
+            def __enter__(s) -> sqlite3.Connection:
+                s.db.execute("BEGIN IMMEDIATE")
+                return s.db
+
+            def __exit__(s, exc_type: object, *rest: object) -> None:
+                s.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return _Tx(self._db)  # type: ignore[return-value]
+
+    def _degrade(self, exc: BaseException) -> None:
+        if self.storage_error is None:
+            log.error(
+                "outbox %s cannot be written (%s): keeping up to %d messages in memory",
+                self.path,
+                exc,
+                self.memory_limit,
+            )
+        self.storage_error = f"{self.path}: {exc}"
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+
+    def _enforce_bounds(self, now: float) -> None:
+        assert self._db is not None
+        old = self._db.execute(
+            "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
+            "WHERE created < ? ORDER BY id",
+            (now - self.max_age_s,),
+        ).fetchall()
+        if old:
+            self._delete_rows(old, f"older than {self.max_age_s:.0f} s")
+        (depth,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        if depth > self.max_messages:
+            rows = self._db.execute(
+                "SELECT id, seq, topic, payload, retain, schema, created FROM "
+                "outbox ORDER BY id LIMIT ?",
+                (depth - self.max_messages,),
+            ).fetchall()
+            self._delete_rows(rows, f"outbox over {self.max_messages} messages")
+
+    def _delete_rows(self, rows: list[tuple], why: str) -> None:  # type: ignore[type-arg]
+        assert self._db is not None
+        with self._tx():
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r[0],) for r in rows])
+        self._dropped(
+            [Pending(("db", r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6]) for r in rows],
+            why,
+        )
+
+    def _dropped(self, items: list[Pending], why: str) -> None:
+        self.dropped += len(items)
+        log.warning("outbox dropped %d message(s): %s", len(items), why)
+        self.on_drop(items, why)
+
+    # -- reading ---------------------------------------------------------------------------
+    def peek(self, limit: int = 100) -> list[Pending]:
+        out: list[Pending] = []
+        if self._db is not None:
+            try:
+                rows = self._db.execute(
+                    "SELECT id, seq, topic, payload, retain, schema, created "
+                    "FROM outbox ORDER BY id LIMIT ?",
+                    (limit,),
+                ).fetchall()
+                out = [
+                    Pending(("db", r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6])
+                    for r in rows
+                ]
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+        if len(out) < limit:
+            out += list(self._mem.values())[: limit - len(out)]
+        return out
+
+    def ack(self, item: Pending) -> None:
+        kind, n = item.key
+        if kind == "mem":
+            self._mem.pop(n, None)
+            return
+        if self._db is not None:
+            try:
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (n,))
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+
+    def depth(self) -> int:
+        n = len(self._mem)
+        if self._db is not None:
+            try:
+                n += self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+        return n
+
+    @property
+    def storage(self) -> str:
+        return "ok" if self.storage_error is None else "degraded"
+
+    # -- listeners -------------------------------------------------------------------------
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for cb in self._listeners:
+            cb()
+
+    def delete_all(self) -> int:
+        n = self.depth()
+        if self._db is not None:
+            with self._tx():
+                self._db.execute("DELETE FROM outbox")
+        self._mem.clear()
+        return n
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

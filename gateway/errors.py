@@ -1,0 +1,61 @@
+"""The gateway's error tree: every user mistake becomes one of these, printed as one line.
+
+    GatewayError                  base; ``str(err)`` is the whole one-line message
+     ├── ConfigError              a config/policy file or option: names the file and the key
+     ├── InputError               an input the user pointed at
+     │    ├── LogFormatError      a CAN log: missing, unknown format, unreadable
+     │    ├── DbcError            a DBC that cantools refuses even with strict=False
+     │    └── CameraError         a video, image folder or device that cannot be read
+     ├── BrokerError              the MQTT broker refused or cannot be reached
+     ├── StorageError             the outbox/ledger/local store cannot be written
+     └── AuditError               a ledger that fails verification (names the first bad line)
+
+Only ``gateway.cli`` turns these into ``gateway: error: ...`` and an exit code; nothing
+else catches them broadly.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a user without a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(GatewayError):
+    """A configuration or policy value is missing, unknown or of the wrong type."""
+
+
+class InputError(GatewayError):
+    """An input file or device named by the user cannot be used."""
+
+
+class LogFormatError(InputError):
+    """A CAN log is missing, of an unknown format, or unreadable."""
+
+
+class DbcError(InputError):
+    """A DBC file cannot be loaded, even with ``strict=False``."""
+
+
+class CameraError(InputError):
+    """A camera source (video file, image folder, V4L2 device) cannot be read."""
+
+
+class BrokerError(GatewayError):
+    """The MQTT broker refused the connection or could not be reached."""
+
+    exit_code = 3
+
+
+class StorageError(GatewayError):
+    """On-device storage (outbox, ledger, frame store) cannot be written."""
+
+    exit_code = 4
+
+
+class AuditError(GatewayError):
+    """An audit ledger failed verification."""
+
+    exit_code = 1

@@ -1,0 +1,123 @@
+"""The owner's side of the channel: subscribe, unpack, drop redeliveries, show."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import aiomqtt
+
+from gateway.egress.mqtt import describe_error, make_client
+from gateway.egress.schema import Topics, unpack
+from gateway.errors import BrokerError
+from gateway.settings import BrokerSettings
+
+
+@dataclass
+class OwnerView:
+    """Keeps what an owner has seen; drops a message whose ``seq`` it has already seen."""
+
+    seen: set[int] = field(default_factory=set)
+    duplicates: int = 0
+    undecodable: int = 0
+
+    def accept(self, topic: str, payload: bytes) -> dict[str, Any] | None:
+        try:
+            body = unpack(payload)
+        except Exception:  # a foreign or damaged payload is shown as such, not fatal
+            self.undecodable += 1
+            return {"topic": topic, "error": "not a msgpack payload", "bytes": len(payload)}
+        if not isinstance(body, dict):
+            self.undecodable += 1
+            return {"topic": topic, "error": "not a map"}
+        seq = body.get("seq")
+        if isinstance(seq, int):
+            if seq in self.seen:
+                self.duplicates += 1
+                return None
+            self.seen.add(seq)
+        return {"topic": topic, **body}
+
+
+def _fmt_value(v: Any, key: str = "") -> str:
+    if key in ("at", "start", "end", "until") and isinstance(v, int | float) and v > 1e8:
+        import datetime
+
+        return datetime.datetime.fromtimestamp(v, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}:{_fmt_value(x, k)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def format_message(msg: dict[str, Any]) -> str:
+    stream = msg["topic"].rsplit("/owner/", 1)[-1]
+    head = f"[{stream:<8}]"
+    if "seq" in msg:
+        head += f" #{msg['seq']:<5}"
+    if "window" in msg:
+        a, b = msg["window"]
+        head += f" {a:.1f}..{b:.1f}"
+    if msg.get("schema") == "gateway.signals":
+        lines = [head]
+        for name, vals in msg["signals"].items():
+            unit = vals.get("unit", "")
+            parts = "  ".join(f"{k}={_fmt_value(v)}" for k, v in vals.items() if k != "unit")
+            lines.append(f"    {name:<22} {parts} {unit}".rstrip())
+        return "\n".join(lines)
+    skip = {"topic", "schema", "v", "seq", "window", "policy"}
+    return (
+        head + "  " + "  ".join(f"{k}={_fmt_value(v, k)}" for k, v in msg.items() if k not in skip)
+    )
+
+
+async def watch(
+    broker: BrokerSettings,
+    topics: Topics,
+    *,
+    as_json: bool = False,
+    count: int | None = None,
+    idle_timeout: float | None = None,
+    out: TextIO = sys.stdout,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
+    ready: asyncio.Event | None = None,
+) -> OwnerView:
+    view = OwnerView()
+    shown = 0
+    try:
+        async with make_client(broker, identifier=None) as client:
+            await client.subscribe(topics.all, qos=1)
+            if ready is not None:
+                ready.set()
+            it = client.messages.__aiter__()
+            while count is None or shown < count:
+                try:
+                    message = await (
+                        asyncio.wait_for(it.__anext__(), idle_timeout)
+                        if idle_timeout
+                        else it.__anext__()
+                    )
+                except TimeoutError:
+                    break
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                msg = view.accept(str(message.topic), payload)
+                if msg is None:
+                    continue
+                shown += 1
+                if on_message is not None:
+                    on_message(msg)
+                if as_json:
+                    out.write(json.dumps(msg, ensure_ascii=False, sort_keys=False) + "\n")
+                else:
+                    out.write(format_message(msg) + "\n")
+                with contextlib.suppress(Exception):
+                    out.flush()
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(describe_error(broker, exc)) from exc
+    return view

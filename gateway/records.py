@@ -1,0 +1,244 @@
+"""The values that travel between stages.
+
+CAN frames travel in batches of numpy columns (``FrameBatch``) so that parsing, decoding and
+aggregation can all work a column at a time; a live bus produces small batches, a replay large
+ones. Decoding turns a batch into time series per signal (``SignalSeries``); aggregation turns
+series into ``WindowSummary`` values; only summaries (never frames, never pixels) may reach
+``gateway.egress``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+U8 = npt.NDArray[np.uint8]
+U32 = npt.NDArray[np.uint32]
+BOOL = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True)
+class FrameBatch:
+    """N CAN frames as columns. ``data`` is N x width (width 8, or 64 when CAN FD frames are in it);
+    bytes past ``dlc`` (the data length in bytes, not the DLC code) are zero."""
+
+    timestamp: F64
+    channel: npt.NDArray[np.uint16]  # index into ``channels``
+    channels: tuple[str, ...]
+    arbitration_id: U32
+    is_extended: BOOL
+    is_remote: BOOL
+    is_error: BOOL
+    is_fd: BOOL
+    dlc: U8
+    data: U8
+
+    def __len__(self) -> int:
+        return int(self.timestamp.shape[0])
+
+    @property
+    def raw_bytes(self) -> int:
+        """Payload bytes carried by these frames (what a raw upload would send)."""
+        return int(self.dlc.sum(dtype=np.int64))
+
+    @classmethod
+    def empty(cls, channels: tuple[str, ...] = ()) -> FrameBatch:
+        return cls(
+            timestamp=np.empty(0, np.float64),
+            channel=np.empty(0, np.uint16),
+            channels=channels,
+            arbitration_id=np.empty(0, np.uint32),
+            is_extended=np.empty(0, np.bool_),
+            is_remote=np.empty(0, np.bool_),
+            is_error=np.empty(0, np.bool_),
+            is_fd=np.empty(0, np.bool_),
+            dlc=np.empty(0, np.uint8),
+            data=np.empty((0, 8), np.uint8),
+        )
+
+    def select(self, mask: npt.NDArray[np.bool_] | npt.NDArray[np.intp]) -> FrameBatch:
+        """The frames picked by a boolean mask or an index array, in that order."""
+        return FrameBatch(
+            timestamp=self.timestamp[mask],
+            channel=self.channel[mask],
+            channels=self.channels,
+            arbitration_id=self.arbitration_id[mask],
+            is_extended=self.is_extended[mask],
+            is_remote=self.is_remote[mask],
+            is_error=self.is_error[mask],
+            is_fd=self.is_fd[mask],
+            dlc=self.dlc[mask],
+            data=self.data[mask],
+        )
+
+
+@dataclass(slots=True)
+class FrameBatchBuilder:
+    """Collects frames one at a time (live bus, python-can readers) and emits a ``FrameBatch``."""
+
+    channels: list[str] = field(default_factory=list)
+    _ts: list[float] = field(default_factory=list)
+    _ch: list[int] = field(default_factory=list)
+    _id: list[int] = field(default_factory=list)
+    _flags: list[tuple[bool, bool, bool, bool]] = field(default_factory=list)
+    _dlc: list[int] = field(default_factory=list)
+    _data: list[bytes] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self._ts)
+
+    def channel_index(self, name: str) -> int:
+        try:
+            return self.channels.index(name)
+        except ValueError:
+            self.channels.append(name)
+            return len(self.channels) - 1
+
+    def add(
+        self,
+        timestamp: float,
+        channel: str,
+        arbitration_id: int,
+        data: bytes,
+        *,
+        is_extended: bool = False,
+        is_remote: bool = False,
+        is_error: bool = False,
+        is_fd: bool = False,
+    ) -> None:
+        self._ts.append(timestamp)
+        self._ch.append(self.channel_index(channel))
+        self._id.append(arbitration_id)
+        self._flags.append((is_extended, is_remote, is_error, is_fd))
+        self._dlc.append(len(data))
+        self._data.append(bytes(data))
+
+    def build(self) -> FrameBatch:
+        """Return the collected frames as a batch and start a new, empty one."""
+        n = len(self._ts)
+        if n == 0:
+            return FrameBatch.empty(tuple(self.channels))
+        width = 8 if max(self._dlc) <= 8 else 64
+        buf = bytearray(n * width)
+        for i, payload in enumerate(self._data):
+            buf[i * width : i * width + len(payload)] = payload
+        flags = np.array(self._flags, dtype=np.bool_).reshape(n, 4)
+        batch = FrameBatch(
+            timestamp=np.array(self._ts, np.float64),
+            channel=np.array(self._ch, np.uint16),
+            channels=tuple(self.channels),
+            arbitration_id=np.array(self._id, np.uint32),
+            is_extended=flags[:, 0].copy(),
+            is_remote=flags[:, 1].copy(),
+            is_error=flags[:, 2].copy(),
+            is_fd=flags[:, 3].copy(),
+            dlc=np.array(self._dlc, np.uint8),
+            data=np.frombuffer(bytes(buf), np.uint8).reshape(n, width).copy(),
+        )
+        self._ts.clear()
+        self._ch.clear()
+        self._id.clear()
+        self._flags.clear()
+        self._dlc.clear()
+        self._data.clear()
+        return batch
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSeries:
+    """One decoded signal over a batch: timestamps and numeric values (enum signals stay
+    numeric; ``choices`` maps those numbers to names)."""
+
+    name: str  # "Message.Signal"
+    timestamp: F64
+    value: F64
+    unit: str = ""
+    choices: Mapping[float, str] | None = None
+
+
+@dataclass(slots=True)
+class DecodeStats:
+    """What decoding could not use, counted per arbitration id; never fatal."""
+
+    frames: int = 0
+    decoded: int = 0
+    unknown_id: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, int] = field(default_factory=dict)
+    skipped_special: int = 0  # error and remote frames
+
+    def merge(self, other: DecodeStats) -> None:
+        self.frames += other.frames
+        self.decoded += other.decoded
+        self.skipped_special += other.skipped_special
+        for mine, theirs in ((self.unknown_id, other.unknown_id), (self.errors, other.errors)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    series: Sequence[SignalSeries]
+    stats: DecodeStats
+
+
+@dataclass(frozen=True, slots=True)
+class SignalAggregate:
+    """count/min/max/mean/last of one signal in one window. For enum signals ``last`` is the
+    state's name and ``states`` counts samples per state name; min/max/mean are then None."""
+
+    count: int
+    min: float | None
+    max: float | None
+    mean: float | None
+    last: float | str | None
+    unit: str = ""
+    states: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSummary:
+    """Every signal seen in one window ``[start, end)`` of frame time."""
+
+    start: float
+    end: float
+    signals: Mapping[str, SignalAggregate]
+
+
+@dataclass(frozen=True, slots=True)
+class CameraSummary:
+    """What a camera did in one window. Counts only: never pixels."""
+
+    camera: str
+    start: float
+    end: float
+    frames_seen: int
+    frames_anonymised: int
+    frames_dropped: int
+    faces_blurred: int
+    plates_blurred: int
+    fps: float
+    health: str  # "ok", "degraded", "failed"
+
+
+@dataclass(slots=True)
+class ReadStats:
+    """What a log reader could not use. Bad lines are skipped and counted, never raised; the
+    first few are remembered with their line numbers for the end-of-replay report."""
+
+    path: str = ""
+    frames: int = 0
+    bad_lines: int = 0
+    first_bad: list[tuple[int, str]] = field(default_factory=list)
+    stopped_early: str | None = None  # a binary log whose rest could not be read
+    bytes_read: int = 0  # of the file, for progress
+
+    KEEP = 5
+
+    def bad(self, line_no: int, reason: str) -> None:
+        self.bad_lines += 1
+        if len(self.first_bad) < self.KEEP:
+            self.first_bad.append((line_no, reason))

@@ -1,0 +1,384 @@
+"""Settings: frozen dataclasses, each option declared once, and ONE load function.
+
+Precedence: the TOML file < environment ``GATEWAY_<SECTION>_<KEY>`` < the command line. Every
+option carries its help text in its field metadata; ``docs/config.md`` is generated from it
+(``gateway config --doc``), so the docs cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    vin: str = opt("TESTVIN0000000001", "Vehicle identification number: names the owner channel.")
+    window: float = opt(60.0, "Aggregation window in seconds of frame time.")
+    policy: str = opt("", "Policy TOML (default: the bundled default policy).")
+    ledger: str = opt(
+        "gateway-ledger.jsonl", "Audit ledger (append-only, hash-chained JSON lines)."
+    )
+    outbox: str = opt(
+        "gateway-outbox.sqlite",
+        "Durable outbox (SQLite, WAL): summaries wait here until the broker acknowledged them.",
+    )
+    state_dir: str = opt(
+        "", "Directory for on-device state (frame store, consent); default: beside the ledger."
+    )
+    decoder: str = opt(
+        "vector", "CAN decoder: 'vector' (numpy, fast) or 'cantools' (per frame, reference)."
+    )
+    health_interval: float = opt(
+        30.0, "Seconds between health summaries on the health topic (0: off)."
+    )
+    digest_interval: float = opt(
+        300.0, "Seconds between ledger digests on the ledger topic (one is always sent at stop)."
+    )
+    consent: list[str] = opt(
+        [],
+        "Consents given in the config, 'CATEGORY:DAYS' (e.g. 'location:7'); bounded by the policy's max_consent_days.",
+    )
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str = opt(
+        "mqtt://127.0.0.1:1883", "Broker URL: mqtt://host:port, or mqtts://host:port for TLS."
+    )
+    topic_prefix: str = opt("vehicles", "Topic prefix: topics are PREFIX/VIN/owner/STREAM.")
+    client_id: str = opt("", "MQTT client id (default: gateway-VIN).")
+    username: str = opt("", "Username for the broker.")
+    password: str = opt("", "Password for the broker (prefer password_file).", secret=True)
+    password_file: str = opt("", "File holding the broker password (first line).")
+    tls_ca: str = opt("", "CA certificate that signed the broker's certificate (enables TLS).")
+    tls_insecure: bool = opt(False, "Skip broker hostname verification (bench only).")
+    keepalive: int = opt(30, "MQTT keepalive in seconds.")
+    backoff_max: float = opt(30.0, "Longest wait between reconnect attempts, in seconds.")
+
+    @property
+    def host(self) -> str:
+        return _parse_broker_url(self.url)[1]
+
+    @property
+    def port(self) -> int:
+        return _parse_broker_url(self.url)[2]
+
+    @property
+    def tls(self) -> bool:
+        return _parse_broker_url(self.url)[0] == "mqtts" or bool(self.tls_ca)
+
+    def secret(self) -> str:
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().splitlines()[0]
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"{self.password_file}: cannot read the broker password") from exc
+        return self.password
+
+
+@dataclass(frozen=True)
+class CanSource:
+    logs: list[str] = opt([], "Recorded logs to replay, in order (candump, ASC, BLF, TRC, CSV).")
+    interface: str = opt("", "python-can interface of a live bus: socketcan, virtual, pcan, ...")
+    channel: str = opt("", "Channel of the live bus: can0, vcan0, ...")
+    bitrate: int = opt(0, "Bitrate for interfaces that set it (0: leave as configured).")
+    name: str = opt("", "Channel name the DBC mapping uses for this bus (default: channel).")
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    speed: float = opt(1.0, "Replay speed: 1 is real time, 10 ten times faster.")
+    fast: bool = opt(False, "Replay as fast as possible (ignores speed).")
+    loop: bool = opt(False, "Start again at the end of the last log.")
+
+
+@dataclass(frozen=True)
+class CameraSource:
+    source: str = opt("", "Video file, image folder, /dev/videoN, or 'synthetic'.")
+    name: str = opt("front", "Camera name used in summaries.")
+    method: str = opt("gaussian", "Anonymisation: gaussian, pixelate or fill.")
+    detect_every: int = opt(1, "Run detection on every k-th frame; boxes are carried between.")
+    memory: int = opt(5, "Apply each box to the next N frames too.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    can: list[CanSource] = field(default_factory=list)
+    camera: list[CameraSource] = field(default_factory=list)
+    dbc: dict[str, list[str]] = field(default_factory=dict)
+    source_file: str = ""
+
+
+_SECTIONS: dict[str, Any] = {
+    "gateway": GatewaySettings,
+    "broker": BrokerSettings,
+    "replay": ReplaySettings,
+}
+_ARRAYS: dict[str, Any] = {"can": CanSource, "camera": CameraSource}
+
+
+def _parse_broker_url(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url if "://" in url else "mqtt://" + url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
+    try:
+        port = parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+    except ValueError as exc:
+        raise ConfigError(f"broker url {url!r}: bad port") from exc
+    if not parts.hostname:
+        raise ConfigError(f"broker url {url!r}: no host")
+    return ("mqtts" if parts.scheme in ("mqtts", "ssl") else "mqtt"), parts.hostname, port
+
+
+def _type_name(tp: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, "a list of strings" if typing.get_origin(tp) is list else str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value == value and abs(value) != float("inf"):
+                return float(value)
+        elif isinstance(value, str):
+            try:
+                f = float(value)
+                if f == f and abs(f) != float("inf"):
+                    return f
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+
+
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build(cls: type[T], table: Mapping[str, Any], where: str) -> T:
+    """One dataclass from one TOML table; unknown keys and wrong types name ``where``."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    hints = _hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
+    return cls(**kwargs)
+
+
+def _resolve(base: Path, value: str) -> str:
+    if (
+        not value
+        or value.startswith("/dev/")
+        or value in ("synthetic",)
+        or value.startswith("synthetic:")
+    ):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    return _read_toml(Path(path))
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """File < environment ``GATEWAY_SECTION_KEY`` < ``overrides`` ({"gateway.vin": ...})."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    where = "settings"
+    if path is not None:
+        p = Path(path)
+        raw = _read_toml(p)
+        base = p.resolve().parent
+        where = str(p)
+    allowed = set(_SECTIONS) | set(_ARRAYS) | {"dbc"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown section [{key}] (known: {', '.join(sorted(allowed))})"
+            )
+    sections: dict[str, dict[str, Any]] = {}
+    for name in _SECTIONS:
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        sections[name] = dict(table)
+    # environment, then explicit overrides
+    for name, cls in _SECTIONS.items():
+        for f in fields(cls):
+            var = f"GATEWAY_{name.upper()}_{f.name.upper()}"
+            if var in env:
+                sections[name][f.name] = env[var]
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        sec, _, key = dotted.partition(".")
+        sections[sec][key] = value
+    built = {
+        name: build(
+            cls, sections[name], f"{where}: [{name}]" if name not in (overrides or {}) else name
+        )
+        for name, cls in _SECTIONS.items()
+    }
+    g: GatewaySettings = built["gateway"]
+    g = dataclasses.replace(
+        g,
+        policy=_resolve(base, g.policy),
+        ledger=_resolve(base, g.ledger),
+        outbox=_resolve(base, g.outbox),
+        state_dir=_resolve(base, g.state_dir),
+    )
+    if g.window <= 0:
+        raise ConfigError(f"{where}: [gateway].window must be positive, got {g.window}")
+    if g.decoder not in ("vector", "cantools"):
+        raise ConfigError(
+            f"{where}: [gateway].decoder must be 'vector' or 'cantools', got {g.decoder!r}"
+        )
+    broker: BrokerSettings = built["broker"]
+    _parse_broker_url(broker.url)
+    arrays: dict[str, list[Any]] = {}
+    for name, cls in _ARRAYS.items():
+        items = raw.get(name, [])
+        if isinstance(items, dict):
+            items = [items]
+        if not isinstance(items, list):
+            raise ConfigError(f"{where}: [[{name}]] must be an array of tables")
+        out = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{where}: [[{name}]] #{i + 1} must be a table")
+            obj = build(cls, item, f"{where}: [[{name}]] #{i + 1}")
+            if isinstance(obj, CanSource):
+                obj = dataclasses.replace(obj, logs=[_resolve(base, x) for x in obj.logs])
+                if bool(obj.logs) == bool(obj.interface):
+                    raise ConfigError(
+                        f"{where}: [[can]] #{i + 1}: give either logs or interface+channel"
+                    )
+            else:
+                obj = dataclasses.replace(obj, source=_resolve(base, obj.source))
+            out.append(obj)
+        arrays[name] = out
+    dbc_raw = raw.get("dbc", {})
+    if not isinstance(dbc_raw, dict):
+        raise ConfigError(f'{where}: [dbc] must be a table of channel = "file.dbc"')
+    dbc = {
+        ch: [_resolve(base, p) for p in _coerce(v, list[str], f"{where}: [dbc].{ch}")]
+        for ch, v in dbc_raw.items()
+    }
+    return Settings(
+        gateway=g,
+        broker=broker,
+        replay=built["replay"],
+        can=arrays["can"],
+        camera=arrays["camera"],
+        dbc=dbc,
+        source_file=where,
+    )
+
+
+def describe() -> str:
+    """Markdown reference of every option (docs/config.md is this text)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `gateway config --doc` from `gateway/settings.py`. Precedence: the TOML "
+        "file < environment variables `GATEWAY_<SECTION>_<KEY>` (single-valued sections "
+        "only) < command-line options.",
+        "",
+    ]
+    for name, cls in list(_SECTIONS.items()) + [(f"[{n}]", c) for n, c in _ARRAYS.items()]:
+        lines += [f"## [{name}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = _hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = "(secret)" if f.metadata.get("secret") else repr(default)
+            tp = hints[f.name]
+            tname = (
+                getattr(tp, "__name__", str(tp))
+                if not isinstance(tp, types.GenericAlias)
+                else str(tp)
+            )
+            lines.append(f"| `{f.name}` | {tname} | `{shown}` | {f.metadata.get('help', '')} |")
+        lines.append("")
+    lines += [
+        "## [dbc]",
+        "",
+        '`CHANNEL = "file.dbc"` or a list of files; `"*"` applies to every '
+        "channel without its own DBC. Paths are relative to the config file.",
+        "",
+    ]
+    return "\n".join(lines)

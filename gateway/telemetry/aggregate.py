@@ -1,0 +1,142 @@
+"""Windowed aggregation with numpy: count / min / max / mean / last per signal and window.
+
+Windows are cut on the frames' own timestamps (``[k*w, (k+1)*w)``), never on the wall clock, so
+a replay at any speed yields the same windows; and every aggregate is independent of how the
+stream was cut into batches (the mean is an exactly rounded ``math.fsum``), so it also yields
+the same numbers. Memory: the values of each permitted signal are kept until its window
+closes. A window is emitted once the stream's watermark (the latest frame time seen) has
+passed its end; samples that arrive for a window already emitted are counted as late and
+dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.records import SignalAggregate, SignalSeries, WindowSummary
+
+
+@dataclass(slots=True)
+class _Partial:
+    unit: str
+    choices: Mapping[float, str] | None
+    count: int = 0
+    min: float = np.inf
+    max: float = -np.inf
+    parts: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    last_ts: float = -np.inf
+    last: float = np.nan
+    states: dict[float, int] | None = None
+
+    def result(self) -> SignalAggregate:
+        if self.choices is not None:
+            states = {
+                self.choices.get(v, _num(v)): n for v, n in sorted((self.states or {}).items())
+            }
+            return SignalAggregate(
+                self.count,
+                None,
+                None,
+                None,
+                self.choices.get(self.last, _num(self.last)),
+                self.unit,
+                states,
+            )
+        # exactly rounded, so the mean does not depend on how the stream was batched
+        total = math.fsum(np.concatenate(self.parts).tolist()) if self.parts else 0.0
+        return SignalAggregate(
+            self.count, self.min, self.max, total / self.count, self.last, self.unit
+        )
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+@dataclass
+class WindowAggregator:
+    window: float = 60.0
+    late_samples: int = 0
+    invalid_samples: int = 0
+    _open: dict[int, dict[str, _Partial]] = field(default_factory=dict)
+    _closed_below: int | None = None  # every window index below this has been emitted
+    watermark: float = -np.inf
+
+    def __post_init__(self) -> None:
+        if not self.window > 0:
+            raise ValueError("window must be positive")
+
+    def add(self, series: Iterable[SignalSeries]) -> None:
+        w = self.window
+        for s in series:
+            ts, vals = s.timestamp, s.value
+            ok = np.isfinite(vals) & np.isfinite(ts)
+            if not ok.all():
+                self.invalid_samples += int((~ok).sum())
+                ts, vals = ts[ok], vals[ok]
+            if ts.size == 0:
+                continue
+            idx = np.floor(ts / w).astype(np.int64)
+            if self._closed_below is not None:
+                late = idx < self._closed_below
+                if late.any():
+                    self.late_samples += int(late.sum())
+                    keep = ~late
+                    ts, vals, idx = ts[keep], vals[keep], idx[keep]
+                    if ts.size == 0:
+                        continue
+            if idx.size > 1 and (np.any(np.diff(idx) < 0) or np.any(np.diff(ts) < 0)):
+                order = np.lexsort((ts, idx))  # stable: equal times keep file order
+                ts, vals, idx = ts[order], vals[order], idx[order]
+            starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+            ends = np.r_[starts[1:], idx.size]
+            counts = ends - starts
+            mins = np.minimum.reduceat(vals, starts)
+            maxs = np.maximum.reduceat(vals, starts)
+            for j, k in enumerate(idx[starts].tolist()):
+                bucket = self._open.setdefault(k, {})
+                p = bucket.get(s.name)
+                if p is None:
+                    p = bucket[s.name] = _Partial(s.unit, s.choices)
+                    if s.choices is not None:
+                        p.states = {}
+                p.count += int(counts[j])
+                p.min = min(p.min, float(mins[j]))
+                p.max = max(p.max, float(maxs[j]))
+                p.parts.append(vals[starts[j] : ends[j]])
+                last_i = int(ends[j]) - 1
+                if ts[last_i] >= p.last_ts:
+                    p.last_ts, p.last = float(ts[last_i]), float(vals[last_i])
+                if p.states is not None:
+                    u, c = np.unique(vals[starts[j] : ends[j]], return_counts=True)
+                    for v, n in zip(u.tolist(), c.tolist(), strict=True):
+                        p.states[v] = p.states.get(v, 0) + n
+
+    def advance(self, watermark: float) -> list[WindowSummary]:
+        """Emit every window that ends at or before ``watermark``, oldest first."""
+        self.watermark = max(self.watermark, watermark)
+        return self._emit_below(int(np.floor(self.watermark / self.window)))
+
+    def flush(self) -> list[WindowSummary]:
+        """Emit every open window, the last partial one included (end of a replay)."""
+        return self._emit_below(max(self._open) + 1) if self._open else []
+
+    def _emit_below(self, limit: int) -> list[WindowSummary]:
+        if self._closed_below is None or limit > self._closed_below:
+            self._closed_below = limit
+        out = []
+        for k in sorted(k for k in self._open if k < limit):
+            bucket = self._open.pop(k)
+            out.append(
+                WindowSummary(
+                    start=k * self.window,
+                    end=(k + 1) * self.window,
+                    signals={name: p.result() for name, p in sorted(bucket.items())},
+                )
+            )
+        return out

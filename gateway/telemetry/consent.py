@@ -1,0 +1,211 @@
+"""The owner's consent, per sensitive category, with an expiry; and the one-touch stop.
+
+Pure state plus a small JSON persistence. Time is always a parameter (wall-clock seconds):
+consent is a legal fact of the real world, so it expires on the wall clock, not frame time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from gateway.telemetry.policy import Category
+
+
+class Collection(Enum):
+    ON = "on"
+    STOPPED = "stopped"
+
+
+class ConsentRefused(ValueError):
+    """A grant that may not be accepted; the message is the reason told to the owner."""
+
+
+@dataclass
+class ConsentState:
+    grants: dict[Category, float] = field(default_factory=dict)  # category -> valid until
+    collection: Collection = Collection.ON
+    persist_across_ignition: bool = False
+    last_change: dict[str, Any] = field(default_factory=dict)
+
+    def ok(self, category: Category, now: float) -> bool:
+        if self.collection is Collection.STOPPED:
+            return False
+        if not category.sensitive:
+            return True
+        until = self.grants.get(category)
+        return until is not None and now < until
+
+    def collecting(self) -> bool:
+        return self.collection is Collection.ON
+
+    def grant(
+        self,
+        category: Category,
+        until: float | None,
+        now: float,
+        max_days: float,
+        source: str = "owner",
+    ) -> None:
+        if not category.sensitive:
+            raise ConsentRefused(f"{category.value} needs no separate consent")
+        if until is None or not math.isfinite(until):
+            raise ConsentRefused("a consent must have an expiry ('always allow' is not offered)")
+        if until <= now:
+            raise ConsentRefused("the expiry is in the past")
+        if until - now > max_days * 86400 + 1e-6:
+            raise ConsentRefused(
+                f"the expiry is more than the policy's maximum of {max_days:g} days away"
+            )
+        self.grants[category] = until
+        self.last_change = {
+            "at": now,
+            "action": "grant",
+            "category": category.value,
+            "until": until,
+            "by": source,
+        }
+
+    def withdraw(self, category: Category | None, now: float, source: str = "owner") -> None:
+        if category is None:
+            self.grants.clear()
+        else:
+            self.grants.pop(category, None)
+        self.last_change = {
+            "at": now,
+            "action": "withdraw",
+            "category": category.value if category else "all",
+            "by": source,
+        }
+
+    def stop(self, now: float, source: str = "owner") -> None:
+        self.collection = Collection.STOPPED
+        self.last_change = {"at": now, "action": "stop", "by": source}
+
+    def resume(self, now: float, source: str = "owner") -> None:
+        self.collection = Collection.ON
+        self.last_change = {"at": now, "action": "resume", "by": source}
+
+    def new_ignition_cycle(self, now: float) -> None:
+        """Sensitive collection starts off at each ignition cycle unless the owner chose
+        otherwise."""
+        if not self.persist_across_ignition and self.grants:
+            self.grants.clear()
+            self.last_change = {"at": now, "action": "ignition-reset", "by": "gateway"}
+
+    def snapshot(self, now: float) -> dict[str, float]:
+        return {
+            c.value: until
+            for c, until in sorted(self.grants.items(), key=lambda kv: kv[0].value)
+            if until > now
+        }
+
+    def public(self, now: float) -> dict[str, Any]:
+        return {
+            "at": now,
+            "collection": self.collection.value,
+            "grants": {k: {"until": v} for k, v in self.snapshot(now).items()},
+            "last_change": dict(self.last_change),
+        }
+
+    # -- persistence ----------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "grants": {c.value: u for c, u in self.grants.items()},
+            "collection": self.collection.value,
+            "persist_across_ignition": self.persist_across_ignition,
+            "last_change": self.last_change,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ConsentState:
+        return cls(
+            grants={Category(k): float(v) for k, v in raw.get("grants", {}).items()},
+            collection=Collection(raw.get("collection", "on")),
+            persist_across_ignition=bool(raw.get("persist_across_ignition", False)),
+            last_change=dict(raw.get("last_change", {})),
+        )
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> ConsentState:
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return cls()
+        except (ValueError, KeyError, TypeError):
+            return cls()
+
+
+@dataclass(frozen=True)
+class OwnerCommand:
+    """One message from the owner: consent/set or command, parsed (JSON or msgpack)."""
+
+    action: str  # grant | withdraw | stop | resume | delete | persist
+    category: Category | None = None
+    until: float | None = None
+    persist: bool | None = None
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
+    try:
+        raw = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        import msgpack
+
+        try:
+            raw = msgpack.unpackb(payload, raw=False)
+        except Exception as exc:  # msgpack raises several types on garbage
+            raise ConsentRefused("the message is neither JSON nor msgpack") from exc
+    if not isinstance(raw, dict):
+        raise ConsentRefused("the message must be a map")
+    return raw
+
+
+def parse_owner_message(kind: str, payload: bytes, now: float) -> OwnerCommand:
+    """``kind`` is "consent/set" or "command". Examples::
+
+    consent/set  {"category": "location", "grant": true, "days": 7}
+    consent/set  {"category": "location", "grant": true, "until": 1767225600}
+    consent/set  {"category": "location", "grant": false}
+    consent/set  {"persist_across_ignition": true}
+    command      {"command": "stop"} | {"command": "resume"}
+    command      {"command": "delete", "category": "location"}
+    """
+    raw = _decode(payload)
+    cat = None
+    if "category" in raw and raw["category"] not in (None, "all"):
+        try:
+            cat = Category(raw["category"])
+        except ValueError:
+            raise ConsentRefused(f"unknown category {raw['category']!r}") from None
+    if kind == "command":
+        action = raw.get("command")
+        if action not in ("stop", "resume", "delete"):
+            raise ConsentRefused("command must be stop, resume or delete")
+        return OwnerCommand(str(action), cat)
+    if "persist_across_ignition" in raw:
+        return OwnerCommand("persist", persist=bool(raw["persist_across_ignition"]))
+    if cat is None and raw.get("grant", False):
+        raise ConsentRefused("a grant names one category")
+    if not raw.get("grant", False):
+        return OwnerCommand("withdraw", cat)
+    until = raw.get("until")
+    if until is None and "days" in raw:
+        try:
+            until = now + float(raw["days"]) * 86400
+        except (TypeError, ValueError):
+            raise ConsentRefused("days must be a number") from None
+    if until is not None and not isinstance(until, int | float):
+        raise ConsentRefused("until must be a Unix time")
+    return OwnerCommand("grant", cat, float(until) if until is not None else None)

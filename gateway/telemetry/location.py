@@ -1,0 +1,150 @@
+"""Location minimisation: snap to a grid, suppress inside geofences, limit rate and change.
+
+Pure functions of values; the caller passes frame time. Positions are snapped to the centre of
+a cell of about ``grid_m`` metres (latitude steps are constant; longitude steps are widened by
+1/cos(latitude) of the cell's centre so cells stay about square).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import ConfigError
+
+M_PER_DEG = 111_320.0
+EARTH_R = 6_371_000.0
+
+
+def _snap(v: float, step: float) -> float:
+    return round((math.floor(v / step) + 0.5) * step, 7)
+
+
+def _lon_step(lat_snapped: float, grid_m: float) -> float:
+    return grid_m / (M_PER_DEG * max(math.cos(math.radians(lat_snapped)), 0.01))
+
+
+def coarsen(lat: float, lon: float, grid_m: float) -> tuple[float, float]:
+    lat_c = _snap(lat, grid_m / M_PER_DEG)
+    return lat_c, _snap(lon, _lon_step(lat_c, grid_m))
+
+
+def on_location_grid(lat: float, lon: float, grid_m: float) -> bool:
+    return coarsen(lat, lon, grid_m) == (lat, lon)
+
+
+def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_R * math.asin(min(1.0, math.sqrt(a)))
+
+
+@dataclass(frozen=True)
+class Geofence:
+    """A circle (``lat``, ``lon``, ``radius_m``) or a polygon (``polygon = [[lat, lon], ...]``)."""
+
+    name: str
+    circle: tuple[float, float, float] | None = None
+    polygon: tuple[tuple[float, float], ...] | None = None
+
+    def contains(self, lat: float, lon: float) -> bool:
+        if self.circle is not None:
+            clat, clon, r = self.circle
+            return distance_m(lat, lon, clat, clon) <= r
+        assert self.polygon is not None
+        inside = False
+        pts = self.polygon
+        j = len(pts) - 1
+        for i in range(len(pts)):
+            yi, xi = pts[i]
+            yj, xj = pts[j]
+            if (yi > lat) != (yj > lat) and lon < (xj - xi) * (lat - yi) / (yj - yi) + xi:
+                inside = not inside
+            j = i
+        return inside
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], where: str) -> Geofence:
+        name = str(raw.get("name", where))
+        try:
+            if "polygon" in raw:
+                pts = tuple((float(p[0]), float(p[1])) for p in raw["polygon"])
+                if len(pts) < 3:
+                    raise ValueError("a polygon needs at least 3 points")
+                return cls(name, polygon=pts)
+            return cls(name, circle=(float(raw["lat"]), float(raw["lon"]), float(raw["radius_m"])))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(
+                f"{where}: a geofence needs lat, lon and radius_m, or polygon = "
+                f"[[lat, lon], ...] ({exc})"
+            ) from None
+
+
+def parse_geofences(raw: Sequence[Mapping[str, Any]], source: str) -> list[Geofence]:
+    return [Geofence.parse(r, f"{source}: [[policy.geofence]] #{i}") for i, r in enumerate(raw, 1)]
+
+
+@dataclass
+class LocationLimiter:
+    """At most one position per ``min_interval_s`` of frame time, and only after a move of at
+    least ``min_change_m`` (so float noise and a parked car never produce a stream)."""
+
+    min_interval_s: float
+    min_change_m: float
+    _last_t: float | None = None
+    _last: tuple[float, float] | None = None
+
+    def admit(self, t: float, lat: float, lon: float) -> bool:
+        if self._last_t is not None and t - self._last_t < self.min_interval_s:
+            return False
+        if self._last is not None and distance_m(lat, lon, *self._last) < self.min_change_m:
+            return False
+        self._last_t, self._last = t, (lat, lon)
+        return True
+
+
+@dataclass
+class LocationStage:
+    """Positions in, coarse positions out, in this order: consent (nothing without it), then
+    geofences (on the TRUE position), then the rate/change limit, then the grid. Nothing else
+    in the gateway ever sees a position."""
+
+    lat_signal: str
+    lon_signal: str
+    grid_m: float
+    window: float
+    geofences: Sequence[Geofence]
+    limiter: LocationLimiter
+    withheld: int = 0
+    in_geofence: int = 0
+    limited: int = 0
+
+    def feed(self, series: Sequence[Any], consent_ok: bool) -> list[tuple[float, float, float]]:
+        """(window start, lat, lon) for each position that may leave."""
+        by = {s.name: s for s in series}
+        lat_s, lon_s = by.get(self.lat_signal), by.get(self.lon_signal)
+        if lat_s is None or lon_s is None:
+            return []
+        lons = dict(zip(lon_s.timestamp.tolist(), lon_s.value.tolist(), strict=True))
+        pairs = [
+            (t, la, lons[t])
+            for t, la in zip(lat_s.timestamp.tolist(), lat_s.value.tolist(), strict=True)
+            if t in lons
+        ]
+        if not consent_ok:
+            self.withheld += len(pairs)
+            return []
+        out = []
+        for t, la, lo in pairs:
+            if any(g.contains(la, lo) for g in self.geofences):
+                self.in_geofence += 1
+                continue
+            if not self.limiter.admit(t, la, lo):
+                self.limited += 1
+                continue
+            clat, clon = coarsen(la, lo, self.grid_m)
+            out.append((math.floor(t / self.window) * self.window, clat, clon))
+        return out

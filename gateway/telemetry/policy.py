@@ -1,0 +1,298 @@
+"""The policy: what may leave the vehicle, in which form, at what precision. Default deny.
+
+A signal the policy does not name is never decoded for egress, never aggregated, never sent.
+A named signal leaves only as the aggregates the policy lists, rounded to its quantum, and, for
+a sensitive category, only while the owner's consent for that category is valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+from gateway.records import SignalAggregate, WindowSummary
+from gateway.settings import read_toml
+from gateway.telemetry.trips import TripConfig
+
+
+class Category(Enum):
+    VEHICLE_STATUS = "vehicle_status"
+    DRIVING_BEHAVIOUR = "driving_behaviour"
+    LOCATION = "location"
+    CABIN = "cabin"
+    EXTERIOR_CAMERA = "exterior_camera"
+    BIOMETRIC = "biometric"
+
+    @property
+    def sensitive(self) -> bool:
+        """GB/T 41871-2022: location/trajectory, cabin audio/video and biometrics need their
+        own consent; vehicle status and aggregate driving data do not."""
+        return self in (
+            Category.LOCATION,
+            Category.CABIN,
+            Category.EXTERIOR_CAMERA,
+            Category.BIOMETRIC,
+        )
+
+
+class Aggregate(Enum):
+    COUNT = "count"
+    MIN = "min"
+    MAX = "max"
+    MEAN = "mean"
+    LAST = "last"
+    STATES = "states"
+
+
+class LocationAxis(Enum):
+    LATITUDE = "latitude"
+    LONGITUDE = "longitude"
+
+
+@dataclass(frozen=True)
+class SignalRule:
+    signal: str  # "Message.Signal" in the DBC
+    publish_as: str
+    category: Category
+    aggregates: tuple[Aggregate, ...]
+    quantum: float | None = None
+    location: LocationAxis | None = None
+
+    @property
+    def rule_id(self) -> str:
+        return f"signal:{self.signal}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    version: int
+    rules: Mapping[str, SignalRule]
+    max_consent_days: float = 30.0
+    location_grid_m: float = 1000.0
+    location_min_interval_s: float = 60.0
+    location_min_change_m: float = 200.0
+    location_retention_days: float = 7.0
+    camera_summaries: bool = True
+    source: str = "<built-in>"
+    digest: str = ""
+    geofences: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    trips: TripConfig = field(default_factory=TripConfig)
+
+    @property
+    def ident(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def wanted_signals(self) -> set[str]:
+        """Every signal decoded at all: the named ones, and those trips are computed from
+        (which stay in the vehicle; only the trip summary may leave)."""
+        return set(self.rules) | self.trips.signals
+
+    def location_rules(self) -> dict[LocationAxis, SignalRule]:
+        return {r.location: r for r in self.rules.values() if r.location is not None}
+
+    def by_publish_name(self) -> dict[str, SignalRule]:
+        return {r.publish_as: r for r in self.rules.values()}
+
+
+def quantize(value: float, quantum: float | None) -> float:
+    """Round to the nearest multiple of ``quantum`` and to the quantum's decimals, so that
+    0.5-steps come out as 36.5 and never as 36.50000000000001."""
+    if quantum is None or not math.isfinite(value):
+        return value
+    decimals = max(0, -Decimal(repr(quantum)).normalize().as_tuple().exponent)  # type: ignore[operator]
+    return round(round(value / quantum) * quantum, int(decimals))
+
+
+def on_grid(value: float, quantum: float | None) -> bool:
+    if quantum is None:
+        return True
+    return quantize(value, quantum) == value
+
+
+def render_signal(rule: SignalRule, agg: SignalAggregate) -> dict[str, Any]:
+    """The published form of one signal's window: only the permitted aggregates, rounded."""
+    out: dict[str, Any] = {}
+    for a in rule.aggregates:
+        if a is Aggregate.COUNT:
+            out["count"] = agg.count
+        elif a is Aggregate.STATES:
+            if agg.states is not None:
+                out["states"] = dict(agg.states)
+        elif a is Aggregate.LAST and isinstance(agg.last, str):
+            out["last"] = agg.last
+        else:
+            v = getattr(agg, a.value)
+            if v is not None:
+                out[a.value] = quantize(float(v), rule.quantum)
+    if agg.unit:
+        out["unit"] = agg.unit
+    return out
+
+
+def permitted_signals(
+    policy: Policy, summary: WindowSummary, consent_ok: Any
+) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
+    """(published signals, rule ids used, rule ids withheld for lack of consent).
+    ``consent_ok(category) -> bool``. Location signals are not handled here (see location)."""
+    out: dict[str, dict[str, Any]] = {}
+    used: list[str] = []
+    withheld: list[str] = []
+    for name, agg in summary.signals.items():
+        rule = policy.rules.get(name)
+        if rule is None or rule.location is not None:
+            continue
+        if rule.category.sensitive and not consent_ok(rule.category):
+            withheld.append(rule.rule_id)
+            continue
+        out[rule.publish_as] = render_signal(rule, agg)
+        used.append(rule.rule_id)
+    return out, used, withheld
+
+
+_POLICY_KEYS = {
+    "name",
+    "version",
+    "max_consent_days",
+    "location_grid_m",
+    "location_min_interval_s",
+    "location_min_change_m",
+    "location_retention_days",
+    "camera_summaries",
+    "geofence",
+}
+_RULE_KEYS = {"signal", "publish_as", "category", "aggregates", "quantum", "location"}
+
+
+def _enum(cls: Any, value: Any, where: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(
+            f"{where} must be one of {', '.join(m.value for m in cls)}, got {value!r}"
+        ) from None
+
+
+def parse_policy(raw: Mapping[str, Any], source: str, digest: str = "") -> Policy:
+    for key in raw:
+        if key not in ("policy", "signal", "trips"):
+            raise ConfigError(f"{source}: unknown section [{key}] (known: policy, signal, trips)")
+    head = raw.get("policy", {})
+    if not isinstance(head, Mapping):
+        raise ConfigError(f"{source}: [policy] must be a table")
+    signals = raw.get("signal", [])
+    if not isinstance(signals, list) or not all(isinstance(r, Mapping) for r in signals):
+        raise ConfigError(f"{source}: [[signal]] must be an array of tables")
+    trips = raw.get("trips", {})
+    if not isinstance(trips, Mapping):
+        raise ConfigError(f"{source}: [trips] must be a table")
+    for key in head:
+        if key not in _POLICY_KEYS:
+            raise ConfigError(
+                f"{source}: [policy]: unknown key {key!r} (known: {', '.join(sorted(_POLICY_KEYS))})"
+            )
+    rules: dict[str, SignalRule] = {}
+    for i, r in enumerate(signals, start=1):
+        where = f"{source}: [[signal]] #{i}"
+        for key in r:
+            if key not in _RULE_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} (known: {', '.join(sorted(_RULE_KEYS))})"
+                )
+        sig = r.get("signal")
+        if not isinstance(sig, str) or "." not in sig:
+            raise ConfigError(f"{where}.signal must be 'Message.Signal', got {sig!r}")
+        if sig in rules:
+            raise ConfigError(f"{where}.signal {sig!r} is named twice")
+        aggs = r.get("aggregates", ["last"])
+        if not isinstance(aggs, list) or not aggs or not all(isinstance(a, str) for a in aggs):
+            raise ConfigError(f"{where}.aggregates must be a non-empty list of names")
+        for key in ("publish_as", "category", "location"):
+            if key in r and not isinstance(r[key], str):
+                raise ConfigError(f"{where}.{key} must be a string")
+        quantum = r.get("quantum")
+        if quantum is not None and (
+            not isinstance(quantum, int | float)
+            or isinstance(quantum, bool)
+            or not math.isfinite(quantum)
+            or quantum <= 0
+        ):
+            raise ConfigError(f"{where}.quantum must be a positive number, got {quantum!r}")
+        loc = r.get("location")
+        rule = SignalRule(
+            signal=sig,
+            publish_as=str(r.get("publish_as", sig)),
+            category=_enum(Category, r.get("category", "vehicle_status"), f"{where}.category"),
+            aggregates=tuple(_enum(Aggregate, a, f"{where}.aggregates") for a in aggs),
+            quantum=float(quantum) if quantum is not None else None,
+            location=_enum(LocationAxis, loc, f"{where}.location") if loc is not None else None,
+        )
+        if rule.location is not None and rule.category is not Category.LOCATION:
+            raise ConfigError(f'{where}: a location signal must have category = "location"')
+        rules[sig] = rule
+    names = [r.publish_as for r in rules.values()]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{source}: publish_as {sorted(dup)[0]!r} is used by two signals")
+
+    def num(key: str, default: float) -> float:
+        v = head.get(key, default)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{source}: [policy].{key} must be a positive number, got {v!r}")
+        return float(v)
+
+    version = head.get("version", 1)
+    if not isinstance(version, int):
+        raise ConfigError(f"{source}: [policy].version must be an integer")
+    fences = head.get("geofence", [])
+    if not isinstance(fences, list) or not all(isinstance(f, Mapping) for f in fences):
+        raise ConfigError(f"{source}: [policy].geofence must be an array of tables")
+    from gateway.telemetry.location import parse_geofences
+
+    parse_geofences(fences, source)  # a bad fence fails now, naming itself
+    if not isinstance(head.get("name", ""), str):
+        raise ConfigError(f"{source}: [policy].name must be a string")
+    if not isinstance(head.get("camera_summaries", True), bool):
+        raise ConfigError(f"{source}: [policy].camera_summaries must be true or false")
+    return Policy(
+        name=str(head.get("name", Path(source).stem)),
+        version=version,
+        rules=rules,
+        max_consent_days=num("max_consent_days", 30.0),
+        location_grid_m=num("location_grid_m", 1000.0),
+        location_min_interval_s=num("location_min_interval_s", 60.0),
+        location_min_change_m=num("location_min_change_m", 200.0),
+        location_retention_days=num("location_retention_days", 7.0),
+        camera_summaries=bool(head.get("camera_summaries", True)),
+        source=source,
+        digest=digest,
+        geofences=tuple(fences),
+        trips=TripConfig.parse(trips, source),
+    )
+
+
+DEFAULT_POLICY = "policy_default.toml"
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """The policy in ``path``, or the bundled default policy."""
+    if not path:
+        data = resources.files("gateway.data").joinpath(DEFAULT_POLICY).read_bytes()
+        import tomllib
+
+        return parse_policy(
+            tomllib.loads(data.decode()),
+            f"<default policy {DEFAULT_POLICY}>",
+            hashlib.sha256(data).hexdigest(),
+        )
+    p = Path(path)
+    raw = read_toml(p)
+    return parse_policy(raw, str(p), hashlib.sha256(p.read_bytes()).hexdigest())

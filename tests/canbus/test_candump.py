@@ -1,0 +1,226 @@
+"""iter_candump reads what python-can's CanutilsLogReader reads, and survives what it cannot."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import can
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.canbus.candump import iter_candump, parse_line
+from gateway.records import FrameBatch, ReadStats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kona_log() -> Path:
+    for base in (ROOT / "can_fixtures", ROOT.parent / "shared" / "data" / "can"):
+        found = sorted(base.rglob("*.candump.log")) if base.is_dir() else []
+        if found:
+            return found[0]
+    pytest.skip("no Kona candump log in can_fixtures/ or ../shared/data/can")
+
+
+def rows(batches: list[FrameBatch]) -> list[tuple]:
+    out = []
+    for b in batches:
+        for i in range(len(b)):
+            n = int(b.dlc[i])
+            out.append(
+                (
+                    float(b.timestamp[i]),
+                    b.channels[b.channel[i]],
+                    int(b.arbitration_id[i]),
+                    bool(b.is_extended[i]),
+                    bool(b.is_remote[i]),
+                    bool(b.is_error[i]),
+                    bool(b.is_fd[i]),
+                    n,
+                    b"" if b.is_remote[i] else bytes(b.data[i, :n]),
+                )
+            )
+            assert not b.data[i, n:].any(), "bytes past dlc must be zero"
+    return out
+
+
+def python_can_rows(path: Path) -> list[tuple]:
+    return [
+        (
+            m.timestamp,
+            str(m.channel),
+            m.arbitration_id,
+            m.is_extended_id,
+            m.is_remote_frame,
+            m.is_error_frame,
+            m.is_fd,
+            m.dlc,
+            bytes(m.data or b""),
+        )
+        for m in can.CanutilsLogReader(str(path))
+    ]
+
+
+def test_real_kona_log_equals_python_can() -> None:
+    stats = ReadStats()
+    batches = list(iter_candump(kona_log(), stats))
+    assert rows(batches) == python_can_rows(kona_log())
+    assert stats.frames == 39546 and stats.bad_lines == 0
+    assert all(b.data.shape[1] == 8 for b in batches)
+    assert batches[-1].channels == ("can0", "can1")
+
+
+def random_line(rng: random.Random, t: float) -> str:
+    kind = rng.random()
+    channel = rng.choice(["can0", "can1", "vcan0", "slcan12"])
+    ext = rng.random() < 0.3
+    fid = rng.randrange(0x20000000 if ext else 0x800)
+    ident = f"{fid:08X}" if ext else f"{fid:03X}"
+    if kind < 0.1:
+        return f"({t:.6f}) {channel} {ident}#R" + rng.choice(["", "0", "3", "8"])
+    if kind < 0.3:
+        n = rng.choice([0, 1, 5, 8, 12, 16, 20, 24, 32, 48, 64])
+        flags = rng.randrange(8)  # python-can reads the flag digit as decimal
+        return f"({t:.6f}) {channel} {ident}##{flags}" + rng.randbytes(n).hex().upper()
+    n = rng.randrange(9)
+    line = f"({t:.6f}) {channel} {ident}#" + rng.randbytes(n).hex().upper()
+    return line + rng.choice(["", "", " R", " T"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    n=st.integers(0, 300),
+    start=st.sampled_from([0.0, 1953.6135, 1700000000.123456]),
+)
+def test_generated_logs_equal_python_can(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, n: int, start: float
+) -> None:
+    rng = random.Random(seed)
+    t = start
+    lines = []
+    for _ in range(n):
+        t += rng.random() * 0.01
+        lines.append(random_line(rng, t))
+    path = tmp_path_factory.mktemp("gen") / "gen.log"
+    path.write_text("".join(line + "\n" for line in lines))
+    stats = ReadStats()
+    got = rows(list(iter_candump(path, stats, block_bytes=rng.choice([256, 4096, 1 << 20]))))
+    assert got == python_can_rows(path)
+    assert stats.bad_lines == 0 and stats.frames == n
+
+
+def test_error_frames_keep_channel_class_and_data() -> None:
+    text = (
+        "(1.000000) can0 123#11\n"
+        "(2.000000) can1 20000080#0000000000000000\n"  # CAN_ERR_FLAG | CAN_ERR_BUSERROR
+        "(3.000000) can1 20000004#0004000000000000\n"
+    )  # controller problem
+    got = rows(list(iter_candump(io.BytesIO(text.encode()))))
+    assert got[1] == (2.0, "can1", 0x80, True, False, True, False, 8, bytes(8))
+    assert got[2][2:6] == (0x4, True, False, True)
+    assert [m.is_error_frame for m in can.CanutilsLogReader(io.StringIO(text))] == [
+        False,
+        True,
+        False,
+    ]  # python-can wants the bus-error class bit as well
+
+
+GARBAGE = [
+    b"(1953.6135",  # truncated
+    b"(1953.613500) can0 1G9#0001",  # non-hex id
+    b"(1953.613500) can0 109#00ZZ",  # non-hex data
+    b"(1953.613500) can0 109#000",  # odd number of digits
+    b"(1953.613500) can0 109#000102030405060708",  # 9 bytes in a classic frame
+    b"(1953.613500) can0 109##1000102030405060708",  # 9 bytes is no CAN FD length
+    b"\x00\xff\xfe\x13garbage\x80\x81",  # binary noise
+    b"(nan) can0 109#00",
+    b"(1953.613500) can0",
+    b"(1953.613500) can0 109#R9",
+    b"1953.613500 can0 109#00",
+]
+
+
+def test_garbage_lines_are_counted_with_line_numbers_and_skipped() -> None:
+    good = b"(1.500000) can0 109#000100FFFFFF0F3D"
+    lines = [good]
+    for g in GARBAGE:
+        lines += [g, good]
+    lines.insert(3, b"(2.0) can0 1" + b"A" * 10_000_000)  # a 10 MB line
+    lines.insert(4, b"")
+    lines.insert(5, b"   ")
+    data = b"\n".join(lines) + b"\n" + b"(9.000000) can0 7FF#01"  # no newline at the end
+    for block in (1 << 22, 1000, 97):
+        stats = ReadStats()
+        got = rows(list(iter_candump(io.BytesIO(data), stats, block_bytes=block)))
+        assert len(got) == len(GARBAGE) + 2 and got[-1][2] == 0x7FF
+        assert all(r[:3] == (1.5, "can0", 0x109) for r in got[:-1])
+        assert stats.bad_lines == len(GARBAGE) + 1
+        assert [n for n, _ in stats.first_bad] == [2, 4, 7, 9, 11]
+        assert "too long" in stats.first_bad[1][1]
+
+
+def test_crlf_text_files_and_leading_spaces() -> None:
+    text = "(1.000000) can0 123#11\r\n  (2.000000) can0 123#22  \r\n"
+    got = rows(list(iter_candump(io.StringIO(text))))
+    assert [(r[0], r[8]) for r in got] == [(1.0, b"\x11"), (2.0, b"\x22")]
+
+
+def reference_chunks(ts: list[float], frames: int, seconds: float) -> list[int]:
+    """Chunk sizes as gateway.canbus.replay cuts python-can messages."""
+    sizes, n, start = [], 0, None
+    for t in ts:
+        start = t if start is None else start
+        n += 1
+        if n >= frames or t - start >= seconds:
+            sizes.append(n)
+            n, start = 0, None
+    return sizes + ([n] if n else [])
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    gaps=st.lists(st.floats(0, 0.3), max_size=400),
+    frames=st.integers(1, 50),
+    seconds=st.sampled_from([0.05, 0.5, 1.0]),
+    block=st.sampled_from([64, 333, 1 << 16]),
+)
+def test_chunks_depend_on_content_only(
+    gaps: list[float], frames: int, seconds: float, block: int
+) -> None:
+    ts = np.cumsum([1000.0, *gaps]).round(6).tolist()
+    text = "".join(f"({t:.6f}) can{i % 2} 123#{i % 256:02X}\n" for i, t in enumerate(ts))
+    got = list(
+        iter_candump(
+            io.BytesIO(text.encode()),
+            chunk_frames=frames,
+            max_chunk_seconds=seconds,
+            block_bytes=block,
+        )
+    )
+    parsed = [float(f"{t:.6f}") for t in ts]
+    assert [len(b) for b in got] == reference_chunks(parsed, frames, seconds)
+    # channel indices are stable across chunks: in order of first appearance
+    assert all(b.channels == ("can0", "can1")[: len(b.channels)] for b in got)
+
+
+def test_parse_line_reasons() -> None:
+    assert parse_line("   ") is None
+    assert parse_line("(1.0) can0 123#1122") == (
+        1.0,
+        "can0",
+        0x123,
+        False,
+        False,
+        False,
+        False,
+        2,
+        b"\x11\x22",
+    )
+    assert parse_line("(1.0) can0 123#R5")[4:8] == (True, False, False, 5)  # type: ignore[index]
+    assert parse_line("(1.0) can0 123#1122334455667788_9")[7] == 8  # type: ignore[index]
+    assert isinstance(parse_line("(1.0) can0 123#112"), str)

@@ -1,0 +1,334 @@
+"""VectorDecoder equals CantoolsDecoder bit for bit, on every DBC the project uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import cantools
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.canbus import fastdecode, signalplan
+from gateway.canbus.candump import iter_candump
+from gateway.canbus.dbc import ChannelDbcs, load_dbc
+from gateway.canbus.decode import CantoolsDecoder
+from gateway.canbus.fastdecode import VectorDecoder
+from gateway.records import DecodedBatch, FrameBatch, FrameBatchBuilder
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_CAN = ROOT.parent / "shared" / "data" / "can"
+
+
+def find_data(pattern: str) -> list[Path]:
+    """Files named ``pattern`` in ``can_fixtures/`` or, failing that, in ../shared/data/can."""
+    for base in (ROOT / "can_fixtures", SHARED_CAN):
+        found = sorted(base.rglob(pattern)) if base.is_dir() else []
+        if found:
+            return found
+    return []
+
+
+def project_dbcs() -> list[Path]:
+    """The DBCs the project uses; an original with a ``.cantools.dbc`` copy is replaced by it
+    (cantools cannot load opendbc_tesla_can.dbc). Nothing is loaded at collection time: the
+    loader warns once per file, and test_dbc wants to see that warning."""
+    found = (
+        find_data("kona_*.cantools.dbc")
+        + find_data("Model3CAN.dbc")
+        + find_data("opendbc_tesla_*.dbc")
+    )
+    return [p for p in found if not p.with_name(p.stem + ".cantools.dbc").exists()]
+
+
+@functools.cache
+def loaded(path: Path) -> cantools.database.can.Database:
+    return load_dbc(path)
+
+
+DBC_PATHS = project_dbcs()
+
+SYNTHETIC_DBC = """VERSION ""
+NS_ :
+BS_:
+BU_: N
+
+BO_ 256 Floats: 16 N
+ SG_ F32le : 0|32@1- (1,0) [0|0] "" N
+ SG_ F32be : 39|32@0- (1,0) [0|0] "" N
+ SG_ F64le : 64|64@1- (2,0.5) [0|0] "" N
+
+BO_ 2147558216 Wide: 64 N
+ SG_ U64le : 3|64@1+ (1,0) [0|0] "" N
+ SG_ S64be : 87|64@0- (1,0) [0|0] "" N
+ SG_ S62be : 172|62@0- (0.001,3) [0|0] "" N
+ SG_ Big : 400|60@1+ (1000,7) [0|0] "" N
+ SG_ IntScale : 464|20@1- (3,0.25) [0|0] "" N
+ SG_ Tail : 504|8@1+ (0.5,-10) [0|0] "" N
+
+BO_ 512 Nested: 8 N
+ SG_ Top M : 0|4@1+ (1,0) [0|15] "" N
+ SG_ A m0 : 8|8@1+ (1,0) [0|0] "" N
+ SG_ Sub m1M : 4|4@1+ (1,0) [0|15] "" N
+ SG_ B m0 : 16|8@1- (1,0) [0|0] "" N
+ SG_ C m2 : 23|16@0+ (0.1,0) [0|0] "" N
+ SG_ Shared m2 : 40|8@1+ (1,-100) [0|0] "" N
+ SG_ Plain : 56|8@1+ (1,0) [0|0] "" N
+
+BO_ 768 Overlap: 8 N
+ SG_ X : 0|16@1+ (1,0) [0|0] "" N
+ SG_ Y : 8|16@1+ (1,0) [0|0] "" N
+
+BO_ 769 TooLong: 2 N
+ SG_ Z : 0|8@1+ (1,0) [0|0] "" N
+ SG_ W : 8|16@1+ (1,0) [0|0] "" N
+
+SIG_VALTYPE_ 256 F32le : 1;
+SIG_VALTYPE_ 256 F32be : 1;
+SIG_VALTYPE_ 256 F64le : 2;
+VAL_ 512 Top 0 "zero" 1 "one" 2 "two" 3 "three";
+SG_MUL_VAL_ 512 A Top 0-0;
+SG_MUL_VAL_ 512 Sub Top 1-1;
+SG_MUL_VAL_ 512 B Sub 0-0;
+SG_MUL_VAL_ 512 C Sub 2-3;
+SG_MUL_VAL_ 512 Shared Top 2-3;
+"""
+
+
+@functools.cache
+def synthetic() -> cantools.database.can.Database:
+    db = cantools.database.load_string(SYNTHETIC_DBC, database_format="dbc", strict=False)
+    assert isinstance(db, cantools.database.can.Database)
+    return db
+
+
+def assert_same(ref: DecodedBatch, got: DecodedBatch) -> None:
+    assert got.stats == ref.stats
+    assert [s.name for s in got.series] == [s.name for s in ref.series]
+    for r, g in zip(ref.series, got.series, strict=True):
+        assert g.timestamp.dtype == np.float64 and g.value.dtype == np.float64
+        assert np.array_equal(g.timestamp, r.timestamp), r.name
+        # bit for bit: -0.0 and NaN payloads included
+        assert np.array_equal(g.value.view(np.uint64), r.value.view(np.uint64)), r.name
+        assert (g.unit, g.choices) == (r.unit, r.choices), r.name
+
+
+def both(dbcs: ChannelDbcs, batch: FrameBatch, wanted: set[str] | None = None) -> VectorDecoder:
+    vec = VectorDecoder(dbcs, wanted)
+    assert_same(CantoolsDecoder(dbcs, wanted).decode(batch), vec.decode(batch))
+    return vec
+
+
+def random_batch(
+    rng: np.random.Generator,
+    db: cantools.database.can.Database,
+    per_message: int,
+    channels: tuple[str, ...] = ("can0",),
+) -> FrameBatch:
+    """``per_message`` frames of every message (random length, random or low-bit bytes so
+    that multiplexers hit valid and invalid values), unknown ids and special frames, shuffled."""
+    ids = [m.frame_id for m in db.messages for _ in range(per_message)]
+    lengths = [m.length for m in db.messages for _ in range(per_message)]
+    ids += [0x7FE, 0x1ABCDEF] * 5
+    lengths += [8] * 10
+    n = len(ids)
+    width = 64 if max(lengths) > 8 else 8
+    full = rng.random(n) < 0.6
+    dlc = np.where(full, np.minimum(lengths, width), rng.integers(0, width + 1, n))
+    data = rng.integers(0, 256, (n, width), dtype=np.uint8)
+    low = rng.random(n) < 0.5
+    data[low] &= rng.choice(np.array([0x01, 0x03, 0x07, 0x31], np.uint8), (int(low.sum()), 1))
+    data[np.arange(width)[None, :] >= dlc[:, None]] = 0
+    order = rng.permutation(n)
+    fid = np.array(ids, np.uint32)[order]
+    return FrameBatch(
+        timestamp=np.cumsum(rng.random(n)) + 1000.0,
+        channel=rng.integers(0, len(channels), n).astype(np.uint16),
+        channels=channels,
+        arbitration_id=fid,
+        is_extended=fid > 0x7FF,
+        is_remote=rng.random(n) < 0.01,
+        is_error=rng.random(n) < 0.01,
+        is_fd=np.full(n, width > 8),
+        dlc=dlc[order].astype(np.uint8),
+        data=data[order],
+    )
+
+
+@pytest.fixture(params=["flat", "grouped"])
+def small_groups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Decode small groups of plain messages on the flat path, or everything per group."""
+    if request.param == "grouped":
+        monkeypatch.setattr(fastdecode, "FLAT_MAX_GROUP", 0)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("path", DBC_PATHS, ids=lambda p: p.name)
+def test_every_message_of_every_project_dbc_decodes_equal(path: Path, small_groups: str) -> None:
+    db = loaded(path)
+    assert db is not None
+    batch = random_batch(np.random.default_rng(6), db, per_message=120, channels=("c0", "c1"))
+    vec = both(ChannelDbcs({"*": [db]}), batch)
+    assert vec.fallback_messages() == []
+
+
+def test_synthetic_corners_decode_equal() -> None:
+    # float32/64 both byte orders, 64-bit and 9-byte-spanning signals in a 64-byte FD frame,
+    # exact big integers, nested multiplexing, overlapping signals (bitstruct then fails
+    # every frame), a signal past the end
+    batch = random_batch(np.random.default_rng(7), synthetic(), per_message=400)
+    vec = both(ChannelDbcs({"*": [synthetic()]}), batch)
+    assert vec.fallback_messages() == []
+
+
+def test_messages_without_a_plan_are_decoded_by_cantools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(signalplan, "_layout_ok", lambda signals, length: False)
+    db = loaded(find_data("Model3CAN.dbc")[0]) if find_data("Model3CAN.dbc") else synthetic()
+    assert db is not None
+    batch = random_batch(np.random.default_rng(9), db, per_message=20, channels=("a", "b"))
+    vec = both(ChannelDbcs({"*": [db]}), batch)
+    assert len(vec.fallback_messages()) > 1
+
+
+def test_signal_past_message_end_fails_every_frame_like_cantools() -> None:
+    b = FrameBatchBuilder()
+    for i in range(5):
+        b.add(float(i), "can0", 769, bytes([i, 2]))
+    got = VectorDecoder(ChannelDbcs({"*": [synthetic()]})).decode(b.build())
+    assert got.series == [] and got.stats.errors == {769: 5} and got.stats.decoded == 0
+
+
+def test_unknown_nested_multiplexer_value_makes_the_frame_an_error() -> None:
+    b = FrameBatchBuilder()
+    b.add(1.0, "can0", 512, bytes([0x11, 1, 2, 3, 4, 5, 6, 7]))  # Top=1, Sub=1: no branch
+    b.add(2.0, "can0", 512, bytes([0x21, 1, 2, 3, 4, 5, 6, 7]))  # Top=1, Sub=2: C
+    b.add(3.0, "can0", 512, bytes([0x01]))  # Top=1, Sub=0, B does not fit: Top and Sub only
+    dbcs = ChannelDbcs({"*": [synthetic()]})
+    batch = b.build()
+    got = VectorDecoder(dbcs).decode(batch)
+    assert got.stats.errors == {512: 1} and got.stats.decoded == 2
+    assert {s.name: s.timestamp.tolist() for s in got.series} == {
+        "Nested.Top": [2.0, 3.0],
+        "Nested.Sub": [2.0, 3.0],
+        "Nested.C": [2.0],
+        "Nested.Plain": [2.0],
+    }
+    assert_same(CantoolsDecoder(dbcs).decode(batch), got)
+
+
+FRAME = st.tuples(
+    st.integers(0, 10**6),  # picks the message (or an unknown id)
+    st.integers(0, 64),  # length before clipping to the message's
+    st.booleans(),  # full length
+    st.binary(min_size=64, max_size=64),
+    st.sampled_from([0xFF, 0x03, 0x01]),  # byte mask: low values hit multiplexer branches
+    st.integers(0, 40),  # 0: remote, 1: error
+    st.integers(0, 1),  # channel
+)
+
+
+def frames_to_batch(db: cantools.database.can.Database, frames: list[tuple]) -> FrameBatch:
+    msgs = db.messages
+    b = FrameBatchBuilder(channels=["can0", "can1"])
+    for i, (pick, n, full, payload, mask, special, ch) in enumerate(frames):
+        if pick % 11 == 0:
+            fid, length = (0x7FD, 8) if pick % 2 else (0x1FFFFFF0, 8)
+        else:
+            m = msgs[pick % len(msgs)]
+            fid, length = m.frame_id, m.length
+        n = length if full else min(n, max(length + 4, 8))
+        data = bytes(x & mask for x in payload[: min(n, 64)])
+        b.add(
+            i * 0.01,
+            f"can{ch}",
+            fid,
+            data,
+            is_extended=fid > 0x7FF,
+            is_remote=special == 0,
+            is_error=special == 1,
+            is_fd=len(data) > 8,
+        )
+    return b.build()
+
+
+@pytest.mark.parametrize("path", [*DBC_PATHS, None], ids=lambda p: p.name if p else "synthetic")
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(frames=st.lists(FRAME, max_size=40))
+def test_random_frames_decode_equal(path: Path | None, frames: list[tuple]) -> None:
+    db = loaded(path) if path is not None else synthetic()
+    assert db is not None
+    # the same database on two channels: one series gathers samples from both, in frame order
+    both(ChannelDbcs({"can0": [db], "can1": [db]}), frames_to_batch(db, frames))
+
+
+def kona_log() -> Path:
+    logs = find_data("*.candump.log")
+    if not logs:
+        pytest.skip("no Kona candump log in can_fixtures/ or ../shared/data/can")
+    return logs[0]
+
+
+def kona_dbcs(spec: str) -> ChannelDbcs:
+    pcan, ccan, bcan = (find_data(f"kona_{x}.cantools.dbc") for x in ("pcan", "ccan", "bcan"))
+    if not (pcan and ccan and bcan):
+        pytest.skip("Kona DBCs not found")
+    if spec == "per-channel":
+        return ChannelDbcs({"can0": [load_dbc(pcan[0])], "can1": [load_dbc(ccan[0])]})
+    return ChannelDbcs({"*": [load_dbc(ccan[0]), load_dbc(pcan[0]), load_dbc(bcan[0])]})
+
+
+def concat(batches: list[FrameBatch]) -> FrameBatch:
+    assert len({b.channels for b in batches[1:]}) <= 1
+    return FrameBatch(
+        *(
+            np.concatenate([getattr(b, f.name) for b in batches])
+            if f.name != "channels"
+            else batches[-1].channels
+            for f in dataclasses.fields(FrameBatch)
+        )
+    )
+
+
+@pytest.mark.parametrize("spec", ["per-channel", "all-on-every-channel"])
+def test_real_kona_log_decodes_equal_whole_file_and_per_chunk(spec: str) -> None:
+    dbcs = kona_dbcs(spec)
+    chunks = list(iter_candump(kona_log()))
+    whole = concat(chunks)
+    assert len(whole) == 39546
+    vec = both(dbcs, whole)
+    assert vec.decode(whole).stats.decoded > 20000
+    for chunk in chunks[::5]:
+        both(dbcs, chunk)
+
+
+def test_wanted_limits_the_series_and_still_routes_multiplexers() -> None:
+    dbcs = ChannelDbcs({"*": [synthetic()]})
+    batch = random_batch(np.random.default_rng(8), synthetic(), per_message=200)
+    wanted = {"Nested.C", "Nested.Shared", "Wide.Tail", "Floats.F32be", "Nowhere.Nothing"}
+    vec = both(dbcs, batch, wanted)
+    names = {s.name for s in vec.decode(batch).series}
+    assert names == wanted - {"Nowhere.Nothing"}
+    assert both(dbcs, batch, set()).decode(batch).series == []
+
+
+def test_kona_wanted_and_stats_match_the_reference() -> None:
+    dbcs = kona_dbcs("per-channel")
+    batch = concat(list(iter_candump(kona_log())))
+    both(dbcs, batch, {"BMS_542.SocDisp", "Batt_HV_Status.VBatt", "VCU_200.Range"})
+
+
+def test_empty_and_all_special_batches() -> None:
+    dbcs = ChannelDbcs({"*": [synthetic()]})
+    both(dbcs, FrameBatch.empty(("can0",)))
+    b = FrameBatchBuilder()
+    b.add(1.0, "can0", 512, b"\x00" * 8, is_remote=True)
+    b.add(2.0, "can0", 0, b"", is_error=True)
+    batch = b.build()
+    assert both(dbcs, batch).decode(batch).stats.skipped_special == 2

@@ -1,0 +1,218 @@
+"""Shared fixtures: paths to the real fixtures, a real Mosquitto broker per test session, and
+helpers to run the gateway as a user would (a subprocess) and to listen as the owner would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from gateway.localbroker import LocalBroker
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "can_fixtures"
+KONA = FIXTURES / "kona_ev_2019"
+KONA_CSV = KONA / "230112-7-2019-pcan-ccan-power-off-on-ready-off.csv"
+KONA_CANDUMP = KONA / "230112-7-2019-pcan-ccan-power-off-on-ready-off.converted.candump.log"
+KONA_PCAN = KONA / "kona_pcan.dbc"
+KONA_CCAN = KONA / "kona_ccan.dbc"
+SHARED = Path(os.environ.get("GATEWAY_SHARED", ROOT.parent / "shared"))
+SHARED_CAN = SHARED / "data" / "can"
+
+
+def shared_or_skip(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent (the shared data folder is not beside the repository)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[LocalBroker]:
+    """One real Mosquitto on a free loopback port for the whole session."""
+    with LocalBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of the test's own (fault tests stop and start it)."""
+    b = LocalBroker(workdir=tmp_path / "mosquitto")
+    b.workdir.mkdir()  # type: ignore[union-attr]
+    b.start()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def vin() -> str:
+    """A fresh VIN per test, so retained messages of other tests never mix in."""
+    return "TEST" + uuid.uuid4().hex[:13].upper()
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass
+class Listener:
+    """Subscribes (to ``#`` by default) in a background thread with its own event loop."""
+
+    url: str
+    topic: str = "#"
+    messages: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import threading
+
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("listener did not subscribe")
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        host, port = self.url.removeprefix("mqtt://").split(":")
+        async with aiomqtt.Client(host, int(port)) as client:
+            await client.subscribe(self.topic, qos=1)
+            self._ready.set()
+            it = client.messages.__aiter__()
+            while not self._stop.is_set():
+                try:
+                    m = await asyncio.wait_for(it.__anext__(), 0.1)
+                except TimeoutError:
+                    continue
+                payload = m.payload if isinstance(m.payload, bytes) else b""
+                self.messages.append(Received(str(m.topic), payload, bool(m.retain)))
+
+    def settle(self, quiet: float = 0.5, timeout: float = 20.0) -> list[Received]:
+        """Wait until no message arrived for ``quiet`` seconds, then stop listening."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        n = -1
+        while time.monotonic() < deadline:
+            if len(self.messages) == n:
+                break
+            n = len(self.messages)
+            time.sleep(quiet)
+        self._stop.set()
+        self._thread.join(5)
+        return self.messages
+
+
+@pytest.fixture
+def listen():
+    made: list[Listener] = []
+
+    def make(url: str, topic: str = "#") -> Listener:
+        lst = Listener(url, topic)
+        made.append(lst)
+        return lst
+
+    yield make
+    for lst in made:
+        lst._stop.set()
+
+
+def run_gateway(
+    *args: str, cwd: Path | None = None, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The gateway as a user runs it: a separate process, stdin closed."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=full_env,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("gateway: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@dataclass
+class DurableListener:
+    """An owner that survives broker restarts: a persistent session (clean_session=False,
+    QoS 1), reconnecting in a loop, so messages published while it was away are delivered."""
+
+    url: str
+    topic: str
+    messages: list[Received] = field(default_factory=list)
+    connects: int = 0
+
+    def __post_init__(self) -> None:
+        import threading
+
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._id = "owner-" + uuid.uuid4().hex[:8]
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("listener did not subscribe")
+
+    async def _main(self) -> None:
+        host, port = self.url.removeprefix("mqtt://").split(":")
+        while not self._stop.is_set():
+            try:
+                async with aiomqtt.Client(
+                    host, int(port), identifier=self._id, clean_session=False, timeout=2
+                ) as client:
+                    self.connects += 1
+                    await client.subscribe(self.topic, qos=1)
+                    self._ready.set()
+                    it = client.messages.__aiter__()
+                    while not self._stop.is_set():
+                        try:
+                            m = await asyncio.wait_for(it.__anext__(), 0.1)
+                        except TimeoutError:
+                            continue
+                        payload = m.payload if isinstance(m.payload, bytes) else b""
+                        self.messages.append(Received(str(m.topic), payload, bool(m.retain)))
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.1)
+
+    def stop(self) -> list[Received]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.messages
+
+
+@pytest.fixture
+def durable_listen():
+    made: list[DurableListener] = []
+
+    def make(url: str, topic: str) -> DurableListener:
+        lst = DurableListener(url, topic)
+        made.append(lst)
+        return lst
+
+    yield make
+    for lst in made:
+        lst._stop.set()

@@ -1,0 +1,114 @@
+"""The guard fails closed: only declared schemas, fields, signals, aggregates and precision."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from gateway.egress.guard import EgressGuard, Outgoing, Released
+from gateway.egress.schema import Topics, unpack
+from gateway.telemetry.policy import Category, load_policy
+
+
+@pytest.fixture
+def guard():
+    blocks: list[tuple[str, str]] = []
+    seq = itertools.count()
+    consent = {"location": False}
+    g = EgressGuard(
+        load_policy(None),
+        Topics("vehicles", "VIN1"),
+        consent_ok=lambda c: not c.sensitive or consent.get(c.value, False),
+        consent_snapshot=lambda: {},
+        next_seq=lambda: next(seq),
+        on_block=lambda out, why: blocks.append((out.schema, why)),
+    )
+    g.blocks = blocks  # type: ignore[attr-defined]
+    g.consent = consent  # type: ignore[attr-defined]
+    return g
+
+
+def _signals(signals, rules=("signal:BMS_542.SocDisp",), **extra):
+    body = {"window": [0.0, 60.0], "policy": "owner-default@1", "signals": signals, **extra}
+    return Outgoing("gateway.signals", body, tuple(rules))
+
+
+def test_a_permitted_summary_passes_packed_with_header_and_sequence(guard):
+    msg = guard.release(_signals({"battery.soc": {"last": 36.5, "unit": "%"}}))
+    assert isinstance(msg, Released)
+    assert msg.topic == "vehicles/VIN1/owner/signals"
+    body = unpack(msg.payload)
+    assert body["schema"] == "gateway.signals" and body["v"] == 1 and body["seq"] == 0
+
+
+@pytest.mark.parametrize(
+    ("out", "reason"),
+    [
+        (_signals({"battery.soc": {"last": 36.5}}, secret=1), "field 'secret' is not in schema"),
+        (_signals({"vin": {"last": 1.0}}), "not permitted by policy"),
+        (_signals({"battery.soc": {"last": 36.57}}), "finer than the permitted precision"),
+        (_signals({"battery.soc": {"mean": 36.5}}), "aggregate 'mean' is not permitted"),
+        (_signals({"battery.soc": {"last": np.zeros((720, 1280, 3), np.uint8)}}), "may not leave"),
+        (_signals({"battery.soc": {"last": np.float64(36.5)}}), "not a plain number"),
+        (_signals({"battery.soc": {"last": b"\x01\x02\x03\x04\x05\x06\x07\x08"}}), "may not leave"),
+        (_signals({"battery.soc": {"last": 36.5}}, rules=()), "not covered by the rules"),
+        (
+            _signals(
+                {"position.lat": {"last": 31.2}}, rules=("signal:ID04FGPSLatLong.GPSLatitude04F",)
+            ),
+            "location stream",
+        ),
+        (Outgoing("gateway.frames", {"data": b"raw"}), "not declared"),
+        (
+            Outgoing("gateway.signals", {"window": [0, 1], "policy": "other@9", "signals": {}}),
+            "not the one in force",
+        ),
+        (
+            Outgoing(
+                "gateway.location",
+                {
+                    "window": [0, 1],
+                    "policy": "owner-default@1",
+                    "lat": 31.0,
+                    "lon": 121.0,
+                    "grid_m": 1000,
+                    "consent_until": 0,
+                },
+            ),
+            "without valid location consent",
+        ),
+    ],
+)
+def test_the_guard_blocks_and_records(guard, out, reason):
+    assert guard.release(out) is None
+    assert guard.blocked == 1
+    assert reason in guard.blocks[0][1]
+
+
+def test_an_over_precise_position_is_blocked_even_with_consent(guard):
+    guard.consent["location"] = True
+    out = Outgoing(
+        "gateway.location",
+        {
+            "window": [0, 1],
+            "policy": "owner-default@1",
+            "lat": 31.230416,
+            "lon": 121.473701,
+            "grid_m": 1000,
+            "consent_until": 9e9,
+        },
+    )
+    assert guard.release(out) is None
+    assert "grid" in guard.blocks[0][1]
+
+
+def test_released_messages_cannot_be_made_outside_the_guard():
+    with pytest.raises(TypeError):
+        Released("t", b"x", "gateway.signals", 1, (), {}, False)
+
+
+def test_category_sensitivity_follows_gb_t_41871():
+    assert Category.LOCATION.sensitive and Category.CABIN.sensitive
+    assert not Category.VEHICLE_STATUS.sensitive

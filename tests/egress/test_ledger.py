@@ -1,0 +1,131 @@
+"""The ledger chain: verifies when clean, names the first bad line on any tampering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.audit import verify_ledger
+from gateway.egress.ledger import Ledger, verify_chain
+from gateway.errors import AuditError
+from gateway.telemetry.policy import load_policy
+
+
+@pytest.fixture
+def ledger_file(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    led = Ledger(path, fsync=False)
+    p = load_policy(None)
+    led.append(
+        "start",
+        gateway="t",
+        vin="V",
+        policy=p.ident,
+        policy_sha256=p.digest,
+        policy_source=p.source,
+    )
+    for i in range(5):
+        led.append(
+            "egress",
+            topic="vehicles/V/owner/signals",
+            seq=i,
+            schema="gateway.signals",
+            sha256="ab" * 32,
+            bytes=100,
+            rules=["signal:BMS_542.SocDisp"],
+            consent={},
+        )
+    led.append("blocked", schema="gateway.signals", reason="test", rules=[])
+    led.close()
+    return path
+
+
+def test_a_clean_ledger_verifies_and_is_rechecked_against_its_policy(ledger_file):
+    result = verify_ledger(ledger_file)
+    assert result.entries == 7 and result.rechecked == 5
+    assert "ledger OK" in result.summary()
+
+
+def test_reopening_continues_the_chain(ledger_file):
+    led = Ledger(ledger_file, fsync=False)
+    led.append("event", note="again")
+    led.close()
+    assert verify_chain(ledger_file).entries == 8
+
+
+def _lines(p):
+    return p.read_text().splitlines(keepends=True)
+
+
+def test_a_changed_byte_is_caught_at_its_line(ledger_file):
+    lines = _lines(ledger_file)
+    lines[3] = lines[3].replace('"seq":2', '"seq":9')
+    ledger_file.write_text("".join(lines))
+    with pytest.raises(AuditError, match=r":4: content does not match"):
+        verify_chain(ledger_file)
+
+
+def test_a_removed_line_is_caught(ledger_file):
+    lines = _lines(ledger_file)
+    del lines[2]
+    ledger_file.write_text("".join(lines))
+    with pytest.raises(AuditError, match=r":3: entry number"):
+        verify_chain(ledger_file)
+
+
+def test_reordered_lines_are_caught(ledger_file):
+    lines = _lines(ledger_file)
+    lines[2], lines[3] = lines[3], lines[2]
+    ledger_file.write_text("".join(lines))
+    with pytest.raises(AuditError, match=r":3:"):
+        verify_chain(ledger_file)
+
+
+def test_a_rehashed_forgery_that_breaks_the_chain_is_caught(ledger_file):
+    lines = _lines(ledger_file)
+    entry = json.loads(lines[4])
+    entry["seq"] = 99
+    from gateway.egress.ledger import entry_hash
+
+    entry["hash"] = entry_hash(entry["prev"], entry)
+    lines[4] = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
+    ledger_file.write_text("".join(lines))
+    with pytest.raises(AuditError, match=r":6: does not chain"):
+        verify_chain(ledger_file)
+
+
+def test_egress_under_a_rule_the_policy_lacks_fails_the_recheck(tmp_path):
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False)
+    p = load_policy(None)
+    led.append("start", policy=p.ident, policy_sha256=p.digest)
+    led.append("egress", schema="gateway.signals", rules=["signal:Secret.Thing"], consent={})
+    led.close()
+    with pytest.raises(AuditError, match=r":2: .*Secret.Thing"):
+        verify_ledger(path)
+
+
+def test_location_egress_without_consent_fails_the_recheck(tmp_path):
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False, clock=lambda: 1000.0)
+    p = load_policy(None)
+    led.append("start", policy=p.ident, policy_sha256=p.digest)
+    led.append(
+        "egress",
+        schema="gateway.location",
+        rules=["signal:ID04FGPSLatLong.GPSLatitude04F"],
+        consent={"location": 999.0},
+    )
+    led.close()
+    with pytest.raises(AuditError, match="without valid consent"):
+        verify_ledger(path)
+
+
+def test_a_torn_last_line_from_a_power_cut_is_cut_off_and_recorded(ledger_file):
+    with open(ledger_file, "ab") as fh:
+        fh.write(b'{"i":7,"at":1.0,"kind":"egr')
+    led = Ledger(ledger_file, fsync=False)
+    led.close()
+    report = verify_chain(ledger_file)
+    assert report.entries == 8 and report.kinds["recovered"] == 1

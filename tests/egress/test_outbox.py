@@ -1,0 +1,99 @@
+"""The outbox keeps what was released until acknowledged, across restarts, within bounds."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from gateway.egress.guard import EgressGuard, Outgoing
+from gateway.egress.outbox import Outbox
+from gateway.egress.schema import Topics
+from gateway.telemetry.policy import load_policy
+
+
+def _released(outbox, n=1):
+    g = EgressGuard(
+        load_policy(None),
+        Topics("vehicles", "V"),
+        consent_ok=lambda c: True,
+        consent_snapshot=lambda: {},
+        next_seq=outbox.next_seq,
+    )
+    out = []
+    for i in range(n):
+        out.append(
+            g.release(
+                Outgoing(
+                    "gateway.signals",
+                    {
+                        "window": [float(i), float(i + 1)],
+                        "policy": "owner-default@1",
+                        "signals": {"battery.soc": {"last": 36.5}},
+                    },
+                    ("signal:BMS_542.SocDisp",),
+                )
+            )
+        )
+    return out
+
+
+def test_messages_survive_a_restart_until_acknowledged(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    for m in _released(ob, 3):
+        ob.put(m)
+    first = ob.peek(1)[0]
+    ob.ack(first)
+    ob.close()
+    ob2 = Outbox(tmp_path / "o.sqlite")
+    assert [p.seq for p in ob2.peek()] == [1, 2]
+    # sequence numbers continue after the restart
+    assert _released(ob2, 1)[0].seq == 3
+
+
+def test_overflow_drops_the_oldest_and_reports_them(tmp_path):
+    dropped = []
+    ob = Outbox(
+        tmp_path / "o.sqlite",
+        max_messages=3,
+        on_drop=lambda items, why: dropped.append(([i.seq for i in items], why)),
+    )
+    for m in _released(ob, 5):
+        ob.put(m)
+    assert [p.seq for p in ob.peek()] == [2, 3, 4]
+    assert [s for seqs, _ in dropped for s in seqs] == [0, 1]
+    assert "over 3" in dropped[0][1]
+
+
+def test_age_bound_drops_stale_messages(tmp_path):
+    now = itertools.count(0, 1000)
+    ob = Outbox(tmp_path / "o.sqlite", max_age_s=1500, clock=lambda: float(next(now)))
+    for m in _released(ob, 3):
+        ob.put(m)
+    assert [p.seq for p in ob.peek()] == [1, 2]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_falls_back_to_memory(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    ob = Outbox(d / "o.sqlite")
+    for m in _released(ob, 2):
+        ob.put(m)
+    assert ob.storage == "degraded" and ob.depth() == 2
+
+
+def test_a_broken_database_file_degrades_to_memory_without_losing_messages(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", memory_limit=10)
+    msgs = _released(ob, 3)
+    ob.put(msgs[0])
+    # the disk goes away under the gateway: the next writes must not raise
+    ob._db.close()  # noqa: SLF001 - simulates an I/O failure of the connection
+    ob.put(msgs[1])
+    ob.put(msgs[2])
+    assert ob.storage == "degraded"
+    assert [p.seq for p in ob.peek()] == [1, 2]
+    # what reached the disk before the failure is still there for the next start
+    assert [p.seq for p in Outbox(tmp_path / "o.sqlite").peek()] == [0]

@@ -1,0 +1,221 @@
+"""The command line as a user meets it: help, run + SIGTERM, owner view, audit, data rights."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.egress.schema import unpack
+from tests.conftest import KONA_CSV, KONA_PCAN, ROOT, run_gateway
+
+COMMANDS = ["replay", "run", "owner", "audit", "config", "consent", "data"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(command):
+    proc = run_gateway(command, "--help")
+    assert proc.returncode == 0
+    assert "usage: gateway " + command in proc.stdout
+    assert len(proc.stdout.splitlines()) > 5
+
+
+def test_no_command_prints_help_and_fails():
+    proc = run_gateway()
+    assert proc.returncode == 2 and "COMMAND" in proc.stderr
+
+
+def test_the_config_reference_in_docs_is_current():
+    proc = run_gateway("config", "--doc")
+    assert proc.stdout == (ROOT / "docs" / "config.md").read_text()
+
+
+@pytest.mark.broker
+def test_run_stops_cleanly_on_sigterm_and_flushes_the_open_window(tmp_path, broker, vin, listen):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f"""
+[gateway]
+vin = "{vin}"
+window = 60
+ledger = "ledger.jsonl"
+outbox = "outbox.sqlite"
+[broker]
+url = "{broker.url}"
+[replay]
+speed = 1.0
+[[can]]
+logs = ["{KONA_CSV}"]
+[dbc]
+can0 = "{KONA_PCAN}"
+""")
+    lst = listen(broker.url, f"vehicles/{vin}/owner/#")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4.0)  # the 10.8 s log is replayed in real time: stop it in the middle
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    msgs = lst.settle()
+    signals = [unpack(m.payload) for m in msgs if m.topic.endswith("/signals")]
+    assert len(signals) == 1, "the open window is flushed at stop"
+    status = [unpack(m.payload) for m in msgs if m.topic.endswith("/status")]
+    assert status[-1]["state"] == "offline" and status[-1]["reason"] == "stopped"
+    assert (tmp_path / "ledger.jsonl").exists()
+    verify = run_gateway("audit", "verify", str(tmp_path / "ledger.jsonl"))
+    assert verify.returncode == 0 and "ledger OK" in verify.stdout
+
+
+@pytest.mark.broker
+def test_owner_json_prints_one_object_per_message(tmp_path, broker, vin):
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "owner",
+            "--vin",
+            vin,
+            "--broker",
+            broker.url,
+            "--json",
+            "--idle-timeout",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    rep = run_gateway(
+        "replay",
+        str(KONA_CSV),
+        "--dbc",
+        f"can0={KONA_PCAN}",
+        "--fast",
+        "--broker",
+        broker.url,
+        "--vin",
+        vin,
+        "--window",
+        "5",
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+        "-q",
+    )
+    assert rep.returncode == 0, rep.stderr
+    out, err = owner.communicate(timeout=30)
+    lines = [json.loads(ln) for ln in out.splitlines()]
+    schemas = [ln["schema"] for ln in lines]
+    assert schemas.count("gateway.signals") == 3
+    assert all(ln["topic"].startswith(f"vehicles/{vin}/owner/") for ln in lines)
+
+
+@pytest.mark.broker
+def test_audit_verify_passes_then_fails_after_one_byte_changes(tmp_path, broker, vin):
+    ledger = tmp_path / "l.jsonl"
+    rep = run_gateway(
+        "replay",
+        str(KONA_CSV),
+        "--dbc",
+        f"can0={KONA_PCAN}",
+        "--fast",
+        "--broker",
+        broker.url,
+        "--vin",
+        vin,
+        "--ledger",
+        str(ledger),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+        "-q",
+    )
+    assert rep.returncode == 0, rep.stderr
+    ok = run_gateway("audit", "verify", str(ledger))
+    assert ok.returncode == 0, ok.stderr
+    data = bytearray(ledger.read_bytes())
+    i = data.index(b'"bytes":') + 8
+    data[i] = ord("9") if data[i] != ord("9") else ord("8")
+    ledger.write_bytes(bytes(data))
+    bad = run_gateway("audit", "verify", str(ledger))
+    assert bad.returncode == 1
+    assert "Traceback" not in bad.stderr
+    assert f"{ledger}:" in bad.stderr and "was changed" in bad.stderr
+
+
+@pytest.mark.broker
+def test_consent_command_reaches_the_owner_topic(broker, vin, listen):
+    lst = listen(broker.url, f"vehicles/{vin}/owner/consent/set")
+    proc = run_gateway(
+        "consent", "grant", "location", "--days", "7", "--vin", vin, "--broker", broker.url
+    )
+    assert proc.returncode == 0, proc.stderr
+    msgs = lst.settle()
+    assert json.loads(msgs[0].payload) == {"category": "location", "grant": True, "days": 7.0}
+
+
+def test_consent_grant_without_days_is_refused():
+    proc = run_gateway("consent", "grant", "location")
+    assert proc.returncode == 2 and "expires" in proc.stderr
+
+
+def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path, vin):
+    import asyncio
+    import dataclasses
+
+    from gateway import settings as settings_mod
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.localbroker import free_port
+
+    # GIVEN summaries waiting in the outbox: the broker was never reachable during the run
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    common = [
+        "--vin",
+        vin,
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+    ]
+    s = settings_mod.load(
+        None,
+        env={},
+        overrides={
+            "broker.url": url,
+            "gateway.vin": vin,
+            "gateway.window": 5.0,
+            "gateway.decoder": "cantools",
+            "gateway.ledger": str(tmp_path / "l.jsonl"),
+            "gateway.outbox": str(tmp_path / "o.sqlite"),
+        },
+    )
+    s = dataclasses.replace(s, dbc={"can0": [str(KONA_PCAN)]})
+    gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+    report = asyncio.run(gw.run(require_broker=False, drain_timeout=0.2))
+    assert report.outbox_left >= 3
+    # WHEN the owner exports, then deletes the vehicle-status data
+    export = run_gateway("data", "export", "--out", str(tmp_path / "export.json"), *common)
+    assert export.returncode == 0, export.stderr
+    data = json.loads((tmp_path / "export.json").read_text())
+    assert len(data["outbox"]) == report.outbox_left
+    delete = run_gateway("data", "delete", "--category", "vehicle_status", *common)
+    assert delete.returncode == 0, delete.stderr
+    # THEN the signal summaries are gone, the rest waits, and both acts are in the ledger
+    from gateway.egress.outbox import Outbox
+
+    left = Outbox(tmp_path / "o.sqlite").peek(1000)
+    assert left and all(p.schema != "gateway.signals" for p in left)
+    ledger = (tmp_path / "l.jsonl").read_text()
+    assert '"kind":"data-export"' in ledger and '"kind":"data-delete"' in ledger
+    verify = run_gateway("audit", "verify", str(tmp_path / "l.jsonl"))
+    assert verify.returncode == 0, verify.stderr

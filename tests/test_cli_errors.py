@@ -1,0 +1,112 @@
+"""Every user mistake: one line naming the file, line or key; non-zero exit; no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.localbroker import free_port
+from tests.conftest import KONA_CSV, KONA_PCAN, assert_one_line_error, run_gateway
+
+
+def _replay(tmp_path, *args, broker="mqtt://127.0.0.1:1"):
+    return run_gateway(
+        "replay",
+        *args,
+        "--broker",
+        broker,
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+        "-q",
+    )
+
+
+def test_missing_log_file_is_named(tmp_path):
+    missing = tmp_path / "nope.log"
+    proc = _replay(tmp_path, str(missing), "--dbc", str(KONA_PCAN))
+    assert_one_line_error(proc, str(missing), "not found")
+
+
+def test_unknown_log_format_is_named(tmp_path):
+    weird = tmp_path / "capture.xyz"
+    weird.write_bytes(b"\x00\x01garbage that is no CAN log\n" * 10)
+    proc = _replay(tmp_path, str(weird), "--dbc", str(KONA_PCAN))
+    assert_one_line_error(proc, str(weird), "unknown log format")
+
+
+def test_csv_of_unknown_layout_names_line_1(tmp_path):
+    weird = tmp_path / "other.csv"
+    weird.write_text("a,b,c\n1,2,3\n")
+    proc = _replay(tmp_path, str(weird), "--dbc", str(KONA_PCAN))
+    assert_one_line_error(proc, f"{weird}:1", "unknown CSV layout")
+
+
+def test_dbc_that_cantools_refuses_even_non_strict_is_named(tmp_path):
+    bad = tmp_path / "broken.dbc"
+    bad.write_text(
+        'VERSION ""\n\nBO_ 100 Foo: 8 XXX\n SG_ Bar : 0|8@1+ (1,0) [0|255] "" XXX\n'
+        "BO_ this is not dbc at all\n"
+    )
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(bad))
+    assert_one_line_error(proc, str(bad), "cannot load this DBC")
+
+
+def test_missing_dbc_is_named(tmp_path):
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", f"can0={tmp_path / 'x.dbc'}")
+    assert_one_line_error(proc, "x.dbc", "not found")
+
+
+def test_broker_that_refuses_the_connection_is_named(tmp_path):
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", f"can0={KONA_PCAN}", "--fast", broker=url)
+    line = assert_one_line_error(proc, url)
+    assert proc.returncode == 3
+    assert "refused" in line.lower() or "connect" in line.lower()
+
+
+@pytest.mark.parametrize(
+    ("toml", "needles"),
+    [
+        ("[gateway]\nvinn = 'X'\n", ["unknown key 'vinn'", "[gateway]"]),
+        ("[gateway]\nwindow = 'soon'\n", ["[gateway].window", "must be a number"]),
+        ("[broker]\nport = 1883\n", ["unknown key 'port'", "[broker]"]),
+        ("[gatway]\n", ["unknown section [gatway]"]),
+        ("[[can]]\nlogs = ['a.log']\ninterface = 'virtual'\n", ["[[can]] #1", "either logs or"]),
+        ("[gateway\n", ["invalid TOML", "line 1"]),
+    ],
+)
+def test_config_mistakes_name_the_file_and_key(tmp_path, toml, needles):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(toml)
+    proc = run_gateway("config", "--config", str(cfg))
+    assert_one_line_error(proc, str(cfg), *needles)
+
+
+def test_policy_mistake_names_the_rule(tmp_path):
+    pol = tmp_path / "p.toml"
+    pol.write_text("[[signal]]\nsignal = 'BMS_542.SocDisp'\ncategory = 'secret'\n")
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", f"can0={KONA_PCAN}", "--policy", str(pol))
+    assert_one_line_error(proc, str(pol), "[[signal]] #1.category")
+
+
+def test_garbage_lines_in_a_log_are_skipped_counted_and_reported(tmp_path, broker):
+    lines = KONA_CSV.read_text().splitlines(keepends=True)
+    corrupt = (
+        lines[:200]
+        + [
+            "1953999999,0000ZZZZ,false,0,8,00,01\n",
+            "\x00\x7f\xfe binary noise\n",
+            "1953613500,00000109,false,0,8,00,01,00\n",
+            "truncated,\n",
+        ]
+        + lines[200:400]
+    )
+    bad = tmp_path / "corrupt.csv"
+    bad.write_text("".join(corrupt))
+    proc = _replay(tmp_path, str(bad), "--dbc", f"can0={KONA_PCAN}", "--fast", broker=broker.url)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "skipped 4 bad line(s)" in proc.stderr
+    assert "line 202" in proc.stderr  # the first garbage line, counting the header as line 1
+    assert "replayed 399 frames" in proc.stderr
