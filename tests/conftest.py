@@ -7,8 +7,9 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,6 +198,13 @@ class DurableListener:
                         self.messages.append(Received(str(m.topic), payload, bool(m.retain)))
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.1)
+
+    def wait_until(self, done: Callable[[list[Received]], bool], timeout: float = 30.0) -> None:
+        """Wait (bounded) until ``done(messages)`` holds: after a broker restart the owner
+        reconnects with its own backoff, so its queued messages arrive some time later."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not done(list(self.messages)):
+            time.sleep(0.1)
 
     def stop(self) -> list[Received]:
         self._stop.set()

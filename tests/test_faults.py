@@ -80,10 +80,10 @@ def test_broker_stopped_mid_replay_loses_nothing_and_keeps_order(
     private_broker.start()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    time.sleep(1.0)
+    produced = _ledger_seqs(tmp_path / "ledger.jsonl")
+    owner.wait_until(lambda ms: set(produced) <= set(_received_seqs(ms)[1]))
     messages = owner.stop()
     # THEN every summary the gateway released arrived, in order, duplicates only as repeats
-    produced = _ledger_seqs(tmp_path / "ledger.jsonl")
     all_seqs, unique = _received_seqs(messages)
     assert len(produced) >= 20
     assert unique == sorted(unique), "summaries arrived out of order"
@@ -121,7 +121,7 @@ def test_gateway_killed_mid_replay_delivers_every_committed_summary_after_restar
     private_broker.start()
     again = run_gateway(*_replay_cmd(tmp_path, private_broker.url, vin, "--fast")[3:])
     assert again.returncode == 0, again.stderr
-    time.sleep(1.0)
+    owner.wait_until(lambda ms: committed <= set(_received_seqs(ms)[1]))
     _, unique = _received_seqs(owner.stop())
     # THEN every summary committed before the kill arrived, and the ledger still verifies
     assert committed <= set(unique), f"missing: {sorted(committed - set(unique))[:10]}"
