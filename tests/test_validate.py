@@ -127,9 +127,7 @@ def test_search_finds_raw_payloads_as_bytes_and_hex_and_the_vin():
 
 
 def test_bundled_synthetic_drive_validates_with_no_leak(tmp_path):
-    drive = FIXTURES / "model3" / "model3_synthetic_drive.log"
-    if not drive.exists():
-        pytest.skip("the bundled synthetic drive is not there yet")
+    assert (FIXTURES / "model3" / "model3_synthetic_drive.log").exists()
     proc = run_gateway("validate", "--out", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "verdict: no leak" in proc.stdout

@@ -1,0 +1,166 @@
+"""Anonymisation: blur, pixelate or fill every detected face and plate, with a margin; plates as
+the polygon of their 4 corners; a frame memory so one missed detection does not leak.
+
+Pure: takes a frame and boxes, returns a new frame; no files, no clock, no threads.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from gateway.camera.detect import Box, Image, Kind
+from gateway.errors import ConfigError
+
+
+class Method(enum.Enum):
+    GAUSSIAN = "gaussian"
+    PIXELATE = "pixelate"
+    FILL = "fill"
+
+    @classmethod
+    def parse(cls, text: str | Method) -> Method:
+        if isinstance(text, Method):
+            return text
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise ConfigError(f"anonymisation method {text!r}: expected one of {names}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymisedFrame:
+    """A frame after anonymisation: the only image type the frame store accepts."""
+
+    image: Image
+    index: int
+    t: float  # seconds of video time
+    faces: int
+    plates: int
+
+
+def region_mask(
+    shape: tuple[int, ...], box: Box, margin: float
+) -> tuple[tuple[int, int, int, int], Image | None] | None:
+    """The rectangle (x0, y0, x1, y1) to alter, clipped to the frame, and for plates with corners
+    a mask of the polygon inside it (None: the whole rectangle). ``margin`` is a share of the
+    box size added on every side."""
+    fh, fw = shape[:2]
+    mx, my = box.w * margin, box.h * margin
+    x0, y0 = int(np.floor(box.x - mx)), int(np.floor(box.y - my))
+    x1, y1 = int(np.ceil(box.x + box.w + mx)), int(np.ceil(box.y + box.h + my))
+    poly = None
+    if box.corners is not None and len(box.corners) == 4:
+        pts = np.array(box.corners, np.float32)
+        centre = pts.mean(axis=0)
+        # grow the polygon by the margin (plus one pixel for rounding) around its centre
+        span = np.maximum(pts.max(axis=0) - pts.min(axis=0), 1.0)
+        grow = 1.0 + 2.0 * margin + 2.0 / span
+        poly = (pts - centre) * grow + centre
+        px0, py0 = np.floor(poly.min(axis=0)).astype(int)
+        px1, py1 = np.ceil(poly.max(axis=0)).astype(int)
+        # the region is the union of the margin box and the polygon's bounding box
+        x0, y0, x1, y1 = min(x0, px0), min(y0, py0), max(x1, px1), max(y1, py1)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, fw), min(y1, fh)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    if poly is None:
+        return (x0, y0, x1, y1), None
+    mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(mask, [np.round(poly - (x0, y0)).astype(np.int32)], 255)
+    # the axis-aligned margin box is altered too: the polygon only adds to it
+    bx0 = max(int(np.floor(box.x - mx)) - x0, 0)
+    by0 = max(int(np.floor(box.y - my)) - y0, 0)
+    bx1 = min(int(np.ceil(box.x + box.w + mx)) - x0, x1 - x0)
+    by1 = min(int(np.ceil(box.y + box.h + my)) - y0, y1 - y0)
+    if bx1 > bx0 and by1 > by0:
+        mask[by0:by1, bx0:bx1] = 255
+    return (x0, y0, x1, y1), mask
+
+
+def _obscure(roi: Image, method: Method, box: Box) -> Image:
+    h, w = roi.shape[:2]
+    size = max(box.w, box.h, 1.0)
+    if method is Method.FILL:
+        return np.zeros_like(roi)
+    if method is Method.PIXELATE:
+        # ~8 blocks across the object, whatever its size
+        bs = max(2, int(round(size / 8)))
+        small = cv2.resize(roi, (max(1, w // bs), max(1, h // bs)), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    # Gaussian: sigma a fifth of the object, so eyes, mouth and characters merge; computed on a
+    # downscaled copy (the result is just as smooth and large kernels stay cheap)
+    f = min(1.0, 24.0 / size)
+    small = cv2.resize(
+        roi, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA
+    )
+    sigma = max(1.0, size * f / 5.0)
+    small = cv2.GaussianBlur(small, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def anonymize(
+    frame: Image,
+    boxes: Iterable[Box],
+    method: Method = Method.GAUSSIAN,
+    margin: float = 0.15,
+    *,
+    index: int = 0,
+    t: float = 0.0,
+) -> AnonymisedFrame:
+    """A copy of ``frame`` with every box obscured; the input is left untouched."""
+    out = frame.copy()
+    faces = plates = 0
+    for box in boxes:
+        region = region_mask(out.shape, box, margin)
+        if region is None:
+            continue
+        (x0, y0, x1, y1), mask = region
+        roi = out[y0:y1, x0:x1]
+        done = _obscure(roi, method, box)
+        if mask is None:
+            roi[...] = done
+        else:
+            np.copyto(roi, done, where=(mask > 0)[..., None] if roi.ndim == 3 else mask > 0)
+        if box.kind is Kind.FACE:
+            faces += 1
+        else:
+            plates += 1
+    return AnonymisedFrame(out, index, t, faces, plates)
+
+
+def blackout(frame: Image, *, index: int = 0, t: float = 0.0) -> AnonymisedFrame:
+    """Fail closed: the whole frame filled (used when detection failed and frames are kept)."""
+    return AnonymisedFrame(np.zeros_like(frame), index, t, 0, 0)
+
+
+class FrameMemory:
+    """Boxes detected in the last ``n`` detection results stay applied: a face found in frame
+    100 is also blurred in frames 101..100+n, so one missed detection does not leak it."""
+
+    def __init__(self, n: int) -> None:
+        if n < 0:
+            raise ConfigError(f"camera memory must be >= 0 frames, got {n}")
+        self.n = n
+        self._seen: deque[tuple[int, tuple[Box, ...]]] = deque()
+
+    def update(self, index: int, boxes: Sequence[Box]) -> None:
+        """Record the boxes detected on frame ``index``."""
+        self._seen.append((index, tuple(boxes)))
+
+    def boxes(self, index: int) -> list[Box]:
+        """Every box to apply to frame ``index``: detected on it or on the ``n`` frames before
+        it. Older entries are forgotten."""
+        while self._seen and self._seen[0][0] < index - self.n:
+            self._seen.popleft()
+        return [b for i, bs in self._seen if i <= index for b in bs]
+
+    def latest(self) -> int | None:
+        """Index of the newest detection result, if any."""
+        return self._seen[-1][0] if self._seen else None

@@ -1,0 +1,222 @@
+"""Detection: faces (YuNet-n through ``cv2.FaceDetectorYN``) and licence plates (``clp_det``, a
+RetinaFace-style network through ``cv2.dnn``), both from the ONNX files in ``models/``.
+
+Thresholds are chosen for recall: a missed face is a leak, a blurred lamp post is not. Each
+detector runs on a copy of the frame scaled to its own input width (``DetectorSettings``), which is
+where most of the speed comes from; boxes are scaled back to frame pixels.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from gateway.errors import ConfigError
+
+Image = npt.NDArray[np.uint8]
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+FACE_MODEL = "yunet_n_640_640.onnx"
+PLATE_MODEL = "clp_det.onnx"
+# fixed-shape copies of clp_det for OpenCV 4.x, which cannot run the dynamic-shape file
+PLATE_FIXED = {(640, 360): "clp_det_640x360.onnx", (1280, 720): "clp_det_1280x720.onnx"}
+
+
+class Kind(enum.Enum):
+    FACE = "face"
+    PLATE = "plate"
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """A detection in frame pixels. ``corners`` (plates only): 4 (x, y) points, clockwise from
+    top-left, as the network gives them."""
+
+    kind: Kind
+    x: float
+    y: float
+    w: float
+    h: float
+    score: float
+    corners: tuple[tuple[float, float], ...] | None = None
+
+    def scaled(self, f: float) -> Box:
+        corners = None
+        if self.corners is not None:
+            corners = tuple((px * f, py * f) for px, py in self.corners)
+        return Box(self.kind, self.x * f, self.y * f, self.w * f, self.h * f, self.score, corners)
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """How the detectors run. Widths are the detector input widths: the frame is scaled to that
+    width (keeping its aspect) before inference. 0 means the frame's own width."""
+
+    face_score: float = 0.3
+    plate_score: float = 0.2
+    nms: float = 0.3
+    face_width: int = 640
+    plate_width: int = 960
+    threads: int = 0  # cv2.setNumThreads; 0 leaves OpenCV's default
+    parallel: bool = True  # faces and plates in two threads at once
+
+
+class Detector(Protocol):
+    def detect(self, frame: Image) -> list[Box]: ...
+
+
+def _model(name: str) -> Path:
+    path = MODELS / name
+    if not path.is_file():
+        raise ConfigError(f"{path}: detector model missing (the repository's models/ folder)")
+    return path
+
+
+def _scale_for(frame: Image, width: int) -> tuple[Image, float]:
+    """The frame resized to ``width`` (aspect kept) and the factor back to frame pixels."""
+    h, w = frame.shape[:2]
+    if width <= 0 or width == w:
+        return frame, 1.0
+    height = max(1, round(h * width / w))
+    small = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    return small, w / width
+
+
+class FaceDetector:
+    """YuNet-n. Any input size works through ``setInputSize``."""
+
+    def __init__(self, score: float = 0.3, nms: float = 0.3, width: int = 640) -> None:
+        self.score, self.nms, self.width = score, nms, width
+        self._net = cv2.FaceDetectorYN.create(
+            str(_model(FACE_MODEL)), "", (320, 320), score, nms, 5000
+        )
+        self._size: tuple[int, int] | None = None
+
+    def detect(self, frame: Image) -> list[Box]:
+        small, f = _scale_for(frame, self.width)
+        size = (small.shape[1], small.shape[0])
+        if size != self._size:
+            self._net.setInputSize(size)
+            self._size = size
+        _, faces = self._net.detect(small)
+        if faces is None:
+            return []
+        return [
+            Box(Kind.FACE, float(r[0]) * f, float(r[1]) * f, float(r[2]) * f, float(r[3]) * f,
+                float(r[14]))
+            for r in faces
+        ]
+
+
+@cache
+def _priors(width: int, height: int) -> npt.NDArray[np.float32]:
+    """RetinaFace anchors (cx, cy, w, h) normalised to the input size, in the network's order."""
+    out: list[npt.NDArray[np.float32]] = []
+    for step, sizes in ((8, (24, 48)), (16, (96, 192)), (32, (384, 768))):
+        fh, fw = -(-height // step), -(-width // step)
+        ys, xs = np.meshgrid(np.arange(fh), np.arange(fw), indexing="ij")
+        cx = ((xs + 0.5) * step / width).ravel()
+        cy = ((ys + 0.5) * step / height).ravel()
+        per = [
+            np.stack(
+                [cx, cy, np.full_like(cx, s / width), np.full_like(cx, s / height)], axis=1
+            )
+            for s in sizes
+        ]
+        # anchors of one cell are adjacent: (cell0 s0, cell0 s1, cell1 s0, ...)
+        out.append(np.stack(per, axis=1).reshape(-1, 4))
+    return np.concatenate(out).astype(np.float32)
+
+
+class PlateDetector:
+    """clp_det: box + 4 corners per plate. Input BGR minus (104, 117, 123); variances 0.1/0.2."""
+
+    MEAN = (104.0, 117.0, 123.0)
+
+    def __init__(self, score: float = 0.2, nms: float = 0.3, width: int = 960) -> None:
+        self.score, self.nms, self.width = score, nms, width
+        self._nets: dict[tuple[int, int], cv2.dnn.Net] = {}
+
+    def _net(self, size: tuple[int, int]) -> cv2.dnn.Net:
+        net = self._nets.get(size)
+        if net is None:
+            fixed = PLATE_FIXED.get(size)
+            name = fixed if fixed and (MODELS / fixed).is_file() else PLATE_MODEL
+            net = self._nets[size] = cv2.dnn.readNetFromONNX(str(_model(name)))
+        return net
+
+    def detect(self, frame: Image) -> list[Box]:
+        small, f = _scale_for(frame, self.width)
+        h, w = small.shape[:2]
+        net = self._net((w, h))
+        net.setInput(cv2.dnn.blobFromImage(small, 1.0, (w, h), self.MEAN, swapRB=False))
+        loc, conf, landms = net.forward(["loc", "conf", "landms"])
+        scores = conf[0, :, 1]
+        keep = np.flatnonzero(scores >= self.score)
+        if keep.size == 0:
+            return []
+        pri = _priors(w, h)[keep]
+        loc, landms, scores = loc[0, keep], landms[0, keep], scores[keep]
+        cxcy = pri[:, :2] + loc[:, :2] * 0.1 * pri[:, 2:]
+        wh = pri[:, 2:] * np.exp(loc[:, 2:] * 0.2)
+        scale = np.array([w, h], np.float32)
+        xy = (cxcy - wh / 2) * scale
+        whp = wh * scale
+        pts = (pri[:, None, :2] + landms.reshape(-1, 4, 2) * 0.1 * pri[:, None, 2:]) * scale
+        rects = [[float(a), float(b), float(c), float(d)] for (a, b), (c, d) in zip(xy, whp, strict=True)]
+        idx = cv2.dnn.NMSBoxes(rects, scores.astype(float).tolist(), self.score, self.nms)
+        out = []
+        for i in np.asarray(idx, dtype=int).ravel():
+            (x, y, bw, bh) = rects[i]
+            corners = tuple((float(px) * f, float(py) * f) for px, py in pts[i])
+            out.append(Box(Kind.PLATE, x * f, y * f, bw * f, bh * f, float(scores[i]), corners))
+        return out
+
+
+class CombinedDetector:
+    """Faces and plates on one frame; with ``parallel`` the two networks run in two threads at
+    once (each network then runs single-threaded inside, which uses 2 cores better)."""
+
+    def __init__(self, detectors: Sequence[Detector], parallel: bool = True) -> None:
+        self.detectors = list(detectors)
+        self._pool = (
+            ThreadPoolExecutor(len(self.detectors), thread_name_prefix="gateway-detect")
+            if parallel and len(self.detectors) > 1
+            else None
+        )
+        self._lock = threading.Lock()  # one frame at a time: each network is not reentrant
+
+    def detect(self, frame: Image) -> list[Box]:
+        with self._lock:
+            if self._pool is None:
+                return [b for d in self.detectors for b in d.detect(frame)]
+            futures = [self._pool.submit(d.detect, frame) for d in self.detectors]
+            return [b for fut in futures for b in fut.result()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def load_detectors(settings: DetectorSettings | None = None) -> CombinedDetector:
+    """Both detectors, loaded from ``models/`` (never from the network)."""
+    s = settings or DetectorSettings()
+    if s.threads:
+        cv2.setNumThreads(s.threads)
+    return CombinedDetector(
+        [
+            FaceDetector(s.face_score, s.nms, s.face_width),
+            PlateDetector(s.plate_score, s.nms, s.plate_width),
+        ],
+        parallel=s.parallel,
+    )
