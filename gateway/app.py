@@ -135,6 +135,7 @@ class Gateway:
             on_drop=self._record_drop,
             max_age_s=self.policy.location_retention_days * 86400,
         )
+        self.outbox.reserve_seq(self.ledger.max_seq + 1)
         self.guard = EgressGuard(
             self.policy,
             self.topics,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -131,3 +133,64 @@ def test_gateway_killed_mid_replay_delivers_every_committed_summary_after_restar
         f"\nSIGKILL: committed before kill {len(committed)} (waiting {len(waiting)}), "
         f"received {len(unique)} unique"
     )
+
+
+def _can_mount_private_tmpfs() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_mount_private_tmpfs(),
+    reason="needs `unshare -rm` to mount a small private tmpfs (user namespaces disabled here)",
+)
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_outbox_disk_full_or_read_only_keeps_the_can_path_alive(
+    tmp_path, broker, vin, listen, fault
+):
+    # GIVEN the outbox on its own tiny disk: 128 KiB that fill up after a few summaries, or a
+    # disk mounted read-only (a private mount namespace: nothing outside the test sees it)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    opts = "size=200k" if fault == "full" else "size=200k,ro"
+    owner = listen(broker.url, f"vehicles/{vin}/owner/#")
+    cmd = [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o {opts} tmpfs "{disk}" && exec "$@"',
+        "sh",
+        *_replay_cmd(tmp_path, broker.url, vin, "--speed", "4"),
+    ]
+    outbox_at = cmd.index(str(tmp_path / "outbox.sqlite"))
+    cmd[outbox_at] = str(disk / "outbox.sqlite")
+    # WHEN the gateway replays (health every 0.5 s)
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GATEWAY_GATEWAY_HEALTH_INTERVAL": "0.3"},
+    )
+    # THEN one clear error names the outbox and the reason, the replay completes...
+    assert proc.returncode == 0, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("gateway: error:")]
+    assert len(errors) == 1 and "outbox.sqlite cannot be written" in errors[0], proc.stderr
+    assert ("full" in errors[0]) if fault == "full" else ("readonly" in errors[0] or "open" in errors[0])
+    assert "Traceback" not in proc.stderr
+    # ...every summary the gateway released reached the owner (kept in memory meanwhile)...
+    produced = _ledger_seqs(tmp_path / "ledger.jsonl")
+    messages = owner.settle()
+    _, unique = _received_seqs(messages)
+    assert len(produced) >= 20 and set(produced) <= set(unique)
+    # ...and the health topic says the storage is degraded while the CAN path kept going
+    health = [unpack(m.payload) for m in messages if m.topic.endswith("/owner/health")]
+    assert health and health[-1]["storage"] == "degraded"
+    assert health[-1]["frames"] > 30_000 and health[-1]["frames_per_s"]
+    print(f"\ndisk {fault}: produced {len(produced)}, received {len(unique)}; {errors[0]}")

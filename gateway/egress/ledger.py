@@ -38,6 +38,7 @@ class Ledger:
         self._clock = clock
         self.head = GENESIS
         self.count = 0
+        self.max_seq = -1  # the highest sequence number recorded (see _tail_max_seq)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torn = _truncate_torn_tail(self.path) if self.path.exists() else None
@@ -46,6 +47,7 @@ class Ledger:
                 try:
                     entry = json.loads(last)
                     self.head, self.count = entry["hash"], int(entry["i"]) + 1
+                    self.max_seq = _tail_max_seq(self.path)
                 except (ValueError, KeyError, TypeError) as exc:
                     raise StorageError(
                         f"{self.path}: the last ledger line is damaged; run "
@@ -85,6 +87,9 @@ class Ledger:
             ) from exc
         self.head = entry["hash"]
         self.count += 1
+        seq = fields.get("seq")
+        if isinstance(seq, int) and seq > self.max_seq:
+            self.max_seq = seq
         return entry
 
     def close(self) -> None:
@@ -111,6 +116,27 @@ def _truncate_torn_tail(path: Path) -> bytes | None:
         fh.flush()
         os.fsync(fh.fileno())
         return torn
+
+
+def _tail_max_seq(path: Path, block: int = 1 << 20) -> int:
+    """The highest ``seq`` in the ledger's last MiB (sequence numbers only grow, so the newest
+    entries hold it). The outbox keeps its own counter, but if its disk failed the gateway
+    numbered summaries in memory: starting again from the ledger's figure means a new summary
+    never reuses a number the owner already saw (and would drop as a duplicate)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(size - block, 0))
+        tail = fh.read()
+    best = -1
+    for raw in tail.splitlines()[1:] if size > block else tail.splitlines():
+        try:
+            seq = json.loads(raw).get("seq")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(seq, int) and seq > best:
+            best = seq
+    return best
 
 
 def _last_line(path: Path) -> str:

@@ -87,6 +87,10 @@ class Outbox:
         self._next_seq = stored_seq
 
     # -- sequence numbers ------------------------------------------------------------------
+    def reserve_seq(self, floor: int) -> None:
+        """Never hand out a number below ``floor`` (the ledger's highest seq + 1)."""
+        self._next_seq = max(self._next_seq, floor)
+
     def next_seq(self) -> int:
         seq = self._next_seq
         self._next_seq += 1
@@ -136,7 +140,11 @@ class Outbox:
 
         return _Tx(self._db)  # type: ignore[return-value]
 
-    def _degrade(self, exc: BaseException) -> None:
+    def _degrade(self, exc: BaseException, acked: int | None = None) -> None:
+        """The disk failed (full, read-only, gone): carry on in memory. What still waits on the
+        disk is read into memory first (reading usually still works on a full disk), so it is
+        sent in this run, in order; it stays on the disk too, and a later run re-sends it with
+        the same ``seq``, which the owner drops. ``acked`` is a row already acknowledged."""
         if self.storage_error is None:
             log.error(
                 "outbox %s cannot be written (%s): keeping up to %d messages in memory",
@@ -146,8 +154,26 @@ class Outbox:
             )
         self.storage_error = f"{self.path}: {exc}"
         if self._db is not None:
+            rows: list[tuple] = []  # type: ignore[type-arg]
+            with contextlib.suppress(sqlite3.Error):
+                rows = self._db.execute(
+                    "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
+                    "ORDER BY id"
+                ).fetchall()
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
+            self._db = None
+            rescued = [r for r in rows if r[0] != acked]
+            if rescued:
+                newer = list(self._mem.values())
+                self._mem.clear()
+                for r in rescued:
+                    self._mem_n += 1
+                    self._mem[self._mem_n] = Pending(
+                        ("mem", self._mem_n), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6]
+                    )
+                for p in newer:  # keep their keys: the publisher may hold them in flight
+                    self._mem[p.key[1]] = p
         self._db = None
 
     def _enforce_bounds(self, now: float) -> None:
@@ -211,7 +237,7 @@ class Outbox:
             try:
                 self._db.execute("DELETE FROM outbox WHERE id = ?", (n,))
             except sqlite3.Error as exc:
-                self._degrade(exc)
+                self._degrade(exc, acked=n)
 
     def depth(self) -> int:
         n = len(self._mem)
@@ -220,6 +246,7 @@ class Outbox:
                 n += self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
             except sqlite3.Error as exc:
                 self._degrade(exc)
+                n = len(self._mem)
         return n
 
     @property

@@ -97,3 +97,45 @@ def test_a_broken_database_file_degrades_to_memory_without_losing_messages(tmp_p
     assert [p.seq for p in ob.peek()] == [1, 2]
     # what reached the disk before the failure is still there for the next start
     assert [p.seq for p in Outbox(tmp_path / "o.sqlite").peek()] == [0]
+
+
+def test_a_disk_that_turns_read_only_keeps_waiting_messages_in_order(tmp_path):
+    # GIVEN two messages waiting on the disk (no PUBACK yet)
+    ob = Outbox(tmp_path / "o.sqlite")
+    msgs = _released(ob, 4)
+    ob.put(msgs[0])
+    ob.put(msgs[1])
+    # WHEN the disk stops taking writes (reads still work, as on a full disk)
+    ob._db.execute("PRAGMA query_only = 1")  # noqa: SLF001 - SQLITE_READONLY on every write
+    ob.put(msgs[2])
+    ob.put(msgs[3])
+    # THEN nothing is stranded on the disk: all four wait, in order, and drain from memory
+    assert ob.storage == "degraded"
+    assert [p.seq for p in ob.peek()] == [0, 1, 2, 3]
+    for p in ob.peek():
+        ob.ack(p)
+    assert ob.depth() == 0
+
+
+def test_sequence_numbers_continue_from_the_ledger_after_a_degraded_run(tmp_path):
+    from gateway.egress.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "l.jsonl", fsync=False)
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob._db.execute("PRAGMA query_only = 1")  # noqa: SLF001 - the disk fails at once
+    for m in _released(ob, 3):
+        ob.put(m)
+        ledger.append("egress", seq=m.seq, schema=m.schema)
+    ledger.close()
+    # the outbox never stored its counter; the ledger did
+    ob.close()
+    fresh = Outbox(tmp_path / "o.sqlite")
+    assert fresh.next_seq() == 0
+    fresh.close()
+    again = Ledger(tmp_path / "l.jsonl", fsync=False)
+    again.close()
+    assert again.max_seq == 2
+    ob2 = Outbox(tmp_path / "o.sqlite")
+    ob2.reserve_seq(again.max_seq + 1)
+    assert ob2.next_seq() == 3
+    ob2.close()
