@@ -32,6 +32,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from gateway.egress.schema import INBOUND, Topics
@@ -41,17 +42,23 @@ PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for $7$ (Mosquitto 2.0)
 SALT_BYTES = 12
 _VIN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
 # -- the pure part: who may do what, and the text of each file -------------------------------
+class Role(Enum):
+    GATEWAY = "gateway"  # writes its vehicle's channel, reads the owner's inbound topics
+    OWNER = "owner"  # reads its vehicle's channel, writes consent/set and command
+
+
 @dataclass(frozen=True)
 class Account:
     """One broker user. ``vin`` is the vehicle whose owner channel it may use."""
 
     username: str
     vin: str
-    role: str  # "gateway" or "owner"
+    role: Role
 
 
 @dataclass(frozen=True)
@@ -92,10 +99,13 @@ class BrokerPlan:
             raise ConfigError("--port and --tls-port must differ")
         if self.tls_only and not self.tls:
             raise ConfigError("--tls-only needs --tls")
+        for host in (*self.hostnames, *([self.bind] if self.bind else [])):
+            if not _HOST.fullmatch(host):
+                raise ConfigError(f"{host!r}: not a host name or IP address")
         if self.days < 1:
             raise ConfigError(f"--days {self.days}: must be at least 1")
         owners = self.owners or tuple((f"owner-{v}", v) for v in self.vins)
-        accounts = [Account(f"gateway-{v}", v, "gateway") for v in self.vins]
+        accounts = [Account(f"gateway-{v}", v, Role.GATEWAY) for v in self.vins]
         for name, vin in owners:
             if not _NAME.fullmatch(name) or name.startswith("gateway-"):
                 raise ConfigError(
@@ -104,7 +114,7 @@ class BrokerPlan:
                 )
             if vin not in self.vins:
                 raise ConfigError(f"--owner {name}={vin}: {vin} is not one of the --vin values")
-            accounts.append(Account(name, vin, "owner"))
+            accounts.append(Account(name, vin, Role.OWNER))
         names = [a.username for a in accounts]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
@@ -122,9 +132,10 @@ class BrokerPlan:
 
     @property
     def client_url(self) -> str:
+        host = f"[{self.client_host}]" if ":" in self.client_host else self.client_host
         if self.tls:
-            return f"mqtts://{self.client_host}:{self.tls_port}"
-        return f"mqtt://{self.client_host}:{self.port}"
+            return f"mqtts://{host}:{self.tls_port}"
+        return f"mqtt://{host}:{self.port}"
 
     def paths(self) -> dict[str, Path]:
         """Every file this plan writes, by role (checked for overwriting before any write)."""
@@ -145,7 +156,7 @@ def acl_rules(plan: BrokerPlan) -> list[tuple[str, str, str]]:
     for a in plan.accounts:
         t = Topics(plan.prefix, a.vin)
         inbound = [f"{t.base}/{name}" for name in INBOUND]
-        if a.role == "gateway":
+        if a.role is Role.GATEWAY:
             rules.append((a.username, "write", t.all))
             rules += [(a.username, "read", topic) for topic in inbound]
         else:
@@ -162,8 +173,8 @@ def acl_text(plan: BrokerPlan) -> str:
     current = None
     for user, access, topic in acl_rules(plan):
         if user != current:
-            role = next(a for a in plan.accounts if a.username == user)
-            lines += ["", f"# {role.role} of vehicle {role.vin}", f"user {user}"]
+            acct = next(a for a in plan.accounts if a.username == user)
+            lines += ["", f"# {acct.role.value} of vehicle {acct.vin}", f"user {user}"]
             current = user
         lines.append(f"topic {access} {topic}")
     return "\n".join(lines) + "\n"
@@ -237,7 +248,7 @@ def _toml_str(value: str) -> str:
 def client_toml_text(plan: BrokerPlan, account: Account) -> str:
     use = (
         "gateway replay LOG --dbc ... --config"
-        if account.role == "gateway"
+        if account.role is Role.GATEWAY
         else "gateway owner --config"
     )
     broker = {
@@ -246,12 +257,12 @@ def client_toml_text(plan: BrokerPlan, account: Account) -> str:
         "username": account.username,
         "password_file": str(plan.out / "secrets" / f"{account.username}.password"),
     }
-    if account.role == "gateway":
+    if account.role is Role.GATEWAY:
         broker["client_id"] = account.username
     if plan.tls:
         broker["tls_ca"] = str(plan.out / "tls" / "ca.crt")
     lines = [
-        f"# {account.role} of vehicle {account.vin}, written by `gateway broker-config`.",
+        f"# {account.role.value} of vehicle {account.vin}, written by `gateway broker-config`.",
         f"# Use: {use} {plan.out / (account.username + '.toml')}",
         "[gateway]",
         f"vin = {_toml_str(account.vin)}",
@@ -304,22 +315,27 @@ def _san(hostnames: Iterable[str]) -> str:
     return ",".join(out)
 
 
-def make_bench_tls(tls_dir: Path, hostnames: Sequence[str], days: int) -> None:
-    """A bench CA and a server certificate it signs (EC P-256), with the given names as SANs."""
+def make_bench_tls(
+    tls_dir: Path, hostnames: Sequence[str], days: int, *, keep_ca: bool = False
+) -> bool:
+    """A bench CA (kept if ``keep_ca`` and present: clients keep trusting it) and a server
+    certificate it signs (EC P-256) naming ``hostnames``. Returns True if the CA is new."""
     tls_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(tls_dir, 0o755)  # the keys inside are 0600; the certificates are public
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    for name in ("ca.key", "server.key", "server.csr"):
+    new_ca = not (keep_ca and (tls_dir / "ca.crt").exists() and (tls_dir / "ca.key").exists())
+    for name in ("ca.key", "server.key", "server.csr") if new_ca else ("server.key",):
         (tls_dir / name).unlink(missing_ok=True)
     old = os.umask(0o077)  # openssl writes the keys: make them 0600 from the start
     try:
-        _openssl(
-            ["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days),
-             "-subj", "/CN=gateway bench CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            tls_dir,
-        )  # fmt: skip
+        if new_ca:
+            _openssl(
+                ["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt",
+                 "-days", str(max(days, 3650)), "-subj", "/CN=gateway bench CA",
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                tls_dir,
+            )  # fmt: skip
         _openssl(
             ["req", "-new", *key, "-keyout", "server.key", "-out", "server.csr",
              "-subj", f"/CN={hostnames[0]}"],
@@ -346,16 +362,12 @@ def make_bench_tls(tls_dir: Path, hostnames: Sequence[str], days: int) -> None:
         (tls_dir / "server.ext").unlink(missing_ok=True)
     for name in ("ca.crt", "server.crt"):
         os.chmod(tls_dir / name, 0o644)
+    return new_ca
 
 
-@dataclass(frozen=True)
-class Generated:
-    plan: BrokerPlan
-    files: dict[str, Path]
-
-
-def generate(plan: BrokerPlan, *, force: bool = False) -> Generated:
-    """Write every file of ``plan``; refuses to overwrite any of them unless ``force``."""
+def generate(plan: BrokerPlan, *, force: bool = False, new_ca: bool = False) -> dict[str, Path]:
+    """Write every file of ``plan``; refuses to overwrite any of them unless ``force``. With
+    ``force`` every password and the server certificate are new; the CA only with ``new_ca``."""
     files = plan.paths()
     if not force:
         for path in files.values():
@@ -367,29 +379,32 @@ def generate(plan: BrokerPlan, *, force: bool = False) -> Generated:
     broker_account = _broker_account(plan)
     if plan.tls:
         _openssl_exe()  # before anything is written
-    out = plan.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "secrets").mkdir(exist_ok=True)
-    os.chmod(out / "secrets", 0o700)
-    (out / "data").mkdir(exist_ok=True)
-    if plan.tls:
-        hostnames = [plan.client_host, *plan.hostnames, "localhost", "127.0.0.1"]
-        if plan.bind and plan.bind not in ("0.0.0.0", "::"):
-            hostnames.append(plan.bind)
-        make_bench_tls(out / "tls", hostnames, plan.days)
-    entries = []
-    for a in plan.accounts:
-        password = secrets.token_urlsafe(24)  # 192 random bits, no ':' or newline
-        _write(files[f"secret:{a.username}"], password + "\n", 0o600)
-        entries.append(f"{a.username}:{hash_password(password)}")
-        _write(files[f"client:{a.username}"], client_toml_text(plan, a), 0o644)
-    # Mosquitto reads these two; the hashes are not the passwords, but keep them private too
-    _write(files["passwd"], "\n".join(entries) + "\n", 0o600)
-    _write(files["acl"], acl_text(plan), 0o644)
-    _write(files["conf"], mosquitto_conf_text(plan), 0o644)
-    if broker_account is not None:
-        _hand_over(plan, *broker_account)
-    return Generated(plan, files)
+    try:
+        out = plan.out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "secrets").mkdir(exist_ok=True)
+        os.chmod(out / "secrets", 0o700)
+        (out / "data").mkdir(exist_ok=True)
+        if plan.tls:
+            hostnames = [plan.client_host, *plan.hostnames, "localhost", "127.0.0.1"]
+            if plan.bind and plan.bind not in ("0.0.0.0", "::"):
+                hostnames.append(plan.bind)
+            make_bench_tls(out / "tls", hostnames, plan.days, keep_ca=not new_ca)
+        entries = []
+        for a in plan.accounts:
+            password = secrets.token_urlsafe(24)  # 192 random bits, no ':' or newline
+            _write(files[f"secret:{a.username}"], password + "\n", 0o600)
+            entries.append(f"{a.username}:{hash_password(password)}")
+            _write(files[f"client:{a.username}"], client_toml_text(plan, a), 0o644)
+        # the hashes are not the passwords, but an offline guess needs only them: keep private
+        _write(files["passwd"], "\n".join(entries) + "\n", 0o600)
+        _write(files["acl"], acl_text(plan), 0o644)
+        _write(files["conf"], mosquitto_conf_text(plan), 0o644)
+        if broker_account is not None:
+            _hand_over(plan, *broker_account)
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename or plan.out}: cannot write: {exc.strerror}") from exc
+    return files
 
 
 def default_user() -> str:
@@ -443,7 +458,7 @@ then:
 Passwords are random, written to DIR/secrets/USER.password (mode 0600) and never printed.
 Each owner may read only PREFIX/<their VIN>/owner/# and write only its consent/set and
 command topics; each gateway may write only its own PREFIX/<VIN>/owner/# and read those two.
-Run again with --force to rotate every password (and certificate). See docs/broker.md.
+Run again with --force to rotate every password (the CA is kept). See docs/broker.md.
 """
 
 
@@ -506,7 +521,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "when run as root; then the broker's files are handed to it)",
     )
     p.add_argument("--days", type=int, default=365, help="certificate validity in days (365)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing configuration: new passwords and server certificate, "
+        "same CA (rotation)",
+    )
+    p.add_argument("--new-ca", action="store_true", help="with --force: a new bench CA too")
     p.set_defaults(func=_cmd_broker_config)
 
 
@@ -525,15 +546,17 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
         days=args.days,
         user=args.user if args.user is not None else default_user(),
     )
-    result = generate(plan, force=args.force)
+    if args.new_ca and not args.force:
+        raise ConfigError("--new-ca replaces an existing configuration: give --force too")
+    files = generate(plan, force=args.force, new_ca=args.new_ca)
     out = plan.out
     print(f"wrote the Mosquitto configuration to {out}/ (mosquitto.conf, passwd, acl)")
     print(f"passwords: {out / 'secrets'}/USER.password (mode 0600; not shown here)")
     if plan.tls:
         print(f"bench CA for clients: {out / 'tls' / 'ca.crt'} (keep tls/ca.key private)")
-    print(f"start the broker: mosquitto -c {result.files['conf']}")
+    print(f"start the broker: mosquitto -c {files['conf']}")
     for a in plan.accounts:
         print(
-            f"  {a.role} {a.username} ({plan.prefix}/{a.vin}/owner): --config {out / a.username}.toml"
+            f"  {a.role.value} {a.username} ({plan.prefix}/{a.vin}/owner): --config {out / a.username}.toml"
         )
     return 0

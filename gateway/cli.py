@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # sub-commands that live with their stage
-_EXTRA_COMMANDS: tuple[str, ...] = ("gateway.synth",)
+_EXTRA_COMMANDS: tuple[str, ...] = ("gateway.synth", "gateway.brokerconf")
 
 
 class _OneLine(logging.Formatter):

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from gateway.records import FrameBatch
 
 
@@ -37,16 +39,8 @@ class HealthMonitor:
 
     def on_batch(self, batch: FrameBatch) -> None:
         self.frames += len(batch)
-        counts = dict(
-            zip(
-                *[
-                    x.tolist()
-                    for x in __import__("numpy").unique(batch.channel, return_counts=True)
-                ],
-                strict=True,
-            )
-        )
-        for idx, n in counts.items():
+        idx_n = np.unique(batch.channel, return_counts=True)
+        for idx, n in zip(*(x.tolist() for x in idx_n), strict=True):
             name = batch.channels[idx]
             self.per_channel[name] = self.per_channel.get(name, 0) + n
 

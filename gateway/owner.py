@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import aiomqtt
 
-from gateway.egress.mqtt import describe_error, make_client
+from gateway.egress.mqtt import describe_error, make_client, message_queue
 from gateway.egress.schema import Topics, unpack
 from gateway.errors import BrokerError
 from gateway.settings import BrokerSettings
@@ -95,29 +95,25 @@ async def watch(
             await client.subscribe(topics.all, qos=1)
             if ready is not None:
                 ready.set()
-            it = client.messages.__aiter__()
-            while count is None or shown < count:
-                try:
-                    message = await (
-                        asyncio.wait_for(it.__anext__(), idle_timeout)
-                        if idle_timeout
-                        else it.__anext__()
-                    )
-                except TimeoutError:
-                    break
-                payload = message.payload if isinstance(message.payload, bytes) else b""
-                msg = view.accept(str(message.topic), payload)
-                if msg is None:
-                    continue
-                shown += 1
-                if on_message is not None:
-                    on_message(msg)
-                if as_json:
-                    out.write(json.dumps(msg, ensure_ascii=False, sort_keys=False) + "\n")
-                else:
-                    out.write(format_message(msg) + "\n")
-                with contextlib.suppress(Exception):
-                    out.flush()
+            async with message_queue(client) as incoming:
+                while count is None or shown < count:
+                    try:
+                        message = await incoming.get(idle_timeout)
+                    except TimeoutError:
+                        break
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    msg = view.accept(str(message.topic), payload)
+                    if msg is None:
+                        continue
+                    shown += 1
+                    if on_message is not None:
+                        on_message(msg)
+                    if as_json:
+                        out.write(json.dumps(msg, ensure_ascii=False, sort_keys=False) + "\n")
+                    else:
+                        out.write(format_message(msg) + "\n")
+                    with contextlib.suppress(Exception):
+                        out.flush()
     except aiomqtt.MqttError as exc:
         raise BrokerError(describe_error(broker, exc)) from exc
     return view

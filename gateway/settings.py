@@ -309,6 +309,11 @@ def load(
             f"{where}: [gateway].decoder must be 'vector' or 'cantools', got {g.decoder!r}"
         )
     broker: BrokerSettings = built["broker"]
+    broker = dataclasses.replace(
+        broker,
+        password_file=_resolve(base, broker.password_file),
+        tls_ca=_resolve(base, broker.tls_ca),
+    )
     _parse_broker_url(broker.url)
     arrays: dict[str, list[Any]] = {}
     for name, cls in _ARRAYS.items():

@@ -30,6 +30,7 @@ from gateway.app import Gateway
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.canbus.replay import ReplaySource, iter_log
 from gateway.egress.ledger import read_entries
+from gateway.egress.mqtt import message_queue
 from gateway.egress.schema import unpack
 from gateway.errors import ConfigError
 from gateway.localbroker import LocalBroker
@@ -281,14 +282,14 @@ class _Observer:
         async with aiomqtt.Client(self._host, self._port, identifier=None) as client:
             await client.subscribe("#", qos=1)
             self._ready.set()
-            it = client.messages.__aiter__()
-            while not self._stop.is_set():
-                try:
-                    m = await asyncio.wait_for(it.__anext__(), 0.1)
-                except TimeoutError:
-                    continue
-                payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-                self.messages.append(Observed(str(m.topic), payload, bool(m.retain)))
+            async with message_queue(client) as incoming:
+                while not self._stop.is_set():
+                    try:
+                        m = await incoming.get(0.1)
+                    except TimeoutError:
+                        continue
+                    payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+                    self.messages.append(Observed(str(m.topic), payload, bool(m.retain)))
 
     def stop(self, quiet: float = 0.7) -> list[Observed]:
         n = -1

@@ -4,6 +4,7 @@ helpers to run the gateway as a user would (a subprocess) and to listen as the o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -66,6 +68,28 @@ class Received:
     retain: bool
 
 
+async def _read_until(client: aiomqtt.Client, stop: Any, into: list[Received]) -> None:
+    """Collect messages until ``stop`` (a threading.Event) is set. The reader is ONE task
+    cancelled once at the end: cancelling aiomqtt's ``__anext__`` on a timeout (wait_for) can
+    drop a message that had just arrived, which once made a test see a loss that was not there."""
+
+    async def read() -> None:
+        async for m in client.messages:
+            payload = m.payload if isinstance(m.payload, bytes) else b""
+            into.append(Received(str(m.topic), payload, bool(m.retain)))
+
+    reader = asyncio.create_task(read())
+    try:
+        while not stop.is_set() and not reader.done():
+            await asyncio.sleep(0.05)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    if reader.done() and not reader.cancelled() and reader.exception() is not None:
+        raise reader.exception()  # type: ignore[misc]
+
+
 @dataclass
 class Listener:
     """Subscribes (to ``#`` by default) in a background thread with its own event loop."""
@@ -92,14 +116,7 @@ class Listener:
         async with aiomqtt.Client(host, int(port)) as client:
             await client.subscribe(self.topic, qos=1)
             self._ready.set()
-            it = client.messages.__aiter__()
-            while not self._stop.is_set():
-                try:
-                    m = await asyncio.wait_for(it.__anext__(), 0.1)
-                except TimeoutError:
-                    continue
-                payload = m.payload if isinstance(m.payload, bytes) else b""
-                self.messages.append(Received(str(m.topic), payload, bool(m.retain)))
+            await _read_until(client, self._stop, self.messages)
 
     def settle(self, quiet: float = 0.5, timeout: float = 20.0) -> list[Received]:
         """Wait until no message arrived for ``quiet`` seconds, then stop listening."""
@@ -188,14 +205,7 @@ class DurableListener:
                     self.connects += 1
                     await client.subscribe(self.topic, qos=1)
                     self._ready.set()
-                    it = client.messages.__aiter__()
-                    while not self._stop.is_set():
-                        try:
-                            m = await asyncio.wait_for(it.__anext__(), 0.1)
-                        except TimeoutError:
-                            continue
-                        payload = m.payload if isinstance(m.payload, bytes) else b""
-                        self.messages.append(Received(str(m.topic), payload, bool(m.retain)))
+                    await _read_until(client, self._stop, self.messages)
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.1)
 

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiomqtt
@@ -52,6 +52,45 @@ def make_client(
         timeout=timeout,
         clean_session=clean_session,
     )
+
+
+class MessageQueue:
+    """aiomqtt's incoming messages, read by ONE task into a queue that callers may wait on with
+    a timeout. Waiting on aiomqtt's ``__anext__`` with ``asyncio.wait_for`` is not safe: a
+    timeout that cancels it just as a message arrives drops that message (seen in this
+    project's tests on Python 3.11); ``asyncio.Queue.get`` is safe to cancel."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._q: asyncio.Queue[aiomqtt.Message | BaseException] = asyncio.Queue()
+        self._task = asyncio.create_task(self._read(client))
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        try:
+            async for m in client.messages:
+                self._q.put_nowait(m)
+        except aiomqtt.MqttError as exc:
+            self._q.put_nowait(exc)
+
+    async def get(self, timeout: float | None = None) -> aiomqtt.Message:
+        """The next message; ``TimeoutError`` after ``timeout`` s; the reader's MqttError."""
+        item = await (asyncio.wait_for(self._q.get(), timeout) if timeout else self._q.get())
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@contextlib.asynccontextmanager
+async def message_queue(client: aiomqtt.Client) -> AsyncIterator[MessageQueue]:
+    q = MessageQueue(client)
+    try:
+        yield q
+    finally:
+        await q.close()
 
 
 def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
