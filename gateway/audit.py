@@ -42,6 +42,13 @@ def _candidates(policy_path: str | None) -> list[Policy]:
     return out
 
 
+# summaries released under a policy switch rather than a per-signal rule
+_STREAM_RULES = {
+    "camera": lambda p: p.camera_summaries,
+    "trips": lambda p: bool(p.trips.gear or p.trips.speed),
+}
+
+
 def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyResult:
     chain = verify_chain(path)
     result = VerifyResult(str(path), chain.entries, chain.head, chain.kinds)
@@ -68,6 +75,13 @@ def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyRes
         consent = entry.get("consent") or {}
         for rule_id in entry.get("rules", []):
             rule = rules.get(rule_id)
+            if rule is None and rule_id in _STREAM_RULES:
+                if not _STREAM_RULES[rule_id](current):
+                    raise AuditError(
+                        f"{path}:{n}: {rule_id} summaries left, but policy {current.ident} "
+                        f"does not permit them"
+                    )
+                continue
             if rule is None:
                 raise AuditError(
                     f"{path}:{n}: egress under rule {rule_id!r}, which policy "

@@ -148,6 +148,21 @@ class FrameBatchBuilder:
         return batch
 
 
+class Sentinels(dict[float, str]):
+    """Choices of a NUMERIC signal that name only special raw values ("SNA", "INIT"): a 10-bit
+    speed with ``1023 = SNA`` is a speed, not an enumeration. Samples at these values mean "no
+    valid reading": the aggregator leaves them out (counted as invalid) rather than averaging
+    511.5 km/h into a window, and the window's figures stay numbers."""
+
+
+def choices_for(length: int, choices: dict[float, str]) -> dict[float, str]:
+    """``Sentinels`` when at most two names label a signal of 6 bits or more (64+ raw values);
+    otherwise the signal is an enumeration (gear, ignition state) and its names are its values."""
+    if len(choices) <= 2 and length >= 6:
+        return Sentinels(choices)
+    return choices
+
+
 @dataclass(frozen=True, slots=True)
 class SignalSeries:
     """One decoded signal over a batch: timestamps and numeric values (enum signals stay

@@ -210,6 +210,10 @@ def test_bundled_drive_location_stays_home_until_consent(tmp_path, broker, vin, 
     bodies = [unpack(m.payload) for m in got if m.topic.endswith(("/signals", "/trips"))]
     published = {k for b in bodies if b.get("schema") == "gateway.signals" for k in b["signals"]}
     assert {"battery.soc_ui", "speed_kph", "odometer_km", "gear"} <= published, published
+    # numeric signals whose DBC names one special value (SNA) stay numbers, not enum states
+    windows = [b["signals"] for b in bodies if b.get("schema") == "gateway.signals"]
+    assert max(w["speed_kph"]["max"] for w in windows) >= 50
+    assert all(isinstance(w["odometer_km"]["last"], float | int) for w in windows)
     trip = next(b for b in bodies if b["schema"] == "gateway.trip")
     assert "start_area" not in trip and "end_area" not in trip
     assert 6.0 < trip["distance_km"] < 9.0
@@ -231,3 +235,7 @@ def test_bundled_drive_location_stays_home_until_consent(tmp_path, broker, vin, 
     for area in (trip["start_area"], trip["end_area"]):
         assert (round(area["lat"], 6), round(area["lon"], 6)) not in exact
         assert min(_metres(area["lat"], area["lon"], la, lo) for la, lo in exact) > 1.0
+    # and both ledgers, trips and positions included, re-check against the policy
+    for run in ("a", "b"):
+        v = run_gateway("audit", "verify", str(tmp_path / run / "ledger.jsonl"))
+        assert v.returncode == 0, v.stdout + v.stderr

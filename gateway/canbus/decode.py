@@ -9,7 +9,7 @@ import cantools.database
 import numpy as np
 
 from gateway.canbus.dbc import ChannelDbcs
-from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries
+from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries, choices_for
 
 _DECODE_ERRORS = (cantools.database.DecodeError, ValueError, KeyError, IndexError)
 
@@ -35,7 +35,10 @@ def signal_meta(message: cantools.database.can.Message) -> Meta:
     out: Meta = {}
     for s in message.signals:
         choices = (
-            {float(int(k) * s.scale + s.offset): str(v) for k, v in s.choices.items()}
+            choices_for(
+                s.length,
+                {float(int(k) * s.scale + s.offset): str(v) for k, v in s.choices.items()},
+            )
             if s.choices
             else None
         )

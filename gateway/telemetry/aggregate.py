@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from gateway.records import SignalAggregate, SignalSeries, WindowSummary
+from gateway.records import Sentinels, SignalAggregate, SignalSeries, WindowSummary
 
 
 @dataclass(slots=True)
@@ -76,6 +76,10 @@ class WindowAggregator:
         for s in series:
             ts, vals = s.timestamp, s.value
             ok = np.isfinite(vals) & np.isfinite(ts)
+            choices = s.choices
+            if isinstance(choices, Sentinels):
+                ok &= ~np.isin(vals, np.fromiter(choices, np.float64, len(choices)))
+                choices = None
             if not ok.all():
                 self.invalid_samples += int((~ok).sum())
                 ts, vals = ts[ok], vals[ok]
@@ -102,8 +106,8 @@ class WindowAggregator:
                 bucket = self._open.setdefault(k, {})
                 p = bucket.get(s.name)
                 if p is None:
-                    p = bucket[s.name] = _Partial(s.unit, s.choices)
-                    if s.choices is not None:
+                    p = bucket[s.name] = _Partial(s.unit, choices)
+                    if choices is not None:
                         p.states = {}
                 p.count += int(counts[j])
                 p.min = min(p.min, float(mins[j]))

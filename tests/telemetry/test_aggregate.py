@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.records import SignalSeries
+from gateway.records import Sentinels, SignalSeries, choices_for
 from gateway.telemetry.aggregate import WindowAggregator
 
 
@@ -89,3 +89,26 @@ def test_any_batching_of_a_stream_gives_bit_identical_aggregates(values, cuts):
     ]
     # the mean is exactly rounded, so it does not depend on the batching either
     assert [w.signals["M.S"].mean for w in whole] == [w.signals["M.S"].mean for w in pieces]
+
+
+def test_sentinel_values_of_a_numeric_signal_are_left_out_not_averaged():
+    # a 10-bit speed, 0.5 km/h per bit, raw 1023 = "SNA": 511.5 km/h is not a speed
+    sna = choices_for(10, {511.5: "ESP_VEHICLE_SPEED_SNA"})
+    assert isinstance(sna, Sentinels)
+    assert not isinstance(choices_for(3, {1.0: "P", 4.0: "D"}), Sentinels)  # a real enum
+    agg = WindowAggregator(10.0)
+    agg.add(
+        [
+            SignalSeries(
+                "S.speed",
+                np.array([1.0, 2.0, 3.0, 4.0]),
+                np.array([40.0, 511.5, 50.0, 511.5]),
+                "kph",
+                sna,
+            )
+        ]
+    )
+    (w,) = agg.flush()
+    a = w.signals["S.speed"]
+    assert (a.count, a.min, a.max, a.mean, a.last) == (2, 40.0, 50.0, 45.0, 50.0)
+    assert agg.invalid_samples == 2
