@@ -50,6 +50,26 @@ def _decode_all(path: Path):
     return by_sig, vin_parts, raw
 
 
+def _numbers(obj):
+    """Every number in a payload, at any depth, keys included (and numbers written as text)."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, int | float):
+        yield float(obj)
+    elif isinstance(obj, str):
+        try:
+            yield float(obj)
+        except ValueError:
+            return
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(k)
+            yield from _numbers(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _numbers(v)
+
+
 def _truth(path: Path):
     with path.open() as f:
         return list(csv.DictReader(f))
@@ -216,6 +236,13 @@ def test_bundled_drive_location_stays_home_until_consent(tmp_path, broker, vin, 
     assert all(isinstance(w["odometer_km"]["last"], float | int) for w in windows)
     trip = next(b for b in bodies if b["schema"] == "gateway.trip")
     assert "start_area" not in trip and "end_area" not in trip
+    # no number in any payload within 0.05 degrees of any true latitude or longitude
+    lats = np.array(sorted({la for la, _ in exact}))
+    lons = np.array(sorted({lo for _, lo in exact}))
+    numbers = [x for m in got for x in _numbers(unpack(m.payload))]
+    assert len(numbers) > 100
+    for x in numbers:
+        assert np.abs(lats - x).min() > 0.05 and np.abs(lons - x).min() > 0.05, x
     assert 6.0 < trip["distance_km"] < 9.0
     # WITH location consent given in the config: positions leave, only on the ~1 km grid
     cfg = tmp_path / "consent.toml"
