@@ -149,6 +149,11 @@ def main() -> int:
     ap.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     args = ap.parse_args()
     rows: list[tuple[str, str, str, str]] = []
+
+    def add(row: tuple[str, str, str, str]) -> None:
+        rows.append(row)
+        print("  " + " | ".join(c for c in row if c), flush=True)  # as it comes: runs are long
+
     with tempfile.TemporaryDirectory() as tmpdir, LocalBroker() as broker:
         tmp = Path(tmpdir)
         log = bench_decode.repeated_log(
@@ -166,7 +171,7 @@ def main() -> int:
             rsss.append(r)
         e2e = args.frames / statistics.median(walls)
         base = statistics.median(baseline(log, DBCS) for _ in range(args.runs))
-        rows.append(
+        add(
             (
                 "end to end, frames/s (Kona x long)",
                 f"{e2e:,.0f}",
@@ -182,8 +187,8 @@ def main() -> int:
             w = statistics.median(
                 gateway_replay(long_drive, m3, broker.url, tmp)[0] for _ in range(args.runs)
             )
-            b = statistics.median(baseline(long_drive, [f"can0={m3[0]}"]) for _ in range(args.runs))
-            rows.append(
+            b = statistics.median(baseline(long_drive, [f"*={m3[0]}"]) for _ in range(args.runs))
+            add(
                 (
                     "end to end, frames/s (Model 3 drive)",
                     f"{n / w:,.0f}",
@@ -192,7 +197,7 @@ def main() -> int:
                 )
             )
         d = bench_decode.run(frames=1_000_000, runs=args.runs, cantools_frames=100_000)
-        rows.append(
+        add(
             (
                 "decode only, frames/s (65k batches)",
                 f"{d['vector_65536_fps']:,.0f}",
@@ -200,7 +205,7 @@ def main() -> int:
                 f"{d['vector_65536_fps'] / d['cantools_fps']:.1f}x",
             )
         )
-        rows.append(
+        add(
             (
                 "decode only, frames/s (one 1M batch)",
                 f"{d['vector_batch_fps']:,.0f}",
@@ -208,7 +213,7 @@ def main() -> int:
                 f"{d['vector_batch_fps'] / d['cantools_fps']:.1f}x",
             )
         )
-        rows.append(
+        add(
             (
                 "candump parse, frames/s",
                 f"{d['candump_fps']:,.0f}",
@@ -216,9 +221,7 @@ def main() -> int:
                 f"{d['candump_fps'] / d['python_can_fps']:.1f}x",
             )
         )
-        rows.append(
-            ("peak RSS, CAN only, MB", f"{statistics.median(rsss):.0f}", "", "target <= 80")
-        )
+        add(("peak RSS, CAN only, MB", f"{statistics.median(rsss):.0f}", "", "target <= 80"))
         clip = ROOT / "can_fixtures" / "camera" / "demo_clip.mp4"
         if clip.exists():
             _, rss_cam = gateway_replay(
@@ -229,9 +232,9 @@ def main() -> int:
                 "--video",
                 str(clip),
             )
-            rows.append(("peak RSS, CAN + camera, MB", f"{rss_cam:.0f}", "", "target <= 150"))
+            add(("peak RSS, CAN + camera, MB", f"{rss_cam:.0f}", "", "target <= 150"))
         for size, fps in camera_fps().items():
-            rows.append(
+            add(
                 (
                     f"camera anonymised frames/s, {size}",
                     f"{fps:.1f}",
@@ -240,7 +243,7 @@ def main() -> int:
                 )
             )
         lat = latency(broker.url, tmp, 1)
-        rows.append(("latency, window end -> owner, s (real-time replay)", f"{lat:.2f}", "", ""))
+        add(("latency, window end -> owner, s (real-time replay)", f"{lat:.2f}", "", ""))
     head = ("measure", "gateway", "standard tool", "ratio")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     for r in [head, tuple("-" * w for w in widths), *rows]:

@@ -58,26 +58,33 @@ def load_dbc(path: str | Path) -> cantools.database.can.Database:
     return _load_cached(path.resolve(), st.st_mtime_ns, st.st_size)
 
 
+def _strict_problem(db: cantools.database.can.Database) -> Exception | None:
+    """What ``strict=True`` would have refused (overlapping signals, signals that do not fit),
+    checked on the already parsed model: a large DBC is parsed once, not twice."""
+    for m in db.messages:
+        try:
+            m.refresh(strict=True)
+        except Exception as exc:  # noqa: BLE001 - cantools raises several kinds here
+            m.refresh(strict=False)
+            return exc
+    return None
+
+
 @functools.lru_cache(maxsize=32)
 def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.Database:
+    first_error: BaseException | None
     try:
-        return _load(path, None, strict=True)
+        db = _load(path, None, strict=False)
     except (cantools.database.UnsupportedDatabaseFormatError, ValueError, KeyError) as exc:
         first_error = exc
     except UnicodeDecodeError:
         # cantools opens with the platform encoding; many DBCs are cp1252
         first_error = None
-    try:
-        db = _load(path, None, strict=False)
-        log.warning("%s: loaded with strict=False (%s)", path, _one_line(first_error))
+    else:
+        problem = _strict_problem(db)
+        if problem is not None:
+            log.warning("%s: loaded with strict=False (%s)", path, _one_line(problem))
         return db
-    except (
-        cantools.database.UnsupportedDatabaseFormatError,
-        ValueError,
-        KeyError,
-        UnicodeDecodeError,
-    ):
-        pass
     try:
         text = path.read_bytes().decode("cp1252", errors="replace")
     except OSError as exc:
@@ -89,15 +96,15 @@ def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.D
     ):
         if candidate is None:
             continue
-        for strict in (True, False):
-            try:
-                db = _load(path, candidate, strict=strict)
-            except (cantools.database.UnsupportedDatabaseFormatError, ValueError, KeyError):
-                continue
-            log.warning(
-                "%s: loaded after a repair: %s%s", path, note, "" if strict else ", strict=False"
-            )
-            return db
+        try:
+            db = _load(path, candidate, strict=False)
+        except (cantools.database.UnsupportedDatabaseFormatError, ValueError, KeyError):
+            continue
+        loose = _strict_problem(db) is not None
+        log.warning(
+            "%s: loaded after a repair: %s%s", path, note, ", strict=False" if loose else ""
+        )
+        return db
     raise DbcError(
         f"{path}: cantools cannot load this DBC, even with strict=False: {_one_line(first_error)}"
     )

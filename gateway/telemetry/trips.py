@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import ConfigError
-from gateway.records import SignalSeries
+from gateway.records import Sentinels, SignalSeries
 
 _KEYS = {
     "gear",
@@ -139,10 +139,12 @@ class TripDetector:
                 ]
             else:
                 vals = s.value.tolist()
-            events += [
-                (t, i, role, v)
-                for i, (t, v) in enumerate(zip(s.timestamp.tolist(), vals, strict=True))
-            ]
+            ts = s.timestamp.tolist()
+            if isinstance(s.choices, Sentinels):  # "SNA" is no reading: not a speed of 511.5
+                keep = [v not in s.choices for v in vals]
+                ts = [t for t, k in zip(ts, keep, strict=True) if k]
+                vals = [v for v, k in zip(vals, keep, strict=True) if k]
+            events += [(t, i, role, v) for i, (t, v) in enumerate(zip(ts, vals, strict=True))]
         events.sort(key=lambda e: (e[0], e[1]))
         done: list[Trip] = []
         for t, _, role, v in events:
