@@ -120,9 +120,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.logs]
     for p in paths:
         detect_format(p)  # a missing or unknown file fails here, before anything starts
-    speed = None if args.fast else (args.speed if args.speed is not None else s.replay.speed)
+    fast = bool(args.fast) or (s.replay.fast and args.speed is None)
+    speed = None if fast else (args.speed if args.speed is not None else s.replay.speed)
     if speed is not None and speed <= 0:
         raise ConfigError(f"--speed must be positive, got {speed}")
+    # the camera paces its clip by the same settings as the CAN log
+    s = dataclasses.replace(
+        s, replay=dataclasses.replace(s.replay, fast=fast, speed=speed or s.replay.speed)
+    )
     progress = Progress("replay", enabled=None if not args.quiet else False)
     frames_seen = [0]
 
@@ -212,6 +217,16 @@ def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> N
         f"{report.sent} to {s.broker.url} under {s.broker.topic_prefix}/{s.gateway.vin}/owner/",
         file=out,
     )
+    if report.camera:
+        cams = report.camera
+        print(
+            f"camera: {sum(c.frames_seen for c in cams):,} frames seen, "
+            f"{sum(c.frames_anonymised for c in cams):,} anonymised, "
+            f"{sum(c.frames_dropped for c in cams):,} dropped (never stored or sent); "
+            f"{sum(c.faces_blurred for c in cams):,} face and "
+            f"{sum(c.plates_blurred for c in cams):,} plate boxes blurred; only counts left",
+            file=out,
+        )
     print(f"audit ledger: {s.gateway.ledger}", file=out)
 
 
@@ -598,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # sub-commands that live with their stage
-_EXTRA_COMMANDS: tuple[str, ...] = ("gateway.synth", "gateway.brokerconf")
+_EXTRA_COMMANDS: tuple[str, ...] = ("gateway.synth", "gateway.brokerconf", "gateway.camera.cli")
 
 
 class _OneLine(logging.Formatter):

@@ -116,7 +116,11 @@ class CameraSource:
     source: str = opt("", "Video file, image folder, /dev/videoN, or 'synthetic'.")
     name: str = opt("front", "Camera name used in summaries.")
     method: str = opt("gaussian", "Anonymisation: gaussian, pixelate or fill.")
-    detect_every: int = opt(1, "Run detection on every k-th frame; boxes are carried between.")
+    detect_every: int = opt(
+        2,
+        "Run detection on every k-th frame; the frames between wait for the next detection and "
+        "get the boxes of both (k-1 frames of latency, no frame leaves before it was covered).",
+    )
     memory: int = opt(5, "Apply each box to the next N frames too.")
 
 

@@ -1,0 +1,1 @@
+"""Camera anonymisation on the device: sources, detectors, anonymiser, local frame store."""

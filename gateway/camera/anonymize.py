@@ -109,7 +109,7 @@ def anonymize(
     frame: Image,
     boxes: Iterable[Box],
     method: Method = Method.GAUSSIAN,
-    margin: float = 0.15,
+    margin: float = 0.4,
     *,
     index: int = 0,
     t: float = 0.0,

@@ -46,7 +46,9 @@ class FrameStore:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"{self.dir}: cannot create the frame store ({exc.strerror})") from exc
+            raise StorageError(
+                f"{self.dir}: cannot create the frame store ({exc.strerror})"
+            ) from exc
         seqs = [int(m["seq"]) for _, m in self._entries()]
         self._seq = max(seqs, default=-1) + 1
         self._last_t: float | None = None
@@ -71,7 +73,9 @@ class FrameStore:
             raise TypeError("the frame store only accepts anonymised frames")
         if not self.due(frame.t):
             return None
-        ok, data = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self.settings.quality])
+        ok, data = cv2.imencode(
+            ".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self.settings.quality]
+        )
         if not ok:
             raise StorageError(f"{self.dir}: could not encode frame {frame.index}")
         path = self.dir / f"{self.camera}-{self._seq:09d}-{int(now)}.jpg"

@@ -1,0 +1,238 @@
+"""The camera stage: source -> anonymiser (detect every k-th frame, boxes carried both ways,
+frame memory, fail closed) -> on-device store, and a ``CameraSummary`` of counts per window of
+video time (frame index / fps), so the replay speed does not change the summaries.
+
+Decoding runs in one worker thread (a frame ahead) and inference in another, so the event loop
+and the CAN path on it never wait for them. Dropped frames (detection failed, or a paced replay
+fell behind like a real camera would) are counted, never stored, never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.camera.anonymiser import (
+    AnonymiserSettings,
+    DetectionFailed,
+    FrameAnonymiser,
+    Outcome,
+)
+from gateway.camera.source import Frame, FrameSource
+from gateway.camera.store import FrameStore, StoreSettings
+from gateway.errors import CameraError, StorageError
+from gateway.records import CameraSummary
+
+log = logging.getLogger("gateway.camera")
+
+
+@dataclass
+class _Window:
+    index: int
+    start: float
+    seen: int = 0
+    anonymised: int = 0
+    dropped: int = 0
+    faces: int = 0
+    plates: int = 0
+    wall0: float = 0.0
+    wall1: float = 0.0
+    last_t: float = 0.0
+    source_failed: bool = False
+
+    def summary(self, camera: str, window: float, fps_src: float, partial: bool) -> CameraSummary:
+        end = self.start + window
+        if partial:
+            end = min(end, self.last_t + 1.0 / fps_src)
+        wall = self.wall1 - self.wall0
+        fps = self.anonymised / wall if wall > 0 and self.anonymised > 1 else 0.0
+        health = "ok"
+        if self.source_failed:
+            health = "failed"
+        elif self.dropped:
+            health = "failed" if self.anonymised == 0 else "degraded"
+        return CameraSummary(
+            camera,
+            self.start,
+            end,
+            self.seen,
+            self.anonymised,
+            self.dropped,
+            self.faces,
+            self.plates,
+            fps,
+            health,
+        )
+
+
+class CameraStage:
+    """One camera: ``await stage.run(emit, stop)``; ``dropped`` counts dropped frames so far."""
+
+    def __init__(
+        self,
+        source: FrameSource,
+        anonymiser: FrameAnonymiser,
+        *,
+        name: str,
+        window: float,
+        speed: float | None = 1.0,
+        store: FrameStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.anonymiser = anonymiser
+        self.name = name
+        self.window = window
+        self.speed = speed  # None: as fast as possible
+        self.store = store
+        self.clock = clock
+        self.dropped = 0
+        self.seen = 0
+        self.anonymised = 0
+        self._windows: dict[int, _Window] = {}
+        self._last_error: str | None = None
+        self._read = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-read-{name}")
+        self._work = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-work-{name}")
+
+    # -- in the worker thread ----------------------------------------------------------------
+    def _keep(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Store what is due; a frame the store cannot take is still anonymised (and counted)."""
+        if self.store is not None:
+            for o in outcomes:
+                if o.anonymised is not None and self.store.due(o.anonymised.t):
+                    try:
+                        self.store.put(o.anonymised, self.clock())
+                    except StorageError as exc:
+                        log.error("camera %s: %s", self.name, exc)
+        return outcomes
+
+    def _push(self, frame: Frame) -> list[Outcome]:
+        return self._keep(self.anonymiser.push(frame))
+
+    def _flush(self) -> list[Outcome]:
+        return self._keep(self.anonymiser.flush())
+
+    # -- on the event loop -------------------------------------------------------------------
+    def _window_of(self, t: float) -> _Window:
+        w = math.floor(t / self.window)
+        win = self._windows.get(w)
+        if win is None:
+            win = self._windows[w] = _Window(w, w * self.window, wall0=time.monotonic())
+        return win
+
+    def _count(self, outcomes: list[Outcome]) -> None:
+        now = time.monotonic()
+        for o in outcomes:
+            win = self._window_of(o.frame.t)
+            win.wall1 = now
+            if o.anonymised is None:
+                win.dropped += 1
+                self.dropped += 1
+                if o.error != self._last_error:
+                    log.warning(
+                        "camera %s: frame %d dropped: %s", self.name, o.frame.index, o.error
+                    )
+                    self._last_error = o.error
+                continue
+            self._last_error = None
+            win.anonymised += 1
+            win.faces += o.faces
+            win.plates += o.plates
+            self.anonymised += 1
+
+    async def _emit_before(
+        self, w: float, emit: Callable[[CameraSummary], Awaitable[None]]
+    ) -> None:
+        """Emit every window that ends before window index ``w`` (all its frames are final)."""
+        fps = self.source.fps or 25.0
+        for i in sorted(self._windows):
+            if i >= w:
+                break
+            win = self._windows.pop(i)
+            await emit(win.summary(self.name, self.window, fps, partial=False))
+
+    async def run(
+        self, emit: Callable[[CameraSummary], Awaitable[None]], stop: asyncio.Event
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        frames = self.source.frames()
+        fps_src = self.source.fps or 25.0
+        pace = None if self.source.live else self.speed
+        sentinel = object()
+
+        def next_frame() -> object:
+            return next(frames, sentinel)
+
+        t_wall0 = time.monotonic()
+        reading = loop.run_in_executor(self._read, next_frame)
+        try:
+            while not stop.is_set():
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not reading.done():
+                    break
+                try:
+                    item = reading.result()
+                except CameraError as exc:
+                    log.error("camera %s: %s", self.name, exc)
+                    if self._windows:
+                        self._windows[max(self._windows)].source_failed = True
+                    break
+                if item is sentinel:
+                    break
+                assert isinstance(item, Frame)
+                frame = item
+                reading = loop.run_in_executor(self._read, next_frame)  # decode ahead
+                win = self._window_of(frame.t)
+                win.seen += 1
+                win.last_t = max(win.last_t, frame.t)
+                self.seen += 1
+                if pace is not None:
+                    late = time.monotonic() - (t_wall0 + frame.t / pace)
+                    if late < 0:
+                        await asyncio.sleep(-late)
+                    elif late > max(0.2, 2.0 / (fps_src * pace)):
+                        # a real camera does not wait for us: too far behind, skip this frame
+                        self._count([Outcome(frame, None, error="behind the camera's pace")])
+                        continue
+                self._count(await loop.run_in_executor(self._work, self._push, frame))
+                held = self.anonymiser.held
+                oldest = held[0].t if held else frame.t
+                await self._emit_before(math.floor(oldest / self.window), emit)
+            # the end (or stop): finish the frames held back, then every window left
+            self._count(await loop.run_in_executor(self._work, self._flush))
+            for i in sorted(self._windows):
+                win = self._windows.pop(i)
+                await emit(win.summary(self.name, self.window, fps_src, partial=True))
+        finally:
+            reading.cancel()
+            close = getattr(frames, "close", None)
+            if close is not None:
+                self._read.submit(close)
+            self._read.shutdown(wait=False)
+            self._work.shutdown(wait=False)
+            self.anonymiser.close()
+
+
+def store_dir(state_dir: str, ledger: str) -> Path:
+    """Where anonymised frames are kept: ``STATE_DIR/frames`` or beside the ledger."""
+    base = Path(state_dir) if state_dir else Path(ledger).resolve().parent
+    return base / "frames"
+
+
+__all__ = [
+    "AnonymiserSettings",
+    "CameraStage",
+    "DetectionFailed",
+    "FrameAnonymiser",
+    "FrameStore",
+    "StoreSettings",
+    "store_dir",
+]

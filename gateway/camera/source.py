@@ -1,0 +1,208 @@
+"""Camera sources: video files (anything OpenCV reads), image folders, V4L2 devices
+(``/dev/videoN``) and a synthetic source for tests.
+
+Every source is a blocking iterator of ``(index, t, frame)`` with ``t`` in seconds of video time
+(frame index / fps for recordings, elapsed wall time for a live device); callers run it in a
+worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from gateway.camera.detect import Image
+from gateway.errors import CameraError
+
+log = logging.getLogger("gateway.camera.source")
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    index: int
+    t: float
+    image: Image
+    name: str = ""  # file name, for image folders
+
+
+class FrameSource(Protocol):
+    name: str
+    fps: float
+    live: bool  # a device paces itself; recordings are paced by the caller
+
+    def frames(self) -> Iterator[Frame]: ...
+
+    def total(self) -> int | None: ...
+
+
+def _cv_quiet() -> None:
+    # OpenCV prints its own warnings for unreadable files; the gateway reports them as one line
+    with contextlib.suppress(AttributeError):  # builds without the logging API
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+class VideoFileSource:
+    live = False
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+        if not self.path.is_file():
+            raise CameraError(f"{self.path}: no such video file")
+        _cv_quiet()
+        cap = cv2.VideoCapture(str(self.path))
+        ok = cap.isOpened()
+        first = cap.read()[1] if ok else None
+        fps = cap.get(cv2.CAP_PROP_FPS) if ok else 0.0
+        self._count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
+        cap.release()
+        if first is None:
+            raise CameraError(f"{self.path}: OpenCV cannot read a frame from this video")
+        self.fps = fps if 1.0 <= fps <= 1000.0 else 25.0
+        self.size = (first.shape[1], first.shape[0])
+
+    def total(self) -> int | None:
+        return self._count or None
+
+    def frames(self) -> Iterator[Frame]:
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            i = 0
+            while True:
+                ok, img = cap.read()
+                if not ok or img is None:
+                    return
+                yield Frame(i, i / self.fps, img)
+                i += 1
+        finally:
+            cap.release()
+
+
+def read_image(path: Path) -> Image:
+    """An image file as BGR uint8; unreadable files raise ``CameraError``."""
+    _cv_quiet()
+    data = np.fromfile(str(path), np.uint8) if path.is_file() else None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
+    if img is None:
+        raise CameraError(f"{path}: not an image OpenCV can read")
+    return img
+
+
+class ImageFolderSource:
+    """The images of a folder in name order, as frames at ``fps``."""
+
+    live = False
+
+    def __init__(self, path: str | Path, fps: float = 10.0) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+        self.fps = fps
+        if not self.path.is_dir():
+            raise CameraError(f"{self.path}: no such image folder")
+        self.files = sorted(
+            p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not self.files:
+            raise CameraError(f"{self.path}: no images in this folder")
+
+    def total(self) -> int | None:
+        return len(self.files)
+
+    def frames(self) -> Iterator[Frame]:
+        for i, p in enumerate(self.files):
+            try:
+                img = read_image(p)
+            except CameraError as exc:
+                log.warning("%s", exc)
+                continue
+            yield Frame(i, i / self.fps, img, p.name)
+
+
+class DeviceSource:
+    """A V4L2 device (``/dev/video0`` on the Pi); ``t`` is wall time since opening."""
+
+    live = True
+
+    def __init__(self, path: str, width: int = 1280, height: int = 720, fps: float = 15.0) -> None:
+        self.name = path
+        self.fps = fps
+        self.width, self.height = width, height
+        if not Path(path).exists():
+            raise CameraError(f"{path}: no such camera device")
+
+    def total(self) -> int | None:
+        return None
+
+    def frames(self) -> Iterator[Frame]:
+        _cv_quiet()
+        cap = cv2.VideoCapture(self.name, cv2.CAP_V4L2)
+        if not cap.isOpened():
+            raise CameraError(f"{self.name}: cannot open the camera device")
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        cap.set(cv2.CAP_PROP_FPS, self.fps)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not a backlog
+        t0 = time.monotonic()
+        try:
+            i = 0
+            while True:
+                ok, img = cap.read()
+                if not ok or img is None:
+                    raise CameraError(f"{self.name}: the camera stopped delivering frames")
+                yield Frame(i, time.monotonic() - t0, img)
+                i += 1
+        finally:
+            cap.release()
+
+
+class SyntheticSource:
+    """Rendered frames (moving rectangles on a gradient) for tests: no faces, no files."""
+
+    live = False
+
+    def __init__(
+        self, count: int = 100, size: tuple[int, int] = (640, 360), fps: float = 25.0
+    ) -> None:
+        self.name = "synthetic"
+        self.count, self.size, self.fps = count, size, fps
+
+    def total(self) -> int | None:
+        return self.count
+
+    def frames(self) -> Iterator[Frame]:
+        w, h = self.size
+        base = np.tile(np.linspace(40, 200, w, dtype=np.uint8)[None, :, None], (h, 1, 3))
+        for i in range(self.count):
+            img = base.copy()
+            x = (i * 7) % max(1, w - 60)
+            cv2.rectangle(img, (x, h // 3), (x + 60, h // 3 + 40), (30, 30, 220), -1)
+            yield Frame(i, i / self.fps, img)
+
+
+def open_source(spec: str) -> FrameSource:
+    """A source from its config string: a video file, an image folder, ``/dev/videoN``,
+    or ``synthetic``."""
+    if not spec:
+        raise CameraError(
+            "camera source is empty: give a video file, image folder, /dev/videoN or 'synthetic'"
+        )
+    if spec == "synthetic":
+        return SyntheticSource()
+    if spec.startswith("/dev/video"):
+        return DeviceSource(spec)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return ImageFolderSource(p)
+    if not p.exists():
+        raise CameraError(f"{p}: no such video file or image folder")
+    return VideoFileSource(p)

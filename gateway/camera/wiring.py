@@ -1,0 +1,64 @@
+"""Builds the camera stages the gateway runs from its settings (``[[camera]]`` tables and
+``gateway replay --video``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from gateway.camera.anonymiser import AnonymiserSettings, FrameAnonymiser
+from gateway.camera.anonymize import Method
+from gateway.camera.detect import DetectorSettings, load_detectors
+from gateway.camera.pipeline import CameraStage, store_dir
+from gateway.camera.source import open_source
+from gateway.camera.store import FrameStore, StoreSettings
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway.camera")
+
+# The stream's detector input widths: measured on ../shared/data/vision, faces at 640 px and plates
+# at 960 px keep recall >= 0.95 for 640x360 and 1280x720 frames (bench/eval_anonymisation.py).
+STREAM_DETECTOR = DetectorSettings()
+
+
+def camera_settings(spec: str, settings: Any) -> Any:
+    """The ``[[camera]]`` table naming this source, or the defaults for a bare ``--video``."""
+    from gateway.settings import CameraSource
+
+    for cam in settings.camera:
+        if cam.source == spec:
+            return cam
+    return CameraSource(source=spec)
+
+
+def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
+    """One stage per source; a source that cannot be opened fails here, before anything runs."""
+    stages: list[CameraStage] = []
+    names: set[str] = set()
+    g = settings.gateway
+    speed = None if settings.replay.fast else settings.replay.speed
+    for spec in dict.fromkeys(videos):  # a source named twice runs once
+        cam = camera_settings(spec, settings)
+        name = cam.name
+        if name in names:  # two --video clips: front, front-2, ...
+            name = f"{cam.name}-{len(names) + 1}"
+        names.add(name)
+        if cam.detect_every < 1:
+            raise ConfigError(f"camera {name}: detect_every must be >= 1, got {cam.detect_every}")
+        source = open_source(spec)
+        anonymiser = FrameAnonymiser(
+            load_detectors(STREAM_DETECTOR),
+            AnonymiserSettings(
+                method=Method.parse(cam.method),
+                detect_every=cam.detect_every,
+                memory=cam.memory,
+                detector=STREAM_DETECTOR,
+            ),
+        )
+        store = FrameStore(store_dir(g.state_dir, g.ledger), name, StoreSettings())
+        log.info("camera %s: %s -> %s", name, spec, Path(store.dir))
+        stages.append(
+            CameraStage(source, anonymiser, name=name, window=g.window, speed=speed, store=store)
+        )
+    return stages

@@ -1,0 +1,40 @@
+"""Fixtures of the camera tests: the shipped public-domain photo and demo clip, and the detectors
+(loaded once per session: the real ONNX models in models/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from gateway.camera.detect import CombinedDetector, load_detectors
+
+ROOT = Path(__file__).resolve().parents[2]
+ASTRONAUT = ROOT / "tests" / "data" / "astronaut.jpg"  # NASA portrait, public domain
+DEMO_CLIP = ROOT / "can_fixtures" / "camera" / "demo_clip.mp4"
+
+
+@pytest.fixture(scope="session")
+def detector() -> CombinedDetector:
+    d = load_detectors()
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    img = cv2.imread(str(ASTRONAUT))
+    assert img is not None, ASTRONAUT
+    return img
+
+
+def detail(gray: np.ndarray) -> float:
+    """Edge energy: the variance of the Laplacian, which a blur removes."""
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+def crop(img: np.ndarray, box) -> np.ndarray:
+    x, y, w, h = (int(round(v)) for v in (box.x, box.y, box.w, box.h))
+    return cv2.cvtColor(img[max(y, 0) : y + h, max(x, 0) : x + w], cv2.COLOR_BGR2GRAY)

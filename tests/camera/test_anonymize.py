@@ -1,0 +1,102 @@
+"""Anonymisation (pure): detail is removed, the margin and plate polygons are honoured, the input
+is never modified, and the frame memory carries boxes over missed detections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.camera.anonymize import (
+    AnonymisedFrame,
+    FrameMemory,
+    Method,
+    anonymize,
+    blackout,
+    region_mask,
+)
+from gateway.camera.detect import Box, Kind
+from gateway.errors import ConfigError
+from tests.camera.conftest import crop, detail
+
+
+@pytest.mark.parametrize(
+    ("method", "keep"),
+    [(Method.GAUSSIAN, 0.05), (Method.FILL, 0.0), (Method.PIXELATE, 0.5)],
+)
+def test_the_face_box_loses_most_of_its_detail(detector, astronaut, method, keep):
+    boxes = detector.detect(astronaut)
+    face = next(b for b in boxes if b.kind is Kind.FACE)
+    before = crop(astronaut, face)
+    out = anonymize(astronaut, boxes, method)
+    after = crop(out.image, face)
+    assert detail(before) > 200  # a real face has detail to lose
+    assert detail(after) <= keep * detail(before), (detail(before), detail(after))
+    if method is not Method.PIXELATE:  # block means keep the coarse variance
+        assert after.var() < 0.2 * before.var()
+    assert out.faces == 1
+
+
+def test_the_input_frame_is_left_untouched(astronaut):
+    copy = astronaut.copy()
+    anonymize(astronaut, [Box(Kind.FACE, 100, 100, 80, 80, 0.9)], Method.FILL)
+    assert np.array_equal(copy, astronaut)
+
+
+def test_every_pixel_of_the_box_and_its_margin_is_altered_and_nothing_else():
+    img = np.full((200, 300, 3), 200, np.uint8)
+    img[::2, ::2] = 10  # texture everywhere, so every blurred pixel changes
+    out = anonymize(img, [Box(Kind.FACE, 100, 50, 40, 60, 0.9)], Method.GAUSSIAN, margin=0.25)
+    changed = np.any(out.image != img, axis=2)
+    # box 100..140 x 50..110 plus 10 px / 15 px margins
+    assert changed[35:125, 90:150].mean() > 0.99
+    assert not changed[:30].any() and not changed[130:].any()
+    assert not changed[:, :85].any() and not changed[:, 155:].any()
+
+
+def test_a_plate_is_obscured_as_its_corner_polygon_plus_the_box():
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[::2, ::2] = 255
+    # a slanted plate: the polygon reaches beyond its (narrow) box on the right
+    corners = ((50.0, 40.0), (130.0, 30.0), (130.0, 50.0), (50.0, 60.0))
+    plate = Box(Kind.PLATE, 50, 38, 60, 20, 0.9, corners)
+    region = region_mask(img.shape, plate, 0.0)
+    assert region is not None
+    (x0, y0, x1, y1), mask = region
+    assert x1 >= 130 and mask is not None
+    assert mask[:, 0].any() and not mask[-1, -1] and not mask[0, 0]  # a polygon, not the rectangle
+    out = anonymize(img, [plate], Method.FILL, margin=0.0)
+    assert out.plates == 1
+    assert (out.image[45, 52:128] == 0).all()  # along the plate
+    assert (out.image[2::2, 2::2][:5] == 255).all()  # far away: untouched
+
+
+def test_boxes_outside_the_frame_are_clipped_or_skipped():
+    img = np.full((50, 50, 3), 128, np.uint8)
+    out = anonymize(
+        img,
+        [Box(Kind.FACE, -20, -20, 30, 30, 0.9), Box(Kind.FACE, 500, 500, 10, 10, 0.9)],
+        Method.FILL,
+    )
+    assert (out.image[:5, :5] == 0).all()
+    assert out.faces == 1
+
+
+def test_blackout_keeps_nothing():
+    frame = blackout(np.full((10, 10, 3), 99, np.uint8), index=3, t=0.1)
+    assert isinstance(frame, AnonymisedFrame) and not frame.image.any()
+
+
+def test_frame_memory_applies_a_box_to_the_next_n_frames_only():
+    mem = FrameMemory(2)
+    face = Box(Kind.FACE, 1, 1, 5, 5, 0.9)
+    mem.update(10, [face])
+    mem.update(11, [])  # a missed detection
+    assert mem.boxes(11) == [face]
+    assert mem.boxes(12) == [face]
+    assert mem.boxes(13) == []
+
+
+def test_unknown_method_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match="expected one of gaussian, pixelate, fill"):
+        Method.parse("swirl")
+    assert Method.parse(" Pixelate ") is Method.PIXELATE

@@ -1,0 +1,121 @@
+"""``gateway anonymize``: a folder gives blurred copies with the same names and formats; every
+mistake is one line and exit status 2."""
+
+from __future__ import annotations
+
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+import gateway.cli as gateway_cli
+from gateway.camera.detect import Kind
+from tests.camera.conftest import ASTRONAUT, DEMO_CLIP, crop, detail
+
+
+@pytest.fixture
+def gateway(monkeypatch, capsys):
+    """``gateway`` as the console script runs it (in-process, to share the loaded models)."""
+    if "gateway.camera.cli" not in gateway_cli._EXTRA_COMMANDS:
+        monkeypatch.setattr(
+            gateway_cli, "_EXTRA_COMMANDS", (*gateway_cli._EXTRA_COMMANDS, "gateway.camera.cli")
+        )
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = gateway_cli.main(list(argv))
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _one_error(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("gateway: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_folder_gives_blurred_copies_with_the_same_names_and_formats(
+    tmp_path, gateway, detector, astronaut
+):
+    src = tmp_path / "photos"
+    src.mkdir()
+    shutil.copy(ASTRONAUT, src / "portrait.jpg")
+    cv2.imwrite(str(src / "portrait.png"), astronaut)
+    (src / "readme.txt").write_text("not an image")
+    code, err = gateway("anonymize", str(src), str(tmp_path / "out"), "-q")
+    assert code == 0, err
+    assert "2 image(s)" in err and "2 face(s)" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["portrait.jpg", "portrait.png"]
+    with open(tmp_path / "out" / "portrait.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "out" / "portrait.jpg", "rb") as f:
+        assert f.read(3) == b"\xff\xd8\xff"
+    face = next(b for b in detector.detect(astronaut) if b.kind is Kind.FACE)
+    png = cv2.imread(str(tmp_path / "out" / "portrait.png"))
+    # the face lost its detail...
+    assert detail(crop(png, face)) < 0.05 * detail(crop(astronaut, face))
+    # ...and lossless stayed lossless: away from the face, every pixel is the original's
+    assert np.array_equal(png[300:], astronaut[300:])
+    # the originals are untouched
+    assert cv2.imread(str(src / "portrait.png")).tobytes() == astronaut.tobytes()
+
+
+def test_a_single_image_with_options(tmp_path, gateway, astronaut):
+    out = tmp_path / "pix.png"
+    code, err = gateway(
+        "anonymize", str(ASTRONAUT), str(out), "--method", "fill", "--margin", "0", "-q"
+    )
+    assert code == 0, err
+    img = cv2.imread(str(out))
+    assert (img == 0).all(axis=2).sum() > 5000  # a filled face box
+
+
+def test_a_video_gives_a_video_of_the_same_length(tmp_path, gateway):
+    out = tmp_path / "clip.mp4"
+    code, err = gateway("anonymize", str(DEMO_CLIP), str(out), "--detect-every", "3", "-q")
+    assert code == 0, err
+    cap = cv2.VideoCapture(str(out))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 90
+    cap.release()
+    assert "90 face(s)" in err and "90 plate(s)" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (lambda p: [str(p / "nope"), str(p / "o")], "no such image, folder or video"),
+        (lambda p: [_bad_jpeg(p), str(p / "o.jpg")], "not an image OpenCV can read"),
+        (lambda p: [_empty(p), str(p / "o")], "no images in this folder"),
+        (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--margin", "-1"], "--margin"),
+        (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--face-score", "2"], "--face-score"),
+        (lambda p: [str(ASTRONAUT), str(p / "o.txt")], "must be an image file"),
+        (lambda p: [str(DEMO_CLIP), str(p / "o.gif")], "video output must end in"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(tmp_path, gateway, argv, needle):
+    code, err = gateway("anonymize", *argv(tmp_path), "-q")
+    assert code == 2
+    assert needle in _one_error(err)
+
+
+def test_an_unreadable_image_in_a_folder_is_reported_and_the_rest_written(tmp_path, gateway):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(ASTRONAUT, src / "good.jpg")
+    (src / "bad.jpg").write_bytes(b"not a jpeg")
+    code, err = gateway("anonymize", str(src), str(tmp_path / "out"), "-q")
+    assert code == 1
+    assert "bad.jpg" in err and "Traceback" not in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.jpg"]
+
+
+def _bad_jpeg(p) -> str:
+    (p / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    return str(p / "broken.jpg")
+
+
+def _empty(p) -> str:
+    (p / "empty").mkdir()
+    return str(p / "empty")

@@ -1,0 +1,63 @@
+"""The gateway's camera stages come from ``--video`` and ``[[camera]]`` tables."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gateway.camera.anonymize import Method
+from gateway.camera.wiring import camera_stages
+from gateway.errors import CameraError, ConfigError
+from gateway.settings import CameraSource, Settings
+from tests.camera.conftest import DEMO_CLIP
+
+
+def _settings(tmp_path, **kw) -> Settings:
+    s = Settings()
+    return dataclasses.replace(
+        s,
+        gateway=dataclasses.replace(s.gateway, ledger=str(tmp_path / "l.jsonl"), window=5.0),
+        **kw,
+    )
+
+
+def test_a_bare_video_gets_the_defaults_and_a_store_beside_the_ledger(tmp_path):
+    (stage,) = camera_stages([str(DEMO_CLIP)], _settings(tmp_path))
+    assert stage.name == "front" and stage.window == 5.0 and stage.speed == 1.0
+    assert stage.anonymiser.s.method is Method.GAUSSIAN
+    assert stage.store is not None and stage.store.dir == tmp_path / "frames"
+    assert stage.dropped == 0
+
+
+def test_a_camera_table_sets_name_method_and_detection_rate(tmp_path):
+    cam = CameraSource(source=str(DEMO_CLIP), name="rear", method="fill", detect_every=3, memory=2)
+    s = _settings(tmp_path, camera=[cam])
+    s = dataclasses.replace(
+        s,
+        gateway=dataclasses.replace(s.gateway, state_dir=str(tmp_path / "state")),
+        replay=dataclasses.replace(s.replay, fast=True),
+    )
+    (stage,) = camera_stages([cam.source], s)
+    assert stage.name == "rear" and stage.speed is None
+    assert stage.anonymiser.s.method is Method.FILL
+    assert stage.anonymiser.s.detect_every == 3 and stage.anonymiser.s.memory == 2
+    assert stage.store is not None and stage.store.dir == tmp_path / "state" / "frames"
+
+
+def test_two_clips_get_two_names(tmp_path):
+    a, b = camera_stages([str(DEMO_CLIP), "synthetic"], _settings(tmp_path))
+    assert (a.name, b.name) == ("front", "front-2")
+
+
+@pytest.mark.parametrize(
+    ("cam", "error", "needle"),
+    [
+        (CameraSource(source="missing.mp4"), CameraError, "no such video file"),
+        (CameraSource(source="synthetic", method="swirl"), ConfigError, "swirl"),
+        (CameraSource(source="synthetic", detect_every=0), ConfigError, "detect_every"),
+    ],
+)
+def test_bad_camera_settings_fail_before_anything_runs(tmp_path, cam, error, needle):
+    with pytest.raises(error, match=needle):
+        camera_stages([cam.source], _settings(tmp_path, camera=[cam]))
