@@ -25,6 +25,7 @@ import can
 import numpy as np
 
 from gateway.canbus.candump import iter_candump
+from gateway.canbus.chunking import FAST
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.canbus.decode import CantoolsDecoder
 from gateway.canbus.fastdecode import VectorDecoder
@@ -138,9 +139,14 @@ def reference_rate(batch: FrameBatch, dbcs: ChannelDbcs, frames: int, runs: int)
     return median_rate(len(part), lambda: dec.decode(part), runs)
 
 
+def _fast_chunks(path: Path) -> Iterator[FrameBatch]:
+    """The chunks ``gateway replay --fast`` reads (a paced replay cuts them every 0.25 s)."""
+    return iter_candump(path, chunk_frames=FAST.frames, max_chunk_seconds=FAST.seconds)
+
+
 def candump_rate(path: Path, runs: int) -> tuple[float, int]:
-    n = sum(len(b) for b in iter_candump(path))
-    return median_rate(n, lambda: sum(1 for _ in iter_candump(path)), runs), n
+    n = sum(len(b) for b in _fast_chunks(path))
+    return median_rate(n, lambda: sum(1 for _ in _fast_chunks(path)), runs), n
 
 
 def python_can_rate(path: Path, runs: int) -> float:
@@ -156,7 +162,7 @@ def run(frames: int = 1_000_000, runs: int = 5, cantools_frames: int = 100_000) 
     with tempfile.TemporaryDirectory() as tmp:
         big = repeated_log(log, frames, Path(tmp) / "kona_x.log")
         small = repeated_log(log, min(frames, 100_000), Path(tmp) / "kona_small.log")
-        chunks = list(iter_candump(big))
+        chunks = list(_fast_chunks(big))
         batch = concat(chunks)
         out = {
             "frames": float(len(batch)),

@@ -15,26 +15,17 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gateway.camera.anonymize import AnonymisedFrame, FrameMemory, Method, anonymize
-from gateway.camera.detect import Box, Detector, DetectorSettings, Kind
+from gateway.camera.anonymize import AnonymisedFrame, FrameMemory, anonymize
+from gateway.camera.detect import Box, Detector, Kind
+from gateway.camera.options import AnonymiserSettings  # noqa: F401 - re-exported
 from gateway.camera.source import Frame
 from gateway.errors import ConfigError
 
 
 class DetectionFailed(Exception):
     """This frame has no trustworthy detection: it must be dropped."""
-
-
-@dataclass(frozen=True)
-class AnonymiserSettings:
-    method: Method = Method.GAUSSIAN
-    margin: float = 0.4
-    detect_every: int = 1
-    memory: int = 5
-    timeout_s: float = 2.0
-    detector: DetectorSettings = field(default_factory=DetectorSettings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,6 @@ Pure: takes a frame and boxes, returns a new frame; no files, no clock, no threa
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,23 +14,8 @@ import cv2
 import numpy as np
 
 from gateway.camera.detect import Box, Image, Kind
+from gateway.camera.options import Method  # noqa: F401 - re-exported
 from gateway.errors import ConfigError
-
-
-class Method(enum.Enum):
-    GAUSSIAN = "gaussian"
-    PIXELATE = "pixelate"
-    FILL = "fill"
-
-    @classmethod
-    def parse(cls, text: str | Method) -> Method:
-        if isinstance(text, Method):
-            return text
-        try:
-            return cls(text.strip().lower())
-        except ValueError:
-            names = ", ".join(m.value for m in cls)
-            raise ConfigError(f"anonymisation method {text!r}: expected one of {names}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,29 +1,12 @@
-"""``gateway anonymize INPUT OUTPUT``: blur faces and plates in an image, a folder of images or a
-video, with the same detectors and settings as the stream."""
+"""``gateway anonymize INPUT OUTPUT``: the command line only. The work is in
+``gateway.camera.batch``, imported when the command runs, so that building the parser (every
+``gateway`` invocation) does not load OpenCV."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import cv2
-
-from gateway.camera.anonymiser import (
-    AnonymiserSettings,
-    DetectionFailed,
-    FrameAnonymiser,
-    Outcome,
-)
-from gateway.camera.anonymize import Method, blackout
-from gateway.camera.detect import DetectorSettings, load_detectors
-from gateway.camera.source import IMAGE_SUFFIXES, Frame, VideoFileSource, read_image
-from gateway.errors import CameraError, ConfigError, StorageError
-
-log = logging.getLogger("gateway.camera.cli")
+from gateway.camera.options import AnonymiserSettings, DetectorSettings, Method
 
 EPILOG = """\
 examples:
@@ -34,18 +17,6 @@ examples:
 Lossless formats (PNG, BMP, TIFF, WebP) stay lossless; JPEG is written at quality 95. In a video,
 a frame whose detection fails is written black (fail closed), never unblurred.
 """
-
-_VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
-
-
-@dataclass
-class _Tally:
-    files: int = 0
-    frames: int = 0
-    faces: int = 0
-    plates: int = 0
-    failed: int = 0
-    blacked: int = 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -117,164 +88,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="video: apply each box to the next N frames too (default %(default)s)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_run)
 
 
-def _check(args: argparse.Namespace) -> AnonymiserSettings:
-    if not 0.0 <= args.margin <= 2.0:
-        raise ConfigError(f"--margin must be between 0 and 2, got {args.margin}")
-    for name in ("face_score", "plate_score"):
-        v = getattr(args, name)
-        if not 0.0 < v < 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
-    for name in ("face_width", "plate_width"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
-    if args.detect_every < 1:
-        raise ConfigError(f"--detect-every must be >= 1, got {args.detect_every}")
-    if args.memory < 0:
-        raise ConfigError(f"--memory must be >= 0, got {args.memory}")
-    return AnonymiserSettings(
-        method=Method(args.method),
-        margin=args.margin,
-        detect_every=args.detect_every,
-        memory=args.memory,
-        timeout_s=60.0,  # offline: a slow machine is not a failure
-        detector=DetectorSettings(
-            face_score=args.face_score,
-            plate_score=args.plate_score,
-            face_width=args.face_width,
-            plate_width=args.plate_width,
-        ),
-    )
+def _run(args: argparse.Namespace) -> int:
+    from gateway.camera.batch import run
 
-
-def _write_image(path: Path, image: object) -> None:
-    suffix = path.suffix.lower()
-    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else []
-    ok, data = cv2.imencode(suffix, image, params)  # type: ignore[call-overload]
-    if not ok:
-        raise StorageError(f"{path}: OpenCV cannot encode {suffix} images")
-    tmp = path.with_name(path.name + ".part")
-    try:
-        tmp.write_bytes(data.tobytes())
-        tmp.replace(path)
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot write ({exc.strerror})") from exc
-
-
-def _image(anon: FrameAnonymiser, src: Path, dst: Path, tally: _Tally) -> None:
-    img = read_image(src)
-    try:  # images are independent: process() forgets every earlier box
-        outcome = anon.process(Frame(0, 0.0, img, src.name))
-    except DetectionFailed as exc:
-        raise CameraError(f"{src}: {exc}; nothing written") from exc
-    assert outcome.anonymised is not None
-    _write_image(dst, outcome.anonymised.image)
-    tally.files += 1
-    tally.frames += 1
-    tally.faces += outcome.faces
-    tally.plates += outcome.plates
-
-
-def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally: _Tally) -> None:
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise CameraError(f"{src}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if dst.resolve() == src.resolve():
-        raise ConfigError(f"{dst}: the output folder must not be the input folder")
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"{dst}: cannot create the output folder ({exc.strerror})") from exc
-    for i, p in enumerate(files):
-        try:
-            _image(anon, p, dst / p.name, tally)
-        except CameraError as exc:
-            tally.failed += 1
-            log.warning("%s", exc)
-        progress.update(i + 1, i + 1, len(files), unit="images")  # type: ignore[attr-defined]
-
-
-def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally: _Tally) -> None:
-    source = VideoFileSource(src)
-    fourcc = _VIDEO_CODECS.get(dst.suffix.lower())
-    if fourcc is None:
-        raise ConfigError(f"{dst}: video output must end in {', '.join(_VIDEO_CODECS)}")
-    writer = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*fourcc), source.fps, source.size)
-    if not writer.isOpened():
-        raise StorageError(f"{dst}: OpenCV cannot write this video")
-    total = source.total()
-
-    def write(outcomes: list[Outcome]) -> None:
-        for o in outcomes:
-            if o.anonymised is None:  # fail closed: a black frame keeps the video's timing
-                log.warning("frame %d written black: %s", o.frame.index, o.error)
-                image = blackout(o.frame.image).image
-                tally.blacked += 1
-            else:
-                image = o.anonymised.image
-                tally.faces += o.faces
-                tally.plates += o.plates
-            if (image.shape[1], image.shape[0]) != source.size:
-                image = cv2.resize(image, source.size)
-            writer.write(image)
-            tally.frames += 1
-            progress.update(tally.frames, tally.frames, total)  # type: ignore[attr-defined]
-
-    try:
-        for frame in source.frames():
-            write(anon.push(frame))
-        write(anon.flush())
-    finally:
-        writer.release()
-    tally.files = 1
-
-
-def run(args: argparse.Namespace) -> int:
-    from gateway.progress import Progress
-
-    settings = _check(args)
-    src, dst = Path(args.input).expanduser(), Path(args.output).expanduser()
-    if not src.exists():
-        raise CameraError(f"{src}: no such image, folder or video")
-    if src.is_file() and dst.exists() and dst.resolve() == src.resolve():
-        raise ConfigError(f"{dst}: the output must not overwrite the input")
-    anon = FrameAnonymiser(load_detectors(settings.detector), settings)
-    progress = Progress("anonymize", enabled=False if args.quiet else None)
-    tally = _Tally()
-    t0 = time.monotonic()
-    try:
-        if src.is_dir():
-            _folder(anon, src, dst, progress, tally)
-        elif src.suffix.lower() in IMAGE_SUFFIXES:
-            if dst.is_dir():
-                dst = dst / src.name
-            if dst.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ConfigError(f"{dst}: the output of an image must be an image file")
-            _image(anon, src, dst, tally)
-        else:
-            _video(anon, src, dst, progress, tally)
-    finally:
-        progress.close()
-        anon.close()
-    elapsed = time.monotonic() - t0
-    what = (
-        f"{tally.frames} frame(s)"
-        if src.is_file() and tally.files == 1 and src.suffix.lower() not in IMAGE_SUFFIXES
-        else f"{tally.files} image(s)"
-    )
-    print(
-        f"anonymised {what} in {elapsed:.1f} s: {tally.faces} face(s), {tally.plates} plate(s) "
-        f"blurred ({args.method}, margin {args.margin:g}) -> {dst}",
-        file=sys.stderr,
-    )
-    if tally.blacked:
-        print(f"{tally.blacked} frame(s) written black: detection failed", file=sys.stderr)
-    if tally.failed:
-        print(
-            f"gateway: error: {tally.failed} image(s) could not be read; see the warnings above",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return run(args)

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from gateway.camera.options import DetectorSettings  # noqa: F401 - re-exported
 from gateway.errors import ConfigError
 
 Image = npt.NDArray[np.uint8]
@@ -58,20 +59,6 @@ class Box:
         if self.corners is not None:
             corners = tuple((px * f, py * f) for px, py in self.corners)
         return Box(self.kind, self.x * f, self.y * f, self.w * f, self.h * f, self.score, corners)
-
-
-@dataclass(frozen=True)
-class DetectorSettings:
-    """How the detectors run. Widths are the detector input widths: the frame is scaled to that
-    width (keeping its aspect) before inference. 0 means the frame's own width."""
-
-    face_score: float = 0.25
-    plate_score: float = 0.1
-    nms: float = 0.3
-    face_width: int = 640
-    plate_width: int = 960
-    threads: int = 0  # cv2.setNumThreads; 0 leaves OpenCV's default
-    parallel: bool = True  # faces and plates in two threads at once
 
 
 class Detector(Protocol):

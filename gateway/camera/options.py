@@ -1,0 +1,49 @@
+"""The camera's settings: plain types with no OpenCV import, so that building the command line
+(``gateway --help``, every ``gateway replay``) does not load OpenCV and its ~40 MB."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from gateway.errors import ConfigError
+
+
+class Method(enum.Enum):
+    GAUSSIAN = "gaussian"
+    PIXELATE = "pixelate"
+    FILL = "fill"
+
+    @classmethod
+    def parse(cls, text: str | Method) -> Method:
+        if isinstance(text, Method):
+            return text
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise ConfigError(f"anonymisation method {text!r}: expected one of {names}") from None
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """How the detectors run. Widths are the detector input widths: the frame is scaled to that
+    width (keeping its aspect) before inference. 0 means the frame's own width."""
+
+    face_score: float = 0.25
+    plate_score: float = 0.1
+    nms: float = 0.3
+    face_width: int = 640
+    plate_width: int = 960
+    threads: int = 0  # cv2.setNumThreads; 0 leaves OpenCV's default
+    parallel: bool = True  # faces and plates in two threads at once
+
+
+@dataclass(frozen=True)
+class AnonymiserSettings:
+    method: Method = Method.GAUSSIAN
+    margin: float = 0.4
+    detect_every: int = 1
+    memory: int = 5
+    timeout_s: float = 2.0
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
