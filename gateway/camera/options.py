@@ -39,10 +39,16 @@ class DetectorSettings:
     parallel: bool = True  # faces and plates in two threads at once
 
 
+# grown on every side of a detected box, as a share of its size: YuNet's boxes are tighter than
+# a labelled face (chin, ears, hair); at 0.6 every detected true face and plate of the labelled
+# photos has >= 95 % of its pixels altered, at 0.4 three faces in 244 did not
+DEFAULT_MARGIN = 0.6
+
+
 @dataclass(frozen=True)
 class AnonymiserSettings:
     method: Method = Method.GAUSSIAN
-    margin: float = 0.4
+    margin: float = DEFAULT_MARGIN
     detect_every: int = 1
     memory: int = 5
     timeout_s: float = 2.0
