@@ -182,7 +182,11 @@ def test_outbox_disk_full_or_read_only_keeps_the_can_path_alive(
     assert proc.returncode == 0, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("gateway: error:")]
     assert len(errors) == 1 and "outbox.sqlite cannot be written" in errors[0], proc.stderr
-    assert ("full" in errors[0]) if fault == "full" else ("readonly" in errors[0] or "open" in errors[0])
+    assert (
+        ("full" in errors[0])
+        if fault == "full"
+        else ("readonly" in errors[0] or "open" in errors[0])
+    )
     assert "Traceback" not in proc.stderr
     # ...every summary the gateway released reached the owner (kept in memory meanwhile)...
     produced = _ledger_seqs(tmp_path / "ledger.jsonl")
