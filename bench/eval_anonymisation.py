@@ -38,12 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.camera.anonymiser import (  # noqa: E402
-    AnonymiserSettings,
     FrameAnonymiser,
     Outcome,
 )
-from gateway.camera.anonymize import Method, anonymize  # noqa: E402
-from gateway.camera.detect import Box, DetectorSettings, Kind, load_detectors  # noqa: E402
+from gateway.camera.anonymize import anonymize  # noqa: E402
+from gateway.camera.detect import Box, Kind, load_detectors  # noqa: E402
+from gateway.camera.options import AnonymiserSettings, DetectorSettings, Method  # noqa: E402
 from gateway.camera.pipeline import CameraStage  # noqa: E402
 from gateway.camera.source import Frame  # noqa: E402
 

@@ -150,7 +150,7 @@ def camera_fps(runs: int) -> dict[str, float]:
     """The camera stage at its defaults, as fast as it goes, on the labelled photos made into a
     panning clip (bench/eval_anonymisation.py); empty when ../shared/data/vision is absent."""
     from bench import eval_anonymisation as ev
-    from gateway.camera.anonymiser import AnonymiserSettings
+    from gateway.camera.options import AnonymiserSettings
 
     if not (ev.VISION / "faces" / "gt.json").is_file():
         print(f"  camera fps: SKIPPED, {ev.VISION} is absent", flush=True)

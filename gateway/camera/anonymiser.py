@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from gateway.camera.anonymize import AnonymisedFrame, FrameMemory, anonymize
 from gateway.camera.detect import Box, Detector, Kind
-from gateway.camera.options import AnonymiserSettings  # noqa: F401 - re-exported
+from gateway.camera.options import AnonymiserSettings
 from gateway.camera.source import Frame
 from gateway.errors import ConfigError
 

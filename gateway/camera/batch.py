@@ -13,13 +13,13 @@ from pathlib import Path
 import cv2
 
 from gateway.camera.anonymiser import (
-    AnonymiserSettings,
     DetectionFailed,
     FrameAnonymiser,
     Outcome,
 )
-from gateway.camera.anonymize import Method, blackout
-from gateway.camera.detect import DetectorSettings, load_detectors
+from gateway.camera.anonymize import blackout
+from gateway.camera.detect import load_detectors
+from gateway.camera.options import AnonymiserSettings, DetectorSettings, Method
 from gateway.camera.source import IMAGE_SUFFIXES, Frame, VideoFileSource, read_image
 from gateway.errors import CameraError, ConfigError, StorageError
 

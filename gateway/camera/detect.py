@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from gateway.camera.options import DetectorSettings  # noqa: F401 - re-exported
+from gateway.camera.options import DetectorSettings
 from gateway.errors import ConfigError
 
 Image = npt.NDArray[np.uint8]

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gateway.camera.anonymiser import AnonymiserSettings, FrameAnonymiser
-from gateway.camera.anonymize import Method
-from gateway.camera.detect import DetectorSettings, load_detectors
+from gateway.camera.anonymiser import FrameAnonymiser
+from gateway.camera.detect import load_detectors
+from gateway.camera.options import AnonymiserSettings, DetectorSettings, Method
 from gateway.camera.pipeline import CameraStage, store_dir
 from gateway.camera.source import open_source
 from gateway.camera.store import FrameStore, StoreSettings

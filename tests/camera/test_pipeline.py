@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from gateway.camera.anonymiser import AnonymiserSettings, FrameAnonymiser
+from gateway.camera.anonymiser import FrameAnonymiser
 from gateway.camera.detect import Box, Kind
+from gateway.camera.options import AnonymiserSettings
 from gateway.camera.pipeline import CameraStage
 from gateway.camera.source import Frame, SyntheticSource
 from gateway.camera.store import FrameStore, StoreSettings

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gateway.camera.anonymize import Method
+from gateway.camera.options import Method
 from gateway.camera.wiring import camera_stages
 from gateway.errors import CameraError, ConfigError
 from gateway.settings import CameraSource, Settings
