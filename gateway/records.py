@@ -151,8 +151,12 @@ class FrameBatchBuilder:
 class Sentinels(dict[float, str]):
     """Choices of a NUMERIC signal that name only special raw values ("SNA", "INIT"): a 10-bit
     speed with ``1023 = SNA`` is a speed, not an enumeration. Samples at these values mean "no
-    valid reading": the aggregator leaves them out (counted as invalid) rather than averaging
-    511.5 km/h into a window, and the window's figures stay numbers."""
+    valid reading": the aggregator and trip detection leave them out (counted as invalid) rather
+    than averaging 511.5 km/h into a window, and the window's figures stay numbers."""
+
+    def valid(self, values: F64) -> npt.NDArray[np.bool_]:
+        """True where a sample is a reading, False where it is one of the special values."""
+        return ~np.isin(values, np.fromiter(self, np.float64, len(self)))
 
 
 def choices_for(length: int, choices: dict[float, str]) -> dict[float, str]:

@@ -78,7 +78,7 @@ class WindowAggregator:
             ok = np.isfinite(vals) & np.isfinite(ts)
             choices = s.choices
             if isinstance(choices, Sentinels):
-                ok &= ~np.isin(vals, np.fromiter(choices, np.float64, len(choices)))
+                ok &= choices.valid(vals)
                 choices = None
             if not ok.all():
                 self.invalid_samples += int((~ok).sum())

@@ -131,20 +131,21 @@ class TripDetector:
             s = by_name.get(name) if name else None
             if s is None:
                 continue
-            vals: Any = s.value
+            ts, values = s.timestamp, s.value
+            if isinstance(s.choices, Sentinels):  # "SNA" is no reading: not a speed of 511.5
+                keep = s.choices.valid(values)
+                ts, values = ts[keep], values[keep]
+            vals: list[Any]
             if role == "gear":
                 vals = [
                     s.choices.get(v, str(int(v))) if s.choices else str(int(v))
-                    for v in s.value.tolist()
+                    for v in values.tolist()
                 ]
             else:
-                vals = s.value.tolist()
-            ts = s.timestamp.tolist()
-            if isinstance(s.choices, Sentinels):  # "SNA" is no reading: not a speed of 511.5
-                keep = [v not in s.choices for v in vals]
-                ts = [t for t, k in zip(ts, keep, strict=True) if k]
-                vals = [v for v, k in zip(vals, keep, strict=True) if k]
-            events += [(t, i, role, v) for i, (t, v) in enumerate(zip(ts, vals, strict=True))]
+                vals = values.tolist()
+            events += [
+                (t, i, role, v) for i, (t, v) in enumerate(zip(ts.tolist(), vals, strict=True))
+            ]
         events.sort(key=lambda e: (e[0], e[1]))
         done: list[Trip] = []
         for t, _, role, v in events:
