@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,27 @@ def listen():
     yield make
     for lst in made:
         lst._stop.set()
+
+
+def replay_args(
+    log: Path | str, dbcs: Sequence[str], broker_url: str, vin: str, state: Path, *extra: str
+) -> list[str]:
+    """``gateway replay`` as the tests run it: each ``--dbc`` spec, the broker and VIN, and the
+    ledger and outbox in the folder ``state`` (``ledger.jsonl``, ``outbox.sqlite``)."""
+    return [
+        "replay",
+        str(log),
+        *(arg for spec in dbcs for arg in ("--dbc", spec)),
+        "--broker",
+        broker_url,
+        "--vin",
+        vin,
+        "--ledger",
+        str(state / "ledger.jsonl"),
+        "--outbox",
+        str(state / "outbox.sqlite"),
+        *extra,
+    ]
 
 
 def run_gateway(

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.egress.ledger import verify_chain
 from gateway.egress.schema import unpack
-from tests.conftest import KONA_CSV, KONA_PCAN, run_gateway
+from tests.conftest import KONA_CSV, KONA_PCAN, replay_args, run_gateway
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -45,22 +45,9 @@ def _replay_cmd(tmp_path, url, vin, *extra):
         sys.executable,
         "-m",
         "gateway",
-        "replay",
-        str(KONA_CSV),
-        "--dbc",
-        f"can0={KONA_PCAN}",
-        "--broker",
-        url,
-        "--vin",
-        vin,
-        "--window",
-        "0.25",
-        "--ledger",
-        str(tmp_path / "ledger.jsonl"),
-        "--outbox",
-        str(tmp_path / "outbox.sqlite"),
-        "-q",
-        *extra,
+        *replay_args(
+            KONA_CSV, [f"can0={KONA_PCAN}"], url, vin, tmp_path, "--window", "0.25", "-q", *extra
+        ),
     ]
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gateway.egress.schema import unpack
-from tests.conftest import KONA_CSV, KONA_PCAN, run_gateway
+from tests.conftest import KONA_CSV, KONA_PCAN, replay_args, run_gateway
 
 pytestmark = pytest.mark.broker
 
@@ -22,21 +22,7 @@ def test_health_reports_rates_per_channel_errors_outbox_and_resources(
     owner = listen(broker.url, f"vehicles/{vin}/owner/health")
     # WHEN it is replayed at 4x with a health summary every 0.5 s
     p = run_gateway(
-        "replay",
-        str(log),
-        "--dbc",
-        f"can0={KONA_PCAN}",
-        "--broker",
-        broker.url,
-        "--vin",
-        vin,
-        "--speed",
-        "4",
-        "--ledger",
-        str(tmp_path / "ledger.jsonl"),
-        "--outbox",
-        str(tmp_path / "outbox.sqlite"),
-        "-q",
+        *replay_args(log, [f"can0={KONA_PCAN}"], broker.url, vin, tmp_path, "--speed", "4", "-q"),
         env={"GATEWAY_GATEWAY_HEALTH_INTERVAL": "0.5"},
     )
     assert p.returncode == 0, p.stderr

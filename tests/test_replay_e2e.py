@@ -18,6 +18,7 @@ from tests.conftest import (
     KONA_CCAN,
     KONA_CSV,
     KONA_PCAN,
+    replay_args,
     run_gateway,
 )
 
@@ -26,25 +27,9 @@ WINDOW = 5.0
 
 
 def _replay(tmp_path: Path, broker_url: str, vin: str, *extra: str, log: Path = KONA_CSV):
+    dbcs = [f"can0={KONA_PCAN}", f"can1={KONA_CCAN}"]
     return run_gateway(
-        "replay",
-        str(log),
-        "--dbc",
-        f"can0={KONA_PCAN}",
-        "--dbc",
-        f"can1={KONA_CCAN}",
-        "--broker",
-        broker_url,
-        "--vin",
-        vin,
-        "--window",
-        str(WINDOW),
-        "--ledger",
-        str(tmp_path / "ledger.jsonl"),
-        "--outbox",
-        str(tmp_path / "outbox.sqlite"),
-        "-q",
-        *extra,
+        *replay_args(log, dbcs, broker_url, vin, tmp_path, "--window", str(WINDOW), "-q", *extra)
     )
 
 

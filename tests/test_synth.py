@@ -16,7 +16,7 @@ import pytest
 from gateway.canbus.dbc import load_dbc
 from gateway.egress.schema import unpack
 from gateway.synth import DEFAULT_VIN, load_route, simulate, synthesise
-from tests.conftest import FIXTURES, KONA_PCAN, assert_one_line_error, run_gateway
+from tests.conftest import FIXTURES, KONA_PCAN, assert_one_line_error, replay_args, run_gateway
 
 DBC = FIXTURES / "model3" / "Model3CAN.dbc"
 BUNDLED = FIXTURES / "model3" / "model3_synthetic_drive.log"
@@ -187,23 +187,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 
 
 # -- the bundled drive, replayed to a real broker -----------------------------------------------
-def _replay(tmp_path, broker, vin, *extra):
+def _replay(state, broker, vin, *extra):
     return run_gateway(
-        "replay",
-        str(BUNDLED),
-        "--dbc",
-        str(DBC),
-        "--broker",
-        broker.url,
-        "--vin",
-        vin,
-        "--fast",
-        "--ledger",
-        str(tmp_path / "ledger.jsonl"),
-        "--outbox",
-        str(tmp_path / "outbox.sqlite"),
-        "-q",
-        *extra,
+        *replay_args(BUNDLED, [str(DBC)], broker.url, vin, state, "--fast", "-q", *extra)
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 from gateway.camera.detect import FaceDetector
 from gateway.egress.schema import unpack
 from tests.camera.conftest import DEMO_CLIP
-from tests.conftest import KONA_CCAN, KONA_CSV, KONA_PCAN, run_gateway
+from tests.conftest import KONA_CCAN, KONA_CSV, KONA_PCAN, replay_args, run_gateway
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -39,26 +39,19 @@ def test_camera_summaries_reach_the_owner_and_no_payload_carries_image_data(
     lst = listen(broker.url, f"vehicles/{vin}/#")
     # WHEN the Kona log is replayed with the demo clip beside it
     proc = run_gateway(
-        "replay",
-        str(KONA_CSV),
-        "--dbc",
-        f"can0={KONA_PCAN}",
-        "--dbc",
-        f"can1={KONA_CCAN}",
-        "--video",
-        str(DEMO_CLIP),
-        "--fast",
-        "--broker",
-        broker.url,
-        "--vin",
-        vin,
-        "--window",
-        "2",
-        "--ledger",
-        str(tmp_path / "ledger.jsonl"),
-        "--outbox",
-        str(tmp_path / "outbox.sqlite"),
-        "-q",
+        *replay_args(
+            KONA_CSV,
+            [f"can0={KONA_PCAN}", f"can1={KONA_CCAN}"],
+            broker.url,
+            vin,
+            tmp_path,
+            "--video",
+            str(DEMO_CLIP),
+            "--fast",
+            "--window",
+            "2",
+            "-q",
+        ),
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
