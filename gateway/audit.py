@@ -45,7 +45,7 @@ def _candidates(policy_path: str | None) -> list[Policy]:
 # summaries released under a policy switch rather than a per-signal rule
 _STREAM_RULES = {
     "camera": lambda p: p.camera_summaries,
-    "trips": lambda p: bool(p.trips.gear or p.trips.speed),
+    "trips": lambda p: p.trips.enabled,
 }
 
 
