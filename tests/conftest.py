@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,10 @@ KONA_PCAN = KONA / "kona_pcan.dbc"
 KONA_CCAN = KONA / "kona_ccan.dbc"
 SHARED = Path(os.environ.get("GATEWAY_SHARED", ROOT.parent / "shared"))
 SHARED_CAN = SHARED / "data" / "can"
+
+# the gateways these tests start keep their DBC cache in a folder of this run, not in ~/.cache
+_CACHE = tempfile.TemporaryDirectory(prefix="gateway-test-cache-")
+os.environ.setdefault("GATEWAY_CACHE_DIR", _CACHE.name)
 
 
 def shared_or_skip(*parts: str) -> Path:

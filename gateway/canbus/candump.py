@@ -71,6 +71,129 @@ _DEC = np.full(256, 255, np.uint8)  # decimal digit value, 255 for anything else
 _DEC[list(b"0123456789")] = range(10)
 
 
+_W8 = np.uint64(0x0101010101010101)
+_HI4 = _W8 * np.uint64(0xF0)
+_ASCII0 = _W8 * np.uint64(0x30)
+_PLUS6 = _W8 * np.uint64(0x06)
+_LO4 = _W8 * np.uint64(0x0F)
+_PAIR = np.full(65536, -1, np.int16)  # two hex digits (first in the low byte) -> byte value
+for _h in b"0123456789abcdefABCDEF":
+    for _l in b"0123456789abcdefABCDEF":
+        _PAIR[_h | (_l << 8)] = (int(_NIB[_h]) << 4) | int(_NIB[_l])
+_NOT_NAME = np.full(256, 0x80, np.uint8)  # 0x80 for a byte no channel name may hold
+_NOT_NAME[33:127] = 0
+# the pairs of data byte ``j`` (as uint16 lanes of two uint64 words) kept by a frame of n bytes
+_INSIDE = np.zeros((9, 8), np.uint16)
+for _n in range(9):
+    _INSIDE[_n, :_n] = 0xFFFF
+_INSIDE_WORDS = _INSIDE.view("<u8")
+_PAIR_HIGH = np.uint64(0xFF00FF00FF00FF00)  # an invalid pair (-1) has its high byte set
+
+
+def _swar8(w: npt.NDArray[np.uint64], base: int) -> npt.NDArray[np.uint64]:
+    """The value of eight digits held one per byte, the first in the lowest byte, combined
+    pairwise in three multiplications (the SWAR idiom of simdjson's parse_eight_digits)."""
+    b = np.uint64(base)
+    w = (w * (np.uint64(1) + (b << np.uint64(8)))) >> np.uint64(8)
+    w &= np.uint64(0x00FF00FF00FF00FF)
+    w = (w * (np.uint64(1) + ((b * b) << np.uint64(16)))) >> np.uint64(16)
+    w &= np.uint64(0x0000FFFF0000FFFF)
+    return (w * (np.uint64(1) + ((b**4) << np.uint64(32)))) >> np.uint64(32)
+
+
+def _decimal(
+    m: npt.NDArray[np.uint8], spans: tuple[tuple[int, int], ...], width: int
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
+    """(every byte a digit, value) of the digits in column ``spans`` of each row, read as one
+    number of at most ``width`` (8, 16 or 24) digits."""
+    z = np.full((len(m), width), 0x30, np.uint8)
+    pos = width - sum(hi - lo for lo, hi in spans)
+    for lo, hi in spans:
+        z[:, pos : pos + hi - lo] = m[:, lo:hi]
+        pos += hi - lo
+    words = z.view("<u8")
+    ok = np.ones(len(m), np.bool_)
+    value = np.zeros(len(m), np.uint64)
+    for j in range(width // 8):
+        w = words[:, j]
+        ok &= (w & _HI4) == _ASCII0
+        ok &= ((w + _PLUS6) & _HI4) == _ASCII0
+        value = value * np.uint64(10**8) + _swar8(w & _LO4, 10)
+    return ok, value
+
+
+def _parse_classic(
+    padded: npt.NDArray[np.uint8],
+    starts: npt.NDArray[np.int64],
+    lens: npt.NDArray[np.int64],
+    dot: int,
+    close: int,
+    sp2: int,
+    hsh: int,
+) -> tuple[npt.NDArray[np.bool_], dict[str, Any]] | None:
+    """Classic frames (0 to 8 data bytes, any of them) of one prefix layout: every line whose
+    time, channel and id sit where they sit in the sample line. Returns (valid lines, columns of
+    the valid lines); a line this rejects goes to the general paths, which give the reason."""
+    nid = hsh - sp2 - 1
+    ndig = (dot - 1) + (close - dot - 1)
+    if dot < 2 or close - dot < 2 or sp2 - close < 3 or not 1 <= nid <= 8 or ndig > 18:
+        return None
+    d0 = hsh + 1
+    nhex = lens - d0
+    elig = np.flatnonzero((nhex >= 0) & (nhex <= 16) & (nhex % 2 == 0))
+    ok_all = np.zeros(len(starts), np.bool_)
+    if len(elig) == 0:
+        return ok_all, {}
+    width = (d0 + 16 + 7) // 8 * 8
+    m = np.lib.stride_tricks.sliding_window_view(padded, width)[starts[elig]]
+    ok = m[:, dot] == 46
+    ok &= m[:, close] == 41
+    ok &= m[:, close + 1] == 32
+    ok &= m[:, sp2] == 32
+    ok &= m[:, hsh] == 35
+    good, scaled = _decimal(
+        m, ((1, dot), (dot + 1, close)), 8 if ndig <= 8 else 8 * ((ndig + 7) // 8)
+    )
+    ok &= good
+    nchan = sp2 - close - 2
+    z = np.zeros((len(m), 8 * ((nchan + 7) // 8) + 8), np.uint8)
+    z[:, :nchan] = np.take(_NOT_NAME, m[:, close + 2 : sp2])  # channel: 0 where allowed
+    z[:, -nid:] = np.take(_NIB, m[:, sp2 + 1 : hsh])  # id: nibbles, right-aligned
+    words = z.view("<u8")
+    idw = words[:, -1]
+    ok &= (idw & _HI4) == 0
+    for j in range(words.shape[1] - 1):
+        ok &= words[:, j] == 0
+    pairs = np.take(_PAIR, np.ascontiguousarray(m[:, d0 : d0 + 16]).view("<u2"))
+    nbytes = nhex[elig] // 2
+    pw = pairs.view("<u8") & np.take(_INSIDE_WORDS, nbytes, axis=0)
+    ok &= ((pw[:, 0] | pw[:, 1]) & _PAIR_HIGH) == 0
+    sel = np.flatnonzero(ok)
+    ok_all[elig[sel]] = True
+    if len(sel) == 0:
+        return ok_all, {}
+    if len(sel) != len(m):
+        m, scaled, idw, pw, nbytes = (x[sel] for x in (m, scaled, idw, pw, nbytes))
+    frac = close - dot - 1
+    exact = scaled.view(np.int64)  # < 10**18: an int64, which converts to float fast
+    ts = exact.astype(np.float64) / float(10**frac)  # one rounding, as float() does
+    slow = np.flatnonzero(exact >= 2**53)
+    for i in slow.tolist():
+        ts[i] = float(bytes(m[i, 1:close]).decode())
+    fid = _swar8(idw, 16).view(np.int64)
+    data = np.ascontiguousarray(pw.view(np.uint8)[:, 0::2])
+    chan = np.ascontiguousarray(m[:, close + 2 : sp2]).view(f"S{sp2 - close - 2}").ravel()
+    return ok_all, {
+        "ts": ts,
+        "fid": fid,
+        "chan": chan,
+        "data": data,
+        "dlc": nbytes.astype(np.uint8),
+        "ext": nid > 3,
+        "fd": False,
+    }
+
+
 @dataclass
 class _Cols:
     """Frames of one block (or pending for the next chunk), in file order."""
@@ -92,14 +215,12 @@ class _Cols:
         return _Cols(*(getattr(self, f)[lo:hi] for f in _FIELDS))
 
     @staticmethod
-    def concat(a: _Cols, b: _Cols) -> _Cols:
-        if len(a) == 0:
-            return b
-        width = max(a.data.shape[1], b.data.shape[1])
-        parts = [_widen(a.data, width), _widen(b.data, width)]
-        cols = [np.concatenate([getattr(a, f), getattr(b, f)]) for f in _FIELDS[:-1]]
-        return _Cols(*cols, np.concatenate(parts))
-
+    def join(parts: list[_Cols]) -> _Cols:
+        if len(parts) == 1:
+            return parts[0]
+        width = max(c.data.shape[1] for c in parts)
+        cols = [np.concatenate([getattr(c, f) for c in parts]) for f in _FIELDS[:-1]]
+        return _Cols(*cols, np.concatenate([_widen(c.data, width) for c in parts]))
 
 _FIELDS = ("ts", "chan", "fid", "ext", "remote", "error", "fd", "dlc", "data")
 
@@ -198,6 +319,8 @@ class _Channels:
         """Global indices for frames whose block-local channel code is ``local``."""
         if len(local) == 0:
             return np.zeros(0, np.uint16)
+        if all(n in self.index for n in names):  # the usual case: no new channel
+            return np.array([self.index[n] for n in names], np.uint16)[local]
         present = [c for c in range(len(names)) if (local == c).any()]
         for c in sorted(present, key=lambda c: int(np.argmax(local == c))):
             if names[c] not in self.index:
@@ -317,12 +440,14 @@ class _BadLines(list[tuple[int, str]]):
         self.append((line_no, reason))
 
 
-def _parse_block(buf: bytes, stats: _BadLines, line0: int) -> tuple[_Cols, list[str]]:
-    """Frames of the complete lines in ``buf``; ``line0`` is the number of its first line.
+def _parse_block(buf: bytes, stats: _BadLines, line0: int) -> tuple[_Cols, list[str], int]:
+    """Frames of the complete lines in ``buf`` and the number of lines; ``line0`` is the number
+    of its first line.
 
-    Lines are grouped by length; within a group, the layout of one line is assumed for all and
-    checked on every line, and the lines that do not fit are tried with their own layout
-    (a few times) before the per-line parser takes the rest."""
+    Three passes, each taking what the one before left: classic frames whose time, channel and
+    id sit where they sit in a sample line, whatever their data length (nearly every line of a
+    real log, in one go); lines grouped by length, a layout per group (CAN FD); and the
+    per-line parser for the rest, which counts and skips what it cannot read."""
     a = np.frombuffer(buf, np.uint8)
     ends = np.flatnonzero(a == 10)
     if len(a) and (len(ends) == 0 or ends[-1] != len(a) - 1):
@@ -333,13 +458,34 @@ def _parse_block(buf: bytes, stats: _BadLines, line0: int) -> tuple[_Cols, list[
     ends = ends - (nonempty & (a[np.maximum(ends - 1, 0)] == 13))
     lens = ends - starts
     n = len(starts)
-    done = np.zeros(n, np.bool_)  # parsed by the fast path
+    done = np.zeros(n, np.bool_)  # parsed by a fast path
     results: list[tuple[npt.NDArray[np.intp], dict[str, Any]]] = []
     candidates = (lens >= 10) & (lens <= MAX_LINE)
     candidates[candidates] &= a[starts[candidates]] == 40
     cand = np.flatnonzero(candidates)
-    cand_lens = lens[cand]
     padded = np.concatenate([a, np.zeros(MAX_LINE + 8, np.uint8)])
+    left = cand
+    for _ in range(4):  # at most a few prefix layouts (3- and 8-digit ids, a second width)
+        if len(left) == 0:
+            break
+        lay = _layout(buf[starts[left[0]] : ends[left[0]]])
+        parsed = (
+            None
+            if lay is None or lay[4]
+            else _parse_classic(padded, starts[left], lens[left], *lay[:4])
+        )
+        if parsed is None:
+            left = left[1:]  # a sample that is no classic frame: the later passes take it
+            continue
+        ok, cols = parsed
+        if cols:
+            done[left[ok]] = True
+            results.append((left[ok], cols))
+        left = left[~ok]
+        if len(left) and not ok[0]:
+            left = left[1:]
+    cand = cand[~done[cand]]
+    cand_lens = lens[cand]
     counts = np.bincount(cand_lens, minlength=1) if len(cand) else np.zeros(1, np.int64)
     for length in np.flatnonzero(counts).tolist():
         rows = cand[cand_lens == length] if counts[length] != len(cand) else cand
@@ -382,11 +528,11 @@ def _parse_block(buf: bytes, stats: _BadLines, line0: int) -> tuple[_Cols, list[
             stats.bad(line_no, got)
         elif got is not None:
             slow.append((i, got))
-    return _assemble(n, results, slow)
+    return (*_assemble(results, slow), n)
 
 
 def _assemble(
-    n: int, results: list[tuple[Any, dict[str, Any]]], slow: list[tuple[int, Frame]]
+    results: list[tuple[Any, dict[str, Any]]], slow: list[tuple[int, Frame]]
 ) -> tuple[_Cols, list[str]]:
     """The block's frames in file order; ``chan`` holds block-local codes into the names."""
     width = 8
@@ -395,13 +541,6 @@ def _assemble(
             width = 64
     if any(f[7] > 8 for _, f in slow):
         width = 64
-    ts = np.zeros(n)
-    fid = np.zeros(n, np.uint32)
-    flags = np.zeros((n, 4), np.bool_)  # ext, remote, error, fd
-    dlc = np.zeros(n, np.uint8)
-    data = np.zeros((n, width), np.uint8)
-    local = np.zeros(n, np.intp)
-    valid = np.zeros(n, np.bool_)
     names: list[str] = []
     name_code: dict[str, int] = {}
 
@@ -411,50 +550,73 @@ def _assemble(
             names.append(name)
         return name_code[name]
 
+    parts: list[tuple[Any, ...]] = []  # (lines, ts, raw id, ext, remote, fd, dlc, data, chan)
     for rows, cols in results:
-        valid[rows] = True
-        ts[rows] = cols["ts"]
-        raw_id = cols["fid"]
-        fid[rows] = raw_id & 0x1FFFFFFF
-        flags[rows, 0] = cols["ext"]
-        flags[rows, 2] = (raw_id & CAN_ERR_FLAG) != 0
-        flags[rows, 3] = cols["fd"]
-        nb = cols["data"].shape[1]
-        dlc[rows] = nb
-        data[rows, :nb] = cols["data"]
+        k = len(rows)
+        data = _widen(cols["data"], width)
+        dlc = cols.get("dlc")
+        if dlc is None:
+            dlc = np.full(k, cols["data"].shape[1], np.uint8)
         chan = cols["chan"]
-        left = np.arange(len(chan))
+        local = np.empty(k, np.uint16)
+        left = np.arange(k)
         while len(left):  # a handful of channel names: one compare per name beats a sort
             same = chan[left] == chan[left[0]]
-            local[rows[left[same]]] = code(chan[left[0]].decode("ascii"))
+            local[left[same]] = code(chan[left[0]].decode("ascii"))
             left = left[~same]
-    for i, (t, ch, f, ext, rem, err, fd, nb, payload) in slow:
-        valid[i] = True
-        ts[i], fid[i], dlc[i], local[i] = t, f, nb, code(ch)
-        flags[i] = (ext, rem, err, fd)
-        data[i, : len(payload)] = np.frombuffer(payload, np.uint8)
-    keep = np.flatnonzero(valid)
+        flag = np.full(k, cols["ext"], np.bool_), np.zeros(k, np.bool_), np.full(k, cols["fd"])
+        parts.append((rows, cols["ts"], cols["fid"], *flag, dlc, data, local))
+    if slow:
+        k = len(slow)
+        data = np.zeros((k, width), np.uint8)
+        for j, (_, f) in enumerate(slow):
+            data[j, : len(f[8])] = np.frombuffer(f[8], np.uint8)
+        parts.append(
+            (
+                np.array([i for i, _ in slow], np.intp),
+                np.array([f[0] for _, f in slow], np.float64),
+                np.array([f[2] | (CAN_ERR_FLAG if f[5] else 0) for _, f in slow], np.int64),
+                np.array([f[3] for _, f in slow], np.bool_),
+                np.array([f[4] for _, f in slow], np.bool_),
+                np.array([f[6] for _, f in slow], np.bool_),
+                np.array([f[7] for _, f in slow], np.uint8),
+                data,
+                np.array([code(f[1]) for _, f in slow], np.uint16),
+            )
+        )
+    if not parts:
+        return _empty_cols(), names
+    if len(parts) == 1:
+        lines, ts, raw_id, ext, remote, fd, dlc, data, local = parts[0]
+    else:
+        lines, ts, raw_id, ext, remote, fd, dlc, data, local = (
+            np.concatenate(col) for col in zip(*parts, strict=True)
+        )
+        order = np.argsort(lines, kind="stable")
+        ts, raw_id, ext, remote, fd, dlc, data, local = (
+            x[order] for x in (ts, raw_id, ext, remote, fd, dlc, data, local)
+        )
+    raw_id = np.asarray(raw_id, np.int64)
     return _Cols(
-        ts[keep],
-        local[keep],
-        fid[keep],
-        flags[keep, 0],
-        flags[keep, 1],
-        flags[keep, 2],
-        flags[keep, 3],
-        dlc[keep],
-        data[keep],
+        ts,
+        local,
+        (raw_id & 0x1FFFFFFF).astype(np.uint32),
+        ext,
+        remote,
+        (raw_id & CAN_ERR_FLAG) != 0,
+        fd,
+        dlc,
+        data,
     ), names
 
 
-def _blocks(
-    fh: IO[Any], stats: ReadStats, block_bytes: int, bad: _BadLines
-) -> Iterator[tuple[bytes, int]]:
-    """Complete lines in blocks, with the number of each block's first line. A line longer
-    than ``MAX_LINE`` is counted as bad here and never held in memory whole."""
+def _blocks(fh: IO[Any], stats: ReadStats, block_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Complete lines in blocks, each with the number of overlong lines skipped right before
+    it (a line longer than ``MAX_LINE`` is never held in memory whole); the last block may be
+    empty, to report overlong lines at the end. Lines are counted by the parser, not here."""
     carry = b""
-    line_no = 1
-    long_line: int | None = None  # line number of an overlong line being skipped
+    skipped = 0
+    in_long = False  # inside an overlong line being skipped
     while True:
         chunk = fh.read(block_bytes)
         if isinstance(chunk, str):
@@ -462,28 +624,24 @@ def _blocks(
         stats.bytes_read += len(chunk)
         if not chunk:
             break
-        if long_line is not None:
+        if in_long:
             cut = chunk.find(b"\n")
             if cut < 0:
                 continue
-            bad.bad(long_line, "line too long")
-            line_no = long_line + 1
-            long_line = None
+            skipped, in_long = skipped + 1, False
             chunk = chunk[cut + 1 :]
         buf = carry + chunk
         cut = buf.rfind(b"\n")
         if cut < 0:
             carry = buf
         else:
-            yield buf[: cut + 1], line_no
-            line_no += buf.count(b"\n", 0, cut + 1)
-            carry = buf[cut + 1 :]
+            yield buf[: cut + 1], skipped
+            skipped, carry = 0, buf[cut + 1 :]
         if len(carry) > MAX_LINE:
-            long_line, carry = line_no, b""
-    if long_line is not None:
-        bad.bad(long_line, "line too long")
-    elif carry:
-        yield carry, line_no
+            in_long, carry = True, b""
+    skipped += in_long
+    if carry or skipped:
+        yield carry, skipped
 
 
 def _open(source: str | Path | IO[Any]) -> tuple[IO[Any], bool]:
@@ -517,36 +675,39 @@ def iter_candump(
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     ahead: collections.deque[Any] = collections.deque()
 
-    def parse(buf: bytes, line0: int) -> tuple[_Cols, list[str], _BadLines]:
-        bad = _BadLines()
-        cols, names = _parse_block(buf, bad, line0)
-        return cols, names, bad
+    def parse(buf: bytes) -> tuple[_Cols, list[str], _BadLines, int]:
+        bad = _BadLines()  # numbered from 0, the block's first line
+        cols, names, lines = _parse_block(buf, bad, 0)
+        return cols, names, bad, lines
 
-    reader_bad = _BadLines()  # overlong lines, found while reading ahead
+    next_line = 1  # number of the first line of the next block
 
-    def consume(result: tuple[_Cols, list[str], _BadLines], line0: int) -> Iterator[FrameBatch]:
-        cols, names, bad = result
-        while reader_bad and reader_bad[0][0] < line0:
-            stats.bad(*reader_bad.pop(0))
+    def consume(
+        result: tuple[_Cols, list[str], _BadLines, int], skipped: int
+    ) -> Iterator[FrameBatch]:
+        nonlocal next_line
+        cols, names, bad, lines = result
+        for _ in range(skipped):
+            stats.bad(next_line, "line too long")
+            next_line += 1
         for line_no, reason in bad:
-            stats.bad(line_no, reason)
+            stats.bad(next_line + line_no, reason)
+        next_line += lines
         cols.chan = channels.codes(names, cols.chan)
         yield from chunker.feed(cols)
 
     try:
-        for buf, line0 in _blocks(fh, stats, block_bytes, reader_bad):
+        for buf, skipped in _blocks(fh, stats, block_bytes):
             if pool is None:
-                yield from consume(parse(buf, line0), line0)
+                yield from consume(parse(buf), skipped)
                 continue
-            ahead.append((pool.submit(parse, buf, line0), line0))
+            ahead.append((pool.submit(parse, buf), skipped))
             if len(ahead) > workers:
-                fut, first = ahead.popleft()
-                yield from consume(fut.result(), first)
+                fut, before = ahead.popleft()
+                yield from consume(fut.result(), before)
         while ahead:
-            fut, first = ahead.popleft()
-            yield from consume(fut.result(), first)
-        for item in reader_bad:
-            stats.bad(*item)
+            fut, before = ahead.popleft()
+            yield from consume(fut.result(), before)
         yield from chunker.finish()
     finally:
         for fut, _ in ahead:
@@ -563,18 +724,27 @@ class _Chunker:
     seconds: float
     channels: _Channels
     stats: ReadStats
-    pending: _Cols = field(default_factory=_empty_cols)
+    parts: list[_Cols] = field(default_factory=list)  # frames not yet in a chunk
+    count: int = 0  # frames in ``parts``
+    span: float = 0.0  # latest time in ``parts`` minus the first frame's
     seen: int = 0  # channels that appeared in the frames emitted so far
 
     def feed(self, cols: _Cols) -> Iterator[FrameBatch]:
-        self.pending = _Cols.concat(self.pending, cols)
-        yield from self._cut(final=False)
+        if len(cols) == 0:
+            return
+        self.parts.append(cols)
+        self.count += len(cols)
+        self.span = max(self.span, float(cols.ts.max()) - float(self.parts[0].ts[0]))
+        if self.count >= self.frames or self.span >= self.seconds:
+            yield from self._cut(final=False)  # joined only when a chunk can end
 
     def finish(self) -> Iterator[FrameBatch]:
         yield from self._cut(final=True)
 
     def _cut(self, final: bool) -> Iterator[FrameBatch]:
-        p = self.pending
+        if not self.parts:
+            return
+        p = _Cols.join(self.parts)
         lo = 0
         while lo < len(p):
             window = p.ts[lo : lo + self.frames]
@@ -589,7 +759,10 @@ class _Chunker:
                 break
             yield self._batch(p.take(lo, hi))
             lo = hi
-        self.pending = p.take(lo, len(p))
+        rest = p.take(lo, len(p))
+        self.parts = [rest] if len(rest) else []
+        self.count = len(rest)
+        self.span = float(rest.ts.max() - rest.ts[0]) if len(rest) else 0.0
 
     def _batch(self, c: _Cols) -> FrameBatch:
         self.seen = max(self.seen, int(c.chan.max()) + 1)

@@ -4,6 +4,8 @@ one-line DbcError naming the file."""
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 
 import pytest
 
@@ -51,3 +53,65 @@ def test_channel_specs_map_channels_and_wildcard():
     )
     assert len(d.for_channel("can1")[0].messages) == 2
     assert len(d.for_channel("can7")[0].messages) == 107
+
+
+def _entries(root):
+    return sorted((root / "dbc").glob("*.pickle")) if (root / "dbc").is_dir() else []
+
+
+def test_parsed_dbc_is_cached_on_disk_and_warns_again_when_read_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        first = load_dbc(KONA / "kona_pcan.dbc")
+    entries = _entries(tmp_path / "cache")
+    assert len(entries) == 1
+    assert entries[0].stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "cache" / "dbc").stat().st_mode & 0o777 == 0o700
+    dbc_module._load_cached.cache_clear()
+    caplog.clear()
+    parsed = []
+    monkeypatch.setattr(dbc_module, "_parse", lambda *a: parsed.append(a) or None)
+    with caplog.at_level(logging.WARNING):
+        again = load_dbc(KONA / "kona_pcan.dbc")
+    assert parsed == [], "the second load must come from the cache"
+    assert "BS_:/BU_:" in caplog.text  # the repair is still reported
+    assert [m.name for m in again.messages] == [m.name for m in first.messages]
+    frame = bytes(range(8))
+    for m in first.messages[:20]:
+        data = frame[: m.length]
+        assert again.get_message_by_name(m.name).decode(data, allow_truncated=True) == m.decode(
+            data, allow_truncated=True
+        )
+
+
+def test_cache_entry_others_can_write_or_that_is_damaged_is_not_trusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    load_dbc(KONA / "kona_ccan.cantools.dbc")
+    (entry,) = _entries(tmp_path / "cache")
+    real = dbc_module._parse
+    calls = []
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(dbc_module, "_parse", counting)
+    os.chmod(entry, 0o666)  # group/world-writable: someone else could have put a pickle here
+    dbc_module._load_cached.cache_clear()
+    assert len(load_dbc(KONA / "kona_ccan.cantools.dbc").messages) > 0
+    assert len(calls) == 1
+    entry.write_bytes(b"not a pickle")
+    os.chmod(entry, 0o600)
+    dbc_module._load_cached.cache_clear()
+    assert len(load_dbc(KONA / "kona_ccan.cantools.dbc").messages) > 0
+    assert len(calls) == 2
+    with open(entry, "rb") as fh:  # rewritten with the good parse
+        assert pickle.load(fh)[0].messages
+
+
+def test_cache_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    load_dbc(KONA / "kona_ccan.cantools.dbc")
+    assert dbc_module.cache_dir() is None
+    assert not any(tmp_path.rglob("*.pickle"))
