@@ -222,6 +222,7 @@ class _Cols:
         cols = [np.concatenate([getattr(c, f) for c in parts]) for f in _FIELDS[:-1]]
         return _Cols(*cols, np.concatenate([_widen(c.data, width) for c in parts]))
 
+
 _FIELDS = ("ts", "chan", "fid", "ext", "remote", "error", "fd", "dlc", "data")
 
 
