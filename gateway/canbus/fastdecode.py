@@ -153,6 +153,9 @@ class VectorDecoder:
         keys = (batch.channel[keep].astype(np.uint64) << np.uint64(32)) | batch.arbitration_id[
             keep
         ].astype(np.uint64)
+        busy = self._count_idle(batch, keys, stats)
+        if busy is not None:
+            keep, keys = keep[busy], keys[busy]
         order = _group_order(keys)
         frames = keep[order]
         skeys = keys[order]
@@ -191,6 +194,39 @@ class VectorDecoder:
             sel = plan_of >= 0
             self._decode_flat(batch, keep[sel], plan_of[sel], pieces)
         return DecodedBatch(_assemble(pieces), stats)
+
+    def _needs_work(self, plan: _Plan) -> bool:
+        """Whether frames of ``plan`` must be decoded at all: for a wanted signal, or to find
+        the frames cantools would refuse (an unknown multiplexer value, a layout that fails)."""
+        if plan.fallback or plan.root is None:
+            return True
+        return bool(self._group_setup(plan)[0]) or plan.muxed or plan.root.fails
+
+    def _count_idle(
+        self, batch: FrameBatch, keys: npt.NDArray[np.uint64], stats: DecodeStats
+    ) -> npt.NDArray[np.bool_] | None:
+        """Count the frames that need no decoding (ids not in the DBCs, messages without a
+        wanted signal: under a default-deny policy, most of a bus) per id, without sorting
+        them; returns which frames still need decoding. None when the batch holds extended
+        ids or channels past 32 (then every frame goes the general way)."""
+        if len(keys) == 0 or int(keys.max()) >= (32 << 32):
+            return None
+        if int((keys & np.uint64(0xFFFFFFFF)).max()) > 0x7FF:
+            return None
+        code = ((keys >> np.uint64(21)) | keys).astype(np.uint16)  # channel << 11 | id
+        counts = np.bincount(code, minlength=1 << 16)
+        work = np.zeros(1 << 16, np.bool_)
+        for c in np.flatnonzero(counts).tolist():
+            fid = c & 0x7FF
+            plan = self._plan(batch.channels[c >> 11], fid)
+            n = int(counts[c])
+            if plan is None:
+                stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + n
+            elif self._needs_work(plan):
+                work[c] = True
+            else:
+                stats.decoded += n
+        return work[code]
 
     def _decode_flat(self, batch: FrameBatch, f: Any, p: Any, pieces: list[_Piece]) -> None:
         """Frames ``f`` (batch order) of flat plans ``p``: every (frame, signal) pair at once."""

@@ -316,6 +316,11 @@ def test_wanted_limits_the_series_and_still_routes_multiplexers() -> None:
     names = {s.name for s in vec.decode(batch).series}
     assert names == wanted - {"Nowhere.Nothing"}
     assert both(dbcs, batch, set()).decode(batch).series == []
+    # standard ids only: frames of messages with nothing wanted are counted without decoding,
+    # multiplexed ones are still routed (their unknown values are errors, as in cantools)
+    std = batch.select(np.flatnonzero(batch.arbitration_id <= 0x7FF))
+    for w in (wanted, set(), {"Nested.C"}):
+        both(dbcs, std, w)
 
 
 def test_kona_wanted_and_stats_match_the_reference() -> None:
