@@ -389,5 +389,15 @@ def describe() -> str:
         '`CHANNEL = "file.dbc"` or a list of files; `"*"` applies to every '
         "channel without its own DBC. Paths are relative to the config file.",
         "",
+        "## Other environment variables",
+        "",
+        "| variable | meaning |",
+        "|---|---|",
+        "| `GATEWAY_CACHE_DIR` | where parsed DBCs are cached (default "
+        "`$XDG_CACHE_HOME/car-data-gateway`, else `~/.cache/car-data-gateway`); `off` turns the "
+        "cache off. Entries are pickles keyed by the SHA-256 of the DBC and the cantools, gateway "
+        "and Python versions, read only when the folder and the file belong to the user and "
+        "nobody else can write to them. |",
+        "",
     ]
     return "\n".join(lines)
