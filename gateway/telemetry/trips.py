@@ -10,7 +10,7 @@ the drop in state of charge times the usable battery capacity.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -99,8 +99,22 @@ class Trip:
         return self.distance_km / (self.duration_s / 3600) if self.duration_s > 0 else 0.0
 
 
+_GEAR, _SPEED, _ODO, _SOC, _LAT, _LON = range(6)
+
+
 @dataclass
 class TripDetector:
+    """The state machine of a trip, run a batch at a time with numpy.
+
+    Samples are ordered by time (ties: by index within their series, then gear, speed, odometer,
+    SOC, latitude, longitude). Only gear samples (speed samples when there is no gear signal)
+    move the machine: a moving one starts a trip, a parked one ends it once nothing has moved
+    for ``end_after_s``. Those transitions are found with prefix maxima over the moving/parked
+    samples; what a trip needs from the other signals at its start and end (odometer, SOC,
+    position) is looked up with ``searchsorted``; the speed integral is a running sum over the
+    trip's own samples, added in sample order. The result equals a per-sample state machine bit
+    for bit (``tests/telemetry/trip_reference.py``), at numpy speed."""
+
     cfg: TripConfig
     _driving: bool = False
     _start: float = 0.0
@@ -111,109 +125,178 @@ class TripDetector:
     _soc: float | None = None
     _dist_int_km: float = 0.0
     _last_speed: tuple[float, float] | None = None
-    _pos: tuple[float, float] | None = None
+    _lat: float | None = None
+    _lon: float | None = None
     _start_pos: tuple[float, float] | None = None
-    _events: list[tuple[float, int, str, Any]] = field(default_factory=list)
 
-    def feed(self, series: Sequence[SignalSeries]) -> list[Trip]:
-        """Series of one batch (any order between signals); returns trips that ended."""
+    def _columns(self, series: Sequence[SignalSeries]) -> list[tuple[int, Any, Any, Any]]:
+        """(role, times, values, moving: 1 moving, 0 parked, -1 says nothing) per signal."""
         cfg = self.cfg
         by_name = {s.name: s for s in series if s.name in cfg.signals}
-        events: list[tuple[float, int, str, Any]] = []
-        for role, name in (
-            ("gear", cfg.gear),
-            ("speed", cfg.speed),
-            ("odo", cfg.odometer),
-            ("soc", cfg.soc),
-            ("lat", cfg.latitude),
-            ("lon", cfg.longitude),
-        ):
+        names = (cfg.gear, cfg.speed, cfg.odometer, cfg.soc, cfg.latitude, cfg.longitude)
+        out = []
+        for role, name in enumerate(names):
             s = by_name.get(name) if name else None
-            if s is None:
+            if s is None or len(s.timestamp) == 0:
                 continue
             ts, values = s.timestamp, s.value
             if isinstance(s.choices, Sentinels):  # "SNA" is no reading: not a speed of 511.5
                 keep = s.choices.valid(values)
                 ts, values = ts[keep], values[keep]
-            vals: list[Any]
-            if role == "gear":
-                vals = [
+            if role == _GEAR:
+                uniq, inv = np.unique(values, return_inverse=True)
+                labels = [
                     s.choices.get(v, str(int(v))) if s.choices else str(int(v))
-                    for v in values.tolist()
+                    for v in uniq.tolist()
                 ]
+                table = np.array([lab in cfg.drive_states for lab in labels], np.int8)
+                moving = table[inv.ravel()] if len(labels) else np.zeros(0, np.int8)
+            elif role == _SPEED and not cfg.gear:
+                moving = (values > cfg.moving_kph).astype(np.int8)
             else:
-                vals = values.tolist()
-            events += [
-                (t, i, role, v) for i, (t, v) in enumerate(zip(ts.tolist(), vals, strict=True))
-            ]
-        events.sort(key=lambda e: (e[0], e[1]))
+                moving = np.full(len(values), -1, np.int8)
+            out.append((role, ts, values, moving))
+        return out
+
+    def feed(self, series: Sequence[SignalSeries]) -> list[Trip]:
+        """Series of one batch (any order between signals); returns trips that ended."""
+        cols = self._columns(series)
+        if not cols:
+            return []
+        t = np.concatenate([c[1] for c in cols]).astype(np.float64)
+        v = np.concatenate([c[2] for c in cols]).astype(np.float64)
+        m = np.concatenate([c[3] for c in cols])
+        r = np.concatenate([np.full(len(c[1]), c[0], np.int8) for c in cols])
+        i = np.concatenate([np.arange(len(c[1])) for c in cols])
+        order = np.lexsort((r, i, t))
+        t, v, m, r = t[order], v[order], m[order], r[order]
+        n = len(t)
+        at = {role: np.flatnonzero(r == role) for role in range(6)}
+
+        def latest(role: int, p: int, carried: float | None) -> float | None:
+            k = int(np.searchsorted(at[role], p)) - 1  # the last sample before position p
+            return float(v[at[role][k]]) if k >= 0 else carried
+
+        def first(role: int, lo: int, hi: int) -> float | None:
+            k = int(np.searchsorted(at[role], lo, side="right"))  # the first after lo
+            pos = at[role]
+            return float(v[pos[k]]) if k < len(pos) and pos[k] < hi else None
+
+        def position(p: int) -> tuple[float, float] | None:
+            return _position(latest(_LAT, p, self._lat), latest(_LON, p, self._lon))
+
+        # the speed integral: one term per speed sample, from the sample before it
+        sp = at[_SPEED]
+        st, sv = t[sp], v[sp]
+        if self._last_speed is not None:
+            pt = np.concatenate(([self._last_speed[0]], st[:-1]))
+            pv = np.concatenate(([self._last_speed[1]], sv[:-1]))
+            has = np.ones(len(sp), np.bool_)
+        else:
+            pt = np.concatenate(([np.nan], st[:-1]))
+            pv = np.concatenate(([np.nan], sv[:-1]))
+            has = np.arange(len(sp)) > 0
+        dt = st - pt
+        with np.errstate(invalid="ignore"):
+            counts = has & (dt > 0) & (dt < 5)
+        terms = (pv + sv) / 2 * dt / 3600
+
+        def integral(d0: float, lo: int, hi: int) -> float:
+            """``d0`` plus the terms of the speed samples at positions in (lo, hi], added one
+            by one in sample order, as the per-sample machine adds them."""
+            a, b = np.searchsorted(sp, lo, side="right"), np.searchsorted(sp, hi, side="right")
+            sel = terms[a:b][counts[a:b]]
+            if len(sel) == 0:
+                return d0
+            return float(np.cumsum(np.concatenate(([d0], sel)))[-1])
+
+        # transitions: moving samples (T) and parked samples that end a trip if one runs (E)
+        k = np.flatnonzero(m >= 0)
+        tk, mk = t[k], m[k]
+        seen = np.maximum.accumulate(np.where(mk == 1, tk, -np.inf)) if len(k) else tk
+        last_true = np.where(np.isneginf(seen), self._last_moving, seen)
+        endable = (mk == 0) & (tk - last_true >= self.cfg.end_after_s)
+        sel = np.flatnonzero((mk == 1) | endable)
+        kinds = mk[sel] == 1
+        before = np.concatenate(([self._driving], kinds[:-1]))
+        flips = sel[kinds != before]  # a start after an end, an end after a start
+
         done: list[Trip] = []
-        for t, _, role, v in events:
-            trip = self._step(t, role, v)
-            if trip is not None:
-                done.append(trip)
+        start_p = -1  # position of the running trip's start (-1: started in an earlier batch)
+        for j in flips.tolist():
+            p = int(k[j])
+            if mk[j] == 1:  # a trip starts
+                self._driving, self._start, start_p = True, float(t[p]), p
+                self._odo0 = latest(_ODO, p, self._odo)
+                self._soc0 = latest(_SOC, p, self._soc)
+                self._start_pos = position(p)
+                self._dist_int_km = 0.0
+                continue
+            # the running trip ends; the first odometer/SOC reading in it stands in for one
+            # that was missing at its start
+            odo0 = self._odo0 if self._odo0 is not None else first(_ODO, start_p, p)
+            soc0 = self._soc0 if self._soc0 is not None else first(_SOC, start_p, p)
+            done.append(
+                self._trip(
+                    float(last_true[j]),
+                    (odo0, latest(_ODO, p, self._odo)),
+                    (soc0, latest(_SOC, p, self._soc)),
+                    integral(self._dist_int_km, start_p, p),
+                    position(p),
+                )
+            )
+            self._driving = False
+        if self._driving:  # carry the running trip into the next batch
+            if self._odo0 is None:
+                self._odo0 = first(_ODO, start_p, n)
+            if self._soc0 is None:
+                self._soc0 = first(_SOC, start_p, n)
+            self._dist_int_km = integral(self._dist_int_km, start_p, n)
+        self._odo = latest(_ODO, n, self._odo)
+        self._soc = latest(_SOC, n, self._soc)
+        self._lat = latest(_LAT, n, self._lat)
+        self._lon = latest(_LON, n, self._lon)
+        if len(sp):
+            self._last_speed = (float(st[-1]), float(sv[-1]))
+        if (mk == 1).any():
+            self._last_moving = float(last_true[-1])
         return done
 
-    def _moving(self, role: str, v: Any) -> bool | None:
-        if role == "gear":
-            return v in self.cfg.drive_states
-        if role == "speed" and not self.cfg.gear:
-            return v > self.cfg.moving_kph
-        return None
-
-    def _step(self, t: float, role: str, v: Any) -> Trip | None:
-        if role == "odo":
-            self._odo = v
-            if self._driving and self._odo0 is None:
-                self._odo0 = v
-        elif role == "soc":
-            self._soc = v
-            if self._driving and self._soc0 is None:
-                self._soc0 = v
-        elif role == "lat":
-            self._pos = (v, self._pos[1] if self._pos else float("nan"))
-        elif role == "lon":
-            self._pos = (self._pos[0] if self._pos else float("nan"), v)
-        elif role == "speed":
-            if self._driving and self._last_speed is not None:
-                t0, v0 = self._last_speed
-                if 0 < t - t0 < 5:
-                    self._dist_int_km += (v0 + v) / 2 * (t - t0) / 3600
-            self._last_speed = (t, v)
-        moving = self._moving(role, v)
-        if moving is True:
-            self._last_moving = t
-            if not self._driving:
-                self._driving = True
-                self._start = t
-                self._odo0, self._soc0 = self._odo, self._soc
-                self._dist_int_km = 0.0
-                self._start_pos = self._valid(self._pos)
-        elif moving is False and self._driving and t - self._last_moving >= self.cfg.end_after_s:
-            return self._finish(t)
-        return None
-
-    @staticmethod
-    def _valid(pos: tuple[float, float] | None) -> tuple[float, float] | None:
-        if pos is None or not all(np.isfinite(pos)):
-            return None
-        return pos
-
-    def _finish(self, t: float) -> Trip:
-        self._driving = False
-        if self._odo0 is not None and self._odo is not None:
-            dist = max(self._odo - self._odo0, 0.0)
-        else:
-            dist = self._dist_int_km
+    def _trip(
+        self,
+        end: float,
+        odo: tuple[float | None, float | None],
+        soc: tuple[float | None, float | None],
+        dist_int_km: float,
+        end_pos: tuple[float, float] | None,
+    ) -> Trip:
+        """The trip running since ``self._start``: distance from the odometer when it has two
+        readings, else the speed integral; energy from the SOC drop."""
+        (odo0, odo1), (soc0, soc1) = odo, soc
+        dist = max(odo1 - odo0, 0.0) if odo0 is not None and odo1 is not None else dist_int_km
         energy = 0.0
-        if self._soc0 is not None and self._soc is not None:
-            energy = max(self._soc0 - self._soc, 0.0) / 100.0 * self.cfg.battery_kwh
-        return Trip(
-            self._start, self._last_moving, dist, energy, self._start_pos, self._valid(self._pos)
-        )
+        if soc0 is not None and soc1 is not None:
+            energy = max(soc0 - soc1, 0.0) / 100.0 * self.cfg.battery_kwh
+        return Trip(self._start, end, dist, energy, self._start_pos, end_pos)
 
     def flush(self, t: float) -> list[Trip]:
         """End of the stream: a trip still open ends at its last moving moment."""
-        if self._driving:
-            return [self._finish(t)]
-        return []
+        if not self._driving:
+            return []
+        self._driving = False
+        return [
+            self._trip(
+                self._last_moving,
+                (self._odo0, self._odo),
+                (self._soc0, self._soc),
+                self._dist_int_km,
+                _position(self._lat, self._lon),
+            )
+        ]
+
+
+def _position(lat: float | None, lon: float | None) -> tuple[float, float] | None:
+    """A position only when both coordinates have a finite reading."""
+    if lat is None or lon is None or not (np.isfinite(lat) and np.isfinite(lon)):
+        return None
+    return (lat, lon)

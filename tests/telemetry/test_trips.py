@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.records import SignalSeries, choices_for
 from gateway.telemetry.trips import TripConfig, TripDetector
+from tests.telemetry.trip_reference import ScalarTripDetector
 
 CFG = TripConfig(gear="D.gear", speed="D.speed", soc="D.soc", end_after_s=30.0)
 GEARS = {1.0: "P", 4.0: "D"}
@@ -39,3 +42,74 @@ def test_sna_speed_samples_are_no_reading_and_add_no_distance():
     (trip,) = TripDetector(CFG).feed(_drive(speeds, t))
     assert trip.distance_km == pytest.approx(clean.distance_km, rel=0.01)
     assert trip.distance_km < 1.05
+
+
+GEAR_NAMES = {1.0: "P", 2.0: "R", 3.0: "N", 4.0: "D"}
+
+
+def _timeline(rng: np.random.Generator, seconds: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Samples on a coarse time grid (ties within and across signals are common): a gear that
+    changes in runs, speeds with some "SNA" readings, odometer, SOC and a position."""
+
+    def times(rate: float) -> np.ndarray:
+        n = rng.poisson(seconds * rate)
+        return np.sort(np.round(rng.uniform(0, seconds, n) * 4) / 4)
+
+    gt = times(rng.choice([0.2, 1.0, 5.0]))
+    runs = rng.choice(list(GEAR_NAMES), size=max(1, len(gt) // 6 + 1), p=[0.4, 0.1, 0.1, 0.4])
+    gv = np.repeat(runs, 6)[: len(gt)].astype(float)
+    st = times(rng.choice([1.0, 4.0]))
+    sv = np.where(rng.random(len(st)) < 0.1, 511.5, np.round(rng.uniform(0, 90, len(st)), 1))
+    if rng.random() < 0.3:
+        sv[rng.random(len(st)) < 0.5] = 0.0  # parked stretches for speed-only trips
+    ot = times(0.5)
+    ov = 1000 + np.cumsum(rng.uniform(0, 0.05, len(ot)))
+    ct = times(0.2)
+    cv = 80 - np.cumsum(rng.uniform(0, 0.2, len(ct)))
+    lt = times(1.0)
+    return {
+        "gear": (gt, gv),
+        "speed": (st, sv),
+        "odo": (ot, ov),
+        "soc": (ct, cv),
+        "lat": (lt, 31 + rng.uniform(0, 0.1, len(lt))),
+        "lon": (lt + rng.choice([0.0, 0.25]), 121 + rng.uniform(0, 0.1, len(lt))),
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), with_gear=st.booleans(), extras=st.integers(0, 15))
+def test_vectorised_trips_equal_the_per_sample_machine(seed, with_gear, extras):
+    """Trips, bit for bit, whatever the cut into batches, the ties in time, the signals present."""
+    rng = np.random.default_rng(seed)
+    cfg = TripConfig(
+        gear="D.gear" if with_gear else "",
+        speed="D.speed",
+        odometer="D.odo" if extras & 1 else "",
+        soc="D.soc" if extras & 2 else "",
+        latitude="D.lat" if extras & 4 else "",
+        longitude="D.lon" if extras & 8 else "",
+        end_after_s=float(rng.choice([0.5, 5.0, 30.0])),
+    )
+    seconds = float(rng.choice([20.0, 200.0, 900.0]))
+    line = _timeline(rng, seconds)
+    meta = {
+        "gear": ("", choices_for(3, GEAR_NAMES)),
+        "speed": ("kph", choices_for(10, {511.5: "SNA"})),
+    }
+    cuts = np.sort(np.r_[0.0, rng.uniform(0, seconds, rng.integers(0, 12)), seconds + 1])
+    fast, slow = TripDetector(cfg), ScalarTripDetector(cfg)
+    got, want = [], []
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        batch = []
+        for role, (t, v) in line.items():
+            keep = (t >= lo) & (t < hi)
+            if keep.any() or rng.random() < 0.5:
+                unit, choices = meta.get(role, ("", None))
+                batch.append(SignalSeries(f"D.{role}", t[keep], v[keep], unit, choices))
+        rng.shuffle(batch)
+        got += fast.feed(batch)
+        want += slow.feed(batch)
+    got += fast.flush(seconds)
+    want += slow.flush(seconds)
+    assert got == want
