@@ -36,6 +36,7 @@ from gateway.records import FrameBatch, ReadStats
 CAN_ERR_FLAG = 0x20000000
 MAX_LINE = 512  # the longest valid line (64-byte FD frame, long channel name) is ~200
 BLOCK_BYTES = 1 << 19  # 512 KiB: bounded memory (peak RSS) at the same speed as larger blocks
+_DIRECTIONS = frozenset((b" R", b" T", b" r", b" t"))  # what may follow the data
 _FD_LENGTHS = frozenset((*range(9), 12, 16, 20, 24, 32, 48, 64))
 
 _DIGIT, _HEX, _NAME = 1, 2, 4
@@ -131,15 +132,19 @@ def _parse_classic(
     sp2: int,
     hsh: int,
 ) -> tuple[npt.NDArray[np.bool_], dict[str, Any]] | None:
-    """Classic frames (0 to 8 data bytes, any of them) of one prefix layout: every line whose
-    time, channel and id sit where they sit in the sample line. Returns (valid lines, columns of
-    the valid lines); a line this rejects goes to the general paths, which give the reason."""
+    """Classic frames (0 to 8 data bytes, any of them, a direction after them or not) of one
+    prefix layout: every line whose time, channel and id sit where they sit in the sample
+    line. Returns (valid lines, columns of the valid lines); a line this rejects goes to the
+    general paths, which give the reason."""
     nid = hsh - sp2 - 1
     ndig = (dot - 1) + (close - dot - 1)
     if dot < 2 or close - dot < 2 or sp2 - close < 3 or not 1 <= nid <= 8 or ndig > 18:
         return None
     d0 = hsh + 1
-    nhex = lens - d0
+    # a direction after the data (" R"/" T", as python-can's CanutilsLogWriter writes it)
+    last = padded[starts + lens - 1] | 0x20
+    has_dir = (padded[starts + lens - 2] == 32) & ((last == 0x72) | (last == 0x74))
+    nhex = lens - d0 - 2 * has_dir
     elig = np.flatnonzero((nhex >= 0) & (nhex <= 16) & (nhex % 2 == 0))
     ok_all = np.zeros(len(starts), np.bool_)
     if len(elig) == 0:
@@ -466,10 +471,11 @@ def _parse_block(buf: bytes, stats: _BadLines, line0: int) -> tuple[_Cols, list[
     cand = np.flatnonzero(candidates)
     padded = np.concatenate([a, np.zeros(MAX_LINE + 8, np.uint8)])
     left = cand
-    for _ in range(4):  # at most a few prefix layouts (3- and 8-digit ids, a second width)
+    for _ in range(8):  # a few prefix layouts: ids of 3 and 8 digits, channels, time widths
         if len(left) == 0:
             break
-        lay = _layout(buf[starts[left[0]] : ends[left[0]]])
+        sample = buf[starts[left[0]] : ends[left[0]]]
+        lay = _layout(sample[:-2] if sample[-2:] in _DIRECTIONS else sample)
         parsed = (
             None
             if lay is None or lay[4]

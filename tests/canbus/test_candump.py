@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.canbus import candump
 from gateway.canbus.candump import iter_candump, parse_line
 from gateway.records import FrameBatch, ReadStats
+from tests.conftest import SHARED_CAN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -287,3 +289,34 @@ def test_vector_paths_agree_with_the_line_parser_on_mutated_logs(seed, n, mutati
         (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], b"" if f[4] else f[8]) for f in want_frames
     ]
     assert got == want
+
+
+def _python_can_written(tmp_path: Path, source: Path) -> Path:
+    """``source`` (any format python-can reads) written as candump by python-can itself, which
+    puts a direction (" R"/" T") after every frame."""
+    out = tmp_path / (source.stem + ".log")
+    with can.CanutilsLogWriter(str(out)) as writer:
+        for msg in can.LogReader(str(source)):
+            writer.on_message_received(msg)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name", ["bms_idle_log_30sec.asc", "issue_1256.asc", "test_CanMessage_V2_1.trc"]
+)
+def test_logs_written_by_python_can_read_the_same_and_take_the_vector_path(
+    tmp_path, monkeypatch, name
+):
+    found = sorted(SHARED_CAN.rglob(name))
+    if not found:
+        pytest.skip(f"{name} is not in ../shared/data/can")
+    log = _python_can_written(tmp_path, found[0])
+    calls = []
+    real = candump.parse_line
+    monkeypatch.setattr(candump, "parse_line", lambda text: calls.append(text) or real(text))
+    stats = ReadStats()
+    got = rows(list(iter_candump(log, stats)))
+    assert got == python_can_rows(log)
+    assert stats.bad_lines == 0 and len(got) > 0
+    # lines of the one common layout, direction included, never reach the per-line parser
+    assert len(calls) <= max(2, len(got) // 100), calls[:3]
