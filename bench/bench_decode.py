@@ -7,7 +7,8 @@ Decode-only rates (frames/s, median of ``runs``):
   reference      ``CantoolsDecoder.decode`` (the project's reference, series built)
   vector/batch   ``VectorDecoder.decode`` on the whole repeated log as one batch
   vector/chunks  ``VectorDecoder.decode`` on the chunks a replay feeds it (``iter_candump``)
-Parse rates: ``iter_candump`` vs python-can's ``CanutilsLogReader`` (frames/s).
+Parse rates: ``iter_candump`` vs python-can's ``CanutilsLogReader``, and the gateway's ASC
+reader vs python-can's ``ASCReader`` on the same log written as ASC (frames/s).
 Every function is importable, for a ``make bench`` table.
 """
 
@@ -157,6 +158,23 @@ def python_can_rate(path: Path, runs: int) -> float:
     return median_rate(n, lambda: sum(1 for _ in count()), runs)
 
 
+def asc_rates(path: Path, tmp: Path, frames: int, runs: int) -> tuple[float, float]:
+    """(gateway, python-can) frames/s reading the same Vector ASC file: the candump log written
+    as ASC by python-can's ``ASCWriter``."""
+    from itertools import islice
+
+    from gateway.canbus.replay import iter_log
+
+    asc = tmp / "kona.asc"
+    with can.ASCWriter(str(asc)) as writer:
+        for msg in islice(can.LogReader(str(path)), frames):
+            writer.on_message_received(msg)
+    n = sum(len(b) for b in iter_log(asc, None, FAST))
+    ours = median_rate(n, lambda: sum(len(b) for b in iter_log(asc, None, FAST)), runs)
+    theirs = median_rate(n, lambda: sum(1 for _ in can.ASCReader(str(asc))), runs)
+    return ours, theirs
+
+
 def run(frames: int = 1_000_000, runs: int = 5, cantools_frames: int = 100_000) -> dict[str, float]:
     log, dbcs = kona_inputs()
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +197,9 @@ def run(frames: int = 1_000_000, runs: int = 5, cantools_frames: int = 100_000) 
             "candump_fps": candump_rate(big, max(2, runs // 2))[0],
             "python_can_fps": python_can_rate(small, max(2, runs // 2)),
         }
+        out["asc_fps"], out["python_can_asc_fps"] = asc_rates(
+            small, Path(tmp), min(frames, 100_000), max(2, runs // 2)
+        )
     return out
 
 
@@ -209,6 +230,9 @@ def main() -> None:
         ("candump_fps", "iter_candump"),
     ):
         print(f"{label:<34}{r[key]:>14,.0f}{r[key] / r['python_can_fps']:>13.1f}x")
+    print(f"{'parse Vector ASC':<34}{'frames/s':>14}{'vs python-can':>14}")
+    for key, label in (("python_can_asc_fps", "python-can ASCReader"), ("asc_fps", "iter_log")):
+        print(f"{label:<34}{r[key]:>14,.0f}{r[key] / r['python_can_asc_fps']:>13.1f}x")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ when it is there). Each figure is the median of ``--runs`` runs.
                start-up (imports, DBC) included on both sides. On a 9-minute log (2M frames)
                and on one hour of the Kona buses (13M frames, ``--hour``)
   decode       the vector decoder vs. cantools ``Message.decode`` (bench/bench_decode.py)
-  parse        the candump parser vs. python-can's ``CanutilsLogReader``
+  parse        the candump parser vs. python-can's ``CanutilsLogReader``; the ASC reader vs.
+               python-can's ``ASCReader`` on the same log written as ASC
   memory       peak RSS of the gateway process, CAN only and CAN + camera
   camera       anonymised frames per second at 640x360 and 1280x720
   latency      end of a window (frame time, real-time replay) to the summary at the owner
@@ -272,6 +273,14 @@ def main() -> int:
                 f"{d['candump_fps']:,.0f}",
                 f"{d['python_can_fps']:,.0f}",
                 f"{d['candump_fps'] / d['python_can_fps']:.1f}x",
+            )
+        )
+        add(
+            (
+                "Vector ASC parse, frames/s",
+                f"{d['asc_fps']:,.0f}",
+                f"{d['python_can_asc_fps']:,.0f}",
+                f"{d['asc_fps'] / d['python_can_asc_fps']:.1f}x",
             )
         )
         add(("peak RSS, CAN only, MB (highest run)", f"{max(rsss):.0f}", "", "target <= 80"))

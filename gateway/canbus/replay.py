@@ -1,8 +1,9 @@
 """Recorded CAN logs in, ``FrameBatch`` chunks out, whatever the format.
 
-candump and SavvyCAN/GVRET CSV have readers of our own (python-can has none for GVRET, and the
-candump one is the hot path); every other format goes through python-can's readers (ASC, BLF,
-TRC, python-can CSV, MF4 where asammdf is installed). A text line a reader cannot parse is
+candump, ASC and SavvyCAN/GVRET CSV have readers of our own (python-can has none for GVRET;
+candump and the data lines of ASC are parsed with numpy, ASC's other lines by python-can); every
+other format goes through python-can's readers (BLF, TRC, python-can CSV, MF4 where asammdf is
+installed). A text line a reader cannot parse is
 counted and skipped, and the reading goes on at the next line.
 """
 
@@ -21,9 +22,11 @@ from typing import Any
 import can
 import numpy as np
 
+from gateway.canbus.ascfile import iter_asc
 from gateway.canbus.candump import iter_candump
 from gateway.canbus.chunking import FAST, PACED, Chunking
 from gateway.canbus.gvret import iter_gvret, looks_like_gvret
+from gateway.canbus.messages import channel_name, message_problem
 from gateway.errors import LogFormatError
 from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
 
@@ -84,17 +87,6 @@ def detect_format(path: Path) -> LogFormat:
         f"{path}: unknown log format (known: candump .log, .asc, .blf, .trc, python-can .csv, "
         f"SavvyCAN/GVRET .csv, .mf4)"
     )
-
-
-def channel_name(channel: Any) -> str:
-    """python-can channels are ints, strings or None; a bus name is always a string here.
-    Vector ASC numbers channels from 1 and python-can reports them from 0, so a file that
-    numbers from 0 (python-can says -1) is still the first channel, ``can0``."""
-    if channel is None:
-        return "can0"
-    if isinstance(channel, int):
-        return f"can{max(channel, 0)}"
-    return str(channel)
 
 
 class _CountingLines:
@@ -186,6 +178,10 @@ def _resilient(
         try:
             for msg in reader:
                 stats.bytes_read = lines.chars
+                problem = message_problem(msg)
+                if problem is not None:
+                    stats.bad(lines.line_no, problem)
+                    continue
                 yield msg
             return
         except (ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
@@ -210,6 +206,10 @@ def _iter_python_can_binary(path: Path, fmt: LogFormat, stats: ReadStats) -> Ite
         for i, msg in enumerate(reader):
             if i % 4096 == 0:
                 stats.bytes_read = min(size, getattr(reader.file, "tell", lambda: 0)() or 0)
+            problem = message_problem(msg)
+            if problem is not None:
+                stats.bad(i + 1, f"object {i + 1}: {problem}")
+                continue
             yield msg
     except Exception as exc:  # a corrupt object in a binary log ends what can be read
         stats.stopped_early = f"{type(exc).__name__}: {exc}"
@@ -261,6 +261,10 @@ def iter_log(
         yield from iter_candump(
             path, stats, chunk_frames=chunking.frames, max_chunk_seconds=chunking.seconds
         )
+    elif fmt is LogFormat.ASC and (
+        fast := iter_asc(path, stats, chunk_frames=chunking.frames, chunk_seconds=chunking.seconds)
+    ):
+        yield from fast
     elif fmt in _READERS:
         yield from _batches_from_messages(_iter_python_can_text(path, fmt, stats), stats, chunking)
     else:

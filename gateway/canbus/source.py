@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import can
 
-from gateway.canbus.replay import channel_name
+from gateway.canbus.messages import channel_name
 from gateway.errors import InputError
 from gateway.records import FrameBatch, FrameBatchBuilder
 

@@ -1,0 +1,31 @@
+"""What every python-can message must satisfy before it becomes a frame of a batch."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import can
+
+
+def channel_name(channel: Any) -> str:
+    """python-can channels are ints, strings or None; a bus name is always a string here.
+    Vector ASC numbers channels from 1 and python-can reports them from 0, so a file that
+    numbers from 0 (python-can says -1) is still the first channel, ``can0``."""
+    if channel is None:
+        return "can0"
+    if isinstance(channel, int):
+        return f"can{max(channel, 0)}"
+    return str(channel)
+
+
+def message_problem(msg: can.Message) -> str | None:
+    """Why a message a reader returned from a damaged line cannot be a CAN frame (None: it
+    can). python-can's text readers accept ids and lengths no bus carries."""
+    if not 0 <= msg.arbitration_id <= 0x1FFFFFFF:
+        return f"id {msg.arbitration_id:#x} is longer than 29 bits"
+    if len(msg.data or b"") > 64:
+        return f"{len(msg.data)} data bytes (a frame has at most 64)"
+    if not math.isfinite(msg.timestamp):
+        return "bad timestamp"
+    return None

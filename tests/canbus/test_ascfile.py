@@ -1,0 +1,174 @@
+"""The ASC reader (numpy for the data lines, python-can for the rest) reads what python-can's
+ASCReader reads, line for line, bad lines included."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import can
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.canbus import ascfile, replay
+from gateway.canbus.chunking import FAST, PACED
+from gateway.records import ReadStats
+from tests.canbus.test_candump import kona_log, rows
+from tests.conftest import SHARED_CAN
+
+
+def legacy(path: Path) -> tuple[list[tuple], ReadStats]:
+    """python-can's ASCReader frame by frame, as the gateway read ASC before."""
+    stats = ReadStats()
+    msgs = replay._iter_python_can_text(path, replay.LogFormat.ASC, stats)
+    return rows(list(replay._batches_from_messages(msgs, stats, FAST))), stats
+
+
+def fast(path: Path, chunking=FAST) -> tuple[list[tuple], ReadStats]:
+    stats = ReadStats()
+    return rows(list(replay.iter_log(path, stats, chunking))), stats
+
+
+def assert_same(path: Path) -> list[tuple]:
+    got, s1 = fast(path)
+    want, s2 = legacy(path)
+    assert got == want
+    assert (s1.bad_lines, s1.first_bad) == (s2.bad_lines, s2.first_bad)
+    return got
+
+
+@pytest.mark.parametrize("name", ["bms_idle_log_30sec.asc", "issue_1256.asc", "logfile.asc"])
+def test_real_asc_logs_read_as_python_can_reads_them(name):
+    found = sorted(SHARED_CAN.rglob(name))
+    if not found:
+        pytest.skip(f"{name} is not in ../shared/data/can")
+    assert assert_same(found[0])
+
+
+def test_a_vector_asc_of_the_kona_drive_takes_the_vector_path(tmp_path, monkeypatch):
+    path = tmp_path / "kona.asc"
+    with can.ASCWriter(str(path)) as writer:
+        for msg in can.LogReader(str(kona_log())):
+            writer.on_message_received(msg)
+    calls = []
+    real = ascfile.python_can_line
+    monkeypatch.setattr(ascfile, "python_can_line", lambda t, b: calls.append(t) or real(t, b))
+    got, stats = fast(path)
+    assert len(got) == 39546 and stats.bad_lines == 0
+    assert len(calls) <= 5, calls  # the trigger and "Start of measurement" lines, no frame
+    monkeypatch.setattr(ascfile, "python_can_line", real)
+    assert got == legacy(path)[0]
+    assert fast(path, PACED)[0] == got
+
+
+def _random_messages(rng: random.Random, n: int) -> list[can.Message]:
+    out, t = [], 1.0
+    for _ in range(n):
+        t += rng.random() * 0.01
+        kind = rng.random()
+        ext = rng.random() < 0.3
+        fid = rng.randrange(0x20000000 if ext else 0x800)
+        channel = rng.choice([0, 1, 2, 9, 12])
+        if kind < 0.05:
+            msg = can.Message(timestamp=t, is_error_frame=True, channel=channel)
+        elif kind < 0.12:
+            msg = can.Message(
+                timestamp=t,
+                arbitration_id=fid,
+                is_extended_id=ext,
+                is_remote_frame=True,
+                dlc=rng.randrange(9),
+                channel=channel,
+            )
+        elif kind < 0.2:
+            size = rng.choice([0, 8, 12, 16, 32, 64])
+            msg = can.Message(
+                timestamp=t,
+                arbitration_id=fid,
+                is_extended_id=ext,
+                is_fd=True,
+                data=rng.randbytes(size),
+                channel=channel,
+                bitrate_switch=rng.random() < 0.5,
+            )
+        else:
+            msg = can.Message(
+                timestamp=t,
+                arbitration_id=fid,
+                is_extended_id=ext,
+                data=rng.randbytes(rng.randrange(9)),
+                channel=channel,
+            )
+        out.append(msg)
+    return out
+
+
+_MUTANTS = b"0123456789abcdefABCDEFxX .\t\rdDrRTx\x00\xc3\xa9/:-"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 150),
+    mutations=st.integers(0, 30),
+    crlf=st.booleans(),
+)
+def test_mutated_asc_logs_read_as_python_can_reads_them(tmp_path_factory, seed, n, mutations, crlf):
+    rng = random.Random(seed)
+    path = tmp_path_factory.mktemp("asc") / "gen.asc"
+    with can.ASCWriter(str(path)) as writer:
+        for msg in _random_messages(rng, n):
+            writer.on_message_received(msg)
+    lines = [bytearray(x) for x in path.read_bytes().split(b"\n")]
+    body = [i for i, line in enumerate(lines) if line[:1] == b" " or line[:1].isdigit()]
+    for _ in range(mutations):
+        line = lines[rng.choice(body)] if body else None
+        if not line:
+            continue
+        at = rng.randrange(len(line))
+        op = rng.random()
+        if op < 0.4:
+            line[at] = rng.choice(_MUTANTS)
+        elif op < 0.7:
+            line.insert(at, rng.choice(_MUTANTS))
+        else:
+            del line[at]
+    if rng.random() < 0.3:  # the same file with tabs, as CANalyzer writes some fields
+        lines = [line.replace(b"  ", b"\t", 1) for line in lines]
+    path.write_bytes((b"\r\n" if crlf else b"\n").join(bytes(x) for x in lines))
+    assert_same(path)
+
+
+def test_decimal_base_and_odd_lines_go_to_python_can(tmp_path):
+    path = tmp_path / "dec.asc"
+    path.write_text(
+        "date Mon Jan 01 00:00:00.000 2024\n"
+        "base dec  timestamps absolute\n"
+        "internal events logged\n"
+        "Begin Triggerblock Mon Jan 01 00:00:00.000 2024\n"
+        "   0.000000 Start of measurement\n"
+        "   0.100000 1  291             Rx   d 2 17 255\n"
+        "   0.200000 1  291             Rx   d 2 17 256\n"
+        "   0.300000 2  1000x           Tx   d 1 1\n"
+        "End TriggerBlock\n"
+    )
+    got = assert_same(path)
+    assert [r[2] for r in got] == [291, 1000]
+    _, stats = fast(path)
+    assert stats.bad_lines == 1 and stats.first_bad[0][0] == 7  # byte 256
+
+
+def test_a_header_longer_than_64_kib_is_read_by_python_can(tmp_path):
+    path = tmp_path / "long-header.asc"
+    comments = "".join(f"// comment {i:06d} {'x' * 80}\n" for i in range(900))
+    path.write_text(
+        "date Mon Jan 01 00:00:00.000 2024\nbase hex  timestamps absolute\n"
+        + comments
+        + "internal events logged\nBegin Triggerblock Mon Jan 01 00:00:00.000 2024\n"
+        "   0.100000 1  123             Rx   d 1 AB\n"
+    )
+    with open(path, "rb") as fh:
+        assert len(fh.read(1 << 16)) == 1 << 16
+    assert ascfile.iter_asc(path, ReadStats(), chunk_frames=10, chunk_seconds=1.0) is None
+    assert [r[8] for r in assert_same(path)] == [b"\xab"]
