@@ -9,14 +9,17 @@ so it is read only from a directory that belongs to the user and nobody else can
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import pickle
 import re
+import stat
 import sys
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +96,8 @@ def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.D
         db, notes = hit
     else:
         notes = []
-        db = _parse(path, notes)
+        with _collect_cantools_warnings(notes):
+            db = _parse(path, notes)
         if cache is not None:
             _cache_put(cache, (db, notes))
     for note in notes:
@@ -101,16 +105,27 @@ def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.D
     return db
 
 
-_CACHE_FORMAT = 1
-
-
 def cache_dir() -> Path | None:
-    """Where parsed DBCs are cached, or None when the cache is off."""
+    """Where parsed DBCs are cached, or None when the cache is off (or there is no home)."""
+    if not hasattr(os, "getuid"):
+        return None  # no owner check on this platform: no pickles either
     env = os.environ.get("GATEWAY_CACHE_DIR")
     if env is not None:
         return None if env.strip().lower() in ("", "off", "0", "no") else Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no HOME and no passwd entry (a container's UID)
+            return None
     return Path(base) / "car-data-gateway"
+
+
+@functools.cache
+def _loader_digest() -> str:
+    """This module's own source: a change to how DBCs are loaded or repaired retires the
+    entries it made, without anyone having to remember a format number."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def _cache_file(raw: bytes) -> Path | None:
@@ -121,18 +136,19 @@ def _cache_file(raw: bytes) -> Path | None:
 
     h = hashlib.sha256(raw)
     h.update(
-        f"|{_CACHE_FORMAT}|{cantools.__version__}|{__version__}|{sys.version_info[:2]}".encode()
+        f"|{cantools.__version__}|{__version__}|{sys.version_info[:2]}|{_loader_digest()}".encode()
     )
     return root / "dbc" / f"{h.hexdigest()}.pickle"
 
 
 def _private(path: Path) -> bool:
-    """Owned by this user and writable by nobody else (so its pickle is ours to trust)."""
+    """A real directory or file (no symlink), owned by this user and writable by nobody else:
+    a pickle found there is ours to trust, and a file made there cannot be redirected."""
     try:
-        st = path.stat()
+        st = path.lstat()
     except OSError:
         return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)
 
 
 def _cache_get(path: Path) -> tuple[cantools.database.can.Database, list[str]] | None:
@@ -150,16 +166,50 @@ def _cache_get(path: Path) -> tuple[cantools.database.can.Database, list[str]] |
 
 
 def _cache_put(path: Path, value: tuple[cantools.database.can.Database, list[str]]) -> None:
-    """Best effort: a cache that cannot be written only costs time."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    """Best effort: a cache that cannot be written only costs time. Written only into a
+    private folder, through a new file of its own (``mkstemp``: O_EXCL, mode 0600)."""
+    tmp: str | None = None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        if not _private(path.parent):
+            log.debug("DBC cache %s is not private to this user: not written", path.parent)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=path.stem[:16], suffix=".tmp", dir=path.parent)
+        with open(fd, "wb") as fh:
             pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
+        tmp = None
     except (OSError, pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:
         log.debug("DBC cache not written (%s)", exc)
-        tmp.unlink(missing_ok=True)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+class _Notes(logging.Handler):
+    """cantools' own warnings while it parses (e.g. a message overwriting another with the
+    same id): kept with the parsed DBC, so that a load from the cache says them again."""
+
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notes.append(" ".join(record.getMessage().split()))
+
+
+@contextlib.contextmanager
+def _collect_cantools_warnings(notes: list[str]) -> Iterator[None]:
+    logger = logging.getLogger("cantools")
+    handler = _Notes(notes)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False  # said once, by load_dbc, with the path
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:

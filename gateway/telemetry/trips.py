@@ -213,9 +213,11 @@ class TripDetector:
         # transitions: moving samples (T) and parked samples that end a trip if one runs (E)
         k = np.flatnonzero(m >= 0)
         tk, mk = t[k], m[k]
-        seen = np.maximum.accumulate(np.where(mk == 1, tk, -np.inf)) if len(k) else tk
-        last_true = np.where(np.isneginf(seen), self._last_moving, seen)
-        endable = (mk == 0) & (tk - last_true >= self.cfg.end_after_s)
+        moving = mk == 1
+        newest = np.maximum.accumulate(np.where(moving, tk, -np.inf)) if len(k) else tk
+        last_true = np.where(np.logical_or.accumulate(moving), newest, self._last_moving)
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, which ends nothing, as in Python
+            endable = (mk == 0) & (tk - last_true >= self.cfg.end_after_s)
         sel = np.flatnonzero((mk == 1) | endable)
         kinds = mk[sel] == 1
         before = np.concatenate(([self._driving], kinds[:-1]))

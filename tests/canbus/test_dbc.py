@@ -115,3 +115,44 @@ def test_cache_off(tmp_path, monkeypatch):
     load_dbc(KONA / "kona_ccan.cantools.dbc")
     assert dbc_module.cache_dir() is None
     assert not any(tmp_path.rglob("*.pickle"))
+
+
+def test_a_cache_that_cannot_be_written_or_found_never_stops_a_load(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(afile))
+    assert load_dbc(KONA / "kona_ccan.cantools.dbc").messages
+    shared = tmp_path / "shared"
+    (shared / "dbc").mkdir(parents=True)
+    os.chmod(shared / "dbc", 0o777)  # others may write here: no pickle is written into it
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(shared))
+    dbc_module._load_cached.cache_clear()
+    assert load_dbc(KONA / "kona_ccan.cantools.dbc").messages
+    assert list(shared.rglob("*")) == [shared / "dbc"]
+    monkeypatch.delenv("GATEWAY_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(dbc_module.Path, "home", staticmethod(no_home))
+    assert dbc_module.cache_dir() is None
+    dbc_module._load_cached.cache_clear()
+    assert load_dbc(KONA / "kona_ccan.cantools.dbc").messages
+
+
+def test_cantools_own_warnings_are_said_again_from_the_cache(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    dup = tmp_path / "dup.dbc"
+    dup.write_text(
+        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: ECU\n\n'
+        'BO_ 256 MsgA: 8 ECU\n SG_ A : 0|8@1+ (1,0) [0|255] "" ECU\n\n'
+        'BO_ 256 MsgB: 8 ECU\n SG_ B : 0|8@1+ (1,0) [0|255] "" ECU\n'
+    )
+    for _ in range(2):  # parsed, then read from the cache
+        dbc_module._load_cached.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            load_dbc(dup)
+        assert "identical masked frame ids" in caplog.text and "dup.dbc" in caplog.text
+    assert len(_entries(tmp_path / "cache")) == 1

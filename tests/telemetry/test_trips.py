@@ -113,3 +113,14 @@ def test_vectorised_trips_equal_the_per_sample_machine(seed, with_gear, extras):
     got += fast.flush(seconds)
     want += slow.flush(seconds)
     assert got == want
+
+
+def test_a_moving_sample_at_minus_infinity_still_counts_as_moving():
+    """The prefix maximum must not take -inf for 'nothing moved yet' (found in review)."""
+    cfg = TripConfig(gear="D.gear", end_after_s=30.0)
+    batch = [
+        SignalSeries(
+            "D.gear", np.array([-np.inf, 100.0]), np.array([4.0, 1.0]), "", choices_for(3, GEARS)
+        )
+    ]
+    assert TripDetector(cfg).feed(batch) == ScalarTripDetector(cfg).feed(batch)
