@@ -9,12 +9,16 @@ python-can reads, skips or refuses it; a line python-can refuses is counted as b
 reading goes on. The header is read by python-can too.
 
 The frames equal those of python-can's reader (``tests/canbus/test_ascfile.py`` compares both on
-real and mutated files), about fifteen times faster.
+real and mutated files): about 1M frames/s here, 8x python-can's ``ASCReader`` alone and 13x the
+gateway's earlier ASC path through it. Lines of any length are read, as python-can reads them;
+a block ends after a LF or a lone CR.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,8 @@ from gateway.canbus import candump as cd
 from gateway.canbus.messages import channel_name, message_problem
 from gateway.records import FrameBatch, ReadStats
 
-MAX_ASC_LINE = 1 << 16  # python-can reads longer lines; they are counted as bad here
 _HEAD_BYTES = 1 << 16  # the header must end in the first 64 KiB (else python-can reads it all)
+_FRONT = 16  # zeros before a block, so that a right-aligned read never starts before it
 _TOKENS = 14  # time, channel, id, direction, "d", dlc and up to 8 bytes
 _READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, AttributeError)
 
@@ -42,7 +46,8 @@ _DIGIT[48:58] = np.arange(10)
 
 
 class _Fallback(Exception):
-    """The file is better read by python-can from the start (header past 64 KiB, lone CRs)."""
+    """The file is better read by python-can from the start: a header longer than 64 KiB, or
+    one python-can refuses (``base HEX``), which its reader counts as a bad line and reads on."""
 
 
 def _line_ends(a: npt.NDArray[np.uint8]) -> tuple[Any, Any, Any]:
@@ -69,12 +74,12 @@ def _read_header(fh: Any) -> tuple[str, int, int]:
     head = fh.read(_HEAD_BYTES)
     fh.seek(0)
     a = np.frombuffer(head, np.uint8)
-    cr = np.flatnonzero(a == 13)
-    if len(cr) and ((cr + 1 >= len(a)) | (a[np.minimum(cr + 1, len(a) - 1)] != 10)).any():
-        raise _Fallback("lone CR line ends")
     lines = _Counting(io.StringIO(head.decode("utf-8", "replace"), newline=None))
     reader = can.ASCReader(lines)  # type: ignore[arg-type]
-    reader._extract_header()
+    try:
+        reader._extract_header()
+    except _READ_ERRORS as exc:
+        raise _Fallback(str(exc)) from exc
     used = lines.line_no
     if len(head) == _HEAD_BYTES and used >= head.count(b"\n"):
         raise _Fallback("header longer than 64 KiB")
@@ -111,6 +116,42 @@ def python_can_line(text: str, base: str) -> can.Message | None:
     return None
 
 
+def _blocks(fh: Any, stats: ReadStats, block_bytes: int) -> Iterator[bytes]:
+    """Complete lines in blocks, cut after a LF or a lone CR (universal newlines, as python-can
+    reads the file). A line is never cut short: python-can reads lines of any length."""
+    carry = b""
+    while True:
+        chunk = fh.read(block_bytes)
+        stats.bytes_read += len(chunk)
+        if not chunk:
+            break
+        buf = carry + chunk
+        # a CR as the last byte may be the first half of a CRLF: not a cut until more is read
+        cut = max(buf.rfind(b"\n"), buf.rfind(b"\r", 0, len(buf) - 1))
+        if cut < 0:
+            carry = buf
+            continue
+        yield buf[: cut + 1]
+        carry = buf[cut + 1 :]
+    if carry:
+        yield carry
+
+
+@contextlib.contextmanager
+def _quiet_python_can() -> Iterator[None]:
+    """python-can's warnings while it reads single lines (e.g. an FD length mismatch) are not
+    shown, as the whole-file python-can path does not show them either."""
+    logger = logging.getLogger("can.io")
+    sink = logging.NullHandler()  # else logging's last-resort handler prints them
+    logger.addHandler(sink)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(sink)
+        logger.propagate = propagate
+
+
 def _gather(padded: Any, pos: Any, width: int) -> Any:
     return padded[pos[:, None] + np.arange(width)]
 
@@ -136,7 +177,7 @@ def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str]
     tend = np.flatnonzero(edge) + 1
     first = np.searchsorted(tstart, starts)
     ntok = np.diff(np.append(first, len(tstart)))
-    padded = np.concatenate((a, np.zeros(64, np.uint8)))
+    padded = np.concatenate((np.zeros(_FRONT, np.uint8), a, np.zeros(64, np.uint8)))
 
     done = np.zeros(n, np.bool_)
     parts: list[tuple[Any, ...]] = []
@@ -148,6 +189,7 @@ def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str]
         np.minimum(at, len(tstart) - 1, out=at)
         tok = tstart[at]
         tlen = tend[at] - tok
+        tok += _FRONT  # positions in ``padded``
         got = _parse_data_lines(padded, tok, tlen, ntok[rows])
         if got is not None:
             ok, cols = got
@@ -188,18 +230,18 @@ def _parse_data_lines(
     cl = tlen[:, 1]
     ok &= (cl >= 1) & (cl <= 3)
     cpos = tok[:, 1] + cl - 3
-    ch = _DIGIT[_gather(padded, np.maximum(cpos, 0), 3)]
+    ch = _DIGIT[_gather(padded, cpos, 3)]
     ch[np.arange(3) < (3 - cl)[:, None]] = 0
     ok &= (ch < 10).all(axis=1)
     chan = ch[:, 0].astype(np.int64) * 100 + ch[:, 1] * 10 + ch[:, 2]
     # id: 1 to 8 hex digits, "x" after an extended one
     il = tlen[:, 2]
     iend = tok[:, 2] + il
-    last = padded[np.maximum(iend - 1, 0)]
+    last = padded[iend - 1]
     ext = (last | 0x20) == 120
     hexlen = il - ext
     ok &= (hexlen >= 1) & (hexlen <= 8)
-    z = cd._NIB[_gather(padded, np.maximum(iend - ext - 8, 0), 8)]
+    z = cd._NIB[_gather(padded, iend - ext - 8, 8)]
     z[np.arange(8) < (8 - hexlen)[:, None]] = 0
     idw = np.ascontiguousarray(z).view("<u8")[:, 0]
     ok &= (idw & cd._HI4) == 0
@@ -228,7 +270,7 @@ def _parse_data_lines(
         ok[rows[~good]] = False
         exact = scaled.view(np.int64)
         v = exact.astype(np.float64) / float(10 ** (length - 1 - d))  # one rounding, as float()
-        for i in np.flatnonzero(exact >= 2**53).tolist():
+        for i in np.flatnonzero(good & (exact >= 2**53)).tolist():
             v[i] = float(bytes(t[rows[i], :length]).decode())
         ts[rows] = v
     sel = np.flatnonzero(ok)
@@ -335,11 +377,9 @@ def _iter_body(
     with fh:
         fh.seek(offset)
         stats.bytes_read = offset
-        for buf, skipped in cd._blocks(fh, stats, block_bytes, MAX_ASC_LINE):
-            for _ in range(skipped):
-                stats.bad(next_line, "line too long")
-                next_line += 1
-            cols, names, lines, bad = _parse_block(buf, base, 0)
+        for buf in _blocks(fh, stats, block_bytes):
+            with _quiet_python_can():
+                cols, names, lines, bad = _parse_block(buf, base, 0)
             for line_no, reason in bad:
                 stats.bad(next_line + line_no, reason)
             next_line += lines
