@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.canbus import candump as cd
-from gateway.canbus.messages import channel_name, message_problem
+from gateway.canbus.messages import CountingLines, channel_name, message_problem
 from gateway.records import FrameBatch, ReadStats
 
 _HEAD_BYTES = 1 << 16  # the header must end in the first 64 KiB (else python-can reads it all)
@@ -74,7 +74,7 @@ def _read_header(fh: Any) -> tuple[str, int, int]:
     head = fh.read(_HEAD_BYTES)
     fh.seek(0)
     a = np.frombuffer(head, np.uint8)
-    lines = _Counting(io.StringIO(head.decode("utf-8", "replace"), newline=None))
+    lines = CountingLines(io.StringIO(head.decode("utf-8", "replace"), newline=None))
     reader = can.ASCReader(lines)  # type: ignore[arg-type]
     try:
         reader._extract_header()
@@ -86,24 +86,6 @@ def _read_header(fh: Any) -> tuple[str, int, int]:
     starts, _, n = _line_ends(a)
     offset = int(starts[used]) if used < n else len(head)
     return reader.base, used, offset
-
-
-class _Counting:
-    """A text file proxy counting the lines python-can pulled."""
-
-    def __init__(self, fh: Any) -> None:
-        self._fh, self.line_no = fh, 0
-
-    def __iter__(self) -> _Counting:
-        return self
-
-    def __next__(self) -> str:
-        line = next(self._fh)
-        self.line_no += 1
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fh, name)
 
 
 def python_can_line(text: str, base: str) -> can.Message | None:

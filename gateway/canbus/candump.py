@@ -617,11 +617,9 @@ def _assemble(
     ), names
 
 
-def _blocks(
-    fh: IO[Any], stats: ReadStats, block_bytes: int, max_line: int = MAX_LINE
-) -> Iterator[tuple[bytes, int]]:
+def _blocks(fh: IO[Any], stats: ReadStats, block_bytes: int) -> Iterator[tuple[bytes, int]]:
     """Complete lines in blocks, each with the number of overlong lines skipped right before
-    it (a line longer than ``max_line`` is never held in memory whole); the last block may be
+    it (a line longer than ``MAX_LINE`` is never held in memory whole); the last block may be
     empty, to report overlong lines at the end. Lines are counted by the parser, not here."""
     carry = b""
     skipped = 0
@@ -646,7 +644,7 @@ def _blocks(
         else:
             yield buf[: cut + 1], skipped
             skipped, carry = 0, buf[cut + 1 :]
-        if len(carry) > max_line:
+        if len(carry) > MAX_LINE:
             in_long, carry = True, b""
     skipped += in_long
     if carry or skipped:

@@ -1,4 +1,5 @@
-"""What every python-can message must satisfy before it becomes a frame of a batch."""
+"""What the python-can reader paths share: the lines a reader pulled, channel names, and what
+every message must satisfy before it becomes a frame of a batch."""
 
 from __future__ import annotations
 
@@ -29,3 +30,34 @@ def message_problem(msg: can.Message) -> str | None:
     if not math.isfinite(msg.timestamp):
         return "bad timestamp"
     return None
+
+
+class CountingLines:
+    """A text file proxy that counts the lines python-can's reader pulled, so a parse error can
+    be pinned to its line, and that lets a restarted reader resume right after it."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.line_no = 0
+        self.chars = 0
+        self.pushback: list[str] = []
+
+    def __iter__(self) -> CountingLines:
+        return self
+
+    def __next__(self) -> str:
+        if self.pushback:
+            return self.pushback.pop()
+        line = next(self._fh)
+        self.line_no += 1
+        self.chars += len(line)
+        return line
+
+    def readline(self) -> str:
+        try:
+            return next(self)
+        except StopIteration:
+            return ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)

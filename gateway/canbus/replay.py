@@ -26,7 +26,7 @@ from gateway.canbus.ascfile import iter_asc
 from gateway.canbus.candump import iter_candump
 from gateway.canbus.chunking import FAST, PACED, Chunking
 from gateway.canbus.gvret import iter_gvret, looks_like_gvret
-from gateway.canbus.messages import channel_name, message_problem
+from gateway.canbus.messages import CountingLines, channel_name, message_problem
 from gateway.errors import LogFormatError
 from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
 
@@ -89,37 +89,6 @@ def detect_format(path: Path) -> LogFormat:
     )
 
 
-class _CountingLines:
-    """A text file proxy that counts the lines python-can's reader pulled, so a parse error can
-    be pinned to its line, and that lets a restarted reader resume right after it."""
-
-    def __init__(self, fh: Any) -> None:
-        self._fh = fh
-        self.line_no = 0
-        self.chars = 0
-        self.pushback: list[str] = []
-
-    def __iter__(self) -> _CountingLines:
-        return self
-
-    def __next__(self) -> str:
-        if self.pushback:
-            return self.pushback.pop()
-        line = next(self._fh)
-        self.line_no += 1
-        self.chars += len(line)
-        return line
-
-    def readline(self) -> str:
-        try:
-            return next(self)
-        except StopIteration:
-            return ""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fh, name)
-
-
 _READERS: dict[LogFormat, Callable[..., Any]] = {
     LogFormat.ASC: can.ASCReader,
     LogFormat.TRC: can.TRCReader,
@@ -127,7 +96,7 @@ _READERS: dict[LogFormat, Callable[..., Any]] = {
 }
 
 
-def _resume(reader: Any, fmt: LogFormat, lines: _CountingLines) -> None:
+def _resume(reader: Any, fmt: LogFormat, lines: CountingLines) -> None:
     """Make a reader whose generator died on a bad line continue at the next one: its header
     has been read already (ASC, TRC) or must be skipped again (CSV)."""
     if fmt in (LogFormat.ASC, LogFormat.TRC):
@@ -139,7 +108,7 @@ def _resume(reader: Any, fmt: LogFormat, lines: _CountingLines) -> None:
 class _CountParseWarnings(logging.Handler):
     """python-can's TRC reader logs a line it cannot parse and moves on; count it as bad."""
 
-    def __init__(self, stats: ReadStats, lines: _CountingLines) -> None:
+    def __init__(self, stats: ReadStats, lines: CountingLines) -> None:
         super().__init__(logging.WARNING)
         self.stats, self.lines = stats, lines
 
@@ -150,7 +119,7 @@ class _CountParseWarnings(logging.Handler):
 
 
 @contextlib.contextmanager
-def _counting_warnings(stats: ReadStats, lines: _CountingLines) -> Iterator[None]:
+def _counting_warnings(stats: ReadStats, lines: CountingLines) -> Iterator[None]:
     logger = logging.getLogger("can.io")
     handler = _CountParseWarnings(stats, lines)
     logger.addHandler(handler)
@@ -164,13 +133,13 @@ def _counting_warnings(stats: ReadStats, lines: _CountingLines) -> Iterator[None
 
 def _iter_python_can_text(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
     with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
-        lines = _CountingLines(fh)
+        lines = CountingLines(fh)
         with _counting_warnings(stats, lines):
             yield from _resilient(path, fmt, stats, lines)
 
 
 def _resilient(
-    path: Path, fmt: LogFormat, stats: ReadStats, lines: _CountingLines
+    path: Path, fmt: LogFormat, stats: ReadStats, lines: CountingLines
 ) -> Iterator[can.Message]:
     reader = _READERS[fmt](lines)
     last_error_line = -1
