@@ -214,8 +214,8 @@ class VectorDecoder:
         if int((keys & np.uint64(0xFFFFFFFF)).max()) > 0x7FF:
             return None
         code = ((keys >> np.uint64(21)) | keys).astype(np.uint16)  # channel << 11 | id
-        counts = np.bincount(code, minlength=1 << 16)
-        work = np.zeros(1 << 16, np.bool_)
+        counts = np.bincount(code)
+        work = np.zeros(len(counts), np.bool_)
         for c in np.flatnonzero(counts).tolist():
             fid = c & 0x7FF
             plan = self._plan(batch.channels[c >> 11], fid)
