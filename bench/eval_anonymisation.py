@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=0, help="cv2.setNumThreads (0: default)")
     ap.add_argument("--sequential", action="store_true", help="faces then plates, not both at once")
+    ap.add_argument(
+        "--face-width", type=int, default=DetectorSettings().face_width, help="face input width"
+    )
+    ap.add_argument(
+        "--plate-width", type=int, default=DetectorSettings().plate_width, help="plate input width"
+    )
     ap.add_argument("--no-stream", action="store_true", help="photos only")
     ap.add_argument("--no-photos", action="store_true", help="stream only")
     ap.add_argument("--fps-only", action="store_true", help="stream: skip the quality pass")
@@ -267,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         cv2.setNumThreads(args.threads)
-    det = DetectorSettings(threads=args.threads, parallel=not args.sequential)
+    det = DetectorSettings(
+        threads=args.threads,
+        parallel=not args.sequential,
+        face_width=args.face_width,
+        plate_width=args.plate_width,
+    )
     photo_settings = AnonymiserSettings(
         method=Method(args.method), margin=args.margin, detect_every=1, memory=0, detector=det
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,22 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
         names.add(name)
         if cam.detect_every < 1:
             raise ConfigError(f"camera {name}: detect_every must be >= 1, got {cam.detect_every}")
+        for key in ("face_width", "plate_width"):
+            if not 160 <= getattr(cam, key) <= 4096:
+                raise ConfigError(
+                    f"camera {name}: {key} must be 160 to 4096 pixels, got {getattr(cam, key)}"
+                )
+        detector = dataclasses.replace(
+            STREAM_DETECTOR, face_width=cam.face_width, plate_width=cam.plate_width
+        )
         source = open_source(spec)
         anonymiser = FrameAnonymiser(
-            load_detectors(STREAM_DETECTOR),
+            load_detectors(detector),
             AnonymiserSettings(
                 method=Method.parse(cam.method),
                 detect_every=cam.detect_every,
                 memory=cam.memory,
-                detector=STREAM_DETECTOR,
+                detector=detector,
             ),
         )
         store = FrameStore(store_dir(g.state_dir, g.ledger), name, StoreSettings())

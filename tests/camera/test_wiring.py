@@ -43,6 +43,15 @@ def test_a_camera_table_sets_name_method_and_detection_rate(tmp_path):
     assert stage.anonymiser.s.method is Method.FILL
     assert stage.anonymiser.s.detect_every == 3 and stage.anonymiser.s.memory == 2
     assert stage.store is not None and stage.store.dir == tmp_path / "state" / "frames"
+    widths = [(d.width, type(d).__name__) for d in stage.anonymiser.detector.detectors]
+    assert widths == [(640, "FaceDetector"), (960, "PlateDetector")]  # the measured defaults
+
+
+def test_a_camera_table_sets_the_detector_input_widths(tmp_path):
+    cam = CameraSource(source="synthetic", face_width=480, plate_width=640)
+    (stage,) = camera_stages([cam.source], _settings(tmp_path, camera=[cam]))
+    assert [d.width for d in stage.anonymiser.detector.detectors] == [480, 640]
+    assert stage.anonymiser.s.detector.plate_width == 640
 
 
 def test_two_clips_get_two_names(tmp_path):
@@ -56,6 +65,7 @@ def test_two_clips_get_two_names(tmp_path):
         (CameraSource(source="missing.mp4"), CameraError, "no such video file"),
         (CameraSource(source="synthetic", method="swirl"), ConfigError, "swirl"),
         (CameraSource(source="synthetic", detect_every=0), ConfigError, "detect_every"),
+        (CameraSource(source="synthetic", plate_width=64), ConfigError, "plate_width"),
     ],
 )
 def test_bad_camera_settings_fail_before_anything_runs(tmp_path, cam, error, needle):
