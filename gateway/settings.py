@@ -130,7 +130,7 @@ class CameraSource:
     plate_width: int = opt(
         960,
         "Plate detector input width in pixels. 640 brings peak memory with one camera from ~174 "
-        "to ~149 MB, and plate recall on the labelled photos from 0.97 to 0.935 "
+        "to ~143 MB, and plate recall on the labelled photos from 0.97 to 0.935 "
         "(docs/camera.md).",
     )
 
