@@ -16,7 +16,6 @@ a block ends after a LF or a lone CR.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 from collections.abc import Iterator
@@ -28,7 +27,12 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.canbus import candump as cd
-from gateway.canbus.messages import CountingLines, channel_name, message_problem
+from gateway.canbus.messages import (
+    CountingLines,
+    channel_name,
+    divert_logging,
+    message_problem,
+)
 from gateway.records import FrameBatch, ReadStats
 
 _HEAD_BYTES = 1 << 16  # the header must end in the first 64 KiB (else python-can reads it all)
@@ -119,21 +123,6 @@ def _blocks(fh: Any, stats: ReadStats, block_bytes: int) -> Iterator[bytes]:
         yield carry
 
 
-@contextlib.contextmanager
-def _quiet_python_can() -> Iterator[None]:
-    """python-can's warnings while it reads single lines (e.g. an FD length mismatch) are not
-    shown, as the whole-file python-can path does not show them either."""
-    logger = logging.getLogger("can.io")
-    sink = logging.NullHandler()  # else logging's last-resort handler prints them
-    logger.addHandler(sink)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        yield
-    finally:
-        logger.removeHandler(sink)
-        logger.propagate = propagate
-
-
 def _gather(padded: Any, pos: Any, width: int) -> Any:
     return padded[pos[:, None] + np.arange(width)]
 
@@ -172,12 +161,10 @@ def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str]
         tok = tstart[at]
         tlen = tend[at] - tok
         tok += _FRONT  # positions in ``padded``
-        got = _parse_data_lines(padded, tok, tlen, ntok[rows])
-        if got is not None:
-            ok, cols = got
-            if cols:
-                done[rows[ok]] = True
-                parts.append((rows[ok], *cols))
+        ok, cols = _parse_data_lines(padded, tok, tlen, ntok[rows])
+        if cols:
+            done[rows[ok]] = True
+            parts.append((rows[ok], *cols))
     bad: list[Any] = []
     slow: list[tuple[int, can.Message]] = []
     for i in np.flatnonzero(~done & (ntok > 0)).tolist():
@@ -197,9 +184,7 @@ def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str]
     return (*_assemble(parts, slow), n, bad)
 
 
-def _parse_data_lines(
-    padded: Any, tok: Any, tlen: Any, ntok: Any
-) -> tuple[Any, tuple[Any, ...]] | None:
+def _parse_data_lines(padded: Any, tok: Any, tlen: Any, ntok: Any) -> tuple[Any, tuple[Any, ...]]:
     """Lines of the classic data shape: (valid lines, columns of the valid lines)."""
     c3 = _gather(padded, tok[:, 3], 2)
     ok = (tlen[:, 3] == 2) & ((c3[:, 0] == 82) | (c3[:, 0] == 84)) & (c3[:, 1] == 120)  # Rx|Tx
@@ -360,7 +345,9 @@ def _iter_body(
         fh.seek(offset)
         stats.bytes_read = offset
         for buf in _blocks(fh, stats, block_bytes):
-            with _quiet_python_can():
+            # python-can's warnings on single lines (an FD length mismatch) stay unshown, as
+            # on the whole-file python-can path
+            with divert_logging("can.io", logging.NullHandler()):
                 cols, names, lines, bad = _parse_block(buf, base, 0)
             for line_no, reason in bad:
                 stats.bad(next_line + line_no, reason)

@@ -19,13 +19,14 @@ import re
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cantools
 import cantools.database
 
+from gateway.canbus.messages import divert_logging
 from gateway.errors import DbcError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.D
         db, notes = hit
     else:
         notes = []
-        with _collect_cantools_warnings(notes):
+        # said once, by load_dbc below, with the path; and again on every cache hit
+        with divert_logging("cantools", _Notes(notes)):
             db = _parse(path, notes)
         if cache is not None:
             _cache_put(cache, (db, notes))
@@ -197,19 +199,6 @@ class _Notes(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.notes.append(" ".join(record.getMessage().split()))
-
-
-@contextlib.contextmanager
-def _collect_cantools_warnings(notes: list[str]) -> Iterator[None]:
-    logger = logging.getLogger("cantools")
-    handler = _Notes(notes)
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False  # said once, by load_dbc, with the path
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
 
 
 def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:

@@ -3,7 +3,10 @@ every message must satisfy before it becomes a frame of a batch."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import can
@@ -61,3 +64,17 @@ class CountingLines:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)
+
+
+@contextlib.contextmanager
+def divert_logging(name: str, handler: logging.Handler) -> Iterator[None]:
+    """While in the block, the records of logger ``name`` (python-can's ``can.io``, cantools)
+    go to ``handler`` only: counted, kept or dropped by it, never printed by the root logger."""
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate

@@ -10,7 +10,6 @@ counted and skipped, and the reading goes on at the next line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -26,7 +25,12 @@ from gateway.canbus.ascfile import iter_asc
 from gateway.canbus.candump import iter_candump
 from gateway.canbus.chunking import FAST, PACED, Chunking
 from gateway.canbus.gvret import iter_gvret, looks_like_gvret
-from gateway.canbus.messages import CountingLines, channel_name, message_problem
+from gateway.canbus.messages import (
+    CountingLines,
+    channel_name,
+    divert_logging,
+    message_problem,
+)
 from gateway.errors import LogFormatError
 from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
 
@@ -118,23 +122,10 @@ class _CountParseWarnings(logging.Handler):
             self.stats.bad(self.lines.line_no, " ".join(msg.split())[:120])
 
 
-@contextlib.contextmanager
-def _counting_warnings(stats: ReadStats, lines: CountingLines) -> Iterator[None]:
-    logger = logging.getLogger("can.io")
-    handler = _CountParseWarnings(stats, lines)
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-
-
 def _iter_python_can_text(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
     with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
         lines = CountingLines(fh)
-        with _counting_warnings(stats, lines):
+        with divert_logging("can.io", _CountParseWarnings(stats, lines)):
             yield from _resilient(path, fmt, stats, lines)
 
 
