@@ -56,6 +56,20 @@ class _Piece(NamedTuple):
     meta: tuple[str, dict[float, str] | None]
 
 
+class _Columns(NamedTuple):
+    """The wanted rows of one flat plan as (rows x 1) columns, for ``_decode_matrix``."""
+
+    shl: Any
+    shr: Any
+    big: Any  # None: no big-endian row
+    signed: Any  # row mask, None: no signed row
+    scale: Any
+    offset: Any
+    seq_end: int  # bits a frame needs for all of them
+    ranks: list[int]
+    meta: list[tuple[str, tuple[str, dict[float, str] | None]]]
+
+
 class VectorDecoder:
     """Drop-in for ``CantoolsDecoder``: same series, same order, same values, same stats."""
 
@@ -71,6 +85,7 @@ class VectorDecoder:
         self._series: dict[str, int] = {}  # name -> series id of the flat path
         self._series_names: list[str] = []
         self._tables: dict[str, Any] | None = None
+        self._columns: dict[int, _Columns] = {}  # flat plan -> its rows as columns
         self._word0: Any = None
 
     def _plan(self, channel: str, frame_id: int) -> _Plan | None:
@@ -121,6 +136,7 @@ class VectorDecoder:
             )
             self._flat_meta.append((prefix + name, plan.meta[prefix + name]))
         self._tables = None
+        self._columns.clear()
 
     def _flat_tables(self) -> dict[str, Any]:
         if self._tables is None:
@@ -177,6 +193,9 @@ class VectorDecoder:
                 continue
             if plan.flat >= 0 and hi - lo <= FLAT_MAX_GROUP:
                 flat_of_group[g] = plan.flat
+                stats.decoded += hi - lo
+                continue
+            if plan.flat >= 0 and self._decode_matrix(plan, batch, idx, pieces):
                 stats.decoded += hi - lo
                 continue
             if plan.fallback:
@@ -272,6 +291,52 @@ class VectorDecoder:
             lo, hi = bounds[k], bounds[k + 1]
             name, m = meta[r]
             pieces.append(_Piece(name, first, rank[k], frame[lo:hi], ts[lo:hi], val[lo:hi], m))
+
+    def _plan_columns(self, plan: _Plan) -> _Columns:
+        cols = self._columns.get(plan.flat)
+        if cols is None:
+            t = self._flat_tables()
+            lo, hi = int(t["start"][plan.flat]), int(t["start"][plan.flat + 1])
+            big, signed = t["big"][lo:hi], t["signed"][lo:hi]
+            cols = self._columns[plan.flat] = _Columns(
+                t["shl"][lo:hi, None],
+                t["shr"][lo:hi, None],
+                big[:, None] if big.any() else None,
+                signed if signed.any() else None,
+                t["scale"][lo:hi, None],
+                t["offset"][lo:hi, None],
+                int(t["seq_end"][lo:hi].max(initial=0)),
+                (t["sid"][lo:hi] & 0xFFFF).tolist(),
+                self._flat_meta[lo:hi],
+            )
+        return cols
+
+    def _decode_matrix(
+        self, plan: _Plan, batch: FrameBatch, idx: Any, pieces: list[_Piece]
+    ) -> bool:
+        """A large group of a flat plan: all its wanted signals as one (signals x frames)
+        matrix, as ``_decode_flat`` computes them pair by pair. False (nothing done) when a
+        frame is too short for one of them: then the general path drops what does not fit."""
+        c = self._plan_columns(plan)
+        if not c.meta:
+            return True
+        if 8 * int(batch.dlc[idx].min()) < c.seq_end:
+            return False
+        le = self._first_words(batch)[idx]
+        w = le[None, :] if c.big is None else np.where(c.big, le.byteswap()[None, :], le[None, :])
+        u = w << c.shl
+        raw = (u >> c.shr).astype(np.float64)
+        if c.signed is not None:
+            s = c.signed
+            raw[s] = (u[s].view(np.int64) >> c.shr[s].view(np.int64)).astype(np.float64)
+        raw *= c.scale
+        raw += c.offset
+        ts = batch.timestamp[idx]
+        first = int(idx[0])
+        ranks = c.ranks
+        for k, (name, m) in enumerate(c.meta):
+            pieces.append(_Piece(name, first, ranks[k], idx, ts, raw[k], m))
+        return True
 
     def _wants(self, name: str) -> bool:
         return self._wanted is None or name in self._wanted

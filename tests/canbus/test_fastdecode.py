@@ -127,6 +127,7 @@ def random_batch(
     db: cantools.database.can.Database,
     per_message: int,
     channels: tuple[str, ...] = ("can0",),
+    full_share: float = 0.6,
 ) -> FrameBatch:
     """``per_message`` frames of every message (random length, random or low-bit bytes so
     that multiplexers hit valid and invalid values), unknown ids and special frames, shuffled."""
@@ -136,7 +137,7 @@ def random_batch(
     lengths += [8] * 10
     n = len(ids)
     width = 64 if max(lengths) > 8 else 8
-    full = rng.random(n) < 0.6
+    full = rng.random(n) < full_share
     dlc = np.where(full, np.minimum(lengths, width), rng.integers(0, width + 1, n))
     data = rng.integers(0, 256, (n, width), dtype=np.uint8)
     low = rng.random(n) < 0.5
@@ -173,6 +174,31 @@ def test_every_message_of_every_project_dbc_decodes_equal(path: Path, small_grou
     batch = random_batch(np.random.default_rng(6), db, per_message=120, channels=("c0", "c1"))
     vec = both(ChannelDbcs({"*": [db]}), batch)
     assert vec.fallback_messages() == []
+
+
+@pytest.mark.parametrize("path", DBC_PATHS, ids=lambda p: p.name)
+def test_large_groups_of_whole_frames_decode_as_one_matrix_equal(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every frame as long as its message: each plain message's group takes _decode_matrix
+    monkeypatch.setattr(fastdecode, "FLAT_MAX_GROUP", 0)
+    used = []
+    matrix = VectorDecoder._decode_matrix
+
+    def spy(self: VectorDecoder, plan: signalplan._Plan, *args: object) -> bool:
+        done = matrix(self, plan, *args)  # type: ignore[arg-type]
+        used.append(done)
+        return done
+
+    monkeypatch.setattr(VectorDecoder, "_decode_matrix", spy)
+    db = loaded(path)
+    assert db is not None
+    rng = np.random.default_rng(9)
+    batch = random_batch(rng, db, per_message=150, channels=("c0", "c1"), full_share=1.0)
+    both(ChannelDbcs({"*": [db]}), batch)
+    wanted = {f"{m.name}.{s.name}" for m in db.messages for s in m.signals if rng.random() < 0.3}
+    both(ChannelDbcs({"*": [db]}), batch, wanted)
+    assert used and all(used)
 
 
 def test_synthetic_corners_decode_equal() -> None:
