@@ -255,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--plate-width", type=int, default=DetectorSettings().plate_width, help="plate input width"
     )
+    ap.add_argument(
+        "--plate-strips",
+        type=int,
+        default=DetectorSettings().plate_strips,
+        help="plate input in this many overlapping strips",
+    )
     ap.add_argument("--no-stream", action="store_true", help="photos only")
     ap.add_argument("--no-photos", action="store_true", help="stream only")
     ap.add_argument("--fps-only", action="store_true", help="stream: skip the quality pass")
@@ -278,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel=not args.sequential,
         face_width=args.face_width,
         plate_width=args.plate_width,
+        plate_strips=args.plate_strips,
     )
     photo_settings = AnonymiserSettings(
         method=Method(args.method), margin=args.margin, detect_every=1, memory=0, detector=det
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"OpenCV {cv2.__version__}, {os.cpu_count()} CPUs, cv2 threads {cv2.getNumThreads()}; "
         f"faces at {det.face_width} px score {det.face_score}, plates at {det.plate_width} px "
-        f"score {det.plate_score}; {args.method}, margin {photo_settings.margin}; IoU >= {IOU}"
+        f"in {det.plate_strips} strip(s) score {det.plate_score}; {args.method}, margin {photo_settings.margin}; IoU >= {IOU}"
     )
     print(f"data: {VISION}")
     for spec in args.sizes.split(","):

@@ -49,6 +49,8 @@ def _check(args: argparse.Namespace) -> AnonymiserSettings:
     for name in ("face_width", "plate_width"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+    if not 1 <= args.plate_strips <= 4:
+        raise ConfigError(f"--plate-strips must be 1 to 4, got {args.plate_strips}")
     if args.detect_every < 1:
         raise ConfigError(f"--detect-every must be >= 1, got {args.detect_every}")
     if args.memory < 0:
@@ -64,6 +66,7 @@ def _check(args: argparse.Namespace) -> AnonymiserSettings:
             plate_score=args.plate_score,
             face_width=args.face_width,
             plate_width=args.plate_width,
+            plate_strips=args.plate_strips,
         ),
     )
 

@@ -74,6 +74,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="plate detector input width, 0: the image's own (default %(default)s)",
     )
     p.add_argument(
+        "--plate-strips",
+        type=int,
+        default=d.plate_strips,
+        metavar="N",
+        help="run the plate detector on N overlapping horizontal strips, 1-4; fewer is faster, "
+        "more needs less memory (default %(default)s)",
+    )
+    p.add_argument(
         "--detect-every",
         type=int,
         default=1,

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -149,12 +149,26 @@ def _priors(width: int, height: int) -> npt.NDArray[np.float32]:
 
 
 class PlateDetector:
-    """clp_det: box + 4 corners per plate. Input BGR minus (104, 117, 123); variances 0.1/0.2."""
+    """clp_det: box + 4 corners per plate. Input BGR minus (104, 117, 123); variances 0.1/0.2.
+
+    With ``strips`` > 1 the scaled frame goes through the network as that many horizontal
+    strips of equal height, each overlapping the next by ``STRIP_OVERLAP`` pixels, and one NMS
+    merges their boxes. The network's working memory follows its input area: at 960x540, three
+    strips of 244 rows peak ~30 MB lower than the whole frame. A plate up to ``STRIP_OVERLAP``
+    pixels tall (at the input width) lies whole in at least one strip; a taller one is seen
+    whole or in parts, and every part found is boxed (docs/camera.md, "Memory")."""
 
     MEAN = (104.0, 117.0, 123.0)
+    STRIP_OVERLAP = 96  # rows two neighbouring strips share, at the network's input scale
 
-    def __init__(self, score: float = 0.1, nms: float = 0.3, width: int = 960) -> None:
-        self.score, self.nms, self.width = score, nms, width
+    def __init__(
+        self,
+        score: float = 0.1,
+        nms: float = 0.3,
+        width: int = 960,
+        strips: int = DetectorSettings.plate_strips,
+    ) -> None:
+        self.score, self.nms, self.width, self.strips = score, nms, width, max(1, strips)
         if int(cv2.__version__.split(".")[0]) < 5:
             raise ConfigError(
                 f"the plate detector needs OpenCV >= 5 (dynamic input shapes), found "
@@ -163,24 +177,58 @@ class PlateDetector:
         # one network serves every input size (OpenCV 5 re-plans when the shape changes)
         self._net = cv2.dnn.readNetFromONNX(str(_model(PLATE_MODEL)))
 
-    def detect(self, frame: Image) -> list[Box]:
-        small, f = _scale_for(frame, self.width)
-        h, w = small.shape[:2]
+    def _strip_rows(self, h: int) -> list[tuple[int, int]]:
+        """(top, bottom) of each strip; equal heights, so the network plans one shape."""
+        n = self.strips
+        tall = -(-(h + (n - 1) * self.STRIP_OVERLAP) // n)
+        if n == 1 or tall >= h:
+            return [(0, h)]
+        return [
+            (round(k * (h - tall) / (n - 1)), round(k * (h - tall) / (n - 1)) + tall)
+            for k in range(n)
+        ]
+
+    def _forward(self, img: Image) -> tuple[Any, Any, Any, Any]:
+        """(top-left xy, wh, corner points, scores) of every anchor over the score threshold,
+        in ``img`` pixels."""
+        h, w = img.shape[:2]
         net = self._net
-        net.setInput(cv2.dnn.blobFromImage(small, 1.0, (w, h), self.MEAN, swapRB=False))
+        net.setInput(cv2.dnn.blobFromImage(img, 1.0, (w, h), self.MEAN, swapRB=False))
         loc, conf, landms = net.forward(["loc", "conf", "landms"])
         scores = conf[0, :, 1]
         keep = np.flatnonzero(scores >= self.score)
-        if keep.size == 0:
-            return []
         pri = _priors(w, h)[keep]
         loc, landms, scores = loc[0, keep], landms[0, keep], scores[keep]
         cxcy = pri[:, :2] + loc[:, :2] * 0.1 * pri[:, 2:]
         wh = pri[:, 2:] * np.exp(loc[:, 2:] * 0.2)
         scale = np.array([w, h], np.float32)
         xy = (cxcy - wh / 2) * scale
-        whp = wh * scale
         pts = (pri[:, None, :2] + landms.reshape(-1, 4, 2) * 0.1 * pri[:, None, 2:]) * scale
+        return xy, wh * scale, pts, scores
+
+    def detect(self, frame: Image) -> list[Box]:
+        small, f = _scale_for(frame, self.width)
+        rows = self._strip_rows(small.shape[0])
+        parts = []
+        for k, (top, bottom) in enumerate(rows):
+            xy, whp, pts, scores = self._forward(small[top:bottom])
+            if len(rows) > 1:
+                # each strip keeps the boxes centred in its own share of the frame (cut in the
+                # middle of each overlap): a plate seen whole by two strips is kept once, and
+                # the strip's cut edge, which the network takes for an image border, does not
+                # add boxes where the neighbour sees the real picture
+                lo = (top + rows[k - 1][1]) / 2 - top if k else -np.inf
+                hi = (rows[k + 1][0] + bottom) / 2 - top if k + 1 < len(rows) else np.inf
+                cy = xy[:, 1] + whp[:, 1] / 2
+                mine = (cy >= lo) & (cy < hi)
+                xy, whp, pts, scores = xy[mine], whp[mine], pts[mine], scores[mine]
+            if top:
+                xy[:, 1] += top
+                pts[:, :, 1] += top
+            parts.append((xy, whp, pts, scores))
+        xy, whp, pts, scores = (np.concatenate(c) for c in zip(*parts, strict=True))
+        if len(scores) == 0:
+            return []
         rects = [
             [float(a), float(b), float(c), float(d)] for (a, b), (c, d) in zip(xy, whp, strict=True)
         ]
@@ -226,7 +274,7 @@ def load_detectors(settings: DetectorSettings | None = None) -> CombinedDetector
     return CombinedDetector(
         [
             FaceDetector(s.face_score, s.nms, s.face_width),
-            PlateDetector(s.plate_score, s.nms, s.plate_width),
+            PlateDetector(s.plate_score, s.nms, s.plate_width, s.plate_strips),
         ],
         parallel=s.parallel,
     )

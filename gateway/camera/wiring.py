@@ -52,8 +52,13 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
                 raise ConfigError(
                     f"camera {name}: {key} must be 160 to 4096 pixels, got {getattr(cam, key)}"
                 )
+        if not 1 <= cam.plate_strips <= 4:
+            raise ConfigError(f"camera {name}: plate_strips must be 1 to 4, got {cam.plate_strips}")
         detector = dataclasses.replace(
-            STREAM_DETECTOR, face_width=cam.face_width, plate_width=cam.plate_width
+            STREAM_DETECTOR,
+            face_width=cam.face_width,
+            plate_width=cam.plate_width,
+            plate_strips=cam.plate_strips,
         )
         source = open_source(spec)
         anonymiser = FrameAnonymiser(

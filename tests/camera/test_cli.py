@@ -3,6 +3,7 @@ mistake is one line and exit status 2."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import cv2
@@ -79,7 +80,10 @@ def test_a_video_gives_a_video_of_the_same_length(tmp_path, gateway):
     cap = cv2.VideoCapture(str(out))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 90
     cap.release()
-    assert "90 face(s)" in err and "90 plate(s)" in err
+    # the clip's one face and one plate on each of its 90 frames (at a score near the threshold
+    # the plate network may add a box elsewhere: extra blur, never less)
+    faces, plates = (int(re.search(rf"(\d+) {k}\(s\)", err).group(1)) for k in ("face", "plate"))
+    assert faces == 90 and 90 <= plates <= 110, err
 
 
 @pytest.mark.parametrize(
@@ -90,6 +94,7 @@ def test_a_video_gives_a_video_of_the_same_length(tmp_path, gateway):
         (lambda p: [_empty(p), str(p / "o")], "no images in this folder"),
         (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--margin", "-1"], "--margin"),
         (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--face-score", "2"], "--face-score"),
+        (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--plate-strips", "0"], "--plate-strips"),
         (lambda p: [str(ASTRONAUT), str(p / "o.txt")], "must be an image file"),
         (lambda p: [str(DEMO_CLIP), str(p / "o.gif")], "video output must end in"),
     ],

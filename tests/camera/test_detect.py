@@ -58,6 +58,62 @@ def test_a_blank_frame_has_no_detections(detector):
     assert detector.detect(np.zeros((360, 640, 3), np.uint8)) == []
 
 
+@pytest.mark.parametrize("strips", [1, 2, 3, 4])
+@pytest.mark.parametrize("height", [60, 200, 360, 540, 541, 1080])
+def test_strips_are_equal_overlap_and_cover_the_frame(strips, height):
+    rows = PlateDetector(strips=strips)._strip_rows(height)
+    assert rows[0][0] == 0 and rows[-1][1] == height
+    assert len({b - t for t, b in rows}) == 1  # one shape: the network plans it once
+    for (t0, b0), (t1, _) in zip(rows[:-1], rows[1:], strict=True):
+        assert t0 < t1 and b0 - t1 >= PlateDetector.STRIP_OVERLAP - 1
+    assert len(rows) == strips or rows == [(0, height)]
+
+
+def test_a_plate_is_found_wherever_it_crosses_the_strip_cuts():
+    # the demo clip's plate (140x44 px at 640x360, 66 rows at the network's 960 px) moved down
+    # the frame in steps of 12 rows (18 at the input scale): it lies across each cut of the
+    # three strips, and at the frame's top and bottom edges
+    cap = cv2.VideoCapture(str(DEMO_CLIP))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok
+    missed: dict[int, list[int]] = {1: [], 3: []}
+    for n in missed:
+        det = PlateDetector(strips=n)
+        for y in range(0, 360 - 44, 12):
+            moved = np.roll(frame, y - 235, axis=0)
+            found = [
+                b
+                for b in det.detect(moved)
+                if abs(b.x - 450) < 15 and abs(b.y - y) < 10 and abs(b.w - 140) < 25
+            ]
+            if not found:
+                missed[n].append(y)
+    assert missed == {1: [], 3: []}
+
+
+def test_each_strip_keeps_only_the_boxes_centred_in_its_share(monkeypatch):
+    # three strips of a 960x540 input: rows 0-244, 148-392, 296-540; shares cut at 196, 344
+    det = PlateDetector(width=960, strips=3)
+    assert det._strip_rows(540) == [(0, 244), (148, 392), (296, 540)]
+    seen = []
+
+    def fake_forward(img):
+        # every strip reports the same three boxes in its own pixels, centred at rows 40, 100, 200
+        seen.append(img.shape[0])
+        xy = np.array([[100.0, 30.0], [300.0, 90.0], [500.0, 190.0]], np.float32)
+        wh = np.full((3, 2), (120.0, 20.0), np.float32)
+        return xy, wh, np.zeros((3, 4, 2), np.float32), np.array([0.9, 0.8, 0.7], np.float32)
+
+    monkeypatch.setattr(det, "_forward", fake_forward)
+    boxes = det.detect(np.zeros((540, 960, 3), np.uint8))
+    assert seen == [244, 244, 244]
+    # their frame rows: strip 0 -> 40, 100, 200; strip 1 -> 188, 248, 348; strip 2 -> 336, 396,
+    # 496. The shares are [0, 196), [196, 344), [344, 540): each row is kept by its own strip only
+    centres = sorted(b.y + b.h / 2 for b in boxes)
+    assert centres == [40.0, 100.0, 248.0, 396.0, 496.0]
+
+
 def test_plate_priors_match_the_network_outputs():
     net = PlateDetector(width=640)._net
     img = np.zeros((360, 640, 3), np.uint8)

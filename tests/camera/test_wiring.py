@@ -54,6 +54,14 @@ def test_a_camera_table_sets_the_detector_input_widths(tmp_path):
     assert stage.anonymiser.s.detector.plate_width == 640
 
 
+def test_plates_run_in_three_strips_unless_a_camera_table_says_otherwise(tmp_path):
+    (default,) = camera_stages(["synthetic"], _settings(tmp_path))
+    assert default.anonymiser.detector.detectors[1].strips == 3
+    cam = CameraSource(source="synthetic", plate_strips=1)
+    (stage,) = camera_stages([cam.source], _settings(tmp_path, camera=[cam]))
+    assert stage.anonymiser.detector.detectors[1].strips == 1
+
+
 def test_two_clips_get_two_names(tmp_path):
     a, b = camera_stages([str(DEMO_CLIP), "synthetic"], _settings(tmp_path))
     assert (a.name, b.name) == ("front", "front-2")
@@ -66,6 +74,8 @@ def test_two_clips_get_two_names(tmp_path):
         (CameraSource(source="synthetic", method="swirl"), ConfigError, "swirl"),
         (CameraSource(source="synthetic", detect_every=0), ConfigError, "detect_every"),
         (CameraSource(source="synthetic", plate_width=64), ConfigError, "plate_width"),
+        (CameraSource(source="synthetic", plate_strips=0), ConfigError, "plate_strips"),
+        (CameraSource(source="synthetic", plate_strips=5), ConfigError, "plate_strips"),
     ],
 )
 def test_bad_camera_settings_fail_before_anything_runs(tmp_path, cam, error, needle):
