@@ -28,7 +28,9 @@ Signal = cantools.database.can.Signal
 BoolArr = npt.NDArray[np.bool_]
 
 _EXACT = 2**53  # integers up to here are exact in float64
-FLAT_MAX_GROUP = 128  # larger groups of one id are faster decoded a message at a time
+# larger groups of one id are faster decoded a message at a time (a signals x frames matrix):
+# 32 rather than 128 took Kona 65k-frame chunks from 6.7 to 8.1M frames/s (A/B in one process)
+FLAT_MAX_GROUP = 32
 
 
 def _network_start(s: Signal) -> int:

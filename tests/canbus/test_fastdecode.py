@@ -161,9 +161,11 @@ def random_batch(
 
 @pytest.fixture(params=["flat", "grouped"])
 def small_groups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Decode small groups of plain messages on the flat path, or everything per group."""
+    """Decode every group of plain messages on the flat path, or everything per group."""
     if request.param == "grouped":
         monkeypatch.setattr(fastdecode, "FLAT_MAX_GROUP", 0)
+    else:
+        monkeypatch.setattr(fastdecode, "FLAT_MAX_GROUP", 1 << 30)
     return str(request.param)
 
 
