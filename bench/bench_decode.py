@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_decode [--frames 1000000] [--runs 5]
 
-Decode-only rates (frames/s, median of ``runs``):
+Decode-only rates (frames/s, median of ``runs`` rounds, every decoder once per round):
   cantools       ``Message.decode`` frame by frame, message and bytes resolved beforehand
   reference      ``CantoolsDecoder.decode`` (the project's reference, series built)
   vector/batch   ``VectorDecoder.decode`` on the whole repeated log as one batch
@@ -33,6 +33,7 @@ from gateway.canbus.fastdecode import VectorDecoder
 from gateway.records import FrameBatch
 
 ROOT = Path(__file__).resolve().parents[1]
+Job = tuple[int, Callable[[], object]]  # (frames, one timed run)
 BATCH_SIZES = (2048, 8192, 65536)
 
 
@@ -89,8 +90,8 @@ def median_rate(n: int, fn: Callable[[], object], runs: int) -> float:
     return n / statistics.median(times)
 
 
-def cantools_rate(batch: FrameBatch, dbcs: ChannelDbcs, frames: int, runs: int) -> float:
-    """Log frames per second when each is decoded with ``Message.decode`` as CantoolsDecoder
+def cantools_job(batch: FrameBatch, dbcs: ChannelDbcs, frames: int) -> Job:
+    """The first ``frames`` log frames, each decoded with ``Message.decode`` as CantoolsDecoder
     calls it; the lookup is done beforehand and unknown ids cost nothing, so this is the
     decode-only time of the same frames the vector decoder is timed on."""
     work = []
@@ -112,7 +113,7 @@ def cantools_rate(batch: FrameBatch, dbcs: ChannelDbcs, frames: int, runs: int) 
                 data, decode_choices=False, scaling=True, allow_truncated=True, allow_excess=True
             )
 
-    return median_rate(n, run, runs)
+    return n, run
 
 
 def decoded_share(batch: FrameBatch, dbcs: ChannelDbcs) -> float:
@@ -120,12 +121,25 @@ def decoded_share(batch: FrameBatch, dbcs: ChannelDbcs) -> float:
     return stats.decoded / max(stats.frames, 1)
 
 
-def vector_rate(batches: list[FrameBatch], dbcs: ChannelDbcs, runs: int) -> float:
+def vector_job(batches: list[FrameBatch], dbcs: ChannelDbcs) -> Job:
     dec = VectorDecoder(dbcs)
     for b in batches[:3]:
         dec.decode(b)  # plans are built once, on first sight of an id
     n = sum(len(b) for b in batches)
-    return median_rate(n, lambda: [dec.decode(b) for b in batches], runs)
+    return n, lambda: [dec.decode(b) for b in batches]
+
+
+def interleaved_rates(jobs: dict[str, Job], runs: int) -> dict[str, float]:
+    """Frames per second of each job, median of ``runs`` rounds in which every job runs once,
+    one after another: on a shared machine whose speed drifts over minutes, each ratio then
+    compares runs made at the same moments."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(runs):
+        for name, (_, fn) in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: jobs[name][0] / statistics.median(t) for name, t in times.items()}
 
 
 def sized_batches(batch: FrameBatch, size: int) -> list[FrameBatch]:
@@ -134,10 +148,10 @@ def sized_batches(batch: FrameBatch, size: int) -> list[FrameBatch]:
     ]
 
 
-def reference_rate(batch: FrameBatch, dbcs: ChannelDbcs, frames: int, runs: int) -> float:
+def reference_job(batch: FrameBatch, dbcs: ChannelDbcs, frames: int) -> Job:
     part = batch.select(np.arange(min(frames, len(batch))))
     dec = CantoolsDecoder(dbcs)
-    return median_rate(len(part), lambda: dec.decode(part), runs)
+    return len(part), lambda: dec.decode(part)
 
 
 def _fast_chunks(path: Path) -> Iterator[FrameBatch]:
@@ -182,18 +196,21 @@ def run(frames: int = 1_000_000, runs: int = 5, cantools_frames: int = 100_000) 
         small = repeated_log(log, min(frames, 100_000), Path(tmp) / "kona_small.log")
         chunks = list(_fast_chunks(big))
         batch = concat(chunks)
+        jobs = {
+            "cantools_fps": cantools_job(batch, dbcs, cantools_frames),
+            "reference_fps": reference_job(batch, dbcs, cantools_frames),
+            "vector_batch_fps": vector_job([batch], dbcs),
+            "vector_chunks_fps": vector_job(chunks, dbcs),
+            **{
+                f"vector_{size}_fps": vector_job(sized_batches(batch, size), dbcs)
+                for size in BATCH_SIZES
+            },
+        }
         out = {
             "frames": float(len(batch)),
             "decoded_share": decoded_share(batch, dbcs),
             "chunks": float(len(chunks)),
-            "cantools_fps": cantools_rate(batch, dbcs, cantools_frames, max(2, runs // 2)),
-            "reference_fps": reference_rate(batch, dbcs, cantools_frames, max(2, runs // 2)),
-            "vector_batch_fps": vector_rate([batch], dbcs, runs),
-            "vector_chunks_fps": vector_rate(chunks, dbcs, runs),
-            **{
-                f"vector_{size}_fps": vector_rate(sized_batches(batch, size), dbcs, runs)
-                for size in BATCH_SIZES
-            },
+            **interleaved_rates(jobs, runs),
             "candump_fps": candump_rate(big, max(2, runs // 2))[0],
             "python_can_fps": python_can_rate(small, max(2, runs // 2)),
         }
