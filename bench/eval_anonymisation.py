@@ -248,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         help="stream: frames per photo (7: the cuts to a new photo fall on every phase of k)",
     )
     ap.add_argument("--threads", type=int, default=0, help="cv2.setNumThreads (0: default)")
-    ap.add_argument("--sequential", action="store_true", help="faces then plates, not both at once")
+    ap.add_argument(
+        "--parallel",
+        action=argparse.BooleanOptionalAction,
+        default=DetectorSettings().parallel,
+        help="faces and plates in two threads at once (default: one after the other, as the "
+        "stream runs them)",
+    )
     ap.add_argument(
         "--face-width", type=int, default=DetectorSettings().face_width, help="face input width"
     )
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         cv2.setNumThreads(args.threads)
     det = DetectorSettings(
         threads=args.threads,
-        parallel=not args.sequential,
+        parallel=args.parallel,
         face_width=args.face_width,
         plate_width=args.plate_width,
         plate_strips=args.plate_strips,
@@ -297,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         detector=det,
     )
     print(
-        f"OpenCV {cv2.__version__}, {os.cpu_count()} CPUs, cv2 threads {cv2.getNumThreads()}; "
+        f"OpenCV {cv2.__version__}, {os.cpu_count()} CPUs, cv2 threads {cv2.getNumThreads()}, "
+        f"{'parallel' if det.parallel else 'sequential'} detectors; "
         f"faces at {det.face_width} px score {det.face_score}, plates at {det.plate_width} px "
         f"in {det.plate_strips} strip(s) score {det.plate_score}; {args.method}, margin {photo_settings.margin}; IoU >= {IOU}"
     )
