@@ -136,7 +136,7 @@ class CameraSource:
         3,
         "Run the plate detector on this many overlapping horizontal strips of the scaled frame "
         "(1-4): its working memory follows its input area. 1 (the whole frame at once) takes "
-        "~30 MB more and is ~25 % faster (docs/camera.md).",
+        "~30 MB more and is ~10-20 % faster (docs/camera.md).",
     )
 
 
