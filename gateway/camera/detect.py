@@ -178,11 +178,13 @@ class PlateDetector:
         self._net = cv2.dnn.readNetFromONNX(str(_model(PLATE_MODEL)))
 
     def _strip_rows(self, h: int) -> list[tuple[int, int]]:
-        """(top, bottom) of each strip; equal heights, so the network plans one shape."""
+        """(top, bottom) of each strip; equal heights, so the network plans one shape. A
+        frame no taller than ``strips`` overlaps is small enough to go whole: cut, it would
+        mostly be read twice."""
         n = self.strips
-        tall = -(-(h + (n - 1) * self.STRIP_OVERLAP) // n)
-        if n == 1 or tall >= h:
+        if n == 1 or h <= n * self.STRIP_OVERLAP:
             return [(0, h)]
+        tall = -(-(h + (n - 1) * self.STRIP_OVERLAP) // n)
         return [
             (round(k * (h - tall) / (n - 1)), round(k * (h - tall) / (n - 1)) + tall)
             for k in range(n)
