@@ -7,8 +7,8 @@ Decode-only rates (frames/s, median of ``runs`` rounds, every decoder once per r
   reference      ``CantoolsDecoder.decode`` (the project's reference, series built)
   vector/batch   ``VectorDecoder.decode`` on the whole repeated log as one batch
   vector/chunks  ``VectorDecoder.decode`` on the chunks a replay feeds it (``iter_candump``)
-Parse rates: ``iter_candump`` vs python-can's ``CanutilsLogReader``, and the gateway's ASC
-reader vs python-can's ``ASCReader`` on the same log written as ASC (frames/s).
+Parse rates, also in alternating rounds: ``iter_candump`` vs python-can's ``CanutilsLogReader``,
+and the gateway's ASC reader vs python-can's ``ASCReader`` on the same log written as ASC.
 Every function is importable, for a ``make bench`` table.
 """
 
@@ -81,15 +81,6 @@ def concat(batches: list[FrameBatch]) -> FrameBatch:
     )
 
 
-def median_rate(n: int, fn: Callable[[], object], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return n / statistics.median(times)
-
-
 def cantools_job(batch: FrameBatch, dbcs: ChannelDbcs, frames: int) -> Job:
     """The first ``frames`` log frames, each decoded with ``Message.decode`` as CantoolsDecoder
     calls it; the lookup is done beforehand and unknown ids cost nothing, so this is the
@@ -159,22 +150,21 @@ def _fast_chunks(path: Path) -> Iterator[FrameBatch]:
     return iter_candump(path, chunk_frames=FAST.frames, max_chunk_seconds=FAST.seconds)
 
 
-def candump_rate(path: Path, runs: int) -> tuple[float, int]:
+def candump_job(path: Path) -> Job:
     n = sum(len(b) for b in _fast_chunks(path))
-    return median_rate(n, lambda: sum(1 for _ in _fast_chunks(path)), runs), n
+    return n, lambda: sum(1 for _ in _fast_chunks(path))
 
 
-def python_can_rate(path: Path, runs: int) -> float:
+def python_can_job(path: Path) -> Job:
     def count() -> Iterator[can.Message]:
         yield from can.CanutilsLogReader(str(path))
 
-    n = sum(1 for _ in count())
-    return median_rate(n, lambda: sum(1 for _ in count()), runs)
+    return sum(1 for _ in count()), lambda: sum(1 for _ in count())
 
 
-def asc_rates(path: Path, tmp: Path, frames: int, runs: int) -> tuple[float, float]:
-    """(gateway, python-can) frames/s reading the same Vector ASC file: the candump log written
-    as ASC by python-can's ``ASCWriter``."""
+def asc_jobs(path: Path, tmp: Path, frames: int) -> dict[str, Job]:
+    """The gateway's and python-can's readers on the same Vector ASC file: the candump log
+    written as ASC by python-can's ``ASCWriter``."""
     from itertools import islice
 
     from gateway.canbus.replay import iter_log
@@ -184,9 +174,10 @@ def asc_rates(path: Path, tmp: Path, frames: int, runs: int) -> tuple[float, flo
         for msg in islice(can.LogReader(str(path)), frames):
             writer.on_message_received(msg)
     n = sum(len(b) for b in iter_log(asc, None, FAST))
-    ours = median_rate(n, lambda: sum(len(b) for b in iter_log(asc, None, FAST)), runs)
-    theirs = median_rate(n, lambda: sum(1 for _ in can.ASCReader(str(asc))), runs)
-    return ours, theirs
+    return {
+        "asc_fps": (n, lambda: sum(len(b) for b in iter_log(asc, None, FAST))),
+        "python_can_asc_fps": (n, lambda: sum(1 for _ in can.ASCReader(str(asc)))),
+    }
 
 
 def run(frames: int = 1_000_000, runs: int = 5, cantools_frames: int = 100_000) -> dict[str, float]:
@@ -211,12 +202,11 @@ def run(frames: int = 1_000_000, runs: int = 5, cantools_frames: int = 100_000) 
             "decoded_share": decoded_share(batch, dbcs),
             "chunks": float(len(chunks)),
             **interleaved_rates(jobs, runs),
-            "candump_fps": candump_rate(big, max(2, runs // 2))[0],
-            "python_can_fps": python_can_rate(small, max(2, runs // 2)),
         }
-        out["asc_fps"], out["python_can_asc_fps"] = asc_rates(
-            small, Path(tmp), min(frames, 100_000), max(2, runs // 2)
-        )
+        parse = {"candump_fps": candump_job(big), "python_can_fps": python_can_job(small)}
+        out |= interleaved_rates(parse, max(2, runs // 2))
+        asc = asc_jobs(small, Path(tmp), min(frames, 100_000))
+        out |= interleaved_rates(asc, max(2, runs // 2))
     return out
 
 
