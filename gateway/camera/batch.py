@@ -19,7 +19,7 @@ from gateway.camera.anonymiser import (
 )
 from gateway.camera.anonymize import blackout
 from gateway.camera.detect import load_detectors
-from gateway.camera.options import AnonymiserSettings, DetectorSettings, Method
+from gateway.camera.options import PLATE_STRIPS, AnonymiserSettings, DetectorSettings, Method
 from gateway.camera.source import IMAGE_SUFFIXES, Frame, VideoFileSource, read_image
 from gateway.errors import CameraError, ConfigError, StorageError
 
@@ -49,8 +49,10 @@ def _check(args: argparse.Namespace) -> AnonymiserSettings:
     for name in ("face_width", "plate_width"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
-    if not 1 <= args.plate_strips <= 4:
-        raise ConfigError(f"--plate-strips must be 1 to 4, got {args.plate_strips}")
+    if args.plate_strips not in PLATE_STRIPS:
+        raise ConfigError(
+            f"--plate-strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, got {args.plate_strips}"
+        )
     if args.detect_every < 1:
         raise ConfigError(f"--detect-every must be >= 1, got {args.detect_every}")
     if args.memory < 0:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from gateway.camera.options import DetectorSettings
+from gateway.camera.options import PLATE_STRIPS, DetectorSettings
 from gateway.errors import ConfigError
 
 Image = npt.NDArray[np.uint8]
@@ -168,7 +168,11 @@ class PlateDetector:
         width: int = 960,
         strips: int = DetectorSettings.plate_strips,
     ) -> None:
-        self.score, self.nms, self.width, self.strips = score, nms, width, max(1, strips)
+        if strips not in PLATE_STRIPS:
+            raise ConfigError(
+                f"plate detector: strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, got {strips}"
+            )
+        self.score, self.nms, self.width, self.strips = score, nms, width, strips
         if int(cv2.__version__.split(".")[0]) < 5:
             raise ConfigError(
                 f"the plate detector needs OpenCV >= 5 (dynamic input shapes), found "

@@ -25,6 +25,9 @@ class Method(enum.Enum):
             raise ConfigError(f"anonymisation method {text!r}: expected one of {names}") from None
 
 
+PLATE_STRIPS = range(1, 5)  # the plate_strips a setting may ask for
+
+
 @dataclass(frozen=True)
 class DetectorSettings:
     """How the detectors run. Widths are the detector input widths: the frame is scaled to that

@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway.camera.anonymiser import FrameAnonymiser
 from gateway.camera.detect import load_detectors
-from gateway.camera.options import AnonymiserSettings, DetectorSettings, Method
+from gateway.camera.options import PLATE_STRIPS, AnonymiserSettings, DetectorSettings, Method
 from gateway.camera.pipeline import CameraStage, store_dir
 from gateway.camera.source import open_source
 from gateway.camera.store import FrameStore, StoreSettings
@@ -52,8 +52,11 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
                 raise ConfigError(
                     f"camera {name}: {key} must be 160 to 4096 pixels, got {getattr(cam, key)}"
                 )
-        if not 1 <= cam.plate_strips <= 4:
-            raise ConfigError(f"camera {name}: plate_strips must be 1 to 4, got {cam.plate_strips}")
+        if cam.plate_strips not in PLATE_STRIPS:
+            raise ConfigError(
+                f"camera {name}: plate_strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, "
+                f"got {cam.plate_strips}"
+            )
         detector = dataclasses.replace(
             STREAM_DETECTOR,
             face_width=cam.face_width,

@@ -15,6 +15,7 @@ from gateway.camera.detect import (
     _priors,
     load_detectors,
 )
+from gateway.errors import ConfigError
 from tests.camera.conftest import DEMO_CLIP
 
 
@@ -115,6 +116,12 @@ def test_each_strip_keeps_only_the_boxes_centred_in_its_share(monkeypatch):
     # 496. The shares are [0, 196), [196, 344), [344, 540): each row is kept by its own strip only
     centres = sorted(b.y + b.h / 2 for b in boxes)
     assert centres == [40.0, 100.0, 248.0, 396.0, 496.0]
+
+
+@pytest.mark.parametrize("strips", [0, 5])
+def test_a_plate_detector_refuses_strips_out_of_range(strips):
+    with pytest.raises(ConfigError, match="strips must be 1 to 4"):
+        PlateDetector(strips=strips)
 
 
 def test_plate_priors_match_the_network_outputs():
