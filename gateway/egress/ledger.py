@@ -3,11 +3,14 @@ everything blocked. Anyone holding the file can re-check it with ``gateway audit
 
 One JSON object per line. ``hash = sha256(prev_hash + canonical JSON of the entry without
 hash)``; the first entry's ``prev`` is 64 zeros. An entry is written (and fsynced) *before* the
-message can reach the network, so every byte that ever left has its line here.
+message can reach the network, so every byte that ever left has its line here. Inside
+``group()``, the lines are written at once and fsynced together when the group ends (a group
+commit): the caller hands the messages to the outbox only after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +42,8 @@ class Ledger:
         self.head = GENESIS
         self.count = 0
         self.max_seq = -1  # the highest sequence number recorded (see _tail_max_seq)
+        self._depth = 0  # open group() blocks
+        self._unsynced = 0  # lines written by a group and not yet fsynced
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torn = _truncate_torn_tail(self.path) if self.path.exists() else None
@@ -78,9 +83,10 @@ class Ledger:
         line = _canonical(entry).decode() + "\n"
         try:
             self._fh.write(line)
-            self._fh.flush()
-            if self._fsync:
-                os.fsync(self._fh.fileno())
+            if self._depth:
+                self._unsynced += 1
+            else:
+                self._sync()
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot append to the audit ledger: {exc.strerror}"
@@ -91,6 +97,35 @@ class Ledger:
         if isinstance(seq, int) and seq > self.max_seq:
             self.max_seq = seq
         return entry
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Lines appended inside are flushed and fsynced once, when the (outermost) block ends,
+        even if it ends with an exception. ``durable`` says whether that sync succeeded; a
+        failed sync raises ``StorageError``."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._unsynced:
+                try:
+                    self._sync()
+                except OSError as exc:
+                    raise StorageError(
+                        f"{self.path}: cannot append to the audit ledger: {exc.strerror}"
+                    ) from exc
+
+    @property
+    def durable(self) -> bool:
+        """Every line appended so far is on the disk (no group holds unsynced lines)."""
+        return self._unsynced == 0
+
+    def _sync(self) -> None:
+        self._fh.flush()
+        if self._fsync:
+            os.fsync(self._fh.fileno())
+        self._unsynced = 0
 
     def close(self) -> None:
         self._fh.close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import aiomqtt
 
 from gateway.egress.guard import Released
-from gateway.egress.outbox import Outbox
+from gateway.egress.outbox import Outbox, Pending
 from gateway.errors import BrokerError
 from gateway.settings import BrokerSettings
 
@@ -184,11 +184,15 @@ class MqttPublisher:
         while True:
             self._wake.clear()
             batch = self.outbox.peek(200)
-            for item in batch:
-                await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
-                self.outbox.ack(item)
-                self.sent += 1
-                self.on_sent(1)
+            done: list[Pending] = []
+            try:
+                for item in batch:
+                    await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                    done.append(item)
+                    self.sent += 1
+                    self.on_sent(1)
+            finally:
+                self.outbox.ack_many(done)  # one commit for the PUBACKs of the batch
             if batch:
                 continue
             if stop.is_set():

@@ -98,14 +98,21 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------------------------
     def put(self, msg: Released) -> None:
+        self.put_many([msg])
+
+    def put_many(self, msgs: list[Released]) -> None:
+        """Commit ``msgs`` in one transaction (one fsync however many), then wake the
+        publisher: a fast replay closes many windows per batch of frames."""
+        if not msgs:
+            return
         now = self._clock()
         if self._db is not None:
             try:
                 with self._tx():
-                    self._db.execute(
+                    self._db.executemany(
                         "INSERT INTO outbox(seq, topic, payload, retain, schema, created) "
                         "VALUES (?,?,?,?,?,?)",
-                        (msg.seq, msg.topic, msg.payload, int(msg.retain), msg.schema, now),
+                        [(m.seq, m.topic, m.payload, int(m.retain), m.schema, now) for m in msgs],
                     )
                     self._db.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (self._next_seq,)
@@ -115,13 +122,14 @@ class Outbox:
                 return
             except sqlite3.Error as exc:
                 self._degrade(exc)
-        self._mem_n += 1
-        self._mem[self._mem_n] = Pending(
-            ("mem", self._mem_n), msg.seq, msg.topic, msg.payload, msg.retain, msg.schema, now
-        )
-        if len(self._mem) > self.memory_limit:
-            _, oldest = self._mem.popitem(last=False)
-            self._dropped([oldest], f"in-memory outbox over {self.memory_limit} messages")
+        for msg in msgs:
+            self._mem_n += 1
+            self._mem[self._mem_n] = Pending(
+                ("mem", self._mem_n), msg.seq, msg.topic, msg.payload, msg.retain, msg.schema, now
+            )
+            if len(self._mem) > self.memory_limit:
+                _, oldest = self._mem.popitem(last=False)
+                self._dropped([oldest], f"in-memory outbox over {self.memory_limit} messages")
         self._notify()
 
     def _tx(self) -> sqlite3.Connection:
@@ -140,11 +148,11 @@ class Outbox:
 
         return _Tx(self._db)  # type: ignore[return-value]
 
-    def _degrade(self, exc: BaseException, acked: int | None = None) -> None:
+    def _degrade(self, exc: BaseException, acked: set[int] | None = None) -> None:
         """The disk failed (full, read-only, gone): carry on in memory. What still waits on the
         disk is read into memory first (reading usually still works on a full disk), so it is
         sent in this run, in order; it stays on the disk too, and a later run re-sends it with
-        the same ``seq``, which the owner drops. ``acked`` is a row already acknowledged."""
+        the same ``seq``, which the owner drops. ``acked`` are rows already acknowledged."""
         if self.storage_error is None:
             log.error(
                 "outbox %s cannot be written (%s): keeping up to %d messages in memory",
@@ -163,7 +171,7 @@ class Outbox:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-            rescued = [r for r in rows if r[0] != acked]
+            rescued = [r for r in rows if r[0] not in (acked or ())]
             if rescued:
                 newer = list(self._mem.values())
                 self._mem.clear()
@@ -229,15 +237,24 @@ class Outbox:
         return out
 
     def ack(self, item: Pending) -> None:
-        kind, n = item.key
-        if kind == "mem":
-            self._mem.pop(n, None)
-            return
-        if self._db is not None:
+        self.ack_many([item])
+
+    def ack_many(self, items: list[Pending]) -> None:
+        """Delete messages the broker acknowledged, in one transaction. A crash before it
+        commits re-sends them on the next run, with the same ``seq`` (the owner drops them)."""
+        rows = []
+        for item in items:
+            kind, n = item.key
+            if kind == "mem":
+                self._mem.pop(n, None)
+            else:
+                rows.append((n,))
+        if rows and self._db is not None:
             try:
-                self._db.execute("DELETE FROM outbox WHERE id = ?", (n,))
+                with self._tx():
+                    self._db.executemany("DELETE FROM outbox WHERE id = ?", rows)
             except sqlite3.Error as exc:
-                self._degrade(exc, acked=n)
+                self._degrade(exc, acked={r[0] for r in rows})
 
     def depth(self) -> int:
         n = len(self._mem)

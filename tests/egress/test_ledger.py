@@ -8,7 +8,7 @@ import pytest
 
 from gateway.audit import verify_ledger
 from gateway.egress.ledger import Ledger, verify_chain
-from gateway.errors import AuditError
+from gateway.errors import AuditError, StorageError
 from gateway.telemetry.policy import load_policy
 
 
@@ -129,3 +129,39 @@ def test_a_torn_last_line_from_a_power_cut_is_cut_off_and_recorded(ledger_file):
     led.close()
     report = verify_chain(ledger_file)
     assert report.entries == 8 and report.kinds["recovered"] == 1
+
+
+def test_a_group_fsyncs_its_lines_once_when_it_ends(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr("gateway.egress.ledger.os.fsync", lambda fd: synced.append(fd))
+    led = Ledger(tmp_path / "l.jsonl")
+    led.append("event", note="alone")
+    assert len(synced) == 1  # outside a group, every line is synced at once
+    with led.group():
+        for i in range(5):
+            led.append("event", note=i)
+            assert not led.durable
+        with led.group():  # a nested group ends with its outer one
+            led.append("event", note="inner")
+        assert len(synced) == 1
+    assert len(synced) == 2 and led.durable
+    assert verify_chain(tmp_path / "l.jsonl").entries == 7
+    # an exception inside still syncs what was written, and goes on
+    with pytest.raises(RuntimeError), led.group():
+        led.append("event", note="before the error")
+        raise RuntimeError("boom")
+    assert len(synced) == 3 and led.durable
+    led.close()
+
+
+def test_a_group_whose_sync_fails_is_not_durable_and_says_so(tmp_path, monkeypatch):
+    led = Ledger(tmp_path / "l.jsonl")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gateway.egress.ledger.os.fsync", full)
+    with pytest.raises(StorageError, match="l.jsonl: cannot append.*No space"), led.group():
+        led.append("event", note="x")
+    assert not led.durable
+    led.close()

@@ -139,3 +139,25 @@ def test_sequence_numbers_continue_from_the_ledger_after_a_degraded_run(tmp_path
     ob2.reserve_seq(again.max_seq + 1)
     assert ob2.next_seq() == 3
     ob2.close()
+
+
+def _commits(ob):
+    seen = []
+    ob._db.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
+    return seen
+
+
+def test_put_many_and_ack_many_commit_once_and_survive_a_restart(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    woken = []
+    ob.subscribe(lambda: woken.append(1))
+    commits = _commits(ob)
+    ob.put_many(_released(ob, 40))
+    assert len(commits) == 1 and len(woken) == 1
+    waiting = ob.peek(100)
+    assert [p.seq for p in waiting] == list(range(40))
+    ob.ack_many(waiting[:25])
+    assert len(commits) == 2
+    ob.close()
+    again = Outbox(tmp_path / "o.sqlite")
+    assert [p.seq for p in again.peek(100)] == list(range(25, 40))
