@@ -203,6 +203,28 @@ def test_large_groups_of_whole_frames_decode_as_one_matrix_equal(
     assert used and all(used)
 
 
+OVERLAP_64 = """VERSION ""
+BU_: N
+BO_ 300 Whole: 8 N
+ SG_ All : 0|64@1+ (0.5,0) [0|0] "" N
+ SG_ Head : 7|8@0- (1,0) [0|0] "" N
+"""
+
+
+def test_an_unsigned_64_bit_field_beside_a_signed_one_keeps_its_top_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a little- and a big-endian signal may overlap (cantools reads each on its own): the
+    # matrix reads signed rows as int64, which must not turn the unsigned 64-bit one negative
+    monkeypatch.setattr(fastdecode, "FLAT_MAX_GROUP", 0)
+    db = cantools.database.load_string(OVERLAP_64, database_format="dbc", strict=False)
+    b = FrameBatchBuilder()
+    rng = np.random.default_rng(3)
+    for i in range(200):
+        b.add(float(i), "can0", 300, bytes(rng.integers(0, 256, 8, dtype=np.uint8)))
+    both(ChannelDbcs({"*": [db]}), b.build())
+
+
 def test_synthetic_corners_decode_equal() -> None:
     # float32/64 both byte orders, 64-bit and 9-byte-spanning signals in a 64-byte FD frame,
     # exact big integers, nested multiplexing, overlapping signals (bitstruct then fails
