@@ -487,7 +487,9 @@ class Gateway:
             # flush: wait (bounded) for the outbox to drain while the publisher reconnects
             deadline = time.monotonic() + drain_timeout
             while self.outbox.depth() and time.monotonic() < deadline and not pub_task.done():
-                await asyncio.sleep(0.05)
+                self.publisher.acked.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.publisher.acked.wait(), timeout=0.05)
         finally:
             periodic_stop.set()
             pub_stop.set()

@@ -113,6 +113,7 @@ class MqttPublisher:
     sent: int = 0
     last_error: str | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    acked: asyncio.Event = field(default_factory=asyncio.Event)  # set after each drained batch
 
     def __post_init__(self) -> None:
         self.outbox.subscribe(self._wake.set)
@@ -193,6 +194,7 @@ class MqttPublisher:
                     self.on_sent(1)
             finally:
                 self.outbox.ack_many(done)  # one commit for the PUBACKs of the batch
+                self.acked.set()
             if batch:
                 continue
             if stop.is_set():
