@@ -199,6 +199,9 @@ class Gateway:
             self._group = None
             if group and self.ledger.durable:
                 self.outbox.put_many(group)
+            elif group:  # the ledger could not take its lines (cut off again): none leaves
+                self.report.released -= len(group)
+                self.report.bytes_released -= sum(len(m.payload) for m in group)
 
     def _ledger_egress(self, msg: Released) -> None:
         self.ledger.append(

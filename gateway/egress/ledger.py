@@ -4,8 +4,10 @@ everything blocked. Anyone holding the file can re-check it with ``gateway audit
 One JSON object per line. ``hash = sha256(prev_hash + canonical JSON of the entry without
 hash)``; the first entry's ``prev`` is 64 zeros. An entry is written (and fsynced) *before* the
 message can reach the network, so every byte that ever left has its line here. Inside
-``group()``, the lines are written at once and fsynced together when the group ends (a group
-commit): the caller hands the messages to the outbox only after that.
+``group()``, the lines are held and written with one write and one fsync when the group ends (a
+group commit): the caller hands the messages to the outbox only after that. A write or fsync
+that fails is cut off the file again and leaves the chain as it was, so the file never holds a
+half-written group and the next line still chains to the last one on the disk.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class Ledger:
         self.count = 0
         self.max_seq = -1  # the highest sequence number recorded (see _tail_max_seq)
         self._depth = 0  # open group() blocks
-        self._unsynced = 0  # lines written by a group and not yet fsynced
+        self._held: list[bytes] = []  # lines of the open group, written when it ends
+        self._lost = False  # the last write failed (and was cut off): its messages must not leave
+        self._broken = False  # a failed write could not be cut off: refuse to append more
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torn = _truncate_torn_tail(self.path) if self.path.exists() else None
@@ -58,7 +62,8 @@ class Ledger:
                         f"{self.path}: the last ledger line is damaged; run "
                         f"`gateway audit verify {self.path}`"
                     ) from exc
-            self._fh = open(self.path, "a", encoding="ascii")  # noqa: SIM115
+            # unbuffered: a failed write never leaves bytes in a buffer to be flushed later
+            self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot open the audit ledger: {exc.strerror}"
@@ -80,17 +85,11 @@ class Ledger:
             "prev": self.head,
         }
         entry["hash"] = entry_hash(self.head, entry)
-        line = _canonical(entry).decode() + "\n"
-        try:
-            self._fh.write(line)
-            if self._depth:
-                self._unsynced += 1
-            else:
-                self._sync()
-        except OSError as exc:
-            raise StorageError(
-                f"{self.path}: cannot append to the audit ledger: {exc.strerror}"
-            ) from exc
+        line = _canonical(entry) + b"\n"
+        if self._depth:
+            self._held.append(line)
+        else:
+            self._write(line)
         self.head = entry["hash"]
         self.count += 1
         seq = fields.get("seq")
@@ -100,32 +99,66 @@ class Ledger:
 
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
-        """Lines appended inside are flushed and fsynced once, when the (outermost) block ends,
-        even if it ends with an exception. ``durable`` says whether that sync succeeded; a
-        failed sync raises ``StorageError``."""
+        """Lines appended inside are written with one write and one fsync when the (outermost)
+        block ends, even if it ends with an exception. If that fails, the file and the chain
+        are as before the group, ``durable`` is False (none of its messages may leave) and
+        ``StorageError`` is raised."""
         self._depth += 1
+        if self._depth > 1:
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        before = (self.head, self.count, self.max_seq)
         try:
             yield
         finally:
-            self._depth -= 1
-            if not self._depth and self._unsynced:
+            self._depth = 0
+            lines, self._held = self._held, []
+            if lines:
                 try:
-                    self._sync()
-                except OSError as exc:
-                    raise StorageError(
-                        f"{self.path}: cannot append to the audit ledger: {exc.strerror}"
-                    ) from exc
+                    self._write(b"".join(lines))
+                except StorageError:
+                    self.head, self.count, self.max_seq = before
+                    raise
 
     @property
     def durable(self) -> bool:
-        """Every line appended so far is on the disk (no group holds unsynced lines)."""
-        return self._unsynced == 0
+        """Every line appended so far is on the disk: no group holds lines, and the last
+        write did not fail."""
+        return not self._held and not self._lost
 
-    def _sync(self) -> None:
-        self._fh.flush()
-        if self._fsync:
-            os.fsync(self._fh.fileno())
-        self._unsynced = 0
+    def _write(self, data: bytes) -> None:
+        """Append ``data`` and fsync; on failure, cut the file back to its size before."""
+        self._lost = True  # until the data is on the disk
+        if self._broken:
+            raise StorageError(
+                f"{self.path}: an earlier write failed and could not be undone; run "
+                f"`gateway audit verify {self.path}`"
+            )
+        fd = self._fh.fileno()
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise StorageError(
+                f"{self.path}: cannot read the audit ledger: {exc.strerror}"
+            ) from exc
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._fh.write(view) :]
+            if self._fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                self._broken = True
+            raise StorageError(
+                f"{self.path}: cannot append to the audit ledger: {exc.strerror}"
+            ) from exc
+        self._lost = False
 
     def close(self) -> None:
         self._fh.close()

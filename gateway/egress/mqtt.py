@@ -189,6 +189,7 @@ class MqttPublisher:
             try:
                 for item in batch:
                     await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                    self.outbox.note_acked(item)
                     done.append(item)
                     self.sent += 1
                     self.on_sent(1)

@@ -69,6 +69,7 @@ class Outbox:
         self.dropped = 0
         self._db: sqlite3.Connection | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
         stored_seq = 0
         if self.path is not None:
             try:
@@ -107,6 +108,7 @@ class Outbox:
             return
         now = self._clock()
         if self._db is not None:
+            committed = False
             try:
                 with self._tx():
                     self._db.executemany(
@@ -117,11 +119,15 @@ class Outbox:
                     self._db.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (self._next_seq,)
                     )
+                committed = True
                 self._enforce_bounds(now)
                 self._notify()
                 return
             except sqlite3.Error as exc:
-                self._degrade(exc)
+                self._degrade(exc)  # reads what the disk holds (``msgs`` too, if committed)
+                if committed:
+                    self._notify()
+                    return
         for msg in msgs:
             self._mem_n += 1
             self._mem[self._mem_n] = Pending(
@@ -144,7 +150,17 @@ class Outbox:
                 return s.db
 
             def __exit__(s, exc_type: object, *rest: object) -> None:
-                s.db.execute("ROLLBACK" if exc_type else "COMMIT")
+                if exc_type:
+                    s.db.execute("ROLLBACK")
+                    return
+                try:
+                    s.db.execute("COMMIT")
+                except sqlite3.Error:
+                    # a COMMIT that fails may leave the transaction open, and reads would then
+                    # see its rows as if they were stored
+                    with contextlib.suppress(sqlite3.Error):
+                        s.db.execute("ROLLBACK")
+                    raise
 
         return _Tx(self._db)  # type: ignore[return-value]
 
@@ -171,7 +187,8 @@ class Outbox:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-            rescued = [r for r in rows if r[0] not in (acked or ())]
+            done = self._acked | (acked or set())
+            rescued = [r for r in rows if r[0] not in done]
             if rescued:
                 newer = list(self._mem.values())
                 self._mem.clear()
@@ -239,6 +256,15 @@ class Outbox:
     def ack(self, item: Pending) -> None:
         self.ack_many([item])
 
+    def note_acked(self, item: Pending) -> None:
+        """The broker acknowledged ``item``; ``ack_many`` deletes it later, with the rest of
+        its batch. Until then, a disk failure must not bring it back to be sent again."""
+        kind, n = item.key
+        if kind == "mem":
+            self._mem.pop(n, None)
+        else:
+            self._acked.add(n)
+
     def ack_many(self, items: list[Pending]) -> None:
         """Delete messages the broker acknowledged, in one transaction. A crash before it
         commits re-sends them on the next run, with the same ``seq`` (the owner drops them)."""
@@ -255,6 +281,7 @@ class Outbox:
                     self._db.executemany("DELETE FROM outbox WHERE id = ?", rows)
             except sqlite3.Error as exc:
                 self._degrade(exc, acked={r[0] for r in rows})
+        self._acked.difference_update(r[0] for r in rows)
 
     def depth(self) -> int:
         n = len(self._mem)

@@ -14,6 +14,7 @@ from gateway import settings as settings_mod
 from gateway.app import Gateway
 from gateway.canbus.replay import ReplaySource
 from gateway.egress.guard import Outgoing
+from gateway.egress.ledger import verify_chain
 from gateway.errors import StorageError
 from gateway.localbroker import free_port
 from tests.conftest import KONA_CSV, KONA_PCAN
@@ -80,8 +81,16 @@ def test_a_group_whose_ledger_sync_fails_puts_nothing_in_the_outbox(tmp_path, mo
         assert gw.outbox.depth() == 0  # not before the group ends
     assert gw.outbox.depth() == 1
     monkeypatch.setattr("gateway.egress.ledger.os.fsync", full)
+    released = gw.report.released
     with pytest.raises(StorageError), gw.egress_group():
         gw.emit(out)
-    assert gw.outbox.depth() == 1
+        gw.emit(out)
+    assert gw.outbox.depth() == 1 and gw.report.released == released
+    monkeypatch.undo()
+    gw.ledger.append("event", note="the disk has room again")
     gw.outbox.close()
     gw.ledger.close()
+    # the two unsynced lines were cut off again: the ledger records one egress, and chains
+    lines = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in lines].count("egress") == 1
+    assert verify_chain(tmp_path / "l.jsonl").entries == len(lines)

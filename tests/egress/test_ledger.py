@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -165,3 +166,35 @@ def test_a_group_whose_sync_fails_is_not_durable_and_says_so(tmp_path, monkeypat
         led.append("event", note="x")
     assert not led.durable
     led.close()
+
+
+class _FailingWrites(io.FileIO):
+    """A ledger file whose next ``fail`` writes run out of space after half their bytes."""
+
+    fail = 0
+
+    def write(self, b):
+        if _FailingWrites.fail:
+            _FailingWrites.fail -= 1
+            super().write(bytes(b)[: len(b) // 2])
+            raise OSError(28, "No space left on device")
+        return super().write(b)
+
+
+def test_a_group_that_cannot_be_written_leaves_the_file_and_chain_as_before(tmp_path):
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False)
+    led.append("event", note="before")
+    size = path.stat().st_size
+    led._fh.close()
+    led._fh = _FailingWrites(str(path), "ab")
+    _FailingWrites.fail = 1
+    with pytest.raises(StorageError, match="No space"), led.group():
+        for i in range(300):  # more than any buffer: the group is written once, at its end
+            led.append("egress", seq=i)
+    assert not led.durable and path.stat().st_size == size  # the half-written bytes are cut
+    assert led.count == 1 and led.max_seq == -1
+    led.append("event", note="after")  # chains to the last line on the disk
+    assert led.durable
+    led.close()
+    assert verify_chain(path).entries == 2
