@@ -164,11 +164,11 @@ class Outbox:
 
         return _Tx(self._db)  # type: ignore[return-value]
 
-    def _degrade(self, exc: BaseException, acked: set[int] | None = None) -> None:
+    def _degrade(self, exc: BaseException) -> None:
         """The disk failed (full, read-only, gone): carry on in memory. What still waits on the
         disk is read into memory first (reading usually still works on a full disk), so it is
         sent in this run, in order; it stays on the disk too, and a later run re-sends it with
-        the same ``seq``, which the owner drops. ``acked`` are rows already acknowledged."""
+        the same ``seq``, which the owner drops. Rows the broker already acknowledged stay out."""
         if self.storage_error is None:
             log.error(
                 "outbox %s cannot be written (%s): keeping up to %d messages in memory",
@@ -187,8 +187,7 @@ class Outbox:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-            done = self._acked | (acked or set())
-            rescued = [r for r in rows if r[0] not in done]
+            rescued = [r for r in rows if r[0] not in self._acked]
             if rescued:
                 newer = list(self._mem.values())
                 self._mem.clear()
@@ -268,19 +267,15 @@ class Outbox:
     def ack_many(self, items: list[Pending]) -> None:
         """Delete messages the broker acknowledged, in one transaction. A crash before it
         commits re-sends them on the next run, with the same ``seq`` (the owner drops them)."""
-        rows = []
         for item in items:
-            kind, n = item.key
-            if kind == "mem":
-                self._mem.pop(n, None)
-            else:
-                rows.append((n,))
+            self.note_acked(item)
+        rows = [(n,) for kind, n in (i.key for i in items) if kind == "db"]
         if rows and self._db is not None:
             try:
                 with self._tx():
                     self._db.executemany("DELETE FROM outbox WHERE id = ?", rows)
             except sqlite3.Error as exc:
-                self._degrade(exc, acked={r[0] for r in rows})
+                self._degrade(exc)
         self._acked.difference_update(r[0] for r in rows)
 
     def depth(self) -> int:
