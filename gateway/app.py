@@ -22,7 +22,7 @@ from gateway.egress.ledger import Ledger
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.health import HealthMonitor
 from gateway.records import DecodeStats, FrameBatch, ReadStats, SignalSeries, WindowSummary
 from gateway.settings import Settings
@@ -480,6 +480,7 @@ class Gateway:
         periodic_stop = asyncio.Event()
         periodic = asyncio.create_task(self._periodic(periodic_stop), name="periodic")
         self.publish_consent_state()
+        failed = False
         try:
             await self._run_sources(stop)
             periodic_stop.set()
@@ -493,24 +494,49 @@ class Gateway:
                 self.publisher.acked.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.publisher.acked.wait(), timeout=0.05)
+        except BaseException:
+            failed = True
+            raise
         finally:
             periodic_stop.set()
             pub_stop.set()
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            first: GatewayError | None = None
+
+            def stopping_failed(exc: GatewayError) -> None:
+                # a full disk fails these steps too: the first error is the one raised
+                nonlocal first
+                if failed or first is not None:
+                    log.error("while stopping: %s", exc)
+                else:
+                    first = exc
+
+            try:
                 await asyncio.wait_for(pub_task, timeout=10)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except GatewayError as exc:
+                stopping_failed(exc)
             self.report.sent = self.publisher.sent
             self.report.outbox_left = self.outbox.depth()
             self.report.broker_error = self.publisher.last_error
             self.report.read = self._read_stats()
-            self.consent.save(self.consent_path)
-            self.ledger.append(
-                "stop",
-                released=self.report.released,
-                blocked=self.report.blocked,
-                outbox_left=self.report.outbox_left,
-            )
+            try:
+                self.consent.save(self.consent_path)
+            except GatewayError as exc:
+                stopping_failed(exc)
+            try:
+                self.ledger.append(
+                    "stop",
+                    released=self.report.released,
+                    blocked=self.report.blocked,
+                    outbox_left=self.report.outbox_left,
+                )
+            except GatewayError as exc:
+                stopping_failed(exc)
             self.ledger.close()
             self.outbox.close()
+            if first is not None:
+                raise first
         return self.report
 
     async def _run_sources(self, stop: asyncio.Event) -> None:

@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import StorageError
 from gateway.telemetry.policy import Category
 
 
@@ -134,8 +135,11 @@ class ConsentState:
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot save the consent state: {exc.strerror}") from exc
 
     @classmethod
     def load(cls, path: Path) -> ConsentState:

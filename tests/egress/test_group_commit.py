@@ -94,3 +94,40 @@ def test_a_group_whose_ledger_sync_fails_puts_nothing_in_the_outbox(tmp_path, mo
     lines = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in lines].count("egress") == 1
     assert verify_chain(tmp_path / "l.jsonl").entries == len(lines)
+
+
+def test_a_full_disk_mid_replay_ends_with_the_ledger_error_and_a_verifiable_ledger(
+    tmp_path, monkeypatch, caplog
+):
+    gw = _gateway(tmp_path)
+    full = [False]
+    decode = gw.decoder.decode
+
+    def decode_then_fill_the_disk(batch):
+        full[0] = True  # from the first batch on, the disk is full
+        return decode(batch)
+
+    def fsync(fd, real=os.fsync):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    def replace(a, b, real=os.replace):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real(a, b)
+
+    monkeypatch.setattr(gw.decoder, "decode", decode_then_fill_the_disk)
+    monkeypatch.setattr("gateway.egress.ledger.os.fsync", fsync)
+    monkeypatch.setattr("gateway.telemetry.consent.os.replace", replace)
+    with pytest.raises(StorageError, match="l.jsonl: cannot append to the audit ledger"):
+        asyncio.run(gw.run(require_broker=False, drain_timeout=0.1))
+    # the stop steps failed too: logged on one line each, not raised over the first error
+    assert "cannot save the consent state" in caplog.text
+    assert verify_chain(tmp_path / "l.jsonl").entries >= 1
+    from gateway.egress.outbox import Outbox
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    on_disk = _on_disk_seqs(tmp_path / "l.jsonl")
+    assert all(p.seq in on_disk for p in ob.peek(1000))
+    ob.close()
