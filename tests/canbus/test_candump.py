@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.canbus import candump
-from gateway.canbus.candump import iter_candump, parse_line
+from gateway.canbus.candump import iter_candump, parse_line, parse_threads
 from gateway.records import FrameBatch, ReadStats
 from tests.conftest import SHARED_CAN
 
@@ -67,9 +67,10 @@ def python_can_rows(path: Path) -> list[tuple]:
     ]
 
 
-def test_real_kona_log_equals_python_can() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_real_kona_log_equals_python_can(workers: int) -> None:
     stats = ReadStats()
-    batches = list(iter_candump(kona_log(), stats))
+    batches = list(iter_candump(kona_log(), stats, workers=workers, block_bytes=1 << 16))
     assert rows(batches) == python_can_rows(kona_log())
     assert stats.frames == 39546 and stats.bad_lines == 0
     assert all(b.data.shape[1] == 8 for b in batches)
@@ -111,7 +112,8 @@ def test_generated_logs_equal_python_can(
     path = tmp_path_factory.mktemp("gen") / "gen.log"
     path.write_text("".join(line + "\n" for line in lines))
     stats = ReadStats()
-    got = rows(list(iter_candump(path, stats, block_bytes=rng.choice([256, 4096, 1 << 20]))))
+    blocks = rng.choice([256, 4096, 1 << 20])
+    got = rows(list(iter_candump(path, stats, block_bytes=blocks, workers=rng.choice([1, 2, 3]))))
     assert got == python_can_rows(path)
     assert stats.bad_lines == 0 and stats.frames == n
 
@@ -156,9 +158,9 @@ def test_garbage_lines_are_counted_with_line_numbers_and_skipped() -> None:
     lines.insert(4, b"")
     lines.insert(5, b"   ")
     data = b"\n".join(lines) + b"\n" + b"(9.000000) can0 7FF#01"  # no newline at the end
-    for block in (1 << 22, 1000, 97):
+    for block, workers in ((1 << 22, 1), (1000, 2), (97, 1), (97, 3)):
         stats = ReadStats()
-        got = rows(list(iter_candump(io.BytesIO(data), stats, block_bytes=block)))
+        got = rows(list(iter_candump(io.BytesIO(data), stats, block_bytes=block, workers=workers)))
         assert len(got) == len(GARBAGE) + 2 and got[-1][2] == 0x7FF
         assert all(r[:3] == (1.5, "can0", 0x109) for r in got[:-1])
         assert stats.bad_lines == len(GARBAGE) + 1
@@ -320,3 +322,13 @@ def test_logs_written_by_python_can_read_the_same_and_take_the_vector_path(
     assert stats.bad_lines == 0 and len(got) > 0
     # lines of the one common layout, direction included, never reach the per-line parser
     assert len(calls) <= max(2, len(got) // 100), calls[:3]
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (3, 2), (4, 2), (16, 2)])
+def test_parse_threads_leave_a_core_to_the_pipeline(
+    cores: int, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        "gateway.canbus.candump.os.sched_getaffinity", lambda pid: set(range(cores))
+    )
+    assert parse_threads() == threads
