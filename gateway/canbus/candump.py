@@ -661,10 +661,11 @@ def _open(source: str | Path | IO[Any]) -> tuple[IO[Any], bool]:
 
 
 def parse_threads() -> int:
-    """Threads that parse candump blocks by default: one per core beyond the pipeline's own,
-    two at most. On a 2-core machine a second parse thread competes with the decoding thread:
-    measured on a 2-core VM, it made a 2M-frame replay 6-8 % faster and a Model 3 replay no
-    faster, and cost ~7 MB of peak memory (83 -> 76 MB with the 3,172-signal DBC)."""
+    """Threads that parse candump blocks by default, beside the pipeline's own thread: one per
+    core beyond it, two at most. Measured on a 2-core VM, a second parse thread made long
+    Kona replays 5-15 % faster but cost ~5 MB of peak memory, which put the 3,172-signal
+    Model 3 DBC over the 80 MB CAN-only budget (83 MB; 78 with one thread; 76 with parsing in
+    the pipeline's own thread, which was 5 % slower still)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -684,7 +685,7 @@ def iter_candump(
     """Every frame of a candump log, in file order, as chunks that end after ``chunk_frames``
     frames or at the first frame ``max_chunk_seconds`` or more after the chunk's first one.
     Bad lines are counted in ``stats`` (pass one in to read it afterwards), never raised.
-    ``workers``: threads that parse blocks, ``parse_threads()`` by default (1: in this thread)."""
+    ``workers``: threads that parse blocks, ``parse_threads()`` by default (0: in this one)."""
     workers = parse_threads() if workers is None else workers
     stats = stats if stats is not None else ReadStats()
     if isinstance(source, (str, Path)):
@@ -695,7 +696,7 @@ def iter_candump(
     # with several workers, blocks are parsed side by side (numpy releases the GIL for most of
     # the work) and consumed strictly in file order, so channel numbering and bad-line order
     # are unchanged
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
     ahead: collections.deque[Any] = collections.deque()
 
     def parse(buf: bytes) -> tuple[_Cols, list[str], _BadLines, int]:
