@@ -502,37 +502,33 @@ class Gateway:
             pub_stop.set()
             first: GatewayError | None = None
 
-            def stopping_failed(exc: GatewayError) -> None:
+            @contextlib.contextmanager
+            def step() -> Iterator[None]:
                 # a full disk fails these steps too: the first error is the one raised
                 nonlocal first
-                if failed or first is not None:
-                    log.error("while stopping: %s", exc)
-                else:
-                    first = exc
+                try:
+                    yield
+                except GatewayError as exc:
+                    if failed or first is not None:
+                        log.error("while stopping: %s", exc)
+                    else:
+                        first = exc
 
-            try:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError), step():
                 await asyncio.wait_for(pub_task, timeout=10)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-            except GatewayError as exc:
-                stopping_failed(exc)
             self.report.sent = self.publisher.sent
             self.report.outbox_left = self.outbox.depth()
             self.report.broker_error = self.publisher.last_error
             self.report.read = self._read_stats()
-            try:
+            with step():
                 self.consent.save(self.consent_path)
-            except GatewayError as exc:
-                stopping_failed(exc)
-            try:
+            with step():
                 self.ledger.append(
                     "stop",
                     released=self.report.released,
                     blocked=self.report.blocked,
                     outbox_left=self.report.outbox_left,
                 )
-            except GatewayError as exc:
-                stopping_failed(exc)
             self.ledger.close()
             self.outbox.close()
             if first is not None:
