@@ -54,8 +54,8 @@ _PEAK = (
     "        if line.startswith('VmHWM:'):\n"
     "            print('BENCH_PEAK_KB', line.split()[1], file=sys.stderr)\n"
     "atexit.register(peak)\n"
-    "from gateway.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
+    "from gateway.cli import entry\n"
+    "sys.exit(entry(sys.argv[1:]))\n"
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -171,6 +172,8 @@ def _camera_sources(args: argparse.Namespace, s: Any) -> list[Any]:
 
 
 def _run_until_signal(gw: Any, drain_timeout: float = 30.0) -> Any:
+    _settle()  # the pipeline is built: what exists now lives until the end
+
     async def main() -> Any:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -485,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     _add_pipeline(p)
-    p.set_defaults(func=_cmd_replay)
+    p.set_defaults(func=_cmd_replay, settles_itself=True)
 
     p = sub.add_parser(
         "run",
@@ -496,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     _add_pipeline(p)
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, settles_itself=True)
 
     p = sub.add_parser(
         "owner",
@@ -624,7 +627,47 @@ class _OneLine(logging.Formatter):
         return f"gateway: {record.levelname.lower()}: {' '.join(msg.split())}"
 
 
+def _settle() -> None:
+    """Start-up is over: move every object made so far (modules, parsed DBCs, the pipeline)
+    into the collector's permanent generation and switch the collector back on.
+
+    Start-up makes only objects that live until the process ends; with the collector on,
+    ``gateway replay`` walked them in ~120 collections (30 ms for each full one on this 2-core
+    machine), and the interpreter walked them again at exit. ``main`` switches the collector
+    off first; commands that build a pipeline call this once it is built."""
+    if _GC_STATE:
+        gc.freeze()
+        if _GC_STATE[-1][0]:
+            gc.enable()
+
+
+# (collector was on, objects were frozen) at each main() call still running
+_GC_STATE: list[tuple[bool, int]] = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _GC_STATE.append((gc.isenabled(), gc.get_freeze_count()))
+    gc.disable()  # until _settle(): start-up makes no garbage worth looking for
+    try:
+        return _main(argv)
+    finally:
+        enabled, frozen = _GC_STATE.pop()
+        if not frozen and not _GC_STATE:
+            gc.unfreeze()  # an in-process caller (a test) gets its collector back as it was
+        if enabled:
+            gc.enable()
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The ``gateway`` console script and ``python -m gateway``: ``main()``, then every object
+    left goes into the permanent generation, so that the interpreter's last collections at exit
+    skip what the operating system frees anyway (~0.1 s of each run here)."""
+    code = main(argv)
+    gc.freeze()
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -640,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    if not getattr(args, "settles_itself", False):
+        _settle()
     try:
         return int(args.func(args) or 0)
     except GatewayError as exc:
@@ -651,4 +696,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

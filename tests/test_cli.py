@@ -219,3 +219,74 @@ def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path,
     assert '"kind":"data-export"' in ledger and '"kind":"data-delete"' in ledger
     verify = run_gateway("audit", "verify", str(tmp_path / "l.jsonl"))
     assert verify.returncode == 0, verify.stderr
+
+
+@pytest.mark.broker
+def test_the_collector_is_off_during_start_up_and_comes_back_as_it_was(
+    tmp_path, broker, vin, monkeypatch
+):
+    """`main` pauses the cyclic collector while it imports and loads DBCs, freezes what start-up
+    made once the pipeline is built, and gives an in-process caller its collector back."""
+    import gc
+
+    from gateway import cli
+    from gateway.app import Gateway
+    from gateway.canbus.dbc import ChannelDbcs
+
+    seen: dict[str, tuple[bool, int]] = {}
+    load, run = ChannelDbcs.from_specs.__func__, Gateway.run
+
+    def loading(cls, *a, **k):
+        seen["load"] = (gc.isenabled(), gc.get_freeze_count())
+        return load(cls, *a, **k)
+
+    async def running(self, *a, **k):
+        seen["run"] = (gc.isenabled(), gc.get_freeze_count())
+        return await run(self, *a, **k)
+
+    monkeypatch.setattr(ChannelDbcs, "from_specs", classmethod(loading))
+    monkeypatch.setattr(Gateway, "run", running)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    code = cli.main(
+        [
+            "replay",
+            str(KONA_CSV),
+            "--dbc",
+            f"can0={KONA_PCAN}",
+            "--fast",
+            "--broker",
+            broker.url,
+            "--vin",
+            vin,
+            "--ledger",
+            str(tmp_path / "l.jsonl"),
+            "--outbox",
+            str(tmp_path / "o.sqlite"),
+            "-q",
+        ]
+    )
+    assert code == 0
+    assert seen["load"] == (False, 0)
+    assert seen["run"][0] and seen["run"][1] > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # a user's mistake: the same
+    assert cli.main(["replay", str(tmp_path / "missing.log"), "--dbc", str(KONA_PCAN)]) != 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        assert cli.main(["config", "--doc"]) == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_console_script_freezes_what_is_left_before_the_interpreter_exits():
+    probe = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from gateway.cli import entry\n"
+        "sys.exit(entry(['config', '--doc']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("frozen at exit: True")
