@@ -39,10 +39,13 @@ class HealthMonitor:
 
     def on_batch(self, batch: FrameBatch) -> None:
         self.frames += len(batch)
-        idx_n = np.unique(batch.channel, return_counts=True)
-        for idx, n in zip(*(x.tolist() for x in idx_n), strict=True):
-            name = batch.channels[idx]
-            self.per_channel[name] = self.per_channel.get(name, 0) + n
+        if len(batch) == 0:
+            return
+        counts = np.bincount(batch.channel).tolist()  # a counting pass, not a sort (np.unique)
+        for idx, n in enumerate(counts):
+            if n:
+                name = batch.channels[idx]
+                self.per_channel[name] = self.per_channel.get(name, 0) + n
 
     def snapshot(self, **extra: Any) -> dict[str, Any]:
         now, cpu = time.monotonic(), time.process_time()

@@ -327,7 +327,10 @@ class _Channels:
         if len(local) == 0:
             return np.zeros(0, np.uint16)
         if all(n in self.index for n in names):  # the usual case: no new channel
-            return np.array([self.index[n] for n in names], np.uint16)[local]
+            table = [self.index[n] for n in names]
+            if table == list(range(len(table))):  # and numbered as in the block
+                return local
+            return np.array(table, np.uint16)[local]
         present = [c for c in range(len(names)) if (local == c).any()]
         for c in sorted(present, key=lambda c: int(np.argmax(local == c))):
             if names[c] not in self.index:

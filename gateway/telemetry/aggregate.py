@@ -58,6 +58,9 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(v)
 
 
+_ONE_START = np.zeros(1, np.int64)
+
+
 @dataclass
 class WindowAggregator:
     window: float = 60.0
@@ -94,14 +97,20 @@ class WindowAggregator:
                     ts, vals, idx = ts[keep], vals[keep], idx[keep]
                     if ts.size == 0:
                         continue
-            if idx.size > 1 and (np.any(np.diff(idx) < 0) or np.any(np.diff(ts) < 0)):
-                order = np.lexsort((ts, idx))  # stable: equal times keep file order
+            # window indices follow the times (floor is monotonic): in time order, they are too
+            if idx.size > 1 and bool((ts[1:] < ts[:-1]).any()):
+                order = np.argsort(ts, kind="stable")  # equal times keep file order
                 ts, vals, idx = ts[order], vals[order], idx[order]
-            starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
-            ends = np.r_[starts[1:], idx.size]
-            counts = ends - starts
-            mins = np.minimum.reduceat(vals, starts)
-            maxs = np.maximum.reduceat(vals, starts)
+            if idx[0] == idx[-1]:  # the usual case: the whole series in one window
+                starts, ends, counts = _ONE_START, [idx.size], [idx.size]
+                mins, maxs = [vals.min()], [vals.max()]
+            else:
+                cut = np.flatnonzero(idx[1:] != idx[:-1]) + 1
+                starts = np.concatenate(([0], cut))
+                ends = np.concatenate((cut, [idx.size]))
+                counts = ends - starts
+                mins = np.minimum.reduceat(vals, starts)
+                maxs = np.maximum.reduceat(vals, starts)
             for j, k in enumerate(idx[starts].tolist()):
                 bucket = self._open.setdefault(k, {})
                 p = bucket.get(s.name)

@@ -91,6 +91,27 @@ def test_any_batching_of_a_stream_gives_bit_identical_aggregates(values, cuts):
     assert [w.signals["M.S"].mean for w in whole] == [w.signals["M.S"].mean for w in pieces]
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=2, max_size=120),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_order_of_samples_inside_a_batch_does_not_matter(values, seed):
+    ts = np.arange(len(values)) * 0.7  # across several 10 s windows
+    vals = np.array(values, float)
+    mixed = np.random.default_rng(seed).permutation(len(values))
+
+    def run(order):
+        agg = WindowAggregator(10.0)
+        agg.add([_series(ts[order], vals[order])])
+        return [
+            (w.start, {k: (a.count, a.min, a.max, a.last, a.mean) for k, a in w.signals.items()})
+            for w in agg.flush()
+        ]
+
+    assert run(mixed) == run(np.arange(len(values)))
+
+
 def test_sentinel_values_of_a_numeric_signal_are_left_out_not_averaged():
     # a 10-bit speed, 0.5 km/h per bit, raw 1023 = "SNA": 511.5 km/h is not a speed
     sna = choices_for(10, {511.5: "ESP_VEHICLE_SPEED_SNA"})
