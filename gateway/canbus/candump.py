@@ -162,18 +162,22 @@ def _parse_classic(
     )
     ok &= good
     nchan = sp2 - close - 2
-    z = np.zeros((len(m), 8 * ((nchan + 7) // 8) + 8), np.uint8)
-    z[:, :nchan] = np.take(_NOT_NAME, m[:, close + 2 : sp2])  # channel: 0 where allowed
+    long_name = nchan > 8  # a short one is read as one word below
+    z = np.zeros((len(m), 8 * ((nchan + 7) // 8) + 8 if long_name else 8), np.uint8)
+    if long_name:
+        z[:, :nchan] = np.take(_NOT_NAME, m[:, close + 2 : sp2])  # channel: 0 where allowed
     z[:, -nid:] = np.take(_NIB, m[:, sp2 + 1 : hsh])  # id: nibbles, right-aligned
     words = z.view("<u8")
     idw = words[:, -1]
     ok &= (idw & _HI4) == 0
     for j in range(words.shape[1] - 1):
         ok &= words[:, j] == 0
-    pairs = np.take(_PAIR, np.ascontiguousarray(m[:, d0 : d0 + 16]).view("<u2"))
+    pairs = np.take(_PAIR, m[:, d0 : d0 + 16].view("<u2"))
     nbytes = nhex[elig] // 2
     pw = pairs.view("<u8") & np.take(_INSIDE_WORDS, nbytes, axis=0)
     ok &= ((pw[:, 0] | pw[:, 1]) & _PAIR_HIGH) == 0
+    if not long_name:
+        names, codes = _name_codes(_row_words(m, close + 2, nchan), nchan, ok)
     sel = np.flatnonzero(ok)
     ok_all[elig[sel]] = True
     if len(sel) == 0:
@@ -188,7 +192,10 @@ def _parse_classic(
         ts[i] = float(bytes(m[i, 1:close]).decode())
     fid = _swar8(idw, 16).view(np.int64)
     data = np.ascontiguousarray(pw.view(np.uint8)[:, 0::2])
-    chan = np.ascontiguousarray(m[:, close + 2 : sp2]).view(f"S{sp2 - close - 2}").ravel()
+    if long_name:
+        chan = np.ascontiguousarray(m[:, close + 2 : sp2]).view(f"S{nchan}").ravel()
+    else:
+        chan = (names, codes[sel])
     return ok_all, {
         "ts": ts,
         "fid": fid,
@@ -198,6 +205,57 @@ def _parse_classic(
         "ext": nid > 3,
         "fd": False,
     }
+
+
+def _row_words(m: npt.NDArray[np.uint8], col: int, n: int) -> npt.NDArray[np.uint64]:
+    """Bytes ``col`` to ``col + n`` (n <= 8) of every row of ``m`` (C-contiguous, at least
+    ``col + 8`` wide) as one little-endian integer each, read in place."""
+    words = np.ndarray((len(m),), "<u8", m.reshape(-1), col, (m.shape[1],))
+    return words & np.uint64((1 << 8 * n) - 1) if n < 8 else words.copy()
+
+
+def _name_codes(
+    words: npt.NDArray[np.uint64], n: int, ok: npt.NDArray[np.bool_]
+) -> tuple[list[str], npt.NDArray[np.uint16]]:
+    """Channel names of ``n`` bytes (each packed in a word, first byte lowest) of the rows in
+    ``ok``, as
+    (names in order of appearance, each row's index into them). A row whose name holds a byte
+    no name may hold (a space, a control byte, non-ASCII) is taken out of ``ok``.
+
+    A log has a handful of channels: one comparison per name; past eight names, one sort."""
+    codes = np.zeros(len(words), np.uint16)
+    names: list[str] = []
+    left = np.flatnonzero(ok)
+    for _ in range(8):
+        if len(left) == 0:
+            return names, codes
+        same = words[left] == words[left[0]]
+        name = _word_name(int(words[left[0]]), n)
+        if name is None:
+            ok[left[same]] = False
+        else:
+            codes[left[same]] = len(names)
+            names.append(name)
+        left = left[~same]
+    if len(left):
+        distinct, first, inverse = np.unique(words[left], return_index=True, return_inverse=True)
+        table = np.zeros(len(distinct), np.int64)
+        for k in np.argsort(first, kind="stable").tolist():
+            name = _word_name(int(distinct[k]), n)
+            table[k] = -1 if name is None else len(names)
+            if name is not None:
+                names.append(name)
+        mapped = table[inverse]
+        ok[left[mapped < 0]] = False
+        codes[left] = np.maximum(mapped, 0)
+    return names, codes
+
+
+def _word_name(word: int, n: int) -> str | None:
+    raw = word.to_bytes(8, "little")[:n]
+    if any(b < 33 or b > 126 for b in raw):
+        return None
+    return raw.decode("ascii")
 
 
 @dataclass
@@ -569,12 +627,16 @@ def _assemble(
         if dlc is None:
             dlc = np.full(k, cols["data"].shape[1], np.uint8)
         chan = cols["chan"]
-        local = np.empty(k, np.uint16)
-        left = np.arange(k)
-        while len(left):  # a handful of channel names: one compare per name beats a sort
-            same = chan[left] == chan[left[0]]
-            local[left[same]] = code(chan[left[0]].decode("ascii"))
-            left = left[~same]
+        if isinstance(chan, tuple):  # (names, each row's index into them)
+            part_names, part_codes = chan
+            local = np.array([code(n) for n in part_names], np.uint16)[part_codes]
+        else:
+            local = np.empty(k, np.uint16)
+            left = np.arange(k)
+            while len(left):  # a handful of channel names: one compare per name beats a sort
+                same = chan[left] == chan[left[0]]
+                local[left[same]] = code(chan[left[0]].decode("ascii"))
+                left = left[~same]
         flag = np.full(k, cols["ext"], np.bool_), np.zeros(k, np.bool_), np.full(k, cols["fd"])
         parts.append((rows, cols["ts"], cols["fid"], *flag, dlc, data, local))
     if slow:

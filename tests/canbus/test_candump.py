@@ -293,6 +293,30 @@ def test_vector_paths_agree_with_the_line_parser_on_mutated_logs(seed, n, mutati
     assert got == want
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_many_channels_and_names_with_bytes_no_name_may_hold(seed):
+    """Channel names are grouped per block: one comparison each for the first eight, one sort
+    past them. Twenty names of one length, and some of that length with a control or
+    non-ASCII byte (each such line is bad), must read as the line parser reads them."""
+    rng = random.Random(seed)
+    good = [f"c{i:03d}" for i in range(20)]
+    bad = ["c\x0001", "c\x8501", "c\x7f01", "c\t001", "\x00\x00\x00\x00"]
+    lines = []
+    for i in range(rng.randrange(200, 900)):
+        name = rng.choice(bad) if rng.random() < 0.05 else rng.choice(good[: rng.choice([2, 20])])
+        payload = rng.randbytes(rng.randrange(9)).hex()
+        lines.append(f"({1000 + i * 0.001:.6f}) {name} {rng.randrange(0x800):03X}#{payload}")
+    data = ("\n".join(lines) + "\n").encode("latin-1")
+    want_frames, want_bad = _line_by_line(data)
+    stats = ReadStats()
+    batches = list(iter_candump(io.BytesIO(data), stats, block_bytes=rng.choice([4096, 1 << 16])))
+    assert stats.bad_lines == len(want_bad) > 0
+    assert [b for b, _ in stats.first_bad] == want_bad[: len(stats.first_bad)]
+    assert rows(batches) == [(*f[:8], f[8]) for f in want_frames]
+    seen = list(dict.fromkeys(f[1] for f in want_frames))
+    assert list(batches[-1].channels[: len(seen)]) == seen  # numbered in order of appearance
+
+
 def _python_can_written(tmp_path: Path, source: Path) -> Path:
     """``source`` (any format python-can reads) written as candump by python-can itself, which
     puts a direction (" R"/" T") after every frame."""
