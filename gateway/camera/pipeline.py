@@ -31,6 +31,8 @@ from gateway.records import CameraSummary
 
 log = logging.getLogger("gateway.camera")
 
+WARN_EVERY_S = 10.0  # at most one warning per drop reason and camera in this many seconds
+
 
 @dataclass
 class _Window:
@@ -96,7 +98,7 @@ class CameraStage:
         self.seen = 0
         self.anonymised = 0
         self._windows: dict[int, _Window] = {}
-        self._last_error: str | None = None
+        self._warned: dict[str, tuple[float, int]] = {}  # reason -> (last warning, drops since)
         self._read = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-read-{name}")
         self._work = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-work-{name}")
 
@@ -134,17 +136,25 @@ class CameraStage:
             if o.anonymised is None:
                 win.dropped += 1
                 self.dropped += 1
-                if o.error != self._last_error:
-                    log.warning(
-                        "camera %s: frame %d dropped: %s", self.name, o.frame.index, o.error
-                    )
-                    self._last_error = o.error
+                self._warn_drop(o, now)
                 continue
-            self._last_error = None
             win.anonymised += 1
             win.faces += o.faces
             win.plates += o.plates
             self.anonymised += 1
+
+    def _warn_drop(self, o: Outcome, now: float) -> None:
+        """The first drop for a reason is said at once; later ones at most every
+        ``WARN_EVERY_S`` seconds, with how many there were (a camera the device cannot keep up
+        with drops most frames: one line each would bury everything else)."""
+        reason = o.error or "not anonymised"
+        last, since = self._warned.get(reason, (-math.inf, 0))
+        if now - last < WARN_EVERY_S:
+            self._warned[reason] = (last, since + 1)
+            return
+        more = f" ({since} more since the last warning)" if since else ""
+        log.warning("camera %s: frame %d dropped: %s%s", self.name, o.frame.index, reason, more)
+        self._warned[reason] = (now, 0)
 
     async def _emit_before(
         self, w: float, emit: Callable[[CameraSummary], Awaitable[None]]

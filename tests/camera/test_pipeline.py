@@ -212,3 +212,30 @@ def test_stop_ends_the_stage_and_flushes_what_it_saw(tmp_path):
 
     out = asyncio.run(main())
     assert out and 0 < sum(s.frames_seen for s in out) < 100
+
+
+def test_drops_are_warned_once_per_reason_then_at_most_every_ten_seconds_with_a_count(
+    tmp_path, caplog
+):
+    from gateway.camera.anonymiser import Outcome
+    from gateway.camera.pipeline import WARN_EVERY_S
+
+    stage = _stage(tmp_path, Raising(), count=1)
+    image = np.zeros((36, 64, 3), np.uint8)
+
+    def drop(i: int, at: float, reason: str) -> None:
+        stage._warn_drop(Outcome(Frame(i, i / 25, image), None, error=reason), at)
+
+    with caplog.at_level("WARNING", logger="gateway.camera"):
+        for i in range(100):  # ten seconds of a camera the device cannot keep up with
+            drop(i, i * WARN_EVERY_S / 100, "behind the camera's pace")
+        drop(100, 0.5, "detection failed")  # another reason is said at once
+        drop(101, WARN_EVERY_S, "behind the camera's pace")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "camera front: frame 0 dropped: behind the camera's pace",
+        "camera front: frame 100 dropped: detection failed",
+        "camera front: frame 101 dropped: behind the camera's pace (99 more since the last warning)",
+    ]
+    stage._read.shutdown()
+    stage._work.shutdown()
