@@ -110,8 +110,8 @@ def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.D
 def _slim(db: cantools.database.can.Database) -> cantools.database.can.Database:
     """Drop what the gateway never reads from a message or a signal: its DBC attributes
     (``BA_``, one ``DbcSpecifics`` with its ordered dicts each) and its comments. Decoding,
-    units, choices and limits do not use them. The Model 3 DBC (148 messages, 3,172 signals)
-    then takes 5 MB instead of 13 MB of memory, and its cache entry loads faster."""
+    units, choices and limits do not use them. The Model 3 DBC (148 messages, 3,172 signals),
+    read from the cache, then adds 10 MB to the resident memory instead of 15 MB."""
     for m in db.messages:
         m.dbc = None
         m.comment = None
