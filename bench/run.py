@@ -13,7 +13,9 @@ when it is there). Each figure is the median of ``--runs`` runs.
   decode       the vector decoder vs. cantools ``Message.decode`` (bench/bench_decode.py)
   parse        the candump parser vs. python-can's ``CanutilsLogReader``; the ASC reader vs.
                python-can's ``ASCReader`` on the same log written as ASC
-  memory       peak RSS of the gateway process, CAN only and CAN + camera
+  memory       peak RSS of the gateway process, CAN only and CAN + camera; the CAN-only rows
+               give the highest run that read its DBCs from the cache, and the first run's
+               figure (it parses the DBCs: 3-5 MB more with the Model 3 DBC)
   camera       anonymised frames per second at 640x360 and 1280x720
   latency      end of a window (frame time, real-time replay) to the summary at the owner
 """
@@ -249,7 +251,7 @@ def main() -> int:
             n = _repeat_any(drive, long_drive, args.frames // 2)
             m3_runs = [gateway_replay(long_drive, m3, broker.url, tmp) for _ in range(args.runs)]
             w = statistics.median(r[0] for r in m3_runs)
-            m3_rss = max(r[1] for r in m3_runs)
+            m3_rss = max(r[1] for r in m3_runs[1:] or m3_runs)  # the first run parses the DBC
             b = statistics.median(baseline(long_drive, [f"*={m3[0]}"]) for _ in range(args.runs))
             add(
                 (
@@ -292,14 +294,22 @@ def main() -> int:
                 f"{d['asc_fps'] / d['python_can_asc_fps']:.1f}x",
             )
         )
-        add(("peak RSS, CAN only, MB (highest run)", f"{max(rsss):.0f}", "", "target <= 80"))
+        # the first run of each log parses its DBCs into the cache; the others read the cache
+        add(
+            (
+                "peak RSS, CAN only, MB (highest run)",
+                f"{max(rsss[1:] or rsss):.0f}",
+                "",
+                f"target <= 80; {rsss[0]:.0f} in the first run, which parses the DBCs",
+            )
+        )
         if drive.exists():
             add(
                 (
                     "peak RSS, CAN only, Model 3 drive (3,172-signal DBC), MB",
                     f"{m3_rss:.0f}",
                     "",
-                    "target <= 80",
+                    f"target <= 80; {m3_runs[0][1]:.0f} in the first run, which parses the DBC",
                 )
             )
         clip = ROOT / "can_fixtures" / "camera" / "demo_clip.mp4"
