@@ -59,6 +59,7 @@ def _num(v: float) -> str:
 
 
 _ONE_START = np.zeros(1, np.int64)
+_MAX_WINDOWS = 2.0**62  # window numbers of valid times stay well inside int64
 
 
 @dataclass
@@ -78,7 +79,9 @@ class WindowAggregator:
         w = self.window
         for s in series:
             ts, vals = s.timestamp, s.value
-            ok = np.isfinite(vals) & np.isfinite(ts)
+            # a time must be finite and its window number fit in 64 bits (a damaged log can
+            # hold "(1e300)"): the window numbers then follow the times
+            ok = np.isfinite(vals) & (np.abs(ts) < _MAX_WINDOWS * w)
             choices = s.choices
             if isinstance(choices, Sentinels):
                 ok &= choices.valid(vals)

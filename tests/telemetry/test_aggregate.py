@@ -53,6 +53,14 @@ def test_non_finite_values_are_counted_and_left_out():
     assert agg.flush()[0].signals["M.S"].count == 1
 
 
+def test_times_whose_window_number_does_not_fit_64_bits_are_invalid_not_a_window():
+    # a damaged log line "(1e300) can0 ..." parses; its window number would overflow int64
+    agg = WindowAggregator(60.0)
+    agg.add([_series([-1e300, 5, 30, 70, 1e300, np.nan], [1, 2, 3, 4, 5, 6])])
+    assert agg.invalid_samples == 3
+    assert [(w.start, w.signals["M.S"].count) for w in agg.flush()] == [(0.0, 2), (60.0, 1)]
+
+
 def test_timestamps_going_backwards_inside_a_batch_still_give_the_latest_as_last():
     agg = WindowAggregator(10.0)
     agg.add([_series([5, 1, 3], [50, 10, 30])])
