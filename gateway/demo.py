@@ -31,7 +31,7 @@ def _replay_steps(out: Path) -> list[tuple[str, list[str]]]:
     steps = [
         (
             "Real 2019 Hyundai Kona EV log (P-CAN + C-CAN, power off -> on -> READY -> off), "
-            "2 s windows, in real time, with a camera clip blurred on the device",
+            "2 s windows, in real time",
             [
                 "replay",
                 str(kona / "230112-7-2019-pcan-ccan-power-off-on-ready-off.csv"),
@@ -64,7 +64,11 @@ def _replay_steps(out: Path) -> list[tuple[str, list[str]]]:
         )
     clip = FIX / "camera" / "demo_clip.mp4"
     if clip.exists() and steps:
-        steps[0][1].extend(["--video", str(clip)])
+        title, cmd = steps[0]
+        steps[0] = (
+            title + ", with a camera clip blurred on the device",
+            [*cmd, "--video", str(clip)],
+        )
     return steps
 
 

@@ -65,7 +65,8 @@ def _add_missing_sections(text: str) -> str | None:
 def load_dbc(path: str | Path) -> cantools.database.can.Database:
     """Load a DBC strictly; fall back to ``strict=False`` (with a warning), then to adding the
     missing ``BS_:``/``BU_:`` sections. Raise ``DbcError`` naming the file if all fail.
-    A file is parsed (and warned about) once per process while it is unchanged."""
+    A file is parsed (and warned about) once per process while it is unchanged. The model
+    keeps no DBC attributes or comments (``_slim``), so it cannot be written back as a DBC."""
     path = Path(path)
     if not path.is_file():
         raise DbcError(f"{path}: DBC file not found")
