@@ -156,6 +156,18 @@ class CameraStage:
         log.warning("camera %s: frame %d dropped: %s%s", self.name, o.frame.index, reason, more)
         self._warned[reason] = (now, 0)
 
+    def _warn_rest(self) -> None:
+        """At the end: the drops no warning has counted yet."""
+        for reason, (_, since) in self._warned.items():
+            if since:
+                log.warning(
+                    "camera %s: %d more frame(s) dropped since the last warning: %s",
+                    self.name,
+                    since,
+                    reason,
+                )
+        self._warned.clear()
+
     async def _emit_before(
         self, w: float, emit: Callable[[CameraSummary], Awaitable[None]]
     ) -> None:
@@ -218,6 +230,7 @@ class CameraStage:
                 await self._emit_before(math.floor(oldest / self.window), emit)
             # the end (or stop): finish the frames held back, then every window left
             self._count(await loop.run_in_executor(self._work, self._flush))
+            self._warn_rest()
             for i in sorted(self._windows):
                 win = self._windows.pop(i)
                 await emit(win.summary(self.name, self.window, fps_src, partial=True))

@@ -231,11 +231,15 @@ def test_drops_are_warned_once_per_reason_then_at_most_every_ten_seconds_with_a_
             drop(i, i * WARN_EVERY_S / 100, "behind the camera's pace")
         drop(100, 0.5, "detection failed")  # another reason is said at once
         drop(101, WARN_EVERY_S, "behind the camera's pace")
+        drop(102, WARN_EVERY_S + 1, "behind the camera's pace")
+        drop(103, WARN_EVERY_S + 2, "behind the camera's pace")
+        stage._warn_rest()  # the end of the run: what no warning has counted yet
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "camera front: frame 0 dropped: behind the camera's pace",
         "camera front: frame 100 dropped: detection failed",
         "camera front: frame 101 dropped: behind the camera's pace (99 more since the last warning)",
+        "camera front: 2 more frame(s) dropped since the last warning: behind the camera's pace",
     ]
     stage._read.shutdown()
     stage._work.shutdown()
