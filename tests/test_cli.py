@@ -16,6 +16,27 @@ from tests.conftest import KONA_CSV, KONA_PCAN, ROOT, run_gateway
 COMMANDS = ["replay", "run", "owner", "audit", "config", "consent", "data"]
 
 
+def _kona_replay(tmp_path, broker, vin, *extra: str) -> list[str]:
+    """`gateway replay` of the real Kona log to the test broker, its files in ``tmp_path``."""
+    return [
+        "replay",
+        str(KONA_CSV),
+        "--dbc",
+        f"can0={KONA_PCAN}",
+        "--fast",
+        "--broker",
+        broker.url,
+        "--vin",
+        vin,
+        *extra,
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+        "-q",
+    ]
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_explains_itself(command):
     proc = run_gateway(command, "--help")
@@ -94,24 +115,7 @@ def test_owner_json_prints_one_object_per_message(tmp_path, broker, vin):
         text=True,
     )
     time.sleep(1.5)
-    rep = run_gateway(
-        "replay",
-        str(KONA_CSV),
-        "--dbc",
-        f"can0={KONA_PCAN}",
-        "--fast",
-        "--broker",
-        broker.url,
-        "--vin",
-        vin,
-        "--window",
-        "5",
-        "--ledger",
-        str(tmp_path / "l.jsonl"),
-        "--outbox",
-        str(tmp_path / "o.sqlite"),
-        "-q",
-    )
+    rep = run_gateway(*_kona_replay(tmp_path, broker, vin, "--window", "5"))
     assert rep.returncode == 0, rep.stderr
     out, err = owner.communicate(timeout=30)
     lines = [json.loads(ln) for ln in out.splitlines()]
@@ -123,22 +127,7 @@ def test_owner_json_prints_one_object_per_message(tmp_path, broker, vin):
 @pytest.mark.broker
 def test_audit_verify_passes_then_fails_after_one_byte_changes(tmp_path, broker, vin):
     ledger = tmp_path / "l.jsonl"
-    rep = run_gateway(
-        "replay",
-        str(KONA_CSV),
-        "--dbc",
-        f"can0={KONA_PCAN}",
-        "--fast",
-        "--broker",
-        broker.url,
-        "--vin",
-        vin,
-        "--ledger",
-        str(ledger),
-        "--outbox",
-        str(tmp_path / "o.sqlite"),
-        "-q",
-    )
+    rep = run_gateway(*_kona_replay(tmp_path, broker, vin))
     assert rep.returncode == 0, rep.stderr
     ok = run_gateway("audit", "verify", str(ledger))
     assert ok.returncode == 0, ok.stderr
@@ -247,24 +236,7 @@ def test_the_collector_is_off_during_start_up_and_comes_back_as_it_was(
     monkeypatch.setattr(ChannelDbcs, "from_specs", classmethod(loading))
     monkeypatch.setattr(Gateway, "run", running)
     assert gc.isenabled() and gc.get_freeze_count() == 0
-    code = cli.main(
-        [
-            "replay",
-            str(KONA_CSV),
-            "--dbc",
-            f"can0={KONA_PCAN}",
-            "--fast",
-            "--broker",
-            broker.url,
-            "--vin",
-            vin,
-            "--ledger",
-            str(tmp_path / "l.jsonl"),
-            "--outbox",
-            str(tmp_path / "o.sqlite"),
-            "-q",
-        ]
-    )
+    code = cli.main(_kona_replay(tmp_path, broker, vin))
     assert code == 0
     assert seen["load"] == (False, 0)
     assert seen["run"][0] and seen["run"][1] > 0
