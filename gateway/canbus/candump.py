@@ -192,6 +192,7 @@ def _parse_classic(
         ts[i] = float(bytes(m[i, 1:close]).decode())
     fid = _swar8(idw, 16).view(np.int64)
     data = np.ascontiguousarray(pw.view(np.uint8)[:, 0::2])
+    chan: Any  # names as fixed-width bytes per row, or (names, each row's index into them)
     if long_name:
         chan = np.ascontiguousarray(m[:, close + 2 : sp2]).view(f"S{nchan}").ravel()
     else:
@@ -380,15 +381,15 @@ class _Channels:
         self.names: list[str] = []
         self.index: dict[str, int] = {}
 
-    def codes(self, names: list[str], local: npt.NDArray[np.intp]) -> npt.NDArray[np.uint16]:
+    def codes(self, names: list[str], local: npt.NDArray[np.uint16]) -> npt.NDArray[np.uint16]:
         """Global indices for frames whose block-local channel code is ``local``."""
         if len(local) == 0:
             return np.zeros(0, np.uint16)
         if all(n in self.index for n in names):  # the usual case: no new channel
-            table = [self.index[n] for n in names]
-            if table == list(range(len(table))):  # and numbered as in the block
+            known = [self.index[n] for n in names]
+            if known == list(range(len(known))):  # and numbered as in the block
                 return local
-            return np.array(table, np.uint16)[local]
+            return np.array(known, np.uint16)[local]
         present = [c for c in range(len(names)) if (local == c).any()]
         for c in sorted(present, key=lambda c: int(np.argmax(local == c))):
             if names[c] not in self.index:

@@ -117,7 +117,7 @@ def _slim(db: cantools.database.can.Database) -> cantools.database.can.Database:
         m.dbc = None
         m.comment = None
         for sig in m.signals:
-            sig.dbc = None
+            sig.dbc = None  # type: ignore[assignment]  # cantools' own default is None too
             sig.comments = None
     return db
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -104,6 +105,11 @@ class WindowAggregator:
             if idx.size > 1 and bool((ts[1:] < ts[:-1]).any()):
                 order = np.argsort(ts, kind="stable")  # equal times keep file order
                 ts, vals, idx = ts[order], vals[order], idx[order]
+            starts: Any
+            ends: Any
+            counts: Any
+            mins: Any
+            maxs: Any
             if idx[0] == idx[-1]:  # the usual case: the whole series in one window
                 starts, ends, counts = _ONE_START, [idx.size], [idx.size]
                 mins, maxs = [vals.min()], [vals.max()]
