@@ -627,6 +627,10 @@ class _OneLine(logging.Formatter):
         return f"gateway: {record.levelname.lower()}: {' '.join(msg.split())}"
 
 
+# (collector was on, objects were frozen) at each main() call still running
+_GC_STATE: list[tuple[bool, int]] = []
+
+
 def _settle() -> None:
     """Start-up is over: move every object made so far (modules, parsed DBCs, the pipeline)
     into the collector's permanent generation and switch the collector back on.
@@ -639,10 +643,6 @@ def _settle() -> None:
         gc.freeze()
         if _GC_STATE[-1][0]:
             gc.enable()
-
-
-# (collector was on, objects were frozen) at each main() call still running
-_GC_STATE: list[tuple[bool, int]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,18 @@ from tests.conftest import KONA_CSV, KONA_PCAN, ROOT, run_gateway
 COMMANDS = ["replay", "run", "owner", "audit", "config", "consent", "data"]
 
 
+def _vehicle(tmp_path, vin) -> list[str]:
+    """The vehicle's options: its VIN, ledger and outbox in ``tmp_path``."""
+    return [
+        "--vin",
+        vin,
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+    ]
+
+
 def _kona_replay(tmp_path, broker, vin, *extra: str) -> list[str]:
     """`gateway replay` of the real Kona log to the test broker, its files in ``tmp_path``."""
     return [
@@ -26,13 +38,8 @@ def _kona_replay(tmp_path, broker, vin, *extra: str) -> list[str]:
         "--fast",
         "--broker",
         broker.url,
-        "--vin",
-        vin,
         *extra,
-        "--ledger",
-        str(tmp_path / "l.jsonl"),
-        "--outbox",
-        str(tmp_path / "o.sqlite"),
+        *_vehicle(tmp_path, vin),
         "-q",
     ]
 
@@ -168,14 +175,7 @@ def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path,
 
     # GIVEN summaries waiting in the outbox: the broker was never reachable during the run
     url = f"mqtt://127.0.0.1:{free_port()}"
-    common = [
-        "--vin",
-        vin,
-        "--ledger",
-        str(tmp_path / "l.jsonl"),
-        "--outbox",
-        str(tmp_path / "o.sqlite"),
-    ]
+    common = _vehicle(tmp_path, vin)
     s = settings_mod.load(
         None,
         env={},

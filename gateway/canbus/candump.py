@@ -219,9 +219,8 @@ def _name_codes(
     words: npt.NDArray[np.uint64], n: int, ok: npt.NDArray[np.bool_]
 ) -> tuple[list[str], npt.NDArray[np.uint16]]:
     """Channel names of ``n`` bytes (each packed in a word, first byte lowest) of the rows in
-    ``ok``, as
-    (names in order of appearance, each row's index into them). A row whose name holds a byte
-    no name may hold (a space, a control byte, non-ASCII) is taken out of ``ok``.
+    ``ok``, as (names in order of appearance, each row's index into them). A row whose name
+    holds a byte no name may hold (a space, a control byte, non-ASCII) is taken out of ``ok``.
 
     A log has a handful of channels: one comparison per name; past eight names, one sort."""
     codes = np.zeros(len(words), np.uint16)

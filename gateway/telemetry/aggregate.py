@@ -63,6 +63,18 @@ _ONE_START = np.zeros(1, np.int64)
 _MAX_WINDOWS = 2.0**62  # window numbers of valid times stay well inside int64
 
 
+def _runs(idx: npt.NDArray[np.int64], vals: npt.NDArray[np.float64]) -> tuple[Any, ...]:
+    """(starts, ends, counts, mins, maxs) of each run of one window number in ``idx``
+    (non-decreasing, not empty)."""
+    if idx[0] == idx[-1]:  # the usual case: the whole series in one window
+        return _ONE_START, [idx.size], [idx.size], [vals.min()], [vals.max()]
+    cut = np.flatnonzero(idx[1:] != idx[:-1]) + 1
+    starts = np.concatenate(([0], cut))
+    ends = np.concatenate((cut, [idx.size]))
+    mins = np.minimum.reduceat(vals, starts)
+    return starts, ends, ends - starts, mins, np.maximum.reduceat(vals, starts)
+
+
 @dataclass
 class WindowAggregator:
     window: float = 60.0
@@ -105,21 +117,7 @@ class WindowAggregator:
             if idx.size > 1 and bool((ts[1:] < ts[:-1]).any()):
                 order = np.argsort(ts, kind="stable")  # equal times keep file order
                 ts, vals, idx = ts[order], vals[order], idx[order]
-            starts: Any
-            ends: Any
-            counts: Any
-            mins: Any
-            maxs: Any
-            if idx[0] == idx[-1]:  # the usual case: the whole series in one window
-                starts, ends, counts = _ONE_START, [idx.size], [idx.size]
-                mins, maxs = [vals.min()], [vals.max()]
-            else:
-                cut = np.flatnonzero(idx[1:] != idx[:-1]) + 1
-                starts = np.concatenate(([0], cut))
-                ends = np.concatenate((cut, [idx.size]))
-                counts = ends - starts
-                mins = np.minimum.reduceat(vals, starts)
-                maxs = np.maximum.reduceat(vals, starts)
+            starts, ends, counts, mins, maxs = _runs(idx, vals)
             for j, k in enumerate(idx[starts].tolist()):
                 bucket = self._open.setdefault(k, {})
                 p = bucket.get(s.name)
