@@ -123,10 +123,6 @@ def _blocks(fh: Any, stats: ReadStats, block_bytes: int) -> Iterator[bytes]:
         yield carry
 
 
-def _gather(padded: Any, pos: Any, width: int) -> Any:
-    return padded[pos[:, None] + np.arange(width)]
-
-
 def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str], int, list[Any]]:
     """Frames of one block of complete lines; bad lines as (line number, reason)."""
     if not buf:
@@ -186,7 +182,7 @@ def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str]
 
 def _parse_data_lines(padded: Any, tok: Any, tlen: Any, ntok: Any) -> tuple[Any, tuple[Any, ...]]:
     """Lines of the classic data shape: (valid lines, columns of the valid lines)."""
-    c3 = _gather(padded, tok[:, 3], 2)
+    c3 = cd._gather(padded, tok[:, 3], 2)
     ok = (tlen[:, 3] == 2) & ((c3[:, 0] == 82) | (c3[:, 0] == 84)) & (c3[:, 1] == 120)  # Rx|Tx
     ok &= (tlen[:, 4] == 1) & (padded[tok[:, 4]] == 100)  # "d"
     dlc = cd._NIB[padded[tok[:, 5]]]
@@ -197,7 +193,7 @@ def _parse_data_lines(padded: Any, tok: Any, tlen: Any, ntok: Any) -> tuple[Any,
     cl = tlen[:, 1]
     ok &= (cl >= 1) & (cl <= 3)
     cpos = tok[:, 1] + cl - 3
-    ch = _DIGIT[_gather(padded, cpos, 3)]
+    ch = _DIGIT[cd._gather(padded, cpos, 3)]
     ch[np.arange(3) < (3 - cl)[:, None]] = 0
     ok &= (ch < 10).all(axis=1)
     chan = ch[:, 0].astype(np.int64) * 100 + ch[:, 1] * 10 + ch[:, 2]
@@ -208,7 +204,7 @@ def _parse_data_lines(padded: Any, tok: Any, tlen: Any, ntok: Any) -> tuple[Any,
     ext = (last | 0x20) == 120
     hexlen = il - ext
     ok &= (hexlen >= 1) & (hexlen <= 8)
-    z = cd._NIB[_gather(padded, iend - ext - 8, 8)]
+    z = cd._NIB[cd._gather(padded, iend - ext - 8, 8)]
     z[np.arange(8) < (8 - hexlen)[:, None]] = 0
     idw = np.ascontiguousarray(z).view("<u8")[:, 0]
     ok &= (idw & cd._HI4) == 0
@@ -223,8 +219,8 @@ def _parse_data_lines(padded: Any, tok: Any, tlen: Any, ntok: Any) -> tuple[Any,
     # time: digits, one dot, digits; at most 18 digits
     tl = tlen[:, 0]
     ok &= (tl >= 3) & (tl <= 19)
-    t = _gather(padded, tok[:, 0], 19)
-    dot = np.argmax(t == 46, axis=1)  # the first dot; any other is no digit and fails
+    t = cd._gather(padded, tok[:, 0], 19 + 8)  # 8 more: ``_decimal`` reads words in place
+    dot = np.argmax(t[:, :19] == 46, axis=1)  # the first dot; any other is no digit and fails
     ok &= (dot >= 1) & (dot <= tl - 2)
     sel = np.flatnonzero(ok)
     ts = np.zeros(len(tok))
@@ -232,8 +228,7 @@ def _parse_data_lines(padded: Any, tok: Any, tlen: Any, ntok: Any) -> tuple[Any,
     for key in np.flatnonzero(np.bincount(layout)).tolist():  # a few time widths per file
         rows = sel[layout == key]
         length, d = divmod(key, 32)
-        width = 8 * ((length - 1 + 7) // 8)
-        good, scaled = cd._decimal(t[rows], ((0, d), (d + 1, length)), width)
+        good, scaled = cd._decimal(t[rows], ((0, d), (d + 1, length)))
         ok[rows[~good]] = False
         exact = scaled.view(np.int64)
         v = exact.astype(np.float64) / float(10 ** (length - 1 - d))  # one rounding, as float()

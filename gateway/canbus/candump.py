@@ -104,23 +104,24 @@ def _swar8(w: npt.NDArray[np.uint64], base: int) -> npt.NDArray[np.uint64]:
 
 
 def _decimal(
-    m: npt.NDArray[np.uint8], spans: tuple[tuple[int, int], ...], width: int
+    m: npt.NDArray[np.uint8], spans: tuple[tuple[int, int], ...]
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
     """(every byte a digit, value) of the digits in column ``spans`` of each row, read as one
-    number of at most ``width`` (8, 16 or 24) digits."""
-    z = np.full((len(m), width), 0x30, np.uint8)
-    pos = width - sum(hi - lo for lo, hi in spans)
-    for lo, hi in spans:
-        z[:, pos : pos + hi - lo] = m[:, lo:hi]
-        pos += hi - lo
-    words = z.view("<u8")
+    number (at most 19 digits). ``m`` is C-contiguous and 8 bytes wider than the last span:
+    the digits are read as words in place, up to eight at a time, and right-aligned."""
     ok = np.ones(len(m), np.bool_)
     value = np.zeros(len(m), np.uint64)
-    for j in range(width // 8):
-        w = words[:, j]
-        ok &= (w & _HI4) == _ASCII0
-        ok &= ((w + _PLUS6) & _HI4) == _ASCII0
-        value = value * np.uint64(10**8) + _swar8(w & _LO4, 10)
+    for lo, hi in spans:
+        for col in range(lo, hi, 8):
+            k = min(8, hi - col)
+            keep = np.uint64((1 << 8 * k) - 1)
+            w = _row_words(m, col, k)
+            ok &= (w & (_HI4 & keep)) == (_ASCII0 & keep)
+            ok &= ((w + (_PLUS6 & keep)) & (_HI4 & keep)) == (_ASCII0 & keep)
+            w &= _LO4
+            w <<= np.uint64(64 - 8 * k)  # the last digit in the highest byte: leading zeros
+            value *= np.uint64(10**k)
+            value += _swar8(w, 10)
     return ok, value
 
 
@@ -151,15 +152,13 @@ def _parse_classic(
     if len(elig) == 0:
         return ok_all, {}
     width = (d0 + 16 + 7) // 8 * 8
-    m = np.lib.stride_tricks.sliding_window_view(padded, width)[starts[elig]]
+    m = _gather(padded, starts[elig], width)
     ok = m[:, dot] == 46
     ok &= m[:, close] == 41
     ok &= m[:, close + 1] == 32
     ok &= m[:, sp2] == 32
     ok &= m[:, hsh] == 35
-    good, scaled = _decimal(
-        m, ((1, dot), (dot + 1, close)), 8 if ndig <= 8 else 8 * ((ndig + 7) // 8)
-    )
+    good, scaled = _decimal(m, ((1, dot), (dot + 1, close)))
     ok &= good
     nchan = sp2 - close - 2
     long_name = nchan > 8  # a short one is read as one word below
@@ -208,6 +207,16 @@ def _parse_classic(
     }
 
 
+def _gather(
+    padded: npt.NDArray[np.uint8], starts: npt.NDArray[np.int64], width: int
+) -> npt.NDArray[np.uint8]:
+    """Rows of ``width`` bytes of ``padded`` starting at ``starts``, as a C-contiguous matrix.
+    The bytes are viewed as overlapping ``width``-byte items, one per offset, so the gather
+    copies a whole row at a time (3x faster than fancy indexing a sliding window view)."""
+    items = np.ndarray((len(padded) - width + 1,), f"V{width}", padded, 0, (1,))
+    return items[starts].view(np.uint8).reshape(len(starts), width)
+
+
 def _row_words(m: npt.NDArray[np.uint8], col: int, n: int) -> npt.NDArray[np.uint64]:
     """Bytes ``col`` to ``col + n`` (n <= 8) of every row of ``m`` (C-contiguous, at least
     ``col + 8`` wide) as one little-endian integer each, read in place."""
@@ -225,18 +234,22 @@ def _name_codes(
     A log has a handful of channels: one comparison per name; past eight names, one sort."""
     codes = np.zeros(len(words), np.uint16)
     names: list[str] = []
-    left = np.flatnonzero(ok)
+    left = ok.copy()  # rows not yet named
     for _ in range(8):
-        if len(left) == 0:
+        i = int(np.argmax(left))
+        if not left[i]:
             return names, codes
-        same = words[left] == words[left[0]]
-        name = _word_name(int(words[left[0]]), n)
+        same = words == words[i]
+        same &= left
+        left ^= same
+        name = _word_name(int(words[i]), n)
         if name is None:
-            ok[left[same]] = False
-        else:
-            codes[left[same]] = len(names)
-            names.append(name)
-        left = left[~same]
+            ok ^= same  # a byte no name may hold
+            continue
+        if names:  # codes start at 0
+            codes[same] = len(names)
+        names.append(name)
+    left = np.flatnonzero(left)
     if len(left):
         distinct, first, inverse = np.unique(words[left], return_index=True, return_inverse=True)
         table = np.zeros(len(distinct), np.int64)
@@ -558,9 +571,7 @@ def _parse_block(buf: bytes, stats: _BadLines, line0: int) -> tuple[_Cols, list[
     counts = np.bincount(cand_lens, minlength=1) if len(cand) else np.zeros(1, np.int64)
     for length in np.flatnonzero(counts).tolist():
         rows = cand[cand_lens == length] if counts[length] != len(cand) else cand
-        width = (length + 7) // 8 * 8
-        windows = np.lib.stride_tricks.sliding_window_view(padded, width)
-        m = windows[starts[rows]]  # one row copy per line, no index matrix
+        m = _gather(padded, starts[rows], (length + 7) // 8 * 8)
         pending = np.arange(len(rows))
         for _ in range(4):  # at most a few layouts of one length
             if len(pending) == 0:
