@@ -43,6 +43,8 @@ from gateway.canbus.signalplan import (
 )
 from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries
 
+_UNKNOWN, _IDLE, _WORK = 1, 2, 3  # a code's id is in no DBC / needs no decoding / needs it
+
 
 class _Piece(NamedTuple):
     """Samples of one series from one group (or from the flat path)."""
@@ -57,11 +59,12 @@ class _Piece(NamedTuple):
 
 
 class _Columns(NamedTuple):
-    """The wanted rows of one flat plan as (rows x 1) columns, for ``_decode_matrix``."""
+    """The wanted rows of one flat plan as (rows x 1) columns, for ``_decode_matrix``; the
+    little-endian rows first, then the big-endian ones (each piece keeps its rank)."""
 
     shl: Any
     shr: Any
-    big: Any  # None: no big-endian row
+    n_little: int  # rows read from the little-endian word; the rest from the byte-swapped one
     sign: Any  # None: no signed row; else (rows x 1) uint64, the sign bit of signed rows, 0
     fits_int64: bool  # False: an unsigned 64-bit row beside signed rows (read as int64, it
     # would turn negative; a big- and a little-endian field may overlap): the general path
@@ -89,6 +92,9 @@ class VectorDecoder:
         self._tables: dict[str, Any] | None = None
         self._columns: dict[int, _Columns] = {}  # flat plan -> its rows as columns
         self._word0: Any = None
+        # per channel list: what frames of each (channel << 11 | standard id) need, 0 for a
+        # code not looked up yet; see _count_idle
+        self._code_state: dict[tuple[str, ...], npt.NDArray[np.uint8]] = {}
 
     def _plan(self, channel: str, frame_id: int) -> _Plan | None:
         key = (channel, frame_id)
@@ -240,18 +246,24 @@ class VectorDecoder:
             return None
         code = ((keys >> np.uint64(21)) | keys).astype(np.uint16)  # channel << 11 | id
         counts = np.bincount(code)
-        work = np.zeros(len(counts), np.bool_)
-        for c in np.flatnonzero(counts).tolist():
-            fid = c & 0x7FF
-            plan = self._plan(batch.channels[c >> 11], fid)
-            n = int(counts[c])
-            if plan is None:
-                stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + n
-            elif self._needs_work(plan):
-                work[c] = True
-            else:
-                stats.decoded += n
-        return work[code]
+        present = np.flatnonzero(counts)
+        table = self._code_state.get(batch.channels)
+        if table is None:
+            table = self._code_state[batch.channels] = np.zeros(32 << 11, np.uint8)
+        state = table[present]
+        if not state.all():  # codes seen for the first time
+            for c in present[state == 0].tolist():
+                plan = self._plan(batch.channels[c >> 11], c & 0x7FF)
+                table[c] = _UNKNOWN if plan is None else _WORK if self._needs_work(plan) else _IDLE
+            state = table[present]
+        n = counts[present]
+        unknown = state == _UNKNOWN
+        if unknown.any():
+            fids = (present[unknown] & 0x7FF).tolist()
+            for fid, k in zip(fids, n[unknown].tolist(), strict=True):
+                stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + k
+        stats.decoded += int(n[state == _IDLE].sum())
+        return (table == _WORK)[code]
 
     def _decode_flat(self, batch: FrameBatch, f: Any, p: Any, pieces: list[_Piece]) -> None:
         """Frames ``f`` (batch order) of flat plans ``p``: every (frame, signal) pair at once."""
@@ -303,21 +315,22 @@ class VectorDecoder:
         if cols is None:
             t = self._flat_tables()
             lo, hi = int(t["start"][plan.flat]), int(t["start"][plan.flat + 1])
-            big, signed, shr = t["big"][lo:hi], t["signed"][lo:hi], t["shr"][lo:hi]
+            rows = lo + np.argsort(t["big"][lo:hi], kind="stable")  # little-endian first
+            signed, shr = t["signed"][rows], t["shr"][rows]
             # sign extension without a row mask: the field, shifted down unsigned, is
             # (v ^ m) - m with m its sign bit (0 for unsigned rows), read as int64
             sign = np.where(signed, np.uint64(1) << (np.uint64(63) - shr), np.uint64(0))
             cols = self._columns[plan.flat] = _Columns(
-                t["shl"][lo:hi, None],
+                t["shl"][rows, None],
                 shr[:, None],
-                big[:, None] if big.any() else None,
+                int((~t["big"][rows]).sum()),
                 sign[:, None] if signed.any() else None,
                 not (signed.any() and (~signed & (shr == 0)).any()),
-                t["scale"][lo:hi, None],
-                t["offset"][lo:hi, None],
+                t["scale"][rows, None],
+                t["offset"][rows, None],
                 int(t["seq_end"][lo:hi].max(initial=0)),
-                (t["sid"][lo:hi] & 0xFFFF).tolist(),
-                self._flat_meta[lo:hi],
+                (t["sid"][rows] & 0xFFFF).tolist(),
+                [self._flat_meta[r] for r in rows.tolist()],
             )
         return cols
 
@@ -352,8 +365,13 @@ class VectorDecoder:
         if 8 * min_dlc[group] < c.seq_end or not c.fits_int64:
             return False
         le = words[lo:hi]
-        w = le[None, :] if c.big is None else np.where(c.big, le.byteswap()[None, :], le[None, :])
-        u = w << c.shl
+        k = c.n_little
+        if k == len(c.meta):
+            u = le[None, :] << c.shl
+        else:
+            u = np.empty((len(c.meta), hi - lo), np.uint64)
+            np.left_shift(le[None, :], c.shl[:k], out=u[:k])
+            np.left_shift(le.byteswap()[None, :], c.shl[k:], out=u[k:])
         u >>= c.shr
         if c.sign is None:
             raw = u.astype(np.float64)

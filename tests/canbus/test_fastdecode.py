@@ -379,6 +379,21 @@ def test_kona_wanted_and_stats_match_the_reference() -> None:
     both(dbcs, batch, {"BMS_542.SocDisp", "Batt_HV_Status.VBatt", "VCU_200.Range"})
 
 
+def test_one_decoder_over_batches_whose_channel_lists_differ() -> None:
+    """What each (channel, id) needs is remembered per channel list: the same channel codes
+    naming other channels in a later batch must be looked up anew (per-channel DBCs, so the
+    P-CAN ids on can1 are unknown), batch after batch with one decoder."""
+    dbcs = kona_dbcs("per-channel")
+    batch = concat(list(iter_candump(kona_log())))
+    swapped = dataclasses.replace(batch, channels=batch.channels[::-1])
+    renamed = dataclasses.replace(batch, channels=("can0", "vcan9"))
+    wanted = {"BMS_542.SocDisp", "VCU_200.Range", "ESP12.CYL_PRES"}
+    for w in (wanted, None):
+        vec, ref = VectorDecoder(dbcs, w), CantoolsDecoder(dbcs, w)
+        for b in (batch, swapped, renamed, batch, swapped):
+            assert_same(ref.decode(b), vec.decode(b))
+
+
 def test_empty_and_all_special_batches() -> None:
     dbcs = ChannelDbcs({"*": [synthetic()]})
     both(dbcs, FrameBatch.empty(("can0",)))
