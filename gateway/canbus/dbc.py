@@ -10,6 +10,7 @@ so it is read only from a directory that belongs to the user and nobody else can
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import logging
@@ -22,6 +23,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cantools
 import cantools.database
@@ -173,13 +175,49 @@ def _cache_get(path: Path) -> tuple[cantools.database.can.Database, list[str]] |
         return None
     try:
         with open(path, "rb") as fh:
-            db, notes = pickle.load(fh)
+            entry = pickle.load(fh)
+        db = _unpack(entry[:-1])
+        notes = list(entry[-1])
     except Exception:  # noqa: BLE001 - a damaged or stale entry is parsed again
         log.debug("DBC cache entry %s unreadable; parsing again", path)
         return None
-    if not isinstance(db, cantools.database.can.Database):
-        return None
-    return db, list(notes)
+    return db, notes
+
+
+# A cache entry: the database without its messages, each message pickled on its own, and the
+# two lookup tables as (key, message number) pairs. Unpickled whole, the Model 3 database held
+# ~4 MB of pickle state (every object's __dict__, kept by the unpickler's memo until the end of
+# the load) that, freed, stayed in the resident memory as fragmented small-object arenas:
+# +9.5 MB RSS; a message at a time: +6.9 MB, in the same time.
+_Packed = tuple[
+    cantools.database.can.Database, list[bytes], list[tuple[Any, int]], list[tuple[Any, int]]
+]
+
+
+def _pack(db: cantools.database.can.Database) -> _Packed:
+    msgs = db.messages
+    number = {id(m): i for i, m in enumerate(msgs)}
+    shell = copy.copy(db)
+    shell._messages, shell._name_to_message, shell._frame_id_to_message = [], {}, {}
+    return (
+        shell,
+        [pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL) for m in msgs],
+        [(k, number[id(m)]) for k, m in db._name_to_message.items()],
+        [(k, number[id(m)]) for k, m in db._frame_id_to_message.items()],
+    )
+
+
+def _unpack(entry: tuple[Any, ...]) -> cantools.database.can.Database:
+    shell, blobs, names, ids = entry
+    if not isinstance(shell, cantools.database.can.Database):
+        raise TypeError(f"not a cantools database: {type(shell).__name__}")
+    msgs = [pickle.loads(b) for b in blobs]
+    if not all(isinstance(m, cantools.database.can.Message) for m in msgs):
+        raise TypeError("not a cantools message")
+    shell._messages = msgs
+    shell._name_to_message = {k: msgs[i] for k, i in names}
+    shell._frame_id_to_message = {k: msgs[i] for k, i in ids}
+    return shell
 
 
 def _cache_put(path: Path, value: tuple[cantools.database.can.Database, list[str]]) -> None:
@@ -187,13 +225,14 @@ def _cache_put(path: Path, value: tuple[cantools.database.can.Database, list[str
     private folder, through a new file of its own (``mkstemp``: O_EXCL, mode 0600)."""
     tmp: str | None = None
     try:
+        entry = (*_pack(value[0]), value[1])
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not _private(path.parent):
             log.debug("DBC cache %s is not private to this user: not written", path.parent)
             return
         fd, tmp = tempfile.mkstemp(prefix=path.stem[:16], suffix=".tmp", dir=path.parent)
         with open(fd, "wb") as fh:
-            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(entry, fh, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
         tmp = None
     except (OSError, pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 
 import pytest
 
@@ -105,8 +104,8 @@ def test_cache_entry_others_can_write_or_that_is_damaged_is_not_trusted(tmp_path
     dbc_module._load_cached.cache_clear()
     assert len(load_dbc(KONA / "kona_ccan.cantools.dbc").messages) > 0
     assert len(calls) == 2
-    with open(entry, "rb") as fh:  # rewritten with the good parse
-        assert pickle.load(fh)[0].messages
+    hit = dbc_module._cache_get(entry)  # rewritten with the good parse
+    assert hit is not None and hit[0].messages
 
 
 def test_cache_off(tmp_path, monkeypatch):
@@ -163,13 +162,22 @@ def test_cantools_own_warnings_are_said_again_from_the_cache(tmp_path, monkeypat
     sorted((KONA.parent).rglob("*.dbc")),
     ids=lambda p: p.name,
 )
-def test_the_slimmed_model_decodes_and_describes_every_signal_as_cantools_does(path):
+@pytest.mark.parametrize("source", ["parsed", "from the cache"])
+def test_the_slimmed_model_decodes_and_describes_every_signal_as_cantools_does(
+    path, source, tmp_path, monkeypatch
+):
     """load_dbc drops DBC attributes and comments (memory); everything the gateway reads from a
-    message or a signal stays as cantools' own, non-strict load of the file has it."""
+    message or a signal stays as cantools' own, non-strict load of the file has it, whether
+    parsed or read back from the cache (stored a message at a time)."""
     import cantools
     import numpy as np
 
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
     ours = load_dbc(path)
+    if source == "from the cache":
+        dbc_module._load_cached.cache_clear()
+        monkeypatch.setattr(dbc_module, "_parse", None)  # a parse would fail
+        ours = load_dbc(path)
     try:
         ref = cantools.database.load_file(str(path), strict=False)
     except Exception:  # noqa: BLE001 - a file only the repairs can load
@@ -178,6 +186,11 @@ def test_the_slimmed_model_decodes_and_describes_every_signal_as_cantools_does(p
             strict=False,
         )
     assert [m.name for m in ours.messages] == [m.name for m in ref.messages]
+    for m, r in zip(ours.messages, ref.messages, strict=True):  # the lookups find the same
+        assert ours.get_message_by_name(m.name) is ours.get_message_by_name(r.name)
+        got = ours.get_message_by_frame_id(m.frame_id)
+        assert got.name == ref.get_message_by_frame_id(r.frame_id).name
+        assert any(got is x for x in ours.messages)
     rng = np.random.default_rng(7)
     for a, b in zip(ours.messages, ref.messages, strict=True):
         assert (a.frame_id, a.is_extended_frame, a.length, a.cycle_time, a.senders) == (
