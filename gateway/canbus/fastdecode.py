@@ -93,7 +93,7 @@ class VectorDecoder:
         self._columns: dict[int, _Columns] = {}  # flat plan -> its rows as columns
         self._word0: Any = None
         # per channel list: what frames of each (channel << 11 | standard id) need, 0 for a
-        # code not looked up yet; see _count_idle
+        # code not looked up yet; see _standard_codes
         self._code_state: dict[tuple[str, ...], npt.NDArray[np.uint8]] = {}
 
     def _plan(self, channel: str, frame_id: int) -> _Plan | None:
@@ -173,14 +173,17 @@ class VectorDecoder:
         stats = DecodeStats(frames=len(batch))
         special = batch.is_error | batch.is_remote
         stats.skipped_special = int(special.sum())
-        keep = np.flatnonzero(~special)
-        keys = (batch.channel[keep].astype(np.uint64) << np.uint64(32)) | batch.arbitration_id[
-            keep
-        ].astype(np.uint64)
-        busy = self._count_idle(batch, keys, stats)
-        if busy is not None:
-            keep, keys = keep[busy], keys[busy]
-        order = _group_order(keys)
+        grouped = self._standard_codes(batch, special, stats)
+        if grouped is not None:  # (frames, 16-bit code of each): channel << 11 | id
+            keep, keys = grouped
+            shift = 11
+            order = np.argsort(keys, kind="stable")  # a radix sort on 16 bits
+        else:  # extended ids, or more than 32 channels: channel << 32 | id
+            keep = np.flatnonzero(~special)
+            keys = batch.channel[keep].astype(np.uint64) << np.uint64(32)
+            keys |= batch.arbitration_id[keep].astype(np.uint64)
+            shift = 32
+            order = _group_order(keys)
         frames = keep[order]
         skeys = keys[order]
         self._word0 = None
@@ -190,12 +193,13 @@ class VectorDecoder:
         pieces: list[_Piece] = []
         sorted_cols: tuple[Any, Any, list[int]] | None = None
         flat_of_group = np.full(len(starts), -1, np.int64)
+        id_mask = (1 << shift) - 1
         for g, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
             if lo == hi:
                 continue
             key = int(skeys[lo])
-            fid = key & 0xFFFFFFFF
-            plan = self._plan(batch.channels[key >> 32], fid)
+            fid = key & id_mask
+            plan = self._plan(batch.channels[key >> shift], fid)
             idx = frames[lo:hi]
             if plan is None:
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + hi - lo
@@ -233,18 +237,26 @@ class VectorDecoder:
             return True
         return bool(self._group_setup(plan)[0]) or plan.muxed or plan.root.fails
 
-    def _count_idle(
-        self, batch: FrameBatch, keys: npt.NDArray[np.uint64], stats: DecodeStats
-    ) -> npt.NDArray[np.bool_] | None:
-        """Count the frames that need no decoding (ids not in the DBCs, messages without a
-        wanted signal: under a default-deny policy, most of a bus) per id, without sorting
-        them; returns which frames still need decoding. None when the batch holds extended
-        ids or channels past 32 (then every frame goes the general way)."""
-        if len(keys) == 0 or int(keys.max()) >= (32 << 32):
+    def _standard_codes(
+        self, batch: FrameBatch, special: npt.NDArray[np.bool_], stats: DecodeStats
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint16]] | None:
+        """For a batch of standard ids on at most 32 channels: the frames to decode (batch
+        order) and each one's 16-bit code (channel << 11 | id). The frames that need no
+        decoding (ids not in the DBCs, messages without a wanted signal: under a default-deny
+        policy, most of a bus) are counted per code and left out, without being sorted. None
+        for any other batch (then every frame goes the general way)."""
+        if len(batch) == 0 or len(batch.channels) > 32:
             return None
-        if int((keys & np.uint64(0xFFFFFFFF)).max()) > 0x7FF:
+        ids = batch.arbitration_id
+        if int(ids.max()) > 0x7FF and (  # an error frame's id is its class: not kept
+            not special.any() or int(ids[~special].max(initial=0)) > 0x7FF
+        ):
             return None
-        code = ((keys >> np.uint64(21)) | keys).astype(np.uint16)  # channel << 11 | id
+        code = batch.channel.astype(np.uint16) << np.uint16(11)
+        code |= (ids & 0x7FF).astype(np.uint16)  # a special frame's id may be wider: not kept
+        keep = np.flatnonzero(~special) if stats.skipped_special else None
+        if keep is not None:
+            code = code[keep]
         counts = np.bincount(code)
         present = np.flatnonzero(counts)
         table = self._code_state.get(batch.channels)
@@ -263,7 +275,8 @@ class VectorDecoder:
             for fid, k in zip(fids, n[unknown].tolist(), strict=True):
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + k
         stats.decoded += int(n[state == _IDLE].sum())
-        return (table == _WORK)[code]
+        work = np.flatnonzero((table == _WORK)[code])
+        return (work if keep is None else keep[work]), code[work]
 
     def _decode_flat(self, batch: FrameBatch, f: Any, p: Any, pieces: list[_Piece]) -> None:
         """Frames ``f`` (batch order) of flat plans ``p``: every (frame, signal) pair at once."""

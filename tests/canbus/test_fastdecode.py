@@ -388,9 +388,13 @@ def test_one_decoder_over_batches_whose_channel_lists_differ() -> None:
     swapped = dataclasses.replace(batch, channels=batch.channels[::-1])
     renamed = dataclasses.replace(batch, channels=("can0", "vcan9"))
     wanted = {"BMS_542.SocDisp", "VCU_200.Range", "ESP12.CYL_PRES"}
+    # error frames whose id (their class) is wider than a standard id, among standard frames
+    errors = batch.select(np.arange(len(batch)))
+    errors.is_error[::97] = True
+    errors.arbitration_id[::97] = 0x1FFFFFFF
     for w in (wanted, None):
         vec, ref = VectorDecoder(dbcs, w), CantoolsDecoder(dbcs, w)
-        for b in (batch, swapped, renamed, batch, swapped):
+        for b in (batch, swapped, renamed, batch, errors, swapped):
             assert_same(ref.decode(b), vec.decode(b))
 
 
