@@ -41,7 +41,7 @@ from gateway.canbus.signalplan import (
     _values,
     _words,
 )
-from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries
+from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries, make_series
 
 _UNKNOWN, _IDLE, _WORK = 1, 2, 3  # a code's id is in no DBC / needs no decoding / needs it
 
@@ -631,6 +631,6 @@ def _assemble(pieces: list[_Piece]) -> list[SignalSeries]:
             order = np.argsort(np.concatenate([q.frames for q in ps]), kind="stable")
             ts = np.concatenate([q.ts for q in ps])[order]
             vals = np.concatenate([q.values for q in ps])[order]
-        out.append((p.first, p.rank, k, SignalSeries(name, ts, vals, *p.meta)))
+        out.append((p.first, p.rank, k, make_series(name, ts, vals, *p.meta)))
     out.sort()
     return [t[3] for t in out]

@@ -398,6 +398,21 @@ def test_one_decoder_over_batches_whose_channel_lists_differ() -> None:
             assert_same(ref.decode(b), vec.decode(b))
 
 
+def test_make_series_makes_the_same_frozen_series() -> None:
+    from gateway.records import SignalSeries, make_series
+
+    ts, val = np.array([1.0, 2.0]), np.array([3.0, -0.0])
+    choices = {1.0: "ON"}
+    a, b = make_series("M.S", ts, val, "V", choices), SignalSeries("M.S", ts, val, "V", choices)
+    assert type(a) is SignalSeries
+    assert [getattr(a, f.name) for f in dataclasses.fields(a)] == [
+        getattr(b, f.name) for f in dataclasses.fields(b)
+    ]
+    assert repr(a) == repr(b)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.name = "X"  # type: ignore[misc]
+
+
 def test_empty_and_all_special_batches() -> None:
     dbcs = ChannelDbcs({"*": [synthetic()]})
     both(dbcs, FrameBatch.empty(("can0",)))
