@@ -68,8 +68,8 @@ class _Columns(NamedTuple):
     sign: Any  # None: no signed row; else (rows x 1) uint64, the sign bit of signed rows, 0
     fits_int64: bool  # False: an unsigned 64-bit row beside signed rows (read as int64, it
     # would turn negative; a big- and a little-endian field may overlap): the general path
-    scale: Any
-    offset: Any
+    scale: Any  # None: every row's scale is 1
+    offset: Any  # None: every row's offset is 0
     seq_end: int  # bits a frame needs for all of them
     ranks: list[int]
     meta: list[tuple[str, tuple[str, dict[float, str] | None]]]
@@ -339,8 +339,8 @@ class VectorDecoder:
                 int((~t["big"][rows]).sum()),
                 sign[:, None] if signed.any() else None,
                 not (signed.any() and (~signed & (shr == 0)).any()),
-                t["scale"][rows, None],
-                t["offset"][rows, None],
+                None if (t["scale"][rows] == 1).all() else t["scale"][rows, None],
+                None if (t["offset"][rows] == 0).all() else t["offset"][rows, None],
                 int(t["seq_end"][lo:hi].max(initial=0)),
                 (t["sid"][rows] & 0xFFFF).tolist(),
                 [self._flat_meta[r] for r in rows.tolist()],
@@ -392,8 +392,11 @@ class VectorDecoder:
             u ^= c.sign
             u -= c.sign
             raw = u.view(np.int64).astype(np.float64)
-        raw *= c.scale
-        raw += c.offset
+        # raw values are whole numbers, never -0.0: times 1 and plus 0 change nothing
+        if c.scale is not None:
+            raw *= c.scale
+        if c.offset is not None:
+            raw += c.offset
         ts = stamps[lo:hi]
         first = int(idx[0])
         make = _Piece._make  # a plain tuple.__new__: a quarter of _Piece(...)'s cost
