@@ -66,8 +66,8 @@ class _Columns(NamedTuple):
     shr: Any
     n_little: int  # rows read from the little-endian word; the rest from the byte-swapped one
     sign: Any  # None: no signed row; else (rows x 1) uint64, the sign bit of signed rows, 0
-    fits_int64: bool  # False: an unsigned 64-bit row beside signed rows (read as int64, it
-    # would turn negative; a big- and a little-endian field may overlap): the general path
+    wide: bool  # an unsigned 64-bit row: read as uint64 (the others fit int64, which
+    # converts to float faster); beside a signed row, the general path takes the group
     scale: Any  # None: every row's scale is 1
     offset: Any  # None: every row's offset is 0
     seq_end: int  # bits a frame needs for all of them
@@ -338,7 +338,7 @@ class VectorDecoder:
                 shr[:, None],
                 int((~t["big"][rows]).sum()),
                 sign[:, None] if signed.any() else None,
-                not (signed.any() and (~signed & (shr == 0)).any()),
+                bool((~signed & (shr == 0)).any()),
                 None if (t["scale"][rows] == 1).all() else t["scale"][rows, None],
                 None if (t["offset"][rows] == 0).all() else t["offset"][rows, None],
                 int(t["seq_end"][lo:hi].max(initial=0)),
@@ -375,7 +375,7 @@ class VectorDecoder:
         if not c.meta:
             return True
         words, stamps, min_dlc = sorted_cols
-        if 8 * min_dlc[group] < c.seq_end or not c.fits_int64:
+        if 8 * min_dlc[group] < c.seq_end or (c.wide and c.sign is not None):
             return False
         le = words[lo:hi]
         k = c.n_little
@@ -386,12 +386,10 @@ class VectorDecoder:
             np.left_shift(le[None, :], c.shl[:k], out=u[:k])
             np.left_shift(le.byteswap()[None, :], c.shl[k:], out=u[k:])
         u >>= c.shr
-        if c.sign is None:
-            raw = u.astype(np.float64)
-        else:
+        if c.sign is not None:
             u ^= c.sign
             u -= c.sign
-            raw = u.view(np.int64).astype(np.float64)
+        raw = (u if c.wide else u.view(np.int64)).astype(np.float64)
         # raw values are whole numbers, never -0.0: times 1 and plus 0 change nothing
         if c.scale is not None:
             raw *= c.scale

@@ -222,7 +222,12 @@ def test_an_unsigned_64_bit_field_beside_a_signed_one_keeps_its_top_bit(
     rng = np.random.default_rng(3)
     for i in range(200):
         b.add(float(i), "can0", 300, bytes(rng.integers(0, 256, 8, dtype=np.uint8)))
-    both(ChannelDbcs({"*": [db]}), b.build())
+    batch = b.build()
+    both(ChannelDbcs({"*": [db]}), batch)
+    # alone, or beside other unsigned rows, it is read as uint64 (the others fit int64)
+    for text in (OVERLAP_64.replace("@0-", "@0+"), OVERLAP_64.split(" SG_ Head")[0]):
+        db = cantools.database.load_string(text, database_format="dbc", strict=False)
+        both(ChannelDbcs({"*": [db]}), batch)
 
 
 def test_synthetic_corners_decode_equal() -> None:
