@@ -22,6 +22,7 @@ silently shifts; containers; a signal name twice in one frame) is decoded by can
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,6 +44,7 @@ from gateway.canbus.signalplan import (
 )
 from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries, make_series
 
+_FIRST_RANK = operator.itemgetter(1, 2)  # of a _Piece
 _UNKNOWN, _IDLE, _WORK = 1, 2, 3  # a code's id is in no DBC / needs no decoding / needs it
 
 
@@ -616,6 +618,10 @@ def _all_muxes(node: _Node) -> list[tuple[int, dict[int, _Node]]]:
 
 def _assemble(pieces: list[_Piece]) -> list[SignalSeries]:
     """One series per name, samples in frame order, series in order of first appearance."""
+    if len({p.name for p in pieces}) == len(pieces):  # a piece per name: the usual case
+        # (first frame, rank in that frame's dict) is unique: a frame has one message
+        pieces.sort(key=_FIRST_RANK)
+        return [make_series(p[0], p[4], p[5], *p[6]) for p in pieces]
     first_of: dict[str, _Piece] = {}
     more: dict[str, list[_Piece]] = {}
     for p in pieces:
