@@ -342,7 +342,10 @@ class VectorDecoder:
                 sign[:, None] if signed.any() else None,
                 bool((~signed & (shr == 0)).any()),
                 None if (t["scale"][rows] == 1).all() else t["scale"][rows, None],
-                None if (t["offset"][rows] == 0).all() else t["offset"][rows, None],
+                # x + 0.0 is x unless x is -0.0, which only a negative (or -0.0) scale makes
+                None
+                if (t["offset"][rows] == 0).all() and not np.signbit(t["scale"][rows]).any()
+                else t["offset"][rows, None],
                 int(t["seq_end"][lo:hi].max(initial=0)),
                 (t["sid"][rows] & 0xFFFF).tolist(),
                 [self._flat_meta[r] for r in rows.tolist()],
@@ -392,7 +395,8 @@ class VectorDecoder:
             u ^= c.sign
             u -= c.sign
         raw = (u if c.wide else u.view(np.int64)).astype(np.float64)
-        # raw values are whole numbers, never -0.0: times 1 and plus 0 change nothing
+        # raw values are whole numbers, never -0.0: times 1 changes nothing, and neither does
+        # plus 0 after a scale that cannot make -0.0 (see _plan_columns)
         if c.scale is not None:
             raw *= c.scale
         if c.offset is not None:

@@ -403,6 +403,39 @@ def test_one_decoder_over_batches_whose_channel_lists_differ() -> None:
             assert_same(ref.decode(b), vec.decode(b))
 
 
+NEGATIVE_SCALE = """VERSION ""
+BU_: N
+BO_ 300 Current: 8 N
+ SG_ Amps : 0|16@1- (-0.1,0) [0|0] "A" N
+ SG_ Flow : 16|8@1+ (-1,0) [0|0] "" N
+"""
+
+
+@pytest.mark.parametrize("wanted", [None, {"Current.Flow"}])
+def test_zero_times_a_negative_scale_is_plus_zero_as_in_cantools(wanted) -> None:
+    """cantools computes raw * scale + offset: 0 * -0.1 is -0.0, and adding the offset 0
+    makes it +0.0. The matrix path (more than 32 frames of one message) must not skip that."""
+    db = cantools.database.load_string(NEGATIVE_SCALE, database_format="dbc")
+    b = FrameBatchBuilder()
+    for i in range(40):
+        b.add(float(i), "can0", 300, bytes([0, 0, i % 3, 0, 0, 0, 0, 0]))
+    vec = both(ChannelDbcs({"*": [db]}), b.build(), wanted)
+    assert vec._columns, "the matrix path was not taken"
+
+
+def test_standard_ids_never_build_64_bit_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of standard ids groups on 16-bit codes; the 64-bit path is for the rest."""
+    dbcs = kona_dbcs("per-channel")
+    batch = concat(list(iter_candump(kona_log())))
+
+    def refuse(keys: object) -> None:
+        raise AssertionError("64-bit keys built for a batch of standard ids")
+
+    monkeypatch.setattr(fastdecode, "_group_order", refuse)
+    both(dbcs, batch)
+    both(dbcs, batch, {"BMS_542.SocDisp"})
+
+
 def test_make_series_makes_the_same_frozen_series() -> None:
     from gateway.records import SignalSeries, make_series
 
