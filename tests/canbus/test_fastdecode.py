@@ -200,6 +200,14 @@ def test_large_groups_of_whole_frames_decode_as_one_matrix_equal(
     both(ChannelDbcs({"*": [db]}), batch)
     wanted = {f"{m.name}.{s.name}" for m in db.messages for s in m.signals if rng.random() < 0.3}
     both(ChannelDbcs({"*": [db]}), batch, wanted)
+    # one signal per message: a matrix of a single row, whatever its scale and offset
+    for _ in range(3):
+        one = {
+            f"{m.name}.{m.signals[rng.integers(len(m.signals))].name}"
+            for m in db.messages
+            if m.signals
+        }
+        both(ChannelDbcs({"*": [db]}), batch, one)
     assert used and all(used)
 
 
