@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def settle_libraries(prefix: str = sys.prefix) -> int:
+def settle_libraries() -> int:
     """Have the kernel read the venv's shared libraries from disk again, as after a reboot.
 
     Peak RSS counts the pages of shared libraries a process maps, and how many pages one fault
@@ -53,8 +53,11 @@ def settle_libraries(prefix: str = sys.prefix) -> int:
     measure the state a device is in after a reboot. Returns the number of files settled."""
     if not hasattr(os, "posix_fadvise"):  # not on macOS: measured as it is
         return 0
+    import sysconfig
+
+    roots = {Path(sysconfig.get_paths()[k]) for k in ("platlib", "purelib")}
     done = 0
-    for path in Path(prefix).rglob("*.so*"):
+    for path in (p for root in roots if root.is_dir() for p in root.rglob("*.so*")):
         if not path.is_file() or path.is_symlink():
             continue
         try:
