@@ -61,6 +61,9 @@ def make_decoder(settings: Settings, dbcs: ChannelDbcs, wanted: set[str]) -> Dec
 
 @dataclass
 class RunReport:
+    """What one run did: frames read and decoded, summaries released, blocked and sent, and
+    what is left in the outbox."""
+
     frames: int = 0
     raw_bytes: int = 0
     decode: DecodeStats = field(default_factory=DecodeStats)

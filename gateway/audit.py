@@ -13,6 +13,9 @@ from gateway.telemetry.policy import Category, Policy, load_policy
 
 @dataclass
 class VerifyResult:
+    """A verified ledger: entries, chain head, entries per kind, and how many egress entries
+    were re-checked against their policies."""
+
     path: str
     entries: int
     head: str

@@ -60,6 +60,8 @@ class Account:
 
 @dataclass(frozen=True)
 class BrokerPlan:
+    """What ``gateway broker-config`` writes: the VINs, their owners and the topic prefix."""
+
     out: Path
     vins: tuple[str, ...]
     owners: tuple[tuple[str, str], ...] = ()  # (name, VIN); default: owner-VIN for each VIN

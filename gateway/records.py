@@ -226,6 +226,8 @@ class DecodeStats:
 
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
+    """The signal series decoded from one batch of frames, and what could not be decoded."""
+
     series: Sequence[SignalSeries]
     stats: DecodeStats
 

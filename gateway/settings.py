@@ -31,6 +31,8 @@ def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argp
 
 @dataclass(frozen=True)
 class GatewaySettings:
+    """The ``[gateway]`` section: vehicle, windows, policy and where state is kept."""
+
     vin: str = opt("TESTVIN0000000001", "Vehicle identification number: names the owner channel.")
     window: float = opt(60.0, "Aggregation window in seconds of frame time.")
     policy: str = opt("", "Policy TOML (default: the bundled default policy).")
@@ -61,6 +63,8 @@ class GatewaySettings:
 
 @dataclass(frozen=True)
 class BrokerSettings:
+    """The ``[broker]`` section: where summaries are published, and how to log in."""
+
     url: str = opt(
         "mqtt://127.0.0.1:1883", "Broker URL: mqtt://host:port, or mqtts://host:port for TLS."
     )
@@ -97,6 +101,8 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class CanSource:
+    """One ``[[can]]`` source: recorded logs, or a live bus."""
+
     logs: list[str] = opt([], "Recorded logs to replay, in order (candump, ASC, BLF, TRC, CSV).")
     interface: str = opt("", "python-can interface of a live bus: socketcan, virtual, pcan, ...")
     channel: str = opt("", "Channel of the live bus: can0, vcan0, ...")
@@ -106,6 +112,8 @@ class CanSource:
 
 @dataclass(frozen=True)
 class ReplaySettings:
+    """The ``[replay]`` section: how recorded logs are paced."""
+
     speed: float = opt(1.0, "Replay speed: 1 is real time, 10 ten times faster.")
     fast: bool = opt(False, "Replay as fast as possible (ignores speed).")
     loop: bool = opt(False, "Start again at the end of the last log.")
@@ -113,6 +121,8 @@ class ReplaySettings:
 
 @dataclass(frozen=True)
 class CameraSource:
+    """One ``[[camera]]`` source and how its frames are anonymised."""
+
     source: str = opt("", "Video file, image folder, /dev/videoN, or 'synthetic'.")
     name: str = opt("front", "Camera name used in summaries.")
     method: str = opt("gaussian", "Anonymisation: gaussian, pixelate or fill.")
@@ -142,6 +152,8 @@ class CameraSource:
 
 @dataclass(frozen=True)
 class Settings:
+    """A whole configuration file, with the defaults for what it leaves out."""
+
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)

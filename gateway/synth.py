@@ -372,6 +372,8 @@ def write_truth(path: Path, drive: Drive, start: float) -> None:
 
 @dataclass(frozen=True)
 class SynthResult:
+    """What ``gateway synth`` wrote: the log, its frames, duration and distance."""
+
     out: Path
     frames: int
     seconds: float

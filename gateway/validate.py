@@ -43,6 +43,8 @@ POSITION_TOLERANCE_DEG = 0.05  # a number this close to a true coordinate identi
 
 @dataclass
 class Canaries:
+    """What must never leave: exact positions, the VIN, distinctive raw payloads."""
+
     positions: list[tuple[float, float]] = field(default_factory=list)
     vin: str = ""
     payloads: list[bytes] = field(default_factory=list)
@@ -50,6 +52,8 @@ class Canaries:
 
 @dataclass
 class Observed:
+    """One message seen on the broker by the validator."""
+
     topic: str
     payload: bytes
     retain: bool
@@ -57,6 +61,8 @@ class Observed:
 
 @dataclass
 class Leak:
+    """A canary found in a message that left."""
+
     kind: str
     topic: str
     detail: str
@@ -303,6 +309,8 @@ class _Observer:
 
 @dataclass
 class ValidateResult:
+    """The validator's verdict: the leaks found and the run's report."""
+
     leaks: list[Leak]
     report: dict[str, Any]
 

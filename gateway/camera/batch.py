@@ -31,6 +31,8 @@ _VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG",
 
 @dataclass
 class _Tally:
+    """Counts of an offline anonymisation run."""
+
     files: int = 0
     frames: int = 0
     faces: int = 0

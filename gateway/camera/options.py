@@ -55,6 +55,8 @@ DEFAULT_MARGIN = 0.6
 
 @dataclass(frozen=True)
 class AnonymiserSettings:
+    """How detected faces and plates are blurred, and how often the detectors run."""
+
     method: Method = Method.GAUSSIAN
     margin: float = DEFAULT_MARGIN
     detect_every: int = 1

@@ -36,6 +36,8 @@ WARN_EVERY_S = 10.0  # at most one warning per drop reason and camera in this ma
 
 @dataclass
 class _Window:
+    """One camera window's counts, published as a summary when it closes."""
+
     index: int
     start: float
     seen: int = 0

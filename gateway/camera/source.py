@@ -29,6 +29,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 
 @dataclass(frozen=True, slots=True)
 class Frame:
+    """One camera frame: its number, time in seconds and image."""
+
     index: int
     t: float
     image: Image

@@ -25,6 +25,8 @@ _NAME = re.compile(r"^(?P<camera>[\w.-]+)-(?P<seq>\d{9})-(?P<at>\d+)\.jpg$")
 
 @dataclass(frozen=True)
 class StoreSettings:
+    """How many anonymised frames the on-device store keeps, for how long and how often."""
+
     max_frames: int = 600  # per camera
     retention_s: float = 24 * 3600.0
     every_s: float = 1.0  # keep at most one frame per this many seconds of video time

@@ -820,6 +820,8 @@ def iter_candump(
 
 @dataclass
 class _Chunker:
+    """Cuts parsed blocks into chunks by frame count and time span, never by block."""
+
     frames: int
     seconds: float
     channels: _Channels

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Chunking:
+    """A reader's chunk size: at most ``frames`` frames or ``seconds`` of frame time."""
+
     frames: int
     seconds: float
 

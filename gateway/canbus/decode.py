@@ -20,6 +20,8 @@ class Decoder(Protocol):
 
 @dataclass
 class _Acc:
+    """Samples of one signal gathered frame by frame."""
+
     unit: str
     choices: dict[float, str] | None
     ts: list[float] = field(default_factory=list)

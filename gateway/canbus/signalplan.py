@@ -101,6 +101,8 @@ def _make_row(s: Signal) -> _Row:
 
 @dataclass
 class _Node:
+    """One level of a message's multiplexer tree: its signals and its multiplexed branches."""
+
     occ: list[tuple[int, str, int]]  # (row, name, dfs rank) of this node's signals
     muxes: list[tuple[int, dict[int, _Node]]]  # (multiplexer row, {mux value: child})
     fails: bool  # bitstruct cannot unpack this node's layout: every frame reaching it errs
@@ -135,6 +137,8 @@ def _node_fails(node: dict[str, Any], length: int) -> bool:
 
 @dataclass
 class _Plan:
+    """How the vector decoder extracts every signal of one message (or hands it to cantools)."""
+
     message: Message
     fallback: bool = False
     rows: list[_Row] = field(default_factory=list)

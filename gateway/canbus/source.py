@@ -18,6 +18,8 @@ from gateway.records import FrameBatch, FrameBatchBuilder
 
 @dataclass
 class LiveBusSource:
+    """A live CAN bus read through any python-can interface, as chunks of frames."""
+
     interface: str
     channel: str
     bitrate: int = 0

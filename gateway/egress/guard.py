@@ -38,6 +38,8 @@ class Outgoing:
 
 @dataclass(frozen=True)
 class Released:
+    """A message the guard let out: topic, encoded payload, schema and ledger sequence."""
+
     topic: str
     payload: bytes
     schema: str
@@ -95,6 +97,8 @@ ConsentView = Callable[[Category], bool]
 
 @dataclass
 class EgressGuard:
+    """The last check before anything leaves: schema, policy and consent, per message."""
+
     policy: Policy
     topics: Topics
     consent_ok: ConsentView

@@ -235,6 +235,8 @@ def read_entries(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None,
 
 @dataclass
 class ChainReport:
+    """The result of walking a ledger's hash chain."""
+
     entries: int
     head: str
     kinds: dict[str, int]

@@ -100,6 +100,8 @@ def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
 
 @dataclass
 class MqttPublisher:
+    """Sends the outbox to the broker in order, and deletes what the broker acknowledged."""
+
     broker: BrokerSettings
     outbox: Outbox
     identifier: str

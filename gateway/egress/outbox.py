@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 
 @dataclass(frozen=True)
 class Pending:
+    """A message waiting in the outbox to be sent."""
+
     key: tuple[str, int]  # ("db", rowid) or ("mem", n)
     seq: int | None
     topic: str

@@ -43,6 +43,8 @@ INBOUND = ("consent/set", "command")
 
 @dataclass(frozen=True)
 class Topics:
+    """The owner channel's topic names for one vehicle."""
+
     prefix: str
     vin: str
 
@@ -71,6 +73,8 @@ class Topics:
 
 @dataclass(frozen=True)
 class Schema:
+    """The fields one kind of outgoing message may carry, and their types."""
+
     name: str
     version: int
     stream: Stream

@@ -24,6 +24,8 @@ from gateway.records import Sentinels, SignalAggregate, SignalSeries, WindowSumm
 
 @dataclass(slots=True)
 class _Partial:
+    """Running statistics of one signal in one window."""
+
     unit: str
     choices: Mapping[float, str] | None
     count: int = 0
@@ -77,6 +79,8 @@ def _runs(idx: npt.NDArray[np.int64], vals: npt.NDArray[np.float64]) -> tuple[An
 
 @dataclass
 class WindowAggregator:
+    """Count, min, max, mean and last of every signal per window of frame time."""
+
     window: float = 60.0
     late_samples: int = 0
     invalid_samples: int = 0

@@ -30,6 +30,8 @@ class ConsentRefused(ValueError):
 
 @dataclass
 class ConsentState:
+    """The owner's grants (category -> valid until) and whether collection is on."""
+
     grants: dict[Category, float] = field(default_factory=dict)  # category -> valid until
     collection: Collection = Collection.ON
     persist_across_ignition: bool = False

@@ -59,6 +59,8 @@ class LocationAxis(Enum):
 
 @dataclass(frozen=True)
 class SignalRule:
+    """What the policy lets out of one signal: its name outside, category and aggregates."""
+
     signal: str  # "Message.Signal" in the DBC
     publish_as: str
     category: Category
@@ -73,6 +75,8 @@ class SignalRule:
 
 @dataclass(frozen=True)
 class Policy:
+    """The rules of what may leave the car; anything without a rule is denied."""
+
     name: str
     version: int
     rules: Mapping[str, SignalRule]

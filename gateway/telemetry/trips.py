@@ -34,6 +34,8 @@ _KEYS = {
 
 @dataclass(frozen=True)
 class TripConfig:
+    """Which signals make a trip: gear (or speed), odometer, SOC and position."""
+
     gear: str = ""
     drive_states: tuple[str, ...] = ("D", "R", "DI_GEAR_D", "DI_GEAR_R", "Drive", "Reverse")
     speed: str = ""
@@ -83,6 +85,9 @@ class TripConfig:
 
 @dataclass(frozen=True)
 class Trip:
+    """One trip: start and end times, distance, energy, and where it started and ended (exact
+    here; coarsened, or left out, before it is published)."""
+
     start: float
     end: float
     distance_km: float
