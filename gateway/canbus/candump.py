@@ -249,9 +249,9 @@ def _name_codes(
         if names:  # codes start at 0
             codes[same] = len(names)
         names.append(name)
-    left = np.flatnonzero(left)
-    if len(left):
-        distinct, first, inverse = np.unique(words[left], return_index=True, return_inverse=True)
+    rest = np.flatnonzero(left)  # past eight names
+    if len(rest):
+        distinct, first, inverse = np.unique(words[rest], return_index=True, return_inverse=True)
         table = np.zeros(len(distinct), np.int64)
         for k in np.argsort(first, kind="stable").tolist():
             name = _word_name(int(distinct[k]), n)
@@ -259,8 +259,8 @@ def _name_codes(
             if name is not None:
                 names.append(name)
         mapped = table[inverse]
-        ok[left[mapped < 0]] = False
-        codes[left] = np.maximum(mapped, 0)
+        ok[rest[mapped < 0]] = False
+        codes[rest] = np.maximum(mapped, 0)
     return names, codes
 
 

@@ -176,16 +176,17 @@ class VectorDecoder:
         special = batch.is_error | batch.is_remote
         stats.skipped_special = int(special.sum())
         grouped = self._standard_codes(batch, special, stats)
+        keys: npt.NDArray[np.unsignedinteger[Any]]
         if grouped is not None:  # (frames, 16-bit code of each): channel << 11 | id
             keep, keys = grouped
             shift = 11
             order = np.argsort(keys, kind="stable")  # a radix sort on 16 bits
         else:  # extended ids, or more than 32 channels: channel << 32 | id
             keep = np.flatnonzero(~special)
-            keys = batch.channel[keep].astype(np.uint64) << np.uint64(32)
-            keys |= batch.arbitration_id[keep].astype(np.uint64)
-            shift = 32
-            order = _group_order(keys)
+            wide = batch.channel[keep].astype(np.uint64) << np.uint64(32)
+            wide |= batch.arbitration_id[keep].astype(np.uint64)
+            keys, shift = wide, 32
+            order = _group_order(wide)
         frames = keep[order]
         skeys = keys[order]
         self._word0 = None
