@@ -198,3 +198,30 @@ def test_a_group_that_cannot_be_written_leaves_the_file_and_chain_as_before(tmp_
     assert led.durable
     led.close()
     assert verify_chain(path).entries == 2
+
+
+def test_reopening_finds_the_highest_seq_from_the_end(tmp_path):
+    """The newest entry with a seq holds the highest (seqs only grow); entries without one
+    (stop, start, blocked, a nested "seq" that is not the entry's) are passed over."""
+    from gateway.egress import ledger as ledger_mod
+
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False)
+    assert led.max_seq == -1
+    for i in range(40):
+        led.append("egress", seq=i, schema="gateway.signals")
+    led.append("blocked", schema="gateway.signals", reason="test", rules=[])
+    led.append("event", detail={"seq": 999})  # not a top-level seq
+    led.append("stop", reason="stopped")
+    led.close()
+    again = Ledger(path, fsync=False)
+    assert again.max_seq == 39
+    again.append("start", gateway="t")
+    again.close()
+    third = Ledger(path, fsync=False)
+    third.close()
+    assert third.max_seq == 39
+    # a tail shorter than the file: its first, partial line is skipped, and a tail with no
+    # seq at all gives -1
+    assert ledger_mod._tail_max_seq(path, block=1400) == 39
+    assert ledger_mod._tail_max_seq(path, block=700) == -1
