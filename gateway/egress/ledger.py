@@ -173,17 +173,27 @@ def _truncate_torn_tail(path: Path) -> bytes | None:
         fh.seek(size - 1)
         if fh.read(1) == b"\n":
             return None
-        block = min(size, 1 << 20)
-        fh.seek(size - block)
-        tail = fh.read()
-        cut = tail.rfind(b"\n")
-        keep = size - block + cut + 1 if cut >= 0 else 0
+        keep = _line_start(fh, size)  # however long the torn line is
         fh.seek(keep)
         torn = fh.read()
         fh.truncate(keep)
         fh.flush()
         os.fsync(fh.fileno())
         return torn
+
+
+def _line_start(fh: Any, end: int, block: int = 1 << 16) -> int:
+    """Where the line that ends at byte ``end`` of ``fh`` starts: just past the newline before
+    it, found by reading backwards a block at a time (a line may be longer than any block: a
+    ``dropped`` entry lists every dropped message), or 0."""
+    while end > 0:
+        lo = max(end - block, 0)
+        fh.seek(lo)
+        cut = fh.read(end - lo).rfind(b"\n")
+        if cut >= 0:
+            return lo + cut + 1
+        end = lo
+    return 0
 
 
 def _tail_max_seq(path: Path, block: int = 1 << 20) -> int:
@@ -213,13 +223,17 @@ def _tail_max_seq(path: Path, block: int = 1 << 20) -> int:
 
 
 def _last_line(path: Path) -> str:
+    """The last line of a ledger that ends with a newline (``_truncate_torn_tail`` saw to it),
+    whatever its length."""
     with open(path, "rb") as fh:
         fh.seek(0, os.SEEK_END)
         size = fh.tell()
-        block = min(size, 65536)
-        fh.seek(size - block)
-        lines = fh.read().splitlines()
-    return lines[-1].decode("ascii", "replace") if lines else ""
+        if size == 0:
+            return ""
+        start = _line_start(fh, size - 1)
+        fh.seek(start)
+        line = fh.read(size - 1 - start)
+    return line.decode("ascii", "replace")
 
 
 def read_entries(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:

@@ -225,3 +225,30 @@ def test_reopening_finds_the_highest_seq_from_the_end(tmp_path):
     # seq at all gives -1
     assert ledger_mod._tail_max_seq(path, block=1400) == 39
     assert ledger_mod._tail_max_seq(path, block=700) == -1
+
+
+def test_a_last_entry_longer_than_any_read_block_reopens(tmp_path):
+    """A ``dropped`` entry lists every message it drops: 2,000 of them make a 150 KB line,
+    longer than the blocks the ledger reads its tail in. The ledger must still open after it
+    and chain to it."""
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False)
+    led.append("egress", seq=1, schema="gateway.signals")
+    led.append("dropped", reason="full", seqs=list(range(2000)), sha256=["ab" * 32] * 2000)
+    led.close()
+    assert path.read_bytes().splitlines()[-1].__len__() > 1 << 17
+    again = Ledger(path, fsync=False)
+    assert again.count == 2 and again.max_seq == 1
+    again.append("start", gateway="t")
+    again.close()
+    assert verify_chain(path).entries == 3
+
+
+def test_a_torn_line_longer_than_a_mebibyte_cuts_only_itself(ledger_file):
+    before = verify_chain(ledger_file).entries
+    with open(ledger_file, "ab") as fh:
+        fh.write(b'{"i":7,"kind":"dropped","seqs":[' + b"1," * (600 * 1024))  # no newline
+    led = Ledger(ledger_file, fsync=False)
+    led.close()
+    report = verify_chain(ledger_file)
+    assert report.entries == before + 1 and report.kinds["recovered"] == 1
