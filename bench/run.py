@@ -58,20 +58,18 @@ def settle_libraries() -> int:
     roots = {Path(sysconfig.get_paths()[k]) for k in ("platlib", "purelib")}
     done = 0
     for path in (p for root in roots if root.is_dir() for p in root.rglob("*.so*")):
-        if not path.is_file() or path.is_symlink():
-            continue
-        try:
+        try:  # best effort: a file this user cannot read is measured as it is
+            if path.is_symlink() or not path.is_file():
+                continue
             fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                done += 1
+            finally:
+                os.close(fd)
         except OSError:
             continue
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            done += 1
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
     return done
 
 

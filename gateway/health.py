@@ -30,7 +30,8 @@ def peak_rss_mb() -> float:
 
 @dataclass
 class HealthMonitor:
-    """Frames per channel and CPU time since the start and since the last health summary."""
+    """Frames per channel since the start, and the frame rates and CPU share since the last
+    health summary."""
 
     started: float = field(default_factory=time.monotonic)
     frames: int = 0

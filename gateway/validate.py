@@ -61,7 +61,8 @@ class Observed:
 
 @dataclass
 class Leak:
-    """A canary found in a message that left."""
+    """A problem in a message that left: a canary, a position too precise or sent without
+    consent, or bytes with no ledger line."""
 
     kind: str
     topic: str

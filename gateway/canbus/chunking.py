@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Chunking:
-    """A reader's chunk size: at most ``frames`` frames or ``seconds`` of frame time."""
+    """Where a reader ends a chunk: after ``frames`` frames, or at the first frame ``seconds``
+    or more after the chunk's first."""
 
     frames: int
     seconds: float

@@ -38,7 +38,8 @@ class Outgoing:
 
 @dataclass(frozen=True)
 class Released:
-    """A message the guard let out: topic, encoded payload, schema and ledger sequence."""
+    """A message the guard let out: topic, encoded payload, schema, and its per-vehicle
+    ``seq`` from the outbox counter (None for a schema without one)."""
 
     topic: str
     payload: bytes

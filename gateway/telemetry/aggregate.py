@@ -79,7 +79,8 @@ def _runs(idx: npt.NDArray[np.int64], vals: npt.NDArray[np.float64]) -> tuple[An
 
 @dataclass
 class WindowAggregator:
-    """Count, min, max, mean and last of every signal per window of frame time."""
+    """Every signal per window of frame time: count, min, max, mean and last, or for a signal
+    with named states, count, last and samples per state."""
 
     window: float = 60.0
     late_samples: int = 0

@@ -75,7 +75,7 @@ class SignalRule:
 
 @dataclass(frozen=True)
 class Policy:
-    """The rules of what may leave the car; anything without a rule is denied."""
+    """The rules of what may leave the car: a signal without a rule never leaves."""
 
     name: str
     version: int
