@@ -196,30 +196,39 @@ def _line_start(fh: Any, end: int, block: int = 1 << 16) -> int:
     return 0
 
 
-def _tail_max_seq(path: Path, block: int = 1 << 20) -> int:
-    """The highest ``seq`` in the ledger's last MiB. Sequence numbers only grow in a ledger (the
-    outbox numbers summaries from above the ledger's highest), so it is the newest entry that
-    has one: read from the end, usually a line or two (parsing every line of the last MiB took
-    ~20 ms at each start once the ledger had grown). The outbox keeps its own counter, but if
-    its disk failed the gateway numbered summaries in memory: starting again from the ledger's
-    figure means a new summary never reuses a number the owner already saw (and would drop as
-    a duplicate)."""
+def _tail_max_seq(path: Path) -> int:
+    """The highest ``seq`` in the ledger. Sequence numbers only grow in a ledger (the outbox
+    numbers summaries from above the ledger's highest), so it is the newest entry that has one:
+    read from the end, usually a line or two (parsing every line of the last MiB took ~20 ms at
+    each start once the ledger had grown, and missed the seq behind a long run of entries
+    without one). The outbox keeps its own counter, but if its disk failed the gateway numbered
+    summaries in memory: starting again from the ledger's figure means a new summary never
+    reuses a number the owner already saw (and would drop as a duplicate)."""
     with open(path, "rb") as fh:
         fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(size - block, 0))
-        tail = fh.read()
-    lines = tail.splitlines()[1:] if size > block else tail.splitlines()
-    for raw in reversed(lines):
-        if b'"seq"' not in raw:  # start, stop and recovered entries carry none
-            continue
-        try:
-            seq = json.loads(raw).get("seq")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(seq, int):
-            return seq
+        for raw in _lines_backwards(fh, fh.tell()):
+            if b'"seq"' not in raw:  # start, stop, dropped and recovered entries carry none
+                continue
+            try:
+                seq = json.loads(raw).get("seq")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(seq, int):
+                return seq
     return -1
+
+
+def _lines_backwards(fh: Any, size: int, block: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of the first ``size`` bytes of ``fh``, last first, read a block at a time."""
+    pos, head = size, b""
+    while pos > 0:
+        lo = max(pos - block, 0)
+        fh.seek(lo)
+        lines = (fh.read(pos - lo) + head).split(b"\n")
+        head = lines[0]  # the start of a line that began in an earlier block
+        yield from reversed(lines[1:])
+        pos = lo
+    yield head
 
 
 def _last_line(path: Path) -> str:

@@ -221,10 +221,25 @@ def test_reopening_finds_the_highest_seq_from_the_end(tmp_path):
     third = Ledger(path, fsync=False)
     third.close()
     assert third.max_seq == 39
-    # a tail shorter than the file: its first, partial line is skipped, and a tail with no
-    # seq at all gives -1
-    assert ledger_mod._tail_max_seq(path, block=1400) == 39
-    assert ledger_mod._tail_max_seq(path, block=700) == -1
+    # read back a block at a time: every line, last first, whatever the block size
+    data = path.read_bytes()
+    for block in (7, 100, 1 << 16):
+        with open(path, "rb") as fh:
+            got = list(ledger_mod._lines_backwards(fh, len(data), block))
+        assert got == data.split(b"\n")[::-1]
+
+
+def test_the_highest_seq_is_found_behind_a_mebibyte_of_entries_without_one(tmp_path):
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False)
+    led.append("egress", seq=50, schema="gateway.signals")
+    for _ in range(6000):  # ~1.3 MB of entries without a seq
+        led.append("blocked", schema="gateway.signals", reason="test", rules=[])
+    led.close()
+    assert path.stat().st_size > 1 << 20
+    again = Ledger(path, fsync=False)
+    again.close()
+    assert again.max_seq == 50
 
 
 def test_a_last_entry_longer_than_any_read_block_reopens(tmp_path):
