@@ -173,27 +173,12 @@ def _truncate_torn_tail(path: Path) -> bytes | None:
         fh.seek(size - 1)
         if fh.read(1) == b"\n":
             return None
-        keep = _line_start(fh, size)  # however long the torn line is
-        fh.seek(keep)
-        torn = fh.read()
+        torn = next(_lines_backwards(fh, size))  # however long the torn line is
+        keep = size - len(torn)
         fh.truncate(keep)
         fh.flush()
         os.fsync(fh.fileno())
         return torn
-
-
-def _line_start(fh: Any, end: int, block: int = 1 << 16) -> int:
-    """Where the line that ends at byte ``end`` of ``fh`` starts: just past the newline before
-    it, found by reading backwards a block at a time (a line may be longer than any block: a
-    ``dropped`` entry lists every dropped message), or 0."""
-    while end > 0:
-        lo = max(end - block, 0)
-        fh.seek(lo)
-        cut = fh.read(end - lo).rfind(b"\n")
-        if cut >= 0:
-            return lo + cut + 1
-        end = lo
-    return 0
 
 
 def _tail_max_seq(path: Path) -> int:
@@ -219,7 +204,8 @@ def _tail_max_seq(path: Path) -> int:
 
 
 def _lines_backwards(fh: Any, size: int, block: int = 1 << 16) -> Iterator[bytes]:
-    """The lines of the first ``size`` bytes of ``fh``, last first, read a block at a time."""
+    """The lines of the first ``size`` bytes of ``fh``, last first, read a block at a time (a
+    line may be longer than any block: a ``dropped`` entry lists every dropped message)."""
     pos, head = size, b""
     while pos > 0:
         lo = max(pos - block, 0)
@@ -237,11 +223,7 @@ def _last_line(path: Path) -> str:
     with open(path, "rb") as fh:
         fh.seek(0, os.SEEK_END)
         size = fh.tell()
-        if size == 0:
-            return ""
-        start = _line_start(fh, size - 1)
-        fh.seek(start)
-        line = fh.read(size - 1 - start)
+        line = next(_lines_backwards(fh, size - 1)) if size else b""
     return line.decode("ascii", "replace")
 
 
