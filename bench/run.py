@@ -350,8 +350,7 @@ def main() -> int:
             kona_log = KONA / "230112-7-2019-pcan-ccan-power-off-on-ready-off.converted.candump.log"
             whole = tmp / "whole-frame.toml"
             whole.write_text(f'[[camera]]\nsource = "{clip}"\nplate_strips = 1\n')
-            # alternating, as the end-to-end runs: one run moves by up to ~7 MB with what the
-            # page cache holds of OpenCV's and numpy's libraries
+            # alternating, as the end-to-end runs, and the median: a single run is no figure
             cam: dict[str, list[float]] = {"strips": [], "whole": []}
             for _ in range(args.runs):
                 for key, extra in (("strips", ()), ("whole", ("--config", str(whole)))):
