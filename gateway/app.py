@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from gateway import __version__
 from gateway.canbus.dbc import ChannelDbcs
-from gateway.canbus.decode import CantoolsDecoder, Decoder
 from gateway.egress.guard import EgressGuard, Outgoing, Released
 from gateway.egress.ledger import Ledger
 from gateway.egress.mqtt import MqttPublisher
@@ -24,7 +23,14 @@ from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics
 from gateway.errors import ConfigError, GatewayError
 from gateway.health import HealthMonitor
-from gateway.records import DecodeStats, FrameBatch, ReadStats, SignalSeries, WindowSummary
+from gateway.records import (
+    Decoder,
+    DecodeStats,
+    FrameBatch,
+    ReadStats,
+    SignalSeries,
+    WindowSummary,
+)
 from gateway.settings import Settings
 from gateway.telemetry.aggregate import WindowAggregator
 from gateway.telemetry.consent import ConsentRefused, ConsentState, parse_owner_message
@@ -56,6 +62,8 @@ def make_decoder(settings: Settings, dbcs: ChannelDbcs, wanted: set[str]) -> Dec
         from gateway.canbus.fastdecode import VectorDecoder
 
         return VectorDecoder(dbcs, wanted=wanted)
+    from gateway.canbus.decode import CantoolsDecoder  # cantools itself: imported only here
+
     return CantoolsDecoder(dbcs, wanted=wanted)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -230,6 +231,12 @@ class DecodedBatch:
 
     series: Sequence[SignalSeries]
     stats: DecodeStats
+
+
+class Decoder(Protocol):
+    """Turns a batch of frames into signal series (``CantoolsDecoder``, ``VectorDecoder``)."""
+
+    def decode(self, batch: FrameBatch) -> DecodedBatch: ...
 
 
 @dataclass(frozen=True, slots=True)

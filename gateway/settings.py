@@ -423,9 +423,10 @@ def describe() -> str:
         "|---|---|",
         "| `GATEWAY_CACHE_DIR` | where parsed DBCs are cached (default "
         "`$XDG_CACHE_HOME/car-data-gateway`, else `~/.cache/car-data-gateway`); `off` turns the "
-        "cache off. Entries are pickles keyed by the SHA-256 of the DBC and the cantools, gateway "
-        "and Python versions, read only when the folder and the file belong to the user and "
-        "nobody else can write to them. |",
+        "cache off. Two entries per DBC, cantools' model and the vector decoder's plans (which a "
+        "replay reads without importing cantools), pickles keyed by the SHA-256 of the DBC, the "
+        "installed cantools and the gateway and Python versions, read only when the folder and "
+        "the file belong to the user and nobody else can write to them. |",
         "",
     ]
     return "\n".join(lines)

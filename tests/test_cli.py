@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -262,3 +263,31 @@ def test_the_console_script_freezes_what_is_left_before_the_interpreter_exits():
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("frozen at exit: True")
+
+
+def test_a_replay_whose_dbcs_are_cached_imports_neither_cantools_nor_python_can(
+    tmp_path, broker, vin
+):
+    """Once a DBC's plans are in the cache, a candump replay decodes without cantools and
+    python-can (~45 ms of start-up here); the first run parses the DBC with cantools."""
+    from tests.conftest import KONA, KONA_CANDUMP, replay_args
+
+    code = (
+        "import sys\n"
+        "from gateway.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('IMPORTED', sorted(m for m in ('can', 'cantools') if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    dbcs = [f"can0={KONA / 'kona_pcan.dbc'}", f"can1={KONA / 'kona_ccan.cantools.dbc'}"]
+    env = {**os.environ, "GATEWAY_CACHE_DIR": str(tmp_path / "cache")}
+    seen = []
+    for _ in range(2):
+        args = replay_args(KONA_CANDUMP, dbcs, broker.url, vin, tmp_path, "--fast", "-q")
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "BS_:/BU_:" in proc.stderr  # the repair of the original DBC is said both times
+        seen.append(next(ln for ln in proc.stdout.splitlines() if ln.startswith("IMPORTED")))
+    assert seen == ["IMPORTED ['can', 'cantools']", "IMPORTED []"]

@@ -20,9 +20,8 @@ import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import can
 import numpy as np
 import numpy.typing as npt
 
@@ -34,6 +33,9 @@ from gateway.canbus.messages import (
     message_problem,
 )
 from gateway.records import FrameBatch, ReadStats
+
+if TYPE_CHECKING:
+    import can
 
 _HEAD_BYTES = 1 << 16  # the header must end in the first 64 KiB (else python-can reads it all)
 _FRONT = 16  # zeros before a block, so that a right-aligned read never starts before it
@@ -78,6 +80,8 @@ def _read_header(fh: Any) -> tuple[str, int, int]:
     head = fh.read(_HEAD_BYTES)
     fh.seek(0)
     a = np.frombuffer(head, np.uint8)
+    import can  # python-can reads the header, and the lines numpy does not (see above)
+
     lines = CountingLines(io.StringIO(head.decode("utf-8", "replace"), newline=None))
     reader = can.ASCReader(lines)  # type: ignore[arg-type]
     try:
@@ -95,6 +99,8 @@ def _read_header(fh: Any) -> tuple[str, int, int]:
 def python_can_line(text: str, base: str) -> can.Message | None:
     """One body line as python-can's ASCReader reads it: a message, None for a line it skips;
     a line it refuses raises what python-can raises."""
+    import can
+
     reader = can.ASCReader(io.StringIO(text), base=base)
     reader._extract_header = lambda: None  # type: ignore[method-assign]
     for msg in reader:

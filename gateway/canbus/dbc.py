@@ -2,9 +2,14 @@
 
 A parsed DBC is kept in a cache on disk (``$GATEWAY_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/car-data-gateway``, else ``~/.cache/car-data-gateway``; ``GATEWAY_CACHE_DIR=off``
-turns it off), keyed by the SHA-256 of the file's bytes and the cantools, gateway and Python
-versions: a large DBC (the Model 3 one) loads in 0.1 s instead of 0.6 s. The cache holds pickles,
-so it is read only from a directory that belongs to the user and nobody else can write to.
+turns it off), keyed by the SHA-256 of the file's bytes, the installed cantools and the gateway
+and Python versions: a large DBC (the Model 3 one) loads in 0.1 s instead of 0.6 s. Two entries
+per file: cantools' model (``<key>.pickle``) and the vector decoder's plans (``<key>.plans``,
+see ``DbcPlans``), which a replay reads without importing cantools. The cache holds pickles, so
+it is read only from a directory that belongs to the user and nobody else can write to.
+
+cantools (and python-can, which it imports) is imported only where a DBC is parsed or cantools'
+model is wanted: ~45 ms of every start-up on the 2-core VM of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import pickle
@@ -21,15 +27,15 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import cantools
-import cantools.database
+from typing import TYPE_CHECKING, Any
 
 from gateway.canbus.messages import divert_logging
+from gateway.canbus.signalplan import DbcPlans
 from gateway.errors import DbcError
+
+if TYPE_CHECKING:
+    import cantools.database
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ _MISSING_SECTIONS = re.compile(r"^(BS_\s*:|BU_\s*:)", re.MULTILINE)
 
 
 def _load(path: Path, text: str | None, strict: bool) -> cantools.database.can.Database:
+    import cantools.database
+
     if text is None:
         db = cantools.database.load_file(str(path), database_format="dbc", strict=strict)
     else:
@@ -69,11 +77,24 @@ def load_dbc(path: str | Path) -> cantools.database.can.Database:
     missing ``BS_:``/``BU_:`` sections. Raise ``DbcError`` naming the file if all fail.
     A file is parsed (and warned about) once per process while it is unchanged. The model
     keeps no DBC attributes or comments (``_slim``), so it cannot be written back as a DBC."""
+    return _load_cached(*_identity(path))[0]
+
+
+def load_plans(path: str | Path) -> DbcPlans:
+    """The vector decoder's plans of a DBC (``DbcPlans``): read from the cache without
+    importing cantools when it holds them, else loaded as ``load_dbc`` does, compiled and
+    cached. Warns and raises as ``load_dbc`` does. ``plans.database()`` gives cantools' model
+    of the same file when something needs it (loaded then, and warned about again)."""
+    return _plans_cached(*_identity(path))
+
+
+def _identity(path: str | Path) -> tuple[Path, int, int]:
+    """(resolved path, mtime, size): what the per-process memos of a DBC are keyed by."""
     path = Path(path)
     if not path.is_file():
         raise DbcError(f"{path}: DBC file not found")
     st = path.stat()
-    return _load_cached(path.resolve(), st.st_mtime_ns, st.st_size)
+    return path.resolve(), st.st_mtime_ns, st.st_size
 
 
 def _strict_problem(db: cantools.database.can.Database) -> Exception | None:
@@ -88,12 +109,19 @@ def _strict_problem(db: cantools.database.can.Database) -> Exception | None:
     return None
 
 
-@functools.lru_cache(maxsize=32)
-def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.Database:
+def _read(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(
+    path: Path, _mtime: int, _size: int
+) -> tuple[cantools.database.can.Database, list[str]]:
+    """(cantools' model, what its load had to relax or repair), said as warnings here."""
+    raw = _read(path)
     cache = _cache_file(raw)
     hit = _cache_get(cache) if cache is not None else None
     if hit is not None:
@@ -107,7 +135,38 @@ def _load_cached(path: Path, _mtime: int, _size: int) -> cantools.database.can.D
             _cache_put(cache, (db, notes))
     for note in notes:
         log.warning("%s: %s", path, note)
-    return db
+    return db, notes
+
+
+@functools.lru_cache(maxsize=32)
+def _plans_cached(path: Path, mtime: int, size: int) -> DbcPlans:
+    cache = _cache_file(_read(path), ".plans")
+    hit = _plans_get(cache) if cache is not None else None
+    if hit is not None:
+        plans, notes = hit
+        for note in notes:
+            log.warning("%s: %s", path, note)
+    else:
+        db, notes = _load_cached(path, mtime, size)  # warned there
+        plans = DbcPlans.of(db, build=cache is not None)  # without a cache: as they are met
+        if cache is not None:
+            _write_private(cache, (plans, notes))
+    plans.database = lambda: _load_cached(path, mtime, size)[0]
+    return plans
+
+
+def _plans_get(path: Path) -> tuple[DbcPlans, list[str]] | None:
+    if not (_private(path.parent) and _private(path)):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            plans, notes = pickle.load(fh)
+        if not isinstance(plans, DbcPlans) or not all(isinstance(n, str) for n in notes):
+            raise TypeError("not a plans entry")
+    except Exception:  # noqa: BLE001 - a damaged or stale entry is compiled again
+        log.debug("DBC plans cache entry %s unreadable; compiling again", path)
+        return None
+    return plans, list(notes)
 
 
 def _slim(db: cantools.database.can.Database) -> cantools.database.can.Database:
@@ -142,12 +201,32 @@ def cache_dir() -> Path | None:
 
 @functools.cache
 def _loader_digest() -> str:
-    """This module's own source: a change to how DBCs are loaded or repaired retires the
-    entries it made, without anyone having to remember a format number."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    """The source of this module and of the plans: a change to how DBCs are loaded, repaired
+    or compiled retires the entries it made, without anyone having to remember a format
+    number."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(Path(__file__).with_name("signalplan.py").read_bytes())
+    return h.hexdigest()
 
 
-def _cache_file(raw: bytes) -> Path | None:
+@functools.cache
+def _cantools_stamp() -> str:
+    """Which cantools is installed, found without importing it: its distribution's name and
+    version (the ``dist-info`` folder beside it) and where and when its files were written."""
+    spec = importlib.util.find_spec("cantools")
+    if spec is None or spec.origin is None:
+        return "no cantools"
+    origin = Path(spec.origin)
+    try:
+        dists = sorted(p.name for p in origin.parent.parent.glob("cantools-*.dist-info"))
+        st = origin.stat()
+    except OSError:
+        return str(origin)
+    return f"{dists}|{origin}|{st.st_mtime_ns}|{st.st_size}"
+
+
+def _cache_file(raw: bytes, suffix: str = ".pickle") -> Path | None:
+    """The cache entry of a DBC's bytes: ``.pickle`` for cantools' model, ``.plans``."""
     root = cache_dir()
     if root is None:
         return None
@@ -155,9 +234,9 @@ def _cache_file(raw: bytes) -> Path | None:
 
     h = hashlib.sha256(raw)
     h.update(
-        f"|{cantools.__version__}|{__version__}|{sys.version_info[:2]}|{_loader_digest()}".encode()
+        f"|{_cantools_stamp()}|{__version__}|{sys.version_info[:2]}|{_loader_digest()}".encode()
     )
-    return root / "dbc" / f"{h.hexdigest()}.pickle"
+    return root / "dbc" / f"{h.hexdigest()}{suffix}"
 
 
 def _private(path: Path) -> bool:
@@ -189,9 +268,7 @@ def _cache_get(path: Path) -> tuple[cantools.database.can.Database, list[str]] |
 # ~4 MB of pickle state (every object's __dict__, kept by the unpickler's memo until the end of
 # the load) that, freed, stayed in the resident memory as fragmented small-object arenas:
 # +9.5 MB RSS; a message at a time: +6.9 MB, in the same time.
-_Packed = tuple[
-    cantools.database.can.Database, list[bytes], list[tuple[Any, int]], list[tuple[Any, int]]
-]
+_Packed = tuple[Any, list[bytes], list[tuple[Any, int]], list[tuple[Any, int]]]
 
 
 def _pack(db: cantools.database.can.Database) -> _Packed:
@@ -208,6 +285,8 @@ def _pack(db: cantools.database.can.Database) -> _Packed:
 
 
 def _unpack(entry: tuple[Any, ...]) -> cantools.database.can.Database:
+    import cantools.database
+
     shell, blobs, names, ids = entry
     if not isinstance(shell, cantools.database.can.Database):
         raise TypeError(f"not a cantools database: {type(shell).__name__}")
@@ -221,11 +300,19 @@ def _unpack(entry: tuple[Any, ...]) -> cantools.database.can.Database:
 
 
 def _cache_put(path: Path, value: tuple[cantools.database.can.Database, list[str]]) -> None:
+    try:
+        entry = (*_pack(value[0]), value[1])
+    except (pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:
+        log.debug("DBC cache not written (%s)", exc)
+        return
+    _write_private(path, entry)
+
+
+def _write_private(path: Path, entry: Any) -> None:
     """Best effort: a cache that cannot be written only costs time. Written only into a
     private folder, through a new file of its own (``mkstemp``: O_EXCL, mode 0600)."""
     tmp: str | None = None
     try:
-        entry = (*_pack(value[0]), value[1])
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not _private(path.parent):
             log.debug("DBC cache %s is not private to this user: not written", path.parent)
@@ -257,6 +344,8 @@ class _Notes(logging.Handler):
 
 def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
     """cantools' model of the file; what had to be relaxed or repaired goes into ``notes``."""
+    import cantools.database
+
     first_error: BaseException | None
     try:
         db = _load(path, None, strict=False)
@@ -299,29 +388,44 @@ def _one_line(exc: BaseException | None) -> str:
     return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
-@dataclass
 class ChannelDbcs:
     """Which DBC decodes which channel. ``"*"`` applies to every channel without its own DBC;
-    several DBCs on one channel are searched in the order given."""
+    several DBCs on one channel are searched in the order given.
 
-    by_channel: dict[str, list[cantools.database.can.Database]] = field(default_factory=dict)
-    paths: dict[str, list[Path]] = field(default_factory=dict)
+    A DBC added by path (``add``, ``from_specs``) is read as its decode plans (``load_plans``:
+    no cantools import when the cache holds them); ``for_channel`` gives cantools' models,
+    loaded on first use. A mapping of cantools databases, given to the constructor, is used
+    as it is (its plans are built message by message as they are needed)."""
+
+    def __init__(
+        self, by_channel: Mapping[str, list[cantools.database.can.Database]] | None = None
+    ) -> None:
+        self._plans: dict[str, list[DbcPlans]] = {}
+        self.paths: dict[str, list[Path]] = {}
+        of_db: dict[int, DbcPlans] = {}  # one set of plans per database, shared by channels
+        for ch, dbs in (by_channel or {}).items():
+            for db in dbs:
+                if id(db) not in of_db:
+                    of_db[id(db)] = DbcPlans.of(db)
+                self._plans.setdefault(ch, []).append(of_db[id(db)])
 
     def add(self, channel: str, path: str | Path) -> None:
-        db = load_dbc(path)
-        self.by_channel.setdefault(channel, []).append(db)
+        self._plans.setdefault(channel, []).append(load_plans(path))
         self.paths.setdefault(channel, []).append(Path(path))
 
+    def plans_for(self, channel: str) -> list[DbcPlans]:
+        return self._plans.get(channel) or self._plans.get(ALL_CHANNELS, [])
+
     def for_channel(self, channel: str) -> list[cantools.database.can.Database]:
-        return self.by_channel.get(channel) or self.by_channel.get(ALL_CHANNELS, [])
+        return [p.database() for p in self.plans_for(channel) if p.database is not None]
 
     def all_databases(self) -> Iterable[cantools.database.can.Database]:
         seen: set[int] = set()
-        for dbs in self.by_channel.values():
-            for db in dbs:
-                if id(db) not in seen:
-                    seen.add(id(db))
-                    yield db
+        for plans in self._plans.values():
+            for p in plans:
+                if id(p) not in seen and p.database is not None:
+                    seen.add(id(p))
+                    yield p.database()
 
     @classmethod
     def from_specs(cls, specs: Iterable[str] | Mapping[str, str | list[str]]) -> ChannelDbcs:
@@ -339,9 +443,3 @@ class ChannelDbcs:
         for ch, p in items:
             out.add(ch.strip() or ALL_CHANNELS, p.strip())
         return out
-
-
-def signal_names(dbcs: ChannelDbcs) -> set[str]:
-    return {
-        f"{m.name}.{s.name}" for db in dbcs.all_databases() for m in db.messages for s in m.signals
-    }

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import cantools.database
 import numpy as np
 
 from gateway.canbus.dbc import ChannelDbcs
-from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries, choices_for
+from gateway.canbus.signalplan import Meta, signal_meta
+from gateway.records import DecodedBatch, Decoder, DecodeStats, FrameBatch, SignalSeries
+
+__all__ = ["CantoolsDecoder", "Decoder"]
 
 _DECODE_ERRORS = (cantools.database.DecodeError, ValueError, KeyError, IndexError)
-
-
-class Decoder(Protocol):
-    def decode(self, batch: FrameBatch) -> DecodedBatch: ...
 
 
 @dataclass
@@ -26,26 +24,6 @@ class _Acc:
     choices: dict[float, str] | None
     ts: list[float] = field(default_factory=list)
     vals: list[float] = field(default_factory=list)
-
-
-Meta = dict[str, tuple[str, dict[float, str] | None]]
-
-
-def signal_meta(message: cantools.database.can.Message) -> Meta:
-    """``{"Msg.Sig": (unit, choices or None)}`` for one message; choices are keyed by the
-    *scaled* value, the number that travels in ``SignalSeries.value``."""
-    out: Meta = {}
-    for s in message.signals:
-        choices = (
-            choices_for(
-                s.length,
-                {float(int(k) * s.scale + s.offset): str(v) for k, v in s.choices.items()},
-            )
-            if s.choices
-            else None
-        )
-        out[f"{message.name}.{s.name}"] = (s.unit or "", choices)
-    return out
 
 
 class CantoolsDecoder:

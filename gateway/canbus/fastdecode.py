@@ -22,18 +22,17 @@ silently shifts; containers; a signal name twice in one frame) is decoded by can
 
 from __future__ import annotations
 
+import copy
 import operator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from gateway.canbus.dbc import ChannelDbcs
-from gateway.canbus.decode import _DECODE_ERRORS
 from gateway.canbus.signalplan import (
     FLAT_MAX_GROUP,
     BoolArr,
-    _build_plan,
     _is_flat,
     _mux_numbers,
     _Node,
@@ -43,6 +42,9 @@ from gateway.canbus.signalplan import (
     _words,
 )
 from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries, make_series
+
+if TYPE_CHECKING:
+    from cantools.database.can import Message
 
 _FIRST_RANK = operator.itemgetter(1, 2)  # of a _Piece
 _UNKNOWN, _IDLE, _WORK = 1, 2, 3  # a code's id is in no DBC / needs no decoding / needs it
@@ -84,7 +86,8 @@ class VectorDecoder:
         self._dbcs = dbcs
         self._wanted = wanted
         self._lookup: dict[tuple[str, int], _Plan | None] = {}
-        self._plans: dict[int, _Plan] = {}
+        self._plans: dict[tuple[int, int], _Plan] = {}  # (id of the DbcPlans, message number)
+        self._slow: dict[int, Message] = {}  # id of a fallback plan -> cantools' message
         self._flat_plans: list[_Plan] = []
         self._flat_rows: list[tuple[int, int, bool, bool, float, float, int, int]] = []
         self._flat_start: list[int] = []
@@ -102,20 +105,20 @@ class VectorDecoder:
         key = (channel, frame_id)
         if key in self._lookup:
             return self._lookup[key]
-        found = None
-        for db in self._dbcs.for_channel(channel):
-            try:
-                found = db.get_message_by_frame_id(frame_id)
-                break
-            except KeyError:
-                continue
         plan = None
-        if found is not None:
-            plan = self._plans.get(id(found))
+        for plans in self._dbcs.plans_for(channel):
+            number = plans.number(frame_id)
+            if number is None:
+                continue
+            plan = self._plans.get((id(plans), number))
             if plan is None:
-                plan = self._plans[id(found)] = _build_plan(found)
+                # a copy: flat and setup are this decoder's (its wanted signals)
+                plan = self._plans[(id(plans), number)] = copy.copy(plans.plan(number))
+                if plan.fallback:
+                    self._slow[id(plan)] = plans.message(number)  # imports cantools
                 if _is_flat(plan):
                     self._add_flat(plan)
+            break
         self._lookup[key] = plan
         return plan
 
@@ -124,7 +127,7 @@ class VectorDecoder:
         plan.flat = len(self._flat_plans)
         self._flat_plans.append(plan)
         self._flat_start.append(len(self._flat_rows))
-        prefix = plan.message.name + "."
+        prefix = plan.name + "."
         for i, name, rank in plan.root.occ:  # node order: the order of cantools' dict
             if not self._wants(prefix + name):
                 continue
@@ -136,8 +139,8 @@ class VectorDecoder:
                 (
                     r.shl,
                     r.shr,
-                    r.sig.byte_order == "big_endian",
-                    bool(r.sig.is_signed),
+                    r.big,
+                    r.signed,
                     float(r.scale),
                     float(r.offset),
                     r.seq_end,
@@ -169,7 +172,7 @@ class VectorDecoder:
 
     def fallback_messages(self) -> list[str]:
         """Names of the messages seen so far that cantools decodes frame by frame."""
-        return sorted(p.message.name for p in self._plans.values() if p.fallback)
+        return sorted(p.name for p in self._plans.values() if p.fallback)
 
     def decode(self, batch: FrameBatch) -> DecodedBatch:
         stats = DecodeStats(frames=len(batch))
@@ -418,10 +421,10 @@ class VectorDecoder:
         """(wanted rows, rows to extract, data width, all rows in the first 8 bytes)."""
         if plan.setup is None:
             assert plan.root is not None
-            prefix = plan.message.name + "."
+            prefix = plan.name + "."
             wanted = {r for r, name, _ in _all_occ(plan.root) if self._wants(prefix + name)}
             needed = sorted(wanted | {mr for mr, _ in _all_muxes(plan.root)})
-            width = max(8, plan.message.length, *(r.window + 8 + r.wide for r in plan.rows))
+            width = max(8, plan.length, *(r.window + 8 + r.wide for r in plan.rows))
             first8 = all(plan.rows[i].window == 0 and not plan.rows[i].wide for i in needed)
             plan.setup = (wanted, needed, width, first8)
         return plan.setup
@@ -435,7 +438,7 @@ class VectorDecoder:
     def _decode_group(self, plan: _Plan, batch: FrameBatch, idx: Any, pieces: list[_Piece]) -> int:
         assert plan.root is not None
         m = len(idx)
-        prefix = plan.message.name + "."
+        prefix = plan.name + "."
         wanted_rows, needed, width, first8 = self._group_setup(plan)
         if not wanted_rows and not plan.muxed and not plan.root.fails:
             return 0
@@ -542,7 +545,9 @@ class VectorDecoder:
         return n_err
 
     def _decode_slow(self, plan: _Plan, batch: FrameBatch, idx: Any, pieces: list[_Piece]) -> int:
-        msg = plan.message
+        from gateway.canbus.decode import _DECODE_ERRORS  # cantools decodes these
+
+        msg = self._slow[id(plan)]
         prefix = msg.name + "."
         acc: dict[str, tuple[int, list[int], list[float]]] = {}
         errs = 0

@@ -7,9 +7,10 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import can
+if TYPE_CHECKING:
+    import can
 
 
 def channel_name(channel: Any) -> str:

@@ -18,6 +18,7 @@ from tests.conftest import KONA, SHARED_CAN
 def _fresh_cache():
     """Each file is parsed and warned about once per process; these tests watch the warning."""
     dbc_module._load_cached.cache_clear()
+    dbc_module._plans_cached.cache_clear()
 
 
 def test_original_kona_dbc_without_bs_bu_sections_loads_with_a_warning(caplog):
@@ -106,6 +107,33 @@ def test_cache_entry_others_can_write_or_that_is_damaged_is_not_trusted(tmp_path
     assert len(calls) == 2
     hit = dbc_module._cache_get(entry)  # rewritten with the good parse
     assert hit is not None and hit[0].messages
+
+
+def test_a_plans_entry_others_can_write_or_that_is_damaged_is_compiled_again(tmp_path, monkeypatch):
+    from gateway.canbus.signalplan import DbcPlans
+
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    path = KONA / "kona_ccan.cantools.dbc"
+    first = dbc_module.load_plans(path)
+    (entry,) = sorted((tmp_path / "cache" / "dbc").glob("*.plans"))
+    assert entry.stat().st_mode & 0o777 == 0o600
+    real = DbcPlans.of
+    built = []
+    monkeypatch.setattr(
+        DbcPlans,
+        "of",
+        classmethod(lambda cls, db, build=False: built.append(1) or real(db, build=build)),
+    )
+    dbc_module._plans_cached.cache_clear()
+    assert dbc_module.load_plans(path).names == first.names and built == []  # from the cache
+    os.chmod(entry, 0o666)
+    dbc_module._plans_cached.cache_clear()
+    assert dbc_module.load_plans(path).names == first.names and built == [1]
+    entry.write_bytes(b"not a pickle")
+    os.chmod(entry, 0o600)
+    dbc_module._plans_cached.cache_clear()
+    assert dbc_module.load_plans(path).names == first.names and built == [1, 1]
+    assert dbc_module._plans_get(entry) is not None  # rewritten
 
 
 def test_cache_off(tmp_path, monkeypatch):

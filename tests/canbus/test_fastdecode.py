@@ -467,3 +467,61 @@ def test_empty_and_all_special_batches() -> None:
     b.add(2.0, "can0", 0, b"", is_error=True)
     batch = b.build()
     assert both(dbcs, batch).decode(batch).stats.skipped_special == 2
+
+
+def _cached_paths(tmp_path: Path) -> list[Path]:
+    """The project's DBCs and the synthetic corner cases, as files."""
+    corners = tmp_path / "corners.dbc"
+    corners.write_text(SYNTHETIC_DBC)
+    return [*DBC_PATHS, corners]
+
+
+def test_plans_read_back_from_the_cache_decode_as_cantools_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay reads a DBC's decode plans from the cache, without cantools: they must decode
+    every message as cantools does, the messages cantools decodes itself through its model,
+    loaded then (from the cache too)."""
+    from gateway.canbus import dbc as dbc_module
+
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    paths = _cached_paths(tmp_path)
+    for path in paths:  # parsed, compiled and cached
+        dbc_module._plans_cached.cache_clear()
+        dbc_module._load_cached.cache_clear()
+        with monkeypatch.context() as m:
+            if path.name == "corners.dbc":  # every plan of it: "cantools decodes this one"
+                m.setattr(signalplan, "_layout_ok", lambda signals, length: False)
+            ChannelDbcs.from_specs([str(path)])
+    dbc_module._plans_cached.cache_clear()
+    dbc_module._load_cached.cache_clear()
+    monkeypatch.setattr(dbc_module, "_parse", None)  # neither a parse ...
+    monkeypatch.setattr(signalplan, "_build_plan", None)  # ... nor a plan built here
+    rng = np.random.default_rng(11)
+    fallbacks = 0
+    for path in paths:
+        cached = ChannelDbcs.from_specs([str(path)])
+        db = cantools.database.load_file(str(path), database_format="dbc", strict=False)
+        batch = random_batch(rng, db, per_message=40, channels=("c0", "c1"))
+        ref = CantoolsDecoder(ChannelDbcs({"*": [db]})).decode(batch)
+        vec = VectorDecoder(cached)
+        assert_same(ref, vec.decode(batch))
+        fallbacks += len(vec.fallback_messages())
+        wanted = {f"{m.name}.{s.name}" for m in db.messages for s in m.signals[::3]}
+        ref = CantoolsDecoder(ChannelDbcs({"*": [db]}), wanted).decode(batch)
+        assert_same(ref, VectorDecoder(cached, wanted).decode(batch))
+    assert fallbacks >= 3  # the corner cases' messages went through cantools
+
+
+@pytest.mark.parametrize("path", DBC_PATHS, ids=lambda p: p.name)
+def test_the_plans_find_the_message_cantools_finds_for_every_id(path: Path) -> None:
+    db = loaded(path)
+    plans = signalplan.DbcPlans.of(db)
+    ids = [*range(0x800), *(m.frame_id for m in db.messages), 0x800, 0x1FFFFFFF, 0x80000123]
+    for fid in ids:
+        try:
+            want = db.get_message_by_frame_id(fid).name
+        except KeyError:
+            want = None
+        n = plans.number(fid)
+        assert (None if n is None else plans.names[n]) == want, hex(fid)
