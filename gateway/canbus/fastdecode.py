@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from cantools.database.can import Message
 
 _FIRST_RANK = operator.itemgetter(1, 2)  # of a _Piece
+_FIRST_RANK_OF_ENTRY = operator.itemgetter(0, 1)
 _UNKNOWN, _IDLE, _WORK = 1, 2, 3  # a code's id is in no DBC / needs no decoding / needs it
 
 
@@ -75,8 +76,13 @@ class _Columns(NamedTuple):
     scale: Any  # None: every row's scale is 1
     offset: Any  # None: every row's offset is 0
     seq_end: int  # bits a frame needs for all of them
-    ranks: list[int]
-    meta: list[tuple[str, tuple[str, dict[float, str] | None]]]
+    ranks: list[int]  # in rank order
+    named: list[tuple[int, str, str, dict[float, str] | None]]  # (row, name, unit, choices),
+    # in rank order: the group's series come out in the order cantools' dict has them
+
+
+# one matrix group's series, made in _decode_matrix: (first frame, frames, ranks, series)
+_Block = tuple[int, Any, list[int], list[SignalSeries]]
 
 
 class VectorDecoder:
@@ -197,6 +203,7 @@ class VectorDecoder:
         starts = np.concatenate(([0], bounds)).tolist()
         ends = np.concatenate((bounds, [len(skeys)])).tolist()
         pieces: list[_Piece] = []
+        blocks: list[_Block] = []
         sorted_cols: tuple[Any, Any, list[int]] | None = None
         flat_of_group = np.full(len(starts), -1, np.int64)
         id_mask = (1 << shift) - 1
@@ -217,7 +224,7 @@ class VectorDecoder:
             if plan.flat >= 0:
                 if sorted_cols is None:
                     sorted_cols = self._sorted_columns(batch, frames, starts)
-                if self._decode_matrix(plan, idx, lo, hi, g, sorted_cols, pieces):
+                if self._decode_matrix(plan, idx, lo, hi, g, sorted_cols, blocks):
                     stats.decoded += hi - lo
                     continue
             if plan.fallback:
@@ -234,7 +241,7 @@ class VectorDecoder:
             plan_of = flat_of_group[gid]
             sel = plan_of >= 0
             self._decode_flat(batch, keep[sel], plan_of[sel], pieces)
-        return DecodedBatch(_assemble(pieces), stats)
+        return DecodedBatch(_assemble(pieces, blocks), stats)
 
     def _needs_work(self, plan: _Plan) -> bool:
         """Whether frames of ``plan`` must be decoded at all: for a wanted signal, or to find
@@ -339,6 +346,9 @@ class VectorDecoder:
             # sign extension without a row mask: the field, shifted down unsigned, is
             # (v ^ m) - m with m its sign bit (0 for unsigned rows), read as int64
             sign = np.where(signed, np.uint64(1) << (np.uint64(63) - shr), np.uint64(0))
+            ranks = (t["sid"][rows] & 0xFFFF).tolist()
+            meta = [self._flat_meta[r] for r in rows.tolist()]
+            by_rank = sorted(range(len(ranks)), key=ranks.__getitem__)
             cols = self._columns[plan.flat] = _Columns(
                 t["shl"][rows, None],
                 shr[:, None],
@@ -351,8 +361,8 @@ class VectorDecoder:
                 if (t["offset"][rows] == 0).all() and not np.signbit(t["scale"][rows]).any()
                 else t["offset"][rows, None],
                 int(t["seq_end"][lo:hi].max(initial=0)),
-                (t["sid"][rows] & 0xFFFF).tolist(),
-                [self._flat_meta[r] for r in rows.tolist()],
+                [ranks[i] for i in by_rank],
+                [(i, meta[i][0], *meta[i][1]) for i in by_rank],
             )
         return cols
 
@@ -374,24 +384,24 @@ class VectorDecoder:
         hi: int,
         group: int,
         sorted_cols: tuple[Any, Any, list[int]],
-        pieces: list[_Piece],
+        blocks: list[_Block],
     ) -> bool:
         """A large group of a flat plan: all its wanted signals as one (signals x frames)
         matrix, as ``_decode_flat`` computes them pair by pair. False (nothing done) when a
         frame is too short for one of them: then the general path drops what does not fit.
         ``idx`` are the group's frames (batch indices), at ``lo:hi`` of ``sorted_cols``."""
         c = self._plan_columns(plan)
-        if not c.meta:
+        if not c.named:
             return True
         words, stamps, min_dlc = sorted_cols
         if 8 * min_dlc[group] < c.seq_end or (c.wide and c.sign is not None):
             return False
         le = words[lo:hi]
         k = c.n_little
-        if k == len(c.meta):
+        if k == len(c.named):
             u = le[None, :] << c.shl
         else:
-            u = np.empty((len(c.meta), hi - lo), np.uint64)
+            u = np.empty((len(c.named), hi - lo), np.uint64)
             np.left_shift(le[None, :], c.shl[:k], out=u[:k])
             np.left_shift(le.byteswap()[None, :], c.shl[k:], out=u[k:])
         u >>= c.shr
@@ -406,12 +416,15 @@ class VectorDecoder:
         if c.offset is not None:
             raw += c.offset
         ts = stamps[lo:hi]
-        first = int(idx[0])
-        make = _Piece._make  # a plain tuple.__new__: a quarter of _Piece(...)'s cost
-        pieces += [
-            make((name, first, rank, idx, ts, row, m))
-            for (name, m), rank, row in zip(c.meta, c.ranks, raw, strict=True)
-        ]
+        rows = list(raw)
+        blocks.append(
+            (
+                int(idx[0]),
+                idx,
+                c.ranks,
+                [make_series(n, ts, rows[i], u, ch) for i, n, u, ch in c.named],
+            )
+        )
         return True
 
     def _wants(self, name: str) -> bool:
@@ -626,9 +639,30 @@ def _all_muxes(node: _Node) -> list[tuple[int, dict[int, _Node]]]:
     return out
 
 
-def _assemble(pieces: list[_Piece]) -> list[SignalSeries]:
+def _assemble(pieces: list[_Piece], blocks: list[_Block] | None = None) -> list[SignalSeries]:
     """One series per name, samples in frame order, series in order of first appearance."""
-    if len({p.name for p in pieces}) == len(pieces):  # a piece per name: the usual case
+    if blocks:
+        names = [s.name for b in blocks for s in b[3]]
+        names += [p.name for p in pieces]
+        if len(set(names)) == len(names):  # a series per name: the usual case
+            # a block's first frame is no other piece's (a frame has one message), and its
+            # series are in rank order already
+            entries: list[tuple[int, int, Any]] = [(b[0], 0, b[3]) for b in blocks]
+            entries += [(p.first, p.rank, p) for p in pieces]
+            entries.sort(key=_FIRST_RANK_OF_ENTRY)
+            out: list[SignalSeries] = []
+            for _, _, x in entries:
+                if type(x) is list:
+                    out += x
+                else:
+                    out.append(make_series(x[0], x[4], x[5], *x[6]))
+            return out
+        pieces = pieces + [
+            _Piece(s.name, b[0], r, b[1], s.timestamp, s.value, (s.unit, s.choices))
+            for b in blocks
+            for r, s in zip(b[2], b[3], strict=True)
+        ]
+    if len({p.name for p in pieces}) == len(pieces):  # a piece per name
         # (first frame, rank in that frame's dict) is unique: a frame has one message
         pieces.sort(key=_FIRST_RANK)
         return [make_series(p[0], p[4], p[5], *p[6]) for p in pieces]
