@@ -116,11 +116,31 @@ def _read(path: Path) -> bytes:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
 
 
+# the files (path, mtime, size) whose load notes this process has said as warnings
+_said: set[tuple[Path, int, int]] = set()
+
+
+def _say(path: Path, mtime: int, size: int, notes: list[str]) -> None:
+    """A file's load notes, as warnings, once per process while it is unchanged: whether its
+    plans, its model or both are loaded."""
+    if (path, mtime, size) not in _said:
+        _said.add((path, mtime, size))
+        for note in notes:
+            log.warning("%s: %s", path, note)
+
+
+def _forget() -> None:
+    """Forget what this process loaded and said (for tests: as a new process would)."""
+    _load_cached.cache_clear()
+    _plans_cached.cache_clear()
+    _said.clear()
+
+
 @functools.lru_cache(maxsize=32)
 def _load_cached(
     path: Path, _mtime: int, _size: int
 ) -> tuple[cantools.database.can.Database, list[str]]:
-    """(cantools' model, what its load had to relax or repair), said as warnings here."""
+    """(cantools' model, what its load had to relax or repair), said as warnings."""
     raw = _read(path)
     cache = _cache_file(raw)
     hit = _cache_get(cache) if cache is not None else None
@@ -133,8 +153,7 @@ def _load_cached(
             db = _slim(_parse(path, notes))
         if cache is not None:
             _cache_put(cache, (db, notes))
-    for note in notes:
-        log.warning("%s: %s", path, note)
+    _say(path, _mtime, _size, notes)
     return db, notes
 
 
@@ -142,17 +161,33 @@ def _load_cached(
 def _plans_cached(path: Path, mtime: int, size: int) -> DbcPlans:
     cache = _cache_file(_read(path), ".plans")
     hit = _plans_get(cache) if cache is not None else None
-    if hit is not None:
-        plans, notes = hit
-        for note in notes:
-            log.warning("%s: %s", path, note)
-    else:
-        db, notes = _load_cached(path, mtime, size)  # warned there
+    if hit is None:
+        db, notes = _load_cached(path, mtime, size)
         plans = DbcPlans.of(db, build=cache is not None)  # without a cache: as they are met
         if cache is not None:
             _write_private(cache, (plans, notes))
-    plans.database = lambda: _load_cached(path, mtime, size)[0]
+        return plans
+    plans, notes = hit
+    _say(path, mtime, size, notes)
+    if plans.needs_model:
+        # messages cantools decodes itself: its model of the file as it is now, as the plans
+        db = _load_cached(path, mtime, size)[0]
+        plans.database = lambda: db
+    else:
+        plans.database = functools.partial(_model_later, path, mtime, size)
     return plans
+
+
+def _model_later(path: Path, mtime: int, size: int) -> cantools.database.can.Database:
+    """cantools' model of a DBC whose plans came from the cache, when something asks for it
+    later: of the file the plans were made of, or a DbcError if it has changed since."""
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is None or (st.st_mtime_ns, st.st_size) != (mtime, size):
+        raise DbcError(f"{path}: changed or removed since the gateway read it; start it again")
+    return _load_cached(path, mtime, size)[0]
 
 
 def _plans_get(path: Path) -> tuple[DbcPlans, list[str]] | None:
@@ -201,24 +236,27 @@ def cache_dir() -> Path | None:
 
 @functools.cache
 def _loader_digest() -> str:
-    """The source of this module and of the plans: a change to how DBCs are loaded, repaired
-    or compiled retires the entries it made, without anyone having to remember a format
-    number."""
+    """The source of this module, of the plans and of the records their names are kept in: a
+    change to how DBCs are loaded, repaired or compiled retires the entries it made, without
+    anyone having to remember a format number."""
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(Path(__file__).with_name("signalplan.py").read_bytes())
+    h.update(Path(__file__).parent.parent.joinpath("records.py").read_bytes())
     return h.hexdigest()
 
 
 @functools.cache
-def _cantools_stamp() -> str:
-    """Which cantools is installed, found without importing it: its distribution's name and
-    version (the ``dist-info`` folder beside it) and where and when its files were written."""
-    spec = importlib.util.find_spec("cantools")
+def _package_stamp(name: str) -> str:
+    """Which version of an installed package, found without importing it: its distribution's
+    name and version (the ``dist-info`` folder beside it) and where and when its main file was
+    written. cantools parses the DBC; bitstruct decides which layouts fail (kept in plans)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        return "no cantools"
+        return f"no {name}"
     origin = Path(spec.origin)
+    top = origin.parent.parent if origin.name == "__init__.py" else origin.parent
     try:
-        dists = sorted(p.name for p in origin.parent.parent.glob("cantools-*.dist-info"))
+        dists = sorted(p.name for p in top.glob(f"{name}-*.dist-info"))
         st = origin.stat()
     except OSError:
         return str(origin)
@@ -234,7 +272,8 @@ def _cache_file(raw: bytes, suffix: str = ".pickle") -> Path | None:
 
     h = hashlib.sha256(raw)
     h.update(
-        f"|{_cantools_stamp()}|{__version__}|{sys.version_info[:2]}|{_loader_digest()}".encode()
+        f"|{_package_stamp('cantools')}|{_package_stamp('bitstruct')}|{__version__}"
+        f"|{sys.version_info[:2]}|{_loader_digest()}".encode()
     )
     return root / "dbc" / f"{h.hexdigest()}{suffix}"
 

@@ -39,6 +39,8 @@ class CantoolsDecoder:
         self._dbcs = dbcs
         self._wanted = wanted
         self._lookup: dict[tuple[str, int], cantools.database.can.Message | None] = {}
+        for _ in dbcs.all_databases():  # cantools' models now, of the files as they are now
+            pass
 
     def _message(self, channel: str, frame_id: int) -> cantools.database.can.Message | None:
         key = (channel, frame_id)

@@ -281,6 +281,9 @@ class DbcPlans:
         self.ids = ids  # masked frame id (bit 31 set: extended) -> message number
         self.names = names  # message names, by number
         self.plans = plans  # None: not built yet; bytes: pickled, read on first use
+        # whether decoding may need cantools' model: a message cantools decodes itself, or a
+        # plan not built yet (or whose build failed, to fail again where it is used)
+        self.needs_model = any(not isinstance(p, _Plan) or p.fallback for p in plans)
         self.database: Callable[[], Database] | None = None
 
     @classmethod
@@ -300,6 +303,7 @@ class DbcPlans:
                     out.plans[i] = _build_plan(m)
                 except Exception:  # noqa: BLE001 - left to be built (and to fail) where used
                     out.plans[i] = None
+            out.needs_model = any(p is None or p.fallback for p in out.plans)
         return out
 
     def number(self, frame_id: int) -> int | None:
@@ -312,11 +316,14 @@ class DbcPlans:
     def plan(self, number: int) -> _Plan:
         plan = self.plans[number]
         if isinstance(plan, bytes):
-            plan = pickle.loads(plan)
+            try:
+                plan = pickle.loads(plan)
+            except Exception:  # noqa: BLE001 - a damaged entry: built again below
+                plan = None
             if not isinstance(plan, _Plan):
-                raise TypeError(f"not a plan: {type(plan).__name__}")
+                plan = None
             self.plans[number] = plan
-        elif plan is None:
+        if plan is None:
             plan = self.plans[number] = _build_plan(self.message(number))
         return plan
 

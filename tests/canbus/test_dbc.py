@@ -17,8 +17,7 @@ from tests.conftest import KONA, SHARED_CAN
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     """Each file is parsed and warned about once per process; these tests watch the warning."""
-    dbc_module._load_cached.cache_clear()
-    dbc_module._plans_cached.cache_clear()
+    dbc_module._forget()
 
 
 def test_original_kona_dbc_without_bs_bu_sections_loads_with_a_warning(caplog):
@@ -67,7 +66,7 @@ def test_parsed_dbc_is_cached_on_disk_and_warns_again_when_read_back(tmp_path, m
     assert len(entries) == 1
     assert entries[0].stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "cache" / "dbc").stat().st_mode & 0o777 == 0o700
-    dbc_module._load_cached.cache_clear()
+    dbc_module._forget()
     caplog.clear()
     parsed = []
     monkeypatch.setattr(dbc_module, "_parse", lambda *a: parsed.append(a) or None)
@@ -97,12 +96,12 @@ def test_cache_entry_others_can_write_or_that_is_damaged_is_not_trusted(tmp_path
 
     monkeypatch.setattr(dbc_module, "_parse", counting)
     os.chmod(entry, 0o666)  # group/world-writable: someone else could have put a pickle here
-    dbc_module._load_cached.cache_clear()
+    dbc_module._forget()
     assert len(load_dbc(KONA / "kona_ccan.cantools.dbc").messages) > 0
     assert len(calls) == 1
     entry.write_bytes(b"not a pickle")
     os.chmod(entry, 0o600)
-    dbc_module._load_cached.cache_clear()
+    dbc_module._forget()
     assert len(load_dbc(KONA / "kona_ccan.cantools.dbc").messages) > 0
     assert len(calls) == 2
     hit = dbc_module._cache_get(entry)  # rewritten with the good parse
@@ -153,7 +152,7 @@ def test_a_cache_that_cannot_be_written_or_found_never_stops_a_load(tmp_path, mo
     (shared / "dbc").mkdir(parents=True)
     os.chmod(shared / "dbc", 0o777)  # others may write here: no pickle is written into it
     monkeypatch.setenv("GATEWAY_CACHE_DIR", str(shared))
-    dbc_module._load_cached.cache_clear()
+    dbc_module._forget()
     assert load_dbc(KONA / "kona_ccan.cantools.dbc").messages
     assert list(shared.rglob("*")) == [shared / "dbc"]
     monkeypatch.delenv("GATEWAY_CACHE_DIR")
@@ -164,7 +163,7 @@ def test_a_cache_that_cannot_be_written_or_found_never_stops_a_load(tmp_path, mo
 
     monkeypatch.setattr(dbc_module.Path, "home", staticmethod(no_home))
     assert dbc_module.cache_dir() is None
-    dbc_module._load_cached.cache_clear()
+    dbc_module._forget()
     assert load_dbc(KONA / "kona_ccan.cantools.dbc").messages
 
 
@@ -177,7 +176,7 @@ def test_cantools_own_warnings_are_said_again_from_the_cache(tmp_path, monkeypat
         'BO_ 256 MsgB: 8 ECU\n SG_ B : 0|8@1+ (1,0) [0|255] "" ECU\n'
     )
     for _ in range(2):  # parsed, then read from the cache
-        dbc_module._load_cached.cache_clear()
+        dbc_module._forget()
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             load_dbc(dup)
@@ -203,7 +202,7 @@ def test_the_slimmed_model_decodes_and_describes_every_signal_as_cantools_does(
     monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
     ours = load_dbc(path)
     if source == "from the cache":
-        dbc_module._load_cached.cache_clear()
+        dbc_module._forget()
         monkeypatch.setattr(dbc_module, "_parse", None)  # a parse would fail
         ours = load_dbc(path)
     try:
@@ -245,3 +244,74 @@ def _decoded(msg, data: bytes):
         return msg.decode(data, decode_choices=True, allow_truncated=True)
     except Exception as exc:  # noqa: BLE001 - the same failure on both sides is equal too
         return type(exc).__name__
+
+
+def _warm(tmp_path, monkeypatch, path):
+    """The plans and the model of ``path`` in a cache of this test; then a "new process"."""
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    ChannelDbcs.from_specs([str(path)])
+    dbc_module._forget()
+
+
+def test_load_notes_are_said_once_whether_plans_model_or_both_are_loaded(
+    tmp_path, monkeypatch, caplog
+):
+    path = tmp_path / "kona_pcan.dbc"  # the original: loaded after adding BS_:/BU_:
+    path.write_bytes((KONA / "kona_pcan.dbc").read_bytes())
+    _warm(tmp_path, monkeypatch, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        dbcs = ChannelDbcs.from_specs([str(path)])
+        assert dbcs.for_channel("can0")[0].messages  # the model, loaded now
+        load_dbc(path)
+    assert caplog.text.count("BS_:/BU_:") == 1
+
+
+def test_a_dbc_changed_after_start_is_never_mixed_with_the_plans_read_at_start(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "ccan.dbc"
+    text = (KONA / "kona_ccan.cantools.dbc").read_text()
+    path.write_text(text)
+    _warm(tmp_path, monkeypatch, path)
+    dbcs = ChannelDbcs.from_specs([str(path)])  # plans from the cache; no model needed
+    path.write_text(text.replace("BO_ ", "BO_  "))  # edited while the gateway runs
+    with pytest.raises(DbcError, match="changed or removed since the gateway read it"):
+        dbcs.for_channel("can0")
+    path.unlink()
+    with pytest.raises(DbcError, match="ccan.dbc"):
+        dbcs.for_channel("can0")
+
+
+def test_plans_that_need_cantools_model_load_it_at_start(tmp_path, monkeypatch):
+    """A DBC with messages cantools decodes itself: its model is loaded with the plans, so a
+    later change of the file cannot reach a running decoder."""
+    from gateway.canbus import signalplan
+    from gateway.canbus.fastdecode import VectorDecoder
+    from gateway.records import FrameBatchBuilder
+
+    path = tmp_path / "ccan.dbc"
+    path.write_text((KONA / "kona_ccan.cantools.dbc").read_text())
+    with monkeypatch.context() as m:  # every plan: "cantools decodes this message"
+        m.setattr(signalplan, "_layout_ok", lambda signals, length: False)
+        _warm(tmp_path, monkeypatch, path)
+    dbcs = ChannelDbcs.from_specs([str(path)])
+    path.unlink()
+    db = load_dbc(KONA / "kona_ccan.cantools.dbc")  # the same messages
+    b = FrameBatchBuilder()
+    for i, msg in enumerate(db.messages):
+        b.add(float(i), "can0", msg.frame_id, bytes(range(msg.length)))
+    got = VectorDecoder(dbcs).decode(b.build())
+    assert got.stats.decoded == len(db.messages) and got.series
+
+
+def test_a_damaged_plan_inside_a_readable_entry_is_built_again():
+    import pickle
+
+    from gateway.canbus.signalplan import DbcPlans
+
+    db = load_dbc(KONA / "kona_ccan.cantools.dbc")
+    state = pickle.loads(pickle.dumps(DbcPlans.of(db, build=True)))
+    state.plans[0] = b"not a pickle"
+    state.database = lambda: db
+    assert state.plan(0) == DbcPlans.of(db).plan(0)

@@ -487,14 +487,12 @@ def test_plans_read_back_from_the_cache_decode_as_cantools_does(
     monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
     paths = _cached_paths(tmp_path)
     for path in paths:  # parsed, compiled and cached
-        dbc_module._plans_cached.cache_clear()
-        dbc_module._load_cached.cache_clear()
+        dbc_module._forget()
         with monkeypatch.context() as m:
             if path.name == "corners.dbc":  # every plan of it: "cantools decodes this one"
                 m.setattr(signalplan, "_layout_ok", lambda signals, length: False)
             ChannelDbcs.from_specs([str(path)])
-    dbc_module._plans_cached.cache_clear()
-    dbc_module._load_cached.cache_clear()
+    dbc_module._forget()
     monkeypatch.setattr(dbc_module, "_parse", None)  # neither a parse ...
     monkeypatch.setattr(signalplan, "_build_plan", None)  # ... nor a plan built here
     rng = np.random.default_rng(11)
