@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -60,7 +61,7 @@ class _Piece(NamedTuple):
     frames: Any  # batch indices
     ts: Any
     values: Any
-    meta: tuple[str, dict[float, str] | None]
+    meta: tuple[str, Mapping[float, str] | None]
 
 
 class _Columns(NamedTuple):
@@ -650,13 +651,13 @@ def _assemble(pieces: list[_Piece], blocks: list[_Block] | None = None) -> list[
             entries: list[tuple[int, int, Any]] = [(b[0], 0, b[3]) for b in blocks]
             entries += [(p.first, p.rank, p) for p in pieces]
             entries.sort(key=_FIRST_RANK_OF_ENTRY)
-            out: list[SignalSeries] = []
+            made: list[SignalSeries] = []
             for _, _, x in entries:
                 if type(x) is list:
-                    out += x
+                    made += x
                 else:
-                    out.append(make_series(x[0], x[4], x[5], *x[6]))
-            return out
+                    made.append(make_series(x[0], x[4], x[5], *x[6]))
+            return made
         pieces = pieces + [
             _Piece(s.name, b[0], r, b[1], s.timestamp, s.value, (s.unit, s.choices))
             for b in blocks

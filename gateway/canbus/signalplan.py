@@ -303,7 +303,7 @@ class DbcPlans:
                     out.plans[i] = _build_plan(m)
                 except Exception:  # noqa: BLE001 - left to be built (and to fail) where used
                     out.plans[i] = None
-            out.needs_model = any(p is None or p.fallback for p in out.plans)
+            out.needs_model = any(not isinstance(p, _Plan) or p.fallback for p in out.plans)
         return out
 
     def number(self, frame_id: int) -> int | None:
