@@ -9,19 +9,26 @@ from typing import Any
 
 import numpy as np
 
+from gateway.canbus import parseproc
 from gateway.records import FrameBatch
 
 
 def rss_mb() -> float:
-    """Current resident memory (Linux /proc), else the peak from getrusage."""
+    """Current resident memory (Linux /proc), with what a running candump parse process has
+    of its own; else the peak from getrusage."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                    return int(line.split()[1]) / 1024 + parseproc.private_mb()
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time of the gateway, its candump parse processes included."""
+    return time.process_time() + parseproc.cpu_seconds()
 
 
 def peak_rss_mb() -> float:
@@ -37,7 +44,7 @@ class HealthMonitor:
     frames: int = 0
     per_channel: dict[str, int] = field(default_factory=dict)
     _last_t: float = field(default_factory=time.monotonic)
-    _last_cpu: float = field(default_factory=time.process_time)
+    _last_cpu: float = field(default_factory=cpu_seconds)
     _last_counts: dict[str, int] = field(default_factory=dict)
 
     def on_batch(self, batch: FrameBatch) -> None:
@@ -51,7 +58,7 @@ class HealthMonitor:
                 self.per_channel[name] = self.per_channel.get(name, 0) + n
 
     def snapshot(self, **extra: Any) -> dict[str, Any]:
-        now, cpu = time.monotonic(), time.process_time()
+        now, cpu = time.monotonic(), cpu_seconds()
         dt = max(now - self._last_t, 1e-6)
         rates = {
             ch: round((n - self._last_counts.get(ch, 0)) / dt, 1)

@@ -427,6 +427,9 @@ def describe() -> str:
         "replay reads without importing cantools), pickles keyed by the SHA-256 of the DBC, the "
         "installed cantools and the gateway and Python versions, read only when the folder and "
         "the file belong to the user and nobody else can write to them. |",
+        "| `GATEWAY_PARSE_PROCESS` | `0`: parse a candump log in threads of the gateway's own "
+        "process instead of a process of its own (the default on Linux with 2 or more cores; "
+        "see `gateway/canbus/parseproc.py`). |",
         "",
     ]
     return "\n".join(lines)

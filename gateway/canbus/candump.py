@@ -761,11 +761,24 @@ def iter_candump(
     """Every frame of a candump log, in file order, as chunks that end after ``chunk_frames``
     frames or at the first frame ``max_chunk_seconds`` or more after the chunk's first one.
     Bad lines are counted in ``stats`` (pass one in to read it afterwards), never raised.
-    ``workers``: threads that parse blocks, ``parse_threads()`` by default (0: in this one)."""
-    workers = parse_threads() if workers is None else workers
+    ``workers``: threads that parse blocks (0: in this one). By default a file is parsed in a
+    process of its own where that is possible (``parseproc``), else in ``parse_threads()``."""
     stats = stats if stats is not None else ReadStats()
     if isinstance(source, (str, Path)):
         stats.path = stats.path or str(source)
+        if workers is None and os.environ.get("GATEWAY_PARSE_PROCESS", "1") != "0":
+            from gateway.canbus import parseproc
+
+            if parseproc.available():
+                yield from parseproc.iter_candump_forked(
+                    Path(source),
+                    stats,
+                    chunk_frames=chunk_frames,
+                    max_chunk_seconds=max_chunk_seconds,
+                    block_bytes=block_bytes,
+                )
+                return
+    workers = parse_threads() if workers is None else workers
     fh, owned = _open(source)
     channels = _Channels()
     chunker = _Chunker(chunk_frames, max_chunk_seconds, channels, stats)

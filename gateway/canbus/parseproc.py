@@ -1,0 +1,222 @@
+"""Parsing a candump log in a process of its own, beside the pipeline.
+
+In one process the parse thread and the pipeline take turns on the interpreter lock: timed on
+the 2-core VM of ``docs/benchmarks.md``, a replay with a parse thread used one core, and was no
+faster than parsing inline. A forked child parses with its own interpreter and sends each
+chunk through a pipe (its columns as raw buffers, pickle protocol 5 with out-of-band data), so
+parsing and the pipeline run on two cores.
+
+The child is forked from the gateway itself (nothing to import, a few ms), runs only numpy and
+plain writes, and is bounded by the pipe: it parses ahead by at most a chunk or two, so memory
+stays bounded and a paced (real-time) replay does not read the file ahead. It counts what it
+read in a ``ReadStats`` whose state follows every chunk, so progress and bad-line reports are
+the same as from a parse in this process; it reports the peak of its own private memory (what
+it does not share with the gateway), which ``peak_private_kb`` gives. If the gateway goes away,
+its next write fails and it exits; if the reading stops early, the gateway ends it.
+Linux only (fork is unsafe on macOS with the frameworks loaded; Windows has none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.records import FrameBatch, ReadStats
+
+_HEAD = struct.Struct("<QQ")  # bytes of the pickled message, number of raw buffers
+_PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-root users)
+_F_SETPIPE_SZ = 1031
+
+# the highest peak private memory (kB) of a parse child that ended: for the benchmarks' memory
+# figures, which must count both processes
+peak_private_kb = 0
+_live: set[int] = set()  # parse children running now
+_ended_cpu = 0.0  # CPU seconds of the parse children that ended
+
+
+def available() -> bool:
+    """Whether parsing can run in a child here: Linux, with a second core for it."""
+    if sys.platform != "linux" or not hasattr(os, "fork"):
+        return False
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except (AttributeError, OSError):
+        return False
+
+
+def cpu_seconds() -> float:
+    """CPU time of this gateway's parse processes, running and ended (for its health)."""
+    total = _ended_cpu
+    for pid in list(_live):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def private_mb() -> float:
+    """The memory of this gateway's running parse processes that they do not share with it."""
+    return sum(_private_kb(pid) for pid in list(_live)) / 1024
+
+
+def iter_candump_forked(
+    path: Path,
+    stats: ReadStats,
+    *,
+    chunk_frames: int,
+    max_chunk_seconds: float,
+    block_bytes: int,
+) -> Iterator[FrameBatch]:
+    """``iter_candump(path)``'s chunks, parsed by a forked child. ``stats`` follows the child's
+    counts after each chunk. An error the child meets is raised here, as the same exception."""
+    global peak_private_kb, _ended_cpu
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):  # a larger pipe: fewer wake-ups per chunk
+        import fcntl
+
+        fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_BYTES)
+    with warnings.catch_warnings():
+        # Python 3.12+ warns on a fork beside other threads (asyncio's executor here): the
+        # child touches nothing of theirs, only numpy, its own file and the pipe
+        warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(r)
+        _child(w, path, stats.path, chunk_frames, max_chunk_seconds, block_bytes)
+    os.close(w)
+    _live.add(pid)
+    done = False
+    try:
+        with open(r, "rb", buffering=0) as src:
+            while True:
+                kind, state, payload = _receive(src)
+                _restore(stats, state)
+                if kind == "batch":
+                    yield payload
+                elif kind == "end":
+                    peak_private_kb = max(peak_private_kb, int(payload))
+                    done = True
+                    return
+                else:  # "error": what the parse raised, raised here
+                    done = True
+                    raise payload
+    finally:
+        if not done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            _, _, usage = os.wait4(pid, 0)
+            _ended_cpu += usage.ru_utime + usage.ru_stime
+        _live.discard(pid)
+
+
+def _child(
+    w: int, path: Path, name: str, chunk_frames: int, max_chunk_seconds: float, block_bytes: int
+) -> None:
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway handles Ctrl-C and ends us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from gateway.canbus.candump import iter_candump
+
+        stats = ReadStats(path=name)
+        peak = 0
+        with open(w, "wb", buffering=0) as out:
+            try:
+                for k, batch in enumerate(
+                    iter_candump(
+                        path,
+                        stats,
+                        chunk_frames=chunk_frames,
+                        max_chunk_seconds=max_chunk_seconds,
+                        block_bytes=block_bytes,
+                        workers=0,  # a parse thread in here: slower (it competes with the gateway)
+                    )
+                ):
+                    if k & (k + 1) == 0:  # after chunks 1, 2, 4, 8, ...: reading it costs 1 ms
+                        peak = max(peak, _private_kb())
+                    _send(out, "batch", stats, batch)
+                peak = max(peak, _private_kb())
+                _send(out, "end", stats, peak)
+            except BrokenPipeError:
+                pass  # the gateway stopped reading
+            except BaseException as exc:  # noqa: BLE001 - sent to the gateway, raised there
+                with contextlib.suppress(BaseException):
+                    _send(out, "error", stats, exc)
+                code = 1
+    finally:
+        os._exit(code)
+
+
+def _private_kb(pid: int | str = "self") -> int:
+    """A process's pages that are its own (not shared with the gateway), in kB."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                    total += int(line.split()[1])
+    except OSError:
+        return 0
+    return total
+
+
+def _state(stats: ReadStats) -> tuple[Any, ...]:
+    return (stats.frames, stats.bad_lines, stats.first_bad, stats.bytes_read, stats.stopped_early)
+
+
+def _restore(stats: ReadStats, state: tuple[Any, ...]) -> None:
+    stats.frames, stats.bad_lines, first_bad, stats.bytes_read, stats.stopped_early = state
+    stats.first_bad[:] = first_bad
+
+
+def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    meta = pickle.dumps((kind, _state(stats), payload), protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    parts: list[Any] = [
+        _HEAD.pack(len(meta), len(raws)),
+        struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws)),
+        meta,
+        *raws,
+    ]
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view:
+            view = view[out.write(view) :]
+
+
+def _receive(src: Any) -> tuple[str, tuple[Any, ...], Any]:
+    size, n = _HEAD.unpack(_exactly(src, _HEAD.size))
+    sizes = struct.unpack(f"<{n}Q", _exactly(src, 8 * n))
+    meta = _exactly(src, size)
+    buffers = [_exactly(src, s) for s in sizes]
+    kind, state, payload = pickle.loads(meta, buffers=buffers)
+    return kind, state, payload
+
+
+def _exactly(src: Any, n: int) -> Any:
+    """``n`` bytes from the pipe, into a buffer of their own (writable, not zeroed first: numpy
+    arrays are made on it). The child gone before the end is an error, not an empty log."""
+    buf = np.empty(n, np.uint8)
+    view = buf.data
+    got = 0
+    while got < n:
+        k = src.readinto(view[got:])
+        if not k:
+            raise RuntimeError("the candump parse process ended unexpectedly")
+        got += k
+    return buf

@@ -1,0 +1,216 @@
+"""The candump parse in a process of its own gives what the parse in this process gives: the
+same chunks, bit for bit, the same counts and bad lines; its errors arrive here; it never
+outlives the reading, or the gateway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.canbus import candump, parseproc
+from gateway.canbus.candump import iter_candump
+from gateway.records import FrameBatch, ReadStats
+from tests.conftest import KONA_CANDUMP, ROOT
+
+pytestmark = pytest.mark.skipif(not parseproc.available(), reason="no fork or one core")
+
+FIELDS = (
+    "timestamp",
+    "channel",
+    "arbitration_id",
+    "is_extended",
+    "is_remote",
+    "is_error",
+    "is_fd",
+    "dlc",
+    "data",
+)
+
+
+def forked(path: Path, stats: ReadStats, **kw: object) -> list[FrameBatch]:
+    args = {"chunk_frames": 8192, "max_chunk_seconds": 0.25, "block_bytes": 1 << 19, **kw}
+    return list(parseproc.iter_candump_forked(path, stats, **args))  # type: ignore[arg-type]
+
+
+def assert_same(a: list[FrameBatch], b: list[FrameBatch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.channels == y.channels
+        for f in FIELDS:
+            u, v = getattr(x, f), getattr(y, f)
+            assert u.dtype == v.dtype and u.shape == v.shape, f
+            assert np.array_equal(u.view(np.uint8), v.view(np.uint8)), f
+            assert v.flags.writeable, f
+
+
+def damaged(tmp_path: Path) -> Path:
+    """The real Kona log with bad lines here and there (and one overlong), as a replay meets."""
+    lines = KONA_CANDUMP.read_bytes().splitlines(keepends=True)[:30000]
+    rng = np.random.default_rng(5)
+    for i in sorted(rng.choice(len(lines), 40, replace=False).tolist(), reverse=True):
+        lines.insert(int(i), [b"garbage\n", b"(12.5) can0 12#XYZ\n", b"x" * 900 + b"\n"][i % 3])
+    path = tmp_path / "damaged.log"
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+@pytest.mark.parametrize("chunking", [(8192, 0.25), (32768, float("inf"))])
+def test_the_forked_parse_equals_the_parse_here(tmp_path: Path, chunking: tuple) -> None:
+    frames, seconds = chunking
+    for path, block in ((KONA_CANDUMP, 1 << 19), (damaged(tmp_path), 4096)):
+        here, there = ReadStats(path=str(path)), ReadStats(path=str(path))
+        ref = list(
+            iter_candump(
+                path,
+                here,
+                chunk_frames=frames,
+                max_chunk_seconds=seconds,
+                block_bytes=block,
+                workers=0,
+            )
+        )
+        got = forked(path, there, chunk_frames=frames, max_chunk_seconds=seconds, block_bytes=block)
+        assert_same(ref, got)
+        assert there == here
+    assert here.bad_lines > 0 and here.first_bad  # the damaged log did have bad lines
+
+
+def test_stats_follow_each_chunk_for_progress(tmp_path: Path) -> None:
+    stats = ReadStats()
+    seen = []
+    for b in parseproc.iter_candump_forked(
+        KONA_CANDUMP, stats, chunk_frames=4096, max_chunk_seconds=1e9, block_bytes=1 << 16
+    ):
+        seen.append((stats.frames, stats.bytes_read, len(b)))
+    assert len(seen) > 5
+    assert [f for f, _, _ in seen] == list(np.cumsum([n for _, _, n in seen]))
+    assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:], strict=False))
+    assert seen[-1][1] == KONA_CANDUMP.stat().st_size
+    assert parseproc.peak_private_kb > 0
+
+
+def test_an_error_in_the_child_is_raised_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = candump._parse_block
+    calls = []
+
+    def third_fails(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("no memory for block 3")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(candump, "_parse_block", third_fails)  # the fork inherits it
+    got = []
+    with pytest.raises(MemoryError, match="block 3"):
+        for b in parseproc.iter_candump_forked(
+            KONA_CANDUMP, ReadStats(), chunk_frames=100, max_chunk_seconds=1e9, block_bytes=4096
+        ):
+            got.append(b)
+    assert got  # the chunks before the error arrived
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_reading_stopped_early_ends_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    pids = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(parseproc.os, "fork", fork)
+    it = parseproc.iter_candump_forked(
+        KONA_CANDUMP, ReadStats(), chunk_frames=64, max_chunk_seconds=1e9, block_bytes=4096
+    )
+    next(it)
+    it.close()
+    (pid,) = pids
+    assert not _alive(pid)  # killed and reaped: no zombie either
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_the_child_ends_when_the_gateway_is_killed(tmp_path: Path) -> None:
+    """A gateway killed hard (SIGKILL) leaves no parse process behind: its next write fails."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import gateway.canbus.parseproc as pp\n"
+        "from gateway.records import ReadStats\n"
+        "real = pp.os.fork\n"
+        "def fork():\n"
+        "    pid = real()\n"
+        "    if pid:\n"
+        "        print(pid, flush=True)\n"
+        "    return pid\n"
+        "pp.os.fork = fork\n"
+        "it = pp.iter_candump_forked(Path(sys.argv[1]), ReadStats(), chunk_frames=64,\n"
+        "                            max_chunk_seconds=1e9, block_bytes=4096)\n"
+        "next(it)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(KONA_CANDUMP)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        assert _alive(child)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            # reaped by init once it exits; until then a zombie reads as "Z" in its stat
+            try:
+                state = Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0]
+            except FileNotFoundError:
+                break
+            if state == "Z":
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the parse process outlived the killed gateway")
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_the_health_counts_the_parse_process_cpu_and_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway import health
+
+    before = parseproc.cpu_seconds()
+    it = parseproc.iter_candump_forked(
+        KONA_CANDUMP, ReadStats(), chunk_frames=256, max_chunk_seconds=1e9, block_bytes=4096
+    )
+    next(it)
+    assert len(parseproc._live) == 1 and parseproc.private_mb() > 0
+    for _ in it:
+        pass
+    assert not parseproc._live
+    assert parseproc.cpu_seconds() > before  # the ended child's CPU, from wait4
+    mon = health.HealthMonitor()
+    monkeypatch.setattr(parseproc, "cpu_seconds", lambda: before + 1000.0)
+    assert mon.snapshot()["cpu_percent"] > 1000  # 1000 s of a child's CPU since the last one
