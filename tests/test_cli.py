@@ -291,3 +291,30 @@ def test_a_replay_whose_dbcs_are_cached_imports_neither_cantools_nor_python_can(
         assert "BS_:/BU_:" in proc.stderr  # the repair of the original DBC is said both times
         seen.append(next(ln for ln in proc.stdout.splitlines() if ln.startswith("IMPORTED")))
     assert seen == ["IMPORTED ['can', 'cantools']", "IMPORTED []"]
+
+
+def test_a_stop_signal_to_the_whole_process_group_stops_a_fast_replay_cleanly(
+    tmp_path, broker, vin
+):
+    """``timeout`` and systemd send SIGTERM to the process group, the candump parse process
+    included: the gateway stops as on its own SIGTERM, and leaves no process behind."""
+    from tests.conftest import KONA, KONA_CANDUMP, replay_args
+
+    dbcs = [f"can0={KONA / 'kona_pcan.cantools.dbc'}", f"can1={KONA / 'kona_ccan.cantools.dbc'}"]
+    args = replay_args(KONA_CANDUMP, dbcs, broker.url, vin, tmp_path, "--fast", "--loop", "-q")
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        time.sleep(2.0)  # well into the laps
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err  # as on the gateway's own SIGTERM
+        assert "Traceback" not in err and "gateway: error" not in err, err
+        assert "replayed" in out + err
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # nobody left in the group

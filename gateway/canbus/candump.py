@@ -769,7 +769,7 @@ def iter_candump(
         if workers is None and os.environ.get("GATEWAY_PARSE_PROCESS", "1") != "0":
             from gateway.canbus import parseproc
 
-            if parseproc.available():
+            if parseproc.available() and parseproc.usable(Path(source)):
                 yield from parseproc.iter_candump_forked(
                     Path(source),
                     stats,

@@ -10,18 +10,28 @@ The child is forked from the gateway itself (nothing to import, a few ms), runs 
 plain writes, and is bounded by the pipe: it parses ahead by at most a chunk or two, so memory
 stays bounded and a paced (real-time) replay does not read the file ahead. It counts what it
 read in a ``ReadStats`` whose state follows every chunk, so progress and bad-line reports are
-the same as from a parse in this process; it reports the peak of its own private memory (what
-it does not share with the gateway), which ``peak_private_kb`` gives. If the gateway goes away,
-its next write fails and it exits; if the reading stops early, the gateway ends it.
-Linux only (fork is unsafe on macOS with the frameworks loaded; Windows has none).
+the same as from a parse in this process. If the gateway goes away, the child's next write
+fails and it exits; if the reading stops early, the gateway ends it. Stop signals are the
+gateway's: the child ignores SIGINT and SIGTERM (``timeout`` and systemd signal the whole
+process group), and ends with the reading. Only a regular file is parsed so (a child blocked
+reading a pipe would not see the gateway go); where no child can be forked, the parse runs in
+threads here. Linux only (fork is unsafe on macOS with its frameworks loaded; Windows has none).
+
+Memory: the child reports the peak of its private memory (what it does not share with the
+gateway), sampled after chunks 1, 2, 4, 8, ... and at the end, plus the pipe's buffer; the
+benchmarks add it to the gateway's own peak (``peak_private_kb``). Polled from outside every
+millisecond, the true combined peak of a 2M-frame replay was 0.6-1.3 MB higher than that sum
+(the arrays of a block being parsed, between two samples).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import signal
+import stat
 import struct
 import sys
 import warnings
@@ -45,12 +55,28 @@ _ended_cpu = 0.0  # CPU seconds of the parse children that ended
 
 
 def available() -> bool:
-    """Whether parsing can run in a child here: Linux, with a second core for it."""
+    """Whether parsing can run in a child here: Linux, with a second core for it (CPU affinity
+    and a cgroup's CPU quota both allowing two)."""
     if sys.platform != "linux" or not hasattr(os, "fork"):
         return False
     try:
-        return len(os.sched_getaffinity(0)) >= 2
+        if len(os.sched_getaffinity(0)) < 2:
+            return False
     except (AttributeError, OSError):
+        return False
+    try:  # cgroup v2: "max 100000", or "<quota> <period>" in microseconds
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return True
+    return quota == "max" or int(quota) >= 2 * int(period)
+
+
+def usable(path: Path) -> bool:
+    """A regular file: a pipe or a device could leave the child blocked on a read, where the
+    end of the gateway does not reach it."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
         return False
 
 
@@ -88,21 +114,44 @@ def iter_candump_forked(
         import fcntl
 
         fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_BYTES)
-    with warnings.catch_warnings():
-        # Python 3.12+ warns on a fork beside other threads (asyncio's executor here): the
-        # child touches nothing of theirs, only numpy, its own file and the pipe
-        warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
-        pid = os.fork()
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns on a fork beside other threads (asyncio's executor here): the
+            # child touches nothing of theirs, only numpy, its own file and the pipe
+            warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # no memory or processes left for a child: parse here, in threads
+        os.close(r)
+        os.close(w)
+        from gateway.canbus.candump import iter_candump, parse_threads
+
+        yield from iter_candump(
+            path,
+            stats,
+            chunk_frames=chunk_frames,
+            max_chunk_seconds=max_chunk_seconds,
+            block_bytes=block_bytes,
+            workers=parse_threads(),
+        )
+        return
     if pid == 0:  # the child: never returns
         os.close(r)
         _child(w, path, stats.path, chunk_frames, max_chunk_seconds, block_bytes)
     os.close(w)
     _live.add(pid)
-    done = False
+    done = reaped = False
     try:
         with open(r, "rb", buffering=0) as src:
             while True:
-                kind, state, payload = _receive(src)
+                try:
+                    kind, state, payload = _receive(src)
+                except _Gone:  # reaped here, and never signalled again: its pid may be reused
+                    _, status, usage = os.wait4(pid, 0)
+                    reaped = True
+                    _ended_cpu += usage.ru_utime + usage.ru_stime
+                    raise RuntimeError(
+                        f"the candump parse process ended unexpectedly ({_how(status)})"
+                    ) from None
                 _restore(stats, state)
                 if kind == "batch":
                     yield payload
@@ -114,12 +163,13 @@ def iter_candump_forked(
                     done = True
                     raise payload
     finally:
-        if not done:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            _, _, usage = os.wait4(pid, 0)
-            _ended_cpu += usage.ru_utime + usage.ru_stime
+        if not reaped:
+            if not done:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                _, _, usage = os.wait4(pid, 0)
+                _ended_cpu += usage.ru_utime + usage.ru_stime
         _live.discard(pid)
 
 
@@ -128,8 +178,12 @@ def _child(
 ) -> None:
     code = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway handles Ctrl-C and ends us
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # a stop signal is the gateway's to handle (a Ctrl-C, or `timeout` and systemd send
+        # theirs to the whole process group): it ends the reading, and with it this child
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.set_wakeup_fd(-1)  # asyncio's wake-up socket is the gateway's
+        gc.disable()  # the gateway's objects are not ours to collect (nor to copy by touching)
         from gateway.canbus.candump import iter_candump
 
         stats = ReadStats(path=name)
@@ -150,15 +204,26 @@ def _child(
                         peak = max(peak, _private_kb())
                     _send(out, "batch", stats, batch)
                 peak = max(peak, _private_kb())
-                _send(out, "end", stats, peak)
+                _send(out, "end", stats, peak + _PIPE_BYTES // 1024)  # and the pipe's buffer
             except BrokenPipeError:
                 pass  # the gateway stopped reading
             except BaseException as exc:  # noqa: BLE001 - sent to the gateway, raised there
                 with contextlib.suppress(BaseException):
-                    _send(out, "error", stats, exc)
+                    _send(out, "error", stats, _portable(exc))
                 code = 1
     finally:
         os._exit(code)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives the pipe (pickled and rebuilt), else a RuntimeError saying it."""
+    try:
+        back = pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any exception at all may come here
+        back = None
+    if isinstance(back, BaseException):
+        return exc
+    return RuntimeError(f"candump parse process: {type(exc).__name__}: {exc}")
 
 
 def _private_kb(pid: int | str = "self") -> int:
@@ -199,6 +264,10 @@ def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
             view = view[out.write(view) :]
 
 
+class _Gone(Exception):
+    """The child closed the pipe before its last message."""
+
+
 def _receive(src: Any) -> tuple[str, tuple[Any, ...], Any]:
     size, n = _HEAD.unpack(_exactly(src, _HEAD.size))
     sizes = struct.unpack(f"<{n}Q", _exactly(src, 8 * n))
@@ -217,6 +286,12 @@ def _exactly(src: Any, n: int) -> Any:
     while got < n:
         k = src.readinto(view[got:])
         if not k:
-            raise RuntimeError("the candump parse process ended unexpectedly")
+            raise _Gone
         got += k
     return buf
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -116,16 +116,17 @@ def test_an_error_in_the_child_is_raised_here(monkeypatch: pytest.MonkeyPatch) -
     assert got  # the chunks before the error arrived
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+@pytest.fixture
+def long_log(tmp_path: Path) -> Path:
+    """The Kona log three times (3.5 MB of chunks): more than the pipe holds, so the child is
+    still at work while the tests look at it."""
+    path = tmp_path / "kona_x3.log"
+    path.write_bytes(KONA_CANDUMP.read_bytes() * 3)
+    return path
 
 
-def test_a_reading_stopped_early_ends_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
-    pids = []
+def _spy_forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    pids: list[int] = []
     real_fork = os.fork
 
     def fork() -> int:
@@ -135,8 +136,88 @@ def test_a_reading_stopped_early_ends_the_child(monkeypatch: pytest.MonkeyPatch)
         return pid
 
     monkeypatch.setattr(parseproc.os, "fork", fork)
+    return pids
+
+
+def test_a_log_file_is_parsed_in_a_child_unless_turned_off_or_not_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = _spy_forks(monkeypatch)
+    ref = list(iter_candump(KONA_CANDUMP, workers=0))
+    assert_same(ref, list(iter_candump(KONA_CANDUMP)))
+    assert len(pids) == 1
+    monkeypatch.setenv("GATEWAY_PARSE_PROCESS", "0")
+    assert_same(ref, list(iter_candump(KONA_CANDUMP)))
+    monkeypatch.delenv("GATEWAY_PARSE_PROCESS")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["cp", str(KONA_CANDUMP), str(fifo)])
+    try:
+        assert_same(ref, list(iter_candump(fifo)))
+    finally:
+        writer.wait(10)
+    assert len(pids) == 1  # neither with the switch off nor for a pipe
+
+
+def test_an_error_that_cannot_cross_the_pipe_still_arrives_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Odd(Exception):
+        def __reduce__(self) -> object:
+            raise TypeError("cannot pickle this")
+
+    def fails(*args: object) -> object:
+        raise Odd("block parser broke")
+
+    monkeypatch.setattr(candump, "_parse_block", fails)
+    with pytest.raises(RuntimeError, match="Odd: block parser broke"):
+        list(
+            parseproc.iter_candump_forked(
+                KONA_CANDUMP, ReadStats(), chunk_frames=100, max_chunk_seconds=1e9, block_bytes=4096
+            )
+        )
+
+
+def test_a_child_that_dies_is_an_error_saying_how(
+    long_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = _spy_forks(monkeypatch)
     it = parseproc.iter_candump_forked(
-        KONA_CANDUMP, ReadStats(), chunk_frames=64, max_chunk_seconds=1e9, block_bytes=4096
+        long_log, ReadStats(), chunk_frames=256, max_chunk_seconds=1e9, block_bytes=4096
+    )
+    next(it)
+    os.kill(pids[0], signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="ended unexpectedly .killed by SIGKILL"):
+        for _ in it:
+            pass
+    assert not parseproc._live
+
+
+def test_a_failed_fork_parses_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(parseproc.os, "fork", no_fork)
+    fds = len(os.listdir("/proc/self/fd"))
+    ref = list(iter_candump(KONA_CANDUMP, workers=0))
+    assert_same(ref, forked(KONA_CANDUMP, ReadStats()))
+    assert len(os.listdir("/proc/self/fd")) == fds  # the pipe was closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_reading_stopped_early_ends_the_child(
+    long_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = _spy_forks(monkeypatch)
+    it = parseproc.iter_candump_forked(
+        long_log, ReadStats(), chunk_frames=64, max_chunk_seconds=1e9, block_bytes=4096
     )
     next(it)
     it.close()
@@ -146,7 +227,7 @@ def test_a_reading_stopped_early_ends_the_child(monkeypatch: pytest.MonkeyPatch)
         os.waitpid(pid, os.WNOHANG)
 
 
-def test_the_child_ends_when_the_gateway_is_killed(tmp_path: Path) -> None:
+def test_the_child_ends_when_the_gateway_is_killed(long_log: Path) -> None:
     """A gateway killed hard (SIGKILL) leaves no parse process behind: its next write fails."""
     code = (
         "import sys, time\n"
@@ -166,7 +247,7 @@ def test_the_child_ends_when_the_gateway_is_killed(tmp_path: Path) -> None:
         "time.sleep(60)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(KONA_CANDUMP)],
+        [sys.executable, "-c", code, str(long_log)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -197,13 +278,13 @@ def test_the_child_ends_when_the_gateway_is_killed(tmp_path: Path) -> None:
 
 
 def test_the_health_counts_the_parse_process_cpu_and_memory(
-    monkeypatch: pytest.MonkeyPatch,
+    long_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gateway import health
 
     before = parseproc.cpu_seconds()
     it = parseproc.iter_candump_forked(
-        KONA_CANDUMP, ReadStats(), chunk_frames=256, max_chunk_seconds=1e9, block_bytes=4096
+        long_log, ReadStats(), chunk_frames=256, max_chunk_seconds=1e9, block_bytes=4096
     )
     next(it)
     assert len(parseproc._live) == 1 and parseproc.private_mb() > 0
