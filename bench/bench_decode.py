@@ -146,8 +146,10 @@ def reference_job(batch: FrameBatch, dbcs: ChannelDbcs, frames: int) -> Job:
 
 
 def _fast_chunks(path: Path) -> Iterator[FrameBatch]:
-    """The chunks ``gateway replay --fast`` reads (a paced replay cuts them every 0.25 s)."""
-    return iter_candump(path, chunk_frames=FAST.frames, max_chunk_seconds=FAST.seconds)
+    """The chunks ``gateway replay --fast`` reads (a paced replay cuts them every 0.25 s),
+    parsed in this process as a replay's candump parse process parses them (one thread; the
+    pipe to the gateway is in the end-to-end rows of ``bench/run.py``)."""
+    return iter_candump(path, chunk_frames=FAST.frames, max_chunk_seconds=FAST.seconds, workers=0)
 
 
 def candump_job(path: Path) -> Job:

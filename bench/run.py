@@ -88,15 +88,16 @@ KONA_FPS = 39546 / 10.8404  # frames per second of the two Kona buses in the cap
 # The child reports its own peak: ``ru_maxrss`` from wait4 is no good here, because the child is
 # started by vfork + exec and Linux carries the parent's (this bench's, with its big arrays)
 # high-water mark into the child's figure at exec. A replay parses candump in a forked process
-# of its own (gateway.canbus.parseproc): its peak private memory (what it does not share with
-# the gateway) is added, so that the figure is the memory both take together, at most.
+# of its own (gateway.canbus.parseproc), which reports the highest memory both took together
+# (the gateway's resident memory and its own private memory, sampled); the figure is the higher
+# of that and the gateway's own peak.
 _PEAK = (
     "import atexit, sys\n"
     "def peak():\n"
     "    from gateway.canbus import parseproc\n"
     "    for line in open('/proc/self/status'):\n"
     "        if line.startswith('VmHWM:'):\n"
-    "            kb = int(line.split()[1]) + parseproc.peak_private_kb\n"
+    "            kb = max(int(line.split()[1]), parseproc.peak_combined_kb)\n"
     "            print('BENCH_PEAK_KB', kb, file=sys.stderr)\n"
     "atexit.register(peak)\n"
     "from gateway.cli import entry\n"

@@ -17,17 +17,19 @@ process group), and ends with the reading. Only a regular file is parsed so (a c
 reading a pipe would not see the gateway go); where no child can be forked, the parse runs in
 threads here. Linux only (fork is unsafe on macOS with its frameworks loaded; Windows has none).
 
-Memory: the child reports the peak of its private memory (what it does not share with the
-gateway), sampled after chunks 1, 2, 4, 8, ... and at the end, plus the pipe's buffer; the
-benchmarks add it to the gateway's own peak (``peak_private_kb``). Polled from outside every
-millisecond, the true combined peak of a 2M-frame replay was 0.6-1.3 MB higher than that sum
-(the arrays of a block being parsed, between two samples).
+Memory: after chunks 1, 2, 4, 8, ... and at the end, the child adds its private memory (what
+it does not share with the gateway) to the gateway's resident memory of that moment, and
+reports the highest sum, plus the pipe's buffer (``peak_combined_kb``); the benchmarks take
+the higher of that and the gateway's own peak. Polled from outside every millisecond, the true
+combined peak of a 2M-frame replay was 0.6-1.3 MB higher (the arrays of a block being parsed,
+between two samples).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import pickle
 import signal
@@ -35,7 +37,7 @@ import stat
 import struct
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,9 @@ _HEAD = struct.Struct("<QQ")  # bytes of the pickled message, number of raw buff
 _PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-root users)
 _F_SETPIPE_SZ = 1031
 
-# the highest peak private memory (kB) of a parse child that ended: for the benchmarks' memory
-# figures, which must count both processes
-peak_private_kb = 0
+# the highest memory (kB) the gateway and a parse child that ended took together: for the
+# benchmarks' memory figures, which must count both processes
+peak_combined_kb = 0
 _live: set[int] = set()  # parse children running now
 _ended_cpu = 0.0  # CPU seconds of the parse children that ended
 
@@ -108,7 +110,7 @@ def iter_candump_forked(
 ) -> Iterator[FrameBatch]:
     """``iter_candump(path)``'s chunks, parsed by a forked child. ``stats`` follows the child's
     counts after each chunk. An error the child meets is raised here, as the same exception."""
-    global peak_private_kb, _ended_cpu
+    global peak_combined_kb, _ended_cpu
     r, w = os.pipe()
     with contextlib.suppress(OSError):  # a larger pipe: fewer wake-ups per chunk
         import fcntl
@@ -156,7 +158,7 @@ def iter_candump_forked(
                 if kind == "batch":
                     yield payload
                 elif kind == "end":
-                    peak_private_kb = max(peak_private_kb, int(payload))
+                    peak_combined_kb = max(peak_combined_kb, int(payload))
                     done = True
                     return
                 else:  # "error": what the parse raised, raised here
@@ -171,6 +173,49 @@ def iter_candump_forked(
                 _, _, usage = os.wait4(pid, 0)
                 _ended_cpu += usage.ru_utime + usage.ru_stime
         _live.discard(pid)
+
+
+def in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a forked child, its result (pickled) returned here, None if it failed.
+    The child logs nothing (its warnings are for the caller to say) and its memory, with the
+    gateway's at that moment, counts in ``peak_combined_kb``. Linux only (None elsewhere)."""
+    global peak_combined_kb
+    if sys.platform != "linux" or not hasattr(os, "fork"):
+        return None
+    r, w = os.pipe()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
+            pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.set_wakeup_fd(-1)
+            logging.disable(logging.CRITICAL)
+            result = fn(*args)
+            with open(w, "wb", buffering=0) as out:
+                _send(out, "result", ReadStats(), (result, _combined_kb()))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with open(r, "rb", buffering=0) as src:
+            _, _, (result, combined) = _receive(src)
+    except (_Gone, Exception):  # noqa: BLE001 - the child failed: the caller does it itself
+        return None
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    peak_combined_kb = max(peak_combined_kb, int(combined))
+    return result
 
 
 def _child(
@@ -201,9 +246,9 @@ def _child(
                     )
                 ):
                     if k & (k + 1) == 0:  # after chunks 1, 2, 4, 8, ...: reading it costs 1 ms
-                        peak = max(peak, _private_kb())
+                        peak = max(peak, _combined_kb())
                     _send(out, "batch", stats, batch)
-                peak = max(peak, _private_kb())
+                peak = max(peak, _combined_kb())
                 _send(out, "end", stats, peak + _PIPE_BYTES // 1024)  # and the pipe's buffer
             except BrokenPipeError:
                 pass  # the gateway stopped reading
@@ -224,6 +269,20 @@ def _portable(exc: BaseException) -> BaseException:
     if isinstance(back, BaseException):
         return exc
     return RuntimeError(f"candump parse process: {type(exc).__name__}: {exc}")
+
+
+def _combined_kb() -> int:
+    """The gateway's resident memory now and this child's own, in kB."""
+    rss = 0
+    try:
+        with open(f"/proc/{os.getppid()}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1])
+                    break
+    except OSError:
+        pass
+    return rss + _private_kb()
 
 
 def _private_kb(pid: int | str = "self") -> int:

@@ -109,30 +109,50 @@ def test_cache_entry_others_can_write_or_that_is_damaged_is_not_trusted(tmp_path
 
 
 def test_a_plans_entry_others_can_write_or_that_is_damaged_is_compiled_again(tmp_path, monkeypatch):
-    from gateway.canbus.signalplan import DbcPlans
-
     monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
     path = KONA / "kona_ccan.cantools.dbc"
     first = dbc_module.load_plans(path)
     (entry,) = sorted((tmp_path / "cache" / "dbc").glob("*.plans"))
     assert entry.stat().st_mode & 0o777 == 0o600
-    real = DbcPlans.of
-    built = []
-    monkeypatch.setattr(
-        DbcPlans,
-        "of",
-        classmethod(lambda cls, db, build=False: built.append(1) or real(db, build=build)),
-    )
-    dbc_module._plans_cached.cache_clear()
-    assert dbc_module.load_plans(path).names == first.names and built == []  # from the cache
-    os.chmod(entry, 0o666)
-    dbc_module._plans_cached.cache_clear()
-    assert dbc_module.load_plans(path).names == first.names and built == [1]
+
+    def again() -> int:
+        """Load the plans as a new process would; the entry's inode (a rewrite makes a new
+        file: mkstemp, then rename)."""
+        dbc_module._plans_cached.cache_clear()
+        assert dbc_module.load_plans(path).names == first.names
+        return entry.stat().st_ino
+
+    ino = entry.stat().st_ino
+    assert again() == ino  # read from the cache
+    os.chmod(entry, 0o666)  # others could have written it: not trusted, compiled again
+    assert again() != ino
+    ino = entry.stat().st_ino
+    assert entry.stat().st_mode & 0o777 == 0o600
     entry.write_bytes(b"not a pickle")
-    os.chmod(entry, 0o600)
-    dbc_module._plans_cached.cache_clear()
-    assert dbc_module.load_plans(path).names == first.names and built == [1, 1]
+    assert again() != ino
     assert dbc_module._plans_get(entry) is not None  # rewritten
+
+
+def test_a_dbc_is_compiled_in_a_child_and_said_about_once(tmp_path, monkeypatch, caplog):
+    """On a cache miss the DBC is parsed and compiled by a forked child that fills the cache;
+    its warnings are said here, once. Where no child can do it, it is done here."""
+    from gateway.canbus import parseproc
+
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = parseproc.in_child
+    monkeypatch.setattr(parseproc, "in_child", lambda *a: calls.append(1) or real(*a))
+    with caplog.at_level(logging.WARNING):
+        plans = dbc_module.load_plans(KONA / "kona_pcan.dbc")
+    assert calls == [1] and plans.names
+    assert caplog.text.count("BS_:/BU_:") == 1
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "dbc").iterdir()) == [".pickle", ".plans"]
+    dbc_module._forget()
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setattr(parseproc, "in_child", lambda *a: None)  # no child could be made
+    again = dbc_module.load_plans(KONA / "kona_pcan.dbc")
+    assert again.names == plans.names and again.needs_model is False
+    assert sorted(p.suffix for p in (tmp_path / "other" / "dbc").iterdir()) == [".pickle", ".plans"]
 
 
 def test_cache_off(tmp_path, monkeypatch):
