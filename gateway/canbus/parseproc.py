@@ -206,12 +206,17 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
         finally:
             os._exit(code)
     os.close(w)
+    done = False
     try:
         with open(r, "rb", buffering=0) as src:
             _, _, (result, combined) = _receive(src)
+        done = True
     except (_Gone, Exception):  # noqa: BLE001 - the child failed: the caller does it itself
         return None
     finally:
+        if not done:  # failed, or interrupted here (Ctrl-C): the child's work is of no use
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
     peak_combined_kb = max(peak_combined_kb, int(combined))
