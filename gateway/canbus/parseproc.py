@@ -111,20 +111,8 @@ def iter_candump_forked(
     """``iter_candump(path)``'s chunks, parsed by a forked child. ``stats`` follows the child's
     counts after each chunk. An error the child meets is raised here, as the same exception."""
     global peak_combined_kb, _ended_cpu
-    r, w = os.pipe()
-    with contextlib.suppress(OSError):  # a larger pipe: fewer wake-ups per chunk
-        import fcntl
-
-        fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_BYTES)
-    try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns on a fork beside other threads (asyncio's executor here): the
-            # child touches nothing of theirs, only numpy, its own file and the pipe
-            warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
-            pid = os.fork()
-    except OSError:  # no memory or processes left for a child: parse here, in threads
-        os.close(r)
-        os.close(w)
+    forked = _fork(_PIPE_BYTES)  # a larger pipe: fewer wake-ups per chunk
+    if forked is None:  # no memory or processes left for a child: parse here, in threads
         from gateway.canbus.candump import iter_candump, parse_threads
 
         yield from iter_candump(
@@ -136,10 +124,9 @@ def iter_candump_forked(
             workers=parse_threads(),
         )
         return
+    pid, r, w = forked
     if pid == 0:  # the child: never returns
-        os.close(r)
         _child(w, path, stats.path, chunk_frames, max_chunk_seconds, block_bytes)
-    os.close(w)
     _live.add(pid)
     done = reaped = False
     try:
@@ -180,24 +167,14 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
     The child logs nothing (its warnings are for the caller to say) and its memory, with the
     gateway's at that moment, counts in ``peak_combined_kb``. Linux only (None elsewhere)."""
     global peak_combined_kb
-    if sys.platform != "linux" or not hasattr(os, "fork"):
+    forked = _fork() if sys.platform == "linux" else None
+    if forked is None:
         return None
-    r, w = os.pipe()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
-            pid = os.fork()
-    except OSError:
-        os.close(r)
-        os.close(w)
-        return None
+    pid, r, w = forked
     if pid == 0:
         code = 1
         try:
-            os.close(r)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
-            signal.set_wakeup_fd(-1)
+            _as_child()
             logging.disable(logging.CRITICAL)
             result = fn(*args)
             with open(w, "wb", buffering=0) as out:
@@ -205,7 +182,6 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
             code = 0
         finally:
             os._exit(code)
-    os.close(w)
     done = False
     try:
         with open(r, "rb", buffering=0) as src:
@@ -223,16 +199,47 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
+def _fork(pipe_bytes: int | None = None) -> tuple[int, int, int] | None:
+    """A child and a pipe from it to here: (pid, read end, write end), pid 0 in the child.
+    Each side has closed the end it does not use. None where no child can be made (the pipe
+    closed again), or where there is no fork."""
+    if not hasattr(os, "fork"):
+        return None
+    r, w = os.pipe()
+    if pipe_bytes is not None:
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(w, _F_SETPIPE_SZ, pipe_bytes)
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns on a fork beside other threads (asyncio's executor here): a
+            # child touches nothing of theirs, only numpy, its own files and the pipe
+            warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
+            pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    os.close(r if pid == 0 else w)
+    return pid, r, w
+
+
+def _as_child() -> None:
+    """A child's first step: a stop signal is the gateway's to handle (a Ctrl-C, or `timeout`
+    and systemd sending theirs to the whole process group); it ends the child's work, and with
+    it the child. asyncio's wake-up socket is the gateway's too."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+
+
 def _child(
     w: int, path: Path, name: str, chunk_frames: int, max_chunk_seconds: float, block_bytes: int
 ) -> None:
     code = 0
     try:
-        # a stop signal is the gateway's to handle (a Ctrl-C, or `timeout` and systemd send
-        # theirs to the whole process group): it ends the reading, and with it this child
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        signal.set_wakeup_fd(-1)  # asyncio's wake-up socket is the gateway's
+        _as_child()
         gc.disable()  # the gateway's objects are not ours to collect (nor to copy by touching)
         from gateway.canbus.candump import iter_candump
 
