@@ -82,9 +82,10 @@ def load_dbc(path: str | Path) -> cantools.database.can.Database:
 
 def load_plans(path: str | Path) -> DbcPlans:
     """The vector decoder's plans of a DBC (``DbcPlans``): read from the cache without
-    importing cantools when it holds them, else loaded as ``load_dbc`` does, compiled and
-    cached. Warns and raises as ``load_dbc`` does. ``plans.database()`` gives cantools' model
-    of the same file when something needs it (loaded then, and warned about again)."""
+    importing cantools; on a miss, the DBC is loaded as ``load_dbc`` does and compiled into the
+    cache by a forked child (in this process where that cannot be done). Warns (once) and
+    raises as ``load_dbc`` does. ``plans.database()`` gives cantools' model of the same file
+    when something needs it."""
     return _plans_cached(*_identity(path))
 
 
