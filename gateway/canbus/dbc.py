@@ -192,16 +192,16 @@ def _compiled_in_child(path: Path, mtime: int, size: int, cache: Path) -> bool:
         cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
         return False
-    if not _private(cache.parent):
-        return False
+    if not (_private(cache.parent) and os.access(cache.parent, os.W_OK | os.X_OK)):
+        return False  # the child could not write its entries: the work is done here, once
     return parseproc.in_child(_compile_into_cache, path, mtime, size, cache) is True
 
 
 def _compile_into_cache(path: Path, mtime: int, size: int, cache: Path) -> bool:
-    """In the child: what ``_plans_cached`` does on a miss, written to the cache only."""
+    """In the child: what ``_plans_cached`` does on a miss, written to the cache only (its
+    notes, cantools' own warnings among them, are said by the gateway from the entry)."""
     db, notes = _load_cached(path, mtime, size)
-    _write_private(cache, (DbcPlans.of(db, build=True), notes))
-    return True
+    return _write_private(cache, (DbcPlans.of(db, build=True), notes))
 
 
 def _model_later(path: Path, mtime: int, size: int) -> cantools.database.can.Database:
@@ -262,11 +262,12 @@ def cache_dir() -> Path | None:
 
 @functools.cache
 def _loader_digest() -> str:
-    """The source of this module, of the plans and of the records their names are kept in: a
-    change to how DBCs are loaded, repaired or compiled retires the entries it made, without
-    anyone having to remember a format number."""
+    """The source of this module, of the plans, of the child that compiles them and of the
+    records their names are kept in: a change to how DBCs are loaded, repaired or compiled
+    retires the entries it made, without anyone having to remember a format number."""
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(Path(__file__).with_name("signalplan.py").read_bytes())
+    h.update(Path(__file__).with_name("parseproc.py").read_bytes())  # compiles on a miss
     h.update(Path(__file__).parent.parent.joinpath("records.py").read_bytes())
     return h.hexdigest()
 
@@ -373,22 +374,25 @@ def _cache_put(path: Path, value: tuple[cantools.database.can.Database, list[str
     _write_private(path, entry)
 
 
-def _write_private(path: Path, entry: Any) -> None:
+def _write_private(path: Path, entry: Any) -> bool:
     """Best effort: a cache that cannot be written only costs time. Written only into a
-    private folder, through a new file of its own (``mkstemp``: O_EXCL, mode 0600)."""
+    private folder, through a new file of its own (``mkstemp``: O_EXCL, mode 0600). Whether
+    the entry was written."""
     tmp: str | None = None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not _private(path.parent):
             log.debug("DBC cache %s is not private to this user: not written", path.parent)
-            return
+            return False
         fd, tmp = tempfile.mkstemp(prefix=path.stem[:16], suffix=".tmp", dir=path.parent)
         with open(fd, "wb") as fh:
             pickle.dump(entry, fh, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
         tmp = None
+        return True
     except (OSError, pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:
         log.debug("DBC cache not written (%s)", exc)
+        return False
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ import gc
 import logging
 import os
 import pickle
+import select
 import signal
 import stat
 import struct
@@ -162,10 +163,13 @@ def iter_candump_forked(
         _live.discard(pid)
 
 
-def in_child(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a forked child, its result (pickled) returned here, None if it failed.
-    The child logs nothing (its warnings are for the caller to say) and its memory, with the
-    gateway's at that moment, counts in ``peak_combined_kb``. Linux only (None elsewhere)."""
+def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
+    """``fn(*args)`` in a forked child, its result (pickled) returned here; None if it failed,
+    or gave no answer within ``timeout`` seconds (then it is killed). Nothing the child logs
+    is printed (its root logger's handlers are replaced; a handler ``fn`` puts on a logger of
+    its own still gets the records), and its memory, with the gateway's, counts in
+    ``peak_combined_kb`` (one sample, when ``fn`` has returned). A stop signal ends the child
+    at once: a killed child only means the caller does the work. Linux only (None elsewhere)."""
     global peak_combined_kb
     forked = _fork() if sys.platform == "linux" else None
     if forked is None:
@@ -174,8 +178,11 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
     if pid == 0:
         code = 1
         try:
-            _as_child()
-            logging.disable(logging.CRITICAL)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)  # the gateway's, if it has one
+            gc.freeze()  # the gateway's objects: not ours to walk (nor to copy by touching)
+            logging.root.handlers[:] = [logging.NullHandler()]
             result = fn(*args)
             with open(w, "wb", buffering=0) as out:
                 _send(out, "result", ReadStats(), (result, _combined_kb()))
@@ -185,6 +192,8 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
     done = False
     try:
         with open(r, "rb", buffering=0) as src:
+            if not select.select([src], [], [], timeout)[0]:
+                return None  # no answer in time (a deadlock?): killed below
             _, _, (result, combined) = _receive(src)
         done = True
     except (_Gone, Exception):  # noqa: BLE001 - the child failed: the caller does it itself

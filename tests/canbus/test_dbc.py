@@ -145,6 +145,7 @@ def test_a_dbc_is_compiled_in_a_child_and_said_about_once(tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING):
         plans = dbc_module.load_plans(KONA / "kona_pcan.dbc")
     assert calls == [1] and plans.names
+    assert dbc_module._load_cached.cache_info().currsize == 0  # the model never came here
     assert caplog.text.count("BS_:/BU_:") == 1
     assert sorted(p.suffix for p in (tmp_path / "cache" / "dbc").iterdir()) == [".pickle", ".plans"]
     dbc_module._forget()
@@ -153,6 +154,36 @@ def test_a_dbc_is_compiled_in_a_child_and_said_about_once(tmp_path, monkeypatch,
     again = dbc_module.load_plans(KONA / "kona_pcan.dbc")
     assert again.names == plans.names and again.needs_model is False
     assert sorted(p.suffix for p in (tmp_path / "other" / "dbc").iterdir()) == [".pickle", ".plans"]
+
+
+def test_cantools_own_warnings_reach_the_plans_and_are_said_each_run(tmp_path, monkeypatch, caplog):
+    """cantools logs some problems itself while the child compiles (a message that overwrites
+    another): they are kept in the entry and said by the gateway, on every run."""
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    dup = tmp_path / "dup.dbc"
+    dup.write_text(
+        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: ECU\n\n'
+        'BO_ 256 MsgA: 8 ECU\n SG_ A : 0|8@1+ (1,0) [0|255] "" ECU\n\n'
+        'BO_ 256 MsgB: 8 ECU\n SG_ B : 0|8@1+ (1,0) [0|255] "" ECU\n'
+    )
+    for _ in range(2):  # compiled by the child, then read from the cache
+        dbc_module._forget()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            dbc_module.load_plans(dup)
+        assert caplog.text.count("identical masked frame ids") == 1
+
+
+def test_an_unwritable_cache_makes_no_child_parse_in_vain(tmp_path, monkeypatch):
+    from gateway.canbus import parseproc
+
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "dbc").mkdir(parents=True, mode=0o700)
+    monkeypatch.setattr(dbc_module.os, "access", lambda *a: False)  # as if read-only
+    calls = []
+    monkeypatch.setattr(parseproc, "in_child", lambda *a: calls.append(1))
+    assert dbc_module.load_plans(KONA / "kona_ccan.cantools.dbc").names
+    assert calls == []
 
 
 def test_cache_off(tmp_path, monkeypatch):
