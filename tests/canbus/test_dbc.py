@@ -156,24 +156,6 @@ def test_a_dbc_is_compiled_in_a_child_and_said_about_once(tmp_path, monkeypatch,
     assert sorted(p.suffix for p in (tmp_path / "other" / "dbc").iterdir()) == [".pickle", ".plans"]
 
 
-def test_cantools_own_warnings_reach_the_plans_and_are_said_each_run(tmp_path, monkeypatch, caplog):
-    """cantools logs some problems itself while the child compiles (a message that overwrites
-    another): they are kept in the entry and said by the gateway, on every run."""
-    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
-    dup = tmp_path / "dup.dbc"
-    dup.write_text(
-        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: ECU\n\n'
-        'BO_ 256 MsgA: 8 ECU\n SG_ A : 0|8@1+ (1,0) [0|255] "" ECU\n\n'
-        'BO_ 256 MsgB: 8 ECU\n SG_ B : 0|8@1+ (1,0) [0|255] "" ECU\n'
-    )
-    for _ in range(2):  # compiled by the child, then read from the cache
-        dbc_module._forget()
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            dbc_module.load_plans(dup)
-        assert caplog.text.count("identical masked frame ids") == 1
-
-
 def test_an_unwritable_cache_makes_no_child_parse_in_vain(tmp_path, monkeypatch):
     from gateway.canbus import parseproc
 
@@ -218,20 +200,28 @@ def test_a_cache_that_cannot_be_written_or_found_never_stops_a_load(tmp_path, mo
     assert load_dbc(KONA / "kona_ccan.cantools.dbc").messages
 
 
-def test_cantools_own_warnings_are_said_again_from_the_cache(tmp_path, monkeypatch, caplog):
+DUP_DBC = (
+    'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: ECU\n\n'
+    'BO_ 256 MsgA: 8 ECU\n SG_ A : 0|8@1+ (1,0) [0|255] "" ECU\n\n'
+    'BO_ 256 MsgB: 8 ECU\n SG_ B : 0|8@1+ (1,0) [0|255] "" ECU\n'
+)
+
+
+@pytest.mark.parametrize("load", ["model", "plans"])
+def test_cantools_own_warnings_are_said_again_from_the_cache(tmp_path, monkeypatch, caplog, load):
+    """cantools logs some problems itself while it parses (a message that overwrites another):
+    they are kept in the cache entry (cantools' model, or the plans a child compiles) and said
+    again, once, on every run."""
     monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
     dup = tmp_path / "dup.dbc"
-    dup.write_text(
-        'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: ECU\n\n'
-        'BO_ 256 MsgA: 8 ECU\n SG_ A : 0|8@1+ (1,0) [0|255] "" ECU\n\n'
-        'BO_ 256 MsgB: 8 ECU\n SG_ B : 0|8@1+ (1,0) [0|255] "" ECU\n'
-    )
+    dup.write_text(DUP_DBC)
+    loader = load_dbc if load == "model" else dbc_module.load_plans
     for _ in range(2):  # parsed, then read from the cache
         dbc_module._forget()
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            load_dbc(dup)
-        assert "identical masked frame ids" in caplog.text and "dup.dbc" in caplog.text
+            loader(dup)
+        assert caplog.text.count("identical masked frame ids") == 1 and "dup.dbc" in caplog.text
     assert len(_entries(tmp_path / "cache")) == 1
 
 
