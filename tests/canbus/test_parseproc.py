@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from gateway.canbus import candump, parseproc
 from gateway.canbus.candump import iter_candump
+from gateway.localbroker import pid_alive
 from gateway.records import FrameBatch, ReadStats
 from tests.conftest import KONA_CANDUMP, ROOT
 
@@ -37,6 +39,19 @@ FIELDS = (
 def forked(path: Path, stats: ReadStats, **kw: object) -> list[FrameBatch]:
     args = {"chunk_frames": 8192, "max_chunk_seconds": 0.25, "block_bytes": 1 << 19, **kw}
     return list(parseproc.iter_candump_forked(path, stats, **args))  # type: ignore[arg-type]
+
+
+def stream(
+    path: Path, frames: int, stats: ReadStats | None = None, block_bytes: int = 4096
+) -> Iterator[FrameBatch]:
+    """The forked parse of ``path`` in chunks of ``frames`` frames (no time limit)."""
+    return parseproc.iter_candump_forked(
+        path,
+        stats if stats is not None else ReadStats(),
+        chunk_frames=frames,
+        max_chunk_seconds=1e9,
+        block_bytes=block_bytes,
+    )
 
 
 def assert_same(a: list[FrameBatch], b: list[FrameBatch]) -> None:
@@ -91,9 +106,7 @@ def test_stats_follow_each_chunk_for_progress(
     monkeypatch.setattr(parseproc, "peak_combined_kb", 0)  # what earlier tests left here
     stats = ReadStats()
     seen = []
-    for b in parseproc.iter_candump_forked(
-        KONA_CANDUMP, stats, chunk_frames=4096, max_chunk_seconds=1e9, block_bytes=1 << 16
-    ):
+    for b in stream(KONA_CANDUMP, 4096, stats, block_bytes=1 << 16):
         seen.append((stats.frames, stats.bytes_read, len(b)))
     assert len(seen) > 5
     assert [f for f, _, _ in seen] == list(np.cumsum([n for _, _, n in seen]))
@@ -116,9 +129,7 @@ def test_an_error_in_the_child_is_raised_here(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(candump, "_parse_block", third_fails)  # the fork inherits it
     got = []
     with pytest.raises(MemoryError, match="block 3"):
-        for b in parseproc.iter_candump_forked(
-            KONA_CANDUMP, ReadStats(), chunk_frames=100, max_chunk_seconds=1e9, block_bytes=4096
-        ):
+        for b in stream(KONA_CANDUMP, 100):
             got.append(b)
     assert got  # the chunks before the error arrived
 
@@ -178,20 +189,14 @@ def test_an_error_that_cannot_cross_the_pipe_still_arrives_by_name(
 
     monkeypatch.setattr(candump, "_parse_block", fails)
     with pytest.raises(RuntimeError, match="Odd: block parser broke"):
-        list(
-            parseproc.iter_candump_forked(
-                KONA_CANDUMP, ReadStats(), chunk_frames=100, max_chunk_seconds=1e9, block_bytes=4096
-            )
-        )
+        list(stream(KONA_CANDUMP, 100))
 
 
 def test_a_child_that_dies_is_an_error_saying_how(
     long_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pids = _spy_forks(monkeypatch)
-    it = parseproc.iter_candump_forked(
-        long_log, ReadStats(), chunk_frames=256, max_chunk_seconds=1e9, block_bytes=4096
-    )
+    it = stream(long_log, 256)
     next(it)
     os.kill(pids[0], signal.SIGKILL)
     with pytest.raises(RuntimeError, match="ended unexpectedly .killed by SIGKILL"):
@@ -211,25 +216,15 @@ def test_a_failed_fork_parses_here(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(os.listdir("/proc/self/fd")) == fds  # the pipe was closed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_a_reading_stopped_early_ends_the_child(
     long_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pids = _spy_forks(monkeypatch)
-    it = parseproc.iter_candump_forked(
-        long_log, ReadStats(), chunk_frames=64, max_chunk_seconds=1e9, block_bytes=4096
-    )
+    it = stream(long_log, 64)
     next(it)
     it.close()
     (pid,) = pids
-    assert not _alive(pid)  # killed and reaped: no zombie either
+    assert not pid_alive(pid)  # killed and reaped: no zombie either
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
 
@@ -262,7 +257,7 @@ def test_the_child_ends_when_the_gateway_is_killed(long_log: Path) -> None:
     try:
         assert proc.stdout is not None
         child = int(proc.stdout.readline())
-        assert _alive(child)
+        assert pid_alive(child)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         deadline = time.monotonic() + 10
@@ -290,9 +285,7 @@ def test_the_health_counts_the_parse_process_cpu_and_memory(
     from gateway import health
 
     before = parseproc.cpu_seconds()
-    it = parseproc.iter_candump_forked(
-        long_log, ReadStats(), chunk_frames=256, max_chunk_seconds=1e9, block_bytes=4096
-    )
+    it = stream(long_log, 256)
     next(it)
     assert len(parseproc._live) == 1 and parseproc.private_mb() > 0
     for _ in it:
