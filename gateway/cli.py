@@ -266,18 +266,35 @@ def _cmd_owner(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     topics = Topics(s.broker.topic_prefix, s.gateway.vin)
-    if not args.json:
-        print(f"owner view of {topics.all} on {s.broker.url} (Ctrl-C to stop)", file=sys.stderr)
-    try:
-        view = asyncio.run(
-            watch(
+
+    async def subscribed_then_watch() -> Any:
+        # said once the broker acknowledged the subscription (on stderr: stdout stays the
+        # messages), so that a script knows when a replay it starts next cannot be missed
+        ready = asyncio.Event()
+
+        async def say() -> None:
+            await ready.wait()
+            print(
+                f"owner view of {topics.all} on {s.broker.url}: subscribed (Ctrl-C to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        announce = asyncio.create_task(say())
+        try:
+            return await watch(
                 s.broker,
                 topics,
                 as_json=args.json,
                 count=args.count,
                 idle_timeout=args.idle_timeout,
+                ready=ready,
             )
-        )
+        finally:
+            announce.cancel()
+
+    try:
+        view = asyncio.run(subscribed_then_watch())
     except KeyboardInterrupt:
         return 0
     if view.duplicates:

@@ -122,7 +122,10 @@ def test_owner_json_prints_one_object_per_message(tmp_path, broker, vin):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    # the owner says on stderr when the broker acknowledged its subscription (a fixed sleep
+    # here could start the replay before it, under load)
+    said = owner.stderr.readline()
+    assert "subscribed" in said, said
     rep = run_gateway(*_kona_replay(tmp_path, broker, vin, "--window", "5"))
     assert rep.returncode == 0, rep.stderr
     out, err = owner.communicate(timeout=30)

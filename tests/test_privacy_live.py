@@ -96,8 +96,9 @@ class Rig:
         await self.owner.subscribe(f"vehicles/{self.vin}/owner/#", qos=1)
         self._reader = asyncio.create_task(self._read())
         self.task = asyncio.create_task(self.gw.run(self.stop, drain_timeout=10))
-        await asyncio.wait_for(self.gw.publisher.connected.wait(), 10)
-        await asyncio.sleep(0.3)  # the gateway subscribes to its inbound topics
+        # the gateway's subscriptions to the owner's topics are acknowledged: a command sent
+        # before that would be lost (a fixed sleep here failed under load)
+        await asyncio.wait_for(self.gw.publisher.listening.wait(), 10)
 
     async def _read(self) -> None:
         async for m in self.owner.messages:

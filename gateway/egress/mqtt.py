@@ -111,6 +111,9 @@ class MqttPublisher:
     on_sent: Callable[[int], None] = lambda n: None
     backoff_initial: float = 0.2
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    # set once the broker acknowledged the subscriptions to ``inbound_topics``: an owner's
+    # command sent before that may be lost (a subscription is not retroactive)
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
     reconnects: int = 0
     sent: int = 0
     last_error: str | None = None
@@ -148,7 +151,8 @@ class MqttPublisher:
                     self.last_error = None
                     await self._publish_status(client, "online", "")
                     for topic in self.inbound_topics:
-                        await client.subscribe(topic, qos=1)
+                        await client.subscribe(topic, qos=1)  # returns on the SUBACK
+                    self.listening.set()
                     reader = (
                         asyncio.create_task(self._read_inbound(client))
                         if self.inbound_topics
@@ -163,9 +167,11 @@ class MqttPublisher:
                             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                                 await reader
                     self.connected.clear()
+                    self.listening.clear()
                     return
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
+                self.listening.clear()
                 self.last_error = describe_error(self.broker, exc)
                 if stop.is_set():
                     log.warning(
