@@ -88,6 +88,7 @@ class Rig:
         self.gw = Gateway(self.settings, [self.source])
         self.received: list[tuple[str, dict]] = []
         self.tx = can.Bus(interface="virtual", channel=self.channel, preserve_timestamps=True)
+        self.sent = 0  # frames put on the bus
 
     async def start(self) -> None:
         host, port = self.url.removeprefix("mqtt://").split(":")
@@ -125,8 +126,24 @@ class Rig:
                     timestamp=t, arbitration_id=msg.frame_id, data=data, is_extended_id=False
                 )
             )
+            self.sent += 1
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)
+        await self.settle()
+
+    async def settle(self, quiet: float = 0.3) -> None:
+        """Until the gateway took every frame sent, the broker acknowledged everything it
+        released, and nothing more reached the owner for ``quiet`` seconds (fixed sleeps
+        here fail under load)."""
+        for _ in range(400):
+            if self.gw.report.frames >= self.sent and self.gw.outbox.depth() == 0:
+                break
+            await asyncio.sleep(0.025)
+        else:
+            raise AssertionError(f"the gateway took {self.gw.report.frames} of {self.sent}")
+        seen = -1
+        while seen != len(self.received):
+            seen = len(self.received)
+            await asyncio.sleep(quiet)
 
     async def finish(self):
         self.stop.set()
