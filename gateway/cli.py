@@ -90,12 +90,8 @@ def _settings(args: argparse.Namespace) -> Any:
         if ov.get(f"gateway.{key}"):
             import dataclasses
 
-            s = dataclasses.replace(
-                s,
-                gateway=dataclasses.replace(
-                    s.gateway, **{key: str(Path(ov[f"gateway.{key}"]).expanduser().resolve())}
-                ),
-            )
+            path: dict[str, Any] = {key: str(Path(ov[f"gateway.{key}"]).expanduser().resolve())}
+            s = dataclasses.replace(s, gateway=dataclasses.replace(s.gateway, **path))
     return s
 
 

@@ -14,6 +14,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,7 +26,8 @@ T = TypeVar("T")
 
 def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+        # a copy for each instance (a list or dict default must not be shared)
+        return field(default_factory=partial(type(default), default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -401,7 +403,11 @@ def describe() -> str:
         lines += [f"## [{name}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         hints = _hints(cls)
         for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else typing.cast("typing.Callable[[], Any]", f.default_factory)()
+            )
             shown = "(secret)" if f.metadata.get("secret") else repr(default)
             tp = hints[f.name]
             tname = (

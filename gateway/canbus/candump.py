@@ -59,14 +59,14 @@ _BITS = np.zeros(256, np.uint8)
 _BITS[list(b"0123456789")] |= _B_DIGIT
 _BITS[list(b"0123456789abcdefABCDEF")] |= _B_HEX
 _BITS[33:127] |= _B_NAME
-for _c, _b in (
+for _byte, _bit in (
     (b"(", _B_OPEN),
     (b")", _B_CLOSE),
     (b" ", _B_SPACE),
     (b"#", _B_HASH),
     (b".", _B_DOT),
 ):
-    _BITS[_c[0]] |= _b
+    _BITS[_byte[0]] |= _bit
 _NIB = np.full(256, 255, np.uint8)  # hex digit value, 255 for anything else
 _NIB[list(b"0123456789abcdefABCDEF")] = [*range(16), *range(10, 16)]
 _DEC = np.full(256, 255, np.uint8)  # decimal digit value, 255 for anything else
@@ -182,7 +182,7 @@ def _parse_classic(
     if len(sel) == 0:
         return ok_all, {}
     if len(sel) != len(m):
-        m, scaled, idw, pw, nbytes = (x[sel] for x in (m, scaled, idw, pw, nbytes))
+        m, scaled, idw, pw, nbytes = m[sel], scaled[sel], idw[sel], pw[sel], nbytes[sel]
     frac = close - dot - 1
     exact = scaled.view(np.int64)  # < 10**18: an int64, which converts to float fast
     ts = exact.astype(np.float64) / float(10**frac)  # one rounding, as float() does

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import cantools.database
 import numpy as np
@@ -77,12 +78,15 @@ class CantoolsDecoder:
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + 1
                 continue
             try:
-                values = msg.decode(
-                    bytes(data[i, : dlcs[i]]),
-                    decode_choices=False,
-                    scaling=True,
-                    allow_truncated=True,
-                    allow_excess=True,
+                values = cast(  # a plain message (no container): signal -> number
+                    "dict[str, Any]",
+                    msg.decode(
+                        bytes(data[i, : dlcs[i]]),
+                        decode_choices=False,
+                        scaling=True,
+                        allow_truncated=True,
+                        allow_excess=True,
+                    ),
                 )
             except _DECODE_ERRORS:
                 stats.errors[fid] = stats.errors.get(fid, 0) + 1

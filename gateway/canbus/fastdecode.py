@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -172,7 +172,9 @@ class VectorDecoder:
                 np.int64,
                 np.int64,
             )
-            t = {n: np.array(c, dtype) for n, c, dtype in zip(names, cols, types, strict=True)}
+            t: dict[str, Any] = {
+                n: np.array(c, dtype) for n, c, dtype in zip(names, cols, types, strict=True)
+            }
             t["start"] = np.array(self._flat_start + [len(self._flat_rows)], np.int64)
             self._tables = t
         return self._tables
@@ -568,12 +570,15 @@ class VectorDecoder:
         dlcs = batch.dlc[idx].tolist()
         for i, n in zip(idx.tolist(), dlcs, strict=True):
             try:
-                decoded = msg.decode(
-                    bytes(batch.data[i, :n]),
-                    decode_choices=False,
-                    scaling=True,
-                    allow_truncated=True,
-                    allow_excess=True,
+                decoded = cast(  # a plain message (no container): signal -> number
+                    "dict[str, Any]",
+                    msg.decode(
+                        bytes(batch.data[i, :n]),
+                        decode_choices=False,
+                        scaling=True,
+                        allow_truncated=True,
+                        allow_excess=True,
+                    ),
                 )
             except _DECODE_ERRORS:
                 errs += 1

@@ -172,7 +172,8 @@ def _iter_python_can_binary(path: Path, fmt: LogFormat, stats: ReadStats) -> Ite
     try:
         for i, msg in enumerate(reader):
             if i % 4096 == 0:
-                stats.bytes_read = min(size, getattr(reader.file, "tell", lambda: 0)() or 0)
+                fh = getattr(reader, "file", None)  # python-can's readers keep their file here
+                stats.bytes_read = min(size, getattr(fh, "tell", lambda: 0)() or 0)
             problem = message_problem(msg)
             if problem is not None:
                 stats.bad(i + 1, f"object {i + 1}: {problem}")

@@ -14,7 +14,7 @@ less start-up here. Building a plan needs cantools; only that part imports it.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -169,7 +169,7 @@ def _layout_ok(signals: list[Signal], length: int) -> bool:
     return pos <= bits and end >= 0
 
 
-def _node_fails(node: dict[str, Any], length: int) -> bool:
+def _node_fails(node: Mapping[str, Any], length: int) -> bool:
     zeros = bytes(length)
     try:
         node["formats"].big_endian.unpack(zeros)
@@ -224,7 +224,7 @@ def _build_plan(msg: Message) -> _Plan:
             plan.rows.append(_make_row(s))
         return row_of[id(s)]
 
-    def names(node: dict[str, Any]) -> set[str]:
+    def names(node: Mapping[str, Any]) -> set[str]:
         own = {s.name for s in node["signals"]}
         if len(own) != len(node["signals"]):
             raise NotImplementedError("duplicate name")
@@ -235,7 +235,7 @@ def _build_plan(msg: Message) -> _Plan:
             own |= below
         return own
 
-    def build(node: dict[str, Any]) -> _Node:
+    def build(node: Mapping[str, Any]) -> _Node:
         fails = _node_fails(node, msg.length)
         if not fails and not _layout_ok(node["signals"], msg.length):
             raise NotImplementedError("overlapping signals")
@@ -366,14 +366,16 @@ def _words(data: npt.NDArray[np.uint8], rows: list[_Row]) -> dict[tuple[int, boo
     return out
 
 
-def _raw(r: _Row, words: dict[tuple[int, bool], Any], data: npt.NDArray[np.uint8]) -> Any:
-    """The signal's raw bits, sign-extended to int64 when signed (uint64 otherwise)."""
+def _raw(r: _Row, words: dict[tuple[int, bool], Any], data: npt.NDArray[np.uint8] | None) -> Any:
+    """The signal's raw bits, sign-extended to int64 when signed (uint64 otherwise). ``data``
+    (the frames' bytes) is read only for a signal that reaches past its 8-byte window."""
     big = r.big
     w = words[(r.window, big)]
     n = r.length
     if not r.wide:
         u = w << np.uint64(r.shl)
     else:
+        assert data is not None, "a wide signal needs the frames' bytes"
         extra = data[:, r.window + 8].astype(np.uint64)
         if big:
             u = (w << np.uint64(r.shl)) | (extra >> np.uint64(8 - r.shl))

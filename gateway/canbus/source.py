@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import can
 
@@ -29,7 +30,7 @@ class LiveBusSource:
     stop: asyncio.Event | None = None
 
     def open(self) -> can.BusABC:
-        kwargs = {"bitrate": self.bitrate} if self.bitrate else {}
+        kwargs: dict[str, Any] = {"bitrate": self.bitrate} if self.bitrate else {}
         try:
             return can.Bus(interface=self.interface, channel=self.channel, **kwargs)
         except (can.CanError, OSError, ValueError, ImportError, NotImplementedError) as exc:
