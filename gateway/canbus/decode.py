@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import cantools.database
 import numpy as np
@@ -71,6 +71,7 @@ class CantoolsDecoder:
         tss = batch.timestamp.tolist()
         data = batch.data
         wanted = self._wanted
+        values: dict[str, Any]  # a plain message's (no container): signal -> number
         for i in np.flatnonzero(~special).tolist():
             fid = ids[i]
             msg = self._message(batch.channels[chans[i]], fid)
@@ -78,15 +79,12 @@ class CantoolsDecoder:
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + 1
                 continue
             try:
-                values = cast(  # a plain message (no container): signal -> number
-                    "dict[str, Any]",
-                    msg.decode(
-                        bytes(data[i, : dlcs[i]]),
-                        decode_choices=False,
-                        scaling=True,
-                        allow_truncated=True,
-                        allow_excess=True,
-                    ),
+                values = msg.decode(  # type: ignore[assignment]
+                    bytes(data[i, : dlcs[i]]),
+                    decode_choices=False,
+                    scaling=True,
+                    allow_truncated=True,
+                    allow_excess=True,
                 )
             except _DECODE_ERRORS:
                 stats.errors[fid] = stats.errors.get(fid, 0) + 1

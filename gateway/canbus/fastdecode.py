@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
@@ -568,17 +568,16 @@ class VectorDecoder:
         acc: dict[str, tuple[int, list[int], list[float]]] = {}
         errs = 0
         dlcs = batch.dlc[idx].tolist()
+        # a plain message's (no container): signal -> number
+        decode = cast("Callable[..., dict[str, Any]]", msg.decode)
         for i, n in zip(idx.tolist(), dlcs, strict=True):
             try:
-                decoded = cast(  # a plain message (no container): signal -> number
-                    "dict[str, Any]",
-                    msg.decode(
-                        bytes(batch.data[i, :n]),
-                        decode_choices=False,
-                        scaling=True,
-                        allow_truncated=True,
-                        allow_excess=True,
-                    ),
+                decoded = decode(
+                    bytes(batch.data[i, :n]),
+                    decode_choices=False,
+                    scaling=True,
+                    allow_truncated=True,
+                    allow_excess=True,
                 )
             except _DECODE_ERRORS:
                 errs += 1
