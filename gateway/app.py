@@ -54,7 +54,17 @@ log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
+    """Where frames come from. A source whose ``unpaced`` attribute is true (a replay with
+    ``--fast``) never awaits between batches: the gateway yields to the event loop itself,
+    between the group commits that span several of its batches."""
+
     def batches(self) -> AsyncIterator[FrameBatch]: ...
+
+
+# An unpaced source's batches share one egress group (one ledger fsync, one outbox commit)
+# until this much wall time has passed; then the group commits and the other tasks (publisher,
+# owner commands, camera) get the event loop. Nothing else runs inside a group.
+UNPACED_GROUP_SECONDS = 0.1
 
 
 def make_decoder(settings: Settings, dbcs: ChannelDbcs, wanted: set[str]) -> Decoder:
@@ -197,7 +207,9 @@ class Gateway:
         """A group commit: what is emitted inside reaches the outbox when the block ends, after
         one fsync of all its ledger lines, in one transaction. Until then nothing of it can be
         sent, so the ledger still holds every message before the network does. A fast replay
-        closes many windows per batch of frames; one fsync each was most of its egress time."""
+        closes many windows per batch of frames, and holds one group over the batches of
+        ``UNPACED_GROUP_SECONDS``: one fsync per window was most of its egress time, and one
+        per batch still ~100 fsyncs per million Model 3 frames (slow on an SD card)."""
         if self._group is not None:
             yield
             return
@@ -427,18 +439,22 @@ class Gateway:
         loc = self._location_stage()
         trips = TripDetector(self.policy.trips) if self.policy.trips.enabled else None
         last_t = 0.0
+        # a paced or live source: one group per batch. An unpaced one: one group for the
+        # batches of UNPACED_GROUP_SECONDS, with no await inside (see Source)
+        unpaced = bool(getattr(source, "unpaced", False))
+        group = contextlib.ExitStack()
+        since = time.monotonic()
         try:
             async for batch in source.batches():
-                if not len(batch):
-                    continue
-                self.report.frames += len(batch)
-                self.report.raw_bytes += batch.raw_bytes
-                self.health.on_batch(batch)
-                if self.on_batch is not None:
-                    self.on_batch(batch)
-                if not self.consent.collecting():
-                    continue
-                with self.egress_group():
+                if len(batch):
+                    self.report.frames += len(batch)
+                    self.report.raw_bytes += batch.raw_bytes
+                    self.health.on_batch(batch)
+                    if self.on_batch is not None:
+                        self.on_batch(batch)
+                if len(batch) and self.consent.collecting():
+                    if self._group is None:
+                        group.enter_context(self.egress_group())
                     decoded = self.decoder.decode(batch)
                     self.report.decode.merge(decoded.stats)
                     last_t = float(batch.timestamp.max())
@@ -450,7 +466,14 @@ class Gateway:
                     agg.add(decoded.series)
                     for w in agg.advance(last_t):
                         self.publish_window(w)
+                if not unpaced:
+                    group.close()
+                elif time.monotonic() - since >= UNPACED_GROUP_SECONDS:
+                    group.close()
+                    await asyncio.sleep(0)
+                    since = time.monotonic()
         finally:
+            group.close()
             if self.consent.collecting():
                 with self.egress_group():
                     for w in agg.flush():

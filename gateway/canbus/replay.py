@@ -257,6 +257,9 @@ class ReplaySource:
 
     A later file, or the next lap of a loop, is shifted to start just after the previous one
     ended, so that window time never runs backwards.
+
+    Unpaced (``speed=None``), it never awaits between batches: its consumer yields to the event
+    loop (the gateway does, between group commits that span several batches).
     """
 
     paths: Sequence[Path]
@@ -268,6 +271,10 @@ class ReplaySource:
     max_laps: int | None = None
     wall0: float | None = None  # clock() when the first frame was due: maps log time to wall time
     log0: float = 0.0
+
+    @property
+    def unpaced(self) -> bool:
+        return self.speed is None
 
     def due(self, log_time: float) -> float | None:
         """The clock time at which a frame of ``log_time`` is released (paced replays)."""
@@ -304,8 +311,6 @@ class ReplaySource:
                         delay = due - self.clock()
                         if delay > 0:
                             await asyncio.sleep(delay)
-                    else:
-                        await asyncio.sleep(0)
                     last_end = (
                         float(np.max(batch.timestamp))
                         if last_end is None

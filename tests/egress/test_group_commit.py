@@ -1,12 +1,15 @@
-"""A fast replay commits its egress per batch of frames: one ledger fsync, one outbox
-transaction, and never a message in the outbox before its ledger line is on the disk."""
+"""A fast replay commits its egress in groups of batches (a paced one per batch): one ledger
+fsync, one outbox transaction, and never a message in the outbox before its ledger line is on
+the disk."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -131,3 +134,89 @@ def test_a_full_disk_mid_replay_ends_with_the_ledger_error_and_a_verifiable_ledg
     on_disk = _on_disk_seqs(tmp_path / "l.jsonl")
     assert all(p.seq in on_disk for p in ob.peek(1000))
     ob.close()
+
+
+class _Pieces:
+    """The Kona log's fast batches, each cut into ``n`` pieces: an unpaced source of many
+    batches."""
+
+    unpaced = True
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.count = 0
+        self.running = False  # between its first and its last batch
+
+    async def batches(self):
+        import numpy as np
+
+        from gateway.canbus.chunking import FAST
+        from gateway.canbus.replay import iter_log
+
+        self.running = True
+        for batch in iter_log(KONA_CSV, chunking=FAST):
+            for idx in np.array_split(np.arange(len(batch)), self.n):
+                self.count += 1
+                yield batch.select(idx)
+        self.running = False
+
+
+def _grouped_run(tmp_path, monkeypatch, seconds):
+    monkeypatch.setattr("gateway.app.UNPACED_GROUP_SECONDS", seconds)
+    gw = _gateway(tmp_path)
+    source = gw.sources[0] = _Pieces(20)
+    puts = []  # the messages of each group commit
+    egress_group = gw.egress_group
+
+    @contextlib.contextmanager
+    def counted():
+        opens = gw._group is None
+        with egress_group():
+            yield
+            if opens:
+                puts.append(len(gw._group))
+
+    monkeypatch.setattr(gw, "egress_group", counted)
+
+    async def main():
+        closed = []  # at each turn of another task during the replay: no egress group open?
+        stop = asyncio.Event()
+
+        async def other_task():
+            while not stop.is_set():
+                if source.running:
+                    closed.append(gw._group is None)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_task())
+        report = await gw.run(require_broker=False, drain_timeout=0.1)
+        stop.set()
+        await task
+        return report, closed
+
+    report, closed = asyncio.run(main())
+    payloads = [p.payload for p in gw.outbox.peek(10_000)]
+    gw.outbox.close()
+    return SimpleNamespace(
+        report=report, commits=puts, closed=closed, batches=source.count, payloads=payloads
+    )
+
+
+def test_an_unpaced_source_shares_one_group_across_its_batches_and_nothing_runs_inside(
+    tmp_path, monkeypatch
+):
+    # GIVEN the same unpaced source of 40 batches, committed once (a group that never times
+    # out) and once per batch (a group of zero seconds)
+    one = _grouped_run(tmp_path / "one", monkeypatch, 1e9)
+    each = _grouped_run(tmp_path / "each", monkeypatch, 0.0)
+    assert one.batches == each.batches == 40 and one.report.released > 10
+    # THEN one commit took the whole replay's windows (and one the flush at its end), and no
+    # other task ran meanwhile ...
+    assert len(one.commits) == 2 and sum(one.commits) > 10
+    assert one.closed == []
+    # ... while per-batch groups committed after each batch and yielded to the loop after
+    # each, and no other task ever saw an open group: nothing of theirs can land inside one
+    assert len(each.commits) == 41 and sum(each.commits) == sum(one.commits)
+    assert len(each.closed) >= 39 and all(each.closed)
+    # and the owner gets the same bytes either way
+    assert one.payloads == each.payloads
