@@ -43,6 +43,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic-prefix", metavar="PREFIX", help="topic prefix (default 'vehicles')")
 
 
+def _add_drain(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long to wait at the end for the broker to take every summary (30)",
+    )
+
+
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy", metavar="FILE", help="egress policy TOML (default: the bundled policy)"
@@ -147,15 +157,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     report.read = source.stats
     elapsed = time.monotonic() - t0
     _print_report(report, s, elapsed, quiet=args.quiet)
-    if report.outbox_left:
-        print(
-            f"gateway: error: {report.outbox_left} summaries could not be delivered "
-            f"({report.broker_error or 'broker unavailable'}); they wait in {s.gateway.outbox} "
-            "and are sent on the next run",
-            file=sys.stderr,
-        )
-        return 3
-    return 0
+    return _undelivered(report, s)
+
+
+def _undelivered(report: Any, s: Any) -> int:
+    """Exit code 3 and one line if summaries are left in the outbox, else 0."""
+    if not report.outbox_left:
+        return 0
+    print(
+        f"gateway: error: {report.outbox_left} summaries could not be delivered "
+        f"({report.broker_error or 'broker unavailable'}); they wait in {s.gateway.outbox} "
+        "and are sent on the next run",
+        file=sys.stderr,
+    )
+    return 3
 
 
 def _camera_sources(args: argparse.Namespace, s: Any) -> list[Any]:
@@ -167,7 +182,10 @@ def _camera_sources(args: argparse.Namespace, s: Any) -> list[Any]:
     return camera_stages(videos, s)
 
 
-def _run_until_signal(gw: Any, drain_timeout: float = 30.0) -> Any:
+def _run_until_signal(gw: Any, drain_timeout: float = 30.0, require_broker: bool = True) -> Any:
+    """``gw.run()`` until it ends or SIGINT/SIGTERM. ``require_broker``: a broker that cannot be
+    reached at the start is an error (a replay on the bench); else the gateway collects anyway
+    and its summaries wait in the outbox (the vehicle's service, often offline)."""
     _settle()  # the pipeline is built: what exists now lives until the end
 
     async def main() -> Any:
@@ -176,7 +194,7 @@ def _run_until_signal(gw: Any, drain_timeout: float = 30.0) -> Any:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        return await gw.run(stop, drain_timeout=drain_timeout)
+        return await gw.run(stop, drain_timeout=drain_timeout, require_broker=require_broker)
 
     return asyncio.run(main())
 
@@ -250,9 +268,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             sources.append(LiveBusSource(c.interface, c.channel, c.bitrate, c.name))
     gw = Gateway(s, sources, cameras=_camera_sources(argparse.Namespace(video=[]), s))
     t0 = time.monotonic()
-    report = _run_until_signal(gw)
+    # a vehicle is often offline: collect anyway, the outbox keeps what waits for the broker
+    report = _run_until_signal(gw, drain_timeout=args.drain_timeout, require_broker=False)
     _print_report(report, s, time.monotonic() - t0)
-    return 3 if report.outbox_left else 0
+    return _undelivered(report, s)
 
 
 # -- owner ----------------------------------------------------------------------------------
@@ -491,13 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a camera clip (or image folder) replayed beside the CAN log",
     )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="how long to wait at the end for the broker to take every summary (30)",
-    )
+    _add_drain(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     _add_pipeline(p)
@@ -508,8 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the long-running gateway described by a config file",
         description="Run the gateway from a TOML config: CAN sources (logs or live "
         "python-can buses such as socketcan can0), cameras, DBCs, "
-        "policy, broker. Stops cleanly on SIGINT/SIGTERM.",
+        "policy, broker. Stops cleanly on SIGINT/SIGTERM. A broker that cannot be reached "
+        "does not stop it: summaries wait in the outbox until it can.",
     )
+    _add_drain(p)
     _add_common(p)
     _add_pipeline(p)
     p.set_defaults(func=_cmd_run, settles_itself=True)

@@ -102,6 +102,45 @@ can0 = "{KONA_PCAN}"
     assert verify.returncode == 0 and "ledger OK" in verify.stdout
 
 
+def test_run_collects_with_the_broker_down_and_delivers_on_the_next_run(tmp_path, vin, listen):
+    from gateway.localbroker import LocalBroker
+
+    # GIVEN the vehicle's service, configured for a broker that is not there yet
+    broker = LocalBroker(workdir=tmp_path / "mosquitto")
+    broker.workdir.mkdir()
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f"""
+[gateway]
+vin = "{vin}"
+window = 5
+ledger = "ledger.jsonl"
+outbox = "outbox.sqlite"
+[broker]
+url = "{broker.url}"
+[replay]
+fast = true
+[[can]]
+logs = ["{KONA_CSV}"]
+[dbc]
+can0 = "{KONA_PCAN}"
+""")
+    # WHEN it runs: it collects anyway, and says the summaries wait (exit 3, not a refusal)
+    first = run_gateway("run", "--config", str(cfg), "--drain-timeout", "1", cwd=tmp_path)
+    assert first.returncode == 3, first.stderr
+    assert "wait in" in first.stderr and "released 0 " not in first.stderr
+    # THEN with the broker up, the next run delivers what waited, and its own
+    broker.start()
+    try:
+        lst = listen(broker.url, f"vehicles/{vin}/owner/#")
+        second = run_gateway("run", "--config", str(cfg), cwd=tmp_path)
+        assert second.returncode == 0, second.stderr
+        signals = [m for m in lst.settle() if m.topic.endswith("/signals")]
+    finally:
+        broker.close()
+    windows = [unpack(m.payload)["window"] for m in signals]
+    assert len(windows) == 2 * 3 and len({tuple(w) for w in windows}) == 3  # 10.8 s in 5 s
+
+
 @pytest.mark.broker
 def test_owner_json_prints_one_object_per_message(tmp_path, broker, vin):
     owner = subprocess.Popen(
