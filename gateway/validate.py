@@ -41,6 +41,13 @@ from gateway.telemetry.policy import Category, LocationAxis, Policy, load_policy
 POSITION_TOLERANCE_DEG = 0.05  # a number this close to a true coordinate identifies the place
 
 
+def _coarse(x: float) -> bool:
+    """Given to 0.1 or coarser (31.2, 121): such a number places nothing finer than 11 km, and
+    the gateway's own figures are like that (CPU 31.2 %, 121.4 MB); judged as a position, a
+    CPU load that happened to fall in the drive's band of latitudes was a false leak."""
+    return abs(x * 10 - round(x * 10)) <= 1e-9 * max(1.0, abs(x))
+
+
 @dataclass
 class Canaries:
     """What must never leave: exact positions, the VIN, distinctive raw payloads."""
@@ -260,7 +267,7 @@ def search(
             continue
         allowed = _grid_values(body, grid_m) if location_consent else set()
         for where, x in _numbers(body):
-            if coords.size == 0 or not np.isfinite(x):
+            if coords.size == 0 or not np.isfinite(x) or _coarse(x):
                 continue
             near = np.min(np.abs(coords - x))
             if near < POSITION_TOLERANCE_DEG and x not in allowed:
@@ -423,7 +430,8 @@ def _markdown(r: dict[str, Any]) -> str:
         "subscribed to `#`",
         f"- canaries searched for in every byte out: {r['canaries']['positions']} exact GPS "
         f"points (plus {r['canaries']['true_positions_checked'] - r['canaries']['positions']} "
-        f"true positions of the drive, within {POSITION_TOLERANCE_DEG} deg), the VIN "
+        f"true positions of the drive, within {POSITION_TOLERANCE_DEG} deg, numbers given "
+        "to 0.1 or coarser excepted), the VIN "
         f"`{r['canaries']['vin']}`, {r['canaries']['raw_payloads']} distinctive raw payloads "
         "(as bytes, hex and decimal)",
         "",

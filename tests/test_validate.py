@@ -126,6 +126,23 @@ def test_search_finds_raw_payloads_as_bytes_and_hex_and_the_vin():
     ]
 
 
+def test_a_position_is_judged_by_its_precision_not_by_a_figure_that_falls_near_it():
+    # GIVEN a drive around (31.234567, 121.456789)
+    truth = [(31.234567, 121.456789), (31.240001, 121.460002)]
+    can = Canaries(positions=[], vin="CANARY12345678901")
+    observed = [  # the gateway's own figures that happen to fall in the drive's band
+        Observed("v/owner/health", pack({"cpu_percent": 31.2, "rss_mb": 121.4, "n": 31}), False),
+        Observed("v/owner/signals", pack({"lat": 31.234567}), False),  # exact: a leak
+        Observed("v/owner/signals", pack({"lon": 121.46}), False),  # 0.01: finer than 0.1
+    ]
+    leaks = search(observed, can, truth, False, 1000)
+    # THEN the figures pass, and both coordinates given finer than 0.1 are leaks
+    assert [(lk.topic, lk.detail.split(" = ")[0]) for lk in leaks] == [
+        ("v/owner/signals", "lat"),
+        ("v/owner/signals", "lon"),
+    ]
+
+
 def test_bundled_synthetic_drive_validates_with_no_leak(tmp_path):
     assert (FIXTURES / "model3" / "model3_synthetic_drive.log").exists()
     proc = run_gateway("validate", "--out", str(tmp_path / "r"))
