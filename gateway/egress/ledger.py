@@ -13,6 +13,7 @@ half-written group and the next line still chains to the last one on the disk.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -50,7 +51,24 @@ class Ledger:
         self._broken = False  # a failed write could not be cut off: refuse to append more
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torn = _truncate_torn_tail(self.path) if self.path.exists() else None
+            # unbuffered: a failed write never leaves bytes in a buffer to be flushed later
+            self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        except OSError as exc:
+            raise StorageError(
+                f"{self.path}: cannot open the audit ledger: {exc.strerror}"
+            ) from exc
+        try:
+            # one writer at a time: a second one would chain from the same head, and the
+            # ledger would fail verification from there on. Held until close() (or exit)
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._fh.close()
+            raise StorageError(
+                f"{self.path}: the audit ledger is in use by another gateway process; stop it "
+                "first, or send the owner's command to the running gateway over MQTT"
+            ) from exc
+        try:
+            torn = _truncate_torn_tail(self.path)
             if self.path.exists() and self.path.stat().st_size:
                 last = _last_line(self.path)
                 try:
@@ -58,13 +76,13 @@ class Ledger:
                     self.head, self.count = entry["hash"], int(entry["i"]) + 1
                     self.max_seq = _tail_max_seq(self.path)
                 except (ValueError, KeyError, TypeError) as exc:
+                    self._fh.close()
                     raise StorageError(
                         f"{self.path}: the last ledger line is damaged; run "
                         f"`gateway audit verify {self.path}`"
                     ) from exc
-            # unbuffered: a failed write never leaves bytes in a buffer to be flushed later
-            self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115
         except OSError as exc:
+            self._fh.close()
             raise StorageError(
                 f"{self.path}: cannot open the audit ledger: {exc.strerror}"
             ) from exc

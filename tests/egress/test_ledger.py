@@ -267,3 +267,44 @@ def test_a_torn_line_longer_than_a_mebibyte_cuts_only_itself(ledger_file):
     led.close()
     report = verify_chain(ledger_file)
     assert report.entries == before + 1 and report.kinds["recovered"] == 1
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_ledger(ledger_file):
+    # GIVEN a ledger open for writing (a running gateway)
+    first = Ledger(ledger_file, fsync=False)
+    # WHEN a second writer opens it (e.g. `gateway data delete` beside a replay)
+    with pytest.raises(StorageError, match="in use by another gateway process"):
+        Ledger(ledger_file, fsync=False)
+    # THEN the first one goes on, and the chain still verifies; once it is closed, the next
+    # writer continues the chain
+    first.append("event", note="still the only writer")
+    first.close()
+    second = Ledger(ledger_file, fsync=False)
+    second.append("event", note="after the first")
+    second.close()
+    assert verify_chain(ledger_file).entries == 9
+
+
+def test_the_lock_is_refused_to_another_process_and_released_when_it_dies(ledger_file):
+    import subprocess
+    import sys
+
+    hold = (
+        "import sys, time\n"
+        "from gateway.egress.ledger import Ledger\n"
+        "led = Ledger(sys.argv[1], fsync=False)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(ledger_file)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(StorageError, match="in use"):
+            Ledger(ledger_file, fsync=False)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    Ledger(ledger_file, fsync=False).close()  # the kernel released the dead writer's lock
