@@ -9,8 +9,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
+import numpy as np
 
 from gateway.camera.anonymiser import (
     DetectionFailed,
@@ -49,8 +51,11 @@ def _check(args: argparse.Namespace) -> AnonymiserSettings:
         if not 0.0 < v < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
     for name in ("face_width", "plate_width"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        v = getattr(args, name)
+        if v != 0 and not 160 <= v <= 4096:  # 1 px found nothing; 30000 px took 24 GB
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be 0 (the image's own) or 160 to 4096, got {v}"
+            )
     if args.plate_strips not in PLATE_STRIPS:
         raise ConfigError(
             f"--plate-strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, got {args.plate_strips}"
@@ -89,6 +94,27 @@ def _write_image(path: Path, image: object) -> None:
         raise StorageError(f"{path}: cannot write ({exc.strerror})") from exc
 
 
+_ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}
+
+
+def _like_source(src: Path, dst: Path, image: Any) -> Any:
+    """The anonymised BGR ``image`` given the source's greyscale or its alpha channel back
+    (detection and blurring work on BGR; a transparent area must not turn visible)."""
+    raw = cv2.imdecode(np.fromfile(str(src), np.uint8), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        return image
+    if raw.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    if (
+        raw.shape[2] == 4
+        and raw.shape[:2] == image.shape[:2]  # not turned by its EXIF orientation
+        and dst.suffix.lower() in _ALPHA_SUFFIXES
+    ):
+        alpha = raw[:, :, 3] if raw.dtype == np.uint8 else (raw[:, :, 3] >> 8).astype(np.uint8)
+        return np.dstack([image, alpha])
+    return image
+
+
 def _image(anon: FrameAnonymiser, src: Path, dst: Path, tally: _Tally) -> None:
     img = read_image(src)
     try:  # images are independent: process() forgets every earlier box
@@ -96,7 +122,7 @@ def _image(anon: FrameAnonymiser, src: Path, dst: Path, tally: _Tally) -> None:
     except DetectionFailed as exc:
         raise CameraError(f"{src}: {exc}; nothing written") from exc
     assert outcome.anonymised is not None
-    _write_image(dst, outcome.anonymised.image)
+    _write_image(dst, _like_source(src, dst, outcome.anonymised.image))
     tally.files += 1
     tally.frames += 1
     tally.faces += outcome.faces
@@ -164,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.input).expanduser(), Path(args.output).expanduser()
     if not src.exists():
         raise CameraError(f"{src}: no such image, folder or video")
+    if src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES and dst.is_dir():
+        dst = dst / src.name  # into a folder: the same name (not over the input itself)
     if src.is_file() and dst.exists() and dst.resolve() == src.resolve():
         raise ConfigError(f"{dst}: the output must not overwrite the input")
     anon = FrameAnonymiser(load_detectors(settings.detector), settings)
@@ -174,8 +202,6 @@ def run(args: argparse.Namespace) -> int:
         if src.is_dir():
             _folder(anon, src, dst, progress, tally)
         elif src.suffix.lower() in IMAGE_SUFFIXES:
-            if dst.is_dir():
-                dst = dst / src.name
             if dst.suffix.lower() not in IMAGE_SUFFIXES:
                 raise ConfigError(f"{dst}: the output of an image must be an image file")
             _image(anon, src, dst, tally)

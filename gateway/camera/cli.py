@@ -62,16 +62,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--face-width",
         type=int,
-        default=d.face_width,
+        default=0,
         metavar="PX",
-        help="face detector input width, 0: the image's own (default %(default)s)",
+        help="face detector input width, 160-4096, or 0: the image's own up to 2560 (default 0: "
+        f"small faces in large images stay findable; the stream uses {d.face_width})",
     )
     p.add_argument(
         "--plate-width",
         type=int,
-        default=d.plate_width,
+        default=0,
         metavar="PX",
-        help="plate detector input width, 0: the image's own (default %(default)s)",
+        help="plate detector input width, 160-4096, or 0: the image's own up to 2560 (default 0; "
+        f"the stream uses {d.plate_width})",
     )
     p.add_argument(
         "--plate-strips",

@@ -87,10 +87,19 @@ def _quiet_opencv() -> Iterator[None]:
         logging_api.setLogLevel(old)
 
 
+# ``width`` 0: the frame's own width, but no wider than this (a 6000-pixel photo through the
+# networks at full size took minutes and gigabytes; 2560 keeps a 40-pixel face of a 1920x1080
+# frame whole)
+NATIVE_MAX_WIDTH = 2560
+
+
 def _scale_for(frame: Image, width: int) -> tuple[Image, float]:
-    """The frame resized to ``width`` (aspect kept) and the factor back to frame pixels."""
+    """The frame resized to ``width`` (aspect kept; 0: its own width, at most
+    ``NATIVE_MAX_WIDTH``) and the factor back to frame pixels."""
     h, w = frame.shape[:2]
-    if width <= 0 or width == w:
+    if width <= 0:
+        width = min(w, NATIVE_MAX_WIDTH)
+    if width == w:
         return frame, 1.0
     height = max(1, round(h * width / w))
     small = cv2.resize(frame, (width, height), interpolation=SHRINK if width < w else ENLARGE)

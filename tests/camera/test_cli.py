@@ -97,6 +97,10 @@ def test_a_video_gives_a_video_of_the_same_length(tmp_path, gateway):
         (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--plate-strips", "0"], "--plate-strips"),
         (lambda p: [str(ASTRONAUT), str(p / "o.txt")], "must be an image file"),
         (lambda p: [str(DEMO_CLIP), str(p / "o.gif")], "video output must end in"),
+        # 1 px found nothing and said nothing; 30000 px ran out of time and took 24 GB
+        (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--face-width", "1"], "--face-width"),
+        (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--plate-width", "30000"], "--plate-width"),
+        (lambda p: [_here(p), str(p)], "must not overwrite the input"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(tmp_path, gateway, argv, needle):
@@ -116,6 +120,12 @@ def test_an_unreadable_image_in_a_folder_is_reported_and_the_rest_written(tmp_pa
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.jpg"]
 
 
+def _here(p) -> str:
+    """An image whose output would be its own folder: the same name, over the original."""
+    shutil.copy(ASTRONAUT, p / "photo.jpg")
+    return str(p / "photo.jpg")
+
+
 def _bad_jpeg(p) -> str:
     (p / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     return str(p / "broken.jpg")
@@ -124,3 +134,37 @@ def _bad_jpeg(p) -> str:
 def _empty(p) -> str:
     (p / "empty").mkdir()
     return str(p / "empty")
+
+
+def test_a_small_face_in_a_large_frame_is_found_and_transparency_and_grey_are_kept(
+    tmp_path, gateway, detector, astronaut
+):
+    # GIVEN the portrait shrunk to a 56-pixel-wide face in the corner of a 2400x1350 frame
+    # (the stream's 640-pixel face input shrinks such a face to 15 pixels: not found)
+    face = next(b for b in detector.detect(astronaut) if b.kind is Kind.FACE)
+    k = 56 / face.w
+    small = cv2.resize(astronaut, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+    big = np.zeros((1350, 2400, 4), np.uint8)
+    big[:, :, 3] = 128  # half transparent
+    y0, x0 = 1350 - small.shape[0], 2400 - small.shape[1]
+    big[y0:, x0:, :3] = small
+    big[y0:, x0:, 3] = 255
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    cv2.imwrite(str(tmp_path / "grey.png"), cv2.cvtColor(astronaut, cv2.COLOR_BGR2GRAY))
+    # WHEN both are anonymised at the defaults
+    for name in ("big", "grey"):
+        code, err = gateway(
+            "anonymize", str(tmp_path / f"{name}.png"), str(tmp_path / f"o-{name}.png"), "-q"
+        )
+        assert code == 0 and "1 face(s)" in err, err
+    # THEN the small face lost its detail, and the alpha channel is the original's
+    out = cv2.imread(str(tmp_path / "o-big.png"), cv2.IMREAD_UNCHANGED)
+    assert out.shape == big.shape and np.array_equal(out[:, :, 3], big[:, :, 3])
+    fx, fy, fw, fh = (int(v * k) for v in (face.x, face.y, face.w, face.h))
+    before = cv2.cvtColor(small[fy : fy + fh, fx : fx + fw], cv2.COLOR_BGR2GRAY)
+    after = cv2.cvtColor(
+        out[y0 + fy : y0 + fy + fh, x0 + fx : x0 + fx + fw, :3], cv2.COLOR_BGR2GRAY
+    )
+    assert detail(after) < 0.2 * detail(before)
+    # and a greyscale image stays one channel
+    assert cv2.imread(str(tmp_path / "o-grey.png"), cv2.IMREAD_UNCHANGED).ndim == 2
