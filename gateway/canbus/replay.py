@@ -33,6 +33,8 @@ from gateway.canbus.messages import (
 from gateway.errors import LogFormatError
 from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
 
+log = logging.getLogger("gateway.replay")
+
 if TYPE_CHECKING:
     import can
 
@@ -289,6 +291,7 @@ class ReplaySource:
         log0 = 0.0
         lap = 0
         while True:
+            lap_frames = 0
             for path in self.paths:
                 stats = ReadStats(path=str(path))
                 self.stats.append(stats)
@@ -318,7 +321,11 @@ class ReplaySource:
                     )
                     if self.on_progress is not None:
                         self.on_progress(stats, stats.bytes_read, size)
+                    lap_frames += len(batch)
                     yield batch
             lap += 1
             if not self.loop or (self.max_laps is not None and lap >= self.max_laps):
+                return
+            if not lap_frames:  # another lap reads nothing again, forever, never waiting
+                log.warning("--loop: the log(s) hold no frames; not looping")
                 return

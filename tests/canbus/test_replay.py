@@ -217,3 +217,19 @@ def test_paced_replay_yields_to_the_event_loop():
     # THEN another task kept running while the replay waited
     assert asyncio.run(main()) == 39_546
     assert ticks >= 10
+
+
+@pytest.mark.parametrize("text", ["", "not a frame\nnor this\n"])
+def test_a_loop_over_logs_without_frames_ends_instead_of_spinning(tmp_path, text, caplog):
+    # GIVEN an empty log, or one of bad lines only, replayed with --loop
+    log_path = tmp_path / "nothing.log"
+    log_path.write_text(text)
+    src = ReplaySource([log_path], speed=None, loop=True)
+
+    async def main():
+        return [b async for b in src.batches()]
+
+    # WHEN it is replayed: THEN it ends at once (it read nothing again forever, never waiting,
+    # so not even a signal could stop it) and says why
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == []
+    assert "hold no frames" in caplog.text
