@@ -176,6 +176,7 @@ class Gateway:
         self.health = HealthMonitor()
         self.report = RunReport()
         self._group: list[Released] | None = None  # messages of an open egress_group()
+        self._drain_stop = asyncio.Event()  # see stop_draining()
         self.ledger.append(
             "start",
             gateway=__version__,
@@ -498,6 +499,11 @@ class Gateway:
             if now - self._digest_sent_at >= g.digest_interval:
                 self.publish_digest()
 
+    def stop_draining(self) -> None:
+        """End the wait for the broker at the end of ``run()`` now (a second Ctrl-C): what is
+        not delivered stays in the outbox."""
+        self._drain_stop.set()
+
     # -- the whole run ---------------------------------------------------------------------
     async def run(
         self,
@@ -522,9 +528,18 @@ class Gateway:
             if self.settings.gateway.health_interval > 0:
                 self.publish_health()
             self.publish_digest()
-            # flush: wait (bounded) for the outbox to drain while the publisher reconnects
+            # flush: wait (bounded) for the outbox to drain while the publisher reconnects; a
+            # stop asked for meanwhile (a first one after the sources ended, or stop_draining)
+            # ends the wait: what is left stays in the outbox for the next run
             deadline = time.monotonic() + drain_timeout
-            while self.outbox.depth() and time.monotonic() < deadline and not pub_task.done():
+            stopped_before = stop.is_set()
+            while (
+                self.outbox.depth()
+                and time.monotonic() < deadline
+                and not pub_task.done()
+                and not self._drain_stop.is_set()
+                and (stopped_before or not stop.is_set())
+            ):
                 self.publisher.acked.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.publisher.acked.wait(), timeout=0.05)

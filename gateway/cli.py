@@ -191,9 +191,15 @@ def _run_until_signal(gw: Any, drain_timeout: float = 30.0, require_broker: bool
     async def main() -> Any:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:  # the first stops the sources; a second, the wait to drain
+            if stop.is_set():
+                gw.stop_draining()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
         return await gw.run(stop, drain_timeout=drain_timeout, require_broker=require_broker)
 
     return asyncio.run(main())

@@ -185,3 +185,48 @@ def test_outbox_disk_full_or_read_only_keeps_the_can_path_alive(
     assert health and health[-1]["storage"] == "degraded"
     assert health[-1]["frames"] > 30_000 and health[-1]["frames_per_s"]
     print(f"\ndisk {fault}: produced {len(produced)}, received {len(unique)}; {errors[0]}")
+
+
+def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_rest(tmp_path):
+    import asyncio
+    import dataclasses
+
+    from gateway import settings as settings_mod
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.localbroker import free_port
+
+    # GIVEN a replay whose broker is away, with a 60 s wait for it at the end
+    s = settings_mod.load(
+        None,
+        env={},
+        overrides={
+            "broker.url": f"mqtt://127.0.0.1:{free_port()}",
+            "gateway.vin": "DRAINSTOP00000001",
+            "gateway.window": 5.0,
+            "gateway.ledger": str(tmp_path / "l.jsonl"),
+            "gateway.outbox": str(tmp_path / "o.sqlite"),
+        },
+    )
+    s = dataclasses.replace(s, dbc={"can0": [str(KONA_PCAN)]})
+    gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+
+    async def main():
+        stop = asyncio.Event()
+        run = asyncio.create_task(gw.run(stop, require_broker=False, drain_timeout=60))
+        while not gw.report.frames or gw.outbox.depth() == 0:  # the frames are in
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # ... and it waits for the broker
+        # WHEN the user stops it (Ctrl-C once, after the replay ended)
+        stop.set()
+        return await asyncio.wait_for(run, 20)  # not the 60 s it would wait for the broker
+
+    report = asyncio.run(main())
+    # THEN it ended, and everything undelivered is still in the outbox and on the record
+    from gateway.egress.outbox import Outbox
+
+    assert report.outbox_left > 0 and report.sent == 0
+    kept = Outbox(tmp_path / "o.sqlite")
+    assert kept.depth() == report.outbox_left
+    kept.close()
+    assert verify_chain(tmp_path / "l.jsonl").kinds["stop"] == 1
