@@ -21,7 +21,7 @@ from gateway.egress.ledger import Ledger
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, StorageError
 from gateway.health import HealthMonitor
 from gateway.records import (
     Decoder,
@@ -144,7 +144,12 @@ class Gateway:
         self.decoder = make_decoder(settings, self.dbcs, self.policy.wanted_signals())
         self.topics = Topics(settings.broker.topic_prefix, g.vin)
         self.state_dir = Path(g.state_dir) if g.state_dir else Path(g.ledger).resolve().parent
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"{self.state_dir}: cannot create the gateway's state folder ({exc.strerror})"
+            ) from exc
         self.consent_path = self.state_dir / f"consent-{g.vin}.json"
         now = clock()
         self.consent = ConsentState.load(self.consent_path)

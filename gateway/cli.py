@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, StorageError
 
 log = logging.getLogger("gateway")
 
@@ -400,7 +400,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
                 data["consent"] = json.loads(consent_file.read_text())
             text = json.dumps(data, indent=1, default=str)
             if args.out:
-                Path(args.out).write_text(text)
+                try:
+                    Path(args.out).write_text(text)
+                except OSError as exc:
+                    raise StorageError(
+                        f"{args.out}: cannot write the export ({exc.strerror})"
+                    ) from exc
             else:
                 print(text)
             ledger = Ledger(s.gateway.ledger)
@@ -702,7 +707,11 @@ def entry(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports numpy and the rest: a Ctrl-C often lands here
+    except KeyboardInterrupt:
+        print("gateway: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())

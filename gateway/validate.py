@@ -32,7 +32,7 @@ from gateway.canbus.replay import ReplaySource, iter_log
 from gateway.egress.ledger import read_entries
 from gateway.egress.mqtt import message_queue
 from gateway.egress.schema import unpack
-from gateway.errors import ConfigError
+from gateway.errors import BrokerError, ConfigError, StorageError
 from gateway.localbroker import LocalBroker
 from gateway.settings import Settings
 from gateway.telemetry.location import on_location_grid
@@ -287,10 +287,19 @@ class _Observer:
         self.messages: list[Observed] = []
         self._ready, self._stop = threading.Event(), threading.Event()
         self._host, self._port = host, port
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        if not self._ready.wait(10):
-            raise ConfigError(f"validate: cannot subscribe to # on {host}:{port}")
+        if not self._ready.wait(10) or self._error is not None:
+            why = f": {self._error}" if self._error is not None else ""
+            raise BrokerError(f"validate: cannot subscribe to # on {host}:{port}{why}")
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:  # noqa: BLE001 - said by __init__ as one line, not a traceback
+            self._error = exc
+            self._ready.set()
 
     async def _main(self) -> None:
         async with aiomqtt.Client(self._host, self._port, identifier=None) as client:
@@ -335,7 +344,10 @@ def run_validation(
     policy: Policy | None = None,
     broker_url: str | None = None,
 ) -> ValidateResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{out_dir}: cannot create the report folder ({exc.strerror})") from exc
     policy = policy or load_policy(settings.gateway.policy or None)
     dbcs = ChannelDbcs.from_specs(settings.dbc)
     canary_log = out_dir / "canary-drive.log"
@@ -363,7 +375,9 @@ def run_validation(
         gw = Gateway(s, [source], policy=policy)
         location_consent = gw.consent.ok(Category.LOCATION, time.time())
         run = asyncio.run(gw.run(drain_timeout=30))
-        observed = observer.stop()
+        # a retained message delivered on subscribing was on the broker before this run (another
+        # vehicle's status, an earlier run's): not this run's egress, and not judged
+        observed = [m for m in observer.stop() if not m.retain]
     finally:
         if broker is not None:
             broker.close()

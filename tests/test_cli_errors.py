@@ -110,3 +110,38 @@ def test_garbage_lines_in_a_log_are_skipped_counted_and_reported(tmp_path, broke
     assert "skipped 4 bad line(s)" in proc.stderr
     assert "line 202" in proc.stderr  # the first garbage line, counting the header as line 1
     assert "replayed 399 frames" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        # a folder or file that cannot be made, where the user pointed the output
+        (lambda p: ["replay", str(KONA_CSV), "--ledger", str(_file(p) / "l.jsonl")], "cannot"),
+        (lambda p: ["data", "export", "--out", str(_file(p) / "x.json")], "cannot write"),
+        (lambda p: ["validate", "--out", str(_file(p))], "cannot create the report folder"),
+        (lambda p: ["validate", "--broker", f"mqtt://127.0.0.1:{free_port()}"], "subscribe"),
+    ],
+)
+def test_outputs_that_cannot_be_written_and_an_absent_broker_are_one_line(tmp_path, argv, needle):
+    args = argv(tmp_path)
+    if args[0] == "replay":
+        args += ["--dbc", str(KONA_PCAN), "--fast", "--outbox", str(tmp_path / "o.sqlite")]
+    elif args[0] == "data":
+        args += ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
+    proc = run_gateway(*args, cwd=tmp_path)
+    assert_one_line_error(proc, needle)
+    assert proc.returncode != 0
+
+
+def _file(p):
+    f = p / "a-file"
+    f.write_text("not a folder")
+    return f
+
+
+def test_a_ledger_line_nested_too_deep_for_json_is_a_bad_line_not_a_crash(tmp_path):
+    led = tmp_path / "l.jsonl"
+    led.write_text("[" * 100_000 + "\n")
+    proc = run_gateway("audit", "verify", str(led))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{led}:1" in proc.stdout + proc.stderr

@@ -108,6 +108,31 @@ def test_location_consented_but_not_coarsened_is_caught(tmp_path, drive):
     assert "position finer than the policy grid" in proc.stdout
 
 
+def test_retained_messages_already_on_a_shared_broker_are_not_this_runs_egress(
+    tmp_path, drive, broker
+):
+    import asyncio
+
+    import aiomqtt
+
+    # GIVEN a shared broker holding retained messages of another vehicle (and of earlier runs)
+    host, port = broker.url.removeprefix("mqtt://").split(":")
+
+    async def retain() -> None:
+        async with aiomqtt.Client(host, int(port)) as c:
+            await c.publish("vehicles/OTHERVIN/status", b"someone else's", qos=1, retain=True)
+            await c.publish(
+                "vehicles/OTHERVIN/owner/consent", pack({"lat": 31.2345}), qos=1, retain=True
+            )
+
+    asyncio.run(retain())
+    # WHEN validate runs against it
+    proc = _validate(tmp_path, drive, "--broker", broker.url)
+    # THEN they are not judged: no unledgered egress, no position
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verdict: no leak" in proc.stdout
+
+
 def test_search_finds_raw_payloads_as_bytes_and_hex_and_the_vin():
     can = Canaries(
         positions=[], vin="CANARY12345678901", payloads=[bytes.fromhex("0123456789abcdef")]

@@ -75,7 +75,7 @@ class Ledger:
                     entry = json.loads(last)
                     self.head, self.count = entry["hash"], int(entry["i"]) + 1
                     self.max_seq = _tail_max_seq(self.path)
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
                     self._fh.close()
                     raise StorageError(
                         f"{self.path}: the last ledger line is damaged; run "
@@ -214,7 +214,7 @@ def _tail_max_seq(path: Path) -> int:
                 continue
             try:
                 seq = json.loads(raw).get("seq")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 continue
             if isinstance(seq, int):
                 return seq
@@ -257,7 +257,7 @@ def read_entries(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None,
             try:
                 entry = json.loads(raw)
                 yield n, entry if isinstance(entry, dict) else None, raw
-            except ValueError:
+            except (ValueError, RecursionError):  # nested too deep for json: no entry either
                 yield n, None, raw
 
 
