@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import sys
 import time
@@ -43,10 +44,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic-prefix", metavar="PREFIX", help="topic prefix (default 'vehicles')")
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
 def _add_drain(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=_seconds,
         default=30.0,
         metavar="S",
         help="how long to wait at the end for the broker to take every summary (30)",
@@ -129,8 +141,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         detect_format(p)  # a missing or unknown file fails here, before anything starts
     fast = bool(args.fast) or (s.replay.fast and args.speed is None)
     speed = None if fast else (args.speed if args.speed is not None else s.replay.speed)
-    if speed is not None and speed <= 0:
-        raise ConfigError(f"--speed must be positive, got {speed}")
+    if speed is not None and not 0 < speed < math.inf:  # NaN too
+        raise ConfigError(f"--speed must be a positive number, got {speed}")
     # the camera paces its clip by the same settings as the CAN log
     s = dataclasses.replace(
         s, replay=dataclasses.replace(s.replay, fast=fast, speed=speed or s.replay.speed)

@@ -8,6 +8,7 @@ option carries its help text in its field metadata; ``docs/config.md`` is genera
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -336,8 +337,20 @@ def load(
         outbox=_resolve(base, g.outbox),
         state_dir=_resolve(base, g.state_dir),
     )
-    if g.window <= 0:
-        raise ConfigError(f"{where}: [gateway].window must be positive, got {g.window}")
+    if not 0.001 <= g.window <= 1e7:  # 1e-300 s put every sample outside any window
+        raise ConfigError(
+            f"{where}: [gateway].window must be 0.001 to 10,000,000 seconds, got {g.window}"
+        )
+    if g.health_interval < 0:
+        raise ConfigError(
+            f"{where}: [gateway].health_interval must be >= 0 (0: off), got {g.health_interval}"
+        )
+    # one topic level: a '/' would move the owner's channel, '+' and '#' are MQTT wildcards
+    if not g.vin or any(c in g.vin for c in "/+#\x00") or g.vin != g.vin.strip():
+        raise ConfigError(
+            f"{where}: [gateway].vin must be one MQTT topic level, without '/', '+', '#' or "
+            f"spaces at its ends, got {g.vin!r}"
+        )
     if g.decoder not in ("vector", "cantools"):
         raise ConfigError(
             f"{where}: [gateway].decoder must be 'vector' or 'cantools', got {g.decoder!r}"
@@ -349,6 +362,12 @@ def load(
         tls_ca=_resolve(base, broker.tls_ca),
     )
     _parse_broker_url(broker.url)
+    levels = broker.topic_prefix.split("/")
+    if any(not lv or any(c in lv for c in "+#\x00") for lv in levels):
+        raise ConfigError(
+            f"{where}: [broker].topic_prefix must be topic levels without '+', '#' or empty "
+            f"levels, got {broker.topic_prefix!r}"
+        )
     arrays: dict[str, list[Any]] = {}
     for name, cls in _ARRAYS.items():
         items = raw.get(name, [])
@@ -363,6 +382,10 @@ def load(
             obj = build(cls, item, f"{where}: [[{name}]] #{i + 1}")
             if isinstance(obj, CanSource):
                 obj = dataclasses.replace(obj, logs=[_resolve(base, x) for x in obj.logs])
+                if obj.bitrate < 0:
+                    raise ConfigError(
+                        f"{where}: [[can]] #{i + 1}: bitrate must be >= 0, got {obj.bitrate}"
+                    )
                 if bool(obj.logs) == bool(obj.interface):
                     raise ConfigError(
                         f"{where}: [[can]] #{i + 1}: give either logs or interface+channel"
@@ -378,10 +401,13 @@ def load(
         ch: [_resolve(base, p) for p in _coerce(v, list[str], f"{where}: [dbc].{ch}")]
         for ch, v in dbc_raw.items()
     }
+    replay: ReplaySettings = built["replay"]
+    if not 0 < replay.speed < math.inf:  # NaN fails too
+        raise ConfigError(f"{where}: [replay].speed must be a positive number, got {replay.speed}")
     return Settings(
         gateway=g,
         broker=broker,
-        replay=built["replay"],
+        replay=replay,
         can=arrays["can"],
         camera=arrays["camera"],
         dbc=dbc,

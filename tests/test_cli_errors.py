@@ -145,3 +145,34 @@ def test_a_ledger_line_nested_too_deep_for_json_is_a_bad_line_not_a_crash(tmp_pa
     proc = run_gateway("audit", "verify", str(led))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{led}:1" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[gateway]\nvin = 'A/#'\n", "[gateway].vin must be one MQTT topic level"),
+        ("[gateway]\nvin = ''\n", "[gateway].vin must be one MQTT topic level"),
+        ("[broker]\ntopic_prefix = 'a/+'\n", "[broker].topic_prefix"),
+        ("[gateway]\nwindow = 1e-300\n", "[gateway].window must be 0.001"),
+        ("[gateway]\nhealth_interval = -1\n", "[gateway].health_interval"),
+        ("[replay]\nspeed = -1\n", "[replay].speed"),
+        ("[replay]\nspeed = nan\n", "[replay].speed"),
+        ("[[can]]\ninterface = 'virtual'\nchannel = 'x'\nbitrate = -5\n", "bitrate must be"),
+    ],
+)
+def test_values_out_of_range_in_a_config_are_named(tmp_path, toml, needle):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(toml)
+    proc = run_gateway("config", "--config", str(cfg))
+    assert_one_line_error(proc, str(cfg), needle)
+
+
+def test_replay_options_out_of_range_are_named(tmp_path):
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--speed", "nan")
+    assert_one_line_error(proc, "--speed must be a positive number")
+    # argparse's own usage line and error, as for any option of the wrong type
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--drain-timeout", "-1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith(
+        "argument --drain-timeout: must be 0 or more seconds, got -1"
+    )
