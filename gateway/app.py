@@ -92,7 +92,8 @@ class RunReport:
     bytes_released: int = 0
     sent: int = 0
     outbox_left: int = 0
-    late_samples: int = 0
+    late_samples: int = 0  # older than a window already published (time went backwards)
+    invalid_samples: int = 0  # NaN, infinity, a 'not available' state, a time outside any window
     positions_withheld: int = 0
     positions_in_geofence: int = 0
     trips: int = 0
@@ -488,6 +489,7 @@ class Gateway:
                         for trip in trips.flush(last_t):
                             self.publish_trip(trip)
             self.report.late_samples += agg.late_samples
+            self.report.invalid_samples += agg.invalid_samples
 
     async def _periodic(self, stop: asyncio.Event) -> None:
         g = self.settings.gateway

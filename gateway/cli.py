@@ -245,6 +245,18 @@ def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> N
         f"{d.skipped_special:,} error/remote frames",
         file=out,
     )
+    if report.late_samples:
+        print(
+            f"  {report.late_samples:,} signal samples came after their window had been "
+            "published (the log's time went backwards) and are in no summary",
+            file=out,
+        )
+    if report.invalid_samples:
+        print(
+            f"  {report.invalid_samples:,} signal samples were no value (NaN, infinity, a "
+            "'not available' state, or a time outside any window) and are in no summary",
+            file=out,
+        )
     share = 100.0 * report.bytes_released / report.raw_bytes if report.raw_bytes else 0.0
     print(
         f"released {report.released} message(s) ({report.bytes_released:,} bytes, {share:.2f}% of "

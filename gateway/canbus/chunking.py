@@ -4,7 +4,9 @@ A chunk ends after ``frames`` frames or once it spans ``seconds`` of log time, w
 first. A paced replay uses small chunks so that frames reach the pipeline close to their time;
 an unpaced one uses large chunks, where the vectorised decoder is fast. Summaries do not
 depend on the cut: the aggregator's sums are exactly rounded (``math.fsum``), and count, min,
-max and last do not depend on order, so ``--fast`` and ``--speed X`` publish identical bytes.
+max and last do not depend on order, so ``--fast`` and ``--speed X`` publish identical bytes
+(for a log whose time never goes backwards: a sample older than a window already emitted is
+late, and which samples are late depends on where the chunks were cut).
 """
 
 from __future__ import annotations
