@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.canbus.chunking import CHUNK_FRAMES, CHUNK_SECONDS
+from gateway.errors import LogFormatError
 from gateway.records import FrameBatch, ReadStats
 
 CAN_ERR_FLAG = 0x20000000
@@ -389,7 +390,10 @@ def parse_line(text: str) -> Frame | str | None:
 class _Channels:
     """Channel names, numbered in order of first appearance in the file."""
 
-    def __init__(self) -> None:
+    LIMIT = 1 << 16  # channel numbers are uint16 (FrameBatch.channel); a car has a handful
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
         self.names: list[str] = []
         self.index: dict[str, int] = {}
 
@@ -405,6 +409,11 @@ class _Channels:
         present = [c for c in range(len(names)) if (local == c).any()]
         for c in sorted(present, key=lambda c: int(np.argmax(local == c))):
             if names[c] not in self.index:
+                if len(self.names) == self.LIMIT:
+                    raise LogFormatError(
+                        f"{self.path or 'candump log'}: more than {self.LIMIT:,} different "
+                        "channel names; is this a candump log?"
+                    )
                 self.index[names[c]] = len(self.names)
                 self.names.append(names[c])
         table = np.array([self.index.get(n, 0) for n in names], np.uint16)
@@ -780,7 +789,7 @@ def iter_candump(
                 return
     workers = parse_threads() if workers is None else workers
     fh, owned = _open(source)
-    channels = _Channels()
+    channels = _Channels(stats.path or "")
     chunker = _Chunker(chunk_frames, max_chunk_seconds, channels, stats)
     # with several workers, blocks are parsed side by side (numpy releases the GIL for most of
     # the work) and consumed strictly in file order, so channel numbering and bad-line order

@@ -366,3 +366,16 @@ def test_parse_threads_leave_a_core_to_the_pipeline(
         "gateway.canbus.candump.os.sched_getaffinity", lambda pid: set(range(cores))
     )
     assert parse_threads() == threads
+
+
+def test_more_channel_names_than_a_channel_number_holds_is_one_error(tmp_path):
+    from gateway.errors import LogFormatError
+    from gateway.records import ReadStats
+
+    # GIVEN a "log" with 65,537 different channel names (channel numbers are 16 bits)
+    log = tmp_path / "many.log"
+    log.write_text("".join(f"({i}.0) c{i} 101#1234\n" for i in range(65_537)))
+    # THEN reading it is one error naming the file (it was an OverflowError traceback)
+    with pytest.raises(LogFormatError, match=r"many\.log: more than 65,536 different channel"):
+        for _ in candump.iter_candump(log, ReadStats(path=str(log)), workers=0):
+            pass
