@@ -230,7 +230,8 @@ def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> N
         if st.bad_lines or st.stopped_early:
             where = "; ".join(f"line {n}: {why}" for n, why in st.first_bad)
             more = f" (first: {where})" if where else ""
-            print(f"  {st.path}: skipped {st.bad_lines} bad line(s){more}", file=out)
+            if st.bad_lines:
+                print(f"  {st.path}: skipped {st.bad_lines} bad line(s){more}", file=out)
             if st.stopped_early:
                 print(
                     f"  {st.path}: the rest of the file could not be read: {st.stopped_early}",

@@ -181,6 +181,14 @@ def _iter_python_can_binary(path: Path, fmt: LogFormat, stats: ReadStats) -> Ite
                 stats.bad(i + 1, f"object {i + 1}: {problem}")
                 continue
             yield msg
+        # python-can's BLF reader ends quietly where a cut-off file ends; its header says
+        # how long the file was written
+        declared = getattr(reader, "file_size", None)
+        if isinstance(declared, int) and declared > size:
+            stats.stopped_early = (
+                f"the file ends at {size:,} of the {declared:,} bytes its header declares "
+                "(cut short)"
+            )
     except Exception as exc:  # a corrupt object in a binary log ends what can be read
         stats.stopped_early = f"{type(exc).__name__}: {exc}"
     finally:

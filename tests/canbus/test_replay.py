@@ -233,3 +233,27 @@ def test_a_loop_over_logs_without_frames_ends_instead_of_spinning(tmp_path, text
     # so not even a signal could stop it) and says why
     assert asyncio.run(asyncio.wait_for(main(), 10)) == []
     assert "hold no frames" in caplog.text
+
+
+def test_a_blf_cut_short_says_so(tmp_path):
+    import can
+
+    from gateway.canbus.replay import iter_log
+    from gateway.records import ReadStats
+
+    # GIVEN a BLF of 3,000 frames, and the same file cut after 7,000 bytes
+    full = tmp_path / "full.blf"
+    w = can.BLFWriter(str(full))
+    for i in range(3000):
+        w.on_message_received(can.Message(timestamp=i * 0.01, arbitration_id=0x542, data=bytes(8)))
+    w.stop()
+    cut = tmp_path / "cut.blf"
+    cut.write_bytes(full.read_bytes()[:7000])
+    counts = {}
+    for f in (full, cut):
+        stats = ReadStats(path=str(f))
+        counts[f.name] = (sum(len(b) for b in iter_log(f, stats)), stats.stopped_early)
+    # THEN the whole file reads whole and quietly; the cut one reads less and says why
+    assert counts["full.blf"] == (3000, None)
+    n, why = counts["cut.blf"]
+    assert 0 < n < 3000 and "7,000 of the" in why and "cut short" in why
