@@ -67,6 +67,21 @@ class Source(Protocol):
 UNPACED_GROUP_SECONDS = 0.1
 
 
+def _say_missing(missing: list[str], wanted: int) -> None:
+    """Policy signals that no DBC defines never leave. One policy may serve several vehicles, so
+    each is said with -v; that none at all is defined (the wrong DBC, or a typo everywhere) is
+    a warning."""
+    for name in missing:
+        log.info("policy: signal %s is in none of the DBCs given: it is never published", name)
+    if missing and len(missing) == wanted:
+        log.warning(
+            "policy: none of its %d signals is in the DBCs given (%s, ...): nothing but health "
+            "and consent will be published",
+            wanted,
+            ", ".join(missing[:3]),
+        )
+
+
 def make_decoder(settings: Settings, dbcs: ChannelDbcs, wanted: set[str]) -> Decoder:
     if settings.gateway.decoder == "vector":
         from gateway.canbus.fastdecode import VectorDecoder
@@ -142,7 +157,9 @@ class Gateway:
         self.on_batch = on_batch
         self.policy = policy or load_policy(g.policy or None)
         self.dbcs = ChannelDbcs.from_specs(settings.dbc)
-        self.decoder = make_decoder(settings, self.dbcs, self.policy.wanted_signals())
+        wanted = self.policy.wanted_signals()
+        self.decoder = make_decoder(settings, self.dbcs, wanted)
+        _say_missing(self.dbcs.missing(wanted), len(wanted))
         self.topics = Topics(settings.broker.topic_prefix, g.vin)
         self.state_dir = Path(g.state_dir) if g.state_dir else Path(g.ledger).resolve().parent
         try:

@@ -488,6 +488,26 @@ class ChannelDbcs:
     def for_channel(self, channel: str) -> list[cantools.database.can.Database]:
         return [p.database() for p in self.plans_for(channel) if p.database is not None]
 
+    def missing(self, signals: Iterable[str]) -> list[str]:
+        """Of ``MESSAGE.SIGNAL`` names, those in none of these DBCs (read from the plans: the
+        named messages' plans only, no cantools)."""
+        every = {id(p): p for plans in self._plans.values() for p in plans}.values()
+        out = []
+        for name in sorted(signals):
+            msg = name.partition(".")[0]
+            found = False
+            for p in every:
+                if msg in p.names:
+                    try:
+                        found = name in p.plan(p.names.index(msg)).meta
+                    except Exception:  # noqa: BLE001 - a plan that cannot be built: not judged
+                        found = True
+                if found:
+                    break
+            if not found:
+                out.append(name)
+        return out
+
     def all_databases(self) -> Iterable[cantools.database.can.Database]:
         seen: set[int] = set()
         for plans in self._plans.values():

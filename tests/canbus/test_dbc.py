@@ -356,3 +356,23 @@ def test_a_damaged_plan_inside_a_readable_entry_is_built_again():
     state.plans[0] = b"not a pickle"
     state.database = lambda: db
     assert state.plan(0) == DbcPlans.of(db).plan(0)
+
+
+def test_policy_signals_in_no_dbc_are_found_and_said(caplog):
+    import logging
+
+    from gateway.app import _say_missing
+    from gateway.canbus.dbc import ChannelDbcs
+    from tests.conftest import KONA_PCAN
+
+    dbcs = ChannelDbcs.from_specs({"can0": str(KONA_PCAN)})
+    wanted = {"BMS_542.SocDisp", "BMS_542.SocDsip", "NoSuchMessage.X"}
+    # a typo in a signal, and a message the DBC lacks; the real one is found
+    assert dbcs.missing(wanted) == ["BMS_542.SocDsip", "NoSuchMessage.X"]
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        _say_missing(dbcs.missing(wanted), len(wanted))  # some missing: said with -v only
+        said = [r.levelno for r in caplog.records if "policy:" in r.getMessage()]
+        assert said == [logging.INFO, logging.INFO]
+        caplog.clear()
+        _say_missing(["A.b", "C.d"], 2)  # none defined: a warning
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
