@@ -23,6 +23,7 @@ class VerifyResult:
     rechecked: int = 0
     policies: list[str] = field(default_factory=list)
     unchecked: int = 0
+    notes: list[str] = field(default_factory=list)  # runs without a stop entry
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
@@ -32,7 +33,7 @@ class VerifyResult:
         )
         if self.unchecked:
             text += f"; {self.unchecked} not re-checked (their policy file was not given)"
-        return text
+        return "\n".join([text, *(f"note: {n}" for n in self.notes)])
 
 
 def _candidates(policy_path: str | None) -> list[Policy]:
@@ -57,10 +58,19 @@ def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyRes
     result = VerifyResult(str(path), chain.entries, chain.head, chain.kinds)
     policies = {p.digest: p for p in _candidates(policy_path)}
     current: Policy | None = None
+    open_run: int | None = None  # line of the start entry of a run not stopped yet
     for n, entry, _raw in read_entries(path):
         assert entry is not None  # verify_chain passed
         kind = entry.get("kind")
+        if kind == "stop":
+            open_run = None
         if kind == "start":
+            if open_run is not None:
+                result.notes.append(
+                    f"the run started at line {open_run} has no stop entry: it was killed or "
+                    "lost power"
+                )
+            open_run = n
             current = policies.get(str(entry.get("policy_sha256")))
             if current is not None and current.ident not in result.policies:
                 result.policies.append(current.ident)
@@ -102,4 +112,9 @@ def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyRes
         ):
             raise AuditError(f"{path}:{n}: a position left without valid location consent")
         result.rechecked += 1
+    if open_run is not None:
+        result.notes.append(
+            f"the last run (started at line {open_run}) has no stop entry: the gateway is still "
+            "running, was killed, or the end of the ledger was cut off"
+        )
     return result

@@ -308,3 +308,23 @@ def test_the_lock_is_refused_to_another_process_and_released_when_it_dies(ledger
         proc.wait(timeout=10)
         proc.stdout.close()
     Ledger(ledger_file, fsync=False).close()  # the kernel released the dead writer's lock
+
+
+def test_a_ledger_whose_end_was_cut_off_at_a_line_says_its_run_has_no_stop(tmp_path):
+    # GIVEN two runs, each closed by a stop entry; then the last two lines cut off
+    path = tmp_path / "ledger.jsonl"
+    for _ in range(2):
+        led = Ledger(path, fsync=False)
+        led.append("start", gateway="t", vin="V", policy="p", policy_sha256="0", policy_source="")
+        led.append("event", note="x")
+        led.append("stop", reason="end")
+        led.close()
+    whole = verify_ledger(path)
+    assert whole.notes == []
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]))
+    # THEN the chain still verifies (a cut at a line boundary leaves no trace in it), but the
+    # summary notes that the last run has no stop entry
+    cut = verify_ledger(path)
+    assert len(cut.notes) == 1 and "started at line 4" in cut.notes[0]
+    assert "note: the last run" in cut.summary()
