@@ -217,6 +217,12 @@ def _run_until_signal(gw: Any, drain_timeout: float = 30.0, require_broker: bool
     return asyncio.run(main())
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (a reason quoting a binary file's bytes must
+    not drive the terminal): one line, as it was."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> None:
     out = sys.stderr
     rate = report.frames / elapsed if elapsed > 0 else 0.0
@@ -228,13 +234,14 @@ def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> N
     )
     for st in report.read:
         if st.bad_lines or st.stopped_early:
-            where = "; ".join(f"line {n}: {why}" for n, why in st.first_bad)
+            where = "; ".join(f"line {n}: {_printable(why)}" for n, why in st.first_bad)
             more = f" (first: {where})" if where else ""
             if st.bad_lines:
                 print(f"  {st.path}: skipped {st.bad_lines} bad line(s){more}", file=out)
             if st.stopped_early:
                 print(
-                    f"  {st.path}: the rest of the file could not be read: {st.stopped_early}",
+                    f"  {st.path}: the rest of the file could not be read: "
+                    f"{_printable(st.stopped_early)}",
                     file=out,
                 )
     d = report.decode
@@ -756,7 +763,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except GatewayError as exc:
-        print(f"gateway: error: {exc}", file=sys.stderr)
+        print(f"gateway: error: {_printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("gateway: interrupted", file=sys.stderr)

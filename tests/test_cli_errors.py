@@ -176,3 +176,29 @@ def test_replay_options_out_of_range_are_named(tmp_path):
     assert proc.stderr.splitlines()[-1].endswith(
         "argument --drain-timeout: must be 0 or more seconds, got -1"
     )
+
+
+def test_control_bytes_quoted_from_a_file_are_escaped_in_the_error(tmp_path):
+    bad = tmp_path / "ctrl.dbc"
+    bad.write_bytes(b'VERSION ""\x00\x1b[31m\nBO_ junk\n')
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(bad))
+    line = assert_one_line_error(proc, str(bad))
+    assert "\x1b" not in proc.stderr and "\x00" not in proc.stderr
+    assert "\\x1b" in line or "\\x00" in line
+
+
+@pytest.mark.broker
+def test_a_dbc_saved_with_a_byte_order_mark_loads(tmp_path, broker):
+    bom = tmp_path / "bom.dbc"
+    bom.write_bytes(b"\xef\xbb\xbf" + KONA_PCAN.read_bytes())
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(bom), "--fast", broker=broker.url)
+    assert "byte-order mark" in proc.stderr and "decoded 29,586 frames" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [(lambda p: str(p), "is a folder, not a DBC file"), (lambda p: "can0=", "no file given")],
+)
+def test_a_dbc_spec_that_names_no_file_says_what_it_names(tmp_path, spec, needle):
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", spec(tmp_path))
+    assert_one_line_error(proc, needle)

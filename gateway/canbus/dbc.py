@@ -92,6 +92,10 @@ def load_plans(path: str | Path) -> DbcPlans:
 def _identity(path: str | Path) -> tuple[Path, int, int]:
     """(resolved path, mtime, size): what the per-process memos of a DBC are keyed by."""
     path = Path(path)
+    if not str(path) or str(path) == ".":
+        raise DbcError("--dbc: no file given (use [CHANNEL=]FILE)")
+    if path.is_dir():
+        raise DbcError(f"{path}: is a folder, not a DBC file")
     if not path.is_file():
         raise DbcError(f"{path}: DBC file not found")
     st = path.stat()
@@ -429,13 +433,16 @@ def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
             notes.append(f"loaded with strict=False ({_one_line(problem)})")
         return db
     try:
-        text = path.read_bytes().decode("cp1252", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
+    bom = raw.startswith(b"\xef\xbb\xbf")  # saved by an editor as UTF-8 with a BOM
+    text = raw[3:].decode("utf-8", errors="replace") if bom else raw.decode("cp1252", "replace")
     repaired = _add_missing_sections(text)
+    reread = "re-read without its UTF-8 byte-order mark" if bom else "re-read as cp1252"
     for candidate, note in (
-        (text, "re-read as cp1252"),
-        (repaired, "added the missing BS_:/BU_: sections"),
+        (text, reread),
+        (repaired, f"{reread + ', ' if bom else ''}added the missing BS_:/BU_: sections"),
     ):
         if candidate is None:
             continue
