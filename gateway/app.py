@@ -368,10 +368,13 @@ class Gateway:
                 "reason": str(exc),
                 "by": "owner",
             }
+        digest = hashlib.sha256(payload).hexdigest()
+        # the command this state answers: `gateway consent` waits for its own
+        self.consent.last_change = {**self.consent.last_change, "command_sha256": digest}
         self.ledger.append(
             "consent",
             topic=topic,
-            sha256=hashlib.sha256(payload).hexdigest(),
+            sha256=digest,
             result=dict(self.consent.last_change),
             state=self.consent.snapshot(now),
             collection=self.consent.collection.value,

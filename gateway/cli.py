@@ -368,6 +368,7 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 # -- consent (the owner's side) -------------------------------------------------------------
 def _cmd_consent(args: argparse.Namespace) -> int:
+    import hashlib
     import json
 
     from gateway.egress.mqtt import describe_error, make_client
@@ -387,6 +388,13 @@ def _cmd_consent(args: argparse.Namespace) -> int:
             )
         if args.days is None:
             raise ConfigError("consent grant needs --days N: a consent always expires")
+        if not 0 < args.days < math.inf:
+            raise ConfigError(f"--days must be a positive number, got {args.days}")
+        if args.category in ("vehicle_status", "driving_behaviour", "all"):
+            raise ConfigError(
+                f"{args.category} is not a sensitive category: it needs no consent (grant one "
+                "of location, cabin, exterior_camera, biometric)"
+            )
         topic, body = (
             topics.consent_set,
             {"category": args.category, "grant": True, "days": args.days},
@@ -394,18 +402,61 @@ def _cmd_consent(args: argparse.Namespace) -> int:
     else:
         topic, body = topics.consent_set, {"category": args.category or "all", "grant": False}
 
-    async def send() -> None:
+    answers = topics.stream_name("consent")
+    payload = json.dumps(body)
+    mine = hashlib.sha256(payload.encode()).hexdigest()
+
+    async def send() -> dict[str, Any] | None:
+        """Publish, then the gateway's answer: the consent state it publishes after this
+        command (its ``last_change`` names the command's sha256), within ``--wait`` s."""
         import aiomqtt
 
+        from gateway.egress.mqtt import message_queue
+        from gateway.egress.schema import unpack
+
         try:
-            async with make_client(s.broker, identifier=None) as client:
-                await client.publish(topic, json.dumps(body), qos=1)
+            async with (
+                make_client(s.broker, identifier=None) as client,
+                message_queue(client) as incoming,
+            ):
+                if args.wait > 0:
+                    await client.subscribe(answers, qos=1)
+                await client.publish(topic, payload, qos=1)
+                deadline = time.monotonic() + args.wait
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        m = await incoming.get(left)
+                    except TimeoutError:
+                        break
+                    if m.retain or not isinstance(m.payload, bytes):
+                        continue
+                    with contextlib.suppress(Exception):
+                        state = unpack(m.payload)
+                        if state["last_change"].get("command_sha256") == mine:
+                            return state
         except aiomqtt.MqttError as exc:
             raise BrokerError(describe_error(s.broker, exc)) from exc
+        return None
 
-    asyncio.run(send())
+    state = asyncio.run(send())
+    print(f"sent {json.dumps(body)} to {topic}")
+    if args.wait <= 0:
+        return 0
+    if state is None:
+        print(
+            f"no answer on {answers} within {args.wait:g} s: the gateway is offline or not "
+            "subscribed (an owner command is not kept for it)",
+            file=sys.stderr,
+        )
+        return 1
+    change = state["last_change"]
+    if change.get("action") == "refused":
+        print(f"gateway: refused: {change.get('reason', '')}", file=sys.stderr)
+        return 1
+    grants = ", ".join(f"{k} until {v.get('until')}" for k, v in state.get("grants", {}).items())
     print(
-        f"sent {json.dumps(body)} to {topic}; the gateway answers on {topics.stream_name('consent')}"
+        f"gateway: {change.get('action', '?')}; collection {state.get('collection', '?')}; "
+        f"grants: {grants or 'none'}"
     )
     return 0
 
@@ -657,6 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--days", type=float, help="how long a grant lasts (required for grant)")
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="wait this long for the gateway's answer and print it; exit 1 if it refused or "
+        "did not answer (default 5; 0: just send)",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_consent)
 

@@ -195,11 +195,66 @@ def test_audit_verify_passes_then_fails_after_one_byte_changes(tmp_path, broker,
 def test_consent_command_reaches_the_owner_topic(broker, vin, listen):
     lst = listen(broker.url, f"vehicles/{vin}/owner/consent/set")
     proc = run_gateway(
-        "consent", "grant", "location", "--days", "7", "--vin", vin, "--broker", broker.url
-    )
+        "consent", "grant", "location", "--days", "7", "--vin", vin, "--broker", broker.url,
+        "--wait", "0",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     msgs = lst.settle()
     assert json.loads(msgs[0].payload) == {"category": "location", "grant": True, "days": 7.0}
+
+
+@pytest.mark.broker
+def test_consent_prints_the_running_gateways_answer_and_fails_on_a_refusal(tmp_path, broker, vin):
+    # GIVEN a gateway replaying in real time (10.8 s)
+    gw = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "replay",
+            str(KONA_CSV),
+            "--dbc",
+            f"can0={KONA_PCAN}",
+            "--speed",
+            "1",
+            "--broker",
+            broker.url,
+            *_vehicle(tmp_path, vin),
+            "-q",
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    common = ["--vin", vin, "--broker", broker.url, "--wait", "2"]
+    try:
+        for _ in range(4):  # until it has subscribed to the owner's commands
+            ok = run_gateway("consent", "grant", "location", "--days", "7", *common)
+            if ok.returncode == 0:
+                break
+        refused = run_gateway("consent", "grant", "location", "--days", "400", *common)
+        no_gateway = run_gateway(
+            "consent", "stop", "--vin", "NOBODY", "--broker", broker.url, "--wait", "1"
+        )
+    finally:
+        gw.terminate()
+        gw.wait(timeout=30)
+    # THEN the owner sees the grant, the refusal and its reason, and that nobody answered
+    assert ok.returncode == 0 and "gateway: grant" in ok.stdout and "location until" in ok.stdout
+    assert refused.returncode == 1 and "refused" in refused.stderr and "30 days" in refused.stderr
+    assert no_gateway.returncode == 1 and "no answer" in no_gateway.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["grant", "location", "--days", "0"], "--days must be a positive number"),
+        (["grant", "location", "--days", "nan"], "--days must be a positive number"),
+        (["grant", "vehicle_status", "--days", "3"], "not a sensitive category"),
+    ],
+)
+def test_consent_arguments_the_gateway_would_refuse_are_refused_here(argv, needle):
+    proc = run_gateway("consent", *argv, "--broker", "mqtt://127.0.0.1:1")
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_consent_grant_without_days_is_refused():
