@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from gateway.egress.mqtt import describe_error, make_client, message_queue
 from gateway.egress.schema import Topics, unpack
 from gateway.errors import BrokerError
 from gateway.settings import BrokerSettings
+
+log = logging.getLogger("gateway.owner")
 
 
 @dataclass
@@ -90,30 +93,41 @@ async def watch(
 ) -> OwnerView:
     view = OwnerView()
     shown = 0
-    try:
-        async with make_client(broker, identifier=None) as client:
-            await client.subscribe(topics.all, qos=1)
-            if ready is not None:
-                ready.set()
-            async with message_queue(client) as incoming:
-                while count is None or shown < count:
-                    try:
-                        message = await incoming.get(idle_timeout)
-                    except TimeoutError:
-                        break
-                    payload = message.payload if isinstance(message.payload, bytes) else b""
-                    msg = view.accept(str(message.topic), payload)
-                    if msg is None:
-                        continue
-                    shown += 1
-                    if on_message is not None:
-                        on_message(msg)
-                    if as_json:
-                        out.write(json.dumps(msg, ensure_ascii=False, sort_keys=False) + "\n")
-                    else:
-                        out.write(format_message(msg) + "\n")
-                    with contextlib.suppress(Exception):
-                        out.flush()
-    except aiomqtt.MqttError as exc:
-        raise BrokerError(describe_error(broker, exc)) from exc
-    return view
+    mine = (topics.consent_set, topics.command)  # the owner's own commands, as JSON
+    connected, delay = False, 0.5
+    while True:
+        try:
+            async with make_client(broker, identifier=None) as client:
+                await client.subscribe(topics.all, qos=1)
+                connected, delay = True, 0.5
+                if ready is not None:
+                    ready.set()
+                async with message_queue(client) as incoming:
+                    while count is None or shown < count:
+                        try:
+                            message = await incoming.get(idle_timeout)
+                        except TimeoutError:
+                            break
+                        if str(message.topic) in mine:
+                            continue
+                        payload = message.payload if isinstance(message.payload, bytes) else b""
+                        msg = view.accept(str(message.topic), payload)
+                        if msg is None:
+                            continue
+                        shown += 1
+                        if on_message is not None:
+                            on_message(msg)
+                        if as_json:
+                            out.write(json.dumps(msg, ensure_ascii=False, sort_keys=False) + "\n")
+                        else:
+                            out.write(format_message(msg) + "\n")
+                        with contextlib.suppress(Exception):
+                            out.flush()
+            return view
+        except aiomqtt.MqttError as exc:
+            if not connected:  # never reached: the address or the login is wrong
+                raise BrokerError(describe_error(broker, exc)) from exc
+            # lost after it worked (a broker restart): messages meanwhile are not seen
+            log.warning("%s; reconnecting in %.1f s", describe_error(broker, exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)

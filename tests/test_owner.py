@@ -1,0 +1,64 @@
+"""The owner's view (`gateway owner`): what it shows, and that it outlives a broker restart."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import aiomqtt
+import pytest
+
+from gateway.egress.schema import Topics, pack
+from gateway.owner import watch
+from gateway.settings import BrokerSettings
+
+pytestmark = pytest.mark.broker
+
+
+def test_the_owner_view_skips_the_owners_own_commands_and_reconnects_after_a_restart(
+    private_broker,
+):
+    topics = Topics("vehicles", "OWNERVIEW00000001")
+    host, port = private_broker.host, private_broker.port
+    seen: list[dict] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        for _ in range(100):  # the broker may still be starting
+            try:
+                async with aiomqtt.Client(host, port) as c:
+                    await c.publish(topic, payload, qos=1)
+                    return
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.1)
+        raise AssertionError("could not publish")
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(
+            watch(
+                BrokerSettings(url=private_broker.url),
+                topics,
+                as_json=True,
+                count=2,
+                out=io.StringIO(),
+                on_message=seen.append,
+                ready=ready,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), 10)
+        # WHEN the owner sends a command (JSON, on the same channel) and a summary arrives
+        await publish(topics.consent_set, b'{"category": "location", "grant": false}')
+        await publish(topics.stream_name("health"), pack({"schema": "gateway.health", "n": 1}))
+        await asyncio.sleep(0.3)
+        # ... and the broker restarts, and another summary arrives
+        private_broker.stop()
+        private_broker.start()
+        ready.clear()
+        await asyncio.wait_for(ready.wait(), 20)  # subscribed again
+        await publish(topics.stream_name("health"), pack({"schema": "gateway.health", "n": 2}))
+        await asyncio.wait_for(task, 20)
+
+    asyncio.run(main())
+    # THEN both summaries were shown, and the owner's own command was not shown as an error
+    assert [m.get("n") for m in seen] == [1, 2]
+    assert not any("error" in m for m in seen)
