@@ -471,7 +471,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from gateway.telemetry.policy import Category
 
     s = _settings(args)
+    if not Path(s.gateway.outbox).is_file():  # opening it would make an empty one
+        raise ConfigError(
+            f"{s.gateway.outbox}: no outbox here (give the gateway's --outbox, or --config)"
+        )
     outbox = Outbox(s.gateway.outbox)
+    if outbox.storage_error is not None:
+        outbox.close()
+        raise StorageError(f"{s.gateway.outbox}: cannot read the outbox ({outbox.storage_error})")
     try:
         if args.data_command == "export":
             data = {"vin": s.gateway.vin, "outbox": export_outbox(outbox)}

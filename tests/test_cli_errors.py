@@ -202,3 +202,23 @@ def test_a_dbc_saved_with_a_byte_order_mark_loads(tmp_path, broker):
 def test_a_dbc_spec_that_names_no_file_says_what_it_names(tmp_path, spec, needle):
     proc = _replay(tmp_path, str(KONA_CSV), "--dbc", spec(tmp_path))
     assert_one_line_error(proc, needle)
+
+
+@pytest.mark.parametrize("command", [["export"], ["delete", "--category", "location"]])
+def test_data_commands_on_a_missing_or_damaged_outbox_say_so(tmp_path, command):
+    common = ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
+    # a missing outbox: it was made empty, and an empty export looked like "nothing kept"
+    proc = run_gateway("data", *command, *common)
+    assert_one_line_error(proc, "o.sqlite: no outbox here")
+    assert not (tmp_path / "o.sqlite").exists()
+    # a damaged one
+    (tmp_path / "o.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    proc = run_gateway("data", *command, *common)
+    assert_one_line_error(proc, "o.sqlite", "damaged")
+
+
+def test_a_replay_onto_a_damaged_outbox_stops_before_losing_what_waits_in_it(tmp_path):
+    (tmp_path / "o.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--fast")
+    assert_one_line_error(proc, "o.sqlite: the outbox is damaged", "Move it aside")
+    assert proc.returncode == 4

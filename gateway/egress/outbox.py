@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.egress.guard import Released
+from gateway.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Outbox:
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
         stored_seq = 0
         if self.path is not None:
+            existed = self.path.is_file() and self.path.stat().st_size > 0
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(str(self.path), isolation_level=None)
@@ -86,6 +88,16 @@ class Outbox:
                 ).fetchone()
                 stored_seq = int(row[0] or 0)
             except sqlite3.Error as exc:
+                damaged = type(exc) is sqlite3.DatabaseError  # not a disk full or read-only
+                if existed and damaged:
+                    # what waits in it cannot be read: starting on an empty outbox in memory
+                    # would lose it without a word; the user decides
+                    if self._db is not None:
+                        self._db.close()
+                    raise StorageError(
+                        f"{self.path}: the outbox is damaged ({exc}); the summaries waiting in "
+                        "it cannot be read. Move it aside to start with an empty one"
+                    ) from exc
                 self._degrade(exc)
         self._next_seq = stored_seq
 
