@@ -563,11 +563,36 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(settings_mod.describe())
         return 0
     s = _settings(args)
+    _check_config(s)
     print(
         f"config OK: vin={s.gateway.vin} broker={s.broker.url} can sources={len(s.can)} "
         f"cameras={len(s.camera)} dbc channels={sorted(s.dbc)}"
     )
     return 0
+
+
+def _check_config(s: Any) -> None:
+    """What ``gateway run`` would refuse, found without running: the policy, the DBCs, the
+    logs, the consents and the camera tables (the broker and the cameras are not contacted)."""
+    import time
+
+    from gateway.app import _apply_config_consent
+    from gateway.canbus.dbc import ChannelDbcs
+    from gateway.canbus.replay import detect_format
+    from gateway.telemetry.consent import ConsentState
+    from gateway.telemetry.policy import load_policy
+
+    policy = load_policy(s.gateway.policy or None)
+    ChannelDbcs.from_specs(s.dbc)
+    for c in s.can:
+        for log_path in c.logs:
+            detect_format(Path(log_path))
+    _apply_config_consent(ConsentState(), s.gateway.consent, policy, time.time())
+    if s.camera:
+        from gateway.camera.wiring import check_camera
+
+        for i, cam in enumerate(s.camera):
+            check_camera(cam, cam.name or f"#{i + 1}")
 
 
 def build_parser() -> argparse.ArgumentParser:

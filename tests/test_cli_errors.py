@@ -222,3 +222,24 @@ def test_a_replay_onto_a_damaged_outbox_stops_before_losing_what_waits_in_it(tmp
     proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--fast")
     assert_one_line_error(proc, "o.sqlite: the outbox is damaged", "Move it aside")
     assert proc.returncode == 4
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[gateway]\npolicy = 'nope.toml'\n", "nope.toml"),
+        ("[dbc]\ncan0 = 'missing.dbc'\n", "missing.dbc: DBC file not found"),
+        ("[[can]]\nlogs = ['nope.log']\n", "nope.log"),
+        ("[gateway]\nconsent = ['telepathy:7']\n", "consent 'telepathy:7'"),
+        ("[gateway]\nconsent = ['location:forever']\n", "consent 'location:forever'"),
+        ("[gateway]\nconsent = ['location:999']\n", "consent 'location:999' refused"),
+        ("[[camera]]\nsource = 'x.mp4'\nmethod = 'blur'\n", "anonymisation method 'blur'"),
+        ("[[camera]]\nsource = 'x.mp4'\nplate_strips = 9\n", "plate_strips must be"),
+        ("[[camera]]\nsource = 'x.mp4'\ndetect_every = 0\n", "detect_every must be"),
+    ],
+)
+def test_config_check_refuses_what_run_would_refuse(tmp_path, toml, needle):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(toml)
+    proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
+    assert_one_line_error(proc, needle)
