@@ -109,6 +109,7 @@ class RunReport:
     outbox_left: int = 0
     late_samples: int = 0  # older than a window already published (time went backwards)
     invalid_samples: int = 0  # NaN, infinity, a 'not available' state, a time outside any window
+    channels: dict[str, int] = field(default_factory=dict)  # frames per channel name
     positions_withheld: int = 0
     positions_in_geofence: int = 0
     trips: int = 0
@@ -596,6 +597,7 @@ class Gateway:
             self.report.outbox_left = self.outbox.depth()
             self.report.broker_error = self.publisher.last_error
             self.report.read = self._read_stats()
+            self.report.channels = dict(self.health.per_channel)
             with step():
                 self.consent.save(self.consent_path)
             with step():

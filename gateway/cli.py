@@ -253,6 +253,13 @@ def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> N
         f"{d.skipped_special:,} error/remote frames",
         file=out,
     )
+    idle = [ch for ch in s.dbc if ch != "*" and report.frames and ch not in report.channels]
+    if idle:
+        seen = ", ".join(sorted(report.channels)) or "none"
+        print(
+            f"  no frames on {', '.join(idle)}, which a DBC is given for (the log's channels: {seen})",
+            file=out,
+        )
     if report.late_samples:
         print(
             f"  {report.late_samples:,} signal samples came after their window had been "

@@ -243,3 +243,24 @@ def test_config_check_refuses_what_run_would_refuse(tmp_path, toml, needle):
     cfg.write_text(toml)
     proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
     assert_one_line_error(proc, needle)
+
+
+def test_a_later_log_that_is_not_what_its_name_says_fails_before_the_replay(tmp_path):
+    junk = tmp_path / "junk.blf"
+    junk.write_bytes(b"this is no BLF")
+    proc = _replay(tmp_path, str(KONA_CSV), str(junk), "--dbc", str(KONA_PCAN), "--fast")
+    assert_one_line_error(proc, "junk.blf: not a BLF file")
+    assert "replayed" not in proc.stderr  # nothing ran: not half a replay, then an error
+
+
+@pytest.mark.broker
+def test_overlapping_dbcs_and_a_dbc_for_a_silent_channel_are_said(tmp_path, broker):
+    twin = tmp_path / "twin.dbc"
+    twin.write_bytes(KONA_PCAN.read_bytes())
+    proc = _replay(
+        tmp_path, str(KONA_CSV), "--dbc", f"can0={KONA_PCAN}", "--dbc", f"can0={twin}",
+        "--dbc", f"vcan0={KONA_PCAN}", "--fast", broker=broker.url,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"are in {KONA_PCAN} too; on can0 the first DBC given decodes them" in proc.stderr
+    assert "no frames on vcan0, which a DBC is given for" in proc.stderr

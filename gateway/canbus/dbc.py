@@ -486,7 +486,24 @@ class ChannelDbcs:
                 self._plans.setdefault(ch, []).append(of_db[id(db)])
 
     def add(self, channel: str, path: str | Path) -> None:
-        self._plans.setdefault(channel, []).append(load_plans(path))
+        plans = load_plans(path)
+        for earlier, before in zip(
+            self._plans.get(channel, []), self.paths.get(channel, []), strict=False
+        ):
+            both = sorted(set(earlier.ids) & set(plans.ids))
+            if both:
+                shown = ", ".join(f"0x{i & 0x1FFFFFFF:X}" for i in both[:5])
+                log.warning(
+                    "%s: %d frame id(s) (%s%s) are in %s too; on %s the first DBC given "
+                    "decodes them",
+                    path,
+                    len(both),
+                    shown,
+                    ", ..." if len(both) > 5 else "",
+                    before,
+                    "every channel" if channel == ALL_CHANNELS else channel,
+                )
+        self._plans.setdefault(channel, []).append(plans)
         self.paths.setdefault(channel, []).append(Path(path))
 
     def plans_for(self, channel: str) -> list[DbcPlans]:

@@ -82,7 +82,15 @@ def detect_format(path: Path) -> LogFormat:
             f"or python-can's '{_PYTHON_CAN_CSV_HEADER}')"
         )
     if suffix in _SUFFIXES:
-        return _SUFFIXES[suffix]
+        fmt = _SUFFIXES[suffix]
+        # a binary log's magic bytes, checked here: a later file of a replay that cannot be
+        # read would otherwise end it midway
+        magic = {LogFormat.BLF: b"LOGG", LogFormat.MF4: b"MDF "}.get(fmt)
+        if magic is not None and not head.startswith(magic):
+            raise LogFormatError(
+                f"{path}: not a {fmt.value.upper()} file (it does not start with {magic!r})"
+            )
+        return fmt
     if head.startswith(b"LOGG"):
         return LogFormat.BLF
     if first.startswith("("):
