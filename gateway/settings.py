@@ -312,17 +312,38 @@ def load(
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{name}] must be a table")
         sections[name] = dict(table)
-    # environment, then explicit overrides
+    # environment, then explicit overrides; where a value came from, for its error
+    origin: dict[str, str] = {}
     for name, cls in _SECTIONS.items():
         for f in fields(cls):
             var = f"GATEWAY_{name.upper()}_{f.name.upper()}"
             if var in env:
                 sections[name][f.name] = env[var]
+                origin[f"[{name}].{f.name}"] = f"the environment variable {var}"
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         sec, _, key = dotted.partition(".")
         sections[sec][key] = value
+        flag = "broker" if dotted == "broker.url" else key.replace("_", "-")
+        origin[f"[{sec}].{key}"] = f"the option --{flag}"
+    try:
+        return _build_all(raw, sections, base, where, overrides)
+    except ConfigError as exc:
+        said = str(exc)
+        for key, source in origin.items():
+            if key in said:
+                raise ConfigError(f"{said} (set by {source})") from exc
+        raise
+
+
+def _build_all(
+    raw: dict[str, Any],
+    sections: dict[str, dict[str, Any]],
+    base: Path,
+    where: str,
+    overrides: Mapping[str, Any] | None,
+) -> Settings:
     built = {
         name: build(
             cls, sections[name], f"{where}: [{name}]" if name not in (overrides or {}) else name

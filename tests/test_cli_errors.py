@@ -127,6 +127,9 @@ def test_outputs_that_cannot_be_written_and_an_absent_broker_are_one_line(tmp_pa
     if args[0] == "replay":
         args += ["--dbc", str(KONA_PCAN), "--fast", "--outbox", str(tmp_path / "o.sqlite")]
     elif args[0] == "data":
+        from gateway.egress.outbox import Outbox
+
+        Outbox(tmp_path / "o.sqlite").close()  # an outbox to export
         args += ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
     proc = run_gateway(*args, cwd=tmp_path)
     assert_one_line_error(proc, needle)
@@ -264,3 +267,12 @@ def test_overlapping_dbcs_and_a_dbc_for_a_silent_channel_are_said(tmp_path, brok
     assert proc.returncode == 0, proc.stderr
     assert f"are in {KONA_PCAN} too; on can0 the first DBC given decodes them" in proc.stderr
     assert "no frames on vcan0, which a DBC is given for" in proc.stderr
+
+
+def test_a_bad_value_names_the_environment_variable_or_option_it_came_from(tmp_path):
+    proc = run_gateway("config", env={"GATEWAY_GATEWAY_WINDOW": "abc"})
+    assert_one_line_error(
+        proc, "[gateway].window", "set by the environment variable GATEWAY_GATEWAY_WINDOW"
+    )
+    proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--window", "-1")
+    assert_one_line_error(proc, "[gateway].window", "set by the option --window")
