@@ -9,6 +9,7 @@ worker thread.
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 import time
 from collections.abc import Iterator
@@ -48,7 +49,10 @@ class FrameSource(Protocol):
 
 
 def _cv_quiet() -> None:
-    # OpenCV prints its own warnings for unreadable files; the gateway reports them as one line
+    # OpenCV prints its own warnings for unreadable files, and FFmpeg its own errors ("moov
+    # atom not found"); the gateway reports them as one line. FFmpeg's level is read when
+    # OpenCV first opens a video (a user's own OPENCV_FFMPEG_LOGLEVEL is kept)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     with contextlib.suppress(AttributeError):  # builds without the logging API
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
@@ -70,7 +74,8 @@ class VideoFileSource:
         cap.release()
         if first is None:
             raise CameraError(f"{self.path}: OpenCV cannot read a frame from this video")
-        self.fps = fps if 1.0 <= fps <= 1000.0 else 25.0
+        # a time-lapse at 0.5 fps is a real rate; 0, NaN or absurd values mean "not known"
+        self.fps = fps if 0.01 <= fps <= 1000.0 else 25.0
         self.size = (first.shape[1], first.shape[0])
 
     def total(self) -> int | None:

@@ -168,3 +168,23 @@ def test_a_small_face_in_a_large_frame_is_found_and_transparency_and_grey_are_ke
     assert detail(after) < 0.2 * detail(before)
     # and a greyscale image stays one channel
     assert cv2.imread(str(tmp_path / "o-grey.png"), cv2.IMREAD_UNCHANGED).ndim == 2
+
+
+def test_a_video_cut_short_is_said_and_a_slow_frame_rate_is_kept(tmp_path, gateway):
+    # GIVEN a 30-frame MJPG clip at 0.5 frames/s (a time-lapse), and its first half
+    full = tmp_path / "full.avi"
+    w = cv2.VideoWriter(str(full), cv2.VideoWriter_fourcc(*"MJPG"), 0.5, (320, 240))
+    for i in range(30):
+        w.write(np.full((240, 320, 3), i * 8, np.uint8))
+    w.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    # WHEN both are anonymised
+    code, err = gateway("anonymize", str(full), str(tmp_path / "o-full.avi"), "-q")
+    assert code == 0 and "of the 30 frames" not in err, err
+    code, err = gateway("anonymize", str(cut), str(tmp_path / "o-cut.avi"), "-q")
+    # THEN the cut one says how much of it could be read; the rate is the source's
+    assert code == 0 and "of the 30 frames its header declares could be read" in err, err
+    cap = cv2.VideoCapture(str(tmp_path / "o-full.avi"))
+    assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(0.5, abs=0.01)
+    cap.release()
