@@ -9,8 +9,8 @@ worker thread.
 from __future__ import annotations
 
 import contextlib
-import os
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
