@@ -226,9 +226,10 @@ def _printable(text: str) -> str:
 def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> None:
     out = sys.stderr
     rate = report.frames / elapsed if elapsed > 0 else 0.0
-    files = len(report.read)
+    files = len({st.path for st in report.read})
+    laps = f" ({len(report.read) // files} laps)" if files and len(report.read) > files else ""
     print(
-        f"replayed {report.frames:,} frames from {files} file(s) in {elapsed:.1f} s "
+        f"replayed {report.frames:,} frames from {files} file(s){laps} in {elapsed:.1f} s "
         f"({rate:,.0f} frames/s)",
         file=out,
     )
@@ -280,13 +281,17 @@ def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> N
         file=out,
     )
     if report.camera:
+        from gateway.camera.pipeline import store_dir
+
         cams = report.camera
         print(
             f"camera: {sum(c.frames_seen for c in cams):,} frames seen, "
             f"{sum(c.frames_anonymised for c in cams):,} anonymised, "
             f"{sum(c.frames_dropped for c in cams):,} dropped (never stored or sent); "
             f"{sum(c.faces_blurred for c in cams):,} face and "
-            f"{sum(c.plates_blurred for c in cams):,} plate boxes blurred; only counts left",
+            f"{sum(c.plates_blurred for c in cams):,} plate boxes blurred; only these counts "
+            f"left the car (anonymised frames are kept on the device in "
+            f"{store_dir(s.gateway.state_dir, s.gateway.ledger)})",
             file=out,
         )
     print(f"audit ledger: {s.gateway.ledger}", file=out)
@@ -641,7 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--video",
         action="append",
         metavar="FILE",
-        help="a camera clip (or image folder) replayed beside the CAN log",
+        help="a camera clip (or image folder) replayed beside the CAN log: faces and plates "
+        "blurred on the device (gaussian, detection on every 2nd frame, boxes kept 5 frames; "
+        "a [[camera]] table in --config changes them, docs/camera.md), anonymised frames "
+        "kept in frames/ beside the ledger, only counts published",
     )
     _add_drain(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -677,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_owner)
 
     p = sub.add_parser("audit", help="check an audit ledger")
-    asub = p.add_subparsers(dest="audit_command", metavar="ACTION")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser(
         "verify",
         help="verify the hash chain and re-check entries against the policy",
@@ -711,15 +719,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CATEGORY:DAYS",
         help="run with this consent given (e.g. location:1) to check coarsening",
     )
-    p.add_argument("--out", default="validate-report", metavar="DIR", help="report folder")
+    p.add_argument(
+        "--out", default="validate-report", metavar="DIR", help="report folder (validate-report)"
+    )
     p.add_argument("--config", metavar="FILE", help="TOML config (policy, window, VIN)")
-    p.add_argument("--broker", metavar="URL", help="an existing broker to validate against")
-    p.add_argument("--vin", help="VIN of the gateway under test")
-    p.add_argument("--policy", metavar="FILE", help="policy to validate")
-    p.add_argument("--window", type=float, metavar="SECONDS", help="aggregation window")
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="an existing broker to validate against (default: a private one on a free port)",
+    )
+    p.add_argument("--vin", help="VIN of the gateway under test (default: the config's)")
+    p.add_argument("--policy", metavar="FILE", help="policy to validate (default: the bundled one)")
+    p.add_argument(
+        "--window", type=float, metavar="SECONDS", help="aggregation window (default 60)"
+    )
     p.set_defaults(func=_cmd_validate, topic_prefix=None, decoder=None, ledger=None, outbox=None)
 
-    p = sub.add_parser("config", help="check a config file, or print the option reference")
+    p = sub.add_parser(
+        "config",
+        help="check a config file, or print the option reference",
+        description="Check a TOML config without running it: its keys and values, the policy, "
+        "the DBCs, the logs, the consents and the camera tables (not the broker, not the "
+        "cameras themselves). --doc prints every option, its default and its environment "
+        "variable (docs/config.md).",
+    )
     _add_common(p)
     _add_pipeline(p)
     p.add_argument("--doc", action="store_true", help="print docs/config.md")
