@@ -110,7 +110,7 @@ def _like_source(src: Path, dst: Path, image: Any) -> Any:
         and raw.shape[:2] == image.shape[:2]  # not turned by its EXIF orientation
         and dst.suffix.lower() in _ALPHA_SUFFIXES
     ):
-        alpha = raw[:, :, 3] if raw.dtype == np.uint8 else (raw[:, :, 3] >> 8).astype(np.uint8)
+        alpha = raw[:, :, 3] if raw.dtype == np.uint8 else (raw[:, :, 3] // 256).astype(np.uint8)
         return np.dstack([image, alpha])
     return image
 
