@@ -175,11 +175,15 @@ class Gateway:
         self.consent.new_ignition_cycle(now)
         _apply_config_consent(self.consent, g.consent, self.policy, now)
         self.ledger = Ledger(g.ledger)
-        self.outbox = Outbox(
-            g.outbox,
-            on_drop=self._record_drop,
-            max_age_s=self.policy.location_retention_days * 86400,
-        )
+        try:
+            self.outbox = Outbox(
+                g.outbox,
+                on_drop=self._record_drop,
+                max_age_s=self.policy.location_retention_days * 86400,
+            )
+        except BaseException:  # a damaged outbox: the ledger's lock is not held on to
+            self.ledger.close()
+            raise
         self.outbox.reserve_seq(self.ledger.max_seq + 1)
         self.guard = EgressGuard(
             self.policy,

@@ -168,7 +168,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         progress.close()
     report.read = source.stats
     elapsed = time.monotonic() - t0
-    _print_report(report, s, elapsed, quiet=args.quiet)
+    _print_report(report, s, elapsed, quiet=args.quiet, files=len(paths), laps=source.laps)
     return _undelivered(report, s)
 
 
@@ -223,13 +223,22 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _print_report(report: Any, s: Any, elapsed: float, quiet: bool = False) -> None:
+def _print_report(
+    report: Any,
+    s: Any,
+    elapsed: float,
+    quiet: bool = False,
+    files: int | None = None,
+    laps: int = 1,
+) -> None:
+    """The end-of-replay report on stderr. ``files``: the logs given (default: one per read),
+    ``laps``: how often they were read (``--loop``)."""
     out = sys.stderr
     rate = report.frames / elapsed if elapsed > 0 else 0.0
-    files = len({st.path for st in report.read})
-    laps = f" ({len(report.read) // files} laps)" if files and len(report.read) > files else ""
+    files = len(report.read) if files is None else files
+    lapped = f" ({laps} laps)" if laps > 1 else ""
     print(
-        f"replayed {report.frames:,} frames from {files} file(s){laps} in {elapsed:.1f} s "
+        f"replayed {report.frames:,} frames from {files} file(s){lapped} in {elapsed:.1f} s "
         f"({rate:,.0f} frames/s)",
         file=out,
     )
@@ -402,7 +411,9 @@ def _cmd_consent(args: argparse.Namespace) -> int:
             raise ConfigError("consent grant needs --days N: a consent always expires")
         if not 0 < args.days < math.inf:
             raise ConfigError(f"--days must be a positive number, got {args.days}")
-        if args.category in ("vehicle_status", "driving_behaviour", "all"):
+        from gateway.telemetry.policy import Category
+
+        if args.category == "all" or not Category(args.category).sensitive:
             raise ConfigError(
                 f"{args.category} is not a sensitive category: it needs no consent (grant one "
                 "of location, cabin, exterior_camera, biometric)"
@@ -487,9 +498,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{s.gateway.outbox}: no outbox here (give the gateway's --outbox, or --config)"
         )
+    # the ledger first: its lock says whether a gateway is running on these files, before
+    # anything is exported or deleted (and then not recorded)
+    ledger = Ledger(s.gateway.ledger)
     outbox = Outbox(s.gateway.outbox)
     if outbox.storage_error is not None:
         outbox.close()
+        ledger.close()
         raise StorageError(f"{s.gateway.outbox}: cannot read the outbox ({outbox.storage_error})")
     try:
         if args.data_command == "export":
@@ -510,21 +525,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
                     ) from exc
             else:
                 print(text)
-            ledger = Ledger(s.gateway.ledger)
             ledger.append("data-export", messages=len(data["outbox"]), to=args.out or "stdout")
-            ledger.close()
             return 0
         category = None if args.category == "all" else Category(args.category)
         n = delete_category(outbox, category)
-        ledger = Ledger(s.gateway.ledger)
         ledger.append("data-delete", category=args.category, removed=n)
-        ledger.close()
         print(
             f"deleted {n} waiting message(s) of category {args.category}; recorded in {s.gateway.ledger}"
         )
         return 0
     finally:
         outbox.close()
+        ledger.close()
 
 
 # -- validate -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -95,11 +96,12 @@ async def watch(
     shown = 0
     mine = (topics.consent_set, topics.command)  # the owner's own commands, as JSON
     connected, delay = False, 0.5
+    lost_at: float | None = None  # when the connection was lost (counts as idle time)
     while True:
         try:
             async with make_client(broker, identifier=None) as client:
                 await client.subscribe(topics.all, qos=1)
-                connected, delay = True, 0.5
+                connected, delay, lost_at = True, 0.5, None
                 if ready is not None:
                     ready.set()
                 async with message_queue(client) as incoming:
@@ -127,7 +129,12 @@ async def watch(
         except aiomqtt.MqttError as exc:
             if not connected:  # never reached: the address or the login is wrong
                 raise BrokerError(describe_error(broker, exc)) from exc
-            # lost after it worked (a broker restart): messages meanwhile are not seen
+            # lost after it worked (a broker restart): messages meanwhile are not seen. With
+            # --idle-timeout, the time without a broker is idle time too
+            now = time.monotonic()
+            lost_at = now if lost_at is None else lost_at
+            if idle_timeout is not None and now - lost_at >= idle_timeout:
+                raise BrokerError(describe_error(broker, exc)) from exc
             log.warning("%s; reconnecting in %.1f s", describe_error(broker, exc), delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, broker.backoff_max)

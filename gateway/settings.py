@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -332,7 +333,7 @@ def load(
     except ConfigError as exc:
         said = str(exc)
         for key, source in origin.items():
-            if key in said:
+            if re.search(re.escape(key) + r"(?!\w)", said):  # not [broker].password_file
                 raise ConfigError(f"{said} (set by {source})") from exc
         raise
 
@@ -383,11 +384,10 @@ def _build_all(
         tls_ca=_resolve(base, broker.tls_ca),
     )
     _parse_broker_url(broker.url)
-    levels = broker.topic_prefix.split("/")
-    if any(not lv or any(c in lv for c in "+#\x00") for lv in levels):
+    if not broker.topic_prefix or any(c in broker.topic_prefix for c in "+#\x00"):
         raise ConfigError(
-            f"{where}: [broker].topic_prefix must be topic levels without '+', '#' or empty "
-            f"levels, got {broker.topic_prefix!r}"
+            f"{where}: [broker].topic_prefix must be topic levels without the wildcards '+' "
+            f"and '#', got {broker.topic_prefix!r}"
         )
     arrays: dict[str, list[Any]] = {}
     for name, cls in _ARRAYS.items():
@@ -423,7 +423,7 @@ def _build_all(
         for ch, v in dbc_raw.items()
     }
     replay: ReplaySettings = built["replay"]
-    if not 0 < replay.speed < math.inf:  # NaN fails too
+    if not replay.fast and not 0 < replay.speed < math.inf:  # NaN fails too
         raise ConfigError(f"{where}: [replay].speed must be a positive number, got {replay.speed}")
     return Settings(
         gateway=g,

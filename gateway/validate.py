@@ -41,10 +41,14 @@ from gateway.telemetry.policy import Category, LocationAxis, Policy, load_policy
 POSITION_TOLERANCE_DEG = 0.05  # a number this close to a true coordinate identifies the place
 
 
+# the health message's measures of the gateway's own process, rounded to 0.1: never CAN data
+_OWN_FIGURES = frozenset({"cpu_percent", "rss_mb", "uptime_s"})
+
+
 def _coarse(x: float) -> bool:
-    """Given to 0.1 or coarser (31.2, 121): such a number places nothing finer than 11 km, and
-    the gateway's own figures are like that (CPU 31.2 %, 121.4 MB); judged as a position, a
-    CPU load that happened to fall in the drive's band of latitudes was a false leak."""
+    """Given to 0.1 or coarser (31.2, 121): the gateway's own figures are like that (CPU
+    31.2 %, 121.4 MB), and judged alone as a coordinate, a CPU load that happened to fall in
+    the drive's band of latitudes was a false leak; such numbers count only in pairs."""
     return abs(x * 10 - round(x * 10)) <= 1e-9 * max(1.0, abs(x))
 
 
@@ -244,6 +248,8 @@ def search(
 ) -> list[Leak]:
     leaks: list[Leak] = []
     coords = np.array(sorted({c for p in positions for c in p}))
+    lats = np.array([p[0] for p in positions], np.float64)
+    lons = np.array([p[1] for p in positions], np.float64)
     text_needles = [canaries.vin.encode()]
     for lat, lon in canaries.positions:
         text_needles += [
@@ -266,20 +272,45 @@ def search(
         except Exception:  # not ours: judged by the byte search above only
             continue
         allowed = _grid_values(body, grid_m) if location_consent else set()
+        why = (
+            "position without location consent"
+            if not location_consent
+            else "position finer than the policy grid"
+        )
+        coarse: list[tuple[str, float]] = []
         for where, x in _numbers(body):
-            if coords.size == 0 or not np.isfinite(x) or _coarse(x):
+            if coords.size == 0 or not np.isfinite(x) or x in allowed:
                 continue
             near = np.min(np.abs(coords - x))
-            if near < POSITION_TOLERANCE_DEG and x not in allowed:
-                why = (
-                    "position without location consent"
-                    if not location_consent
-                    else "position finer than the policy grid"
-                )
-                leaks.append(
-                    Leak(why, m.topic, f"{where} = {x!r} is {near:.6f} deg from a true coordinate")
-                )
+            if near >= POSITION_TOLERANCE_DEG:
+                continue
+            if _coarse(x):  # judged only as one of a latitude/longitude pair, below
+                if where.rsplit(".", 1)[-1] not in _OWN_FIGURES:
+                    coarse.append((where, x))
+                continue
+            leaks.append(
+                Leak(why, m.topic, f"{where} = {x!r} is {near:.6f} deg from a true coordinate")
+            )
+        leaks += _coarse_pairs(coarse, lats, lons, why, m.topic)
     return leaks
+
+
+def _coarse_pairs(
+    found: list[tuple[str, float]], lats: Any, lons: Any, why: str, topic: str
+) -> list[Leak]:
+    """Numbers given to 0.1 or coarser that make a latitude and a longitude of one true position
+    together (a CPU load alone that falls in the drive's band of latitudes is no position; 31.2
+    and 121.5 side by side place the car within about 11 km)."""
+    for i, (wa, a) in enumerate(found):
+        for j, (wb, b) in enumerate(found):
+            if i == j:
+                continue
+            pair = (np.abs(lats - a) < POSITION_TOLERANCE_DEG) & (
+                np.abs(lons - b) < POSITION_TOLERANCE_DEG
+            )
+            if pair.any():
+                return [Leak(why, topic, f"{wa} = {a!r} and {wb} = {b!r} make a true position")]
+    return []
 
 
 class _Observer:

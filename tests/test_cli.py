@@ -436,3 +436,11 @@ def test_samples_that_come_after_their_window_are_counted_in_the_report(tmp_path
     # THEN the sample at 20 s, in no summary, is said
     assert proc.returncode == 0, proc.stderr
     assert "1 signal samples came after their window had been published" in proc.stderr
+
+
+@pytest.mark.broker
+def test_the_report_counts_files_given_and_laps_read(tmp_path, broker, vin):
+    twice = run_gateway(*_kona_replay(tmp_path, broker, vin)[:2], str(KONA_CSV),
+                        *_kona_replay(tmp_path, broker, vin)[2:])  # fmt: skip
+    assert twice.returncode == 0, twice.stderr
+    assert "from 2 file(s) in" in twice.stderr  # the same log given twice: no laps

@@ -268,3 +268,68 @@ def test_a_bad_value_names_the_environment_variable_or_option_it_came_from(tmp_p
     )
     proc = _replay(tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--window", "-1")
     assert_one_line_error(proc, "[gateway].window", "set by the option --window")
+
+
+def test_data_commands_beside_a_running_gateway_change_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from gateway.egress.outbox import Outbox
+    from tests.egress.test_outbox import _released
+
+    # GIVEN an outbox with 5 waiting messages, and a gateway process holding the ledger
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put_many(_released(ob, 5))
+    ob.close()
+    hold = (
+        "import sys, time\n"
+        "from gateway.egress.ledger import Ledger\n"
+        "led = Ledger(sys.argv[1], fsync=False)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "l.jsonl")], stdout=subprocess.PIPE, text=True
+    )
+    common = ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        # WHEN the owner deletes and exports beside it
+        delete = run_gateway("data", "delete", "--category", "all", *common)
+        export = run_gateway("data", "export", "--out", str(tmp_path / "x.json"), *common)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    # THEN both are refused before they touch anything (the rows were deleted, unrecorded)
+    for p in (delete, export):
+        assert_one_line_error(p, "in use by another gateway process")
+    assert not (tmp_path / "x.json").exists()
+    ob = Outbox(tmp_path / "o.sqlite")
+    assert ob.depth() == 5
+    ob.close()
+
+
+def test_a_gateway_that_fails_to_start_does_not_keep_its_ledger_locked(tmp_path):
+    import dataclasses
+
+    from gateway import settings as settings_mod
+    from gateway.app import Gateway
+    from gateway.egress.ledger import Ledger
+    from gateway.errors import StorageError
+
+    (tmp_path / "o.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    s = settings_mod.load(
+        None,
+        env={},
+        overrides={
+            "gateway.ledger": str(tmp_path / "l.jsonl"),
+            "gateway.outbox": str(tmp_path / "o.sqlite"),
+        },
+    )
+    s = dataclasses.replace(s, dbc={"can0": [str(KONA_PCAN)]})
+    with pytest.raises(StorageError, match="damaged") as failed:
+        Gateway(s, [])
+    # while the failure is still referenced (a retry in the same process), the lock is free
+    assert failed.value is not None
+    Ledger(tmp_path / "l.jsonl").close()

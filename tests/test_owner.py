@@ -62,3 +62,29 @@ def test_the_owner_view_skips_the_owners_own_commands_and_reconnects_after_a_res
     # THEN both summaries were shown, and the owner's own command was not shown as an error
     assert [m.get("n") for m in seen] == [1, 2]
     assert not any("error" in m for m in seen)
+
+
+def test_the_owner_view_with_an_idle_timeout_gives_up_on_a_broker_that_stays_away(
+    private_broker,
+):
+    from gateway.errors import BrokerError
+
+    topics = Topics("vehicles", "OWNERVIEW00000002")
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(
+            watch(
+                BrokerSettings(url=private_broker.url),
+                topics,
+                idle_timeout=1.0,
+                out=io.StringIO(),
+                ready=ready,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), 10)
+        private_broker.stop()  # and it does not come back
+        await asyncio.wait_for(task, 15)  # it reconnected forever before: never returned
+
+    with pytest.raises(BrokerError, match="broker"):
+        asyncio.run(main())

@@ -156,15 +156,18 @@ def test_a_position_is_judged_by_its_precision_not_by_a_figure_that_falls_near_i
     truth = [(31.234567, 121.456789), (31.240001, 121.460002)]
     can = Canaries(positions=[], vin="CANARY12345678901")
     observed = [  # the gateway's own figures that happen to fall in the drive's band
-        Observed("v/owner/health", pack({"cpu_percent": 31.2, "rss_mb": 121.4, "n": 31}), False),
+        Observed("v/owner/health", pack({"cpu_percent": 31.2, "rss_mb": 121.5, "n": 31}), False),
         Observed("v/owner/signals", pack({"lat": 31.234567}), False),  # exact: a leak
         Observed("v/owner/signals", pack({"lon": 121.46}), False),  # 0.01: finer than 0.1
+        Observed("v/owner/trip", pack({"a": 31.2, "b": 121.5}), False),  # a coarse pair
     ]
     leaks = search(observed, can, truth, False, 1000)
-    # THEN the figures pass, and both coordinates given finer than 0.1 are leaks
+    # THEN the figures pass, both coordinates given finer than 0.1 are leaks, and so is a
+    # latitude and longitude pair at 0.1 (about 11 km, without consent)
     assert [(lk.topic, lk.detail.split(" = ")[0]) for lk in leaks] == [
         ("v/owner/signals", "lat"),
         ("v/owner/signals", "lon"),
+        ("v/owner/trip", "a"),
     ]
 
 

@@ -289,6 +289,7 @@ class ReplaySource:
     max_laps: int | None = None
     wall0: float | None = None  # clock() when the first frame was due: maps log time to wall time
     log0: float = 0.0
+    laps: int = 0  # laps begun (more than 1 with ``loop``)
 
     @property
     def unpaced(self) -> bool:
@@ -307,6 +308,7 @@ class ReplaySource:
         log0 = 0.0
         lap = 0
         while True:
+            self.laps += 1
             lap_frames = 0
             for path in self.paths:
                 stats = ReadStats(path=str(path))

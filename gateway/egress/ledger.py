@@ -58,34 +58,10 @@ class Ledger:
                 f"{self.path}: cannot open the audit ledger: {exc.strerror}"
             ) from exc
         try:
-            # one writer at a time: a second one would chain from the same head, and the
-            # ledger would fail verification from there on. Held until close() (or exit)
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+            torn = self._lock_and_read_tail()
+        except BaseException:  # the file (and its lock) is not held on to
             self._fh.close()
-            raise StorageError(
-                f"{self.path}: the audit ledger is in use by another gateway process; stop it "
-                "first, or send the owner's command to the running gateway over MQTT"
-            ) from exc
-        try:
-            torn = _truncate_torn_tail(self.path)
-            if self.path.exists() and self.path.stat().st_size:
-                last = _last_line(self.path)
-                try:
-                    entry = json.loads(last)
-                    self.head, self.count = entry["hash"], int(entry["i"]) + 1
-                    self.max_seq = _tail_max_seq(self.path)
-                except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                    self._fh.close()
-                    raise StorageError(
-                        f"{self.path}: the last ledger line is damaged; run "
-                        f"`gateway audit verify {self.path}`"
-                    ) from exc
-        except OSError as exc:
-            self._fh.close()
-            raise StorageError(
-                f"{self.path}: cannot open the audit ledger: {exc.strerror}"
-            ) from exc
+            raise
         if torn is not None:
             # a power cut mid-write leaves a line without its newline: that entry never
             # completed (and the message it describes never reached the outbox), so it is cut
@@ -93,6 +69,36 @@ class Ledger:
             self.append(
                 "recovered", torn_bytes=len(torn), torn_sha256=hashlib.sha256(torn).hexdigest()
             )
+
+    def _lock_and_read_tail(self) -> bytes | None:
+        """Take the lock; cut off a torn last line (returned); continue the chain."""
+        try:
+            # one writer at a time: a second one would chain from the same head, and the
+            # ledger would fail verification from there on. Held until close() (or exit)
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise StorageError(
+                f"{self.path}: the audit ledger is in use by another gateway process; stop it "
+                "first, or send the owner's command to the running gateway over MQTT"
+            ) from exc
+        try:
+            torn = _truncate_torn_tail(self.path)
+            if self.path.stat().st_size:
+                last = _last_line(self.path)
+                try:
+                    entry = json.loads(last)
+                    self.head, self.count = entry["hash"], int(entry["i"]) + 1
+                    self.max_seq = _tail_max_seq(self.path)
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                    raise StorageError(
+                        f"{self.path}: the last ledger line is damaged; run "
+                        f"`gateway audit verify {self.path}`"
+                    ) from exc
+        except OSError as exc:
+            raise StorageError(
+                f"{self.path}: cannot open the audit ledger: {exc.strerror}"
+            ) from exc
+        return torn
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         entry: dict[str, Any] = {
