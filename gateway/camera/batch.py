@@ -131,6 +131,14 @@ def _image(anon: FrameAnonymiser, src: Path, dst: Path, tally: _Tally) -> None:
 
 def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally: _Tally) -> None:
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    folders = [p.name for p in src.iterdir() if p.is_dir()]
+    if folders:  # not read: say so, rather than leave their photos unblurred unnoticed
+        log.warning(
+            "%s: %d sub-folder(s) not read (%s); anonymise each on its own",
+            src,
+            len(folders),
+            ", ".join(sorted(folders)[:3]) + (", ..." if len(folders) > 3 else ""),
+        )
     if not files:
         raise CameraError(f"{src}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if dst.resolve() == src.resolve():

@@ -45,9 +45,11 @@ def test_a_folder_gives_blurred_copies_with_the_same_names_and_formats(
     shutil.copy(ASTRONAUT, src / "portrait.jpg")
     cv2.imwrite(str(src / "portrait.png"), astronaut)
     (src / "readme.txt").write_text("not an image")
+    (src / "more").mkdir()
     code, err = gateway("anonymize", str(src), str(tmp_path / "out"), "-q")
     assert code == 0, err
     assert "2 image(s)" in err and "2 face(s)" in err
+    assert "1 sub-folder(s) not read (more)" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["portrait.jpg", "portrait.png"]
     with open(tmp_path / "out" / "portrait.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
