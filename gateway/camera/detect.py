@@ -93,12 +93,13 @@ def _quiet_opencv() -> Iterator[None]:
 NATIVE_MAX_WIDTH = 2560
 
 
-def _scale_for(frame: Image, width: int) -> tuple[Image, float]:
-    """The frame resized to ``width`` (aspect kept; 0: its own width, at most
-    ``NATIVE_MAX_WIDTH``) and the factor back to frame pixels."""
+def _scale_for(frame: Image, width: int, floor: int = 0) -> tuple[Image, float]:
+    """The frame resized to ``width`` (aspect kept) and the factor back to frame pixels.
+    ``width`` 0: its own width, but at least ``floor`` (a small photo is enlarged to what the
+    network finds faces and plates at, as the stream does) and at most ``NATIVE_MAX_WIDTH``."""
     h, w = frame.shape[:2]
     if width <= 0:
-        width = min(w, NATIVE_MAX_WIDTH)
+        width = min(max(w, floor), NATIVE_MAX_WIDTH)
     if width == w:
         return frame, 1.0
     height = max(1, round(h * width / w))
@@ -118,7 +119,7 @@ class FaceDetector:
         self._size: tuple[int, int] | None = None
 
     def detect(self, frame: Image) -> list[Box]:
-        small, f = _scale_for(frame, self.width)
+        small, f = _scale_for(frame, self.width, floor=DetectorSettings.face_width)
         size = (small.shape[1], small.shape[0])
         if size != self._size:
             self._net.setInputSize(size)
@@ -222,7 +223,7 @@ class PlateDetector:
         return xy, wh * scale, pts, scores
 
     def detect(self, frame: Image) -> list[Box]:
-        small, f = _scale_for(frame, self.width)
+        small, f = _scale_for(frame, self.width, floor=DetectorSettings.plate_width)
         rows = self._strip_rows(small.shape[0])
         parts = []
         for k, (top, bottom) in enumerate(rows):
