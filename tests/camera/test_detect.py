@@ -146,3 +146,22 @@ def test_sequential_and_parallel_detection_agree(astronaut):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize(
+    ("width", "floor", "frame_w", "seen_w"),
+    [
+        (640, 0, 1280, 640),  # the stream: always its width
+        (0, 640, 500, 640),  # own width, but a small photo is enlarged as the stream does
+        (0, 640, 1000, 1000),  # own width
+        (0, 960, 3000, 2560),  # own width, capped
+    ],
+)
+def test_the_detector_input_width(width, floor, frame_w, seen_w):
+    import numpy as np
+
+    from gateway.camera.detect import _scale_for
+
+    frame = np.zeros((frame_w // 2, frame_w, 3), np.uint8)
+    small, f = _scale_for(frame, width, floor=floor)
+    assert small.shape[1] == seen_w and f == pytest.approx(frame_w / seen_w)
