@@ -190,6 +190,29 @@ def run_gateway(
     )
 
 
+@contextlib.contextmanager
+def ledger_held(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding ``path``'s ledger open (a running gateway), killed at the end."""
+    hold = (
+        "import sys, time\n"
+        "from gateway.egress.ledger import Ledger\n"
+        "led = Ledger(sys.argv[1], fsync=False)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
     assert proc.returncode != 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

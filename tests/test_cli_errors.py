@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.localbroker import free_port
-from tests.conftest import KONA_CSV, KONA_PCAN, assert_one_line_error, run_gateway
+from tests.conftest import KONA_CSV, KONA_PCAN, assert_one_line_error, ledger_held, run_gateway
 
 
 def _replay(tmp_path, *args, broker="mqtt://127.0.0.1:1"):
@@ -271,9 +271,6 @@ def test_a_bad_value_names_the_environment_variable_or_option_it_came_from(tmp_p
 
 
 def test_data_commands_beside_a_running_gateway_change_nothing(tmp_path):
-    import subprocess
-    import sys
-
     from gateway.egress.outbox import Outbox
     from tests.egress.test_outbox import _released
 
@@ -281,26 +278,11 @@ def test_data_commands_beside_a_running_gateway_change_nothing(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite")
     ob.put_many(_released(ob, 5))
     ob.close()
-    hold = (
-        "import sys, time\n"
-        "from gateway.egress.ledger import Ledger\n"
-        "led = Ledger(sys.argv[1], fsync=False)\n"
-        "print('held', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", hold, str(tmp_path / "l.jsonl")], stdout=subprocess.PIPE, text=True
-    )
     common = ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
-    try:
-        assert proc.stdout.readline().strip() == "held"
+    with ledger_held(tmp_path / "l.jsonl"):
         # WHEN the owner deletes and exports beside it
         delete = run_gateway("data", "delete", "--category", "all", *common)
         export = run_gateway("data", "export", "--out", str(tmp_path / "x.json"), *common)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        proc.stdout.close()
     # THEN both are refused before they touch anything (the rows were deleted, unrecorded)
     for p in (delete, export):
         assert_one_line_error(p, "in use by another gateway process")

@@ -286,27 +286,10 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_ledger(ledger_file
 
 
 def test_the_lock_is_refused_to_another_process_and_released_when_it_dies(ledger_file):
-    import subprocess
-    import sys
+    from tests.conftest import ledger_held
 
-    hold = (
-        "import sys, time\n"
-        "from gateway.egress.ledger import Ledger\n"
-        "led = Ledger(sys.argv[1], fsync=False)\n"
-        "print('held', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", hold, str(ledger_file)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(StorageError, match="in use"):
-            Ledger(ledger_file, fsync=False)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        proc.stdout.close()
+    with ledger_held(ledger_file), pytest.raises(StorageError, match="in use"):
+        Ledger(ledger_file, fsync=False)
     Ledger(ledger_file, fsync=False).close()  # the kernel released the dead writer's lock
 
 
