@@ -20,7 +20,7 @@ from gateway.egress.guard import EgressGuard, Outgoing, Released
 from gateway.egress.ledger import Ledger
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
-from gateway.egress.schema import Topics
+from gateway.egress.schema import Topics, unpack
 from gateway.errors import ConfigError, GatewayError, StorageError
 from gateway.health import HealthMonitor
 from gateway.records import (
@@ -200,6 +200,10 @@ class Gateway:
             status=self._status,
             inbound_topics=(self.topics.consent_set, self.topics.command),
             on_inbound=self.handle_owner_message,
+            may_send=self._still_consented,
+            on_withheld=lambda items: self._record_drop(
+                items, "location consent no longer valid when it was to be sent"
+            ),
         )
         self.health = HealthMonitor()
         self.report = RunReport()
@@ -270,6 +274,21 @@ class Gateway:
     def _record_block(self, out: Outgoing, reason: str) -> None:
         self.report.blocked += 1
         self.ledger.append("blocked", schema=out.schema, reason=reason, rules=list(out.rules))
+
+    def _still_consented(self, item: Pending) -> bool:
+        """Whether a waiting message may still leave: a position (or a trip with its areas)
+        only while location consent is valid now, not only when it was queued."""
+        if item.schema not in ("gateway.location", "gateway.trip"):
+            return True
+        if self.consent.ok(Category.LOCATION, self.clock()):
+            return True
+        if item.schema == "gateway.location":
+            return False
+        try:
+            body = unpack(item.payload)
+        except Exception:  # noqa: BLE001 - ours, so not expected; kept back to be safe
+            return False
+        return not ("start_area" in body or "end_area" in body)
 
     def _record_drop(self, items: list[Pending], why: str) -> None:
         self.ledger.append(
@@ -444,7 +463,9 @@ class Gateway:
         self.report.positions_withheld += stage.withheld - before
         self.report.positions_in_geofence = stage.in_geofence
 
-    def publish_trip(self, trip: Trip) -> None:
+    def publish_trip(self, trip: Trip, start_ok: bool = True) -> None:
+        """A trip's summary; its start area only if location consent was also valid when the
+        trip started (``start_ok``), its end area if it is valid now."""
         self.report.trips += 1
         body: dict[str, Any] = {
             "window": [round(trip.start, 3), round(trip.end, 3)],
@@ -460,7 +481,11 @@ class Gateway:
         if self.consent.ok(Category.LOCATION, self.clock()):
             grid = self.policy.location_grid_m
             fences = parse_geofences(self.policy.geofences, self.policy.source)
-            for key, pos in (("start_area", trip.start_pos), ("end_area", trip.end_pos)):
+            areas = (
+                ("start_area", trip.start_pos if start_ok else None),
+                ("end_area", trip.end_pos),
+            )
+            for key, pos in areas:
                 if pos is not None and not any(f.contains(*pos) for f in fences):
                     lat, lon = coarsen(pos[0], pos[1], grid)
                     body[key] = {"lat": lat, "lon": lon}
@@ -470,6 +495,8 @@ class Gateway:
         agg = WindowAggregator(self.settings.gateway.window)
         loc = self._location_stage()
         trips = TripDetector(self.policy.trips) if self.policy.trips.enabled else None
+        # the running trip's start, and whether location consent was valid when it started
+        started: tuple[float | None, bool] = (None, False)
         last_t = 0.0
         # a paced or live source: one group per batch. An unpaced one: one group for the
         # batches of UNPACED_GROUP_SECONDS, with no await inside (see Source)
@@ -493,8 +520,12 @@ class Gateway:
                     if loc is not None:
                         self.publish_positions(loc, decoded.series)
                     if trips is not None:
+                        ok = self.consent.ok(Category.LOCATION, self.clock())
                         for trip in trips.feed(decoded.series):
-                            self.publish_trip(trip)
+                            # a trip that started in an earlier batch: consent as it was then
+                            self.publish_trip(trip, ok if trip.start != started[0] else started[1])
+                        if trips.running_since not in (None, started[0]):
+                            started = (trips.running_since, ok)
                     agg.add(decoded.series)
                     for w in agg.advance(last_t):
                         self.publish_window(w)
@@ -512,7 +543,7 @@ class Gateway:
                         self.publish_window(w)
                     if trips is not None:
                         for trip in trips.flush(last_t):
-                            self.publish_trip(trip)
+                            self.publish_trip(trip, trip.start != started[0] or started[1])
             self.report.late_samples += agg.late_samples
             self.report.invalid_samples += agg.invalid_samples
 

@@ -109,6 +109,10 @@ class MqttPublisher:
     inbound_topics: tuple[str, ...] = ()
     on_inbound: InboundHandler | None = None
     on_sent: Callable[[int], None] = lambda n: None
+    # checked again just before a message is sent: consent may have lapsed since it was queued
+    # (withdrawn, expired, a new ignition cycle); what fails is deleted, after ``on_withheld``
+    may_send: Callable[[Pending], bool] = lambda p: True
+    on_withheld: Callable[[list[Pending]], None] = lambda items: None
     backoff_initial: float = 0.2
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     # set once the broker acknowledged the subscriptions to ``inbound_topics``: an owner's
@@ -194,6 +198,11 @@ class MqttPublisher:
             self._wake.clear()
             batch = self.outbox.peek(200)
             done: list[Pending] = []
+            withheld = [item for item in batch if not self.may_send(item)]
+            if withheld:  # on the record first, then out of the outbox: never sent
+                self.on_withheld(withheld)
+                self.outbox.ack_many(withheld)
+                batch = [item for item in batch if item not in withheld]
             try:
                 for item in batch:
                     await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
@@ -204,7 +213,7 @@ class MqttPublisher:
             finally:
                 self.outbox.ack_many(done)  # one commit for the PUBACKs of the batch
                 self.acked.set()
-            if batch:
+            if batch or withheld:
                 continue
             if stop.is_set():
                 return

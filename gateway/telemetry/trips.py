@@ -163,6 +163,11 @@ class TripDetector:
             out.append((role, ts, values, moving))
         return out
 
+    @property
+    def running_since(self) -> float | None:
+        """The start (frame time) of the trip running now, if one is."""
+        return self._start if self._driving else None
+
     def feed(self, series: Sequence[SignalSeries]) -> list[Trip]:
         """Series of one batch (any order between signals); returns trips that ended."""
         cols = self._columns(series)

@@ -1,0 +1,114 @@
+"""Consent is checked where location data would leave, not only where it was made: a position
+queued while the broker was away does not leave after the consent lapsed, and a trip's start
+area needs consent from the trip's start."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from gateway import settings as settings_mod
+from gateway.app import Gateway
+from gateway.canbus.chunking import FAST
+from gateway.canbus.replay import ReplaySource, iter_log
+from gateway.egress.ledger import read_entries
+from gateway.egress.outbox import Outbox
+from gateway.egress.schema import unpack
+from gateway.localbroker import free_port
+from gateway.telemetry.policy import Category
+from tests.conftest import FIXTURES
+
+DRIVE = FIXTURES / "model3" / "model3_synthetic_drive.log"
+DBC = FIXTURES / "model3" / "Model3CAN.dbc"
+DAY = 86400.0
+
+
+def _waiting(tmp_path):
+    """What waits in the outbox a run left behind."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    try:
+        return ob.peek(10_000)
+    finally:
+        ob.close()
+
+
+def _settings(tmp_path, url, consent=()):
+    s = settings_mod.load(
+        None,
+        env={},
+        overrides={
+            "broker.url": url,
+            "gateway.vin": "CONSENTLAPSE00001",
+            "gateway.ledger": str(tmp_path / "l.jsonl"),
+            "gateway.outbox": str(tmp_path / "o.sqlite"),
+        },
+    )
+    g = dataclasses.replace(s.gateway, consent=list(consent))
+    return dataclasses.replace(s, gateway=g, dbc={"*": [str(DBC)]})
+
+
+@pytest.mark.broker
+def test_positions_queued_offline_do_not_leave_after_the_consent_lapsed(tmp_path, broker, listen):
+    # GIVEN a drive replayed with location consent while the broker is away: positions wait
+    clock = [2_000_000_000.0]
+    away = _settings(tmp_path, f"mqtt://127.0.0.1:{free_port()}", ["location:1"])
+    gw = Gateway(away, [ReplaySource([DRIVE], speed=None)], clock=lambda: clock[0])
+    report = asyncio.run(gw.run(require_broker=False, drain_timeout=0))
+    queued = _waiting(tmp_path)
+    waiting = [p.schema for p in queued]
+    assert waiting.count("gateway.location") > 0 and report.outbox_left == len(waiting)
+    located = sum(  # positions, and trips with their start/end areas
+        p.schema == "gateway.location"
+        or (p.schema == "gateway.trip" and "end_area" in unpack(p.payload))
+        for p in queued
+    )
+    # WHEN the gateway runs again two days later (the grant has expired), with the broker up
+    clock[0] += 2 * DAY
+    lst = listen(broker.url, "vehicles/CONSENTLAPSE00001/owner/#")
+    back = Gateway(_settings(tmp_path, broker.url), [], clock=lambda: clock[0])
+    asyncio.run(back.run(drain_timeout=10))
+    got = [unpack(m.payload).get("schema") for m in lst.settle()]
+    # THEN the rest left, but no position; the ledger says which were held back, and why
+    assert "gateway.signals" in got and "gateway.location" not in got
+    dropped = [
+        e for _, e, _ in read_entries(tmp_path / "l.jsonl") if e and e.get("kind") == "dropped"
+    ]
+    assert sum(len(e["seqs"]) for e in dropped) == located > waiting.count("gateway.location")
+    assert all("location consent no longer valid" in e["reason"] for e in dropped)
+    assert _waiting(tmp_path) == []
+
+
+class _GrantMidway:
+    """The drive's batches, cut in 20; location consent is granted after the 5th (the trip
+    is under way by then)."""
+
+    unpaced = True
+
+    def __init__(self, gw_box: list[Gateway], clock: list[float]) -> None:
+        self.gw_box, self.clock = gw_box, clock
+
+    async def batches(self):
+        for batch in iter_log(DRIVE, chunking=FAST):
+            for k, idx in enumerate(np.array_split(np.arange(len(batch)), 20)):
+                if k == 5:
+                    self.gw_box[0].consent.grant(
+                        Category.LOCATION, self.clock[0] + DAY, self.clock[0], 30
+                    )
+                yield batch.select(idx)
+
+
+def test_a_trip_under_way_before_consent_carries_no_start_area(tmp_path):
+    clock = [2_000_000_000.0]
+    box: list[Gateway] = []
+    s = _settings(tmp_path, f"mqtt://127.0.0.1:{free_port()}")
+    gw = Gateway(s, [_GrantMidway(box, clock)], clock=lambda: clock[0])
+    box.append(gw)
+    asyncio.run(gw.run(require_broker=False, drain_timeout=0))
+    trips = [unpack(p.payload) for p in _waiting(tmp_path) if p.schema == "gateway.trip"]
+    # THEN the trip that began before the grant has its end area, not its start area
+    assert trips, "the drive has a trip"
+    assert all("start_area" not in t for t in trips)
+    assert any("end_area" in t for t in trips)
