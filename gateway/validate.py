@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -113,13 +114,20 @@ def _location_message(dbcs: ChannelDbcs, policy: Policy) -> Any:
                 return db.get_message_by_name(msg_name), lat_sig, lon_sig
             except KeyError:
                 continue
-    for db in dbcs.all_databases():
-        for m in db.messages:
-            lat = [x.name for x in m.signals if "latitude" in x.name.lower()]
-            lon = [x.name for x in m.signals if "longitude" in x.name.lower()]
-            if lat and lon:
-                return m, lat[0], lon[0]
+    for words in (("latitude", "longitude"), ("lat", "lon"), ("lat", "lng")):
+        for db in dbcs.all_databases():
+            for m in db.messages:
+                lat = [x.name for x in m.signals if words[0] in _name_words(x.name)]
+                lon = [x.name for x in m.signals if words[1] in _name_words(x.name)]
+                if lat and lon:
+                    return m, lat[0], lon[0]
     return None, None, None
+
+
+def _name_words(name: str) -> set[str]:
+    """A signal name's words: GNSS_Lat04F -> {gnss, lat, f}; GPSLatitude04F -> {gps, latitude,
+    f}; a word inside another (lateral, longAccel) is not one."""
+    return {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", name)}
 
 
 def build_canary_log(
@@ -155,15 +163,14 @@ def build_canary_log(
             ts = t0 + (t1 - t0) * (i + 0.5) / 12
             fields = {s.name: (s.initial or 0) for s in loc_msg.signals}
             fields.update({lat_sig: lat, lon_sig: lon})
-            extra.append(
-                (
-                    ts,
-                    channel,
-                    loc_msg.frame_id,
-                    loc_msg.is_extended_frame,
-                    loc_msg.encode(fields, strict=False),
-                )
-            )
+            try:
+                data = loc_msg.encode(fields, strict=False)
+            except Exception as exc:  # noqa: BLE001 - cantools raises assorted errors here
+                raise ConfigError(
+                    f"validate: cannot write canary positions into {loc_msg.name} with this "
+                    f"DBC ({type(exc).__name__}: {exc})"
+                ) from exc
+            extra.append((ts, channel, loc_msg.frame_id, loc_msg.is_extended_frame, data))
     # the VIN, and distinctive raw payloads, on an id no DBC knows and on ids the policy denies
     vin_bytes = can.vin.encode()
     unknown = next(
@@ -435,7 +442,9 @@ def run_validation(
         bytes_by_class[key] += len(m.payload)
     bytes_out = sum(len(m.payload) for m in observed)
     report = {
-        "verdict": "no leak" if not leaks else "LEAK",
+        "verdict": ("no leak" if positions else "no leak found, positions NOT checked")
+        if not leaks
+        else "LEAK",
         "input": str(log),
         "canary_log": str(canary_log),
         "frames_in": n_frames,

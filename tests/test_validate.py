@@ -176,3 +176,31 @@ def test_bundled_synthetic_drive_validates_with_no_leak(tmp_path):
     proc = run_gateway("validate", "--out", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "verdict: no leak" in proc.stdout
+
+
+def test_gps_signals_found_by_their_name_words_and_a_log_without_them_is_said(tmp_path, drive):
+    # GIVEN the Model 3 DBC with its GPS signals renamed GNSS_Lat04F / GNSS_Lon04F, and a
+    # policy that publishes the latitude as a plain vehicle status
+    text = _dbc().read_text(encoding="cp1252")
+    renamed = tmp_path / "gnss.dbc"
+    renamed.write_text(
+        text.replace("GPSLatitude04F", "GNSS_Lat04F").replace("GPSLongitude04F", "GNSS_Lon04F"),
+        encoding="cp1252",
+    )
+    leaky = tmp_path / "leaky.toml"
+    leaky.write_text(
+        '[[signal]]\nsignal = "ID04FGPSLatLong.GNSS_Lat04F"\npublish_as = "lat"\n'
+        'aggregates = ["last"]\n'
+    )
+    args = ["--log", str(drive), "--dbc", str(renamed), "--policy", str(leaky)]
+    proc = run_gateway("validate", *args, "--out", str(tmp_path / "r1"))
+    # THEN the leak is found (the positions were not searched at all before: 'no leak')
+    assert proc.returncode == 1 and "position without location consent" in proc.stdout
+    # and a log whose DBC has no position signal at all is not called clean without a word
+    kona = run_gateway(
+        "validate", "--log", str(FIXTURES / "kona_ev_2019" /
+        "230112-7-2019-pcan-ccan-power-off-on-ready-off.converted.candump.log"),
+        "--dbc", str(FIXTURES / "kona_ev_2019" / "kona_pcan.cantools.dbc"),
+        "--out", str(tmp_path / "r2"),
+    )  # fmt: skip
+    assert kona.returncode == 0 and "positions NOT checked" in kona.stdout
