@@ -266,6 +266,13 @@ def parse_policy(raw: Mapping[str, Any], source: str, digest: str = "") -> Polic
         raise ConfigError(f"{source}: [policy].name must be a string")
     if not isinstance(head.get("camera_summaries", True), bool):
         raise ConfigError(f"{source}: [policy].camera_summaries must be true or false")
+    # below this a "coarsened" position is the fix itself (the GPS is good to a few metres):
+    # a policy may ask for coarser positions, never for exact ones under the name of a grid
+    if num("location_grid_m", 1000.0) < MIN_LOCATION_GRID_M:
+        raise ConfigError(
+            f"{source}: [policy].location_grid_m must be at least {MIN_LOCATION_GRID_M:g} m, "
+            f"got {num('location_grid_m', 1000.0):g}"
+        )
     return Policy(
         name=str(head.get("name", Path(source).stem)),
         version=version,
@@ -284,6 +291,7 @@ def parse_policy(raw: Mapping[str, Any], source: str, digest: str = "") -> Polic
 
 
 DEFAULT_POLICY = "policy_default.toml"
+MIN_LOCATION_GRID_M = 100.0
 
 
 def load_policy(path: str | Path | None = None) -> Policy:

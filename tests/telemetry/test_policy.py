@@ -79,6 +79,8 @@ def test_sensitive_signal_is_withheld_without_consent():
         ({"signal": [{"signal": "A.B"}, {"signal": "A.B"}]}, "named twice"),
         ({"signal": [{"signal": "A.B", "location": "latitude"}]}, 'category = "location"'),
         ({"policy": {"max_consent_days": 0}}, "max_consent_days"),
+        # a grid finer than the GPS itself is no coarsening
+        ({"policy": {"location_grid_m": 0.01}}, "location_grid_m must be at least 100 m"),
         ({"rules": {}}, "unknown section [rules]"),
     ],
 )
