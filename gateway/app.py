@@ -552,9 +552,14 @@ class Gateway:
         next_health = (
             time.monotonic() + g.health_interval if g.health_interval > 0 else float("inf")
         )
+        granted = set(self.consent.snapshot(self.clock()))
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
+            still = set(self.consent.snapshot(self.clock()))
+            if still < granted:  # a grant expired: the owner sees it on the retained topic
+                self.publish_consent_state()
+            granted = still
             now = time.monotonic()
             if now >= next_health:
                 next_health = now + g.health_interval

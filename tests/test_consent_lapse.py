@@ -112,3 +112,37 @@ def test_a_trip_under_way_before_consent_carries_no_start_area(tmp_path):
     assert trips, "the drive has a trip"
     assert all("start_area" not in t for t in trips)
     assert any("end_area" in t for t in trips)
+
+
+@pytest.mark.broker
+def test_an_expired_grant_is_published_on_the_consent_topic(tmp_path, broker, listen):
+    import time
+
+    # GIVEN a live gateway (a quiet bus) with a location grant of about 1.5 s
+    lst = listen(broker.url, "vehicles/CONSENTLAPSE00001/owner/consent")
+
+    class QuietBus:
+        def __init__(self) -> None:
+            self.done = asyncio.Event()
+
+        async def batches(self):
+            await self.done.wait()
+            return
+            yield
+
+    bus = QuietBus()
+    gw = Gateway(_settings(tmp_path, broker.url, [f"location:{1.5 / DAY}"]), [bus])
+
+    async def main():
+        stop = asyncio.Event()
+        run = asyncio.create_task(gw.run(stop, drain_timeout=5))
+        await asyncio.sleep(3.5)  # past the expiry, and the 1 s check after it
+        bus.done.set()
+        await run
+
+    t0 = time.time()
+    asyncio.run(main())
+    states = [unpack(m.payload) for m in lst.settle()]
+    # THEN a state with the grant was published at the start, and one without it after expiry
+    assert "location" in states[0]["grants"]
+    assert any(s["grants"] == {} and s["at"] > t0 + 1.5 for s in states[1:])
