@@ -35,13 +35,13 @@ def _waiting(tmp_path):
         ob.close()
 
 
-def _settings(tmp_path, url, consent=()):
+def _settings(tmp_path, url, consent=(), vin="CONSENTLAPSE00001"):
     s = settings_mod.load(
         None,
         env={},
         overrides={
             "broker.url": url,
-            "gateway.vin": "CONSENTLAPSE00001",
+            "gateway.vin": vin,
             "gateway.ledger": str(tmp_path / "l.jsonl"),
             "gateway.outbox": str(tmp_path / "o.sqlite"),
         },
@@ -51,10 +51,12 @@ def _settings(tmp_path, url, consent=()):
 
 
 @pytest.mark.broker
-def test_positions_queued_offline_do_not_leave_after_the_consent_lapsed(tmp_path, broker, listen):
+def test_positions_queued_offline_do_not_leave_after_the_consent_lapsed(
+    tmp_path, broker, listen, vin
+):
     # GIVEN a drive replayed with location consent while the broker is away: positions wait
     clock = [2_000_000_000.0]
-    away = _settings(tmp_path, f"mqtt://127.0.0.1:{free_port()}", ["location:1"])
+    away = _settings(tmp_path, f"mqtt://127.0.0.1:{free_port()}", ["location:1"], vin)
     gw = Gateway(away, [ReplaySource([DRIVE], speed=None)], clock=lambda: clock[0])
     report = asyncio.run(gw.run(require_broker=False, drain_timeout=0))
     queued = _waiting(tmp_path)
@@ -67,8 +69,8 @@ def test_positions_queued_offline_do_not_leave_after_the_consent_lapsed(tmp_path
     )
     # WHEN the gateway runs again two days later (the grant has expired), with the broker up
     clock[0] += 2 * DAY
-    lst = listen(broker.url, "vehicles/CONSENTLAPSE00001/owner/#")
-    back = Gateway(_settings(tmp_path, broker.url), [], clock=lambda: clock[0])
+    lst = listen(broker.url, f"vehicles/{vin}/owner/#")
+    back = Gateway(_settings(tmp_path, broker.url, vin=vin), [], clock=lambda: clock[0])
     asyncio.run(back.run(drain_timeout=10))
     got = [unpack(m.payload).get("schema") for m in lst.settle()]
     # THEN the rest left, but no position; the ledger says which were held back, and why
@@ -115,11 +117,11 @@ def test_a_trip_under_way_before_consent_carries_no_start_area(tmp_path):
 
 
 @pytest.mark.broker
-def test_an_expired_grant_is_published_on_the_consent_topic(tmp_path, broker, listen):
+def test_an_expired_grant_is_published_on_the_consent_topic(tmp_path, broker, listen, vin):
     import time
 
     # GIVEN a live gateway (a quiet bus) with a location grant of about 1.5 s
-    lst = listen(broker.url, "vehicles/CONSENTLAPSE00001/owner/consent")
+    lst = listen(broker.url, f"vehicles/{vin}/owner/consent")
 
     class QuietBus:
         def __init__(self) -> None:
@@ -131,7 +133,7 @@ def test_an_expired_grant_is_published_on_the_consent_topic(tmp_path, broker, li
             yield
 
     bus = QuietBus()
-    gw = Gateway(_settings(tmp_path, broker.url, [f"location:{1.5 / DAY}"]), [bus])
+    gw = Gateway(_settings(tmp_path, broker.url, [f"location:{1.5 / DAY}"], vin), [bus])
 
     async def main():
         stop = asyncio.Event()
