@@ -190,6 +190,36 @@ def run_gateway(
     )
 
 
+def gateway_settings(
+    tmp_path: Path,
+    dbc: dict[str, list[str]],
+    *,
+    url: str | None = None,
+    consent: Sequence[str] = (),
+    **gateway: Any,
+) -> Any:
+    """Settings for a gateway built in a test: its ledger and outbox in ``tmp_path``, the DBCs
+    by channel, ``[gateway]`` values by keyword (vin, window, decoder, policy, ...), and a
+    broker on a free port where nothing listens unless ``url`` is given."""
+    import dataclasses
+
+    from gateway import settings as settings_mod
+    from gateway.localbroker import free_port
+
+    s = settings_mod.load(
+        None,
+        env={},
+        overrides={
+            "broker.url": url or f"mqtt://127.0.0.1:{free_port()}",
+            "gateway.ledger": str(tmp_path / "l.jsonl"),
+            "gateway.outbox": str(tmp_path / "o.sqlite"),
+            **{f"gateway.{k}": v for k, v in gateway.items()},
+        },
+    )
+    g = dataclasses.replace(s.gateway, consent=list(consent))
+    return dataclasses.replace(s, gateway=g, dbc=dbc)
+
+
 @contextlib.contextmanager
 def ledger_held(path: Path) -> Iterator[subprocess.Popen[str]]:
     """Another process holding ``path``'s ledger open (a running gateway), killed at the end."""

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from gateway.egress.schema import unpack
-from tests.conftest import KONA_CSV, KONA_PCAN, ROOT, run_gateway
+from tests.conftest import KONA_CSV, KONA_PCAN, ROOT, gateway_settings, run_gateway
 
 COMMANDS = ["replay", "run", "owner", "audit", "config", "consent", "data"]
 
@@ -264,9 +264,7 @@ def test_consent_grant_without_days_is_refused():
 
 def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path, vin):
     import asyncio
-    import dataclasses
 
-    from gateway import settings as settings_mod
     from gateway.app import Gateway
     from gateway.canbus.replay import ReplaySource
     from gateway.localbroker import free_port
@@ -274,19 +272,9 @@ def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path,
     # GIVEN summaries waiting in the outbox: the broker was never reachable during the run
     url = f"mqtt://127.0.0.1:{free_port()}"
     common = _vehicle(tmp_path, vin)
-    s = settings_mod.load(
-        None,
-        env={},
-        overrides={
-            "broker.url": url,
-            "gateway.vin": vin,
-            "gateway.window": 5.0,
-            "gateway.decoder": "cantools",
-            "gateway.ledger": str(tmp_path / "l.jsonl"),
-            "gateway.outbox": str(tmp_path / "o.sqlite"),
-        },
+    s = gateway_settings(
+        tmp_path, {"can0": [str(KONA_PCAN)]}, url=url, vin=vin, window=5.0, decoder="cantools"
     )
-    s = dataclasses.replace(s, dbc={"can0": [str(KONA_PCAN)]})
     gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
     report = asyncio.run(gw.run(require_broker=False, drain_timeout=0.2))
     assert report.outbox_left >= 3

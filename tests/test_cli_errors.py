@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from gateway.localbroker import free_port
-from tests.conftest import KONA_CSV, KONA_PCAN, assert_one_line_error, ledger_held, run_gateway
+from tests.conftest import (
+    KONA_CSV,
+    KONA_PCAN,
+    assert_one_line_error,
+    gateway_settings,
+    ledger_held,
+    run_gateway,
+)
 
 
 def _replay(tmp_path, *args, broker="mqtt://127.0.0.1:1"):
@@ -293,23 +300,13 @@ def test_data_commands_beside_a_running_gateway_change_nothing(tmp_path):
 
 
 def test_a_gateway_that_fails_to_start_does_not_keep_its_ledger_locked(tmp_path):
-    import dataclasses
 
-    from gateway import settings as settings_mod
     from gateway.app import Gateway
     from gateway.egress.ledger import Ledger
     from gateway.errors import StorageError
 
     (tmp_path / "o.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
-    s = settings_mod.load(
-        None,
-        env={},
-        overrides={
-            "gateway.ledger": str(tmp_path / "l.jsonl"),
-            "gateway.outbox": str(tmp_path / "o.sqlite"),
-        },
-    )
-    s = dataclasses.replace(s, dbc={"can0": [str(KONA_PCAN)]})
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]})
     with pytest.raises(StorageError, match="damaged") as failed:
         Gateway(s, [])
     # while the failure is still referenced (a retry in the same process), the lock is free

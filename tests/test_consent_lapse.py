@@ -5,21 +5,18 @@ area needs consent from the trip's start."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import pytest
 
-from gateway import settings as settings_mod
 from gateway.app import Gateway
 from gateway.canbus.chunking import FAST
 from gateway.canbus.replay import ReplaySource, iter_log
 from gateway.egress.ledger import read_entries
 from gateway.egress.outbox import Outbox
 from gateway.egress.schema import unpack
-from gateway.localbroker import free_port
 from gateway.telemetry.policy import Category
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, gateway_settings
 
 DRIVE = FIXTURES / "model3" / "model3_synthetic_drive.log"
 DBC = FIXTURES / "model3" / "Model3CAN.dbc"
@@ -35,19 +32,8 @@ def _waiting(tmp_path):
         ob.close()
 
 
-def _settings(tmp_path, url, consent=(), vin="CONSENTLAPSE00001"):
-    s = settings_mod.load(
-        None,
-        env={},
-        overrides={
-            "broker.url": url,
-            "gateway.vin": vin,
-            "gateway.ledger": str(tmp_path / "l.jsonl"),
-            "gateway.outbox": str(tmp_path / "o.sqlite"),
-        },
-    )
-    g = dataclasses.replace(s.gateway, consent=list(consent))
-    return dataclasses.replace(s, gateway=g, dbc={"*": [str(DBC)]})
+def _settings(tmp_path, url=None, consent=(), vin="CONSENTLAPSE00001"):
+    return gateway_settings(tmp_path, {"*": [str(DBC)]}, url=url, consent=consent, vin=vin)
 
 
 @pytest.mark.broker
@@ -56,7 +42,7 @@ def test_positions_queued_offline_do_not_leave_after_the_consent_lapsed(
 ):
     # GIVEN a drive replayed with location consent while the broker is away: positions wait
     clock = [2_000_000_000.0]
-    away = _settings(tmp_path, f"mqtt://127.0.0.1:{free_port()}", ["location:1"], vin)
+    away = _settings(tmp_path, None, ["location:1"], vin)  # no broker
     gw = Gateway(away, [ReplaySource([DRIVE], speed=None)], clock=lambda: clock[0])
     report = asyncio.run(gw.run(require_broker=False, drain_timeout=0))
     queued = _waiting(tmp_path)
@@ -105,7 +91,7 @@ class _GrantMidway:
 def test_a_trip_under_way_before_consent_carries_no_start_area(tmp_path):
     clock = [2_000_000_000.0]
     box: list[Gateway] = []
-    s = _settings(tmp_path, f"mqtt://127.0.0.1:{free_port()}")
+    s = _settings(tmp_path)  # no broker
     gw = Gateway(s, [_GrantMidway(box, clock)], clock=lambda: clock[0])
     box.append(gw)
     asyncio.run(gw.run(require_broker=False, drain_timeout=0))

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.egress.ledger import verify_chain
 from gateway.egress.schema import unpack
-from tests.conftest import KONA_CSV, KONA_PCAN, replay_args, run_gateway
+from tests.conftest import KONA_CSV, KONA_PCAN, gateway_settings, replay_args, run_gateway
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -189,26 +189,12 @@ def test_outbox_disk_full_or_read_only_keeps_the_can_path_alive(
 
 def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_rest(tmp_path):
     import asyncio
-    import dataclasses
 
-    from gateway import settings as settings_mod
     from gateway.app import Gateway
     from gateway.canbus.replay import ReplaySource
-    from gateway.localbroker import free_port
 
     # GIVEN a replay whose broker is away, with a 60 s wait for it at the end
-    s = settings_mod.load(
-        None,
-        env={},
-        overrides={
-            "broker.url": f"mqtt://127.0.0.1:{free_port()}",
-            "gateway.vin": "DRAINSTOP00000001",
-            "gateway.window": 5.0,
-            "gateway.ledger": str(tmp_path / "l.jsonl"),
-            "gateway.outbox": str(tmp_path / "o.sqlite"),
-        },
-    )
-    s = dataclasses.replace(s, dbc={"can0": [str(KONA_PCAN)]})
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, vin="DRAINSTOP00000001", window=5.0)
     gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
 
     async def main():

@@ -4,7 +4,6 @@ python-can virtual bus carrying Tesla Model 3 GPS frames encoded with the real D
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import math
 import uuid
@@ -15,14 +14,13 @@ import aiomqtt
 import can
 import pytest
 
-from gateway import settings as settings_mod
 from gateway.app import Gateway
 from gateway.canbus.dbc import load_dbc
 from gateway.canbus.source import LiveBusSource
 from gateway.egress.ledger import verify_chain
 from gateway.egress.schema import unpack
 from gateway.telemetry.location import on_location_grid
-from tests.conftest import FIXTURES, SHARED_CAN
+from tests.conftest import FIXTURES, SHARED_CAN, gateway_settings
 
 pytestmark = pytest.mark.broker
 
@@ -68,20 +66,15 @@ class Rig:
         if policy_text is not None:
             policy_path = tmp_path / "policy.toml"
             policy_path.write_text(policy_text)
-        s = settings_mod.load(
-            None,
-            env={},
-            overrides={
-                "broker.url": broker_url,
-                "gateway.vin": vin,
-                "gateway.window": window,
-                "gateway.ledger": str(tmp_path / "ledger.jsonl"),
-                "gateway.outbox": str(tmp_path / "outbox.sqlite"),
-                "gateway.decoder": "cantools",
-                "gateway.policy": str(policy_path) if policy_path else "",
-            },
+        self.settings = gateway_settings(
+            tmp_path,
+            {"*": [str(_model3_dbc())]},
+            url=broker_url,
+            vin=vin,
+            window=window,
+            decoder="cantools",
+            policy=str(policy_path) if policy_path else "",
         )
-        self.settings = dataclasses.replace(s, dbc={"*": [str(_model3_dbc())]})
         self.db = load_dbc(_model3_dbc())
         self.stop = asyncio.Event()
         self.source = LiveBusSource("virtual", self.channel, name="can0", stop=self.stop)
@@ -223,7 +216,7 @@ async def test_with_consent_positions_are_on_the_grid_and_stop_at_once_on_withdr
     assert len(positions) == len(granted), "a position left after consent was withdrawn"
     consent_states = rig.stream("consent")
     assert consent_states[-1]["grants"] == {}
-    assert verify_chain(tmp_path / "ledger.jsonl").kinds["consent"] == 2
+    assert verify_chain(tmp_path / "l.jsonl").kinds["consent"] == 2
 
 
 async def test_positions_inside_a_geofence_never_leave(tmp_path, broker, vin):

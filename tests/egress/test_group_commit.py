@@ -6,36 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 from types import SimpleNamespace
 
 import pytest
 
-from gateway import settings as settings_mod
 from gateway.app import Gateway
 from gateway.canbus.replay import ReplaySource
 from gateway.egress.guard import Outgoing
 from gateway.egress.ledger import verify_chain
 from gateway.errors import StorageError
-from gateway.localbroker import free_port
-from tests.conftest import KONA_CSV, KONA_PCAN
+from tests.conftest import KONA_CSV, KONA_PCAN, gateway_settings
 
 
 def _gateway(tmp_path, window=1.0):
-    s = settings_mod.load(
-        None,
-        env={},
-        overrides={
-            "broker.url": f"mqtt://127.0.0.1:{free_port()}",  # nothing listens: all waits
-            "gateway.vin": "GROUPCOMMIT000001",
-            "gateway.window": window,
-            "gateway.ledger": str(tmp_path / "l.jsonl"),
-            "gateway.outbox": str(tmp_path / "o.sqlite"),
-        },
+    # no broker listens: everything waits in the outbox
+    s = gateway_settings(
+        tmp_path, {"can0": [str(KONA_PCAN)]}, vin="GROUPCOMMIT000001", window=window
     )
-    s = dataclasses.replace(s, dbc={"can0": [str(KONA_PCAN)]})
     return Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
 
 
