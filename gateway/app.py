@@ -21,7 +21,7 @@ from gateway.egress.ledger import Ledger
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics, unpack
-from gateway.errors import ConfigError, GatewayError, StorageError
+from gateway.errors import ConfigError, GatewayError, make_folder
 from gateway.health import HealthMonitor
 from gateway.records import (
     Decoder,
@@ -163,12 +163,7 @@ class Gateway:
         _say_missing(self.dbcs.missing(wanted), len(wanted))
         self.topics = Topics(settings.broker.topic_prefix, g.vin)
         self.state_dir = Path(g.state_dir) if g.state_dir else Path(g.ledger).resolve().parent
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(
-                f"{self.state_dir}: cannot create the gateway's state folder ({exc.strerror})"
-            ) from exc
+        make_folder(self.state_dir, "gateway's state folder")
         self.consent_path = self.state_dir / f"consent-{g.vin}.json"
         now = clock()
         self.consent = ConsentState.load(self.consent_path)

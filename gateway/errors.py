@@ -16,6 +16,8 @@ else catches them broadly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class GatewayError(Exception):
     """Base of every error the gateway reports to a user without a traceback."""
@@ -53,6 +55,15 @@ class StorageError(GatewayError):
     """On-device storage (outbox, ledger, frame store) cannot be written."""
 
     exit_code = 4
+
+
+def make_folder(path: Path, what: str) -> None:
+    """``path`` and its parents made if missing; a failure (a file in the way, no permission,
+    a read-only disk) is one ``StorageError`` line naming ``what`` the folder is for."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot create the {what} ({exc.strerror})") from exc
 
 
 class AuditError(GatewayError):

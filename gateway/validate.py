@@ -33,7 +33,7 @@ from gateway.canbus.replay import ReplaySource, iter_log
 from gateway.egress.ledger import read_entries
 from gateway.egress.mqtt import message_queue
 from gateway.egress.schema import unpack
-from gateway.errors import BrokerError, ConfigError, StorageError
+from gateway.errors import BrokerError, ConfigError, make_folder
 from gateway.localbroker import LocalBroker
 from gateway.settings import Settings
 from gateway.telemetry.location import on_location_grid
@@ -382,10 +382,7 @@ def run_validation(
     policy: Policy | None = None,
     broker_url: str | None = None,
 ) -> ValidateResult:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"{out_dir}: cannot create the report folder ({exc.strerror})") from exc
+    make_folder(out_dir, "report folder")
     policy = policy or load_policy(settings.gateway.policy or None)
     dbcs = ChannelDbcs.from_specs(settings.dbc)
     canary_log = out_dir / "canary-drive.log"

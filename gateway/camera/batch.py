@@ -23,7 +23,7 @@ from gateway.camera.anonymize import blackout
 from gateway.camera.detect import load_detectors
 from gateway.camera.options import PLATE_STRIPS, AnonymiserSettings, DetectorSettings, Method
 from gateway.camera.source import IMAGE_SUFFIXES, Frame, VideoFileSource, read_image
-from gateway.errors import CameraError, ConfigError, StorageError
+from gateway.errors import CameraError, ConfigError, StorageError, make_folder
 
 log = logging.getLogger("gateway.camera.batch")
 
@@ -143,10 +143,7 @@ def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally
         raise CameraError(f"{src}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if dst.resolve() == src.resolve():
         raise ConfigError(f"{dst}: the output folder must not be the input folder")
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"{dst}: cannot create the output folder ({exc.strerror})") from exc
+    make_folder(dst, "output folder")
     for i, p in enumerate(files):
         try:
             _image(anon, p, dst / p.name, tally)

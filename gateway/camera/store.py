@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 
 from gateway.camera.anonymize import AnonymisedFrame
-from gateway.errors import StorageError
+from gateway.errors import StorageError, make_folder
 
 log = logging.getLogger("gateway.camera.store")
 
@@ -45,12 +45,7 @@ class FrameStore:
         self.dir = Path(directory)
         self.camera = _safe(camera)
         self.settings = settings
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(
-                f"{self.dir}: cannot create the frame store ({exc.strerror})"
-            ) from exc
+        make_folder(self.dir, "frame store")
         seqs = [int(m["seq"]) for _, m in self._entries()]
         self._seq = max(seqs, default=-1) + 1
         self._last_t: float | None = None
