@@ -464,6 +464,18 @@ def _one_line(exc: BaseException | None) -> str:
     return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
+def _defines(plans: DbcPlans, name: str) -> bool:
+    """Whether one DBC's plans define ``MESSAGE.SIGNAL`` (a plan that cannot be built: yes,
+    it is not judged here)."""
+    msg = name.partition(".")[0]
+    if msg not in plans.names:
+        return False
+    try:
+        return name in plans.plan(plans.names.index(msg)).meta
+    except Exception:  # noqa: BLE001 - its own error is raised where the plan is used
+        return True
+
+
 class ChannelDbcs:
     """Which DBC decodes which channel. ``"*"`` applies to every channel without its own DBC;
     several DBCs on one channel are searched in the order given.
@@ -515,22 +527,8 @@ class ChannelDbcs:
     def missing(self, signals: Iterable[str]) -> list[str]:
         """Of ``MESSAGE.SIGNAL`` names, those in none of these DBCs (read from the plans: the
         named messages' plans only, no cantools)."""
-        every = {id(p): p for plans in self._plans.values() for p in plans}.values()
-        out = []
-        for name in sorted(signals):
-            msg = name.partition(".")[0]
-            found = False
-            for p in every:
-                if msg in p.names:
-                    try:
-                        found = name in p.plan(p.names.index(msg)).meta
-                    except Exception:  # noqa: BLE001 - a plan that cannot be built: not judged
-                        found = True
-                if found:
-                    break
-            if not found:
-                out.append(name)
-        return out
+        every = list({id(p): p for plans in self._plans.values() for p in plans}.values())
+        return [name for name in sorted(signals) if not any(_defines(p, name) for p in every)]
 
     def all_databases(self) -> Iterable[cantools.database.can.Database]:
         seen: set[int] = set()
