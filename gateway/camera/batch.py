@@ -21,7 +21,13 @@ from gateway.camera.anonymiser import (
 )
 from gateway.camera.anonymize import blackout
 from gateway.camera.detect import load_detectors
-from gateway.camera.options import PLATE_STRIPS, AnonymiserSettings, DetectorSettings, Method
+from gateway.camera.options import (
+    DETECTOR_WIDTHS,
+    PLATE_STRIPS,
+    AnonymiserSettings,
+    DetectorSettings,
+    Method,
+)
 from gateway.camera.source import IMAGE_SUFFIXES, Frame, VideoFileSource, read_image
 from gateway.errors import CameraError, ConfigError, StorageError, make_folder
 
@@ -52,9 +58,10 @@ def _check(args: argparse.Namespace) -> AnonymiserSettings:
             raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
     for name in ("face_width", "plate_width"):
         v = getattr(args, name)
-        if v != 0 and not 160 <= v <= 4096:  # 1 px found nothing; 30000 px took 24 GB
+        if v != 0 and v not in DETECTOR_WIDTHS:
             raise ConfigError(
-                f"--{name.replace('_', '-')} must be 0 (the image's own) or 160 to 4096, got {v}"
+                f"--{name.replace('_', '-')} must be 0 (the image's own) or "
+                f"{DETECTOR_WIDTHS[0]} to {DETECTOR_WIDTHS[-1]}, got {v}"
             )
     if args.plate_strips not in PLATE_STRIPS:
         raise ConfigError(

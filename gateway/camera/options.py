@@ -26,6 +26,8 @@ class Method(enum.Enum):
 
 
 PLATE_STRIPS = range(1, 5)  # the plate_strips a setting may ask for
+# the detector input widths a setting may ask for (1 px found nothing; 30000 px took 24 GB)
+DETECTOR_WIDTHS = range(160, 4097)
 
 
 @dataclass(frozen=True)

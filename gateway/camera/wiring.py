@@ -10,7 +10,13 @@ from typing import Any
 
 from gateway.camera.anonymiser import FrameAnonymiser
 from gateway.camera.detect import load_detectors
-from gateway.camera.options import PLATE_STRIPS, AnonymiserSettings, DetectorSettings, Method
+from gateway.camera.options import (
+    DETECTOR_WIDTHS,
+    PLATE_STRIPS,
+    AnonymiserSettings,
+    DetectorSettings,
+    Method,
+)
 from gateway.camera.pipeline import CameraStage, store_dir
 from gateway.camera.source import open_source
 from gateway.camera.store import FrameStore, StoreSettings
@@ -40,9 +46,10 @@ def check_camera(cam: Any, name: str) -> None:
     if cam.memory < 0:
         raise ConfigError(f"camera {name}: memory must be >= 0, got {cam.memory}")
     for key in ("face_width", "plate_width"):
-        if not 160 <= getattr(cam, key) <= 4096:
+        if getattr(cam, key) not in DETECTOR_WIDTHS:
             raise ConfigError(
-                f"camera {name}: {key} must be 160 to 4096 pixels, got {getattr(cam, key)}"
+                f"camera {name}: {key} must be {DETECTOR_WIDTHS[0]} to {DETECTOR_WIDTHS[-1]} "
+                f"pixels, got {getattr(cam, key)}"
             )
     if cam.plate_strips not in PLATE_STRIPS:
         raise ConfigError(
