@@ -523,3 +523,16 @@ def test_the_plans_find_the_message_cantools_finds_for_every_id(path: Path) -> N
             want = None
         n = plans.number(fid)
         assert (None if n is None else plans.names[n]) == want, hex(fid)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(-(2**40), 2**40), max_size=50)
+    | st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), max_size=50)
+)
+def test_distinct_is_np_unique(values: list) -> None:
+    a = np.array(values, np.float64 if any(isinstance(v, float) for v in values) else np.int64)
+    got = fastdecode._distinct(a)
+    want = np.unique(a)
+    assert got.dtype == want.dtype
+    assert got.tolist() == want.tolist()
