@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import logging
@@ -172,6 +171,28 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return _undelivered(report, s)
 
 
+def _start_parsing(args: argparse.Namespace) -> None:
+    """A fast replay's first log, if it is candump, starts being parsed in a process of its
+    own now (``parseproc.start_early``), while the gateway imports and builds its pipeline
+    (~0.1 s): the replay takes that process over when it reaches the file."""
+    if not args.fast:
+        return
+    from gateway.canbus import parseproc
+    from gateway.canbus.candump import BLOCK_BYTES
+    from gateway.canbus.chunking import FAST
+    from gateway.canbus.replay import LogFormat, detect_format
+
+    path = Path(args.logs[0])
+    try:
+        if detect_format(path) is not LogFormat.CANDUMP:
+            return
+    except GatewayError:
+        return  # said by the replay itself, as for any other log
+    parseproc.start_early(
+        path, chunk_frames=FAST.frames, max_chunk_seconds=FAST.seconds, block_bytes=BLOCK_BYTES
+    )
+
+
 def _undelivered(report: Any, s: Any) -> int:
     """Exit code 3 and one line if summaries are left in the outbox, else 0."""
     if not report.outbox_left:
@@ -198,6 +219,8 @@ def _run_until_signal(gw: Any, drain_timeout: float = 30.0, require_broker: bool
     """``gw.run()`` until it ends or SIGINT/SIGTERM. ``require_broker``: a broker that cannot be
     reached at the start is an error (a replay on the bench); else the gateway collects anyway
     and its summaries wait in the outbox (the vehicle's service, often offline)."""
+    import asyncio
+
     _settle()  # the pipeline is built: what exists now lives until the end
 
     async def main() -> Any:
@@ -335,6 +358,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 # -- owner ----------------------------------------------------------------------------------
 def _cmd_owner(args: argparse.Namespace) -> int:
+    import asyncio
+
     from gateway.egress.schema import Topics
     from gateway.owner import watch
 
@@ -389,6 +414,7 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 # -- consent (the owner's side) -------------------------------------------------------------
 def _cmd_consent(args: argparse.Namespace) -> int:
+    import asyncio
     import hashlib
     import json
 
@@ -619,7 +645,11 @@ def _check_config(s: Any) -> None:
             check_camera(cam, cam.name or f"#{i + 1}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; given the command line ``argv``, one that names a command
+    of this module gets a parser without the sub-commands of the stages (``_EXTRA_COMMANDS``),
+    which it does not need: importing them (numpy, msgpack, ...) would delay a fast replay's
+    early start of parsing (``_start_parsing``)."""
     parser = argparse.ArgumentParser(
         prog="gateway",
         description="In-vehicle data gateway: reads CAN (recorded logs or a live bus) and camera "
@@ -667,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     _add_pipeline(p)
-    p.set_defaults(func=_cmd_replay, settles_itself=True)
+    p.set_defaults(func=_cmd_replay, settles_itself=True, prepare=_start_parsing)
 
     p = sub.add_parser(
         "run",
@@ -814,8 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_pipeline(q)
         q.set_defaults(func=_cmd_data)
 
-    for module in _EXTRA_COMMANDS:
-        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    named = next((a for a in argv or () if not a.startswith("-")), None)
+    if named is None or named not in sub.choices:
+        for module in _EXTRA_COMMANDS:
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 
@@ -855,6 +887,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
+        parseproc = sys.modules.get("gateway.canbus.parseproc")
+        if parseproc is not None:
+            parseproc.drop_early()  # a replay that failed before it read its first log
         enabled, frozen = _GC_STATE.pop()
         if not frozen and not _GC_STATE:
             gc.unfreeze()  # an in-process caller (a test) gets its collector back as it was
@@ -873,7 +908,7 @@ def entry(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     try:
-        parser = build_parser()  # imports numpy and the rest: a Ctrl-C often lands here
+        parser = build_parser(argv if argv is not None else sys.argv[1:])
     except KeyboardInterrupt:
         print("gateway: interrupted", file=sys.stderr)
         return 130
@@ -894,6 +929,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if not getattr(args, "settles_itself", False):
         _settle()
     try:
+        if getattr(args, "prepare", None) is not None:
+            args.prepare(args)
         return int(args.func(args) or 0)
     except GatewayError as exc:
         print(f"gateway: error: {_printable(str(exc))}", file=sys.stderr)

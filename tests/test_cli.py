@@ -12,7 +12,15 @@ import time
 import pytest
 
 from gateway.egress.schema import unpack
-from tests.conftest import KONA_CSV, KONA_PCAN, ROOT, gateway_settings, run_gateway
+from tests.conftest import (
+    KONA_CANDUMP,
+    KONA_CCAN,
+    KONA_CSV,
+    KONA_PCAN,
+    ROOT,
+    gateway_settings,
+    run_gateway,
+)
 
 COMMANDS = ["replay", "run", "owner", "audit", "config", "consent", "data"]
 
@@ -432,3 +440,57 @@ def test_the_report_counts_files_given_and_laps_read(tmp_path, broker, vin):
                         *_kona_replay(tmp_path, broker, vin)[2:])  # fmt: skip
     assert twice.returncode == 0, twice.stderr
     assert "from 2 file(s) in" in twice.stderr  # the same log given twice: no laps
+
+
+@pytest.mark.broker
+def test_a_fast_replay_of_a_candump_log_takes_over_the_parse_started_early(tmp_path, broker, vin):
+    """The log starts being parsed while the gateway starts (parseproc.start_early); the
+    replay takes that process over (said at -vv), and publishes what a paced replay does."""
+    dbcs = ["--dbc", f"can0={KONA_PCAN}", "--dbc", f"can1={KONA_CCAN}"]
+    for _ in range(2):  # a first replay of a DBC compiles it, and ends the early start first
+        fast = run_gateway(
+            "-vv", "replay", str(KONA_CANDUMP), *dbcs, "--fast", "--broker", broker.url,
+            *_vehicle(tmp_path, vin), "-q",
+        )  # fmt: skip
+        assert fast.returncode == 0, fast.stderr
+    assert "parsing started early, in process" in fast.stderr
+    assert "takes over the parse started early" in fast.stderr
+    (tmp_path / "paced").mkdir()
+    paced = run_gateway(
+        "-vv", "replay", str(KONA_CANDUMP), *dbcs, "--speed", "200", "--broker", broker.url,
+        *_vehicle(tmp_path / "paced", vin), "-q",
+    )  # fmt: skip
+    assert paced.returncode == 0, paced.stderr
+    assert "started early" not in paced.stderr
+    # the same frames, decoded the same
+    counts = [
+        [ln for ln in proc.stderr.splitlines() if ln.startswith("decoded ")]
+        for proc in (fast, paced)
+    ]
+    assert counts[0] and counts[0] == counts[1]
+
+
+def test_a_replay_that_fails_after_the_early_start_leaves_no_parse_process(tmp_path, monkeypatch):
+    from gateway import cli
+    from gateway.canbus import parseproc
+    from gateway.localbroker import pid_alive
+
+    started: list[int] = []
+    real = parseproc.start_early
+
+    def spy(*a, **k):
+        ok = real(*a, **k)
+        started.extend(pid for pid, _ in parseproc._early.values())
+        return ok
+
+    monkeypatch.setattr(parseproc, "start_early", spy)
+    missing = tmp_path / "missing.dbc"
+    code = cli.main(
+        ["replay", str(KONA_CANDUMP), "--dbc", str(missing), "--fast", "-q",
+         *_vehicle(tmp_path, "TESTVIN0000000001")]
+    )  # fmt: skip
+    assert code != 0
+    if parseproc.available():
+        assert len(started) == 1
+    assert not parseproc._early
+    assert not any(pid_alive(pid) for pid in started)  # killed and reaped

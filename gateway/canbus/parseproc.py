@@ -17,6 +17,15 @@ process group), and ends with the reading. Only a regular file is parsed so (a c
 reading a pipe would not see the gateway go); where no child can be forked, the parse runs in
 threads here. Linux only (fork is unsafe on macOS with its frameworks loaded; Windows has none).
 
+A fast replay of a candump log starts its child early (``start_early``, from the command line
+before the pipeline is imported and built, ~0.1 s): until the gateway reads the pipe, that
+child parses up to ``HEAD_START_BYTES`` (4 MiB) ahead in its own memory; from the gateway's
+first read on, it parses no further until the pipe has taken what it holds, so that memory
+only drains. The replay takes the child over when it reaches the same file, unchanged, with
+the same chunking; one nobody took is ended when the command ends, or before a DBC is
+compiled in a child (three processes at once took 99 MB on a DBC's first replay). Timed
+against the late start in ``docs/benchmarks.md`` (stop 15).
+
 Memory: after chunks 1, 2, 4, 8, ... and at the end, the child adds its private memory (what
 it does not share with the gateway) to the gateway's resident memory of that moment, and
 reports the highest sum, plus the pipe's buffer (``peak_combined_kb``); the benchmarks take
@@ -27,6 +36,7 @@ between two samples).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import logging
@@ -46,15 +56,22 @@ import numpy as np
 
 from gateway.records import FrameBatch, ReadStats
 
+log = logging.getLogger(__name__)
+
 _HEAD = struct.Struct("<QQ")  # bytes of the pickled message, number of raw buffers
 _PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-root users)
 _F_SETPIPE_SZ = 1031
+# what a child started early (``start_early``) may parse ahead, in its own memory, while the
+# gateway is still starting and does not read the pipe yet
+HEAD_START_BYTES = 4 << 20
 
 # the highest memory (kB) the gateway and a parse child that ended took together: for the
 # benchmarks' memory figures, which must count both processes
 peak_combined_kb = 0
 _live: set[int] = set()  # parse children running now
 _ended_cpu = 0.0  # CPU seconds of the parse children that ended
+# children started early, not yet taken by a replay: (file, chunking) -> (pid, read end)
+_early: dict[tuple[Any, ...], tuple[int, int]] = {}
 
 
 def available() -> bool:
@@ -101,6 +118,86 @@ def private_mb() -> float:
     return sum(_private_kb(pid) for pid in list(_live)) / 1024
 
 
+def _early_key(path: Path, chunk_frames: int, max_chunk_seconds: float, block_bytes: int) -> Any:
+    st = path.stat()  # the same file, unchanged since the child started on it
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) + (
+        chunk_frames,
+        max_chunk_seconds,
+        block_bytes,
+    )
+
+
+def start_early(
+    path: Path, *, chunk_frames: int, max_chunk_seconds: float, block_bytes: int
+) -> bool:
+    """Fork the parse child of ``path`` now, while the gateway is still starting (importing
+    its pipeline, loading DBCs, connecting), instead of when the replay reads the file: the
+    child parses up to ``HEAD_START_BYTES`` ahead in its own memory until the gateway reads.
+    ``iter_candump_forked`` with the same file and chunking takes it over; ``drop_early``
+    ends one no replay took. False where no child can parse it (then nothing was started)."""
+    if os.environ.get("GATEWAY_PARSE_PROCESS", "1") == "0" or not available() or not usable(path):
+        return False
+    try:
+        key = _early_key(path, chunk_frames, max_chunk_seconds, block_bytes)
+    except OSError:
+        return False
+    if key in _early:
+        return True
+    from gateway.canbus import candump  # noqa: F401 - the child's parser, imported once here
+
+    forked = _fork(_PIPE_BYTES)
+    if forked is None:
+        return False
+    pid, r, w = forked
+    if pid == 0:  # the child: never returns
+        _child(
+            w,
+            path,
+            str(path),
+            chunk_frames,
+            max_chunk_seconds,
+            block_bytes,
+            head_start=HEAD_START_BYTES,
+        )
+    _live.add(pid)
+    _early[key] = (pid, r)
+    log.debug("%s: parsing started early, in process %d", path, pid)
+    return True
+
+
+def _take_early(
+    path: Path, name: str, chunk_frames: int, max_chunk_seconds: float, block_bytes: int
+) -> tuple[int, int] | None:
+    if not _early or name != str(path):  # its counts carry the name it was started with
+        return None
+    try:
+        key = _early_key(path, chunk_frames, max_chunk_seconds, block_bytes)
+    except OSError:
+        return None
+    return _early.pop(key, None)
+
+
+def drop_early() -> None:
+    """End the children started early that no replay took (the command failed first)."""
+    while _early:
+        key, (pid, r) = _early.popitem()
+        log.debug("%s: the parse started early (process %d) is ended", key[0], pid)
+        os.close(r)
+        _end(pid, kill=True)
+
+
+def _end(pid: int, *, kill: bool) -> None:
+    """Reap a parse child (killed first if ``kill``), its CPU time counted."""
+    global _ended_cpu
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        _, _, usage = os.wait4(pid, 0)
+        _ended_cpu += usage.ru_utime + usage.ru_stime
+    _live.discard(pid)
+
+
 def iter_candump_forked(
     path: Path,
     stats: ReadStats,
@@ -112,7 +209,10 @@ def iter_candump_forked(
     """``iter_candump(path)``'s chunks, parsed by a forked child. ``stats`` follows the child's
     counts after each chunk. An error the child meets is raised here, as the same exception."""
     global peak_combined_kb, _ended_cpu
-    forked = _fork(_PIPE_BYTES)  # a larger pipe: fewer wake-ups per chunk
+    early = _take_early(path, stats.path, chunk_frames, max_chunk_seconds, block_bytes)
+    if early:
+        log.debug("%s: the replay takes over the parse started early (process %d)", path, early[0])
+    forked = (*early, -1) if early else _fork(_PIPE_BYTES)  # a larger pipe: fewer wake-ups
     if forked is None:  # no memory or processes left for a child: parse here, in threads
         from gateway.canbus.candump import iter_candump, parse_threads
 
@@ -154,12 +254,7 @@ def iter_candump_forked(
                     raise payload
     finally:
         if not reaped:
-            if not done:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                _, _, usage = os.wait4(pid, 0)
-                _ended_cpu += usage.ru_utime + usage.ru_stime
+            _end(pid, kill=not done)
         _live.discard(pid)
 
 
@@ -171,6 +266,9 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
     ``peak_combined_kb`` (one sample, when ``fn`` has returned). A stop signal ends the child
     at once: a killed child only means the caller does the work. Linux only (None elsewhere)."""
     global peak_combined_kb
+    # a parse child started early ends first (its replay forks another when it reaches the
+    # log): three processes at once took 99 MB on a DBC's first replay, 77 MB without it
+    drop_early()
     forked = _fork() if sys.platform == "linux" else None
     if forked is None:
         return None
@@ -244,7 +342,13 @@ def _as_child() -> None:
 
 
 def _child(
-    w: int, path: Path, name: str, chunk_frames: int, max_chunk_seconds: float, block_bytes: int
+    w: int,
+    path: Path,
+    name: str,
+    chunk_frames: int,
+    max_chunk_seconds: float,
+    block_bytes: int,
+    head_start: int = 0,
 ) -> None:
     code = 0
     try:
@@ -254,6 +358,7 @@ def _child(
 
         stats = ReadStats(path=name)
         peak = 0
+        ahead = _HeadStart(w, head_start) if head_start > 0 else None
         with open(w, "wb", buffering=0) as out:
             try:
                 for k, batch in enumerate(
@@ -268,13 +373,25 @@ def _child(
                 ):
                     if k & (k + 1) == 0:  # after chunks 1, 2, 4, 8, ...: reading it costs 1 ms
                         peak = max(peak, _combined_kb())
+                    if ahead is not None:
+                        if ahead.hold(_parts("batch", stats, batch)):
+                            continue
+                        peak = max(peak, _combined_kb())  # the most it held
+                        ahead.flush()
+                        ahead = None
+                        continue
                     _send(out, "batch", stats, batch)
+                if ahead is not None:  # the whole file fitted in the head start
+                    peak = max(peak, _combined_kb())
+                    ahead.flush()
                 peak = max(peak, _combined_kb())
                 _send(out, "end", stats, peak + _PIPE_BYTES // 1024)  # and the pipe's buffer
             except BrokenPipeError:
                 pass  # the gateway stopped reading
             except BaseException as exc:  # noqa: BLE001 - sent to the gateway, raised there
                 with contextlib.suppress(BaseException):
+                    if ahead is not None:  # the chunks before the error go first
+                        ahead.flush()
                     _send(out, "error", stats, _portable(exc))
                 code = 1
     finally:
@@ -328,7 +445,9 @@ def _restore(stats: ReadStats, state: tuple[Any, ...]) -> None:
     stats.first_bad[:] = first_bad
 
 
-def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
+def _parts(kind: str, stats: ReadStats, payload: Any) -> list[memoryview]:
+    """One message for the pipe, as byte views: its head, the pickle (with ``stats`` as they
+    are now) and the payload's arrays, not copied."""
     buffers: list[pickle.PickleBuffer] = []
     meta = pickle.dumps((kind, _state(stats), payload), protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
@@ -338,10 +457,58 @@ def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
         meta,
         *raws,
     ]
-    for part in parts:
-        view = memoryview(part).cast("B")
+    return [memoryview(part).cast("B") for part in parts]
+
+
+def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
+    for view in _parts(kind, stats, payload):
         while view:
             view = view[out.write(view) :]
+
+
+class _HeadStart:
+    """A child started early holds the messages the pipe cannot take while the gateway is
+    still starting, up to ``budget`` bytes. It holds no more once the gateway reads (a write
+    goes through after one found the pipe full) or the budget is used up: then ``hold``
+    returns False, and ``flush`` sends what it holds, waiting for the gateway to read it, so
+    that what the child holds shrinks from then on, as the gateway catches up."""
+
+    def __init__(self, fd: int, budget: int) -> None:
+        self.fd, self.budget = fd, budget
+        self.views: collections.deque[memoryview] = collections.deque()
+        self.held = 0
+        self.was_full = False  # a write found the pipe full
+        self.reading = False  # and a later one went through: the gateway reads
+        os.set_blocking(fd, False)
+
+    def hold(self, parts: list[memoryview]) -> bool:
+        """Queue one message and write what the pipe takes now; False: hold no more."""
+        for view in parts:
+            if view.nbytes:
+                self.views.append(view)
+                self.held += view.nbytes
+        while self.views:
+            view = self.views[0]
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                self.was_full = True
+                break
+            self.reading = self.reading or self.was_full
+            self.held -= n
+            if n == view.nbytes:
+                self.views.popleft()
+            else:
+                self.views[0] = view[n:]
+        return not self.reading and self.held < self.budget
+
+    def flush(self) -> None:
+        os.set_blocking(self.fd, True)
+        while self.views:
+            view = self.views.popleft()
+            while view:
+                view = view[os.write(self.fd, view) :]
+        self.held = 0
 
 
 class _Gone(Exception):

@@ -9,7 +9,6 @@ counted and skipped, and the reading goes on at the next line.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -331,6 +330,8 @@ class ReplaySource:
                         due = wall0 + (float(batch.timestamp[-1]) - log0) / self.speed
                         delay = due - self.clock()
                         if delay > 0:
+                            import asyncio  # not at the top: parsing may start before it
+
                             await asyncio.sleep(delay)
                     last_end = (
                         float(np.max(batch.timestamp))

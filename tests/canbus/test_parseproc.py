@@ -295,3 +295,119 @@ def test_the_health_counts_the_parse_process_cpu_and_memory(
     mon = health.HealthMonitor()
     monkeypatch.setattr(parseproc, "cpu_seconds", lambda: before + 1000.0)
     assert mon.snapshot()["cpu_percent"] > 1000  # 1000 s of a child's CPU since the last one
+
+
+# -- the early start of a fast replay (parseproc.start_early) -------------------------------
+FAST = {"chunk_frames": 32768, "max_chunk_seconds": float("inf"), "block_bytes": 1 << 19}
+
+
+def _kona_times(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / f"kona_x{n}.log"
+    path.write_bytes(KONA_CANDUMP.read_bytes() * n)
+    return path
+
+
+def _position(pid: int, path: Path) -> int | None:
+    """Where the process ``pid`` reads ``path`` (its file offset); None once it closed it."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if Path(os.readlink(fd)) == path:
+                for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+                    if line.startswith("pos:"):
+                        return int(line.split()[1])
+        except OSError:
+            continue
+    return None
+
+
+@pytest.fixture
+def no_early_left() -> Iterator[None]:
+    yield
+    parseproc.drop_early()
+
+
+def test_a_child_started_early_is_taken_over_and_parses_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_early_left: None
+) -> None:
+    path = _kona_times(tmp_path, 4)
+    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
+    ((pid, _),) = parseproc._early.values()
+    forks = _spy_forks(monkeypatch)  # from here on: no other child
+    here, there = ReadStats(path=str(path)), ReadStats(path=str(path))
+    ref = list(iter_candump(path, here, workers=0, **FAST))  # type: ignore[arg-type]
+    got = forked(path, there, **FAST)
+    assert forks == [] and not parseproc._early
+    assert_same(ref, got)
+    assert there == here
+    assert not pid_alive(pid)  # ended with its last chunk, and reaped
+
+
+def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
+    tmp_path: Path, no_early_left: None
+) -> None:
+    path = _kona_times(tmp_path, 12)  # 475k frames: far more than the head start holds
+    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
+    ((pid, _),) = parseproc._early.values()
+    # wait until the child stops reading: it holds what it may, and waits for a reader
+    last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pos = _position(pid, path)
+        if pos is None:  # not opened yet, or closed: read to the end, nothing bounds it
+            assert last < 0, "the child read the whole log"
+            time.sleep(0.01)
+            continue
+        if pos != last:
+            last, still_since = pos, time.monotonic()
+        elif time.monotonic() - still_since > 0.5:
+            break
+        time.sleep(0.02)
+    frames_read = last / (path.stat().st_size / (12 * 39546))
+    one = next(iter_candump(KONA_CANDUMP, ReadStats(), workers=0, **FAST))  # type: ignore[arg-type]
+    per_frame = sum(v.nbytes for v in parseproc._parts("batch", ReadStats(), one)) / len(one)
+    # without a head start it reads what the pipe holds, and a chunk or two (one written, one
+    # parsed, ~65k frames); with it, HEAD_START_BYTES more (155k frames), and not much more
+    pipe = parseproc._PIPE_BYTES / per_frame
+    head = parseproc.HEAD_START_BYTES / per_frame
+    chunk = FAST["chunk_frames"]
+    assert pipe + 0.9 * head < frames_read < pipe + head + 3 * chunk  # type: ignore[operator]
+    parseproc.drop_early()
+    assert not pid_alive(pid) and not parseproc._early
+
+
+def test_a_log_changed_since_the_early_start_is_parsed_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_early_left: None
+) -> None:
+    path = _kona_times(tmp_path, 2)
+    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
+    ((stale, _),) = parseproc._early.values()
+    with path.open("ab") as fh:
+        fh.write(b"(1673000000.000000) can0 123#11\n")
+    forks = _spy_forks(monkeypatch)
+    here, there = ReadStats(path=str(path)), ReadStats(path=str(path))
+    ref = list(iter_candump(path, here, workers=0, **FAST))  # type: ignore[arg-type]
+    assert_same(ref, forked(path, there, **FAST))
+    assert len(forks) == 1 and there == here and there.frames == 2 * 39546 + 1
+    # another chunking, or another name for its counts, is not taken over either
+    assert parseproc._early
+    parseproc.drop_early()
+    assert not pid_alive(stale)
+
+
+def test_a_dbc_compiled_in_a_child_ends_an_early_start_first(
+    tmp_path: Path, no_early_left: None
+) -> None:
+    """Three processes at once (gateway, DBC compile, early parse) took 99 MB on a DBC's first
+    replay: the early one goes, and the replay forks its parse when it reaches the log."""
+    path = _kona_times(tmp_path, 2)
+    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
+    ((pid, _),) = parseproc._early.values()
+    assert parseproc.in_child(int, "7") == 7
+    assert not parseproc._early and not pid_alive(pid)
+
+
+def test_no_early_start_where_the_parse_runs_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_PARSE_PROCESS", "0")
+    assert not parseproc.start_early(_kona_times(tmp_path, 1), **FAST)  # type: ignore[arg-type]
+    assert not parseproc._early
