@@ -141,3 +141,29 @@ def test_sentinel_values_of_a_numeric_signal_are_left_out_not_averaged():
     a = w.signals["S.speed"]
     assert (a.count, a.min, a.max, a.mean, a.last) == (2, 40.0, 50.0, 45.0, 50.0)
     assert agg.invalid_samples == 2
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, 7.0, -0.0]), min_size=1, max_size=150),
+    times=st.lists(st.floats(0, 55, allow_nan=False), min_size=1, max_size=150),
+    cuts=st.lists(st.integers(0, 150), max_size=5),
+)
+def test_state_counts_per_window_are_the_samples_of_each_state(values, times, cuts):
+    """Counted for a whole batch at once (one sort), they equal a count per window and state,
+    however the stream is cut, with times out of order inside a batch and several windows."""
+    from collections import Counter
+
+    n = min(len(values), len(times))
+    ts, vals = np.array(times[:n]), np.array(values[:n])
+    names = {0.0: "Off", 1.0: "Acc", 2.0: "On", 3.0: "Start"}  # 7.0: no name
+    want: dict[float, Counter] = {}
+    for t, v in zip(ts.tolist(), vals.tolist(), strict=True):
+        want.setdefault(np.floor(t / 10.0) * 10.0, Counter())[names.get(v, str(int(v)))] += 1
+    bounds = sorted({0, n, *(c for c in cuts if c <= n)})
+    agg = WindowAggregator(10.0)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if hi > lo:
+            agg.add([_series(ts[lo:hi], vals[lo:hi], names)])
+    got = {w.start: w.signals["M.S"].states for w in agg.flush()}
+    assert got == {k: dict(c) for k, c in want.items()}
