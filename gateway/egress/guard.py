@@ -67,28 +67,56 @@ class Blocked(Exception):
 
 def _plain(value: Any, path: str) -> None:
     """Only msgpack-native plain values; reject bytes, arrays and every other object."""
-    if value is None or isinstance(value, bool | str):
+    try:
+        _check_plain(value)
+    except _NotPlain as exc:
+        raise Blocked(f"{path}{''.join(reversed(exc.where))}: {exc.reason}") from None
+
+
+class _NotPlain(Exception):
+    """Why a value is not plain; ``where`` collects its path on the way out (built only for
+    a value that is refused: a path per value checked was a third of the guard's time)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.where: list[str] = []
+
+
+def _check_plain(value: Any) -> None:
+    t = type(value)
+    if t is float:
+        if not math.isfinite(value):
+            raise _NotPlain("not a finite number")
+        return
+    if t is int or value is None or isinstance(value, bool | str):
         return
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
-            raise Blocked(f"{path}: not a finite number")
-        if type(value) not in (int, float):
-            raise Blocked(f"{path}: {type(value).__name__} is not a plain number")
-        return
-    if isinstance(value, list | tuple) and type(value) in (list, tuple):
-        if len(value) > 64:
-            raise Blocked(f"{path}: list of {len(value)} items (bulk data is not a summary)")
-        for i, v in enumerate(value):
-            _plain(v, f"{path}[{i}]")
-        return
-    if isinstance(value, dict) and type(value) is dict:
+            raise _NotPlain("not a finite number")
+        raise _NotPlain(f"{type(value).__name__} is not a plain number")
+    if t is dict:
         for k, v in value.items():
             if not isinstance(k, str):
-                raise Blocked(f"{path}: non-string key {k!r}")
-            _plain(v, f"{path}.{k}")
+                raise _NotPlain(f"non-string key {k!r}")
+            try:
+                _check_plain(v)
+            except _NotPlain as exc:
+                exc.where.append(f".{k}")
+                raise
         return
-    raise Blocked(
-        f"{path}: {type(value).__module__}.{type(value).__name__} may not leave "
+    if t is list or t is tuple:
+        if len(value) > 64:
+            raise _NotPlain(f"list of {len(value)} items (bulk data is not a summary)")
+        for i, v in enumerate(value):
+            try:
+                _check_plain(v)
+            except _NotPlain as exc:
+                exc.where.append(f"[{i}]")
+                raise
+        return
+    raise _NotPlain(
+        f"{type(value).__module__}.{type(value).__name__} may not leave "
         "(binary, array or object data)"
     )
 
@@ -198,9 +226,8 @@ class EgressGuard:
                 raise Blocked(f"signal {name!r} is not covered by the rules the sender named")
             if not isinstance(values, dict):
                 raise Blocked(f"signal {name!r}: values must be a map")
-            allowed = {a.value for a in rule.aggregates} | {"unit"}
             for agg, v in values.items():
-                if agg not in allowed:
+                if agg not in rule.allowed:
                     raise Blocked(f"signal {name!r}: aggregate {agg!r} is not permitted")
                 if agg in ("count", "unit", "states") or isinstance(v, str):
                     if agg == "states" and Aggregate.STATES not in rule.aggregates:

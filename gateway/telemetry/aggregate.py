@@ -51,8 +51,8 @@ class _Partial:
                 states,
             )
         # exactly rounded, so the mean does not depend on how the stream was batched; fsum
-        # reads the values through a memoryview (a third faster than building a list first)
-        total = math.fsum(memoryview(np.concatenate(self.parts))) if self.parts else 0.0
+        # reads the values through the array's memoryview (a third faster than from a list)
+        total = math.fsum(np.concatenate(self.parts).data) if self.parts else 0.0
         return SignalAggregate(
             self.count, self.min, self.max, total / self.count, self.last, self.unit
         )

@@ -7,8 +7,10 @@ a sensitive category, only while the owner's consent for that category is valid.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -68,9 +70,14 @@ class SignalRule:
     quantum: float | None = None
     location: LocationAxis | None = None
 
-    @property
+    @functools.cached_property
     def rule_id(self) -> str:
         return f"signal:{self.signal}"
+
+    @functools.cached_property
+    def allowed(self) -> frozenset[str]:
+        """The keys its published values may have: its aggregates and the unit."""
+        return frozenset(a.value for a in self.aggregates) | {"unit"}
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,12 @@ class Policy:
     def location_rules(self) -> dict[LocationAxis, SignalRule]:
         return {r.location: r for r in self.rules.values() if r.location is not None}
 
-    def by_publish_name(self) -> dict[str, SignalRule]:
-        return {r.publish_as: r for r in self.rules.values()}
+    def by_publish_name(self) -> Mapping[str, SignalRule]:
+        return self._by_publish_name
+
+    @functools.cached_property
+    def _by_publish_name(self) -> Mapping[str, SignalRule]:
+        return types.MappingProxyType({r.publish_as: r for r in self.rules.values()})
 
 
 def quantize(value: float, quantum: float | None) -> float:
@@ -112,8 +123,14 @@ def quantize(value: float, quantum: float | None) -> float:
     0.5-steps come out as 36.5 and never as 36.50000000000001."""
     if quantum is None or not math.isfinite(value):
         return value
-    decimals = max(0, -Decimal(repr(quantum)).normalize().as_tuple().exponent)  # type: ignore[operator]
-    return round(round(value / quantum) * quantum, int(decimals))
+    return round(round(value / quantum) * quantum, _decimals(quantum))
+
+
+@functools.lru_cache(maxsize=256)
+def _decimals(quantum: float) -> int:
+    """The decimals of ``quantum`` as written (0.5 -> 1, 0.01 -> 2, 60 -> 0); a policy has a
+    handful of quanta, and every published number is rounded to one (cached: 2 us a call)."""
+    return int(max(0, -Decimal(repr(quantum)).normalize().as_tuple().exponent))  # type: ignore[operator]
 
 
 def on_grid(value: float, quantum: float | None) -> bool:

@@ -112,3 +112,29 @@ def test_released_messages_cannot_be_made_outside_the_guard():
 def test_category_sensitivity_follows_gb_t_41871():
     assert Category.LOCATION.sensitive and Category.CABIN.sensitive
     assert not Category.VEHICLE_STATUS.sensitive
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ({"a": {"b": [1, 2.5, float("nan")]}}, "body.a.b[2]: not a finite number"),
+        ({"a": [{"x": 1}, {"y": np.float64(1)}]}, "body.a[1].y: float64 is not a plain number"),
+        ({"a": {"b": np.float64("inf")}}, "body.a.b: not a finite number"),
+        ({"a": {3: 1}}, "body.a: non-string key 3"),
+        ({"a": list(range(65))}, "body.a: list of 65 items (bulk data is not a summary)"),
+        ({"a": {"b": bytearray(b"x")}}, "body.a.b: builtins.bytearray may not leave"),
+        ({"a": (1, ["s", None, True, {"z": set()}])}, "body.a[1][3].z: builtins.set may not"),
+    ],
+)
+def test_a_value_that_is_not_plain_is_named_by_its_path(value, said) -> None:
+    from gateway.egress.guard import Blocked, _plain
+
+    with pytest.raises(Blocked) as exc:
+        _plain(value, "body")
+    assert exc.value.reason.startswith(said), exc.value.reason
+
+
+def test_plain_values_pass() -> None:
+    from gateway.egress.guard import _plain
+
+    _plain({"a": [1, 2.5, -0.0, "s", None, True, {"b": (1, 2)}], "c": {}}, "body")
