@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +20,17 @@ F64 = npt.NDArray[np.float64]
 U8 = npt.NDArray[np.uint8]
 U32 = npt.NDArray[np.uint32]
 BOOL = npt.NDArray[np.bool_]
+
+
+def distinct(a: Any) -> Any:
+    """``np.unique(a)`` of a 1-D array of finite numbers, sorted. Not ``np.unique`` itself:
+    numpy 2.x's first plain call imports ``numpy.ma`` to rule out a masked array (10 ms of a
+    replay's start-up), and with ``return_inverse`` it sorts twice (``searchsorted`` of the
+    values in this is the inverse)."""
+    s = np.sort(a)
+    keep = np.ones(len(s), np.bool_)
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
 
 
 @dataclass(frozen=True, slots=True)

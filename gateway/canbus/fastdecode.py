@@ -42,7 +42,14 @@ from gateway.canbus.signalplan import (
     _values,
     _words,
 )
-from gateway.records import DecodedBatch, DecodeStats, FrameBatch, SignalSeries, make_series
+from gateway.records import (
+    DecodedBatch,
+    DecodeStats,
+    FrameBatch,
+    SignalSeries,
+    distinct,
+    make_series,
+)
 
 if TYPE_CHECKING:
     from cantools.database.can import Message
@@ -50,16 +57,6 @@ if TYPE_CHECKING:
 _FIRST_RANK = operator.itemgetter(1, 2)  # of a _Piece
 _FIRST_RANK_OF_ENTRY = operator.itemgetter(0, 1)
 _UNKNOWN, _IDLE, _WORK = 1, 2, 3  # a code's id is in no DBC / needs no decoding / needs it
-
-
-def _distinct(a: Any) -> Any:
-    """``np.unique(a)`` of a 1-D array of finite numbers (a multiplexer's), sorted. Not
-    ``np.unique`` itself: numpy 2.x's first plain call imports ``numpy.ma`` to rule out a
-    masked array, 10 ms of every replay's start-up."""
-    s = np.sort(a)
-    keep = np.ones(len(s), np.bool_)
-    np.not_equal(s[1:], s[:-1], out=keep[1:])
-    return s[keep]
 
 
 class _Piece(NamedTuple):
@@ -501,7 +498,7 @@ class VectorDecoder:
                 present = _and(mask, fits(mux_row))
                 num = _mux_numbers(plan.rows[mux_row], raws[mux_row])
                 sel = num if present is None else num[present]
-                for value in _distinct(sel).tolist():
+                for value in distinct(sel).tolist():
                     child = branches.get(int(value))
                     hit = num == value
                     hit = hit if present is None else hit & present

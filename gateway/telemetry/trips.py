@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import ConfigError
-from gateway.records import Sentinels, SignalSeries
+from gateway.records import Sentinels, SignalSeries, distinct
 
 _KEYS = {
     "gear",
@@ -149,13 +149,13 @@ class TripDetector:
                 keep = s.choices.valid(values)
                 ts, values = ts[keep], values[keep]
             if role == _GEAR:
-                uniq, inv = np.unique(values, return_inverse=True)
+                uniq = distinct(values)
                 labels = [
                     s.choices.get(v, str(int(v))) if s.choices else str(int(v))
                     for v in uniq.tolist()
                 ]
                 table = np.array([lab in cfg.drive_states for lab in labels], np.int8)
-                moving = table[inv.ravel()] if len(labels) else np.zeros(0, np.int8)
+                moving = table[np.searchsorted(uniq, values)]
             elif role == _SPEED and not cfg.gear:
                 moving = (values > cfg.moving_kph).astype(np.int8)
             else:
@@ -177,8 +177,9 @@ class TripDetector:
         v = np.concatenate([c[2] for c in cols]).astype(np.float64)
         m = np.concatenate([c[3] for c in cols])
         r = np.concatenate([np.full(len(c[1]), c[0], np.int8) for c in cols])
-        i = np.concatenate([np.arange(len(c[1])) for c in cols])
-        order = np.lexsort((r, i, t))
+        # by time; equal times by the index in their own series, then by role (i * 8 + r)
+        i = np.concatenate([np.arange(0, 8 * len(c[1]), 8) + c[0] for c in cols])
+        order = np.lexsort((i, t))
         t, v, m, r = t[order], v[order], m[order], r[order]
         n = len(t)
         at = {role: np.flatnonzero(r == role) for role in range(6)}

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import records
 from gateway.canbus import fastdecode, signalplan
 from gateway.canbus.candump import iter_candump
 from gateway.canbus.dbc import ChannelDbcs, load_dbc
@@ -532,7 +533,7 @@ def test_the_plans_find_the_message_cantools_finds_for_every_id(path: Path) -> N
 )
 def test_distinct_is_np_unique(values: list) -> None:
     a = np.array(values, np.float64 if any(isinstance(v, float) for v in values) else np.int64)
-    got = fastdecode._distinct(a)
+    got = records.distinct(a)
     want = np.unique(a)
     assert got.dtype == want.dtype
     assert got.tolist() == want.tolist()
