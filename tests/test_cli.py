@@ -494,3 +494,21 @@ def test_a_replay_that_fails_after_the_early_start_leaves_no_parse_process(tmp_p
         assert len(started) == 1
     assert not parseproc._early
     assert not any(pid_alive(pid) for pid in started)  # killed and reaped
+
+
+def test_a_core_command_is_parsed_before_numpy_or_asyncio_is_imported():
+    """So that a fast replay starts parsing its log ~0.1 s into the process (start_early),
+    parsing the command line imports neither numpy, asyncio nor the stages' sub-commands;
+    the full parser (``gateway --help``) still lists them."""
+    code = (
+        "import sys\n"
+        "from gateway.cli import build_parser\n"
+        "build_parser(['-v', 'replay', 'x.log', '--fast']).parse_args(['replay', 'x.log'])\n"
+        "print(sorted(m for m in ('numpy', 'asyncio', 'gateway.synth', 'gateway.brokerconf',\n"
+        "      'gateway.camera.cli', 'aiomqtt') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    full = run_gateway("--help")
+    assert all(c in full.stdout for c in ("synth", "broker-config", "anonymize"))

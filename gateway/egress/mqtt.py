@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,27 @@ def make_client(
         keepalive=broker.keepalive,
         timeout=timeout,
         clean_session=clean_session,
+        # each PUBLISH goes out when it is made, not held for the ACK of the one before
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
+
+
+def _ack_at_once(client: aiomqtt.Client) -> None:
+    """While PUBACKs are awaited, ACK the broker's TCP segments at once (Linux TCP_QUICKACK,
+    which the kernel clears again by itself, so it is set before each wait). Mosquitto holds
+    a small segment (a PUBACK) until the one before it is ACKed (Nagle: its set_tcp_nodelay is
+    off by default), and an ACK with no data of ours to ride on is delayed by up to 40 ms: with
+    several publishes in flight, the last PUBACKs of every burst waited those 40 ms. aiomqtt
+    gives no handle on the socket but paho's (``Client._client``): without one, or elsewhere
+    than Linux, nothing is set."""
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    paho = getattr(client, "_client", None)
+    if quickack is None or paho is None:
+        return
+    sock = paho.socket()
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
 
 class MessageQueue:
@@ -96,6 +117,10 @@ async def message_queue(client: aiomqtt.Client) -> AsyncIterator[MessageQueue]:
 def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"broker {broker.url}: {text}"
+
+
+# publishes awaiting their PUBACK at once (aiomqtt warns of more than 10 pending calls)
+IN_FLIGHT = 8
 
 
 @dataclass
@@ -203,14 +228,27 @@ class MqttPublisher:
                 self.on_withheld(withheld)
                 self.outbox.ack_many(withheld)
                 batch = [item for item in batch if item not in withheld]
+            # pipelined: up to IN_FLIGHT publishes are handed to the client ahead of the one
+            # whose PUBACK is awaited next, in order (tasks start in the order they are made).
+            # One at a time, each waited a round trip: ~200 us here, a mobile uplink's RTT in
+            # a car; the 395 summaries of a 1M-frame Model 3 replay, 80 -> 40 ms
+            sends: list[asyncio.Future[None]] = []
             try:
-                for item in batch:
-                    await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
-                    self.outbox.note_acked(item)
+                for i, item in enumerate(batch):
+                    while len(sends) < min(len(batch), i + IN_FLIGHT):
+                        nxt = batch[len(sends)]
+                        sends.append(asyncio.ensure_future(self._send(client, nxt)))
+                    _ack_at_once(client)
+                    await sends[i]
                     done.append(item)
                     self.sent += 1
                     self.on_sent(1)
             finally:
+                for send in sends[len(done) :]:  # after a failure: the rest stay in the outbox
+                    send.cancel()
+                for send in sends:  # nothing left unretrieved ("exception never retrieved")
+                    if send.done() and not send.cancelled():
+                        send.exception()
                 self.outbox.ack_many(done)  # one commit for the PUBACKs of the batch
                 self.acked.set()
             if batch or withheld:
@@ -224,6 +262,12 @@ class MqttPublisher:
             finally:
                 waiter.cancel()
                 stopper.cancel()
+
+    async def _send(self, client: aiomqtt.Client, item: Pending) -> None:
+        await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
+        # acknowledged: noted at once (a disk failure meanwhile must not send it again), even
+        # while the PUBACK of one before it is still awaited
+        self.outbox.note_acked(item)
 
     async def _read_inbound(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
