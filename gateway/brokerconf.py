@@ -199,6 +199,9 @@ def mosquitto_conf_text(plan: BrokerPlan) -> str:
         "log_type notice",
         "log_type information",
         "connection_messages true",
+        "# PUBACKs leave at once, not held for the ACK of the one before (Nagle): the gateway",
+        "# keeps several QoS 1 publishes in flight",
+        "set_tcp_nodelay true",
         "",
     ]
     if not plan.tls_only:
