@@ -844,8 +844,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         _add_pipeline(q)
         q.set_defaults(func=_cmd_data)
 
-    named = next((a for a in argv or () if not a.startswith("-")), None)
-    if named is None or named not in sub.choices:
+    words = list(argv or ())
+    named = next((i for i, a in enumerate(words) if not a.startswith("-")), None)
+    if (
+        named is None
+        or words[named] not in sub.choices
+        or any(a in ("-h", "--help") for a in words[:named])  # the help of every command
+    ):
         for module in _EXTRA_COMMANDS:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
     return parser

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from gateway.canbus import parseproc
 from gateway.egress.schema import unpack
 from tests.conftest import (
     KONA_CANDUMP,
@@ -443,6 +444,9 @@ def test_the_report_counts_files_given_and_laps_read(tmp_path, broker, vin):
 
 
 @pytest.mark.broker
+@pytest.mark.skipif(
+    not parseproc.available(), reason="no fork or one core: parsed in threads, not started early"
+)
 def test_a_fast_replay_of_a_candump_log_takes_over_the_parse_started_early(tmp_path, broker, vin):
     """The log starts being parsed while the gateway starts (parseproc.start_early); the
     replay takes that process over (said at -vv), and publishes what a paced replay does."""
@@ -450,7 +454,7 @@ def test_a_fast_replay_of_a_candump_log_takes_over_the_parse_started_early(tmp_p
     for _ in range(2):  # a first replay of a DBC compiles it, and ends the early start first
         fast = run_gateway(
             "-vv", "replay", str(KONA_CANDUMP), *dbcs, "--fast", "--broker", broker.url,
-            *_vehicle(tmp_path, vin), "-q",
+            *_vehicle(tmp_path, vin), "-q", env={"GATEWAY_PARSE_PROCESS": "1"},
         )  # fmt: skip
         assert fast.returncode == 0, fast.stderr
     assert "parsing started early, in process" in fast.stderr
@@ -472,9 +476,9 @@ def test_a_fast_replay_of_a_candump_log_takes_over_the_parse_started_early(tmp_p
 
 def test_a_replay_that_fails_after_the_early_start_leaves_no_parse_process(tmp_path, monkeypatch):
     from gateway import cli
-    from gateway.canbus import parseproc
     from gateway.localbroker import pid_alive
 
+    monkeypatch.delenv("GATEWAY_PARSE_PROCESS", raising=False)
     started: list[int] = []
     real = parseproc.start_early
 
@@ -510,5 +514,6 @@ def test_a_core_command_is_parsed_before_numpy_or_asyncio_is_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-    full = run_gateway("--help")
-    assert all(c in full.stdout for c in ("synth", "broker-config", "anonymize"))
+    for asked in (["--help"], ["-h", "replay"]):  # the top-level help, before a command too
+        full = run_gateway(*asked)
+        assert all(c in full.stdout for c in ("synth", "broker-config", "anonymize")), asked

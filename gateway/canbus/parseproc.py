@@ -120,7 +120,7 @@ def private_mb() -> float:
 
 def _early_key(path: Path, chunk_frames: int, max_chunk_seconds: float, block_bytes: int) -> Any:
     st = path.stat()  # the same file, unchanged since the child started on it
-    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) + (
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) + (
         chunk_frames,
         max_chunk_seconds,
         block_bytes,
@@ -182,7 +182,8 @@ def drop_early() -> None:
     while _early:
         key, (pid, r) = _early.popitem()
         log.debug("%s: the parse started early (process %d) is ended", key[0], pid)
-        os.close(r)
+        with contextlib.suppress(OSError):
+            os.close(r)
         _end(pid, kill=True)
 
 
@@ -212,6 +213,7 @@ def iter_candump_forked(
     early = _take_early(path, stats.path, chunk_frames, max_chunk_seconds, block_bytes)
     if early:
         log.debug("%s: the replay takes over the parse started early (process %d)", path, early[0])
+    drop_early()  # one started on a file that changed since: of no use, holding memory
     forked = (*early, -1) if early else _fork(_PIPE_BYTES)  # a larger pipe: fewer wake-ups
     if forked is None:  # no memory or processes left for a child: parse here, in threads
         from gateway.canbus.candump import iter_candump, parse_threads

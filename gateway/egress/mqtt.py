@@ -244,11 +244,15 @@ class MqttPublisher:
                     self.sent += 1
                     self.on_sent(1)
             finally:
-                for send in sends[len(done) :]:  # after a failure: the rest stay in the outbox
-                    send.cancel()
-                for send in sends:  # nothing left unretrieved ("exception never retrieved")
-                    if send.done() and not send.cancelled():
-                        send.exception()
+                # after a failure: what was acknowledged meanwhile leaves the outbox too (its
+                # PUBACK came), the rest stays; nothing is left unretrieved
+                for item, send in zip(batch[len(done) :], sends[len(done) :], strict=False):
+                    if not send.done():
+                        send.cancel()
+                    elif not send.cancelled() and send.exception() is None:
+                        done.append(item)
+                        self.sent += 1
+                        self.on_sent(1)
                 self.outbox.ack_many(done)  # one commit for the PUBACKs of the batch
                 self.acked.set()
             if batch or withheld:

@@ -124,6 +124,7 @@ class WindowAggregator:
                 order = np.argsort(ts, kind="stable")  # equal times keep file order
                 ts, vals, idx = ts[order], vals[order], idx[order]
             starts, ends, counts, mins, maxs = _runs(idx, vals)
+            stated = False  # a window of this signal counts states (it was opened with names)
             for j, k in enumerate(idx[starts].tolist()):
                 bucket = self._open.setdefault(k, {})
                 p = bucket.get(s.name)
@@ -138,7 +139,8 @@ class WindowAggregator:
                 last_i = int(ends[j]) - 1
                 if ts[last_i] >= p.last_ts:
                     p.last_ts, p.last = float(ts[last_i]), float(vals[last_i])
-            if choices is not None:  # samples per state and window: one sort for the series
+                stated = stated or p.states is not None
+            if stated:  # samples per state and window: one sort for the series
                 self._count_states(s.name, idx, vals)
 
     def _count_states(self, name: str, idx: npt.NDArray[np.int64], vals: Any) -> None:
@@ -148,8 +150,8 @@ class WindowAggregator:
         counts = np.diff(np.append(first, si.size))
         for k, v, n in zip(si[first].tolist(), sv[first].tolist(), counts.tolist(), strict=True):
             states = self._open[k][name].states
-            assert states is not None
-            states[v] = states.get(v, 0) + n
+            if states is not None:  # a window opened by a series without names counts none
+                states[v] = states.get(v, 0) + n
 
     def advance(self, watermark: float) -> list[WindowSummary]:
         """Emit every window that ends at or before ``watermark``, oldest first."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -114,8 +113,9 @@ class Policy:
         return self._by_publish_name
 
     @functools.cached_property
-    def _by_publish_name(self) -> Mapping[str, SignalRule]:
-        return types.MappingProxyType({r.publish_as: r for r in self.rules.values()})
+    def _by_publish_name(self) -> dict[str, SignalRule]:
+        # once per policy (the guard asks for every message); a policy's rules do not change
+        return {r.publish_as: r for r in self.rules.values()}
 
 
 def quantize(value: float, quantum: float | None) -> float:

@@ -348,25 +348,32 @@ def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
     path = _kona_times(tmp_path, 12)  # 475k frames: far more than the head start holds
     assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
     ((pid, _),) = parseproc._early.values()
-    # wait until the child stops reading: it holds what it may, and waits for a reader
-    last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 20
+    # wait until the child stops reading: it holds what it may, and sleeps in a write to the
+    # pipe (state S, its read position still); one merely not scheduled would be R
+    last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 60
     while time.monotonic() < deadline:
         pos = _position(pid, path)
         if pos is None:  # not opened yet, or closed: read to the end, nothing bounds it
             assert last < 0, "the child read the whole log"
             time.sleep(0.01)
             continue
-        if pos != last:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if pos != last or state != "S":
             last, still_since = pos, time.monotonic()
-        elif time.monotonic() - still_since > 0.5:
+        elif time.monotonic() - still_since > 1.0:
             break
         time.sleep(0.02)
+    else:
+        pytest.fail("the child never stopped reading")
     frames_read = last / (path.stat().st_size / (12 * 39546))
     one = next(iter_candump(KONA_CANDUMP, ReadStats(), workers=0, **FAST))  # type: ignore[arg-type]
     per_frame = sum(v.nbytes for v in parseproc._parts("batch", ReadStats(), one)) / len(one)
     # without a head start it reads what the pipe holds, and a chunk or two (one written, one
     # parsed, ~65k frames); with it, HEAD_START_BYTES more (155k frames), and not much more
-    pipe = parseproc._PIPE_BYTES / per_frame
+    import fcntl
+
+    ((_, r),) = parseproc._early.values()
+    pipe = fcntl.fcntl(r, 1032) / per_frame  # F_GETPIPE_SZ: what the kernel granted
     head = parseproc.HEAD_START_BYTES / per_frame
     chunk = FAST["chunk_frames"]
     assert pipe + 0.9 * head < frames_read < pipe + head + 3 * chunk  # type: ignore[operator]
@@ -387,10 +394,8 @@ def test_a_log_changed_since_the_early_start_is_parsed_anew(
     ref = list(iter_candump(path, here, workers=0, **FAST))  # type: ignore[arg-type]
     assert_same(ref, forked(path, there, **FAST))
     assert len(forks) == 1 and there == here and there.frames == 2 * 39546 + 1
-    # another chunking, or another name for its counts, is not taken over either
-    assert parseproc._early
-    parseproc.drop_early()
-    assert not pid_alive(stale)
+    # and the stale one was ended when the replay reached the log, not left holding memory
+    assert not parseproc._early and not pid_alive(stale)
 
 
 def test_a_dbc_compiled_in_a_child_ends_an_early_start_first(

@@ -167,3 +167,16 @@ def test_state_counts_per_window_are_the_samples_of_each_state(values, times, cu
             agg.add([_series(ts[lo:hi], vals[lo:hi], names)])
     got = {w.start: w.signals["M.S"].states for w in agg.flush()}
     assert got == {k: dict(c) for k, c in want.items()}
+
+
+def test_a_name_seen_with_and_without_state_names_counts_as_its_window_began():
+    """Two DBCs can give one ``Msg.Sig`` name with a value table on one channel and without
+    it on another: a window counts states if it was opened by the series with names."""
+    names = {0.0: "Off", 1.0: "On"}
+    agg = WindowAggregator(10.0)
+    agg.add([_series([1, 2], [1, 1], names)])  # window 0 opened with names
+    agg.add([_series([3, 11], [0, 1])])  # no names: still counted in window 0; window 1 not
+    agg.add([_series([12], [1], names)])
+    w0, w1 = agg.flush()
+    assert w0.signals["M.S"].states == {"On": 2, "Off": 1} and w0.signals["M.S"].count == 3
+    assert w1.signals["M.S"].states is None and w1.signals["M.S"].count == 2

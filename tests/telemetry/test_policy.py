@@ -88,3 +88,15 @@ def test_policy_mistakes_are_named(raw, needle):
     with pytest.raises(ConfigError) as exc:
         parse_policy(raw, "p.toml")
     assert needle in str(exc.value) and "p.toml" in str(exc.value)
+
+
+def test_a_policy_is_the_same_after_its_lookups_are_cached_and_it_is_pickled():
+    import copy
+    import pickle
+
+    policy = load_policy(None)
+    by_name = policy.by_publish_name()
+    assert by_name == {r.publish_as: r for r in policy.rules.values()}
+    assert all(r.allowed == {a.value for a in r.aggregates} | {"unit"} for r in by_name.values())
+    for again in (pickle.loads(pickle.dumps(policy)), copy.deepcopy(policy)):
+        assert again == policy and again.by_publish_name() == by_name
