@@ -307,6 +307,14 @@ def _kona_times(tmp_path: Path, n: int) -> Path:
     return path
 
 
+def _started_early(tmp_path: Path, n: int) -> tuple[Path, int]:
+    """The Kona log ``n`` times, its parse started early: (the log, the child's pid)."""
+    path = _kona_times(tmp_path, n)
+    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
+    ((pid, _),) = parseproc._early.values()
+    return path, pid
+
+
 def _position(pid: int, path: Path) -> int | None:
     """Where the process ``pid`` reads ``path`` (its file offset); None once it closed it."""
     for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -329,9 +337,7 @@ def no_early_left() -> Iterator[None]:
 def test_a_child_started_early_is_taken_over_and_parses_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_early_left: None
 ) -> None:
-    path = _kona_times(tmp_path, 4)
-    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
-    ((pid, _),) = parseproc._early.values()
+    path, pid = _started_early(tmp_path, 4)
     forks = _spy_forks(monkeypatch)  # from here on: no other child
     here, there = ReadStats(path=str(path)), ReadStats(path=str(path))
     ref = list(iter_candump(path, here, workers=0, **FAST))  # type: ignore[arg-type]
@@ -345,9 +351,7 @@ def test_a_child_started_early_is_taken_over_and_parses_the_same(
 def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
     tmp_path: Path, no_early_left: None
 ) -> None:
-    path = _kona_times(tmp_path, 12)  # 475k frames: far more than the head start holds
-    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
-    ((pid, _),) = parseproc._early.values()
+    path, pid = _started_early(tmp_path, 12)  # 475k frames: far more than the head start holds
     # wait until the child stops reading: it holds what it may, and sleeps in a write to the
     # pipe (state S, its read position still); one merely not scheduled would be R
     last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 60
@@ -384,9 +388,7 @@ def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
 def test_a_log_changed_since_the_early_start_is_parsed_anew(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_early_left: None
 ) -> None:
-    path = _kona_times(tmp_path, 2)
-    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
-    ((stale, _),) = parseproc._early.values()
+    path, stale = _started_early(tmp_path, 2)
     with path.open("ab") as fh:
         fh.write(b"(1673000000.000000) can0 123#11\n")
     forks = _spy_forks(monkeypatch)
@@ -403,9 +405,7 @@ def test_a_dbc_compiled_in_a_child_ends_an_early_start_first(
 ) -> None:
     """Three processes at once (gateway, DBC compile, early parse) took 99 MB on a DBC's first
     replay: the early one goes, and the replay forks its parse when it reaches the log."""
-    path = _kona_times(tmp_path, 2)
-    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
-    ((pid, _),) = parseproc._early.values()
+    path, pid = _started_early(tmp_path, 2)
     assert parseproc.in_child(int, "7") == 7
     assert not parseproc._early and not pid_alive(pid)
 
