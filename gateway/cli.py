@@ -174,9 +174,16 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _start_parsing(args: argparse.Namespace) -> None:
     """A fast replay's first log, if it is candump, starts being parsed in a process of its
     own now (``parseproc.start_early``), while the gateway imports and builds its pipeline
-    (~0.1 s): the replay takes that process over when it reaches the file."""
+    (~0.1 s): the replay takes that process over when it reaches the file. Fast as
+    ``_cmd_replay`` decides it: ``--fast``, or ``fast`` in the settings without ``--speed``."""
     if not args.fast:
-        return
+        if args.speed is not None:
+            return
+        try:
+            if not _settings(args).replay.fast:
+                return
+        except GatewayError:
+            return  # said by the replay itself
     from gateway.canbus import parseproc
     from gateway.canbus.candump import BLOCK_BYTES
     from gateway.canbus.chunking import FAST

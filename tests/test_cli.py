@@ -466,6 +466,16 @@ def test_a_fast_replay_of_a_candump_log_takes_over_the_parse_started_early(tmp_p
     )  # fmt: skip
     assert paced.returncode == 0, paced.stderr
     assert "started early" not in paced.stderr
+    # fast from the config file, not the command line: started early too
+    (tmp_path / "cfg").mkdir()
+    cfg = tmp_path / "cfg" / "gateway.toml"
+    cfg.write_text("[replay]\nfast = true\n")
+    from_config = run_gateway(
+        "-vv", "replay", str(KONA_CANDUMP), *dbcs, "--config", str(cfg), "--broker", broker.url,
+        *_vehicle(tmp_path / "cfg", vin), "-q", env={"GATEWAY_PARSE_PROCESS": "1"},
+    )  # fmt: skip
+    assert from_config.returncode == 0, from_config.stderr
+    assert "takes over the parse started early" in from_config.stderr
     # the same frames, decoded the same
     counts = [
         [ln for ln in proc.stderr.splitlines() if ln.startswith("decoded ")]
