@@ -176,11 +176,11 @@ class TripDetector:
         t = np.concatenate([c[1] for c in cols]).astype(np.float64)
         v = np.concatenate([c[2] for c in cols]).astype(np.float64)
         m = np.concatenate([c[3] for c in cols])
-        r = np.concatenate([np.full(len(c[1]), c[0], np.int8) for c in cols])
-        # by time; equal times by the index in their own series, then by role (i * 8 + r)
+        # by time; equal times by the index in their own series, then by role (i * 8 + role)
         i = np.concatenate([np.arange(0, 8 * len(c[1]), 8) + c[0] for c in cols])
         order = np.lexsort((i, t))
-        t, v, m, r = t[order], v[order], m[order], r[order]
+        t, v, m = t[order], v[order], m[order]
+        r = i[order] & 7  # the role of each sample, in time order
         n = len(t)
         at = {role: np.flatnonzero(r == role) for role in range(6)}
 
