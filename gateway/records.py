@@ -167,8 +167,12 @@ class Sentinels(dict[float, str]):
     than averaging 511.5 km/h into a window, and the window's figures stay numbers."""
 
     def valid(self, values: F64) -> npt.NDArray[np.bool_]:
-        """True where a sample is a reading, False where it is one of the special values."""
-        return ~np.isin(values, np.fromiter(self, np.float64, len(self)))
+        """True where a sample is a reading, False where it is one of the special values (one
+        comparison per value: ``np.isin`` costs ~10x more on the few values a signal names)."""
+        keep = np.ones(len(values), np.bool_)
+        for special in self:
+            keep &= values != special
+        return keep
 
 
 def choices_for(length: int, choices: dict[float, str]) -> dict[float, str]:

@@ -78,9 +78,16 @@ def _timeline(rng: np.random.Generator, seconds: float) -> dict[str, tuple[np.nd
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), with_gear=st.booleans(), extras=st.integers(0, 15))
-def test_vectorised_trips_equal_the_per_sample_machine(seed, with_gear, extras):
-    """Trips, bit for bit, whatever the cut into batches, the ties in time, the signals present."""
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    with_gear=st.booleans(),
+    extras=st.integers(0, 15),
+    scrambled=st.booleans(),
+)
+def test_vectorised_trips_equal_the_per_sample_machine(seed, with_gear, extras, scrambled):
+    """Trips, bit for bit, whatever the cut into batches, the ties in time, the signals present,
+    and with ``scrambled`` samples out of time order within their series (a log whose time
+    runs back)."""
     rng = np.random.default_rng(seed)
     cfg = TripConfig(
         gear="D.gear" if with_gear else "",
@@ -106,7 +113,11 @@ def test_vectorised_trips_equal_the_per_sample_machine(seed, with_gear, extras):
             keep = (t >= lo) & (t < hi)
             if keep.any() or rng.random() < 0.5:
                 unit, choices = meta.get(role, ("", None))
-                batch.append(SignalSeries(f"D.{role}", t[keep], v[keep], unit, choices))
+                bt, bv = t[keep], v[keep]
+                if scrambled and rng.random() < 0.7:
+                    order = rng.permutation(len(bt))
+                    bt, bv = bt[order], bv[order]
+                batch.append(SignalSeries(f"D.{role}", bt, bv, unit, choices))
         rng.shuffle(batch)
         got += fast.feed(batch)
         want += slow.feed(batch)
