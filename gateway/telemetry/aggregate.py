@@ -62,20 +62,40 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(v)
 
 
-_ONE_START = np.zeros(1, np.int64)
 _MAX_WINDOWS = 2.0**62  # window numbers of valid times stay well inside int64
 
 
-def _runs(idx: npt.NDArray[np.int64], vals: npt.NDArray[np.float64]) -> tuple[Any, ...]:
-    """(starts, ends, counts, mins, maxs) of each run of one window number in ``idx``
-    (non-decreasing, not empty)."""
+def _runs(idx: npt.NDArray[np.int64], ts: Any, vals: Any) -> Any:
+    """Per run of one window number in ``idx`` (non-decreasing, not empty): (window number,
+    start, end, min, max, time and value of its last sample), as Python numbers, one run per
+    item (numpy's scalars cost ~10x more to read one at a time)."""
     if idx[0] == idx[-1]:  # the usual case: the whole series in one window
-        return _ONE_START, [idx.size], [idx.size], [vals.min()], [vals.max()]
+        n = idx.size
+        return (
+            (
+                int(idx[0]),
+                0,
+                n,
+                float(vals.min()),
+                float(vals.max()),
+                float(ts[-1]),
+                float(vals[-1]),
+            ),
+        )
     cut = np.flatnonzero(idx[1:] != idx[:-1]) + 1
     starts = np.concatenate(([0], cut))
     ends = np.concatenate((cut, [idx.size]))
-    mins = np.minimum.reduceat(vals, starts)
-    return starts, ends, ends - starts, mins, np.maximum.reduceat(vals, starts)
+    last = ends - 1
+    return zip(
+        idx[starts].tolist(),
+        starts.tolist(),
+        ends.tolist(),
+        np.minimum.reduceat(vals, starts).tolist(),
+        np.maximum.reduceat(vals, starts).tolist(),
+        ts[last].tolist(),
+        vals[last].tolist(),
+        strict=True,
+    )
 
 
 @dataclass
@@ -123,22 +143,22 @@ class WindowAggregator:
             if idx.size > 1 and bool((ts[1:] < ts[:-1]).any()):
                 order = np.argsort(ts, kind="stable")  # equal times keep file order
                 ts, vals, idx = ts[order], vals[order], idx[order]
-            starts, ends, counts, mins, maxs = _runs(idx, vals)
             stated = False  # a window of this signal counts states (it was opened with names)
-            for j, k in enumerate(idx[starts].tolist()):
+            for k, lo, hi, vmin, vmax, t_last, v_last in _runs(idx, ts, vals):
                 bucket = self._open.setdefault(k, {})
                 p = bucket.get(s.name)
                 if p is None:
                     p = bucket[s.name] = _Partial(s.unit, choices)
                     if choices is not None:
                         p.states = {}
-                p.count += int(counts[j])
-                p.min = min(p.min, float(mins[j]))
-                p.max = max(p.max, float(maxs[j]))
-                p.parts.append(vals[starts[j] : ends[j]])
-                last_i = int(ends[j]) - 1
-                if ts[last_i] >= p.last_ts:
-                    p.last_ts, p.last = float(ts[last_i]), float(vals[last_i])
+                p.count += hi - lo
+                if vmin < p.min:
+                    p.min = vmin
+                if vmax > p.max:
+                    p.max = vmax
+                p.parts.append(vals[lo:hi])
+                if t_last >= p.last_ts:
+                    p.last_ts, p.last = t_last, v_last
                 stated = stated or p.states is not None
             if stated:  # samples per state and window: one sort for the series
                 self._count_states(s.name, idx, vals)
