@@ -2,7 +2,9 @@
 
 Everything runs on this machine, one measurement after another, on the same real logs (the
 Kona EV capture repeated with shifted timestamps into long replays; the synthetic Model 3 drive
-when it is there). Each figure is the median of ``--runs`` runs.
+when it is there). Each figure is the median of ``--runs`` runs; the gateway's own end to end
+runs, short, are ``--gateway-runs`` (5), each input's DBCs read from the cache (the Model 3
+drive's first run, which parses its DBC into the cache, is a row of its own).
 
   end to end   ``gateway replay --fast`` as a process (read + decode + aggregate + policy +
                guard + ledger + outbox + publish to a real local Mosquitto) vs. python-can
@@ -221,6 +223,12 @@ def camera_fps(runs: int) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--gateway-runs",
+        type=int,
+        default=5,
+        help="runs of the gateway per end-to-end row (short: more of them steady the median)",
+    )
     ap.add_argument("--frames", type=int, default=2_000_000, help="length of the long Kona replay")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     ap.add_argument(
@@ -255,7 +263,7 @@ def main() -> int:
             flush=True,
         )
         walls, rsss = [], []
-        for _ in range(args.runs):
+        for _ in range(args.gateway_runs):
             w, r = gateway_replay(log, DBCS, broker.url, tmp)
             walls.append(w)
             rsss.append(r)
@@ -275,7 +283,7 @@ def main() -> int:
                 bench_decode.kona_inputs()[0], frames, tmp / "kona_hour.log"
             )
             print(f"hour replay: {frames:,} frames, {hour.stat().st_size / 1e6:.0f} MB", flush=True)
-            runs = [gateway_replay(hour, DBCS, broker.url, tmp) for _ in range(args.runs)]
+            runs = [gateway_replay(hour, DBCS, broker.url, tmp) for _ in range(args.gateway_runs)]
             w = statistics.median(r[0] for r in runs)
             rsss += [r[1] for r in runs]  # streaming: an hour needs no more memory than minutes
             b = baseline(hour, DBCS)
@@ -293,9 +301,13 @@ def main() -> int:
         if drive.exists():
             long_drive = tmp / "drive_long.log"
             n = _repeat_any(drive, long_drive, args.frames // 2)
-            m3_runs = [gateway_replay(long_drive, m3, broker.url, tmp) for _ in range(args.runs)]
+            # the first run parses the DBC (3,172 signals) into the cache: a row of its own
+            first = gateway_replay(long_drive, m3, broker.url, tmp)
+            m3_runs = [
+                gateway_replay(long_drive, m3, broker.url, tmp) for _ in range(args.gateway_runs)
+            ]
             w = statistics.median(r[0] for r in m3_runs)
-            m3_rss = max(r[1] for r in m3_runs[1:] or m3_runs)  # the first run parses the DBC
+            m3_rss = max(r[1] for r in m3_runs)
             b = statistics.median(baseline(long_drive, [f"*={m3[0]}"]) for _ in range(args.runs))
             add(
                 (
@@ -303,6 +315,14 @@ def main() -> int:
                     f"{n / w:,.0f}",
                     f"{b:,.0f}",
                     f"{n / w / b:.1f}x",
+                )
+            )
+            add(
+                (
+                    "end to end, frames/s (Model 3 drive, first run: parses and caches its DBC)",
+                    f"{n / first[0]:,.0f}",
+                    f"{b:,.0f}",
+                    f"{n / first[0] / b:.1f}x",
                 )
             )
         d = bench_decode.run(frames=1_000_000, runs=args.runs, cantools_frames=100_000)
@@ -347,7 +367,7 @@ def main() -> int:
                     "peak RSS, CAN only, Model 3 drive (3,172-signal DBC), MB",
                     f"{m3_rss:.0f}",
                     "",
-                    f"target <= 80; {m3_runs[0][1]:.0f} in the first run, which parses the DBC",
+                    f"target <= 80; {first[1]:.0f} in the first run, which parses the DBC",
                 )
             )
         clip = ROOT / "can_fixtures" / "camera" / "demo_clip.mp4"
