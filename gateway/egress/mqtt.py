@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import socket
 import ssl
@@ -121,6 +122,8 @@ def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
 
 # publishes awaiting their PUBACK at once (aiomqtt warns of more than 10 pending calls)
 IN_FLIGHT = 8
+# how long a PUBACK may take before the connection counts as lost (aiomqtt's default timeout)
+ACK_TIMEOUT = 10.0
 
 
 @dataclass
@@ -139,6 +142,7 @@ class MqttPublisher:
     may_send: Callable[[Pending], bool] = lambda p: True
     on_withheld: Callable[[list[Pending]], None] = lambda items: None
     backoff_initial: float = 0.2
+    ack_timeout: float = ACK_TIMEOUT
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     # set once the broker acknowledged the subscriptions to ``inbound_topics``: an owner's
     # command sent before that may be lost (a subscription is not retroactive)
@@ -233,16 +237,26 @@ class MqttPublisher:
             # One at a time, each waited a round trip: ~200 us here, a mobile uplink's RTT in
             # a car; the 395 summaries of a 1M-frame Model 3 replay, 80 -> 43-55 ms
             sends: list[asyncio.Future[None]] = []
+            # one deadline for the PUBACK awaited next, moved on after each: aiomqtt's own
+            # timeout per publish runs each through asyncio.wait_for, a task and a timer more
+            # per message (400 summaries drained: 41-45 -> 34-35 ms, best of 30)
+            loop = asyncio.get_running_loop()
             try:
-                for i, item in enumerate(batch):
-                    while len(sends) < min(len(batch), i + IN_FLIGHT):
-                        nxt = batch[len(sends)]
-                        sends.append(asyncio.ensure_future(self._send(client, nxt)))
-                    _ack_at_once(client)
-                    await sends[i]
-                    done.append(item)
-                    self.sent += 1
-                    self.on_sent(1)
+                async with asyncio.timeout(None) as deadline:
+                    for i, item in enumerate(batch):
+                        while len(sends) < min(len(batch), i + IN_FLIGHT):
+                            nxt = batch[len(sends)]
+                            sends.append(asyncio.ensure_future(self._send(client, nxt)))
+                        _ack_at_once(client)
+                        deadline.reschedule(loop.time() + self.ack_timeout)
+                        await sends[i]
+                        done.append(item)
+                        self.sent += 1
+                        self.on_sent(1)
+            except TimeoutError:
+                raise aiomqtt.MqttError(
+                    f"no PUBACK within {self.ack_timeout:g} s (operation timed out)"
+                ) from None
             finally:
                 # after a failure: what was acknowledged meanwhile leaves the outbox too (its
                 # PUBACK came), the rest stays; nothing is left unretrieved
@@ -268,7 +282,8 @@ class MqttPublisher:
                 stopper.cancel()
 
     async def _send(self, client: aiomqtt.Client, item: Pending) -> None:
-        await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
+        # no timeout of aiomqtt's here: the drain's deadline bounds the wait
+        await client.publish(item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf)
         # acknowledged: noted at once (a disk failure meanwhile must not send it again), even
         # while the PUBACK of one before it is still awaited
         self.outbox.note_acked(item)

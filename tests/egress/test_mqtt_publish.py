@@ -63,7 +63,7 @@ def _drain_with_a_failure(tmp_path, caplog, later_fail: bool):
     started: list[int] = []
 
     class Client:
-        async def publish(self, topic, payload, qos, retain):
+        async def publish(self, topic, payload, qos, retain, timeout=None):
             seq = unpack(payload)["seq"]
             started.append(seq)
             await asyncio.sleep(0)
@@ -95,3 +95,65 @@ def test_what_was_acknowledged_while_one_before_it_failed_leaves_the_outbox(tmp_
     assert started == seqs[: mqtt.IN_FLIGHT]
     assert pub.sent == mqtt.IN_FLIGHT - 1
     assert left == [seqs[3], *seqs[mqtt.IN_FLIGHT :]]
+
+
+async def _silent_broker(received: list[int]) -> asyncio.Server:
+    """A broker that accepts the connection (CONNACK) and then answers nothing: no PUBACK
+    ever comes. It notes the type of every packet it reads, and closes on a DISCONNECT."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                kind = (await reader.readexactly(1))[0] >> 4
+                size, shift = 0, 0
+                while True:  # the remaining length: a varint
+                    b = (await reader.readexactly(1))[0]
+                    size |= (b & 0x7F) << shift
+                    shift += 7
+                    if not b & 0x80:
+                        break
+                await reader.readexactly(size)
+                received.append(kind)
+                if kind == 1:  # CONNECT
+                    writer.write(b"\x20\x02\x00\x00")
+                    await writer.drain()
+                elif kind == 14:  # DISCONNECT
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def test_a_broker_that_never_acknowledges_leaves_everything_in_the_outbox(tmp_path):
+    """No PUBACK within ack_timeout: the connection counts as lost, said as such, and nothing
+    leaves the outbox; the wait is bounded, however many publishes were in flight."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    released = _released(ob, 20)
+    ob.put_many(released)
+    received: list[int] = []
+
+    async def drain() -> float:
+        server = await _silent_broker(received)
+        port = server.sockets[0].getsockname()[1]
+        pub = MqttPublisher(
+            BrokerSettings(url=f"mqtt://127.0.0.1:{port}"),
+            ob,
+            "gw-test",
+            status=lambda s, r: None,
+            ack_timeout=0.3,
+        )
+        stop = asyncio.Event()
+        stop.set()  # drain what waits, then return: with the broker silent, at the timeout
+        t0 = asyncio.get_running_loop().time()
+        async with server:
+            await asyncio.wait_for(pub.run(stop), timeout=10)
+        assert pub.sent == 0 and "no PUBACK within 0.3 s" in (pub.last_error or "")
+        return asyncio.get_running_loop().time() - t0
+
+    took = asyncio.run(drain())
+    assert 0.3 <= took < 5
+    assert received.count(3) == mqtt.IN_FLIGHT  # PUBLISH: eight in flight, then the wait
+    assert ob.depth() == 20 and [p.seq for p in ob.peek(100)] == [m.seq for m in released]

@@ -188,7 +188,7 @@ def test_messages_acknowledged_before_the_disk_fails_are_not_sent_again(tmp_path
     sent = []
 
     class Client:
-        async def publish(self, topic, payload, qos, retain):
+        async def publish(self, topic, payload, qos, retain, timeout=None):
             await asyncio.sleep(0)
             sent.append(payload)
             if len(sent) == 6:  # meanwhile the CAN path found the disk full
