@@ -3,7 +3,8 @@
 Everything runs on this machine, one measurement after another, on the same real logs (the
 Kona EV capture repeated with shifted timestamps into long replays; the synthetic Model 3 drive
 when it is there). Each figure is the median of ``--runs`` runs; the gateway's own end to end
-runs, short, are ``--gateway-runs`` (5), each input's DBCs read from the cache (the Model 3
+runs, short, are ``--gateway-runs`` (5), alternating with the baseline's so that both sample
+the same minutes of a VM whose speed drifts, each input's DBCs read from the cache (the Model 3
 drive's first run, which parses its DBC into the cache, is a row of its own).
 
   end to end   ``gateway replay --fast`` as a process (read + decode + aggregate + policy +
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +222,26 @@ def camera_fps(runs: int) -> dict[str, float]:
     return out
 
 
+def interleaved(
+    gateway: Callable[[], tuple[float, float]],
+    base: Callable[[], float],
+    gateway_runs: int,
+    base_runs: int,
+) -> Iterator[tuple[list[float], list[float], list[float]]]:
+    """The gateway's runs and the baseline's, alternating: the VM's speed drifts over minutes,
+    so each side is sampled over the same stretch of time (in ``base_runs`` rounds, or one
+    baseline run between two halves of the gateway's). Yields (walls, RSS, baseline rates) of
+    each round."""
+    rounds = 2 if base_runs == 1 else base_runs
+    left = gateway_runs
+    for i in range(rounds):
+        n = -(-left // (rounds - i))  # the gateway's runs spread over the rounds
+        left -= n
+        runs = [gateway() for _ in range(n)]
+        rates = [base()] if i < base_runs else []
+        yield [r[0] for r in runs], [r[1] for r in runs], rates
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -262,13 +284,18 @@ def main() -> int:
             f"{log.stat().st_size / 1e6:.0f} MB; {args.runs} runs each",
             flush=True,
         )
-        walls, rsss = [], []
-        for _ in range(args.gateway_runs):
-            w, r = gateway_replay(log, DBCS, broker.url, tmp)
-            walls.append(w)
-            rsss.append(r)
+        walls, rsss, bases = [], [], []
+        for w, r, b in interleaved(
+            lambda: gateway_replay(log, DBCS, broker.url, tmp),
+            lambda: baseline(log, DBCS),
+            args.gateway_runs,
+            args.runs,
+        ):
+            walls += w
+            rsss += r
+            bases += b
         e2e = args.frames / statistics.median(walls)
-        base = statistics.median(baseline(log, DBCS) for _ in range(args.runs))
+        base = statistics.median(bases)
         add(
             (
                 f"end to end, frames/s (Kona, {args.frames / KONA_FPS / 60:.0f} min)",
@@ -283,10 +310,20 @@ def main() -> int:
                 bench_decode.kona_inputs()[0], frames, tmp / "kona_hour.log"
             )
             print(f"hour replay: {frames:,} frames, {hour.stat().st_size / 1e6:.0f} MB", flush=True)
-            runs = [gateway_replay(hour, DBCS, broker.url, tmp) for _ in range(args.gateway_runs)]
-            w = statistics.median(r[0] for r in runs)
-            rsss += [r[1] for r in runs]  # streaming: an hour needs no more memory than minutes
-            b = baseline(hour, DBCS)
+            # the baseline (~2 minutes) once, between the gateway's runs
+            hour_walls: list[float] = []
+            b = 0.0
+            for w_, r_, b_ in interleaved(
+                lambda: gateway_replay(hour, DBCS, broker.url, tmp),
+                lambda: baseline(hour, DBCS),
+                args.gateway_runs,
+                1,
+            ):
+                hour_walls += w_
+                rsss += r_  # streaming: an hour needs no more memory than minutes
+                if b_:
+                    b = b_[0]
+            w = statistics.median(hour_walls)
             hour.unlink()
             add(
                 (
@@ -303,12 +340,19 @@ def main() -> int:
             n = _repeat_any(drive, long_drive, args.frames // 2)
             # the first run parses the DBC (3,172 signals) into the cache: a row of its own
             first = gateway_replay(long_drive, m3, broker.url, tmp)
-            m3_runs = [
-                gateway_replay(long_drive, m3, broker.url, tmp) for _ in range(args.gateway_runs)
-            ]
-            w = statistics.median(r[0] for r in m3_runs)
-            m3_rss = max(r[1] for r in m3_runs)
-            b = statistics.median(baseline(long_drive, [f"*={m3[0]}"]) for _ in range(args.runs))
+            m3_walls, m3_rsss, m3_bases = [], [], []
+            for w_, r_, b_ in interleaved(
+                lambda: gateway_replay(long_drive, m3, broker.url, tmp),
+                lambda: baseline(long_drive, [f"*={m3[0]}"]),
+                args.gateway_runs,
+                args.runs,
+            ):
+                m3_walls += w_
+                m3_rsss += r_
+                m3_bases += b_
+            w = statistics.median(m3_walls)
+            m3_rss = max(m3_rsss)
+            b = statistics.median(m3_bases)
             add(
                 (
                     "end to end, frames/s (Model 3 drive)",
