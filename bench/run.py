@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,19 +227,26 @@ def interleaved(
     base: Callable[[], float],
     gateway_runs: int,
     base_runs: int,
-) -> Iterator[tuple[list[float], list[float], list[float]]]:
+) -> tuple[list[float], list[float], list[float]]:
     """The gateway's runs and the baseline's, alternating: the VM's speed drifts over minutes,
     so each side is sampled over the same stretch of time (in ``base_runs`` rounds, or one
-    baseline run between two halves of the gateway's). Yields (walls, RSS, baseline rates) of
-    each round."""
+    baseline run between two halves of the gateway's). (walls and peak RSS of the gateway's
+    runs, rates of the baseline's)."""
+    walls: list[float] = []
+    rss: list[float] = []
+    rates: list[float] = []
     rounds = 2 if base_runs == 1 else base_runs
     left = gateway_runs
     for i in range(rounds):
         n = -(-left // (rounds - i))  # the gateway's runs spread over the rounds
         left -= n
-        runs = [gateway() for _ in range(n)]
-        rates = [base()] if i < base_runs else []
-        yield [r[0] for r in runs], [r[1] for r in runs], rates
+        for _ in range(n):
+            w, r = gateway()
+            walls.append(w)
+            rss.append(r)
+        if i < base_runs:
+            rates.append(base())
+    return walls, rss, rates
 
 
 def main() -> int:
@@ -281,19 +288,16 @@ def main() -> int:
         )
         print(
             f"long replay: Kona EV capture x{args.frames / 39546:.0f} = {args.frames:,} frames, "
-            f"{log.stat().st_size / 1e6:.0f} MB; {args.runs} runs each",
+            f"{log.stat().st_size / 1e6:.0f} MB; {args.gateway_runs} gateway runs and "
+            f"{args.runs} baseline runs each",
             flush=True,
         )
-        walls, rsss, bases = [], [], []
-        for w, r, b in interleaved(
+        walls, rsss, bases = interleaved(
             lambda: gateway_replay(log, DBCS, broker.url, tmp),
             lambda: baseline(log, DBCS),
             args.gateway_runs,
             args.runs,
-        ):
-            walls += w
-            rsss += r
-            bases += b
+        )
         e2e = args.frames / statistics.median(walls)
         base = statistics.median(bases)
         add(
@@ -311,18 +315,13 @@ def main() -> int:
             )
             print(f"hour replay: {frames:,} frames, {hour.stat().st_size / 1e6:.0f} MB", flush=True)
             # the baseline (~2 minutes) once, between the gateway's runs
-            hour_walls: list[float] = []
-            b = 0.0
-            for w_, r_, b_ in interleaved(
+            hour_walls, hour_rss, (b,) = interleaved(
                 lambda: gateway_replay(hour, DBCS, broker.url, tmp),
                 lambda: baseline(hour, DBCS),
                 args.gateway_runs,
                 1,
-            ):
-                hour_walls += w_
-                rsss += r_  # streaming: an hour needs no more memory than minutes
-                if b_:
-                    b = b_[0]
+            )
+            rsss += hour_rss  # streaming: an hour needs no more memory than minutes
             w = statistics.median(hour_walls)
             hour.unlink()
             add(
@@ -340,16 +339,12 @@ def main() -> int:
             n = _repeat_any(drive, long_drive, args.frames // 2)
             # the first run parses the DBC (3,172 signals) into the cache: a row of its own
             first = gateway_replay(long_drive, m3, broker.url, tmp)
-            m3_walls, m3_rsss, m3_bases = [], [], []
-            for w_, r_, b_ in interleaved(
+            m3_walls, m3_rsss, m3_bases = interleaved(
                 lambda: gateway_replay(long_drive, m3, broker.url, tmp),
                 lambda: baseline(long_drive, [f"*={m3[0]}"]),
                 args.gateway_runs,
                 args.runs,
-            ):
-                m3_walls += w_
-                m3_rsss += r_
-                m3_bases += b_
+            )
             w = statistics.median(m3_walls)
             m3_rss = max(m3_rsss)
             b = statistics.median(m3_bases)
