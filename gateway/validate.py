@@ -43,7 +43,7 @@ POSITION_TOLERANCE_DEG = 0.05  # a number this close to a true coordinate identi
 
 
 # the health message's measures of the gateway's own process, rounded to 0.1: never CAN data
-_OWN_FIGURES = frozenset({"cpu_percent", "rss_mb", "uptime_s"})
+OWN_FIGURES = frozenset({"cpu_percent", "rss_mb", "uptime_s"})
 
 
 def _coarse(x: float) -> bool:
@@ -292,7 +292,7 @@ def search(
             if near >= POSITION_TOLERANCE_DEG:
                 continue
             if _coarse(x):  # judged only as one of a latitude/longitude pair, below
-                if where.rsplit(".", 1)[-1] not in _OWN_FIGURES:
+                if where.rsplit(".", 1)[-1] not in OWN_FIGURES:
                     coarse.append((where, x))
                 continue
             leaks.append(

@@ -16,6 +16,7 @@ import pytest
 from gateway.canbus.dbc import load_dbc
 from gateway.egress.schema import unpack
 from gateway.synth import DEFAULT_VIN, load_route, simulate, synthesise
+from gateway.validate import OWN_FIGURES
 from tests.conftest import FIXTURES, KONA_PCAN, assert_one_line_error, replay_args, run_gateway
 
 DBC = FIXTURES / "model3" / "Model3CAN.dbc"
@@ -68,6 +69,14 @@ def _numbers(obj):
     elif isinstance(obj, list | tuple):
         for v in obj:
             yield from _numbers(v)
+
+
+def _vehicle_data(body):
+    """A payload without the health message's measures of the gateway's own process (CPU
+    load, memory, uptime): never CAN data, as ``gateway validate`` judges them too."""
+    if isinstance(body, dict) and body.get("schema") == "gateway.health":
+        return {k: v for k, v in body.items() if k not in OWN_FIGURES}
+    return body
 
 
 def _truth(path: Path):
@@ -222,10 +231,12 @@ def test_bundled_drive_location_stays_home_until_consent(tmp_path, broker, vin, 
     assert all(isinstance(w["odometer_km"]["last"], float | int) for w in windows)
     trip = next(b for b in bodies if b["schema"] == "gateway.trip")
     assert "start_area" not in trip and "end_area" not in trip
-    # no number in any payload within 0.05 degrees of any true latitude or longitude
+    # no number in any payload within 0.05 degrees of any true latitude or longitude, but for
+    # the health message's figures of the gateway's own process (a fast replay's CPU load,
+    # ~100-130 % on two cores, once came out at 121.5, near the drive's 121.4-121.5 degrees)
     lats = np.array(sorted({la for la, _ in exact}))
     lons = np.array(sorted({lo for _, lo in exact}))
-    numbers = [x for m in got for x in _numbers(unpack(m.payload))]
+    numbers = [x for m in got for x in _numbers(_vehicle_data(unpack(m.payload)))]
     assert len(numbers) > 100
     for x in numbers:
         assert np.abs(lats - x).min() > 0.05 and np.abs(lons - x).min() > 0.05, x
