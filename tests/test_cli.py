@@ -347,6 +347,17 @@ def test_the_collector_is_off_during_start_up_and_comes_back_as_it_was(
         gc.enable()
 
 
+def _python(
+    code: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` from the project's root, which must succeed: its output."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_the_console_script_freezes_what_is_left_before_the_interpreter_exits():
     probe = (
         "import atexit, gc, sys\n"
@@ -354,9 +365,7 @@ def test_the_console_script_freezes_what_is_left_before_the_interpreter_exits():
         "from gateway.cli import entry\n"
         "sys.exit(entry(['config', '--doc']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.rstrip().endswith("frozen at exit: True")
+    assert _python(probe).stdout.rstrip().endswith("frozen at exit: True")
 
 
 def test_a_replay_imports_neither_cantools_nor_python_can(tmp_path, broker, vin):
@@ -377,10 +386,7 @@ def test_a_replay_imports_neither_cantools_nor_python_can(tmp_path, broker, vin)
     seen = []
     for _ in range(2):
         args = replay_args(KONA_CANDUMP, dbcs, broker.url, vin, tmp_path, "--fast", "-q")
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env
-        )
-        assert proc.returncode == 0, proc.stderr
+        proc = _python(code, *args, env=env)
         assert proc.stderr.count("BS_:/BU_:") == 1  # the repair of the DBC, said once each time
         seen.append(next(ln for ln in proc.stdout.splitlines() if ln.startswith("IMPORTED")))
     assert seen == ["IMPORTED []", "IMPORTED []"]
@@ -521,9 +527,7 @@ def test_a_core_command_is_parsed_before_numpy_or_asyncio_is_imported():
         "print(sorted(m for m in ('numpy', 'asyncio', 'gateway.synth', 'gateway.brokerconf',\n"
         "      'gateway.camera.cli', 'aiomqtt') if m in sys.modules))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert _python(code).stdout.strip() == "[]"
     for asked in (["--help"], ["-h", "replay"]):  # the top-level help, before a command too
         full = run_gateway(*asked)
         assert all(c in full.stdout for c in ("synth", "broker-config", "anonymize")), asked
