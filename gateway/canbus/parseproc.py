@@ -19,7 +19,7 @@ threads here. Linux only (fork is unsafe on macOS with its frameworks loaded; Wi
 
 A fast replay of a candump log starts its child early (``start_early``, from the command line
 before the pipeline is imported and built, ~0.1 s): until the gateway reads the pipe, that
-child parses up to ``HEAD_START_BYTES`` (4 MiB) ahead in its own memory; from the gateway's
+child parses up to ``HEAD_START_BYTES`` (8 MiB) ahead in its own memory; from the gateway's
 first read on, it parses no further until the pipe has taken what it holds, so that memory
 only drains. The replay takes the child over when it reaches the same file, unchanged, with
 the same chunking; one nobody took is ended when the command ends, or before a DBC is
@@ -62,8 +62,13 @@ _HEAD = struct.Struct("<QQ")  # bytes of the pickled message, number of raw buff
 _PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-root users)
 _F_SETPIPE_SZ = 1031
 # what a child started early (``start_early``) may parse ahead, in its own memory, while the
-# gateway is still starting and does not read the pipe yet
-HEAD_START_BYTES = 4 << 20
+# gateway is still starting and does not read the pipe yet. The child fills it long before the
+# gateway reads (~0.1 s of imports and set-up, ~600k frames of parsing) and then waits; from the
+# first read on, the replay goes at the child's pace, so each MiB held is parsing done early. 8
+# MiB (~310k frames) against 4: a 1M-frame Model 3 replay 416 -> 377 ms, a 2M-frame Kona one
+# 552 -> 474 ms (medians of 9 and 7 alternating runs), peak memory +1-2 MB; 12 MiB was no
+# faster and 5-7 MB more (see docs/benchmarks.md, stop 17)
+HEAD_START_BYTES = 8 << 20
 
 # the highest memory (kB) the gateway and a parse child that ended took together: for the
 # benchmarks' memory figures, which must count both processes

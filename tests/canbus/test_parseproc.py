@@ -351,7 +351,7 @@ def test_a_child_started_early_is_taken_over_and_parses_the_same(
 def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
     tmp_path: Path, no_early_left: None
 ) -> None:
-    path, pid = _started_early(tmp_path, 12)  # 475k frames: far more than the head start holds
+    path, pid = _started_early(tmp_path, 20)  # 791k frames: far more than the head start holds
     # wait until the child stops reading: it holds what it may, and sleeps in a write to the
     # pipe (state S, its read position still); one merely not scheduled would be R
     last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 60
@@ -369,11 +369,11 @@ def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
         time.sleep(0.02)
     else:
         pytest.fail("the child never stopped reading")
-    frames_read = last / (path.stat().st_size / (12 * 39546))
+    frames_read = last / (path.stat().st_size / (20 * 39546))
     one = next(iter_candump(KONA_CANDUMP, ReadStats(), workers=0, **FAST))  # type: ignore[arg-type]
     per_frame = sum(v.nbytes for v in parseproc._parts("batch", ReadStats(), one)) / len(one)
     # without a head start it reads what the pipe holds, and a chunk or two (one written, one
-    # parsed, ~65k frames); with it, HEAD_START_BYTES more (155k frames), and not much more
+    # parsed, ~65k frames); with it, HEAD_START_BYTES more (~310k frames), and not much more
     import fcntl
 
     ((_, r),) = parseproc._early.values()
