@@ -63,11 +63,11 @@ _PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-r
 _F_SETPIPE_SZ = 1031
 # what a child started early (``start_early``) may parse ahead, in its own memory, while the
 # gateway is still starting and does not read the pipe yet. The child fills it long before the
-# gateway reads (~0.1 s of imports and set-up, ~600k frames of parsing) and then waits; from the
-# first read on, the replay goes at the child's pace, so each MiB held is parsing done early. 8
-# MiB (~310k frames) against 4: a 1M-frame Model 3 replay 416 -> 377 ms, a 2M-frame Kona one
-# 552 -> 474 ms (medians of 9 and 7 alternating runs), peak memory +1-2 MB; 12 MiB was no
-# faster and 5-7 MB more (see docs/benchmarks.md, stop 17)
+# gateway reads (~0.1 s of imports and set-up, time for ~600k frames of parsing) and then waits;
+# with 4 MiB it was behind the gateway from the first read to the last. 8 MiB (~310k frames)
+# against 4, old and new in paired rounds: a 1M-frame Model 3 replay -32 ms (faster in 25 of
+# 30), a 2M-frame Kona one -59 ms (18 of 20); peak memory 3-5 MB more in the benchmarks. 12
+# MiB was no faster than 8, and 5-7 MB more (docs/benchmarks.md, stop 17)
 HEAD_START_BYTES = 8 << 20
 
 # the highest memory (kB) the gateway and a parse child that ended took together: for the
