@@ -247,8 +247,9 @@ class MqttPublisher:
                         while len(sends) < min(len(batch), i + IN_FLIGHT):
                             nxt = batch[len(sends)]
                             sends.append(asyncio.ensure_future(self._send(client, nxt)))
-                        _ack_at_once(client)
-                        deadline.reschedule(loop.time() + self.ack_timeout)
+                        if not sends[i].done():  # its PUBACK is awaited (else: no wait at all)
+                            _ack_at_once(client)
+                            deadline.reschedule(loop.time() + self.ack_timeout)
                         await sends[i]
                         done.append(item)
                         self.sent += 1
@@ -259,11 +260,14 @@ class MqttPublisher:
                 ) from None
             finally:
                 # after a failure: what was acknowledged meanwhile leaves the outbox too (its
-                # PUBACK came), the rest stays; nothing is left unretrieved
+                # PUBACK came), the rest stays; nothing is left unretrieved. But a retained
+                # message behind the one that failed stays too, to be sent again after it: the
+                # broker keeps the last retained message of a topic, and the one that failed
+                # (sent again later) may be an older state of the same topic
                 for item, send in zip(batch[len(done) :], sends[len(done) :], strict=False):
                     if not send.done():
                         send.cancel()
-                    elif not send.cancelled() and send.exception() is None:
+                    elif not send.cancelled() and send.exception() is None and not item.retain:
                         done.append(item)
                         self.sent += 1
                         self.on_sent(1)
@@ -285,8 +289,10 @@ class MqttPublisher:
         # no timeout of aiomqtt's here: the drain's deadline bounds the wait
         await client.publish(item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf)
         # acknowledged: noted at once (a disk failure meanwhile must not send it again), even
-        # while the PUBACK of one before it is still awaited
-        self.outbox.note_acked(item)
+        # while the PUBACK of one before it is still awaited; a retained message only in its
+        # turn (see _drain_until: sent again, it is the broker's last state of its topic)
+        if not item.retain:
+            self.outbox.note_acked(item)
 
     async def _read_inbound(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -12,10 +12,12 @@ import aiomqtt
 import pytest
 
 from gateway.egress import mqtt
+from gateway.egress.guard import EgressGuard, Outgoing
 from gateway.egress.mqtt import MqttPublisher, make_client
 from gateway.egress.outbox import Outbox
-from gateway.egress.schema import unpack
+from gateway.egress.schema import Topics, unpack
 from gateway.settings import BrokerSettings
+from gateway.telemetry.policy import load_policy
 from tests.egress.test_outbox import _released
 
 
@@ -47,10 +49,60 @@ def test_publishes_leave_without_waiting_for_the_previous_ack(broker):
 
     async def check() -> int:
         async with make_client(BrokerSettings(url=broker.url), identifier=None) as client:
-            mqtt._ack_at_once(client)  # and this finds the socket and sets it without error
             return client._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     assert asyncio.run(check()) != 0
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux only")
+def test_a_wait_for_a_puback_acks_the_brokers_segments_at_once():
+    """``_ack_at_once`` sets TCP_QUICKACK on the client's socket (paho's, behind aiomqtt)."""
+    calls = []
+
+    class Recording(socket.socket):
+        def setsockopt(self, *args):
+            calls.append(args)
+            super().setsockopt(*args)
+
+    class Paho:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def socket(self):
+            return self.sock
+
+    class Client:
+        pass
+
+    with Recording(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        client = Client()
+        client._client = Paho(sock)
+        mqtt._ack_at_once(client)
+    assert calls == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
+
+
+def test_a_slow_but_steady_link_is_not_taken_for_a_lost_one(tmp_path):
+    """``ack_timeout`` bounds the wait for each PUBACK, not for a whole batch: 20 PUBACKs
+    0.05 s apart (1 s in all) with a 0.15 s timeout all arrive, and everything is sent."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put_many(_released(ob, 20))
+    pub = MqttPublisher(BrokerSettings(), ob, "id", status=lambda s, r: None, ack_timeout=0.15)
+
+    class Client:  # one PUBACK every 0.05 s, in order
+        due = 0.0
+
+        async def publish(self, topic, payload, qos, retain, timeout=None):
+            loop = asyncio.get_running_loop()
+            Client.due = max(Client.due, loop.time()) + 0.05
+            await asyncio.sleep(Client.due - loop.time())
+
+    async def drain() -> None:
+        stop = asyncio.Event()
+        stop.set()
+        await pub._drain_until(Client(), stop)
+
+    asyncio.run(drain())
+    assert pub.sent == 20 and ob.depth() == 0
 
 
 def _drain_with_a_failure(tmp_path, caplog, later_fail: bool):
@@ -81,6 +133,57 @@ def _drain_with_a_failure(tmp_path, caplog, later_fail: bool):
         gc.collect()  # a task whose exception nobody read says so when it is collected
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
     return seqs, started, pub, [p.seq for p in ob.peek(100)]
+
+
+def test_a_retained_message_behind_a_failed_one_is_sent_again_after_it(tmp_path):
+    """The broker keeps a topic's last retained message. If an older consent state fails and
+    a newer one behind it was acknowledged, the older one is sent again later: the newer one
+    must follow it again, or the broker would keep the older state."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    g = EgressGuard(
+        load_policy(None),
+        Topics("vehicles", "V"),
+        consent_ok=lambda c: True,
+        consent_snapshot=lambda: {},
+        next_seq=ob.next_seq,
+    )
+    states = [
+        g.release(
+            Outgoing(
+                "gateway.consent",
+                {"at": float(i), "collection": "on", "grants": {}, "last_change": {}},
+            )
+        )
+        for i in range(6)
+    ]
+    ob.put_many([*_released(ob, 2), *states])  # two summaries, then six consent states
+    pub = MqttPublisher(BrokerSettings(), ob, "id", status=lambda s, r: None)
+    retained: dict[str, float] = {}  # what the broker would keep, per topic
+
+    class Client:
+        def __init__(self, failing: float | None) -> None:
+            self.failing = failing
+
+        async def publish(self, topic, payload, qos, retain, timeout=None):
+            at = unpack(payload).get("at")
+            await asyncio.sleep(0)
+            if at is not None and at == self.failing:
+                raise aiomqtt.MqttError("connection lost")
+            if retain:
+                retained[topic] = at
+
+    async def drain(client: Client) -> None:
+        stop = asyncio.Event()
+        stop.set()
+        await pub._drain_until(client, stop)
+
+    with pytest.raises(aiomqtt.MqttError):
+        asyncio.run(drain(Client(failing=1.0)))  # states 2-5 were acknowledged behind it
+    left = [unpack(p.payload).get("at") for p in ob.peek(100)]
+    assert left == [1.0, 2.0, 3.0, 4.0, 5.0]  # the summaries and state 0 left the outbox
+    asyncio.run(drain(Client(failing=None)))  # the connection is back
+    assert ob.depth() == 0
+    assert retained == {"vehicles/V/owner/consent": 5.0}  # the newest state, as released
 
 
 def test_a_failed_publish_leaves_it_and_the_rest_in_the_outbox(tmp_path, caplog):
