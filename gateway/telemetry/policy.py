@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -110,7 +111,8 @@ class Policy:
         return {r.location: r for r in self.rules.values() if r.location is not None}
 
     def by_publish_name(self) -> Mapping[str, SignalRule]:
-        return self._by_publish_name
+        # read-only: the map is the policy's own, shared by every caller
+        return types.MappingProxyType(self._by_publish_name)
 
     @functools.cached_property
     def _by_publish_name(self) -> dict[str, SignalRule]:

@@ -152,7 +152,8 @@ class TripDetector:
     def _columns(self, series: Sequence[SignalSeries]) -> list[_Role] | None:
         """Each role's samples (readings only), in time order, or None if no role has any."""
         cfg = self.cfg
-        by_name = {s.name: s for s in series if s.name in cfg.signals}
+        wanted = cfg.signals  # a set built on each access: once per batch, not per series
+        by_name = {s.name: s for s in series if s.name in wanted}
         names = (cfg.gear, cfg.speed, cfg.odometer, cfg.soc, cfg.latitude, cfg.longitude)
         out = []
         present = False
