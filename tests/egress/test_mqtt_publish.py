@@ -12,13 +12,12 @@ import aiomqtt
 import pytest
 
 from gateway.egress import mqtt
-from gateway.egress.guard import EgressGuard, Outgoing
+from gateway.egress.guard import Outgoing
 from gateway.egress.mqtt import MqttPublisher, make_client
 from gateway.egress.outbox import Outbox
-from gateway.egress.schema import Topics, unpack
+from gateway.egress.schema import unpack
 from gateway.settings import BrokerSettings
-from gateway.telemetry.policy import load_policy
-from tests.egress.test_outbox import _released
+from tests.egress.test_outbox import _guard, _released
 
 
 @pytest.mark.broker
@@ -140,13 +139,7 @@ def test_a_retained_message_behind_a_failed_one_is_sent_again_after_it(tmp_path)
     a newer one behind it was acknowledged, the older one is sent again later: the newer one
     must follow it again, or the broker would keep the older state."""
     ob = Outbox(tmp_path / "o.sqlite")
-    g = EgressGuard(
-        load_policy(None),
-        Topics("vehicles", "V"),
-        consent_ok=lambda c: True,
-        consent_snapshot=lambda: {},
-        next_seq=ob.next_seq,
-    )
+    g = _guard(ob)
     states = [
         g.release(
             Outgoing(

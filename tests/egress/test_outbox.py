@@ -14,14 +14,19 @@ from gateway.egress.schema import Topics
 from gateway.telemetry.policy import load_policy
 
 
-def _released(outbox, n=1):
-    g = EgressGuard(
+def _guard(outbox):
+    """The default policy's guard for vehicle V, every consent given, numbered by ``outbox``."""
+    return EgressGuard(
         load_policy(None),
         Topics("vehicles", "V"),
         consent_ok=lambda c: True,
         consent_snapshot=lambda: {},
         next_seq=outbox.next_seq,
     )
+
+
+def _released(outbox, n=1):
+    g = _guard(outbox)
     out = []
     for i in range(n):
         out.append(
