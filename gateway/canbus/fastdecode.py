@@ -194,33 +194,17 @@ class VectorDecoder:
         stats = DecodeStats(frames=len(batch))
         special = batch.is_error | batch.is_remote
         stats.skipped_special = int(special.sum())
-        grouped = self._standard_codes(batch, special, stats)
-        keys: npt.NDArray[np.unsignedinteger[Any]]
-        if grouped is not None:  # (frames, 16-bit code of each): channel << 11 | id
-            keep, keys = grouped
-            shift = 11
-            order = np.argsort(keys, kind="stable")  # a radix sort on 16 bits
-        else:  # extended ids, or more than 32 channels: channel << 32 | id
-            keep = np.flatnonzero(~special)
-            wide = batch.channel[keep].astype(np.uint64) << np.uint64(32)
-            wide |= batch.arbitration_id[keep].astype(np.uint64)
-            keys, shift = wide, 32
-            order = _group_order(wide)
-        frames = keep[order]
-        skeys = keys[order]
+        grouped = self._standard_groups(batch, special, stats)
+        if grouped is None:  # extended ids, or more than 32 channels
+            grouped = _wide_groups(batch, special)
+        frames, keys, starts, ends, shift, gid, keep, numbers = grouped
         self._word0 = None
-        bounds = np.flatnonzero(skeys[1:] != skeys[:-1]) + 1
-        starts = np.concatenate(([0], bounds)).tolist()
-        ends = np.concatenate((bounds, [len(skeys)])).tolist()
         pieces: list[_Piece] = []
         blocks: list[_Block] = []
         sorted_cols: tuple[Any, Any, list[int]] | None = None
-        flat_of_group = np.full(len(starts), -1, np.int64)
+        flat_of_group: npt.NDArray[np.int64] | None = None
         id_mask = (1 << shift) - 1
-        for g, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
-            if lo == hi:
-                continue
-            key = int(skeys[lo])
+        for g, (key, lo, hi) in enumerate(zip(keys, starts, ends, strict=True)):
             fid = key & id_mask
             plan = self._plan(batch.channels[key >> shift], fid)
             idx = frames[lo:hi]
@@ -228,6 +212,8 @@ class VectorDecoder:
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + hi - lo
                 continue
             if plan.flat >= 0 and hi - lo <= FLAT_MAX_GROUP:
+                if flat_of_group is None:
+                    flat_of_group = np.full(numbers, -1, np.int64)
                 flat_of_group[g] = plan.flat
                 stats.decoded += hi - lo
                 continue
@@ -244,13 +230,11 @@ class VectorDecoder:
             if errs:
                 stats.errors[fid] = stats.errors.get(fid, 0) + errs
             stats.decoded += hi - lo - errs
-        if (flat_of_group >= 0).any():
-            # group number of every kept frame, in batch order
-            gid = np.empty(len(keep), np.int64)
-            gid[order] = np.repeat(np.arange(len(starts)), np.array(ends) - np.array(starts))
-            plan_of = flat_of_group[gid]
+        if flat_of_group is not None:
+            plan_of = flat_of_group[gid]  # of every kept frame, in batch order
             sel = plan_of >= 0
-            self._decode_flat(batch, keep[sel], plan_of[sel], pieces)
+            f = np.flatnonzero(sel) if keep is None else keep[sel]
+            self._decode_flat(batch, f, plan_of[sel], pieces)
         return DecodedBatch(_assemble(pieces, blocks), stats)
 
     def _needs_work(self, plan: _Plan) -> bool:
@@ -260,14 +244,14 @@ class VectorDecoder:
             return True
         return bool(self._group_setup(plan)[0]) or plan.muxed or plan.root.fails
 
-    def _standard_codes(
+    def _standard_groups(
         self, batch: FrameBatch, special: npt.NDArray[np.bool_], stats: DecodeStats
-    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint16]] | None:
-        """For a batch of standard ids on at most 32 channels: the frames to decode (batch
-        order) and each one's 16-bit code (channel << 11 | id). The frames that need no
-        decoding (ids not in the DBCs, messages without a wanted signal: under a default-deny
-        policy, most of a bus) are counted per code and left out, without being sorted. None
-        for any other batch (then every frame goes the general way)."""
+    ) -> _Groups | None:
+        """For a batch of standard ids on at most 32 channels: the frames to decode grouped
+        by 16-bit code (channel << 11 | id). The frames that need no decoding (ids not in the
+        DBCs, messages without a wanted signal: under a default-deny policy, most of a bus)
+        are counted per code and left out, without being sorted. None for any other batch
+        (then every frame goes the general way)."""
         if len(batch) == 0 or len(batch.channels) > 32:
             return None
         ids = batch.arbitration_id
@@ -298,8 +282,27 @@ class VectorDecoder:
             for fid, k in zip(fids, n[unknown].tolist(), strict=True):
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + k
         stats.decoded += int(n[state == _IDLE].sum())
-        work = np.flatnonzero((table == _WORK)[code])
-        return (work if keep is None else keep[work]), code[work]
+        work = state == _WORK
+        codes, sizes = present[work], n[work]
+        # each frame's group, numbered densely in code order (the rest last): a stable radix
+        # sort of these small numbers groups the frames to decode, in batch order within each
+        dense: type[np.unsignedinteger[Any]] = np.uint8 if len(codes) < 255 else np.uint16
+        rest = np.iinfo(dense).max
+        number = np.full(32 << 11, rest, dense)
+        number[codes] = np.arange(len(codes), dtype=dense)
+        gid = number[code]
+        ends = np.cumsum(sizes)
+        order = np.argsort(gid, kind="stable")[: int(ends[-1]) if len(ends) else 0]
+        return _Groups(
+            order if keep is None else keep[order],
+            codes.tolist(),
+            (ends - sizes).tolist(),
+            ends.tolist(),
+            11,
+            gid,
+            keep,
+            int(rest) + 1,
+        )
 
     def _decode_flat(self, batch: FrameBatch, f: Any, p: Any, pieces: list[_Piece]) -> None:
         """Frames ``f`` (batch order) of flat plans ``p``: every (frame, signal) pair at once."""
@@ -610,6 +613,43 @@ class VectorDecoder:
                 )
             )
         return errs
+
+
+class _Groups(NamedTuple):
+    """The frames of a batch to decode, grouped per (channel, id)."""
+
+    frames: Any  # batch indices, group after group, in batch order within a group
+    keys: list[int]  # each group's channel << shift | id
+    starts: list[int]  # each group's frames are frames[start:end]
+    ends: list[int]
+    shift: int
+    gid: Any  # the group of every kept frame in batch order (other frames: a larger number)
+    keep: Any  # the kept frames' batch indices; None: all
+    numbers: int  # gid < numbers
+
+
+def _wide_groups(batch: FrameBatch, special: npt.NDArray[np.bool_]) -> _Groups:
+    """Every frame but error and remote frames, grouped by channel << 32 | id."""
+    keep = np.flatnonzero(~special)
+    wide = batch.channel[keep].astype(np.uint64) << np.uint64(32)
+    wide |= batch.arbitration_id[keep].astype(np.uint64)
+    order = _group_order(wide)
+    skeys = wide[order]
+    bounds = np.flatnonzero(skeys[1:] != skeys[:-1]) + 1
+    starts = np.concatenate(([0], bounds)) if len(skeys) else bounds
+    ends = np.concatenate((bounds, [len(skeys)])) if len(skeys) else bounds
+    gid = np.empty(len(keep), np.intp)
+    gid[order] = np.repeat(np.arange(len(starts)), ends - starts)
+    return _Groups(
+        keep[order],
+        skeys[starts].tolist(),
+        starts.tolist(),
+        ends.tolist(),
+        32,
+        gid,
+        keep,
+        len(starts),
+    )
 
 
 def _group_order(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
