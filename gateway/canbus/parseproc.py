@@ -18,20 +18,21 @@ reading a pipe would not see the gateway go); where no child can be forked, the 
 threads here. Linux only (fork is unsafe on macOS with its frameworks loaded; Windows has none).
 
 A fast replay of a candump log starts its child early (``start_early``, from the command line
-before the pipeline is imported and built, ~0.1 s): until the gateway reads the pipe, that
-child parses up to ``HEAD_START_BYTES`` (8 MiB) ahead in its own memory; from the gateway's
-first read on, it parses no further until the pipe has taken what it holds, so that memory
-only drains. The replay takes the child over when it reaches the same file, unchanged, with
-the same chunking; one nobody took is ended when the command ends, or before a DBC is
-compiled in a child (three processes at once took 99 MB on a DBC's first replay). Timed
-against the late start in ``docs/benchmarks.md`` (stop 15).
+before the pipeline is imported and built, ~0.1 s): that child parses up to
+``HEAD_START_BYTES`` (8 MiB) ahead of the gateway's reads, in its own memory, and parses on
+whenever it holds less. (It used to parse no further from the gateway's first read on until
+the gateway had read all it held: a million-frame Model 3 replay, which the child's pace
+bounds, lost ~40 ms so.) The replay takes the child over when it reaches the same file,
+unchanged, with the same chunking; one nobody took is ended when the command ends, or before
+a DBC is compiled in a child (three processes at once took 99 MB on a DBC's first replay).
+Timed against the late start in ``docs/benchmarks.md`` (stops 15 and 18).
 
-Memory: after chunks 1, 2, 4, 8, ... and at the end, the child adds its private memory (what
-it does not share with the gateway) to the gateway's resident memory of that moment, and
-reports the highest sum, plus the pipe's buffer (``peak_combined_kb``); the benchmarks take
-the higher of that and the gateway's own peak. Polled from outside every millisecond, the true
-combined peak of a 2M-frame replay was 0.6-1.3 MB higher (the arrays of a block being parsed,
-between two samples).
+Memory: after chunks 1, 2, 4, 8, ..., when a head start first fills, and at the end, the
+child adds its private memory (what it does not share with the gateway) to the gateway's
+resident memory of that moment, and reports the highest sum, plus the pipe's buffer
+(``peak_combined_kb``); the benchmarks take the higher of that and the gateway's own peak.
+Polled from outside every millisecond, the true combined peak of a 2M-frame replay was 0.6-1.3
+MB higher (the arrays of a block being parsed, between two samples).
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ log = logging.getLogger(__name__)
 _HEAD = struct.Struct("<QQ")  # bytes of the pickled message, number of raw buffers
 _PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-root users)
 _F_SETPIPE_SZ = 1031
-# what a child started early (``start_early``) may parse ahead, in its own memory, while the
-# gateway is still starting and does not read the pipe yet. The child fills it long before the
-# gateway reads (~0.1 s of imports and set-up, time for ~600k frames of parsing) and then waits;
-# with 4 MiB it was behind the gateway from the first read to the last. 8 MiB (~310k frames)
-# against 4, old and new in paired rounds: a 1M-frame Model 3 replay -32 ms (faster in 25 of
-# 30), a 2M-frame Kona one -59 ms (18 of 20); peak memory 3-5 MB more in the benchmarks. 12
-# MiB was no faster than 8, and 5-7 MB more (docs/benchmarks.md, stop 17)
+# what a child started early (``start_early``) may parse ahead of the gateway's reads, in its
+# own memory. The child fills it long before the gateway reads (~0.1 s of imports and set-up,
+# time for ~600k frames of parsing) and then waits; with 4 MiB it was behind the gateway from
+# the first read to the last. 8 MiB (~310k frames) against 4, old and new in paired rounds: a
+# 1M-frame Model 3 replay -32 ms (faster in 25 of 30), a 2M-frame Kona one -59 ms (18 of 20);
+# peak memory 3-5 MB more in the benchmarks. 12 MiB was no faster than 8, and 5-7 MB more
+# (docs/benchmarks.md, stop 17)
 HEAD_START_BYTES = 8 << 20
 
 # the highest memory (kB) the gateway and a parse child that ended took together: for the
@@ -366,6 +367,7 @@ def _child(
         stats = ReadStats(path=name)
         peak = 0
         ahead = _HeadStart(w, head_start) if head_start > 0 else None
+        full = False  # the head start was full once
         with open(w, "wb", buffering=0) as out:
             try:
                 for k, batch in enumerate(
@@ -381,15 +383,14 @@ def _child(
                     if k & (k + 1) == 0:  # after chunks 1, 2, 4, 8, ...: reading it costs 1 ms
                         peak = max(peak, _combined_kb())
                     if ahead is not None:
-                        if ahead.hold(_parts("batch", stats, batch)):
-                            continue
-                        peak = max(peak, _combined_kb())  # the most it held
-                        ahead.flush()
-                        ahead = None
+                        if ahead.hold(_parts("batch", stats, batch)) and not full:
+                            peak = max(peak, _combined_kb())  # about the most it holds
+                            full = True
                         continue
                     _send(out, "batch", stats, batch)
-                if ahead is not None:  # the whole file fitted in the head start
-                    peak = max(peak, _combined_kb())
+                if ahead is not None:
+                    if not full:  # the whole file fitted in the head start
+                        peak = max(peak, _combined_kb())
                     ahead.flush()
                 peak = max(peak, _combined_kb())
                 _send(out, "end", stats, peak + _PIPE_BYTES // 1024)  # and the pipe's buffer
@@ -474,40 +475,53 @@ def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
 
 
 class _HeadStart:
-    """A child started early holds the messages the pipe cannot take while the gateway is
-    still starting, up to ``budget`` bytes. It holds no more once the gateway reads (a write
-    goes through after one found the pipe full) or the budget is used up: then ``hold``
-    returns False, and ``flush`` sends what it holds, waiting for the gateway to read it, so
-    that what the child holds shrinks from then on, as the gateway catches up."""
+    """A child started early parses ahead of the gateway, holding in its own memory what the
+    pipe cannot take, up to ``budget`` bytes: it parses on while it holds less, and waits for
+    the gateway to read once it holds that much (``hold`` says so). ``flush`` sends the rest at
+    the end."""
 
     def __init__(self, fd: int, budget: int) -> None:
         self.fd, self.budget = fd, budget
         self.views: collections.deque[memoryview] = collections.deque()
         self.held = 0
-        self.was_full = False  # a write found the pipe full
-        self.reading = False  # and a later one went through: the gateway reads
         os.set_blocking(fd, False)
 
     def hold(self, parts: list[memoryview]) -> bool:
-        """Queue one message and write what the pipe takes now; False: hold no more."""
+        """Queue one message and write what the pipe takes; while ``budget`` bytes or more
+        are held, wait for the pipe to take some. True: the budget was reached."""
         for view in parts:
             if view.nbytes:
                 self.views.append(view)
                 self.held += view.nbytes
+        full = self.held >= self.budget
+        self._write()
+        if self.held >= self.budget:
+            # blocking writes of what is held first, until it holds less: waiting in select
+            # for room in the pipe instead woke the child for each page the gateway read (a
+            # 2M-frame Kona replay +11 ms in paired rounds with it, -9 ms with this)
+            os.set_blocking(self.fd, True)
+            while self.held >= self.budget:
+                view = self.views.popleft()
+                while view:
+                    n = os.write(self.fd, view)
+                    self.held -= n
+                    view = view[n:]
+            os.set_blocking(self.fd, False)
+        return full
+
+    def _write(self) -> None:
+        """Write what the pipe takes now."""
         while self.views:
             view = self.views[0]
             try:
                 n = os.write(self.fd, view)
             except BlockingIOError:
-                self.was_full = True
-                break
-            self.reading = self.reading or self.was_full
+                return
             self.held -= n
             if n == view.nbytes:
                 self.views.popleft()
             else:
                 self.views[0] = view[n:]
-        return not self.reading and self.held < self.budget
 
     def flush(self) -> None:
         os.set_blocking(self.fd, True)

@@ -348,12 +348,10 @@ def test_a_child_started_early_is_taken_over_and_parses_the_same(
     assert not pid_alive(pid)  # ended with its last chunk, and reaped
 
 
-def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
-    tmp_path: Path, no_early_left: None
-) -> None:
-    path, pid = _started_early(tmp_path, 20)  # 791k frames: far more than the head start holds
-    # wait until the child stops reading: it holds what it may, and sleeps in a write to the
-    # pipe (state S, its read position still); one merely not scheduled would be R
+def _still(pid: int, path: Path) -> int:
+    """Wait until the child ``pid`` stops reading ``path``: it holds what it may and sleeps in a
+    write to the pipe (state S, its read position still; one merely not scheduled would be R).
+    Its read position then."""
     last, still_since, deadline = -1, time.monotonic(), time.monotonic() + 60
     while time.monotonic() < deadline:
         pos = _position(pid, path)
@@ -365,13 +363,23 @@ def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
         if pos != last or state != "S":
             last, still_since = pos, time.monotonic()
         elif time.monotonic() - still_since > 1.0:
-            break
+            return last
         time.sleep(0.02)
-    else:
-        pytest.fail("the child never stopped reading")
-    frames_read = last / (path.stat().st_size / (20 * 39546))
+    pytest.fail("the child never stopped reading")
+
+
+def _frame_bytes() -> float:
+    """Bytes a Kona frame takes in the pipe (and in the head start)."""
     one = next(iter_candump(KONA_CANDUMP, ReadStats(), workers=0, **FAST))  # type: ignore[arg-type]
-    per_frame = sum(v.nbytes for v in parseproc._parts("batch", ReadStats(), one)) / len(one)
+    return sum(v.nbytes for v in parseproc._parts("batch", ReadStats(), one)) / len(one)
+
+
+def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
+    tmp_path: Path, no_early_left: None
+) -> None:
+    path, pid = _started_early(tmp_path, 20)  # 791k frames: far more than the head start holds
+    frames_read = _still(pid, path) / (path.stat().st_size / (20 * 39546))
+    per_frame = _frame_bytes()
     # without a head start it reads what the pipe holds, and a chunk or two (one written, one
     # parsed, ~65k frames); with it, HEAD_START_BYTES more (~310k frames), and not much more
     import fcntl
@@ -383,6 +391,29 @@ def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
     assert pipe + 0.9 * head < frames_read < pipe + head + 3 * chunk  # type: ignore[operator]
     parseproc.drop_early()
     assert not pid_alive(pid) and not parseproc._early
+
+
+def test_a_child_started_early_parses_on_as_the_replay_reads(
+    tmp_path: Path, no_early_left: None
+) -> None:
+    """Once the replay reads, the child parses on as soon as it holds less than its head
+    start, instead of first waiting until the replay has read all it holds (~40 ms of a
+    million-frame replay in which the child sat idle). It never holds more than that."""
+    path, pid = _started_early(tmp_path, 20)
+    per_byte = 20 * 39546 / path.stat().st_size  # frames per byte of the log
+    before = _still(pid, path) * per_byte
+    stats = ReadStats(path=str(path))
+    chunks = parseproc.iter_candump_forked(path, stats, **FAST)  # type: ignore[arg-type]
+    taken = [next(chunks) for _ in range(4)]  # it took the early child over
+    assert not parseproc._early and sum(len(c) for c in taken) == 4 * FAST["chunk_frames"]
+    after = _still(pid, path) * per_byte
+    # four chunks read; the child parsed about as many more (a block's worth of lines is
+    # read ahead of a chunk), where it would not have parsed one until the replay had read
+    # the ~310k frames it held
+    chunk = FAST["chunk_frames"]
+    assert 3 * chunk < after - before < 6 * chunk  # type: ignore[operator]
+    chunks.close()  # the replay stops: the child is ended
+    assert not pid_alive(pid)
 
 
 def test_a_log_changed_since_the_early_start_is_parsed_anew(
