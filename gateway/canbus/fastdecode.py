@@ -33,6 +33,7 @@ import numpy.typing as npt
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.canbus.signalplan import (
     FLAT_MAX_GROUP,
+    FLAT_MIN_GROUPS,
     BoolArr,
     _is_flat,
     _mux_numbers,
@@ -204,14 +205,20 @@ class VectorDecoder:
         sorted_cols: tuple[Any, Any, list[int]] | None = None
         flat_of_group: npt.NDArray[np.int64] | None = None
         id_mask = (1 << shift) - 1
-        for g, (key, lo, hi) in enumerate(zip(keys, starts, ends, strict=True)):
+        plans = [self._plan(batch.channels[key >> shift], key & id_mask) for key in keys]
+        # small groups of flat plans go the flat path together, if there are enough of them
+        small = sum(
+            p is not None and p.flat >= 0 and hi - lo <= FLAT_MAX_GROUP
+            for p, lo, hi in zip(plans, starts, ends, strict=True)
+        )
+        most = FLAT_MAX_GROUP if small >= FLAT_MIN_GROUPS else 0
+        for g, (key, plan, lo, hi) in enumerate(zip(keys, plans, starts, ends, strict=True)):
             fid = key & id_mask
-            plan = self._plan(batch.channels[key >> shift], fid)
             idx = frames[lo:hi]
             if plan is None:
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + hi - lo
                 continue
-            if plan.flat >= 0 and hi - lo <= FLAT_MAX_GROUP:
+            if plan.flat >= 0 and hi - lo <= most:
                 if flat_of_group is None:
                     flat_of_group = np.full(numbers, -1, np.int64)
                 flat_of_group[g] = plan.flat

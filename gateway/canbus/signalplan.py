@@ -34,6 +34,10 @@ _EXACT = 2**53  # integers up to here are exact in float64
 # larger groups of one id are faster decoded a message at a time (a signals x frames matrix):
 # 32 rather than 128 took Kona 65k-frame chunks from 6.7 to 8.1M frames/s (A/B in one process)
 FLAT_MAX_GROUP = 32
+# the flat path costs ~0.2 ms a batch whatever it takes, a small group ~10 us as a matrix: a
+# batch takes it only for this many small groups or more. A Kona batch has a handful (65k
+# frames: ~8): without the flat path 16.0 -> 17.6M frames/s (A/B in one process, stop 18)
+FLAT_MIN_GROUPS = 24
 
 
 def _network_start(s: Signal) -> int:

@@ -167,6 +167,7 @@ def small_groups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(fastdecode, "FLAT_MAX_GROUP", 0)
     else:
         monkeypatch.setattr(fastdecode, "FLAT_MAX_GROUP", 1 << 30)
+        monkeypatch.setattr(fastdecode, "FLAT_MIN_GROUPS", 0)
     return str(request.param)
 
 
@@ -210,6 +211,32 @@ def test_large_groups_of_whole_frames_decode_as_one_matrix_equal(
         }
         both(ChannelDbcs({"*": [db]}), batch, one)
     assert used and all(used)
+
+
+def test_small_groups_take_the_flat_path_only_when_there_are_many(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flat path's cost per batch pays only for many small groups: with fewer than
+    FLAT_MIN_GROUPS, each is decoded as a matrix. Either way the result is cantools'."""
+    flat = []
+    decode_flat = VectorDecoder._decode_flat
+
+    def spy(self: VectorDecoder, *args: object) -> None:
+        flat.append(len(args[1]))  # type: ignore[arg-type]
+        decode_flat(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VectorDecoder, "_decode_flat", spy)
+    db = loaded(next(p for p in DBC_PATHS if p.name == "Model3CAN.dbc"))
+    assert db is not None
+    plain = [m for m in db.messages if not m.is_multiplexed()]
+    rng = np.random.default_rng(12)
+    for n in (signalplan.FLAT_MIN_GROUPS - 1, signalplan.FLAT_MIN_GROUPS):
+        some = cantools.database.can.Database(plain[:n])
+        batch = random_batch(rng, some, per_message=5, full_share=1.0)
+        flat.clear()
+        both(ChannelDbcs({"*": [some]}), batch)
+        assert bool(flat) == (n >= signalplan.FLAT_MIN_GROUPS)
+    assert fastdecode.FLAT_MIN_GROUPS == signalplan.FLAT_MIN_GROUPS
 
 
 OVERLAP_64 = """VERSION ""
