@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 _HEAD = struct.Struct("<QQ")  # bytes of the pickled message, number of raw buffers
 _PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-root users)
 _F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
 # what a child started early (``start_early``) may parse ahead of the gateway's reads, in its
 # own memory. The child fills it long before the gateway reads (~0.1 s of imports and set-up,
 # time for ~600k frames of parsing) and then waits; with 4 MiB it was behind the gateway from
@@ -477,36 +478,39 @@ def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
 class _HeadStart:
     """A child started early parses ahead of the gateway, holding in its own memory what the
     pipe cannot take, up to ``budget`` bytes: it parses on while it holds less, and waits for
-    the gateway to read once it holds that much (``hold`` says so). ``flush`` sends the rest at
-    the end."""
+    the gateway to read once it holds that much (``hold`` says so). A message larger than the
+    pipe cannot reach the gateway by writes that do not wait (the gateway needs all of it
+    before it can read more): from the gateway's first read on, such a message is sent at
+    once, waiting for the gateway to read it, with what is held before it. ``flush`` sends
+    the rest at the end."""
 
     def __init__(self, fd: int, budget: int) -> None:
         self.fd, self.budget = fd, budget
         self.views: collections.deque[memoryview] = collections.deque()
         self.held = 0
+        self.pipe = _pipe_size(fd)
+        self.was_full = False  # a write found the pipe full
+        self.reading = False  # and a later one went through: the gateway reads
         os.set_blocking(fd, False)
 
     def hold(self, parts: list[memoryview]) -> bool:
         """Queue one message and write what the pipe takes; while ``budget`` bytes or more
         are held, wait for the pipe to take some. True: the budget was reached."""
+        size = 0
         for view in parts:
             if view.nbytes:
                 self.views.append(view)
-                self.held += view.nbytes
+                size += view.nbytes
+        self.held += size
         full = self.held >= self.budget
         self._write()
-        if self.held >= self.budget:
+        if self.reading and size > self.pipe:
+            self._send_until(0)
+        elif self.held >= self.budget:
             # blocking writes of what is held first, until it holds less: waiting in select
             # for room in the pipe instead woke the child for each page the gateway read (a
             # 2M-frame Kona replay +11 ms in paired rounds with it, -9 ms with this)
-            os.set_blocking(self.fd, True)
-            while self.held >= self.budget:
-                view = self.views.popleft()
-                while view:
-                    n = os.write(self.fd, view)
-                    self.held -= n
-                    view = view[n:]
-            os.set_blocking(self.fd, False)
+            self._send_until(self.budget - 1)
         return full
 
     def _write(self) -> None:
@@ -516,20 +520,41 @@ class _HeadStart:
             try:
                 n = os.write(self.fd, view)
             except BlockingIOError:
+                self.was_full = True
                 return
+            self.reading = self.reading or self.was_full
             self.held -= n
             if n == view.nbytes:
                 self.views.popleft()
             else:
                 self.views[0] = view[n:]
 
-    def flush(self) -> None:
+    def _send_until(self, most: int) -> None:
+        """Blocking writes of what is held, oldest first, until it holds at most ``most``
+        bytes (each write returns as the gateway reads)."""
         os.set_blocking(self.fd, True)
-        while self.views:
+        while self.held > most:
             view = self.views.popleft()
             while view:
-                view = view[os.write(self.fd, view) :]
-        self.held = 0
+                n = os.write(self.fd, view)
+                self.held -= n
+                view = view[n:]
+            self.reading = True
+        os.set_blocking(self.fd, False)
+
+    def flush(self) -> None:
+        """Send all that is held; the pipe stays blocking for the messages after it."""
+        self._send_until(0)
+        os.set_blocking(self.fd, True)
+
+
+def _pipe_size(fd: int) -> int:
+    """What the pipe of ``fd`` holds (Linux: F_GETPIPE_SZ), 64 KiB where that is not known."""
+    with contextlib.suppress(OSError, ImportError):
+        import fcntl
+
+        return int(fcntl.fcntl(fd, _F_GETPIPE_SZ))
+    return 1 << 16
 
 
 class _Gone(Exception):

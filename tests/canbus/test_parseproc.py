@@ -374,7 +374,7 @@ def _frame_bytes() -> float:
     return sum(v.nbytes for v in parseproc._parts("batch", ReadStats(), one)) / len(one)
 
 
-def test_a_child_started_early_parses_ahead_of_the_pipe_until_the_replay_reads(
+def test_a_child_started_early_parses_ahead_of_the_pipe_while_the_gateway_starts(
     tmp_path: Path, no_early_left: None
 ) -> None:
     path, pid = _started_early(tmp_path, 20)  # 791k frames: far more than the head start holds
@@ -398,7 +398,7 @@ def test_a_child_started_early_parses_on_as_the_replay_reads(
 ) -> None:
     """Once the replay reads, the child parses on as soon as it holds less than its head
     start, instead of first waiting until the replay has read all it holds (~40 ms of a
-    million-frame replay in which the child sat idle). It never holds more than that."""
+    million-frame replay in which the child sat idle), and holds no more than that."""
     path, pid = _started_early(tmp_path, 20)
     per_byte = 20 * 39546 / path.stat().st_size  # frames per byte of the log
     before = _still(pid, path) * per_byte
@@ -409,10 +409,35 @@ def test_a_child_started_early_parses_on_as_the_replay_reads(
     after = _still(pid, path) * per_byte
     # four chunks read; the child parsed about as many more (a block's worth of lines is
     # read ahead of a chunk), where it would not have parsed one until the replay had read
-    # the ~310k frames it held
+    # the ~310k frames it held; and no more: what it holds stays within its head start
     chunk = FAST["chunk_frames"]
     assert 3 * chunk < after - before < 6 * chunk  # type: ignore[operator]
     chunks.close()  # the replay stops: the child is ended
+    assert not pid_alive(pid)
+
+
+def test_messages_larger_than_the_pipe_are_not_held_back_once_the_replay_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_early_left: None
+) -> None:
+    """A chunk larger than the pipe reaches the replay only through writes that wait for it to
+    read: the child must not hold a head start of them once the replay reads (it would send
+    each only when the next is parsed, and keep ~8 MiB to the end)."""
+    monkeypatch.setattr(parseproc, "_PIPE_BYTES", 1 << 16)  # 64 KiB: every chunk is larger
+    path, pid = _started_early(tmp_path, 20)
+    per_byte = 20 * 39546 / path.stat().st_size
+    _still(pid, path)  # it holds its head start
+    stats = ReadStats(path=str(path))
+    chunks = parseproc.iter_candump_forked(path, stats, **FAST)  # type: ignore[arg-type]
+    read = sum(len(next(chunks)) for _ in range(16))  # more than the head start held
+    ahead = _still(pid, path) * per_byte - read
+    chunk = FAST["chunk_frames"]
+    # a chunk being written, one parsed, a block of lines read ahead; not ~310k frames
+    assert 0 < ahead < 3 * chunk  # type: ignore[operator]
+    rest = list(chunks)
+    here = ReadStats(path=str(path))
+    ref = list(iter_candump(path, here, workers=0, **FAST))  # type: ignore[arg-type]
+    assert sum(len(c) for c in rest) + read == sum(len(c) for c in ref)
+    assert stats == here
     assert not pid_alive(pid)
 
 
