@@ -291,10 +291,13 @@ class VectorDecoder:
         stats.decoded += int(n[state == _IDLE].sum())
         work = state == _WORK
         codes, sizes = present[work], n[work]
-        # each frame's group, numbered densely in code order (the rest last): a stable radix
-        # sort of these small numbers groups the frames to decode, in batch order within each
-        dense: type[np.unsignedinteger[Any]] = np.uint8 if len(codes) < 255 else np.uint16
-        rest = np.iinfo(dense).max
+        # each frame's group, numbered densely in code order (the rest: one number more): a
+        # stable radix sort of these small numbers groups the frames to decode, in batch order
+        # within each (all 65,536 codes to decode, which no DBC has: uint32, a slower sort)
+        rest = len(codes)
+        dense: type[np.unsignedinteger[Any]] = (
+            np.uint8 if rest <= 0xFF else np.uint16 if rest <= 0xFFFF else np.uint32
+        )
         number = np.full(32 << 11, rest, dense)
         number[codes] = np.arange(len(codes), dtype=dense)
         gid = number[code]
@@ -308,7 +311,7 @@ class VectorDecoder:
             11,
             gid,
             keep,
-            int(rest) + 1,
+            rest + 1,
         )
 
     def _decode_flat(self, batch: FrameBatch, f: Any, p: Any, pieces: list[_Piece]) -> None:

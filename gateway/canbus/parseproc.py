@@ -64,12 +64,13 @@ _PIPE_BYTES = 1 << 20  # the pipe's capacity, asked for (Linux caps it for non-r
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
 # what a child started early (``start_early``) may parse ahead of the gateway's reads, in its
-# own memory. The child fills it long before the gateway reads (~0.1 s of imports and set-up,
-# time for ~600k frames of parsing) and then waits; with 4 MiB it was behind the gateway from
-# the first read to the last. 8 MiB (~310k frames) against 4, old and new in paired rounds: a
+# own memory. The child fills it before the gateway reads (~0.1 s of imports and set-up, time
+# for ~600k frames of parsing) and then waits; with 4 MiB it was behind the gateway from the
+# first read to the last. 8 MiB (~310k frames) against 4, old and new in paired rounds: a
 # 1M-frame Model 3 replay -32 ms (faster in 25 of 30), a 2M-frame Kona one -59 ms (18 of 20);
 # peak memory 3-5 MB more in the benchmarks. 12 MiB was no faster than 8, and 5-7 MB more
-# (docs/benchmarks.md, stop 17)
+# (docs/benchmarks.md, stop 17). Those were timed when the child stopped parsing from the
+# gateway's first read until all it held was read (stop 18 lets it parse on); not again since
 HEAD_START_BYTES = 8 << 20
 
 # the highest memory (kB) the gateway and a parse child that ended took together: for the
@@ -139,7 +140,7 @@ def start_early(
 ) -> bool:
     """Fork the parse child of ``path`` now, while the gateway is still starting (importing
     its pipeline, loading DBCs, connecting), instead of when the replay reads the file: the
-    child parses up to ``HEAD_START_BYTES`` ahead in its own memory until the gateway reads.
+    child parses up to ``HEAD_START_BYTES`` ahead of the gateway's reads, in its own memory.
     ``iter_candump_forked`` with the same file and chunking takes it over; ``drop_early``
     ends one no replay took. False where no child can parse it (then nothing was started)."""
     if os.environ.get("GATEWAY_PARSE_PROCESS", "1") == "0" or not available() or not usable(path):

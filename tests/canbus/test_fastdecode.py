@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import cantools
@@ -355,8 +357,48 @@ def frames_to_batch(db: cantools.database.can.Database, frames: list[tuple]) -> 
 def test_random_frames_decode_equal(path: Path | None, frames: list[tuple]) -> None:
     db = loaded(path) if path is not None else synthetic()
     assert db is not None
-    # the same database on two channels: one series gathers samples from both, in frame order
-    both(ChannelDbcs({"can0": [db], "can1": [db]}), frames_to_batch(db, frames))
+    batch = frames_to_batch(db, frames)
+    for least in (0, signalplan.FLAT_MIN_GROUPS):  # small groups on the flat path, or not
+        with _flat_path_from(least):
+            # the same database on two channels: one series gathers samples from both, in
+            # frame order
+            both(ChannelDbcs({"can0": [db], "can1": [db]}), batch)
+
+
+@contextlib.contextmanager
+def _flat_path_from(least: int) -> Iterator[None]:
+    """``FLAT_MIN_GROUPS`` set to ``least`` (hypothesis tests cannot take monkeypatch)."""
+    before = fastdecode.FLAT_MIN_GROUPS
+    fastdecode.FLAT_MIN_GROUPS = least
+    try:
+        yield
+    finally:
+        fastdecode.FLAT_MIN_GROUPS = before
+
+
+@pytest.mark.parametrize("least", [0, signalplan.FLAT_MIN_GROUPS])
+def test_standard_ids_of_many_messages_and_special_frames_decode_equal(
+    least: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More than 254 (channel, id) pairs to decode in one batch of standard ids: the frames'
+    group numbers are 16-bit; error and remote frames among them are left out."""
+    monkeypatch.setattr(fastdecode, "FLAT_MIN_GROUPS", least)
+    numbers = []
+    standard_groups = VectorDecoder._standard_groups
+
+    def spy(self: VectorDecoder, *args: object) -> object:
+        got = standard_groups(self, *args)  # type: ignore[arg-type]
+        numbers.append(None if got is None else got.gid.dtype)
+        return got
+
+    monkeypatch.setattr(VectorDecoder, "_standard_groups", spy)
+    db = loaded(next(p for p in DBC_PATHS if p.name == "Model3CAN.dbc"))
+    assert db is not None
+    batch = random_batch(np.random.default_rng(21), db, per_message=20, channels=("c0", "c1"))
+    std = batch.select(np.flatnonzero(batch.arbitration_id <= 0x7FF))
+    assert (std.is_error | std.is_remote).any()
+    both(ChannelDbcs({"*": [db]}), std)
+    assert numbers == [np.uint16]
 
 
 def kona_log() -> Path:
@@ -420,10 +462,14 @@ def test_kona_wanted_and_stats_match_the_reference() -> None:
     both(dbcs, batch, {"BMS_542.SocDisp", "Batt_HV_Status.VBatt", "VCU_200.Range"})
 
 
-def test_one_decoder_over_batches_whose_channel_lists_differ() -> None:
+@pytest.mark.parametrize("least", [0, signalplan.FLAT_MIN_GROUPS])
+def test_one_decoder_over_batches_whose_channel_lists_differ(
+    least: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What each (channel, id) needs is remembered per channel list: the same channel codes
     naming other channels in a later batch must be looked up anew (per-channel DBCs, so the
     P-CAN ids on can1 are unknown), batch after batch with one decoder."""
+    monkeypatch.setattr(fastdecode, "FLAT_MIN_GROUPS", least)
     dbcs = kona_dbcs("per-channel")
     batch = concat(list(iter_candump(kona_log())))
     swapped = dataclasses.replace(batch, channels=batch.channels[::-1])
