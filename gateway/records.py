@@ -9,9 +9,9 @@ series into ``WindowSummary`` values; only summaries (never frames, never pixels
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -183,42 +183,19 @@ def choices_for(length: int, choices: dict[float, str]) -> dict[float, str]:
     return choices
 
 
-@dataclass(frozen=True, slots=True)
-class SignalSeries:
+class SignalSeries(NamedTuple):
     """One decoded signal over a batch: timestamps and numeric values (enum signals stay
-    numeric; ``choices`` maps those numbers to names)."""
+    numeric; ``choices`` maps those numbers to names).
+
+    A named tuple, not a frozen dataclass: the vector decoder makes hundreds of these per batch,
+    and a named tuple is made in a third of the time (0.26 against 0.69 us, about a tenth of
+    the decode time of a 65k-frame Kona batch). It is as immutable; fields are read by name."""
 
     name: str  # "Message.Signal"
     timestamp: F64
     value: F64
     unit: str = ""
     choices: Mapping[float, str] | None = None
-
-
-def _series_maker() -> Callable[[str, F64, F64, str, Mapping[float, str] | None], SignalSeries]:
-    """``SignalSeries(...)`` at half the cost, for decoders that make hundreds per batch: a
-    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; this sets
-    the slots directly. The object is the same (a test compares them)."""
-    new = object.__new__
-    name_, ts_, value_, unit_, choices_ = (
-        SignalSeries.__dict__[f].__set__ for f in ("name", "timestamp", "value", "unit", "choices")
-    )
-
-    def make(
-        name: str, ts: F64, value: F64, unit: str, choices: Mapping[float, str] | None
-    ) -> SignalSeries:
-        s = new(SignalSeries)
-        name_(s, name)
-        ts_(s, ts)
-        value_(s, value)
-        unit_(s, unit)
-        choices_(s, choices)
-        return s
-
-    return make
-
-
-make_series = _series_maker()
 
 
 @dataclass(slots=True)

@@ -49,7 +49,6 @@ from gateway.records import (
     FrameBatch,
     SignalSeries,
     distinct,
-    make_series,
 )
 
 if TYPE_CHECKING:
@@ -445,7 +444,7 @@ class VectorDecoder:
                 int(idx[0]),
                 idx,
                 c.ranks,
-                [make_series(n, ts, rows[i], u, ch) for i, n, u, ch in c.named],
+                [SignalSeries(n, ts, rows[i], u, ch) for i, n, u, ch in c.named],
             )
         )
         return True
@@ -717,7 +716,7 @@ def _assemble(pieces: list[_Piece], blocks: list[_Block] | None = None) -> list[
                 if type(x) is list:
                     made += x
                 else:
-                    made.append(make_series(x[0], x[4], x[5], *x[6]))
+                    made.append(SignalSeries(x[0], x[4], x[5], *x[6]))
             return made
         pieces = pieces + [
             _Piece(s.name, b[0], r, b[1], s.timestamp, s.value, (s.unit, s.choices))
@@ -727,7 +726,7 @@ def _assemble(pieces: list[_Piece], blocks: list[_Block] | None = None) -> list[
     if len({p.name for p in pieces}) == len(pieces):  # a piece per name
         # (first frame, rank in that frame's dict) is unique: a frame has one message
         pieces.sort(key=_FIRST_RANK)
-        return [make_series(p[0], p[4], p[5], *p[6]) for p in pieces]
+        return [SignalSeries(p[0], p[4], p[5], *p[6]) for p in pieces]
     first_of: dict[str, _Piece] = {}
     more: dict[str, list[_Piece]] = {}
     for p in pieces:
@@ -744,6 +743,6 @@ def _assemble(pieces: list[_Piece], blocks: list[_Block] | None = None) -> list[
             order = np.argsort(np.concatenate([q.frames for q in ps]), kind="stable")
             ts = np.concatenate([q.ts for q in ps])[order]
             vals = np.concatenate([q.values for q in ps])[order]
-        out.append((p.first, p.rank, k, make_series(name, ts, vals, *p.meta)))
+        out.append((p.first, p.rank, k, SignalSeries(name, ts, vals, *p.meta)))
     out.sort()
     return [t[3] for t in out]

@@ -518,19 +518,16 @@ def test_standard_ids_never_build_64_bit_keys(monkeypatch: pytest.MonkeyPatch) -
     both(dbcs, batch, {"BMS_542.SocDisp"})
 
 
-def test_make_series_makes_the_same_frozen_series() -> None:
-    from gateway.records import SignalSeries, make_series
+def test_a_series_is_immutable_and_read_by_name() -> None:
+    from gateway.records import SignalSeries
 
     ts, val = np.array([1.0, 2.0]), np.array([3.0, -0.0])
-    choices = {1.0: "ON"}
-    a, b = make_series("M.S", ts, val, "V", choices), SignalSeries("M.S", ts, val, "V", choices)
-    assert type(a) is SignalSeries
-    assert [getattr(a, f.name) for f in dataclasses.fields(a)] == [
-        getattr(b, f.name) for f in dataclasses.fields(b)
-    ]
-    assert repr(a) == repr(b)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        a.name = "X"  # type: ignore[misc]
+    s = SignalSeries("M.S", ts, val, "V", {1.0: "ON"})
+    assert s.name == "M.S" and s.timestamp is ts and s.value is val
+    assert s.unit == "V" and s.choices == {1.0: "ON"}
+    assert SignalSeries("M.S", ts, val).unit == "" and SignalSeries("M.S", ts, val).choices is None
+    with pytest.raises(AttributeError):
+        s.name = "X"  # type: ignore[misc]
 
 
 def test_empty_and_all_special_batches() -> None:
