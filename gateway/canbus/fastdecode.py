@@ -112,8 +112,9 @@ class VectorDecoder:
         self._columns: dict[int, _Columns] = {}  # flat plan -> its rows as columns
         self._word0: Any = None
         # per channel list: what frames of each (channel << 11 | standard id) need, 0 for a
-        # code not looked up yet; see _standard_codes
+        # code not looked up yet, and the codes' numbers; see _standard_groups and _renumber
         self._code_state: dict[tuple[str, ...], npt.NDArray[np.uint8]] = {}
+        self._numbering: dict[tuple[str, ...], _CodeNumbers] = {}
 
     def _plan(self, channel: str, frame_id: int) -> _Plan | None:
         key = (channel, frame_id)
@@ -197,14 +198,15 @@ class VectorDecoder:
         grouped = self._standard_groups(batch, special, stats)
         if grouped is None:  # extended ids, or more than 32 channels
             grouped = _wide_groups(batch, special)
-        frames, keys, starts, ends, shift, gid, keep, numbers = grouped
+        frames, keys, starts, ends, shift, gid, keep, numbers, slots, plans = grouped
         self._word0 = None
         pieces: list[_Piece] = []
         blocks: list[_Block] = []
         sorted_cols: tuple[Any, Any, list[int]] | None = None
         flat_of_group: npt.NDArray[np.int64] | None = None
         id_mask = (1 << shift) - 1
-        plans = [self._plan(batch.channels[key >> shift], key & id_mask) for key in keys]
+        if plans is None:
+            plans = [self._plan(batch.channels[key >> shift], key & id_mask) for key in keys]
         # small groups of flat plans go the flat path together, if there are enough of them
         small = sum(
             p is not None and p.flat >= 0 and hi - lo <= FLAT_MAX_GROUP
@@ -220,7 +222,7 @@ class VectorDecoder:
             if plan.flat >= 0 and hi - lo <= most:
                 if flat_of_group is None:
                     flat_of_group = np.full(numbers, -1, np.int64)
-                flat_of_group[g] = plan.flat
+                flat_of_group[g if slots is None else slots[g]] = plan.flat
                 stats.decoded += hi - lo
                 continue
             if plan.flat >= 0:
@@ -270,48 +272,56 @@ class VectorDecoder:
         keep = np.flatnonzero(~special) if stats.skipped_special else None
         if keep is not None:
             code = code[keep]
-        counts = np.bincount(code)
-        present = np.flatnonzero(counts)
-        table = self._code_state.get(batch.channels)
-        if table is None:
-            table = self._code_state[batch.channels] = np.zeros(32 << 11, np.uint8)
-        state = table[present]
-        if not state.all():  # codes seen for the first time
-            for c in present[state == 0].tolist():
-                plan = self._plan(batch.channels[c >> 11], c & 0x7FF)
-                table[c] = _UNKNOWN if plan is None else _WORK if self._needs_work(plan) else _IDLE
-            state = table[present]
-        n = counts[present]
-        unknown = state == _UNKNOWN
+        numbering = self._numbering.get(batch.channels)
+        if numbering is None:
+            numbering = self._numbering[batch.channels] = _CodeNumbers.empty()
+        # a stable radix sort of the frames' small numbers groups the frames to decode, in
+        # batch order within each group; numbers are counted from the sorted ones
+        gid = np.take(numbering.number, code)  # (faster than number[code])
+        order = np.argsort(gid, kind="stable")
+        counts = np.searchsorted(gid[order], numbering.bounds)
+        if counts[-1] < len(code):  # codes seen for the first time: number them, sort again
+            numbering = self._renumber(batch.channels, np.unique(code[gid == numbering.unseen]))
+            gid = np.take(numbering.number, code)  # (faster than number[code])
+            order = np.argsort(gid, kind="stable")
+            counts = np.searchsorted(gid[order], numbering.bounds)
+        work, n_work = numbering.work, len(numbering.work)
+        unknown = counts[n_work + 1 : -1] - counts[n_work:-2]
         if unknown.any():
-            fids = (present[unknown] & 0x7FF).tolist()
-            for fid, k in zip(fids, n[unknown].tolist(), strict=True):
-                stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + k
-        stats.decoded += int(n[state == _IDLE].sum())
-        work = state == _WORK
-        codes, sizes = present[work], n[work]
-        # each frame's group, numbered densely in code order (the rest: one number more): a
-        # stable radix sort of these small numbers groups the frames to decode, in batch order
-        # within each (all 65,536 codes to decode, which no DBC has: uint32, a slower sort)
-        rest = len(codes)
-        dense: type[np.unsignedinteger[Any]] = (
-            np.uint8 if rest <= 0xFF else np.uint16 if rest <= 0xFFFF else np.uint32
-        )
-        number = np.full(32 << 11, rest, dense)
-        number[codes] = np.arange(len(codes), dtype=dense)
-        gid = number[code]
-        ends = np.cumsum(sizes)
-        order = np.argsort(gid, kind="stable")[: int(ends[-1]) if len(ends) else 0]
+            for u in np.flatnonzero(unknown).tolist():
+                fid = numbering.unknown[u] & 0x7FF
+                stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + int(unknown[u])
+        stats.decoded += int(counts[-1] - counts[-2])  # idle codes
+        ends = counts[1 : n_work + 1]
+        starts = counts[:n_work]
+        present = np.flatnonzero(ends > starts).tolist()
+        frames = order[: int(counts[n_work])]  # the frames to decode, numbered below n_work
         return _Groups(
-            order if keep is None else keep[order],
-            codes.tolist(),
-            (ends - sizes).tolist(),
-            ends.tolist(),
+            frames if keep is None else keep[frames],
+            [work[g] for g in present],
+            starts[present].tolist(),
+            ends[present].tolist(),
             11,
             gid,
             keep,
-            rest + 1,
+            len(numbering.bounds),
+            present,
+            [numbering.plans[g] for g in present],
         )
+
+    def _renumber(self, channels: tuple[str, ...], new_codes: Any) -> _CodeNumbers:
+        """Looks up the codes first seen on ``channels`` and numbers all codes again."""
+        table = self._code_state.get(channels)
+        if table is None:
+            table = self._code_state[channels] = np.zeros(32 << 11, np.uint8)
+        for c in new_codes.tolist():
+            plan = self._plan(channels[c >> 11], c & 0x7FF)
+            table[c] = _UNKNOWN if plan is None else _WORK if self._needs_work(plan) else _IDLE
+        work = np.flatnonzero(table == _WORK)
+        plans = [self._plan(channels[c >> 11], c & 0x7FF) for c in work.tolist()]
+        numbering = _CodeNumbers.of(table, plans)
+        self._numbering[channels] = numbering
+        return numbering
 
     def _decode_flat(self, batch: FrameBatch, f: Any, p: Any, pieces: list[_Piece]) -> None:
         """Frames ``f`` (batch order) of flat plans ``p``: every (frame, signal) pair at once."""
@@ -632,9 +642,48 @@ class _Groups(NamedTuple):
     starts: list[int]  # each group's frames are frames[start:end]
     ends: list[int]
     shift: int
-    gid: Any  # the group of every kept frame in batch order (other frames: a larger number)
+    gid: Any  # the number of every kept frame in batch order (see slots)
     keep: Any  # the kept frames' batch indices; None: all
     numbers: int  # gid < numbers
+    slots: list[int] | None  # each group's number in gid; None: its position in the groups
+    plans: list[_Plan | None] | None  # each group's plan; None: not looked up yet
+
+
+class _CodeNumbers:
+    """The small number of every 16-bit code (channel << 11 | id) of one channel list, kept
+    from batch to batch: the codes to decode are numbered 0..k-1 in code order, each code not
+    in the DBCs has a number of its own after them (its frames are counted per id), the codes
+    that need no decoding share the next number, and codes not seen yet the last. The dtype
+    is the smallest that holds them (uint8 for up to 253 codes to decode or count; its radix
+    sort is one pass, uint16's two)."""
+
+    def __init__(self, number: Any, work: list[int], unknown: list[int], plans: list[Any]):
+        self.number = number
+        self.work = work  # the codes to decode, by number
+        self.unknown = unknown  # the codes in no DBC, by number - len(work)
+        self.plans = plans  # the plan of each code to decode
+        size = len(work) + len(unknown) + 2
+        self.unseen = size - 1
+        # counts[i] (searchsorted of the sorted numbers) = frames numbered below i
+        self.bounds = np.arange(size, dtype=number.dtype)
+
+    @classmethod
+    def empty(cls) -> _CodeNumbers:
+        return cls(np.ones(32 << 11, np.uint8), [], [], [])
+
+    @classmethod
+    def of(cls, state: npt.NDArray[np.uint8], plans: list[Any]) -> _CodeNumbers:
+        work = np.flatnonzero(state == _WORK)
+        unknown = np.flatnonzero(state == _UNKNOWN)
+        size = len(work) + len(unknown) + 2
+        dense: type[np.unsignedinteger[Any]] = (
+            np.uint8 if size <= 0x100 else np.uint16 if size <= 0x10000 else np.uint32
+        )
+        number = np.full(32 << 11, size - 1, dense)  # not seen yet
+        number[work] = np.arange(len(work), dtype=dense)
+        number[unknown] = np.arange(len(work), len(work) + len(unknown), dtype=dense)
+        number[state == _IDLE] = size - 2
+        return cls(number, work.tolist(), unknown.tolist(), plans)
 
 
 def _wide_groups(batch: FrameBatch, special: npt.NDArray[np.bool_]) -> _Groups:
@@ -658,6 +707,8 @@ def _wide_groups(batch: FrameBatch, special: npt.NDArray[np.bool_]) -> _Groups:
         gid,
         keep,
         len(starts),
+        None,
+        None,
     )
 
 

@@ -401,6 +401,40 @@ def test_standard_ids_of_many_messages_and_special_frames_decode_equal(
     assert numbers == [np.uint16]
 
 
+@pytest.mark.parametrize("least", [0, signalplan.FLAT_MIN_GROUPS])
+def test_one_decoder_numbers_codes_as_they_first_appear(
+    least: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoder numbers each (channel, id) once and keeps the numbers from batch to batch.
+    Batches that bring new ids, some in no DBC, until more than 254 ids need numbers (the
+    numbers widen from 8 to 16 bits between batches), then batches of ids seen before: each
+    decodes as the reference does, per-id counts of unknown ids included."""
+    monkeypatch.setattr(fastdecode, "FLAT_MIN_GROUPS", least)
+    widths = []
+    standard_groups = VectorDecoder._standard_groups
+
+    def spy(self: VectorDecoder, *args: object) -> object:
+        got = standard_groups(self, *args)  # type: ignore[arg-type]
+        widths.append(None if got is None else got.gid.dtype)
+        return got
+
+    monkeypatch.setattr(VectorDecoder, "_standard_groups", spy)
+    db = loaded(next(p for p in DBC_PATHS if p.name == "Model3CAN.dbc"))
+    assert db is not None
+    rng = np.random.default_rng(5)
+    batch = random_batch(rng, db, per_message=6, channels=("c0", "c1"))
+    std = batch.select(np.flatnonzero(batch.arbitration_id <= 0x7FF))
+    std.arbitration_id[::7] = rng.integers(0, 0x800, len(std.arbitration_id[::7]))  # unknowns
+    by_id = np.argsort(std.arbitration_id.astype(np.int64) + (std.channel << 11), kind="stable")
+    parts = [rng.permutation(p) for p in np.array_split(by_id, 6)]
+    dbcs = ChannelDbcs({"*": [db]})
+    vec, ref = VectorDecoder(dbcs), CantoolsDecoder(dbcs)
+    for part in [*parts, np.arange(len(std)), parts[0]]:
+        b = std.select(np.sort(part))
+        assert_same(ref.decode(b), vec.decode(b))
+    assert widths[0] == np.uint8 and widths[-1] == np.uint16
+
+
 def kona_log() -> Path:
     logs = find_data("*.candump.log")
     if not logs:
