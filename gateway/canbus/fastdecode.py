@@ -198,7 +198,7 @@ class VectorDecoder:
         grouped = self._standard_groups(batch, special, stats)
         if grouped is None:  # extended ids, or more than 32 channels
             grouped = _wide_groups(batch, special)
-        frames, keys, starts, ends, shift, gid, keep, numbers, slots, plans = grouped
+        frames, keys, starts, ends, shift, gid, keep, numbers, slots, plans, _ = grouped
         self._word0 = None
         pieces: list[_Piece] = []
         blocks: list[_Block] = []
@@ -243,7 +243,7 @@ class VectorDecoder:
             sel = plan_of >= 0
             f = np.flatnonzero(sel) if keep is None else keep[sel]
             self._decode_flat(batch, f, plan_of[sel], pieces)
-        return DecodedBatch(_assemble(pieces, blocks), stats)
+        return DecodedBatch(_assemble(pieces, blocks, grouped.distinct), stats)
 
     def _needs_work(self, plan: _Plan) -> bool:
         """Whether frames of ``plan`` must be decoded at all: for a wanted signal, or to find
@@ -307,6 +307,7 @@ class VectorDecoder:
             len(numbering.bounds),
             present,
             [numbering.plans[g] for g in present],
+            numbering.distinct,
         )
 
     def _renumber(self, channels: tuple[str, ...], new_codes: Any) -> _CodeNumbers:
@@ -432,6 +433,8 @@ class VectorDecoder:
         k = c.n_little
         if k == len(c.named):
             u = le[None, :] << c.shl
+        elif k == 0:
+            u = le.byteswap()[None, :] << c.shl
         else:
             u = np.empty((len(c.named), hi - lo), np.uint64)
             np.left_shift(le[None, :], c.shl[:k], out=u[:k])
@@ -647,6 +650,7 @@ class _Groups(NamedTuple):
     numbers: int  # gid < numbers
     slots: list[int] | None  # each group's number in gid; None: its position in the groups
     plans: list[_Plan | None] | None  # each group's plan; None: not looked up yet
+    distinct: bool  # no two groups' messages have a series name in common
 
 
 class _CodeNumbers:
@@ -662,6 +666,10 @@ class _CodeNumbers:
         self.work = work  # the codes to decode, by number
         self.unknown = unknown  # the codes in no DBC, by number - len(work)
         self.plans = plans  # the plan of each code to decode
+        # no two of these plans have a series name in common (one message on two channels
+        # has all of them in common): a batch's series then have a name each, unchecked
+        names = [n for p in plans for n in p.meta]
+        self.distinct = len(set(names)) == len(names)
         size = len(work) + len(unknown) + 2
         self.unseen = size - 1
         # counts[i] (searchsorted of the sorted numbers) = frames numbered below i
@@ -709,6 +717,7 @@ def _wide_groups(batch: FrameBatch, special: npt.NDArray[np.bool_]) -> _Groups:
         len(starts),
         None,
         None,
+        False,
     )
 
 
@@ -751,12 +760,19 @@ def _all_muxes(node: _Node) -> list[tuple[int, dict[int, _Node]]]:
     return out
 
 
-def _assemble(pieces: list[_Piece], blocks: list[_Block] | None = None) -> list[SignalSeries]:
-    """One series per name, samples in frame order, series in order of first appearance."""
+def _assemble(
+    pieces: list[_Piece], blocks: list[_Block] | None = None, distinct: bool = False
+) -> list[SignalSeries]:
+    """One series per name, samples in frame order, series in order of first appearance.
+    ``distinct``: the pieces and blocks are known to have a name each (else it is checked)."""
     if blocks:
-        names = [s.name for b in blocks for s in b[3]]
-        names += [p.name for p in pieces]
-        if len(set(names)) == len(names):  # a series per name: the usual case
+        if distinct:
+            unique = True
+        else:
+            names = [s.name for b in blocks for s in b[3]]
+            names += [p.name for p in pieces]
+            unique = len(set(names)) == len(names)
+        if unique:  # a series per name: the usual case
             # a block's first frame is no other piece's (a frame has one message), and its
             # series are in rank order already
             entries: list[tuple[int, int, Any]] = [(b[0], 0, b[3]) for b in blocks]
@@ -774,7 +790,7 @@ def _assemble(pieces: list[_Piece], blocks: list[_Block] | None = None) -> list[
             for b in blocks
             for r, s in zip(b[2], b[3], strict=True)
         ]
-    if len({p.name for p in pieces}) == len(pieces):  # a piece per name
+    if distinct or len({p.name for p in pieces}) == len(pieces):  # a piece per name
         # (first frame, rank in that frame's dict) is unique: a frame has one message
         pieces.sort(key=_FIRST_RANK)
         return [SignalSeries(p[0], p[4], p[5], *p[6]) for p in pieces]
