@@ -403,8 +403,15 @@ class VectorDecoder:
         self, batch: FrameBatch, frames: Any, starts: list[int]
     ) -> tuple[Any, Any, list[int]]:
         """First words and timestamps of the kept frames in group order, and each group's
-        shortest frame (bytes): one gather per batch instead of three per group."""
-        words = self._first_words(batch)[frames]
+        shortest frame (bytes): one gather per batch instead of three per group.
+
+        Each source is read through once before it is gathered from: a batch fresh from
+        memory or the last-level cache gathers in group order (dozens of interleaved streams)
+        at ~4 ns a frame, and 2-3x faster from the cache a sequential read has filled."""
+        w0 = self._first_words(batch)
+        w0.max()
+        words = w0[frames]
+        batch.timestamp.max()
         ts = batch.timestamp[frames]
         min_dlc = np.minimum.reduceat(batch.dlc[frames], starts).tolist() if len(frames) else []
         return words, ts, min_dlc
