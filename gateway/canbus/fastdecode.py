@@ -281,7 +281,7 @@ class VectorDecoder:
         order = np.argsort(gid, kind="stable")
         counts = np.searchsorted(gid[order], numbering.bounds)
         if counts[-1] < len(code):  # codes seen for the first time: number them, sort again
-            numbering = self._renumber(batch.channels, np.unique(code[gid == numbering.unseen]))
+            numbering = self._renumber(batch.channels, distinct(code[gid == numbering.unseen]))
             gid = np.take(numbering.number, code)  # (faster than number[code])
             order = np.argsort(gid, kind="stable")
             counts = np.searchsorted(gid[order], numbering.bounds)
