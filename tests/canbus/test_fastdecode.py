@@ -376,6 +376,21 @@ def _flat_path_from(least: int) -> Iterator[None]:
         fastdecode.FLAT_MIN_GROUPS = before
 
 
+def group_number_types(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The dtype of the frames' group numbers of each batch of standard ids decoded from now
+    on (None for a batch that takes the general way), in a list that fills as they decode."""
+    types: list[object] = []
+    standard_groups = VectorDecoder._standard_groups
+
+    def spy(self: VectorDecoder, *args: object) -> object:
+        got = standard_groups(self, *args)  # type: ignore[arg-type]
+        types.append(None if got is None else got.gid.dtype)
+        return got
+
+    monkeypatch.setattr(VectorDecoder, "_standard_groups", spy)
+    return types
+
+
 @pytest.mark.parametrize("least", [0, signalplan.FLAT_MIN_GROUPS])
 def test_standard_ids_of_many_messages_and_special_frames_decode_equal(
     least: int, monkeypatch: pytest.MonkeyPatch
@@ -383,15 +398,7 @@ def test_standard_ids_of_many_messages_and_special_frames_decode_equal(
     """More than 254 (channel, id) pairs to decode in one batch of standard ids: the frames'
     group numbers are 16-bit; error and remote frames among them are left out."""
     monkeypatch.setattr(fastdecode, "FLAT_MIN_GROUPS", least)
-    numbers = []
-    standard_groups = VectorDecoder._standard_groups
-
-    def spy(self: VectorDecoder, *args: object) -> object:
-        got = standard_groups(self, *args)  # type: ignore[arg-type]
-        numbers.append(None if got is None else got.gid.dtype)
-        return got
-
-    monkeypatch.setattr(VectorDecoder, "_standard_groups", spy)
+    numbers = group_number_types(monkeypatch)
     db = loaded(next(p for p in DBC_PATHS if p.name == "Model3CAN.dbc"))
     assert db is not None
     batch = random_batch(np.random.default_rng(21), db, per_message=20, channels=("c0", "c1"))
@@ -410,15 +417,7 @@ def test_one_decoder_numbers_codes_as_they_first_appear(
     numbers widen from 8 to 16 bits between batches), then batches of ids seen before: each
     decodes as the reference does, per-id counts of unknown ids included."""
     monkeypatch.setattr(fastdecode, "FLAT_MIN_GROUPS", least)
-    widths = []
-    standard_groups = VectorDecoder._standard_groups
-
-    def spy(self: VectorDecoder, *args: object) -> object:
-        got = standard_groups(self, *args)  # type: ignore[arg-type]
-        widths.append(None if got is None else got.gid.dtype)
-        return got
-
-    monkeypatch.setattr(VectorDecoder, "_standard_groups", spy)
+    widths = group_number_types(monkeypatch)
     db = loaded(next(p for p in DBC_PATHS if p.name == "Model3CAN.dbc"))
     assert db is not None
     rng = np.random.default_rng(5)
@@ -426,7 +425,7 @@ def test_one_decoder_numbers_codes_as_they_first_appear(
     std = batch.select(np.flatnonzero(batch.arbitration_id <= 0x7FF))
     std.arbitration_id[::7] = rng.integers(0, 0x800, len(std.arbitration_id[::7]))  # unknowns
     by_id = np.argsort(std.arbitration_id.astype(np.int64) + (std.channel << 11), kind="stable")
-    parts = [rng.permutation(p) for p in np.array_split(by_id, 6)]
+    parts = np.array_split(by_id, 6)
     dbcs = ChannelDbcs({"*": [db]})
     vec, ref = VectorDecoder(dbcs), CantoolsDecoder(dbcs)
     for part in [*parts, np.arange(len(std)), parts[0]]:
