@@ -198,7 +198,7 @@ class VectorDecoder:
         grouped = self._standard_groups(batch, special, stats)
         if grouped is None:  # extended ids, or more than 32 channels
             grouped = _wide_groups(batch, special)
-        frames, keys, starts, ends, shift, gid, keep, numbers, slots, plans, _ = grouped
+        frames, keys, starts, ends, shift, gid, keep, numbers, slots, plans, unique = grouped
         self._word0 = None
         pieces: list[_Piece] = []
         blocks: list[_Block] = []
@@ -243,7 +243,7 @@ class VectorDecoder:
             sel = plan_of >= 0
             f = np.flatnonzero(sel) if keep is None else keep[sel]
             self._decode_flat(batch, f, plan_of[sel], pieces)
-        return DecodedBatch(_assemble(pieces, blocks, grouped.distinct), stats)
+        return DecodedBatch(_assemble(pieces, blocks, unique), stats)
 
     def _needs_work(self, plan: _Plan) -> bool:
         """Whether frames of ``plan`` must be decoded at all: for a wanted signal, or to find
@@ -307,7 +307,7 @@ class VectorDecoder:
             len(numbering.bounds),
             present,
             [numbering.plans[g] for g in present],
-            numbering.distinct,
+            numbering.unique_names,
         )
 
     def _renumber(self, channels: tuple[str, ...], new_codes: Any) -> _CodeNumbers:
@@ -318,9 +318,7 @@ class VectorDecoder:
         for c in new_codes.tolist():
             plan = self._plan(channels[c >> 11], c & 0x7FF)
             table[c] = _UNKNOWN if plan is None else _WORK if self._needs_work(plan) else _IDLE
-        work = np.flatnonzero(table == _WORK)
-        plans = [self._plan(channels[c >> 11], c & 0x7FF) for c in work.tolist()]
-        numbering = _CodeNumbers.of(table, plans)
+        numbering = _CodeNumbers.of(table, lambda c: self._plan(channels[c >> 11], c & 0x7FF))
         self._numbering[channels] = numbering
         return numbering
 
@@ -657,7 +655,7 @@ class _Groups(NamedTuple):
     numbers: int  # gid < numbers
     slots: list[int] | None  # each group's number in gid; None: its position in the groups
     plans: list[_Plan | None] | None  # each group's plan; None: not looked up yet
-    distinct: bool  # no two groups' messages have a series name in common
+    unique_names: bool  # no two groups' messages have a series name in common
 
 
 class _CodeNumbers:
@@ -665,7 +663,7 @@ class _CodeNumbers:
     from batch to batch: the codes to decode are numbered 0..k-1 in code order, each code not
     in the DBCs has a number of its own after them (its frames are counted per id), the codes
     that need no decoding share the next number, and codes not seen yet the last. The dtype
-    is the smallest that holds them (uint8 for up to 253 codes to decode or count; its radix
+    is the smallest that holds them (uint8 for up to 254 codes to decode or count; its radix
     sort is one pass, uint16's two)."""
 
     def __init__(self, number: Any, work: list[int], unknown: list[int], plans: list[Any]):
@@ -676,7 +674,7 @@ class _CodeNumbers:
         # no two of these plans have a series name in common (one message on two channels
         # has all of them in common): a batch's series then have a name each, unchecked
         names = [n for p in plans for n in p.meta]
-        self.distinct = len(set(names)) == len(names)
+        self.unique_names = len(set(names)) == len(names)
         size = len(work) + len(unknown) + 2
         self.unseen = size - 1
         # counts[i] (searchsorted of the sorted numbers) = frames numbered below i
@@ -687,7 +685,9 @@ class _CodeNumbers:
         return cls(np.ones(32 << 11, np.uint8), [], [], [])
 
     @classmethod
-    def of(cls, state: npt.NDArray[np.uint8], plans: list[Any]) -> _CodeNumbers:
+    def of(cls, state: npt.NDArray[np.uint8], plan_of: Callable[[int], Any]) -> _CodeNumbers:
+        """The numbers of the codes in ``state`` (what each code needs, 0 for none seen);
+        ``plan_of`` gives a code's plan."""
         work = np.flatnonzero(state == _WORK)
         unknown = np.flatnonzero(state == _UNKNOWN)
         size = len(work) + len(unknown) + 2
@@ -698,7 +698,8 @@ class _CodeNumbers:
         number[work] = np.arange(len(work), dtype=dense)
         number[unknown] = np.arange(len(work), len(work) + len(unknown), dtype=dense)
         number[state == _IDLE] = size - 2
-        return cls(number, work.tolist(), unknown.tolist(), plans)
+        codes = work.tolist()
+        return cls(number, codes, unknown.tolist(), [plan_of(c) for c in codes])
 
 
 def _wide_groups(batch: FrameBatch, special: npt.NDArray[np.bool_]) -> _Groups:
@@ -768,12 +769,12 @@ def _all_muxes(node: _Node) -> list[tuple[int, dict[int, _Node]]]:
 
 
 def _assemble(
-    pieces: list[_Piece], blocks: list[_Block] | None = None, distinct: bool = False
+    pieces: list[_Piece], blocks: list[_Block] | None = None, unique_names: bool = False
 ) -> list[SignalSeries]:
     """One series per name, samples in frame order, series in order of first appearance.
-    ``distinct``: the pieces and blocks are known to have a name each (else it is checked)."""
+    ``unique_names``: the pieces and blocks are known to have a name each (else it is checked)."""
     if blocks:
-        if distinct:
+        if unique_names:
             unique = True
         else:
             names = [s.name for b in blocks for s in b[3]]
@@ -797,7 +798,7 @@ def _assemble(
             for b in blocks
             for r, s in zip(b[2], b[3], strict=True)
         ]
-    if distinct or len({p.name for p in pieces}) == len(pieces):  # a piece per name
+    if unique_names or len({p.name for p in pieces}) == len(pieces):  # a piece per name
         # (first frame, rank in that frame's dict) is unique: a frame has one message
         pieces.sort(key=_FIRST_RANK)
         return [SignalSeries(p[0], p[4], p[5], *p[6]) for p in pieces]

@@ -409,13 +409,16 @@ def test_standard_ids_of_many_messages_and_special_frames_decode_equal(
 
 
 @pytest.mark.parametrize("least", [0, signalplan.FLAT_MIN_GROUPS])
+@pytest.mark.parametrize("wanted", [None, {"ID3E3VCRIGHT_lightStatus.VCRIGHT_brakeLightStatus"}])
 def test_one_decoder_numbers_codes_as_they_first_appear(
-    least: int, monkeypatch: pytest.MonkeyPatch
+    least: int, wanted: set[str] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The decoder numbers each (channel, id) once and keeps the numbers from batch to batch.
     Batches that bring new ids, some in no DBC, until more than 254 ids need numbers (the
-    numbers widen from 8 to 16 bits between batches), then batches of ids seen before: each
-    decodes as the reference does, per-id counts of unknown ids included."""
+    numbers widen from 8 to 16 bits between batches), then batches of ids seen before, and a
+    batch whose channel list is the other way round: each decodes as the reference does,
+    per-id counts of unknown ids included. With one signal wanted, most ids need no decoding
+    (they share one number), and the numbers stay 8-bit."""
     monkeypatch.setattr(fastdecode, "FLAT_MIN_GROUPS", least)
     widths = group_number_types(monkeypatch)
     db = loaded(next(p for p in DBC_PATHS if p.name == "Model3CAN.dbc"))
@@ -427,11 +430,14 @@ def test_one_decoder_numbers_codes_as_they_first_appear(
     by_id = np.argsort(std.arbitration_id.astype(np.int64) + (std.channel << 11), kind="stable")
     parts = np.array_split(by_id, 6)
     dbcs = ChannelDbcs({"*": [db]})
-    vec, ref = VectorDecoder(dbcs), CantoolsDecoder(dbcs)
+    vec, ref = VectorDecoder(dbcs, wanted), CantoolsDecoder(dbcs, wanted)
     for part in [*parts, np.arange(len(std)), parts[0]]:
         b = std.select(np.sort(part))
         assert_same(ref.decode(b), vec.decode(b))
-    assert widths[0] == np.uint8 and widths[-1] == np.uint16
+    swapped = dataclasses.replace(std, channels=std.channels[::-1])
+    assert_same(ref.decode(swapped), vec.decode(swapped))
+    assert widths[0] == np.uint8
+    assert widths[-2] == (np.uint16 if wanted is None else np.uint8)
 
 
 def kona_log() -> Path:
