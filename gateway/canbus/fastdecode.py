@@ -111,9 +111,8 @@ class VectorDecoder:
         self._tables: dict[str, Any] | None = None
         self._columns: dict[int, _Columns] = {}  # flat plan -> its rows as columns
         self._word0: Any = None
-        # per channel list: what frames of each (channel << 11 | standard id) need, 0 for a
-        # code not looked up yet, and the codes' numbers; see _standard_groups and _renumber
-        self._code_state: dict[tuple[str, ...], npt.NDArray[np.uint8]] = {}
+        # per channel list: what frames of each (channel << 11 | standard id) need and the
+        # codes' numbers; see _standard_groups and _renumber
         self._numbering: dict[tuple[str, ...], _CodeNumbers] = {}
 
     def _plan(self, channel: str, frame_id: int) -> _Plan | None:
@@ -281,7 +280,8 @@ class VectorDecoder:
         order = np.argsort(gid, kind="stable")
         counts = np.searchsorted(gid[order], numbering.bounds)
         if counts[-1] < len(code):  # codes seen for the first time: number them, sort again
-            numbering = self._renumber(batch.channels, distinct(code[gid == numbering.unseen]))
+            new = distinct(code[gid == numbering.unseen])
+            numbering = self._renumber(batch.channels, numbering.state, new)
             gid = np.take(numbering.number, code)  # (faster than number[code])
             order = np.argsort(gid, kind="stable")
             counts = np.searchsorted(gid[order], numbering.bounds)
@@ -310,15 +310,15 @@ class VectorDecoder:
             numbering.unique_names,
         )
 
-    def _renumber(self, channels: tuple[str, ...], new_codes: Any) -> _CodeNumbers:
-        """Looks up the codes first seen on ``channels`` and numbers all codes again."""
-        table = self._code_state.get(channels)
-        if table is None:
-            table = self._code_state[channels] = np.zeros(32 << 11, np.uint8)
+    def _renumber(
+        self, channels: tuple[str, ...], state: npt.NDArray[np.uint8], new_codes: Any
+    ) -> _CodeNumbers:
+        """Looks up the codes first seen on ``channels`` (their entries in ``state``, what
+        each code needs) and numbers all codes again."""
         for c in new_codes.tolist():
             plan = self._plan(channels[c >> 11], c & 0x7FF)
-            table[c] = _UNKNOWN if plan is None else _WORK if self._needs_work(plan) else _IDLE
-        numbering = _CodeNumbers.of(table, lambda c: self._plan(channels[c >> 11], c & 0x7FF))
+            state[c] = _UNKNOWN if plan is None else _WORK if self._needs_work(plan) else _IDLE
+        numbering = _CodeNumbers.of(state, lambda c: self._plan(channels[c >> 11], c & 0x7FF))
         self._numbering[channels] = numbering
         return numbering
 
@@ -666,7 +666,15 @@ class _CodeNumbers:
     is the smallest that holds them (uint8 for up to 254 codes to decode or count; its radix
     sort is one pass, uint16's two)."""
 
-    def __init__(self, number: Any, work: list[int], unknown: list[int], plans: list[Any]):
+    def __init__(
+        self,
+        state: npt.NDArray[np.uint8],
+        number: Any,
+        work: list[int],
+        unknown: list[int],
+        plans: list[Any],
+    ):
+        self.state = state  # what each code needs (_UNKNOWN, _IDLE, _WORK), 0: not seen yet
         self.number = number
         self.work = work  # the codes to decode, by number
         self.unknown = unknown  # the codes in no DBC, by number - len(work)
@@ -682,7 +690,7 @@ class _CodeNumbers:
 
     @classmethod
     def empty(cls) -> _CodeNumbers:
-        return cls(np.ones(32 << 11, np.uint8), [], [], [])
+        return cls(np.zeros(32 << 11, np.uint8), np.ones(32 << 11, np.uint8), [], [], [])
 
     @classmethod
     def of(cls, state: npt.NDArray[np.uint8], plan_of: Callable[[int], Any]) -> _CodeNumbers:
@@ -699,7 +707,7 @@ class _CodeNumbers:
         number[unknown] = np.arange(len(work), len(work) + len(unknown), dtype=dense)
         number[state == _IDLE] = size - 2
         codes = work.tolist()
-        return cls(number, codes, unknown.tolist(), [plan_of(c) for c in codes])
+        return cls(state, number, codes, unknown.tolist(), [plan_of(c) for c in codes])
 
 
 def _wide_groups(batch: FrameBatch, special: npt.NDArray[np.bool_]) -> _Groups:
