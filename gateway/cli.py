@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -912,7 +913,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry(argv: Sequence[str] | None = None) -> int:
     """The ``gateway`` console script and ``python -m gateway``: ``main()``, then every object
     left goes into the permanent generation, so that the interpreter's last collections at exit
-    skip what the operating system frees anyway (~0.1 s of each run here)."""
+    skip what the operating system frees anyway (~0.1 s of each run here).
+
+    Before numpy is imported: one OpenBLAS thread, unless the environment says otherwise.
+    numpy's OpenBLAS starts a thread per further core at import, and each spins ~0.1 s waiting
+    for work that the gateway never gives it (it does no floating-point linear algebra). On a
+    2-core VM that was 80-110 ms of CPU in every run, taken from the other core: a 1M-frame
+    replay had used 196-234 ms of CPU by the time it forked its parse child, 119-139 ms
+    without (wall: -16 ms in paired rounds, faster in 12 of 20). A Raspberry Pi 4 would start
+    three such threads."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main(argv)
     gc.freeze()
     return code

@@ -368,6 +368,23 @@ def test_the_console_script_freezes_what_is_left_before_the_interpreter_exits():
     assert _python(probe).stdout.rstrip().endswith("frozen at exit: True")
 
 
+def test_the_console_script_keeps_numpy_from_starting_idle_blas_threads():
+    """numpy's OpenBLAS starts a spinning thread per further core at import; the console
+    script asks for none (the gateway does no linear algebra), unless the user set it."""
+    probe = (
+        "import os, sys\n"
+        "from gateway.cli import entry\n"
+        "entry(['config', '--doc'])\n"
+        "import numpy\n"
+        "print('THREADS', len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = _python(probe, env=env).stdout.splitlines()[-1]
+    assert out == "THREADS 1 1"
+    out = _python(probe, env={**env, "OPENBLAS_NUM_THREADS": "2"}).stdout.splitlines()[-1]
+    assert out.endswith(" 2")  # the user's choice stands
+
+
 def test_a_replay_imports_neither_cantools_nor_python_can(tmp_path, broker, vin):
     """A candump replay decodes with the DBC's plans, without cantools and python-can (~45 ms
     of start-up here, and their memory); the first run parses and compiles the DBC in a child
