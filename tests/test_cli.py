@@ -370,7 +370,8 @@ def test_the_console_script_freezes_what_is_left_before_the_interpreter_exits():
 
 def test_the_console_script_keeps_numpy_from_starting_idle_blas_threads():
     """numpy's OpenBLAS starts a spinning thread per further core at import; the console
-    script asks for none (the gateway does no linear algebra), unless the user set it."""
+    script asks it for no extra thread (the gateway does no linear algebra), unless the user
+    set the number."""
     probe = (
         "import os, sys\n"
         "from gateway.cli import entry\n"
