@@ -274,17 +274,11 @@ class VectorDecoder:
         numbering = self._numbering.get(batch.channels)
         if numbering is None:
             numbering = self._numbering[batch.channels] = _CodeNumbers.empty()
-        # a stable radix sort of the frames' small numbers groups the frames to decode, in
-        # batch order within each group; numbers are counted from the sorted ones
-        gid = np.take(numbering.number, code)  # (faster than number[code])
-        order = np.argsort(gid, kind="stable")
-        counts = np.searchsorted(gid[order], numbering.bounds)
+        gid, order, counts = numbering.sort(code)
         if counts[-1] < len(code):  # codes seen for the first time: number them, sort again
             new = distinct(code[gid == numbering.unseen])
             numbering = self._renumber(batch.channels, numbering.state, new)
-            gid = np.take(numbering.number, code)  # (faster than number[code])
-            order = np.argsort(gid, kind="stable")
-            counts = np.searchsorted(gid[order], numbering.bounds)
+            gid, order, counts = numbering.sort(code)
         work, n_work = numbering.work, len(numbering.work)
         unknown = counts[n_work + 1 : -1] - counts[n_work:-2]
         if unknown.any():
@@ -315,10 +309,14 @@ class VectorDecoder:
     ) -> _CodeNumbers:
         """Looks up the codes first seen on ``channels`` (their entries in ``state``, what
         each code needs) and numbers all codes again."""
+
+        def plan_of(c: int) -> _Plan | None:
+            return self._plan(channels[c >> 11], c & 0x7FF)
+
         for c in new_codes.tolist():
-            plan = self._plan(channels[c >> 11], c & 0x7FF)
+            plan = plan_of(c)
             state[c] = _UNKNOWN if plan is None else _WORK if self._needs_work(plan) else _IDLE
-        numbering = _CodeNumbers.of(state, lambda c: self._plan(channels[c >> 11], c & 0x7FF))
+        numbering = _CodeNumbers.of(state, plan_of)
         self._numbering[channels] = numbering
         return numbering
 
@@ -687,6 +685,14 @@ class _CodeNumbers:
         self.unseen = size - 1
         # counts[i] (searchsorted of the sorted numbers) = frames numbered below i
         self.bounds = np.arange(size, dtype=number.dtype)
+
+    def sort(self, code: Any) -> tuple[Any, Any, Any]:
+        """The frames' numbers (by their codes ``code``), a stable radix sort of them, which
+        groups the frames to decode in batch order within each group, and the counts read
+        off the sorted numbers (``bounds``); frames of codes not seen yet are counted last."""
+        gid = np.take(self.number, code)  # (faster than number[code])
+        order = np.argsort(gid, kind="stable")
+        return gid, order, np.searchsorted(gid[order], self.bounds)
 
     @classmethod
     def empty(cls) -> _CodeNumbers:
