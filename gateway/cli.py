@@ -921,8 +921,8 @@ def entry(argv: Sequence[str] | None = None) -> int:
     2-core VM that was 80-110 ms of CPU in every run, taken from the other core: a 1M-frame
     replay had used 196-234 ms of CPU by the time it forked its parse child, 119-139 ms
     without. Wall, in paired rounds: -16 ms (faster in 12 of 20); -67 ms (13 of 14) with a
-    busy process on the other core, as on VMs whose two vCPUs slow each other down. A
-    Raspberry Pi 4 would start three such threads."""
+    busy process on the other core (both on an Intel VM); on an AMD EPYC VM, -4 ms (12 of 20),
+    no difference to measure. A Raspberry Pi 4 would start three such threads."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main(argv)
     gc.freeze()
