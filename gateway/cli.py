@@ -187,7 +187,6 @@ def _start_parsing(args: argparse.Namespace) -> None:
             return  # said by the replay itself
     from gateway.canbus import parseproc
     from gateway.canbus.candump import BLOCK_BYTES
-    from gateway.canbus.chunking import FAST
     from gateway.canbus.replay import LogFormat, detect_format
 
     path = Path(args.logs[0])
@@ -196,9 +195,7 @@ def _start_parsing(args: argparse.Namespace) -> None:
             return
     except GatewayError:
         return  # said by the replay itself, as for any other log
-    parseproc.start_early(
-        path, chunk_frames=FAST.frames, max_chunk_seconds=FAST.seconds, block_bytes=BLOCK_BYTES
-    )
+    parseproc.start_early(path, block_bytes=BLOCK_BYTES)
 
 
 def _undelivered(report: Any, s: Any) -> int:

@@ -789,48 +789,25 @@ def iter_candump(
                 return
     workers = parse_threads() if workers is None else workers
     fh, owned = _open(source)
-    channels = _Channels(stats.path or "")
-    chunker = _Chunker(chunk_frames, max_chunk_seconds, channels, stats)
+    assembly = _Assembly(stats, chunk_frames, max_chunk_seconds)
     # with several workers, blocks are parsed side by side (numpy releases the GIL for most of
     # the work) and consumed strictly in file order, so channel numbering and bad-line order
     # are unchanged
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
     ahead: collections.deque[Any] = collections.deque()
-
-    def parse(buf: bytes) -> tuple[_Cols, list[str], _BadLines, int]:
-        bad = _BadLines()  # numbered from 0, the block's first line
-        cols, names, lines = _parse_block(buf, bad, 0)
-        return cols, names, bad, lines
-
-    next_line = 1  # number of the first line of the next block
-
-    def consume(
-        result: tuple[_Cols, list[str], _BadLines, int], skipped: int
-    ) -> Iterator[FrameBatch]:
-        nonlocal next_line
-        cols, names, bad, lines = result
-        for _ in range(skipped):
-            stats.bad(next_line, "line too long")
-            next_line += 1
-        for line_no, reason in bad:
-            stats.bad(next_line + line_no, reason)
-        next_line += lines
-        cols.chan = channels.codes(names, cols.chan)
-        yield from chunker.feed(cols)
-
     try:
         for buf, skipped in _blocks(fh, stats, block_bytes):
             if pool is None:
-                yield from consume(parse(buf), skipped)
+                yield from assembly.feed(parse_block(buf), skipped)
                 continue
-            ahead.append((pool.submit(parse, buf), skipped))
+            ahead.append((pool.submit(parse_block, buf), skipped))
             if len(ahead) > workers:
                 fut, before = ahead.popleft()
-                yield from consume(fut.result(), before)
+                yield from assembly.feed(fut.result(), before)
         while ahead:
             fut, before = ahead.popleft()
-            yield from consume(fut.result(), before)
-        yield from chunker.finish()
+            yield from assembly.feed(fut.result(), before)
+        yield from assembly.finish()
     finally:
         for fut, _ in ahead:
             fut.cancel()
@@ -838,6 +815,45 @@ def iter_candump(
             pool.shutdown(wait=True)
         if owned:
             fh.close()
+
+
+Parsed = tuple["_Cols", list[str], "_BadLines", int]
+
+
+def parse_block(buf: bytes) -> Parsed:
+    """The frames of one block of complete lines (``_blocks``), their block-local channel
+    names, the bad lines numbered from 0 (the block's first line) and the number of lines:
+    what ``_Assembly.feed`` takes, in whichever thread or process it was parsed."""
+    bad = _BadLines()
+    cols, names, lines = _parse_block(buf, bad, 0)
+    return cols, names, bad, lines
+
+
+class _Assembly:
+    """What follows the parse of each block, in file order: bad lines numbered in the file,
+    channels numbered in order of first appearance, and the frames cut into chunks."""
+
+    def __init__(self, stats: ReadStats, chunk_frames: int, max_chunk_seconds: float) -> None:
+        self.stats = stats
+        self.channels = _Channels(stats.path or "")
+        self.chunker = _Chunker(chunk_frames, max_chunk_seconds, self.channels, stats)
+        self.next_line = 1  # number of the first line of the next block
+
+    def feed(self, parsed: Parsed, skipped: int) -> Iterator[FrameBatch]:
+        """The chunks that the next block completes; ``skipped``: the overlong lines right
+        before it."""
+        cols, names, bad, lines = parsed
+        for _ in range(skipped):
+            self.stats.bad(self.next_line, "line too long")
+            self.next_line += 1
+        for line_no, reason in bad:
+            self.stats.bad(self.next_line + line_no, reason)
+        self.next_line += lines
+        cols.chan = self.channels.codes(names, cols.chan)
+        yield from self.chunker.feed(cols)
+
+    def finish(self) -> Iterator[FrameBatch]:
+        yield from self.chunker.finish()
 
 
 @dataclass

@@ -2,15 +2,23 @@
 
 In one process the parse thread and the pipeline take turns on the interpreter lock: timed on
 the 2-core VM of ``docs/benchmarks.md``, a replay with a parse thread used one core, and was no
-faster than parsing inline. A forked child parses with its own interpreter and sends each
-chunk through a pipe (its columns as raw buffers, pickle protocol 5 with out-of-band data), so
-parsing and the pipeline run on two cores.
+faster than parsing inline. A forked child reads the log in blocks of complete lines, parses
+them with its own interpreter and sends each through a pipe (its columns as raw buffers,
+pickle protocol 5 with out-of-band data), so parsing and the pipeline run on two cores.
+
+The gateway does what must follow the blocks in file order (``candump._Assembly``): it numbers
+bad lines in the file and channels in order of appearance, and cuts the chunks. So the child
+can leave a block to the gateway: when the gateway has read all that was sent (nothing in the
+pipe, nothing held), it sends the next block as it is, and the gateway parses that one while
+the child parses the one after. A replay whose pipeline is quicker than the parse (a
+2M-frame Kona log: the gateway waited on the pipe for 165-215 ms of ~0.25 s of batches) then
+parses on both cores; one bound by the pipeline leaves nearly every block to the child. The
+chunks, counts and bad lines are the same whoever parsed which block.
 
 The child is forked from the gateway itself (nothing to import, a few ms), runs only numpy and
-plain writes, and is bounded by the pipe: it parses ahead by at most a chunk or two, so memory
-stays bounded and a paced (real-time) replay does not read the file ahead. It counts what it
-read in a ``ReadStats`` whose state follows every chunk, so progress and bad-line reports are
-the same as from a parse in this process. If the gateway goes away, the child's next write
+plain writes, and is bounded by the pipe: it parses ahead by at most a block or two, so memory
+stays bounded and a paced (real-time) replay does not read the file ahead. Each message
+carries the bytes of the file read so far, for progress. If the gateway goes away, the child's next write
 fails and it exits; if the reading stops early, the gateway ends it. Stop signals are the
 gateway's: the child ignores SIGINT and SIGTERM (``timeout`` and systemd signal the whole
 process group), and ends with the reading. Only a regular file is parsed so (a child blocked
@@ -23,11 +31,11 @@ before the pipeline is imported and built, ~0.1 s): that child parses up to
 whenever it holds less. (It used to parse no further from the gateway's first read on until
 the gateway had read all it held: a million-frame Model 3 replay, which the child's pace
 bounds, lost ~40 ms so.) The replay takes the child over when it reaches the same file,
-unchanged, with the same chunking; one nobody took is ended when the command ends, or before
+unchanged, with the same blocks; one nobody took is ended when the command ends, or before
 a DBC is compiled in a child (three processes at once took 99 MB on a DBC's first replay).
 Timed against the late start in ``docs/benchmarks.md`` (stops 15 and 18).
 
-Memory: after chunks 1, 2, 4, 8, ..., when a head start first fills, and at the end, the
+Memory: after blocks 1, 2, 4, 8, ..., when a head start first fills, and at the end, the
 child adds its private memory (what it does not share with the gateway) to the gateway's
 resident memory of that moment, and reports the highest sum, plus the pipe's buffer
 (``peak_combined_kb``); the benchmarks take the higher of that and the gateway's own peak.
@@ -78,7 +86,7 @@ HEAD_START_BYTES = 8 << 20
 peak_combined_kb = 0
 _live: set[int] = set()  # parse children running now
 _ended_cpu = 0.0  # CPU seconds of the parse children that ended
-# children started early, not yet taken by a replay: (file, chunking) -> (pid, read end)
+# children started early, not yet taken by a replay: (file, block size) -> (pid, read end)
 _early: dict[tuple[Any, ...], tuple[int, int]] = {}
 
 
@@ -126,27 +134,30 @@ def private_mb() -> float:
     return sum(_private_kb(pid) for pid in list(_live)) / 1024
 
 
-def _early_key(path: Path, chunk_frames: int, max_chunk_seconds: float, block_bytes: int) -> Any:
+def _early_key(path: Path, block_bytes: int) -> Any:
     st = path.stat()  # the same file, unchanged since the child started on it
-    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) + (
-        chunk_frames,
-        max_chunk_seconds,
+    return (
+        str(path),
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
         block_bytes,
     )
 
 
-def start_early(
-    path: Path, *, chunk_frames: int, max_chunk_seconds: float, block_bytes: int
-) -> bool:
+def start_early(path: Path, *, block_bytes: int) -> bool:
     """Fork the parse child of ``path`` now, while the gateway is still starting (importing
     its pipeline, loading DBCs, connecting), instead of when the replay reads the file: the
     child parses up to ``HEAD_START_BYTES`` ahead of the gateway's reads, in its own memory.
-    ``iter_candump_forked`` with the same file and chunking takes it over; ``drop_early``
-    ends one no replay took. False where no child can parse it (then nothing was started)."""
+    ``iter_candump_forked`` with the same file and block size takes it over, in any chunking
+    (the replay cuts the chunks); ``drop_early`` ends one no replay took. False where no child
+    can parse it (then nothing was started)."""
     if os.environ.get("GATEWAY_PARSE_PROCESS", "1") == "0" or not available() or not usable(path):
         return False
     try:
-        key = _early_key(path, chunk_frames, max_chunk_seconds, block_bytes)
+        key = _early_key(path, block_bytes)
     except OSError:
         return False
     if key in _early:
@@ -158,28 +169,18 @@ def start_early(
         return False
     pid, r, w = forked
     if pid == 0:  # the child: never returns
-        _child(
-            w,
-            path,
-            str(path),
-            chunk_frames,
-            max_chunk_seconds,
-            block_bytes,
-            head_start=HEAD_START_BYTES,
-        )
+        _child(w, path, block_bytes, head_start=HEAD_START_BYTES)
     _live.add(pid)
     _early[key] = (pid, r)
     log.debug("%s: parsing started early, in process %d", path, pid)
     return True
 
 
-def _take_early(
-    path: Path, name: str, chunk_frames: int, max_chunk_seconds: float, block_bytes: int
-) -> tuple[int, int] | None:
-    if not _early or name != str(path):  # its counts carry the name it was started with
+def _take_early(path: Path, block_bytes: int) -> tuple[int, int] | None:
+    if not _early:
         return None
     try:
-        key = _early_key(path, chunk_frames, max_chunk_seconds, block_bytes)
+        key = _early_key(path, block_bytes)
     except OSError:
         return None
     return _early.pop(key, None)
@@ -215,10 +216,11 @@ def iter_candump_forked(
     max_chunk_seconds: float,
     block_bytes: int,
 ) -> Iterator[FrameBatch]:
-    """``iter_candump(path)``'s chunks, parsed by a forked child. ``stats`` follows the child's
-    counts after each chunk. An error the child meets is raised here, as the same exception."""
+    """``iter_candump(path)``'s chunks, parsed by a forked child (and by this process, the
+    blocks the child leaves to it). ``stats`` is counted as the chunks come. An error the child
+    meets is raised here, as the same exception, after the chunks completed before it."""
     global peak_combined_kb, _ended_cpu
-    early = _take_early(path, stats.path, chunk_frames, max_chunk_seconds, block_bytes)
+    early = _take_early(path, block_bytes)
     if early:
         log.debug("%s: the replay takes over the parse started early (process %d)", path, early[0])
     drop_early()  # one started on a file that changed since: of no use, holding memory
@@ -237,14 +239,17 @@ def iter_candump_forked(
         return
     pid, r, w = forked
     if pid == 0:  # the child: never returns
-        _child(w, path, stats.path, chunk_frames, max_chunk_seconds, block_bytes)
+        _child(w, path, block_bytes)
     _live.add(pid)
+    from gateway.canbus.candump import _Assembly, parse_block
+
+    assembly = _Assembly(stats, chunk_frames, max_chunk_seconds)
     done = reaped = False
     try:
         with open(r, "rb", buffering=0) as src:
             while True:
                 try:
-                    kind, state, payload = _receive(src)
+                    kind, read, payload = _receive(src)
                 except _Gone:  # reaped here, and never signalled again: its pid may be reused
                     _, status, usage = os.wait4(pid, 0)
                     reaped = True
@@ -252,12 +257,16 @@ def iter_candump_forked(
                     raise RuntimeError(
                         f"the candump parse process ended unexpectedly ({_how(status)})"
                     ) from None
-                _restore(stats, state)
-                if kind == "batch":
-                    yield payload
+                stats.bytes_read = read
+                if kind == "block":  # parsed by the child
+                    yield from assembly.feed(*payload)
+                elif kind == "raw":  # left to this process: it had read all the child sent
+                    buf, skipped = payload
+                    yield from assembly.feed(parse_block(buf), skipped)
                 elif kind == "end":
                     peak_combined_kb = max(peak_combined_kb, int(payload))
                     done = True
+                    yield from assembly.finish()
                     return
                 else:  # "error": what the parse raised, raised here
                     done = True
@@ -293,7 +302,7 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
             logging.root.handlers[:] = [logging.NullHandler()]
             result = fn(*args)
             with open(w, "wb", buffering=0) as out:
-                _send(out, "result", ReadStats(), (result, _combined_kb()))
+                _send(out, "result", 0, (result, _combined_kb()))
             code = 0
         finally:
             os._exit(code)
@@ -351,61 +360,71 @@ def _as_child() -> None:
     signal.set_wakeup_fd(-1)
 
 
-def _child(
-    w: int,
-    path: Path,
-    name: str,
-    chunk_frames: int,
-    max_chunk_seconds: float,
-    block_bytes: int,
-    head_start: int = 0,
-) -> None:
+def _child(w: int, path: Path, block_bytes: int, head_start: int = 0) -> None:
+    """The parse process: reads ``path`` in blocks of complete lines and sends each, in file
+    order, parsed ("block") or, when the gateway has read all that was sent and waits, as it
+    is ("raw", for the gateway to parse while this one parses the next). The gateway numbers
+    the lines and channels and cuts the chunks (``candump._Assembly``), so the chunks are the
+    same whoever parsed which block."""
     code = 0
     try:
         _as_child()
         gc.disable()  # the gateway's objects are not ours to collect (nor to copy by touching)
-        from gateway.canbus.candump import iter_candump
+        from gateway.canbus.candump import _blocks, parse_block
 
-        stats = ReadStats(path=name)
+        stats = ReadStats()
         peak = 0
         ahead = _HeadStart(w, head_start) if head_start > 0 else None
         full = False  # the head start was full once
-        with open(w, "wb", buffering=0) as out:
+        with open(w, "wb", buffering=0) as out, open(path, "rb") as fh:
             try:
-                for k, batch in enumerate(
-                    iter_candump(
-                        path,
-                        stats,
-                        chunk_frames=chunk_frames,
-                        max_chunk_seconds=max_chunk_seconds,
-                        block_bytes=block_bytes,
-                        workers=0,  # a parse thread in here: slower (it competes with the gateway)
-                    )
-                ):
-                    if k & (k + 1) == 0:  # after chunks 1, 2, 4, 8, ...: reading it costs 1 ms
+                for k, (buf, skipped) in enumerate(_blocks(fh, stats, block_bytes)):
+                    if k & (k + 1) == 0:  # after blocks 1, 2, 4, 8, ...: reading it costs 1 ms
                         peak = max(peak, _combined_kb())
+                    if k and _waiting(w, ahead):
+                        parts = _parts("raw", stats.bytes_read, (buf, skipped))
+                    else:
+                        parts = _parts("block", stats.bytes_read, (parse_block(buf), skipped))
                     if ahead is not None:
-                        if ahead.hold(_parts("batch", stats, batch)) and not full:
+                        if ahead.hold(parts) and not full:
                             peak = max(peak, _combined_kb())  # about the most it holds
                             full = True
                         continue
-                    _send(out, "batch", stats, batch)
+                    _write_all(out, parts)
                 if ahead is not None:
                     if not full:  # the whole file fitted in the head start
                         peak = max(peak, _combined_kb())
                     ahead.flush()
                 peak = max(peak, _combined_kb())
-                _send(out, "end", stats, peak + _PIPE_BYTES // 1024)  # and the pipe's buffer
+                _send(out, "end", stats.bytes_read, peak + _PIPE_BYTES // 1024)
             except BrokenPipeError:
                 pass  # the gateway stopped reading
             except BaseException as exc:  # noqa: BLE001 - sent to the gateway, raised there
                 with contextlib.suppress(BaseException):
-                    if ahead is not None:  # the chunks before the error go first
+                    if ahead is not None:  # the blocks before the error go first
                         ahead.flush()
-                    _send(out, "error", stats, _portable(exc))
+                    _send(out, "error", stats.bytes_read, _portable(exc))
                 code = 1
     finally:
         os._exit(code)
+
+
+def _waiting(w: int, ahead: _HeadStart | None) -> bool:
+    """Whether the gateway has read all that was sent (nothing in the pipe, nothing held):
+    then it waits, or soon will, and parses the next block itself."""
+    if ahead is not None and (ahead.views or not ahead.reading):
+        return False
+    try:
+        return _in_pipe(w) == 0
+    except OSError:
+        return False
+
+
+def _in_pipe(fd: int) -> int:
+    import fcntl
+    import termios
+
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -446,20 +465,11 @@ def _private_kb(pid: int | str = "self") -> int:
     return total
 
 
-def _state(stats: ReadStats) -> tuple[Any, ...]:
-    return (stats.frames, stats.bad_lines, stats.first_bad, stats.bytes_read, stats.stopped_early)
-
-
-def _restore(stats: ReadStats, state: tuple[Any, ...]) -> None:
-    stats.frames, stats.bad_lines, first_bad, stats.bytes_read, stats.stopped_early = state
-    stats.first_bad[:] = first_bad
-
-
-def _parts(kind: str, stats: ReadStats, payload: Any) -> list[memoryview]:
-    """One message for the pipe, as byte views: its head, the pickle (with ``stats`` as they
-    are now) and the payload's arrays, not copied."""
+def _parts(kind: str, read: int, payload: Any) -> list[memoryview]:
+    """One message for the pipe, as byte views: its head, the pickle (with the bytes of the
+    file read so far) and the payload's arrays, not copied."""
     buffers: list[pickle.PickleBuffer] = []
-    meta = pickle.dumps((kind, _state(stats), payload), protocol=5, buffer_callback=buffers.append)
+    meta = pickle.dumps((kind, read, payload), protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
     parts: list[Any] = [
         _HEAD.pack(len(meta), len(raws)),
@@ -470,8 +480,12 @@ def _parts(kind: str, stats: ReadStats, payload: Any) -> list[memoryview]:
     return [memoryview(part).cast("B") for part in parts]
 
 
-def _send(out: Any, kind: str, stats: ReadStats, payload: Any) -> None:
-    for view in _parts(kind, stats, payload):
+def _send(out: Any, kind: str, read: int, payload: Any) -> None:
+    _write_all(out, _parts(kind, read, payload))
+
+
+def _write_all(out: Any, parts: list[memoryview]) -> None:
+    for view in parts:
         while view:
             view = view[out.write(view) :]
 
@@ -562,13 +576,13 @@ class _Gone(Exception):
     """The child closed the pipe before its last message."""
 
 
-def _receive(src: Any) -> tuple[str, tuple[Any, ...], Any]:
+def _receive(src: Any) -> tuple[str, int, Any]:
     size, n = _HEAD.unpack(_exactly(src, _HEAD.size))
     sizes = struct.unpack(f"<{n}Q", _exactly(src, 8 * n))
     meta = _exactly(src, size)
     buffers = [_exactly(src, s) for s in sizes]
-    kind, state, payload = pickle.loads(meta, buffers=buffers)
-    return kind, state, payload
+    kind, read, payload = pickle.loads(meta, buffers=buffers)
+    return kind, read, payload
 
 
 def _exactly(src: Any, n: int) -> Any:

@@ -4,6 +4,7 @@ outlives the reading, or the gateway."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -76,8 +77,51 @@ def damaged(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=["child", "gateway", "alternately"])
+def who_parses(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Which process parses the blocks: the child alone; the gateway every block after the
+    first (as when it has read all and waits); or each every other block. The list collects
+    the blocks the gateway parsed (their lines)."""
+    mode = request.param
+    flip = itertools.cycle([True, False])
+    monkeypatch.setattr(  # the fork inherits it
+        parseproc,
+        "_waiting",
+        lambda w, ahead: mode == "gateway" or (mode == "alternately" and next(flip)),
+    )
+    here: list[int] = []
+    real = candump.parse_block
+
+    def counted(buf: bytes) -> candump.Parsed:
+        parsed = real(buf)
+        here.append(parsed[3])
+        return parsed
+
+    monkeypatch.setattr(candump, "parse_block", counted)  # only this process's calls land here
+    return here
+
+
+def _expect_parsed_here(who: str, here: list[int], blocks: int) -> None:
+    if who == "child":
+        assert here == []
+    elif who == "gateway":
+        assert len(here) == blocks - 1
+    else:
+        assert len(here) == (blocks - 1) // 2 or len(here) == blocks // 2
+
+
+def _block_count(path: Path, block_bytes: int) -> int:
+    with path.open("rb") as fh:
+        return sum(1 for _ in candump._blocks(fh, ReadStats(), block_bytes))
+
+
 @pytest.mark.parametrize("chunking", [(8192, 0.25), (32768, float("inf"))])
-def test_the_forked_parse_equals_the_parse_here(tmp_path: Path, chunking: tuple) -> None:
+def test_the_forked_parse_equals_the_parse_here(
+    tmp_path: Path, chunking: tuple, who_parses: list[int], request: pytest.FixtureRequest
+) -> None:
+    """Bit for bit, the same counts and bad lines (numbered in the file), whichever process
+    parsed which block."""
+    who = request.node.callspec.params["who_parses"]
     frames, seconds = chunking
     for path, block in ((KONA_CANDUMP, 1 << 19), (damaged(tmp_path), 4096)):
         here, there = ReadStats(path=str(path)), ReadStats(path=str(path))
@@ -91,10 +135,30 @@ def test_the_forked_parse_equals_the_parse_here(tmp_path: Path, chunking: tuple)
                 workers=0,
             )
         )
+        who_parses.clear()  # the parse here, for the reference: not the gateway's
         got = forked(path, there, chunk_frames=frames, max_chunk_seconds=seconds, block_bytes=block)
+        _expect_parsed_here(who, who_parses, _block_count(path, block))
         assert_same(ref, got)
         assert there == here
     assert here.bad_lines > 0 and here.first_bad  # the damaged log did have bad lines
+
+
+def test_the_child_leaves_a_block_to_the_gateway_only_when_it_has_read_all() -> None:
+    r, w = os.pipe()
+    try:
+        assert parseproc._waiting(w, None)  # nothing in the pipe
+        os.write(w, b"x")
+        assert not parseproc._waiting(w, None)  # the gateway has not read it yet
+        os.read(r, 1)
+        ahead = parseproc._HeadStart(w, 1 << 20)
+        assert not parseproc._waiting(w, ahead)  # the gateway has not started reading
+        ahead.reading = True
+        assert parseproc._waiting(w, ahead)
+        ahead.views.append(memoryview(b"held"))
+        assert not parseproc._waiting(w, ahead)  # it holds something not yet sent
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_stats_follow_each_chunk_for_progress(
@@ -310,7 +374,7 @@ def _kona_times(tmp_path: Path, n: int) -> Path:
 def _started_early(tmp_path: Path, n: int) -> tuple[Path, int]:
     """The Kona log ``n`` times, its parse started early: (the log, the child's pid)."""
     path = _kona_times(tmp_path, n)
-    assert parseproc.start_early(path, **FAST)  # type: ignore[arg-type]
+    assert parseproc.start_early(path, block_bytes=FAST["block_bytes"])  # type: ignore[arg-type]
     ((pid, _),) = parseproc._early.values()
     return path, pid
 
@@ -335,13 +399,23 @@ def no_early_left() -> Iterator[None]:
 
 
 def test_a_child_started_early_is_taken_over_and_parses_the_same(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_early_left: None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_early_left: None,
+    who_parses: list[int],
+    request: pytest.FixtureRequest,
 ) -> None:
     path, pid = _started_early(tmp_path, 4)
     forks = _spy_forks(monkeypatch)  # from here on: no other child
     here, there = ReadStats(path=str(path)), ReadStats(path=str(path))
     ref = list(iter_candump(path, here, workers=0, **FAST))  # type: ignore[arg-type]
+    who_parses.clear()
     got = forked(path, there, **FAST)
+    who = request.node.callspec.params["who_parses"]
+    if who == "child":
+        assert who_parses == []
+    else:  # the head start first: the gateway parses once it has read all the child held
+        assert who_parses
     assert forks == [] and not parseproc._early
     assert_same(ref, got)
     assert there == here
@@ -369,9 +443,11 @@ def _still(pid: int, path: Path) -> int:
 
 
 def _frame_bytes() -> float:
-    """Bytes a Kona frame takes in the pipe (and in the head start)."""
-    one = next(iter_candump(KONA_CANDUMP, ReadStats(), workers=0, **FAST))  # type: ignore[arg-type]
-    return sum(v.nbytes for v in parseproc._parts("batch", ReadStats(), one)) / len(one)
+    """Bytes a Kona frame takes in the pipe (and in the head start): a parsed block's."""
+    with KONA_CANDUMP.open("rb") as fh:
+        buf, _ = next(candump._blocks(fh, ReadStats(), FAST["block_bytes"]))  # type: ignore[arg-type]
+    parsed = candump.parse_block(buf)
+    return sum(v.nbytes for v in parseproc._parts("block", 0, (parsed, 0))) / len(parsed[0])
 
 
 def test_a_child_started_early_parses_ahead_of_the_pipe_while_the_gateway_starts(
@@ -470,5 +546,5 @@ def test_no_early_start_where_the_parse_runs_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GATEWAY_PARSE_PROCESS", "0")
-    assert not parseproc.start_early(_kona_times(tmp_path, 1), **FAST)  # type: ignore[arg-type]
+    assert not parseproc.start_early(_kona_times(tmp_path, 1), block_bytes=1 << 19)
     assert not parseproc._early
