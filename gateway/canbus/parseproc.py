@@ -381,7 +381,7 @@ def _child(w: int, path: Path, block_bytes: int, head_start: int = 0) -> None:
                 for k, (buf, skipped) in enumerate(_blocks(fh, stats, block_bytes)):
                     if k & (k + 1) == 0:  # after blocks 1, 2, 4, 8, ...: reading it costs 1 ms
                         peak = max(peak, _combined_kb())
-                    if k and _waiting(w, ahead):
+                    if _waiting(w, ahead):
                         parts = _parts("raw", stats.bytes_read, (buf, skipped))
                     else:
                         parts = _parts("block", stats.bytes_read, (parse_block(buf), skipped))
