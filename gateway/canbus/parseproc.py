@@ -244,6 +244,7 @@ def iter_candump_forked(
     from gateway.canbus.candump import _Assembly, parse_block
 
     assembly = _Assembly(stats, chunk_frames, max_chunk_seconds)
+    blocks = here = 0  # blocks of the log, and those parsed in this process
     done = reaped = False
     try:
         with open(r, "rb", buffering=0) as src:
@@ -259,13 +260,22 @@ def iter_candump_forked(
                     ) from None
                 stats.bytes_read = read
                 if kind == "block":  # parsed by the child
+                    blocks += 1
                     yield from assembly.feed(*payload)
                 elif kind == "raw":  # left to this process: it had read all the child sent
+                    blocks, here = blocks + 1, here + 1
                     buf, skipped = payload
                     yield from assembly.feed(parse_block(buf), skipped)
                 elif kind == "end":
                     peak_combined_kb = max(peak_combined_kb, int(payload))
                     done = True
+                    log.debug(
+                        "%s: %d of %d blocks parsed by the gateway, the rest by process %d",
+                        path,
+                        here,
+                        blocks,
+                        pid,
+                    )
                     yield from assembly.finish()
                     return
                 else:  # "error": what the parse raised, raised here

@@ -5,6 +5,7 @@ outlives the reading, or the gateway."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -117,7 +118,11 @@ def _block_count(path: Path, block_bytes: int) -> int:
 
 @pytest.mark.parametrize("chunking", [(8192, 0.25), (32768, float("inf"))])
 def test_the_forked_parse_equals_the_parse_here(
-    tmp_path: Path, chunking: tuple, who_parses: list[int], request: pytest.FixtureRequest
+    tmp_path: Path,
+    chunking: tuple,
+    who_parses: list[int],
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Bit for bit, the same counts and bad lines (numbered in the file), whichever process
     parsed which block."""
@@ -136,8 +141,14 @@ def test_the_forked_parse_equals_the_parse_here(
             )
         )
         who_parses.clear()  # the parse here, for the reference: not the gateway's
-        got = forked(path, there, chunk_frames=frames, max_chunk_seconds=seconds, block_bytes=block)
-        _expect_parsed_here(who, who_parses, _block_count(path, block))
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="gateway.canbus.parseproc"):
+            got = forked(
+                path, there, chunk_frames=frames, max_chunk_seconds=seconds, block_bytes=block
+            )
+        blocks = _block_count(path, block)
+        _expect_parsed_here(who, who_parses, blocks)
+        assert f"{len(who_parses)} of {blocks} blocks parsed by the gateway" in caplog.text
         assert_same(ref, got)
         assert there == here
     assert here.bad_lines > 0 and here.first_bad  # the damaged log did have bad lines
