@@ -18,10 +18,10 @@ chunks, counts and bad lines are the same whoever parsed which block.
 The child is forked from the gateway itself (nothing to import, a few ms), runs only numpy and
 plain writes, and is bounded by the pipe: it parses ahead by at most a block or two, so memory
 stays bounded and a paced (real-time) replay does not read the file ahead. Each message
-carries the bytes of the file read so far, for progress. If the gateway goes away, the child's next write
-fails and it exits; if the reading stops early, the gateway ends it. Stop signals are the
-gateway's: the child ignores SIGINT and SIGTERM (``timeout`` and systemd signal the whole
-process group), and ends with the reading. Only a regular file is parsed so (a child blocked
+carries the bytes of the file read so far, for progress. If the gateway goes away, the
+child's next write fails and it exits; if the reading stops early, the gateway ends it. Stop
+signals are the gateway's: the child ignores SIGINT and SIGTERM (``timeout`` and systemd
+signal the whole process group), and ends with the reading. Only a regular file is parsed so (a child blocked
 reading a pipe would not see the gateway go); where no child can be forked, the parse runs in
 threads here. Linux only (fork is unsafe on macOS with its frameworks loaded; Windows has none).
 

@@ -458,7 +458,8 @@ def _still(pid: int, path: Path) -> int:
 def _frame_bytes() -> float:
     """Bytes a Kona frame takes in the pipe (and in the head start): a parsed block's."""
     with KONA_CANDUMP.open("rb") as fh:
-        buf, _ = next(candump._blocks(fh, ReadStats(), FAST["block_bytes"]))  # type: ignore[arg-type]
+        block = int(FAST["block_bytes"])
+        buf, _ = next(candump._blocks(fh, ReadStats(), block))
     parsed = candump.parse_block(buf)
     return sum(v.nbytes for v in parseproc._parts("block", 0, (parsed, 0))) / len(parsed[0])
 
