@@ -21,9 +21,10 @@ stays bounded and a paced (real-time) replay does not read the file ahead. Each 
 carries the bytes of the file read so far, for progress. If the gateway goes away, the
 child's next write fails and it exits; if the reading stops early, the gateway ends it. Stop
 signals are the gateway's: the child ignores SIGINT and SIGTERM (``timeout`` and systemd
-signal the whole process group), and ends with the reading. Only a regular file is parsed so (a child blocked
-reading a pipe would not see the gateway go); where no child can be forked, the parse runs in
-threads here. Linux only (fork is unsafe on macOS with its frameworks loaded; Windows has none).
+signal the whole process group), and ends with the reading. Only a regular file is parsed so
+(a child blocked reading a pipe would not see the gateway go); where no child can be forked,
+the parse runs in threads here. Linux only (fork is unsafe on macOS with its frameworks
+loaded; Windows has none).
 
 A fast replay of a candump log starts its child early (``start_early``, from the command line
 before the pipeline is imported and built, ~0.1 s): that child parses up to
