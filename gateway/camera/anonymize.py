@@ -6,12 +6,15 @@ Pure: takes a frame and boxes, returns a new frame; no files, no clock, no threa
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from gateway.camera.detect import Box, Image, Kind
 from gateway.camera.options import DEFAULT_MARGIN, Method
@@ -79,14 +82,31 @@ def _obscure(roi: Image, method: Method, box: Box) -> Image:
         small = cv2.resize(roi, (max(1, w // bs), max(1, h // bs)), interpolation=cv2.INTER_AREA)
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
     # Gaussian: sigma a fifth of the object, so eyes, mouth and characters merge; computed on a
-    # downscaled copy (the result is just as smooth and large kernels stay cheap)
-    f = min(1.0, 24.0 / size)
-    small = cv2.resize(
-        roi, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA
-    )
-    sigma = max(1.0, size * f / 5.0)
-    small = cv2.GaussianBlur(small, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    # copy shrunk by a whole factor n to ~24 pixels across the object (the result is just as
+    # smooth and large kernels stay cheap). A whole factor takes OpenCV's block-average path
+    # (3-4x faster than INTER_AREA at a fractional scale); the up to n - 1 rows and columns
+    # past the last whole block are covered by stretching the result over the whole region.
+    n = max(1, round(size / BLUR_ACROSS))
+    sw, sh = max(1, w // n), max(1, h // n)
+    small = roi
+    if n > 1:
+        small = cv2.resize(roi[: sh * n, : sw * n], (sw, sh), interpolation=cv2.INTER_AREA)
+    kernel = _gaussian_kernel(max(1.0, round(size / n / 5.0, 1)))  # few kernels to cache
+    blurred = cv2.sepFilter2D(small, -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
+    return blurred if n == 1 else cv2.resize(blurred, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+BLUR_ACROSS = 24  # pixels across the object in the copy that is blurred
+
+
+@functools.lru_cache(maxsize=256)
+def _gaussian_kernel(sigma: float) -> npt.NDArray[Any]:
+    """The kernel ``cv2.GaussianBlur`` uses for 8-bit images at ``sigma`` (6 sigma wide), as
+    floats: ``sepFilter2D`` with it gives the blur rounded to the nearest level, 3-5x faster
+    than GaussianBlur's own 8-bit path at these widths, whose fixed-point sums are up to 2
+    levels off (tests/camera/test_anonymize.py)."""
+    ksize = int(round(sigma * 6 + 1)) | 1
+    return cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F)
 
 
 def anonymize(
@@ -111,7 +131,10 @@ def anonymize(
         if mask is None:
             roi[...] = done
         else:
-            np.copyto(roi, done, where=(mask > 0)[..., None] if roi.ndim == 3 else mask > 0)
+            # OpenCV's masked copy writes into the frame's view in place, ~70x faster than
+            # numpy's broadcast ``where``; numpy's only if OpenCV had to allocate instead
+            if cv2.copyTo(done, mask, roi) is not roi:
+                np.copyto(roi, done, where=(mask > 0)[..., None] if roi.ndim == 3 else mask > 0)
         if box.kind is Kind.FACE:
             faces += 1
         else:

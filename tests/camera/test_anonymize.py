@@ -3,6 +3,7 @@ is never modified, and the frame memory carries boxes over missed detections."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from gateway.camera.anonymize import (
     AnonymisedFrame,
     FrameMemory,
     Method,
+    _gaussian_kernel,
     anonymize,
     blackout,
     region_mask,
@@ -66,6 +68,55 @@ def test_every_pixel_of_the_box_and_its_margin_is_altered_and_nothing_else():
     assert changed[35:125, 90:150].mean() > 0.99
     assert not changed[:30].any() and not changed[130:].any()
     assert not changed[:, :85].any() and not changed[:, 155:].any()
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.5, 4.8, 7.3, 9.6])
+def test_the_blur_is_opencvs_gaussian_blur_rounded_to_the_nearest_level(sigma):
+    # the anonymiser filters with the kernel GaussianBlur would use, as floats (faster); the
+    # reference is GaussianBlur on floats, with the same kernel width as its 8-bit path
+    img = np.random.default_rng(7).integers(0, 256, (40, 57, 3), dtype=np.uint8)
+    k = _gaussian_kernel(sigma)
+    ours = cv2.sepFilter2D(img, -1, k, k, borderType=cv2.BORDER_REPLICATE)
+    width = round(sigma * 6 + 1) | 1
+    exact = cv2.GaussianBlur(
+        img.astype(np.float32), (width, width), sigma, borderType=cv2.BORDER_REPLICATE
+    )
+    assert ours.dtype == np.uint8
+    assert np.abs(ours - exact).max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize(("w", "h"), [(5, 5), (23, 30), (37, 41), (61, 20), (150, 151), (333, 9)])
+def test_a_blurred_box_of_any_size_alters_its_whole_region_and_nothing_else(w, h):
+    # the blurred copy is shrunk by a whole factor: the rows and columns past its last whole
+    # block must be covered too
+    img = np.full((900, 1000, 3), 200, np.uint8)
+    img[::2, ::2] = 10
+    box = Box(Kind.FACE, 211, 307, w, h, 0.9)
+    region = region_mask(img.shape, box, 0.6)
+    assert region is not None
+    (x0, y0, x1, y1), _ = region
+    changed = np.any(anonymize(img, [box], Method.GAUSSIAN, 0.6).image != img, axis=2)
+    assert changed[y0:y1, x0:x1].all()
+    changed[y0:y1, x0:x1] = False
+    assert not changed.any()
+
+
+@pytest.mark.parametrize("channels", [3, 0])
+def test_a_blurred_plate_alters_its_polygon_and_box_and_nothing_else(channels):
+    shape = (120, 220, channels) if channels else (120, 220)
+    img = np.full(shape, 200, np.uint8)
+    img[::2, ::2] = 10
+    corners = ((50.0, 40.0), (130.0, 30.0), (130.0, 50.0), (50.0, 60.0))
+    plate = Box(Kind.PLATE, 50, 38, 60, 20, 0.9, corners)
+    region = region_mask(img.shape, plate, 0.6)
+    assert region is not None
+    (x0, y0, x1, y1), mask = region
+    assert mask is not None and not mask.all()
+    out = anonymize(img, [plate], Method.GAUSSIAN, 0.6).image
+    changed = out != img if not channels else np.any(out != img, axis=2)
+    assert np.array_equal(changed[y0:y1, x0:x1], mask > 0)
+    changed[y0:y1, x0:x1] = False
+    assert not changed.any()
 
 
 def test_a_plate_is_obscured_as_its_corner_polygon_plus_the_box():
