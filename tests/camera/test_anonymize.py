@@ -85,7 +85,9 @@ def test_the_blur_is_opencvs_gaussian_blur_rounded_to_the_nearest_level(sigma):
     assert np.abs(ours - exact).max() <= 0.5 + 1e-3
 
 
-@pytest.mark.parametrize(("w", "h"), [(5, 5), (23, 30), (37, 41), (61, 20), (150, 151), (333, 9)])
+@pytest.mark.parametrize(
+    ("w", "h"), [(1, 1), (5, 5), (23, 30), (37, 41), (61, 20), (150, 151), (333, 9), (4000, 3000)]
+)
 def test_a_blurred_box_of_any_size_alters_its_whole_region_and_nothing_else(w, h):
     # the blurred copy is shrunk by a whole factor: the rows and columns past its last whole
     # block must be covered too
