@@ -9,6 +9,8 @@ of k - 1 frames of latency; with k = 1 nothing is held back.
 Fail closed: if a detection raises, does not answer within ``timeout_s``, or the detector is
 still busy with an earlier frame, that frame and the frames held back for it are dropped, never
 returned unblurred. Synchronous and single-caller: the stage runs it in a worker thread.
+``push`` is ``plan`` (detect and decide each frame's boxes) then ``render`` (blur them); the
+stage runs ``render`` in a thread of its own, beside the next ``plan``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ class Outcome:
     anonymised: AnonymisedFrame | None
     boxes: tuple[Box, ...] = ()
     faces: int = 0  # found by the detections that cover this frame
+    plates: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A frame whose fate is decided: the boxes that cover it, or the reason it is dropped
+    (``error``). ``FrameAnonymiser.render`` turns plans into outcomes; the camera stage runs
+    that beside the next detection."""
+
+    frame: Frame
+    boxes: tuple[Box, ...] = ()
+    faces: int = 0
     plates: int = 0
     error: str | None = None
 
@@ -82,27 +97,27 @@ class FrameAnonymiser:
             frame.image, boxes, self.s.method, self.s.margin, index=frame.index, t=frame.t
         )
 
-    def _resolve(self, frame: Frame) -> list[Outcome]:
-        """Detect on ``frame``; finish the frames held back before it, then ``frame`` itself."""
+    def _resolve(self, frame: Frame) -> list[Plan]:
+        """Detect on ``frame``; decide the frames held back before it, then ``frame`` itself."""
         held, self._held = self._held, []
         try:
             found = self._detect(frame)
         except DetectionFailed as exc:
-            return [Outcome(f, None, error=str(exc)) for f in (*held, frame)]
+            return [Plan(f, error=str(exc)) for f in (*held, frame)]
         before = self._last_counts
         now = _counts(found)
-        out: list[Outcome] = []
+        out: list[Plan] = []
         for f in held:
             boxes = self.memory.boxes(f.index) + found  # the detections before and after it
             faces, plates = max(before[0], now[0]), max(before[1], now[1])
-            out.append(Outcome(f, self._anonymize(f, boxes), tuple(boxes), faces, plates))
+            out.append(Plan(f, tuple(boxes), faces, plates))
         self.memory.update(frame.index, found)
         self._last_ok, self._last_counts = frame.index, now
-        boxes = self.memory.boxes(frame.index)
-        out.append(Outcome(frame, self._anonymize(frame, boxes), tuple(boxes), *now))
+        out.append(Plan(frame, tuple(self.memory.boxes(frame.index)), *now))
         return out
 
-    def push(self, frame: Frame) -> list[Outcome]:
+    def plan(self, frame: Frame) -> list[Plan]:
+        """The frames decided by ``frame`` (in frame order; none while it is held back)."""
         k, last = self.s.detect_every, self._last_ok
         due = (
             last is None
@@ -115,17 +130,36 @@ class FrameAnonymiser:
             return []
         return self._resolve(frame)
 
-    def flush(self) -> list[Outcome]:
-        """At the end of the source: detect on the last frame held back, finishing them all."""
+    def plan_flush(self) -> list[Plan]:
+        """At the end of the source: detect on the last frame held back, deciding them all."""
         if not self._held:
             return []
         last = self._held.pop()
         return self._resolve(last)
 
+    def render(self, plans: list[Plan]) -> list[Outcome]:
+        """Each plan's outcome: its frame anonymised with its boxes, or dropped. Touches no
+        state of the anonymiser, so it may run in another thread beside ``plan``."""
+        return [
+            Outcome(p.frame, None, error=p.error)
+            if p.error is not None
+            else Outcome(
+                p.frame, self._anonymize(p.frame, list(p.boxes)), p.boxes, p.faces, p.plates
+            )
+            for p in plans
+        ]
+
+    def push(self, frame: Frame) -> list[Outcome]:
+        return self.render(self.plan(frame))
+
+    def flush(self) -> list[Outcome]:
+        """At the end of the source: detect on the last frame held back, finishing them all."""
+        return self.render(self.plan_flush())
+
     def process(self, frame: Frame) -> Outcome:
         """One frame on its own (a photo): detected, anonymised, or raises ``DetectionFailed``."""
         self.reset()
-        (outcome,) = self._resolve(frame)
+        (outcome,) = self.render(self._resolve(frame))
         if outcome.anonymised is None:
             raise DetectionFailed(outcome.error or "detection failed")
         return outcome

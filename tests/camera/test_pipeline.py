@@ -164,6 +164,43 @@ def test_paced_replay_gives_the_same_summaries_as_fast(tmp_path):
     assert strip(fast) == strip(paced)
 
 
+def test_blurring_runs_beside_the_next_detection_and_windows_wait_for_it(tmp_path):
+    spans: dict[str, list[tuple[float, float]]] = {"detect": [], "render": []}
+
+    class Slow:
+        def detect(self, frame):
+            t0 = time.monotonic()
+            time.sleep(0.03)
+            spans["detect"].append((t0, time.monotonic()))
+            return [Box(Kind.FACE, 10, 10, 20, 20, 0.9)]
+
+    class SlowBlur(FrameAnonymiser):
+        def render(self, plans):
+            t0 = time.monotonic()
+            time.sleep(0.03)
+            out = super().render(plans)
+            spans["render"].append((t0, time.monotonic()))
+            return out
+
+    stage = CameraStage(
+        # 16 fps and 0.25 s windows: frame times and window edges exact in binary
+        SyntheticSource(count=40, size=(64, 36), fps=16.0),
+        SlowBlur(Slow(), AnonymiserSettings(detect_every=2)),
+        name="front",
+        window=0.25,  # 4 frames: windows close while their last frames are still being blurred
+        speed=None,
+        store=FrameStore(tmp_path / "frames", "front", StoreSettings(every_s=0.0)),
+    )
+    summaries = _run(stage)
+    assert [s.frames_seen for s in summaries] == [4] * 10
+    # a window summarised before its frames were blurred would count fewer of them
+    assert [s.frames_anonymised for s in summaries] == [4] * 10
+    assert len(list((tmp_path / "frames").iterdir())) == 40
+    # some detection ran while the frames of the one before it were being blurred
+    renders = spans["render"]
+    assert any(r0 < d0 < r1 for d0, _ in spans["detect"] for r0, r1 in renders)
+
+
 def test_the_event_loop_keeps_running_while_inference_is_slow(tmp_path):
     class Slow:
         def detect(self, frame):
