@@ -106,7 +106,7 @@ class CameraStage:
         self._read = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-read-{name}")
         self._work = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-work-{name}")
         # the frames decided by one detection are blurred (and stored) here, while the work
-        # thread runs the next detection: 1.2x the frames per second at 1280x720 on 2 cores
+        # thread runs the next detection: ~1.1x the frames per second at 1280x720 on 2 cores
         self._blur = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-blur-{name}")
 
     # -- in the worker thread ----------------------------------------------------------------
