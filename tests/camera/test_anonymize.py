@@ -3,6 +3,8 @@ is never modified, and the frame memory carries boxes over missed detections."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import pytest
@@ -85,37 +87,36 @@ def test_the_blur_is_opencvs_gaussian_blur_rounded_to_the_nearest_level(sigma):
     assert np.abs(ours - exact).max() <= 0.5 + 1e-3
 
 
+def _blurred(shape: tuple[int, ...], box: Box) -> tuple[np.ndarray, tuple[int, ...], Any]:
+    """Which pixels of a textured image (every blurred pixel changes) a Gaussian blur of ``box``
+    altered, the region ``region_mask`` gives for it, and its polygon mask."""
+    img = np.full(shape, 200, np.uint8)
+    img[::2, ::2] = 10
+    region = region_mask(img.shape, box, 0.6)
+    assert region is not None
+    out = anonymize(img, [box], Method.GAUSSIAN, 0.6).image
+    changed = out != img if img.ndim == 2 else np.any(out != img, axis=2)
+    return changed, region[0], region[1]
+
+
 @pytest.mark.parametrize(
     ("w", "h"), [(1, 1), (5, 5), (23, 30), (37, 41), (61, 20), (150, 151), (333, 9), (4000, 3000)]
 )
 def test_a_blurred_box_of_any_size_alters_its_whole_region_and_nothing_else(w, h):
     # the blurred copy is shrunk by a whole factor: the rows and columns past its last whole
     # block must be covered too
-    img = np.full((900, 1000, 3), 200, np.uint8)
-    img[::2, ::2] = 10
-    box = Box(Kind.FACE, 211, 307, w, h, 0.9)
-    region = region_mask(img.shape, box, 0.6)
-    assert region is not None
-    (x0, y0, x1, y1), _ = region
-    changed = np.any(anonymize(img, [box], Method.GAUSSIAN, 0.6).image != img, axis=2)
+    changed, (x0, y0, x1, y1), _ = _blurred((900, 1000, 3), Box(Kind.FACE, 211, 307, w, h, 0.9))
     assert changed[y0:y1, x0:x1].all()
     changed[y0:y1, x0:x1] = False
     assert not changed.any()
 
 
-@pytest.mark.parametrize("channels", [3, 0])
-def test_a_blurred_plate_alters_its_polygon_and_box_and_nothing_else(channels):
-    shape = (120, 220, channels) if channels else (120, 220)
-    img = np.full(shape, 200, np.uint8)
-    img[::2, ::2] = 10
+@pytest.mark.parametrize("shape", [(120, 220, 3), (120, 220)])
+def test_a_blurred_plate_alters_its_polygon_and_box_and_nothing_else(shape):
     corners = ((50.0, 40.0), (130.0, 30.0), (130.0, 50.0), (50.0, 60.0))
     plate = Box(Kind.PLATE, 50, 38, 60, 20, 0.9, corners)
-    region = region_mask(img.shape, plate, 0.6)
-    assert region is not None
-    (x0, y0, x1, y1), mask = region
+    changed, (x0, y0, x1, y1), mask = _blurred(shape, plate)
     assert mask is not None and not mask.all()
-    out = anonymize(img, [plate], Method.GAUSSIAN, 0.6).image
-    changed = out != img if not channels else np.any(out != img, axis=2)
     assert np.array_equal(changed[y0:y1, x0:x1], mask > 0)
     changed[y0:y1, x0:x1] = False
     assert not changed.any()
