@@ -4,8 +4,8 @@ video time (frame index / fps), so the replay speed does not change the summarie
 
 Decoding runs in one worker thread (a frame ahead), inference in another and blurring in a
 third (beside the next inference), so the event loop and the CAN path on it never wait for
-them. Dropped frames (detection failed, or a paced replay
-fell behind like a real camera would) are counted, never stored, never sent.
+them. Dropped frames (detection failed, or a paced replay fell behind like a real camera would)
+are counted, never stored, never sent.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class CameraStage:
         # thread runs the next detection: ~1.1x the frames per second at 1280x720 on 2 cores
         self._blur = ThreadPoolExecutor(1, thread_name_prefix=f"gateway-camera-blur-{name}")
 
-    # -- in the worker thread ----------------------------------------------------------------
+    # -- in the blur thread ------------------------------------------------------------------
     def _keep(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Store what is due; a frame the store cannot take is still anonymised (and counted)."""
         if self.store is not None:
