@@ -106,7 +106,9 @@ def _gaussian_kernel(sigma: float) -> npt.NDArray[Any]:
     than GaussianBlur's own 8-bit path at these widths, whose fixed-point sums are up to 2
     levels off (tests/camera/test_anonymize.py)."""
     ksize = int(round(sigma * 6 + 1)) | 1
-    return cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F)
+    kernel = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F)
+    kernel.setflags(write=False)  # shared by every caller, in every thread
+    return kernel
 
 
 def anonymize(

@@ -77,6 +77,11 @@ class _Window:
         )
 
 
+def _read_error(fut: asyncio.Future[list[Outcome]]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("camera: blurring that ended after the stage: %r", fut.exception())
+
+
 class CameraStage:
     """One camera: ``await stage.run(emit, stop)``; ``dropped`` counts dropped frames so far."""
 
@@ -258,6 +263,9 @@ class CameraStage:
             self._read.shutdown(wait=False)
             self._work.shutdown(wait=False)
             self._blur.shutdown(wait=False)
+            if rendering is not None:  # cancelled or failed while blurring: its frames are
+                # blurred (or not stored) all the same; its error, if any, is not left unread
+                rendering.add_done_callback(_read_error)
             self.anonymiser.close()
 
 

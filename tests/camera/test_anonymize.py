@@ -111,6 +111,22 @@ def test_a_blurred_box_of_any_size_alters_its_whole_region_and_nothing_else(w, h
     assert not changed.any()
 
 
+@pytest.mark.parametrize("size", [12, 30, 45, 80, 200, 600])
+def test_the_blur_erases_detail_a_fifth_of_the_object_wide_at_every_size(size):
+    # a checkerboard of squares an eighth of the object: a blur of sigma a fifth of the object
+    # leaves nothing of it, whether the copy is blurred as it is (small objects) or shrunk
+    # first; a blur of half a pixel of the shrunk copy would leave a third of it or more
+    side = max(1, size // 8)
+    yy, xx = np.indices((1400, 1400))
+    img = np.where((yy // side + xx // side) % 2 == 0, 28, 228).astype(np.uint8)
+    img = np.dstack([img] * 3)
+    box = Box(Kind.FACE, 101, 103, size, size, 0.9)
+    out = anonymize(img, [box], Method.GAUSSIAN, 0.6).image
+    before, after = crop(img, box).astype(float), crop(out, box).astype(float)
+    assert before.std() > 90
+    assert after.std() < 0.05 * before.std(), after.std()
+
+
 @pytest.mark.parametrize("shape", [(120, 220, 3), (120, 220)])
 def test_a_blurred_plate_alters_its_polygon_and_box_and_nothing_else(shape):
     corners = ((50.0, 40.0), (130.0, 30.0), (130.0, 50.0), (50.0, 60.0))
