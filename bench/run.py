@@ -306,7 +306,7 @@ class Table:
             text += "; not measured: " + "; ".join(self.unmeasured)
         return text
 
-    def print(self) -> None:
+    def show(self) -> None:
         widths = [max(len(r[i]) for r in [self.HEAD, *self.rows]) for i in range(5)]
         for r in [self.HEAD, tuple("-" * w for w in widths), *self.rows]:
             print(
@@ -526,7 +526,7 @@ def main() -> int:
             )
         lat = latency(broker.url, tmp, 1)
         table.add("latency, window end -> owner, s (real-time replay)", f"{lat:.2f}")
-    table.print()
+    table.show()
     if args.markdown:
         Path(args.markdown).write_text(table.markdown())
     return 1 if args.check and table.missed else 0
