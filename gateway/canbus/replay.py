@@ -112,12 +112,31 @@ _READERS = {
 }
 
 
+class _Header:
+    """Whether an ASC or TRC reader of python-can got through its header (``_extract_header``,
+    run by each new pass over the reader). Once it has, a pass after a bad data line must not
+    read a header again; while it has not, the next pass goes on reading it from the line
+    after the one that failed. (Skipping the rest of a header whose start time was no number
+    left a TRC reader without its columns: every frame after it was dropped, uncounted.)"""
+
+    def __init__(self, reader: Any) -> None:
+        self.done = False
+        self._extract = reader._extract_header
+        reader._extract_header = self
+
+    def __call__(self) -> Any:
+        if self.done:
+            return None
+        first = self._extract()
+        self.done = True
+        return first
+
+
 def _resume(reader: Any, fmt: LogFormat, lines: CountingLines) -> None:
-    """Make a reader whose generator died on a bad line continue at the next one: its header
-    has been read already (ASC, TRC) or must be skipped again (CSV)."""
-    if fmt in (LogFormat.ASC, LogFormat.TRC):
-        reader._extract_header = lambda: None
-    elif fmt is LogFormat.PYTHON_CAN_CSV:
+    """Make a reader whose generator died on a bad line continue at the next one: an ASC or
+    TRC reader goes on with its header or its frames (``_Header``); a CSV reader must skip
+    its header again."""
+    if fmt is LogFormat.PYTHON_CAN_CSV:
         lines.pushback.append(_PYTHON_CAN_CSV_HEADER + "\n")
 
 
@@ -147,6 +166,8 @@ def _resilient(
     import can
 
     reader = getattr(can, _READERS[fmt])(lines)
+    if fmt in (LogFormat.ASC, LogFormat.TRC):
+        _Header(reader)
     last_error_line = -1
     while True:
         try:
@@ -158,7 +179,8 @@ def _resilient(
                     continue
                 yield msg
             return
-        except (ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, ArithmeticError, LookupError, TypeError, AttributeError) as exc:
+            # ArithmeticError: a TRC start time too large for a date (OverflowError)
             if lines.line_no == last_error_line:
                 # the reader fails again without consuming anything: give up on the rest
                 stats.stopped_early = f"line {lines.line_no}: {exc}"

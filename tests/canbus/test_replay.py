@@ -136,6 +136,30 @@ def test_trc_bad_line_is_counted(tmp_path):
     assert len(frames) == len(_frames(src))
 
 
+@pytest.mark.parametrize("start", ["nan", "1e400", "9" * 20, "abc", ""])
+def test_trc_unreadable_start_time_is_counted_and_every_frame_read(tmp_path, start):
+    """A header line python-can cannot read stops its header there; the reading goes on with the
+    rest of the header (the columns), so no frame is lost: times are offsets from the log's
+    start, as for a TRC file with no start time. (A start time too large for a date raised an
+    OverflowError out of the replay; one that was no number lost every frame, uncounted.)"""
+    src = SHARED_CAN / "python_can_testdata" / "test_CanMessage_V2_1.trc"
+    if not src.exists():
+        pytest.skip("shared python-can test data absent")
+    lines = src.read_text().splitlines(keepends=True)
+    assert lines[1].startswith(";$STARTTIME=")
+    lines[1] = f";$STARTTIME={start}\n"
+    bad = tmp_path / "start.trc"
+    bad.write_text("".join(lines))
+    stats = ReadStats()
+    frames = _frames(bad, stats)
+    good = _frames(src)
+    assert stats.bad_lines == 1 and stats.first_bad[0][0] == 2
+    assert [f[1:] for f in frames] == [f[1:] for f in good]  # all but the time: the same frames
+    assert frames[0][0] == pytest.approx(17.5354)  # the first message's offset, 17535.4 ms
+    start_time = good[0][0] - frames[0][0]
+    assert [f[0] + start_time for f in frames] == pytest.approx([f[0] for f in good])
+
+
 def test_python_can_csv_bad_line_is_counted(tmp_path):
     p = tmp_path / "pc.csv"
     with can.CSVWriter(str(p)) as w:
