@@ -44,6 +44,7 @@ class CountingLines:
         self._fh = fh
         self.line_no = 0
         self.chars = 0
+        self.nonblank = 0  # lines with more than white space
         self.pushback: list[str] = []
 
     def __iter__(self) -> CountingLines:
@@ -55,6 +56,8 @@ class CountingLines:
         line = next(self._fh)
         self.line_no += 1
         self.chars += len(line)
+        if not line.isspace():
+            self.nonblank += 1
         return line
 
     def readline(self) -> str:

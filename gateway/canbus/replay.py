@@ -119,9 +119,12 @@ class _Header:
     after the one that failed. (Skipping the rest of a header whose start time was no number
     left a TRC reader without its columns: every frame after it was dropped, uncounted.)"""
 
-    def __init__(self, reader: Any) -> None:
+    def __init__(self, reader: Any, lines: CountingLines, stats: ReadStats) -> None:
         self.done = False
+        self.nonblank = 0  # non-blank lines read by the end of the header
+        self.bad = 0  # bad lines counted by then
         self._extract = reader._extract_header
+        self._lines, self._stats = lines, stats
         reader._extract_header = self
 
     def __call__(self) -> Any:
@@ -129,7 +132,21 @@ class _Header:
             return None
         first = self._extract()
         self.done = True
+        # a TRC reader's header returns the line that ended it, which it then reads as a frame
+        # (unless the file ended first: then it is the header's last comment)
+        data = isinstance(first, str) and bool(first) and not first.startswith(";")
+        self.nonblank = self._lines.nonblank - data
+        self.bad = self._stats.bad_lines
         return first
+
+    def unsaid(self) -> int:
+        """Non-blank lines after the header not counted as bad. Asked when no frame was read:
+        then python-can passed over them without a word, as it does a line of a type it does
+        not know (a header whose columns did not fit the lines, a lost comma, made it pass
+        over them all)."""
+        if not self.done:
+            return 0
+        return (self._lines.nonblank - self.nonblank) - (self._stats.bad_lines - self.bad)
 
 
 def _resume(reader: Any, fmt: LogFormat, lines: CountingLines) -> None:
@@ -166,9 +183,9 @@ def _resilient(
     import can
 
     reader = getattr(can, _READERS[fmt])(lines)
-    if fmt in (LogFormat.ASC, LogFormat.TRC):
-        _Header(reader)
+    header = _Header(reader, lines, stats) if fmt in (LogFormat.ASC, LogFormat.TRC) else None
     last_error_line = -1
+    read = 0
     while True:
         try:
             for msg in reader:
@@ -177,7 +194,14 @@ def _resilient(
                 if problem is not None:
                     stats.bad(lines.line_no, problem)
                     continue
+                read += 1
                 yield msg
+            unsaid = header.unsaid() if header is not None and not read else 0
+            if unsaid > 0:
+                stats.stopped_early = (
+                    f"python-can's {_READERS[fmt]} read no frame from the {unsaid} line(s) "
+                    "after its header, and said nothing of them: does the header fit them?"
+                )
             return
         except (ValueError, ArithmeticError, LookupError, TypeError, AttributeError) as exc:
             # ArithmeticError: a TRC start time too large for a date (OverflowError)

@@ -160,6 +160,32 @@ def test_trc_unreadable_start_time_is_counted_and_every_frame_read(tmp_path, sta
     assert [f[0] + start_time for f in frames] == pytest.approx([f[0] for f in good])
 
 
+def test_trc_header_that_does_not_fit_its_lines_is_said(tmp_path):
+    """python-can passes over a line of a type it does not know without a word; with a comma
+    lost from the columns, that is every line. The replay says so instead of reading nothing
+    in silence; a header with no lines after it, or a healthy file, says nothing."""
+    src = SHARED_CAN / "python_can_testdata" / "test_CanMessage_V2_1.trc"
+    if not src.exists():
+        pytest.skip("shared python-can test data absent")
+    lines = src.read_text().splitlines(keepends=True)
+    data = [ln for ln in lines if not ln.startswith(";")]
+    assert lines[2].startswith(";$COLUMNS=N,O,")
+    cases = {
+        "columns.trc": [lines[0], lines[1], lines[2].replace("N,O,", "NO,"), *lines[3:]],
+        "header.trc": [ln for ln in lines if ln.startswith(";")],
+        "healthy.trc": lines,
+    }
+    said = {}
+    for name, text in cases.items():
+        (tmp_path / name).write_text("".join(text))
+        stats = ReadStats()
+        said[name] = (len(_frames(tmp_path / name, stats)), stats.bad_lines, stats.stopped_early)
+    assert said["columns.trc"][:2] == (0, 0)
+    assert f"read no frame from the {len(data)} line(s) after its header" in said["columns.trc"][2]
+    assert said["header.trc"] == (0, 0, None)
+    assert said["healthy.trc"] == (len(_frames(src)), 0, None)
+
+
 def test_python_can_csv_bad_line_is_counted(tmp_path):
     p = tmp_path / "pc.csv"
     with can.CSVWriter(str(p)) as w:
