@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from gateway.canbus import candump as cd
 from gateway.canbus.messages import (
+    READ_ERRORS,
     CountingLines,
     channel_name,
     divert_logging,
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 _HEAD_BYTES = 1 << 16  # the header must end in the first 64 KiB (else python-can reads it all)
 _FRONT = 16  # zeros before a block, so that a right-aligned read never starts before it
 _TOKENS = 14  # time, channel, id, direction, "d", dlc and up to 8 bytes
-_READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, AttributeError)
 
 _WS = np.zeros(256, np.bool_)
 _WS[[9, 10, 13, 32]] = True
@@ -86,7 +86,7 @@ def _read_header(fh: Any) -> tuple[str, int, int]:
     reader = can.ASCReader(lines)  # type: ignore[arg-type]
     try:
         reader._extract_header()
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise _Fallback(str(exc)) from exc
     used = lines.line_no
     if len(head) == _HEAD_BYTES and used >= head.count(b"\n"):
@@ -173,7 +173,7 @@ def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str]
         text = buf[starts[i] : ends[i]].decode("utf-8", "replace")
         try:
             msg = python_can_line(text, base)
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             bad.append((line0 + i, " ".join(str(exc).split())[:120] or type(exc).__name__))
             continue
         if msg is None:

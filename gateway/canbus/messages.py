@@ -12,6 +12,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import can
 
+# what python-can's text readers raise on a line (or a header line) they cannot read: the
+# line is counted and the reading goes on. ArithmeticError: a TRC start time too large for a
+# date (OverflowError from timedelta)
+READ_ERRORS = (ValueError, ArithmeticError, LookupError, TypeError, AttributeError)
+
 
 def channel_name(channel: Any) -> str:
     """python-can channels are ints, strings or None; a bus name is always a string here.

@@ -24,6 +24,7 @@ from gateway.canbus.candump import iter_candump
 from gateway.canbus.chunking import FAST, PACED, Chunking
 from gateway.canbus.gvret import iter_gvret, looks_like_gvret
 from gateway.canbus.messages import (
+    READ_ERRORS,
     CountingLines,
     channel_name,
     divert_logging,
@@ -203,8 +204,7 @@ def _resilient(
                     "after its header, and said nothing of them: does the header fit them?"
                 )
             return
-        except (ValueError, ArithmeticError, LookupError, TypeError, AttributeError) as exc:
-            # ArithmeticError: a TRC start time too large for a date (OverflowError)
+        except READ_ERRORS as exc:
             if lines.line_no == last_error_line:
                 # the reader fails again without consuming anything: give up on the rest
                 stats.stopped_early = f"line {lines.line_no}: {exc}"
