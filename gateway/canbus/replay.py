@@ -197,8 +197,9 @@ def _resilient(
                     continue
                 read += 1
                 yield msg
-            unsaid = header.unsaid() if header is not None and not read else 0
-            if unsaid > 0:
+            # (TRC only: python-can's ASC reader passes over its blocks' own lines too)
+            unsaid = header.unsaid() if header is not None and fmt is LogFormat.TRC else 0
+            if not read and unsaid > 0:
                 stats.stopped_early = (
                     f"python-can's {_READERS[fmt]} read no frame from the {unsaid} line(s) "
                     "after its header, and said nothing of them: does the header fit them?"
