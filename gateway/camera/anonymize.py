@@ -71,6 +71,9 @@ def region_mask(
     return (x0, y0, x1, y1), mask
 
 
+BLUR_ACROSS = 24  # pixels across the object in the copy that is blurred (Gaussian)
+
+
 def _obscure(roi: Image, method: Method, box: Box) -> Image:
     h, w = roi.shape[:2]
     size = max(box.w, box.h, 1.0)
@@ -94,9 +97,6 @@ def _obscure(roi: Image, method: Method, box: Box) -> Image:
     kernel = _gaussian_kernel(max(1.0, round(size / n / 5.0, 1)))  # few kernels to cache
     blurred = cv2.sepFilter2D(small, -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
     return blurred if n == 1 else cv2.resize(blurred, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-BLUR_ACROSS = 24  # pixels across the object in the copy that is blurred
 
 
 @functools.lru_cache(maxsize=256)
