@@ -5,7 +5,9 @@ the other differ by more than most changes do. Here each round runs both version
 (which one goes first alternates from round to round), and the figure that counts is the median
 of the per-round differences, with the number of rounds in which the new code was faster. Each
 version runs as ``make bench`` runs the gateway: a process of its own, the same wrapper (its peak
-memory, the parse process's included), a local Mosquitto, its DBCs read from a cache of its own.
+memory, the parse process's included), a local Mosquitto, its DBCs read from a cache of its own;
+and, as ``make bench`` does, the venv's shared libraries are read from disk again first
+(``bench/settle.py``), so that the peak memory printed compares with the bench's.
 
     .venv/bin/python bench/paired.py --old HEAD~1                  # against the working copy
     .venv/bin/python bench/paired.py --old v1 --new v2 --input kona --rounds 30
@@ -31,6 +33,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.settle import settle_libraries  # noqa: E402
+
+if __name__ == "__main__":  # before numpy's libraries are mapped here: memory as the bench has it
+    settle_libraries()
 
 from bench import bench_decode, run  # noqa: E402
 from gateway.localbroker import LocalBroker  # noqa: E402
