@@ -22,6 +22,7 @@ import collections
 import io
 import math
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -710,13 +711,21 @@ def _blocks(fh: IO[Any], stats: ReadStats, block_bytes: int) -> Iterator[tuple[b
     carry = b""
     skipped = 0
     in_long = False  # inside an overlong line being skipped
+    cr = b""  # a CR that ended the last read: a line end of its own, or the start of a CRLF
     while True:
         chunk = fh.read(block_bytes)
         if isinstance(chunk, str):
             chunk = chunk.encode("utf-8", "surrogateescape")
         stats.bytes_read += len(chunk)
         if not chunk:
-            break
+            if cr:  # the file ended on a lone CR
+                chunk, cr = b"\n", b""
+            else:
+                break
+        elif cr or b"\r" in chunk:  # one memchr a block, where no line ends in CR
+            chunk, cr = _lone_crs(cr + chunk)
+            if not chunk:
+                continue
         if in_long:
             cut = chunk.find(b"\n")
             if cut < 0:
@@ -735,6 +744,21 @@ def _blocks(fh: IO[Any], stats: ReadStats, block_bytes: int) -> Iterator[tuple[b
     skipped += in_long
     if carry or skipped:
         yield carry, skipped
+
+
+def _lone_crs(chunk: bytes) -> tuple[bytes, bytes]:
+    """``chunk`` with every CR that ends a line alone (old Mac line ends; python-can reads text
+    with universal newlines, so a lone CR ends its lines too) made an LF, and the CR it ends
+    with held back, the first half of a CRLF perhaps. CRLF stays: the parser takes it."""
+    held = b""
+    if chunk.endswith(b"\r"):
+        chunk, held = chunk[:-1], b"\r"
+    if chunk.count(b"\r") != chunk.count(b"\r\n"):
+        chunk = _LONE_CR.sub(b"\n", chunk)
+    return chunk, held
+
+
+_LONE_CR = re.compile(rb"\r(?!\n)")
 
 
 def _open(source: str | Path | IO[Any]) -> tuple[IO[Any], bool]:

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import TextIO
 
 from gateway.canbus.chunking import CHUNK_FRAMES, CHUNK_SECONDS
+from gateway.canbus.messages import READ_ERRORS
 from gateway.errors import LogFormatError
 from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
 
 _TRUE = {"true", "1", "yes", "t"}
+_LENGTHS = {*range(9), 12, 16, 20, 24, 32, 48, 64}  # classic CAN and CAN FD data lengths
 
 
 def looks_like_gvret(first_line: str) -> bool:
-    cols = [c.strip().lower() for c in first_line.split(",")]
+    cols = [c.strip().lower() for c in first_line.removeprefix("\ufeff").split(",")]
     return "time stamp" in cols and "id" in cols and ("bus" in cols or "len" in cols)
 
 
@@ -32,7 +34,7 @@ def iter_gvret(
 ) -> Iterator[FrameBatch]:
     path = Path(path)
     try:
-        fh: TextIO = open(path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115
+        fh: TextIO = open(path, encoding="utf-8-sig", errors="replace", newline="")  # noqa: SIM115
     except OSError as exc:
         raise LogFormatError(f"{path}: cannot open: {exc.strerror}") from exc
     with fh:
@@ -62,12 +64,14 @@ def iter_gvret(
                 ext = parts[i_ext].strip().lower() in _TRUE if i_ext is not None else fid > 0x7FF
                 bus = int(parts[i_bus]) if i_bus is not None else 0
                 n = int(parts[i_len]) if i_len is not None else len(parts) - first_data
-                if not 0 <= n <= 64 or first_data + n > len(parts):
+                if n not in _LENGTHS:
+                    raise ValueError(f"data length {n} is not a CAN or CAN FD length")
+                if first_data + n > len(parts):
                     raise ValueError(f"length {n} does not match the data columns")
                 data = bytes(int(b, 16) for b in parts[first_data : first_data + n])
                 if fid < 0 or fid > (0x1FFFFFFF if ext else 0x7FF):
                     raise ValueError(f"id {fid:X} out of range")
-            except (ValueError, IndexError) as exc:
+            except READ_ERRORS as exc:  # a time of 400 digits overflows the division, too
                 stats.bad(line_no, str(exc) or type(exc).__name__)
                 continue
             if chunk_start is None:

@@ -70,7 +70,14 @@ def detect_format(path: Path) -> LogFormat:
             head = fh.read(4096)
     except OSError as exc:
         raise LogFormatError(f"{path}: cannot read: {exc.strerror}") from exc
-    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd", b"PK\x03\x04")):
+        # gzip, bzip2, xz, zstd, zip: read as text, a compressed log passed for a CSV file
+        raise LogFormatError(
+            f"{path}: a compressed file; decompress it first (e.g. gunzip -k, unzstd, unxz) "
+            "and replay the log inside"
+        )
+    # a byte order mark (Excel's "CSV UTF-8" writes one) is not part of the first line
+    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lstrip("\ufeff").strip()
     suffix = path.suffix.lower()
     if suffix == ".csv" or (suffix not in _SUFFIXES and b"," in head[:200]):
         if looks_like_gvret(first):
@@ -138,7 +145,9 @@ class _Header:
         data = isinstance(first, str) and bool(first) and not first.startswith(";")
         self.nonblank = self._lines.nonblank - data
         self.bad = self._stats.bad_lines
-        return first
+        # no data line (an empty file, a header alone, a blank line after it): nothing for
+        # python-can to parse, where it would log a "Failed to parse" that counts as bad
+        return first if data or not isinstance(first, str) else None
 
     def unsaid(self) -> int:
         """Non-blank lines after the header not counted as bad. Asked when no frame was read:
@@ -172,7 +181,7 @@ class _CountParseWarnings(logging.Handler):
 
 
 def _iter_python_can_text(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
-    with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
+    with open(path, encoding="utf-8-sig", errors="replace", newline=None) as fh:
         lines = CountingLines(fh)
         with divert_logging("can.io", _CountParseWarnings(stats, lines)):
             yield from _resilient(path, fmt, stats, lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
 
 import can
@@ -174,6 +175,31 @@ def test_crlf_text_files_and_leading_spaces() -> None:
     assert [(r[0], r[8]) for r in got] == [(1.0, b"\x11"), (2.0, b"\x22")]
 
 
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 8, 17, 1 << 16])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "(1.5) can0 123#11\r(1.6) can0 123#22\r(1.7) can0 123#33\r",  # old Mac line ends
+        "(1.5) can0 123#11\r\n(1.6) can0 123#22\r(1.7) can0 123#33",  # mixed, no last end
+        "(1.5) can0 123#11\r\r(1.6) can0 1x3#22\r\n\r\n(1.7) can0 123#33\n",  # blank, bad
+    ],
+)
+def test_lines_ended_by_a_lone_cr_are_lines_as_python_can_reads_them(
+    tmp_path: Path, text: str, block_bytes: int
+) -> None:
+    """python-can reads text with universal newlines: a lone CR ends a line (it used to run the
+    lines of such a file into one, read as a single bad line). Frames and bad line numbers
+    stay the same however the reads split a CRLF."""
+    path, ref = tmp_path / "cr.log", tmp_path / "ref.log"
+    path.write_bytes(text.encode())
+    ref.write_bytes(text.replace("(1.6) can0 1x3#22", "").encode())  # python-can stops there
+    stats = ReadStats()
+    got = rows(list(iter_candump(path, stats, block_bytes=block_bytes)))
+    assert got == python_can_rows(ref)
+    assert len(got) == 3 - ("1x3" in text)
+    assert [n for n, _ in stats.first_bad] == ([3] if "1x3" in text else [])
+
+
 def reference_chunks(ts: list[float], frames: int, seconds: float) -> list[int]:
     """Chunk sizes as gateway.canbus.replay cuts python-can messages."""
     sizes, n, start = [], 0, None
@@ -233,6 +259,7 @@ def test_parse_line_reasons() -> None:
 def _line_by_line(data: bytes) -> tuple[list[tuple], list[int]]:
     """What the per-line parser alone makes of ``data``: frames, and numbers of bad lines."""
     frames, bad = [], []
+    data = re.sub(rb"\r(?!\n)", b"\n", data)  # a lone CR ends a line, as python-can reads text
     for no, raw in enumerate(data.split(b"\n"), 1):
         raw = raw[:-1] if raw.endswith(b"\r") else raw
         try:

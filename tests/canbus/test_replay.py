@@ -90,6 +90,56 @@ def test_gvret_with_a_dir_column_and_extended_ids(tmp_path):
     assert frames[1][1:4] == ("can0", 0x123, False)
 
 
+def test_gvret_bad_lines_of_every_kind_are_counted_never_raised(tmp_path):
+    """A 400-digit time overflowed the division into seconds (a traceback); a length of 9 or
+    10 is no CAN or CAN FD length; a byte order mark (Excel's "CSV UTF-8") is no header."""
+    p = tmp_path / "g.csv"
+    p.write_bytes(
+        b"\xef\xbb\xbfTime Stamp,ID,Extended,Bus,LEN,D1,D2,D3,D4,D5,D6,D7,D8,D9\n"
+        b"1000000,109,false,0,1,11\n" + b"9" * 400 + b",109,false,0,1,11\n"
+        b"1000050,109,false,0,9,1,2,3,4,5,6,7,8,9\n"
+        b"1000100,109,false,0,1,22\n"
+    )
+    assert detect_format(p) is LogFormat.GVRET_CSV
+    stats = ReadStats()
+    frames = _frames(p, stats)
+    assert [(f[0], f[-1]) for f in frames] == [(1.0, b"\x11"), (1.0001, b"\x22")]
+    assert [n for n, _ in stats.first_bad] == [3, 4]
+    assert "not a CAN or CAN FD length" in stats.first_bad[1][1]
+
+
+def test_a_python_can_csv_with_a_byte_order_mark_is_read(tmp_path):
+    p = tmp_path / "bom.csv"
+    p.write_bytes(
+        b"\xef\xbb\xbftimestamp,arbitration_id,extended,remote,error,dlc,data\n"
+        b"1.5,0x123,1,0,0,2,ESI=\n"
+    )
+    assert detect_format(p) is LogFormat.PYTHON_CAN_CSV
+    stats = ReadStats()
+    assert [f[2] for f in _frames(p, stats)] == [0x123] and stats.bad_lines == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",  # what python-can's TRCWriter leaves when it logged nothing
+        ";$FILEVERSION=2.1\n;$STARTTIME=44548.6028595139\n;$COLUMNS=N,O,T,B,I,d,R,L,D\n",
+        ";$FILEVERSION=2.1\n;$STARTTIME=44548.6028595139\n;$COLUMNS=N,O,T,B,I,d,R,L,D\n\n"
+        "      1     17535.400 DT 1  00000100 Tx -  8    00 00 00 00 00 00 00 00\n",
+    ],
+)
+def test_a_trc_without_data_lines_or_with_a_blank_after_its_header_has_no_bad_line(tmp_path, text):
+    """python-can's header reading hands back the line that ended it, even an empty one or
+    the header's last comment, and then failed to parse it: a bad line that is not there."""
+    p = tmp_path / "t.trc"
+    p.write_text(text)
+    stats = ReadStats()
+    frames = _frames(p, stats)
+    assert stats.bad_lines == 0, stats.first_bad
+    assert len(frames) == text.count(" DT ")
+    assert stats.stopped_early is None
+
+
 def test_kona_asc_numbered_from_zero_is_channel_can0():
     frames = _frames(KONA / "bms_idle_log_30sec.asc")
     assert {f[1] for f in frames} == {"can0"}
@@ -227,6 +277,16 @@ def test_unknown_suffix_is_sniffed_or_refused(tmp_path):
     q.write_bytes(b"\x00" * 100)
     with pytest.raises(LogFormatError, match="unknown log format"):
         detect_format(q)
+
+
+@pytest.mark.parametrize("name", ["z.log.gz", "z.asc.gz", "z.csv.gz", "capture.gz", "z.log"])
+def test_a_compressed_log_is_refused_in_one_line_not_read_as_csv(tmp_path, name):
+    import gzip
+
+    p = tmp_path / name
+    p.write_bytes(gzip.compress(b"(1.000000) can0 123#11223344\n" * 50))
+    with pytest.raises(LogFormatError, match="a compressed file; decompress it first"):
+        detect_format(p)
 
 
 def test_later_files_are_shifted_so_time_never_runs_backwards():
