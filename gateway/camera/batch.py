@@ -107,7 +107,10 @@ _ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}
 def _like_source(src: Path, dst: Path, image: Any) -> Any:
     """The anonymised BGR ``image`` given the source's greyscale or its alpha channel back
     (detection and blurring work on BGR; a transparent area must not turn visible)."""
-    raw = cv2.imdecode(np.fromfile(str(src), np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        raw = cv2.imdecode(np.fromfile(str(src), np.uint8), cv2.IMREAD_UNCHANGED)
+    except OSError:  # read a moment ago: the anonymised image stands as it is
+        return image
     if raw is None:
         return image
     if raw.ndim == 2:
@@ -137,8 +140,17 @@ def _image(anon: FrameAnonymiser, src: Path, dst: Path, tally: _Tally) -> None:
 
 
 def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally: _Tally) -> None:
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    folders = [p.name for p in src.iterdir() if p.is_dir()]
+    entries = sorted(src.iterdir())
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    folders = [p.name for p in entries if p.is_dir()]
+    others = [p.name for p in entries if not p.is_dir() and p not in files]
+    if others:  # not images by their names (or broken links): nothing of them is written
+        log.warning(
+            "%s: %d file(s) not read, not named as images (%s): nothing of them is written",
+            src,
+            len(others),
+            ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""),
+        )
     if folders:  # not read: say so, rather than leave their photos unblurred unnoticed
         log.warning(
             "%s: %d sub-folder(s) not read (%s); anonymise each on its own",
@@ -164,7 +176,11 @@ def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally:
     source = VideoFileSource(src)
     fourcc = _VIDEO_CODECS.get(dst.suffix.lower())
     if fourcc is None:
-        raise ConfigError(f"{dst}: video output must end in {', '.join(_VIDEO_CODECS)}")
+        raise ConfigError(
+            f"{dst}: {src.name} is read as a video (an image's name ends in "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}), and a video's output must end in "
+            f"{', '.join(_VIDEO_CODECS)}"
+        )
     writer = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*fourcc), source.fps, source.size)
     if not writer.isOpened():
         raise StorageError(f"{dst}: OpenCV cannot write this video")

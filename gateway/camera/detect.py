@@ -91,6 +91,11 @@ def _quiet_opencv() -> Iterator[None]:
 # networks at full size took minutes and gigabytes; 2560 keeps a 40-pixel face of a 1920x1080
 # frame whole)
 NATIVE_MAX_WIDTH = 2560
+# the most pixels a frame is enlarged to for a network (a 2560x1440 frame's)
+MAX_ENLARGED_AREA = 2560 * 1440
+# a plate detector at the frame's own width (``width`` 0) looks again at SECOND_SCALE_WIDTH
+# when that is wider than SECOND_SCALE_ABOVE (see PlateDetector.detect)
+SECOND_SCALE_ABOVE, SECOND_SCALE_WIDTH = 1600, 1280
 
 
 def _scale_for(frame: Image, width: int, floor: int = 0) -> tuple[Image, float]:
@@ -100,6 +105,10 @@ def _scale_for(frame: Image, width: int, floor: int = 0) -> tuple[Image, float]:
     h, w = frame.shape[:2]
     if width <= 0:
         width = min(max(w, floor), NATIVE_MAX_WIDTH)
+    if width > w and width * width * h > MAX_ENLARGED_AREA * w:
+        # a narrow image (a 33x4000 strip) widened to ``floor`` would be tens of megapixels
+        # tall (7.5 GB for the networks): it is enlarged only to that area, if at all
+        width = max(w, int((MAX_ENLARGED_AREA * w / h) ** 0.5))
     if width == w:
         return frame, 1.0
     height = max(1, round(h * width / w))
@@ -223,7 +232,30 @@ class PlateDetector:
         return xy, wh * scale, pts, scores
 
     def detect(self, frame: Image) -> list[Box]:
-        small, f = _scale_for(frame, self.width, floor=DetectorSettings.plate_width)
+        parts = [self._candidates(frame, self.width)]
+        if self.width <= 0 and min(frame.shape[1], NATIVE_MAX_WIDTH) > SECOND_SCALE_ABOVE:
+            # at the full width of a large photo, a plate close to the camera is larger than
+            # the network's largest anchors and goes unseen (3 of 60 plates of 2560-pixel
+            # photos): a second look at a smaller scale, the boxes of both merged
+            parts.append(self._candidates(frame, SECOND_SCALE_WIDTH))
+        xy, whp, pts, scores = (np.concatenate(c) for c in zip(*parts, strict=True))
+        if len(scores) == 0:
+            return []
+        rects = [
+            [float(a), float(b), float(c), float(d)] for (a, b), (c, d) in zip(xy, whp, strict=True)
+        ]
+        idx = cv2.dnn.NMSBoxes(rects, scores.astype(float).tolist(), self.score, self.nms)
+        out = []
+        for i in np.asarray(idx, dtype=int).ravel():
+            (x, y, bw, bh) = rects[i]
+            corners = tuple((float(px), float(py)) for px, py in pts[i])
+            out.append(Box(Kind.PLATE, x, y, bw, bh, float(scores[i]), corners))
+        return out
+
+    def _candidates(self, frame: Image, width: int) -> tuple[Any, Any, Any, Any]:
+        """(top-left xy, wh, corner points, scores) over the score threshold, the frame seen
+        at ``width``, in frame pixels."""
+        small, f = _scale_for(frame, width, floor=DetectorSettings.plate_width)
         rows = self._strip_rows(small.shape[0])
         parts = []
         for k, (top, bottom) in enumerate(rows):
@@ -243,18 +275,7 @@ class PlateDetector:
                 pts[:, :, 1] += top
             parts.append((xy, whp, pts, scores))
         xy, whp, pts, scores = (np.concatenate(c) for c in zip(*parts, strict=True))
-        if len(scores) == 0:
-            return []
-        rects = [
-            [float(a), float(b), float(c), float(d)] for (a, b), (c, d) in zip(xy, whp, strict=True)
-        ]
-        idx = cv2.dnn.NMSBoxes(rects, scores.astype(float).tolist(), self.score, self.nms)
-        out = []
-        for i in np.asarray(idx, dtype=int).ravel():
-            (x, y, bw, bh) = rects[i]
-            corners = tuple((float(px) * f, float(py) * f) for px, py in pts[i])
-            out.append(Box(Kind.PLATE, x * f, y * f, bw * f, bh * f, float(scores[i]), corners))
-        return out
+        return xy * f, whp * f, pts * f, scores
 
 
 class CombinedDetector:

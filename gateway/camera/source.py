@@ -25,7 +25,11 @@ from gateway.errors import CameraError
 
 log = logging.getLogger("gateway.camera.source")
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
+# still images OpenCV reads and writes back in the same format (not .jfif, which it cannot
+# write; not GIF or 1-bit PBM, which would lose an animation's frames or the blur's grey levels)
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,10 @@ class VideoFileSource:
 def read_image(path: Path) -> Image:
     """An image file as BGR uint8; unreadable files raise ``CameraError``."""
     _cv_quiet()
-    data = np.fromfile(str(path), np.uint8) if path.is_file() else None
+    try:
+        data = np.fromfile(str(path), np.uint8) if path.is_file() else None
+    except OSError as exc:  # no permission, a disk error: this image, not the whole run
+        raise CameraError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
     if img is None:
         raise CameraError(f"{path}: not an image OpenCV can read")

@@ -50,6 +50,7 @@ def test_a_folder_gives_blurred_copies_with_the_same_names_and_formats(
     assert code == 0, err
     assert "2 image(s)" in err and "2 face(s)" in err
     assert "1 sub-folder(s) not read (more)" in err
+    assert "1 file(s) not read, not named as images (readme.txt)" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["portrait.jpg", "portrait.png"]
     with open(tmp_path / "out" / "portrait.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -98,7 +99,7 @@ def test_a_video_gives_a_video_of_the_same_length(tmp_path, gateway):
         (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--face-score", "2"], "--face-score"),
         (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--plate-strips", "0"], "--plate-strips"),
         (lambda p: [str(ASTRONAUT), str(p / "o.txt")], "must be an image file"),
-        (lambda p: [str(DEMO_CLIP), str(p / "o.gif")], "video output must end in"),
+        (lambda p: [str(DEMO_CLIP), str(p / "o.gif")], "a video's output must end in"),
         # 1 px found nothing and said nothing; 30000 px ran out of time and took 24 GB
         (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--face-width", "1"], "--face-width"),
         (lambda p: [str(ASTRONAUT), str(p / "o.jpg"), "--plate-width", "30000"], "--plate-width"),
@@ -120,6 +121,31 @@ def test_an_unreadable_image_in_a_folder_is_reported_and_the_rest_written(tmp_pa
     assert code == 1
     assert "bad.jpg" in err and "Traceback" not in err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.jpg"]
+
+
+def test_an_image_that_cannot_be_opened_is_counted_and_the_rest_written(
+    tmp_path, gateway, monkeypatch
+):
+    """No permission to read one photo (root reads every file, so the read is made to fail as
+    for another user): it is counted, and the photos after it are still anonymised."""
+    from gateway.camera import source
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        shutil.copy(ASTRONAUT, src / name)
+    real = source.np.fromfile
+
+    def fromfile(path, *args, **kwargs):
+        if str(path).endswith("b.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(source.np, "fromfile", fromfile)
+    code, err = gateway("anonymize", str(src), str(tmp_path / "out"), "-q")
+    assert code == 1 and "Traceback" not in err
+    assert "b.jpg: cannot read: Permission denied" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.jpg", "c.jpg"]
 
 
 def _here(p) -> str:

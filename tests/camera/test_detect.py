@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -165,3 +167,51 @@ def test_the_detector_input_width(width, floor, frame_w, seen_w):
     frame = np.zeros((frame_w // 2, frame_w, 3), np.uint8)
     small, f = _scale_for(frame, width, floor=floor)
     assert small.shape[1] == seen_w and f == pytest.approx(frame_w / seen_w)
+
+
+@pytest.mark.parametrize(("h", "w"), [(3000, 3), (4000, 33), (60000, 640)])
+def test_a_narrow_image_is_enlarged_only_to_a_bounded_area(h, w):
+    """A 3x3000 strip widened to the plate network's 960 was 960x960,000 pixels: 4.9 GB."""
+    from gateway.camera.detect import MAX_ENLARGED_AREA, _scale_for
+
+    frame = np.zeros((h, w, 3), np.uint8)
+    for floor in (640, 960):
+        small, f = _scale_for(frame, 0, floor=floor)
+        sh, sw = small.shape[:2]
+        assert sw >= w and sh * sw <= max(MAX_ENLARGED_AREA, h * w)
+        assert f == pytest.approx(w / sw)
+
+
+def test_a_large_plate_in_a_large_photo_is_found_by_the_second_look():
+    """A real plate photo at twice its size (2560 pixels wide): at the full width its plate is
+    larger than the network's anchors; the second look at 1280 finds it, where it is."""
+    import cv2
+
+    from gateway.camera.detect import SECOND_SCALE_ABOVE, PlateDetector
+    from tests.conftest import shared_or_skip
+
+    root = shared_or_skip("data", "vision", "plates")
+    truth = json.loads((root / "gt.json").read_text())
+    name = "alpr_br_OLC4728.jpg"
+    img = cv2.imread(str(root / name))
+    big = cv2.resize(img, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    assert big.shape[1] > SECOND_SCALE_ABOVE
+    det = PlateDetector(width=0)
+    found = det.detect(big)
+    for x, y, w, h in truth[name]:
+        g = (2 * x, 2 * y, 2 * w, 2 * h)
+        assert any(_iou(g, (b.x, b.y, b.w, b.h)) >= 0.3 for b in found), (g, found)
+    # the first look alone misses it: the second one is what finds it
+    first = det._candidates(big, 0)
+    assert not any(
+        _iou((2 * x, 2 * y, 2 * w, 2 * h), (*xy, *wh)) >= 0.3
+        for x, y, w, h in truth[name]
+        for xy, wh in zip(first[0], first[1], strict=True)
+    )
+
+
+def _iou(a, b) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
