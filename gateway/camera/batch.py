@@ -181,7 +181,26 @@ def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally:
             f"{', '.join(sorted(IMAGE_SUFFIXES))}), and a video's output must end in "
             f"{', '.join(_VIDEO_CODECS)}"
         )
-    writer = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*fourcc), source.fps, source.size)
+    # .avi through OpenCV's own MJPEG writer, which keeps any frame size (FFmpeg's writers
+    # round an odd width or height down to an even one without a word), where it takes the
+    # clip (not a rate below 1 frame/s)
+    code = cv2.VideoWriter_fourcc(*fourcc)
+    writer = cv2.VideoWriter()
+    own = dst.suffix.lower() == ".avi" and writer.open(
+        str(dst), cv2.CAP_OPENCV_MJPEG, code, source.fps, source.size
+    )
+    if not own:
+        writer = cv2.VideoWriter(str(dst), code, source.fps, source.size)
+    w, h = source.size
+    if not own and (w % 2 or h % 2):
+        log.warning(
+            "%s: %dx%d frames are written %dx%d (this codec needs even sizes; .avi keeps them)",
+            dst,
+            w,
+            h,
+            w - w % 2,
+            h - h % 2,
+        )
     if not writer.isOpened():
         raise StorageError(f"{dst}: OpenCV cannot write this video")
     total = source.total()

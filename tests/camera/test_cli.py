@@ -148,6 +148,28 @@ def test_an_image_that_cannot_be_opened_is_counted_and_the_rest_written(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.jpg", "c.jpg"]
 
 
+@pytest.mark.parametrize(("suffix", "size"), [(".avi", (641, 361)), (".mp4", (640, 360))])
+def test_an_odd_sized_video_keeps_its_size_in_avi_and_says_so_otherwise(
+    tmp_path, gateway, suffix, size
+):
+    cap = cv2.VideoCapture(str(DEMO_CLIP))
+    src = tmp_path / "odd.avi"
+    w = cv2.VideoWriter(
+        str(src), cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), 10, (641, 361)
+    )
+    for _ in range(3):
+        ok, frame = cap.read()
+        assert ok
+        w.write(cv2.resize(frame, (641, 361)))
+    w.release()
+    code, err = gateway("anonymize", str(src), str(tmp_path / f"out{suffix}"), "-q")
+    assert code == 0, err
+    out = cv2.VideoCapture(str(tmp_path / f"out{suffix}"))
+    ok, frame = out.read()
+    assert ok and (frame.shape[1], frame.shape[0]) == size
+    assert ("are written 640x360" in err) == (suffix != ".avi")
+
+
 def _here(p) -> str:
     """An image whose output would be its own folder: the same name, over the original."""
     shutil.copy(ASTRONAUT, p / "photo.jpg")
