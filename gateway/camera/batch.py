@@ -108,21 +108,48 @@ def _like_source(src: Path, dst: Path, image: Any) -> Any:
     """The anonymised BGR ``image`` given the source's greyscale or its alpha channel back
     (detection and blurring work on BGR; a transparent area must not turn visible)."""
     try:
-        raw = cv2.imdecode(np.fromfile(str(src), np.uint8), cv2.IMREAD_UNCHANGED)
+        data = np.fromfile(str(src), np.uint8)
     except OSError:  # read a moment ago: the anonymised image stands as it is
         return image
+    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if raw is None:
         return image
     if raw.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    if (
-        raw.shape[2] == 4
-        and raw.shape[:2] == image.shape[:2]  # not turned by its EXIF orientation
-        and dst.suffix.lower() in _ALPHA_SUFFIXES
-    ):
+    if raw.shape[2] == 4 and dst.suffix.lower() in _ALPHA_SUFFIXES:
         alpha = raw[:, :, 3] if raw.dtype == np.uint8 else (raw[:, :, 3] // 256).astype(np.uint8)
-        return np.dstack([image, alpha])
+        alpha = _turned_as_read(data, alpha)
+        if alpha is not None and alpha.shape == image.shape[:2]:
+            return np.dstack([image, alpha])
+        log.warning("%s: its transparency could not be placed; written without it", dst)
     return image
+
+
+# the 8 ways an EXIF orientation turns an image (rotations, mirrors, transpositions)
+_TURNS = (
+    lambda a: a,
+    lambda a: np.rot90(a, -1),
+    lambda a: np.rot90(a, 2),
+    lambda a: np.rot90(a, 1),
+    lambda a: a[:, ::-1],
+    lambda a: a[::-1],
+    lambda a: a.swapaxes(0, 1),
+    lambda a: np.rot90(a, 2).swapaxes(0, 1),
+)
+
+
+def _turned_as_read(data: Any, alpha: Any) -> Any:
+    """``alpha`` (as stored) turned the way OpenCV turned the colour pixels by the file's
+    EXIF orientation (an unchanged read ignores it); None if no turn explains it."""
+    plain = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    read = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if plain is None or read is None:
+        return None
+    for turn in _TURNS:
+        turned = turn(plain)
+        if turned.shape == read.shape and np.array_equal(turned, read):
+            return np.ascontiguousarray(turn(alpha))
+    return None
 
 
 def _image(anon: FrameAnonymiser, src: Path, dst: Path, tally: _Tally) -> None:

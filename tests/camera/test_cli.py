@@ -170,6 +170,36 @@ def test_an_odd_sized_video_keeps_its_size_in_avi_and_says_so_otherwise(
     assert ("are written 640x360" in err) == (suffix != ".avi")
 
 
+@pytest.mark.parametrize("size", [(500, 375), (400, 400)])
+def test_transparency_turns_with_the_exif_orientation(tmp_path, gateway, size):
+    """A PNG stored turned, with an EXIF orientation (6: turn 90 degrees clockwise to show):
+    OpenCV shows its colours upright, and its transparency must turn with them (it was put
+    back unturned: on a square image, the wrong area became see-through)."""
+    import struct
+    import zlib
+
+    upright = cv2.resize(cv2.imread(str(ASTRONAUT)), size)
+    alpha = np.full(upright.shape[:2], 255, np.uint8)
+    alpha[:, :150] = 0  # the left 150 columns, as shown, are transparent
+    stored = cv2.rotate(np.dstack([upright, alpha]), cv2.ROTATE_90_COUNTERCLOCKWISE)
+    png = cv2.imencode(".png", stored)[1].tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    exif = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x112, 3, 1, 6) + b"\0" * 4
+    src = tmp_path / "turned.png"
+    src.write_bytes(png[:33] + chunk(b"eXIf", exif) + png[33:])
+    assert cv2.imread(str(src)).shape[:2] == upright.shape[:2]  # OpenCV shows it upright
+    code, err = gateway("anonymize", str(src), str(tmp_path / "out.png"), "-q")
+    assert code == 0, err
+    out = cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED)
+    assert out.shape == (*upright.shape[:2], 4)
+    assert np.array_equal(out[:, :, 3], alpha)
+
+
 def _here(p) -> str:
     """An image whose output would be its own folder: the same name, over the original."""
     shutil.copy(ASTRONAUT, p / "photo.jpg")
