@@ -43,6 +43,46 @@ def test_a_pipelined_drain_delivers_every_message_once_in_order(tmp_path, broker
 
 
 @pytest.mark.broker
+def test_a_message_refused_at_the_moment_of_sending_does_not_leave(tmp_path, broker, listen):
+    """Consent withdrawn while a batch of 200 is being sent: what was not written yet stays
+    in the car (``may_send`` is asked right before each PUBLISH, not once per batch: it let
+    ~200 positions out after a withdrawal). Only the publishes already handed to the client,
+    at most IN_FLIGHT, can have left; the rest is withheld, on the record, and not kept."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    released = _released(ob, 500)
+    ob.put_many(released)
+    lst = listen(broker.url, "vehicles/V/owner/#")
+    withdrawn = [False]
+    withheld: list = []
+
+    def on_sent(n: int) -> None:
+        if pub.sent == 100:
+            withdrawn[0] = True  # as the owner's command handler would, between two PUBACKs
+
+    pub = MqttPublisher(
+        BrokerSettings(url=broker.url),
+        ob,
+        "gw-test",
+        status=lambda s, r: None,
+        on_sent=on_sent,
+        may_send=lambda p: not withdrawn[0],
+        on_withheld=withheld.extend,
+    )
+
+    async def drain() -> None:
+        stop = asyncio.Event()
+        stop.set()
+        await pub.run(stop)
+
+    asyncio.run(drain())
+    got = [unpack(m.payload)["seq"] for m in lst.settle()]
+    assert got == [m.seq for m in released[: len(got)]]
+    assert 100 <= len(got) <= 100 + mqtt.IN_FLIGHT
+    assert sorted(p.seq for p in withheld) == [m.seq for m in released[len(got) :]]
+    assert ob.depth() == 0
+
+
+@pytest.mark.broker
 def test_publishes_leave_without_waiting_for_the_previous_ack(broker):
     """TCP_NODELAY on the client's socket (several publishes are in flight at once)."""
 
