@@ -106,7 +106,10 @@ class RunReport:
     blocked: int = 0
     bytes_released: int = 0
     sent: int = 0
-    outbox_left: int = 0
+    outbox_left: int = 0  # waiting in the outbox file, sent on the next run
+    # held in memory only (the outbox file could not be written) when the run ended: lost,
+    # and recorded in the ledger as dropped
+    lost_in_memory: int = 0
     late_samples: int = 0  # older than a window already published (time went backwards)
     invalid_samples: int = 0  # NaN, infinity, a 'not available' state, a time outside any window
     channels: dict[str, int] = field(default_factory=dict)  # frames per channel name
@@ -630,6 +633,16 @@ class Gateway:
                 await asyncio.wait_for(pub_task, timeout=10)
             self.report.sent = self.publisher.sent
             self.report.outbox_left = self.outbox.depth()
+            lost = self.outbox.memory_only()
+            if lost:  # ends with this process: on the record, not said to wait
+                self.report.outbox_left -= len(lost)
+                self.report.lost_in_memory = len(lost)
+                with step():
+                    self._record_drop(
+                        lost,
+                        "held in memory only (the outbox file could not be written) when the "
+                        "gateway stopped",
+                    )
             self.report.broker_error = self.publisher.last_error
             self.report.read = self._read_stats()
             self.report.channels = dict(self.health.per_channel)
@@ -641,6 +654,7 @@ class Gateway:
                     released=self.report.released,
                     blocked=self.report.blocked,
                     outbox_left=self.report.outbox_left,
+                    lost_in_memory=self.report.lost_in_memory,
                 )
             self.ledger.close()
             self.outbox.close()

@@ -199,13 +199,24 @@ def _start_parsing(args: argparse.Namespace) -> None:
 
 
 def _undelivered(report: Any, s: Any) -> int:
-    """Exit code 3 and one line if summaries are left in the outbox, else 0."""
-    if not report.outbox_left:
+    """Exit code 3 and one line if summaries are left undelivered, else 0."""
+    lost = getattr(report, "lost_in_memory", 0)
+    if not report.outbox_left and not lost:
         return 0
+    why = report.broker_error or "broker unavailable"
+    parts = []
+    if report.outbox_left:
+        parts.append(
+            f"{report.outbox_left} wait in {s.gateway.outbox} and are sent on the next run"
+        )
+    if lost:
+        parts.append(
+            f"{lost} were held in memory only, because the outbox file could not be written, "
+            "and are lost (the ledger records them as dropped)"
+        )
     print(
-        f"gateway: error: {report.outbox_left} summaries could not be delivered "
-        f"({report.broker_error or 'broker unavailable'}); they wait in {s.gateway.outbox} "
-        "and are sent on the next run",
+        f"gateway: error: {report.outbox_left + lost} summaries could not be delivered ({why}); "
+        + "; ".join(parts),
         file=sys.stderr,
     )
     return 3

@@ -187,6 +187,45 @@ def test_outbox_disk_full_or_read_only_keeps_the_can_path_alive(
     print(f"\ndisk {fault}: produced {len(produced)}, received {len(unique)}; {errors[0]}")
 
 
+def test_summaries_held_in_memory_at_the_end_are_on_the_record_as_lost(tmp_path, capsys):
+    """The outbox file cannot be written (here its folder cannot even be made) and the broker
+    is away: the summaries were kept in memory only, so they end with the process. The ledger
+    records them as dropped, and the last line says so, instead of saying they wait in the
+    file (it held none of them)."""
+    import asyncio
+
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.cli import _undelivered
+
+    (tmp_path / "afile").write_text("")
+    s = gateway_settings(
+        tmp_path,
+        {"can0": [str(KONA_PCAN)]},
+        vin="LOSTINMEMORY00001",
+        window=5.0,
+        outbox=str(tmp_path / "afile" / "o.sqlite"),
+    )
+    gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+    assert gw.outbox.storage == "degraded"
+    report = asyncio.run(gw.run(require_broker=False, drain_timeout=0))
+    entries = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    # every message through the outbox (the retained consent state has no seq); not the last
+    # will, ledgered when it is handed to a connection, which takes no outbox row
+    released = [
+        e["seq"] for e in entries if e["kind"] == "egress" and e["schema"] != "gateway.status"
+    ]
+    dropped = [q for e in entries if e["kind"] == "dropped" for q in e["seqs"]]
+    assert report.outbox_left == 0 and report.lost_in_memory == len(released) >= 5
+    assert dropped == released  # in the order they were released
+    assert entries[-1]["kind"] == "stop" and entries[-1]["lost_in_memory"] == len(released)
+    verify_chain(tmp_path / "l.jsonl")  # raises on a break
+    assert _undelivered(report, s) == 3
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"gateway: error: {len(released)} summaries could not be delivered")
+    assert "held in memory only" in line and "wait in" not in line
+
+
 def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_rest(tmp_path):
     import asyncio
 

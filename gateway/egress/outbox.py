@@ -87,7 +87,7 @@ class Outbox:
                     "UNION ALL SELECT MAX(seq) + 1 FROM outbox)"
                 ).fetchone()
                 stored_seq = int(row[0] or 0)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # OSError: its folder cannot be made
                 damaged = type(exc) is sqlite3.DatabaseError  # not a disk full or read-only
                 if existed and damaged:
                     # what waits in it cannot be read: starting on an empty outbox in memory
@@ -291,6 +291,11 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._degrade(exc)
         self._acked.difference_update(r[0] for r in rows)
+
+    def memory_only(self) -> list[Pending]:
+        """What waits in memory only (the file could not take it): lost when this process
+        ends, unlike what waits in the file."""
+        return list(self._mem.values())
 
     def depth(self) -> int:
         n = len(self._mem)
