@@ -580,7 +580,20 @@ class Gateway:
     ) -> RunReport:
         stop = stop or asyncio.Event()
         if require_broker:
-            await self.publisher.check_connect()
+            try:
+                await self.publisher.check_connect()
+            except BaseException as exc:  # the run never started: its start entry gets a stop
+                with contextlib.suppress(GatewayError):
+                    self.ledger.append(
+                        "stop",
+                        released=self.report.released,
+                        blocked=self.report.blocked,
+                        outbox_left=self.outbox.depth(),
+                        reason=str(exc) or type(exc).__name__,
+                    )
+                self.ledger.close()
+                self.outbox.close()
+                raise
         pub_stop = asyncio.Event()
         pub_task = asyncio.create_task(self.publisher.run(pub_stop), name="mqtt")
         periodic_stop = asyncio.Event()

@@ -70,6 +70,9 @@ def test_broker_that_refuses_the_connection_is_named(tmp_path):
     line = assert_one_line_error(proc, url)
     assert proc.returncode == 3
     assert "refused" in line.lower() or "connect" in line.lower()
+    # the ledger's start entry has its stop: the run did not start, it was not cut short
+    verify = run_gateway("audit", "verify", str(tmp_path / "l.jsonl"))
+    assert verify.returncode == 0 and "no stop entry" not in verify.stdout + verify.stderr
 
 
 @pytest.mark.parametrize(
