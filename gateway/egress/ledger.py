@@ -199,10 +199,23 @@ def _truncate_torn_tail(path: Path) -> bytes | None:
             return None
         torn = next(_lines_backwards(fh, size))  # however long the torn line is
         keep = size - len(torn)
+        if keep and not _is_entry(next(_lines_backwards(fh, keep - 1))):
+            # not a torn last write after a good entry: a damaged ledger, left as it is for
+            # the user to examine (its last line is refused next)
+            return None
         fh.truncate(keep)
         fh.flush()
         os.fsync(fh.fileno())
         return torn
+
+
+def _is_entry(raw: bytes) -> bool:
+    """Whether ``raw`` reads as a ledger entry (its hash is checked by ``audit verify``)."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and isinstance(entry.get("hash"), str) and "i" in entry
 
 
 def _tail_max_seq(path: Path) -> int:

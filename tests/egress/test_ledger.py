@@ -132,6 +132,25 @@ def test_a_torn_last_line_from_a_power_cut_is_cut_off_and_recorded(ledger_file):
     assert report.entries == 8 and report.kinds["recovered"] == 1
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        bytes(range(256)) * 78 + b"\x00\x01",  # not a ledger at all, no newline at its end
+        b'{"i":7,"at":1.0,"kind":"egress"}\n{"i":8,"at"',  # a bad entry before the torn one
+    ],
+)
+def test_a_damaged_ledger_is_refused_untouched_not_cut(tmp_path, ledger_file, damage):
+    """Only a torn write after a good entry is cut off (and the cut recorded): anything else
+    is evidence for the user to examine, refused as it is (it was cut, then refused, so the
+    cut went unrecorded)."""
+    path = tmp_path / "damaged.jsonl"
+    path.write_bytes(ledger_file.read_bytes() + damage if b"{" in damage[:1] else damage)
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match="damaged"):
+        Ledger(path, fsync=False)
+    assert path.read_bytes() == before
+
+
 def test_a_group_fsyncs_its_lines_once_when_it_ends(tmp_path, monkeypatch):
     synced = []
     monkeypatch.setattr("gateway.egress.ledger.os.fsync", lambda fd: synced.append(fd))
