@@ -642,6 +642,11 @@ class Gateway:
                     else:
                         first = exc
 
+            if self.outbox.depth():
+                # the wait to drain is over (its timeout, a second stop, an error) with
+                # summaries left: the publisher stops now, not after a PUBACK or a connection
+                # it may wait 10 s for; what was not acknowledged stays in the outbox
+                pub_task.cancel()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError), step():
                 await asyncio.wait_for(pub_task, timeout=10)
             self.report.sent = self.publisher.sent

@@ -226,6 +226,45 @@ def test_summaries_held_in_memory_at_the_end_are_on_the_record_as_lost(tmp_path,
     assert "held in memory only" in line and "wait in" not in line
 
 
+def test_a_stalled_broker_does_not_hold_the_run_past_its_drain_timeout(tmp_path, private_broker):
+    """The broker stops answering (SIGSTOP: the connection stays up, no PUBACK comes) with
+    summaries waiting: the run ends at its drain timeout, not 10 s later, when the wait for a
+    PUBACK would have ended; what was not acknowledged stays in the outbox."""
+    import asyncio
+
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+
+    s = gateway_settings(
+        tmp_path,
+        {"can0": [str(KONA_PCAN)]},
+        url=private_broker.url,
+        vin="STALLED0000000001",
+        window=0.25,
+    )
+    gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+    pid = private_broker._proc.pid
+    stalled = []
+
+    def on_sent(n: int) -> None:
+        if not stalled:
+            os.kill(pid, signal.SIGSTOP)
+            stalled.append(True)
+
+    gw.publisher.on_sent = on_sent
+    gw.publisher.ack_timeout = 30.0  # a slow uplink's: not what ends the run
+    t0 = time.monotonic()
+    try:
+        report = asyncio.run(gw.run(drain_timeout=1.0))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # a timeout kept, not a speed measured: the publisher's own wait would end the run 10 s
+    # after the drain timeout (30 s for this PUBACK); it ends at the drain timeout
+    took = time.monotonic() - t0
+    assert stalled and report.outbox_left > 0 and report.sent < report.released
+    assert took < 8.0, f"the run ended {took:.1f} s after it began, with a 1 s drain timeout"
+
+
 def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_rest(tmp_path):
     import asyncio
 

@@ -152,6 +152,8 @@ class MqttPublisher:
     last_error: str | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     acked: asyncio.Event = field(default_factory=asyncio.Event)  # set after each drained batch
+    _deadline: asyncio.Timeout | None = None  # of the PUBACK awaited now, if one is
+    _lost: bool = False  # the connection was lost (reset on each new one)
 
     def __post_init__(self) -> None:
         self.outbox.subscribe(self._wake.set)
@@ -179,6 +181,7 @@ class MqttPublisher:
             try:
                 client = make_client(self.broker, identifier=self.identifier, will=will)
                 async with client:
+                    self._lost = False
                     self.connected.set()
                     delay = self.backoff_initial
                     self.last_error = None
@@ -186,19 +189,18 @@ class MqttPublisher:
                     for topic in self.inbound_topics:
                         await client.subscribe(topic, qos=1)  # returns on the SUBACK
                     self.listening.set()
-                    reader = (
-                        asyncio.create_task(self._read_inbound(client))
-                        if self.inbound_topics
-                        else None
-                    )
+                    # reads the owner's commands; ends (as aiomqtt's message iterator does)
+                    # when the connection is lost, which ends a wait for PUBACKs at once
+                    reader = asyncio.create_task(self._read_inbound(client))
+                    reader.add_done_callback(self._connection_lost)
                     try:
                         await self._drain_until(client, stop)
                         await self._publish_status(client, "offline", "stopped")
                     finally:
-                        if reader is not None:
-                            reader.cancel()
-                            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                                await reader
+                        reader.remove_done_callback(self._connection_lost)
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await reader
                     self.connected.clear()
                     self.listening.clear()
                     return
@@ -245,6 +247,7 @@ class MqttPublisher:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(None) as deadline:
+                    self._deadline = deadline
                     for i, item in enumerate(batch):
                         while len(sends) < min(len(batch), i + IN_FLIGHT):
                             nxt = batch[len(sends)]
@@ -260,10 +263,13 @@ class MqttPublisher:
                             late.append(item)
                         settled = i + 1
             except TimeoutError:
+                if self._lost:
+                    raise aiomqtt.MqttError("connection lost while PUBACKs were awaited") from None
                 raise aiomqtt.MqttError(
                     f"no PUBACK within {self.ack_timeout:g} s (operation timed out)"
                 ) from None
             finally:
+                self._deadline = None
                 # after a failure: what was acknowledged meanwhile leaves the outbox too (its
                 # PUBACK came), the rest stays; nothing is left unretrieved. But a retained
                 # message behind the one that failed stays too, to be sent again after it: the
@@ -310,6 +316,13 @@ class MqttPublisher:
         if not item.retain:
             self.outbox.note_acked(item)
         return True
+
+    def _connection_lost(self, reader: asyncio.Task[None]) -> None:
+        """The inbound reader ended by itself: the connection is gone. A wait for PUBACKs
+        ends now (its deadline moved to now), not after ``ack_timeout``."""
+        self._lost = True
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time())
 
     async def _read_inbound(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

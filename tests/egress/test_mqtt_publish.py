@@ -83,6 +83,37 @@ def test_a_message_refused_at_the_moment_of_sending_does_not_leave(tmp_path, bro
 
 
 @pytest.mark.broker
+def test_a_connection_lost_while_pubacks_are_awaited_is_noticed_at_once(tmp_path, private_broker):
+    """The broker goes away mid-drain: the wait for the PUBACKs in flight ends when the
+    connection is lost, not after the ACK timeout (here 60 s), so a broker that is back
+    within the backoff gets the rest; the rest waits in the outbox meanwhile."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put_many(_released(ob, 500))
+
+    def on_sent(n: int) -> None:
+        if pub.sent == 50:
+            private_broker.stop()  # SIGTERM, waited for: the connection is reset
+
+    pub = MqttPublisher(
+        BrokerSettings(url=private_broker.url),
+        ob,
+        "gw-test",
+        status=lambda s, r: None,
+        on_sent=on_sent,
+        ack_timeout=60.0,
+    )
+
+    async def drain() -> None:
+        stop = asyncio.Event()
+        stop.set()  # once the broker is away, the publisher returns: the outbox keeps the rest
+        await asyncio.wait_for(pub.run(stop), 30)
+
+    asyncio.run(drain())
+    assert pub.last_error is not None and "connection lost" in pub.last_error
+    assert 50 <= pub.sent < 500 and ob.depth() == 500 - pub.sent
+
+
+@pytest.mark.broker
 def test_publishes_leave_without_waiting_for_the_previous_ack(broker):
     """TCP_NODELAY on the client's socket (several publishes are in flight at once)."""
 
