@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from gateway import __version__
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.egress.guard import EgressGuard, Outgoing, Released
-from gateway.egress.ledger import Ledger
+from gateway.egress.ledger import Ledger, unfinished_egress
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics, unpack
@@ -182,6 +182,7 @@ class Gateway:
         except BaseException:  # a damaged outbox: the ledger's lock is not held on to
             self.ledger.close()
             raise
+        self._reconcile()
         self.outbox.reserve_seq(self.ledger.max_seq + 1)
         self.guard = EgressGuard(
             self.policy,
@@ -217,6 +218,23 @@ class Gateway:
             consent=self.consent.snapshot(now),
         )
         self._digest_sent_at = time.monotonic()
+
+    def _reconcile(self) -> None:
+        """A run killed between the fsync of its ledger lines and the commit of the same
+        summaries to the outbox left egress entries for summaries that never reached the
+        outbox file (its next number says so), and so never leave: on the record as such."""
+        stored = self.outbox.stored_seq
+        if stored is None or self.ledger.max_seq < stored:
+            return
+        lost = unfinished_egress(self.ledger.path, stored)
+        if lost:
+            self.ledger.append(
+                "dropped",
+                reason="the last run stopped (killed, or power lost) after these were written "
+                "to the ledger and before they reached the outbox file: not sent from it",
+                seqs=[q for q, _ in lost],
+                sha256=[h for _, h in lost],
+            )
 
     # -- egress ----------------------------------------------------------------------------
     def emit(self, out: Outgoing) -> Released | None:

@@ -265,6 +265,60 @@ def test_a_stalled_broker_does_not_hold_the_run_past_its_drain_timeout(tmp_path,
     assert took < 8.0, f"the run ended {took:.1f} s after it began, with a 1 s drain timeout"
 
 
+_KILLED_BETWEEN = """
+import asyncio, os, sys
+from gateway.app import Gateway
+from gateway.canbus.replay import ReplaySource
+from tests.conftest import KONA_CSV, KONA_PCAN, gateway_settings
+from pathlib import Path
+
+s = gateway_settings(Path(sys.argv[1]), {"can0": [str(KONA_PCAN)]}, vin="KILLEDBETWEEN0001", window=2.0)
+gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+put_many = gw.outbox.put_many
+
+def put_many_or_die(msgs):
+    if any(m.schema == "gateway.signals" for m in msgs):
+        os._exit(9)  # killed: its ledger lines are written and synced, the outbox never got them
+    put_many(msgs)
+
+gw.outbox.put_many = put_many_or_die
+asyncio.run(gw.run(require_broker=False, drain_timeout=0))
+"""
+
+
+def test_a_run_killed_between_ledger_and_outbox_has_its_unsent_summaries_on_the_record(tmp_path):
+    """Killed after the group's ledger lines were synced and before the outbox commit: those
+    summaries never reach the outbox, so they never leave. The next start says so in the
+    ledger (it claimed them released, and nothing else would ever mention them again)."""
+    from gateway.app import Gateway
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_BETWEEN, str(tmp_path)], cwd=root, timeout=120
+    )
+    assert proc.returncode == 9
+    entries = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    released = [
+        (e["seq"], e["sha256"]) for e in entries if e["kind"] == "egress" and e["seq"] is not None
+    ]
+    assert released and entries[-1]["kind"] == "egress"  # no stop entry: killed
+    # WHEN the gateway starts again on the same ledger and outbox
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, vin="KILLEDBETWEEN0001")
+    gw = Gateway(s, [])
+    gw.ledger.close()
+    gw.outbox.close()
+    # THEN the summaries of that last group are on the record as never sent, and only they
+    entries = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    dropped = [e for e in entries if e["kind"] == "dropped"]
+    assert len(dropped) == 1 and "before they reached the outbox" in dropped[0]["reason"]
+    assert list(zip(dropped[0]["seqs"], dropped[0]["sha256"], strict=True)) == released
+    verify_chain(tmp_path / "l.jsonl")
+    # and a later start does not record them again
+    Gateway(s, []).ledger.close()
+    again = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert sum(e["kind"] == "dropped" for e in again) == 1
+
+
 def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_rest(tmp_path):
     import asyncio
 

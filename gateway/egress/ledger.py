@@ -209,6 +209,31 @@ def _truncate_torn_tail(path: Path) -> bytes | None:
         return torn
 
 
+def unfinished_egress(path: str | Path, from_seq: int) -> list[tuple[int, str]]:
+    """(seq, sha256) of the summaries numbered ``from_seq`` or above that the last run
+    released, if that run has no stop entry (it was killed, or lost power): read from the end
+    back to its start entry. Empty if the last run ended properly."""
+    out: list[tuple[int, str]] = []
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        for raw in _lines_backwards(fh, fh.tell()):
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                return []
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            if kind == "stop":
+                return []
+            if kind == "start":
+                break
+            seq = entry.get("seq")
+            if kind == "egress" and isinstance(seq, int) and seq >= from_seq:
+                out.append((seq, str(entry.get("sha256"))))
+    return out[::-1]
+
+
 def _is_entry(raw: bytes) -> bool:
     """Whether ``raw`` reads as a ledger entry (its hash is checked by ``audit verify``)."""
     try:

@@ -74,6 +74,7 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
         stored_seq = 0
+        existed = False
         if self.path is not None:
             existed = self.path.is_file() and self.path.stat().st_size > 0
             try:
@@ -100,6 +101,8 @@ class Outbox:
                     ) from exc
                 self._degrade(exc)
         self._next_seq = stored_seq
+        # the first number no summary in the file ever had (None: no file was there to read)
+        self.stored_seq: int | None = stored_seq if self._db is not None and existed else None
 
     # -- sequence numbers ------------------------------------------------------------------
     def reserve_seq(self, floor: int) -> None:
