@@ -299,16 +299,13 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
     # a parse child started early ends first (its replay forks another when it reaches the
     # log): three processes at once took 99 MB on a DBC's first replay, 77 MB without it
     drop_early()
-    forked = _fork() if sys.platform == "linux" else None
+    forked = _fork(on_stop=signal.SIG_DFL) if sys.platform == "linux" else None
     if forked is None:
         return None
     pid, r, w = forked
     if pid == 0:
         code = 1
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)  # the gateway's, if it has one
             gc.freeze()  # the gateway's objects: not ours to walk (nor to copy by touching)
             logging.root.handlers[:] = [logging.NullHandler()]
             result = fn(*args)
@@ -336,10 +333,22 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
     return result
 
 
-def _fork(pipe_bytes: int | None = None) -> tuple[int, int, int] | None:
+_STOPS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _fork(
+    pipe_bytes: int | None = None, on_stop: Any = signal.SIG_IGN
+) -> tuple[int, int, int] | None:
     """A child and a pipe from it to here: (pid, read end, write end), pid 0 in the child.
     Each side has closed the end it does not use. None where no child can be made (the pipe
-    closed again), or where there is no fork."""
+    closed again), or where there is no fork.
+
+    The child handles SIGINT and SIGTERM with ``on_stop`` (ignored: a parse child ends with
+    the gateway's reading; ``SIG_DFL``: ends at once), set before any can reach it: the stop
+    signals are blocked across the fork. A signal that reached a child just forked, before it
+    let go of the gateway's handlers, was written to the gateway's asyncio wake-up socket,
+    which the child shares: the gateway took ``timeout``'s one SIGTERM to its process group
+    for two, and the second ends the wait to drain."""
     if not hasattr(os, "fork"):
         return None
     r, w = os.pipe()
@@ -348,6 +357,7 @@ def _fork(pipe_bytes: int | None = None) -> tuple[int, int, int] | None:
             import fcntl
 
             fcntl.fcntl(w, _F_SETPIPE_SZ, pipe_bytes)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
         with warnings.catch_warnings():
             # Python 3.12+ warns on a fork beside other threads (asyncio's executor here): a
@@ -355,20 +365,18 @@ def _fork(pipe_bytes: int | None = None) -> tuple[int, int, int] | None:
             warnings.filterwarnings("ignore", ".*multi-threaded.*fork", DeprecationWarning)
             pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(r)
         os.close(w)
         return None
+    if pid == 0:  # the gateway's wake-up socket and handlers go, then signals may come
+        with contextlib.suppress(ValueError):  # (not the main thread: nothing was set)
+            signal.set_wakeup_fd(-1)
+            for sig in _STOPS:
+                signal.signal(sig, on_stop)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here is handled now
     os.close(r if pid == 0 else w)
     return pid, r, w
-
-
-def _as_child() -> None:
-    """A child's first step: a stop signal is the gateway's to handle (a Ctrl-C, or `timeout`
-    and systemd sending theirs to the whole process group); it ends the child's work, and with
-    it the child. asyncio's wake-up socket is the gateway's too."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.set_wakeup_fd(-1)
 
 
 def _child(w: int, path: Path, block_bytes: int, head_start: int = 0) -> None:
@@ -379,7 +387,8 @@ def _child(w: int, path: Path, block_bytes: int, head_start: int = 0) -> None:
     same whoever parsed which block."""
     code = 0
     try:
-        _as_child()
+        # (a stop signal is the gateway's to handle, a Ctrl-C or `timeout` and systemd sending
+        # theirs to the whole process group: ignored here since the fork, see _fork)
         gc.disable()  # the gateway's objects are not ours to collect (nor to copy by touching)
         from gateway.canbus.candump import _blocks, parse_block
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -73,12 +76,14 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._listeners: list[Callable[[], None]] = []
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
+        self._lock_fd: int | None = None  # holds the flock on the outbox file
         stored_seq = 0
         existed = False
         if self.path is not None:
             existed = self.path.is_file() and self.path.stat().st_size > 0
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock()
                 self._db = sqlite3.connect(str(self.path), isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
@@ -334,3 +339,25 @@ class Outbox:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # and with it the lock
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        """One gateway at a time: a second one on the same outbox would send the same rows
+        and number new summaries from the same counter (the owner drops repeated numbers as
+        duplicates: real data lost). ``flock`` on the file, held until ``close`` or exit; it
+        does not touch SQLite's own (POSIX) locks."""
+        assert self.path is not None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StorageError(
+                    f"{self.path}: the outbox is in use by another gateway process; stop it "
+                    "first, or give this one an outbox of its own"
+                ) from exc
+            raise
+        self._lock_fd = fd

@@ -562,3 +562,44 @@ def test_no_early_start_where_the_parse_runs_here(
     monkeypatch.setenv("GATEWAY_PARSE_PROCESS", "0")
     assert not parseproc.start_early(_kona_times(tmp_path, 1), block_bytes=1 << 19)
     assert not parseproc._early
+
+
+_SIGNAL_AT_FORK = """
+import asyncio, os, signal, time
+from gateway.canbus import parseproc
+
+hits = []
+
+async def main():
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: hits.append(1))
+    for _ in range(300):
+        pid, r, w = parseproc._fork()
+        if pid == 0:
+            time.sleep(0.02)
+            os._exit(0)
+        os.kill(pid, signal.SIGTERM)  # timeout's SIGTERM to the group, at the worst moment
+        os.waitpid(pid, 0)
+        os.close(r)
+        await asyncio.sleep(0.001)  # the loop reads its wake-up socket
+    print(len(hits))
+
+asyncio.run(main())
+"""
+
+
+def test_a_stop_signal_that_reaches_a_child_as_it_is_forked_is_not_the_gateways():
+    """The child shares the gateway's asyncio wake-up socket until it lets go of it: a
+    SIGTERM that reached it before then was written there, and the gateway took it for a
+    second stop signal of its own (which ends the wait to drain). Signals are blocked across
+    the fork now, until the child has its own handlers."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT_FORK],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

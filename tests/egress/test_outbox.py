@@ -11,6 +11,7 @@ import pytest
 from gateway.egress.guard import EgressGuard, Outgoing
 from gateway.egress.outbox import Outbox
 from gateway.egress.schema import Topics
+from gateway.errors import StorageError
 from gateway.telemetry.policy import load_policy
 
 
@@ -102,7 +103,18 @@ def test_a_broken_database_file_degrades_to_memory_without_losing_messages(tmp_p
     assert ob.storage == "degraded"
     assert [p.seq for p in ob.peek()] == [1, 2]
     # what reached the disk before the failure is still there for the next start
+    ob.close()
     assert [p.seq for p in Outbox(tmp_path / "o.sqlite").peek()] == [0]
+
+
+def test_a_second_gateway_on_the_same_outbox_is_refused_until_the_first_closes(tmp_path):
+    """Two on one outbox sent the same rows twice and numbered new summaries from the same
+    counter: different summaries under one number, which the owner drops as repeats."""
+    first = Outbox(tmp_path / "o.sqlite")
+    with pytest.raises(StorageError, match="in use by another gateway process"):
+        Outbox(tmp_path / "o.sqlite")
+    first.close()
+    Outbox(tmp_path / "o.sqlite").close()
 
 
 def test_a_disk_that_turns_read_only_keeps_waiting_messages_in_order(tmp_path):
