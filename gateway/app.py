@@ -203,6 +203,8 @@ class Gateway:
             on_withheld=lambda items: self._record_drop(
                 items, "location consent no longer valid when it was to be sent"
             ),
+            will_status=lambda: self._status("offline", "connection lost", record=False),
+            on_will_sent=self._ledger_egress,
         )
         self.health = HealthMonitor()
         self.report = RunReport()
@@ -314,7 +316,7 @@ class Gateway:
             sha256=[hashlib.sha256(i.payload).hexdigest() for i in items],
         )
 
-    def _status(self, state: str, reason: str) -> Released | None:
+    def _status(self, state: str, reason: str, record: bool = True) -> Released | None:
         msg = self.guard.release(
             Outgoing(
                 "gateway.status",
@@ -326,7 +328,7 @@ class Gateway:
                 },
             )
         )
-        if msg is not None:
+        if msg is not None and record:
             self._ledger_egress(msg)
         return msg
 

@@ -141,6 +141,10 @@ class MqttPublisher:
     # (withdrawn, expired, a new ignition cycle); what fails is deleted, after ``on_withheld``
     may_send: Callable[[Pending], bool] = lambda p: True
     on_withheld: Callable[[list[Pending]], None] = lambda items: None
+    # the last will ("offline"), made for each connection attempt; ``on_will_sent`` is told when
+    # a connection took it (a CONNACK): a will that never reached a broker never left either
+    will_status: Callable[[], Released | None] | None = None
+    on_will_sent: Callable[[Released], None] = lambda msg: None
     backoff_initial: float = 0.2
     ack_timeout: float = ACK_TIMEOUT
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -172,7 +176,11 @@ class MqttPublisher:
         broker is away when ``stop`` is set, return at once: the outbox keeps the rest."""
         delay = self.backoff_initial
         while True:
-            will_msg = self.status("offline", "connection lost")
+            will_msg = (
+                self.will_status()
+                if self.will_status
+                else self.status("offline", "connection lost")
+            )
             will = (
                 aiomqtt.Will(will_msg.topic, will_msg.payload, qos=1, retain=True)
                 if will_msg is not None
@@ -181,6 +189,8 @@ class MqttPublisher:
             try:
                 client = make_client(self.broker, identifier=self.identifier, will=will)
                 async with client:
+                    if will_msg is not None:  # the broker holds it from its CONNACK on
+                        self.on_will_sent(will_msg)
                     self._lost = False
                     self.connected.set()
                     delay = self.backoff_initial
