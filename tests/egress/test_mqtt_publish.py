@@ -20,6 +20,18 @@ from gateway.settings import BrokerSettings
 from tests.egress.test_outbox import _guard, _released
 
 
+def _run_stopped(pub: MqttPublisher, within: float | None = None) -> None:
+    """``pub.run`` with its stop already set: it drains what waits and returns (at once if
+    the broker is away: the outbox keeps the rest)."""
+
+    async def drain() -> None:
+        stop = asyncio.Event()
+        stop.set()
+        await asyncio.wait_for(pub.run(stop), within)
+
+    asyncio.run(drain())
+
+
 @pytest.mark.broker
 def test_a_pipelined_drain_delivers_every_message_once_in_order(tmp_path, broker, listen):
     # GIVEN 500 summaries waiting (more than one batch of 200 the publisher takes at a time)
@@ -30,12 +42,7 @@ def test_a_pipelined_drain_delivers_every_message_once_in_order(tmp_path, broker
     pub = MqttPublisher(BrokerSettings(url=broker.url), ob, "gw-test", status=lambda s, r: None)
 
     # WHEN the publisher drains them and stops
-    async def drain() -> None:
-        stop = asyncio.Event()
-        stop.set()
-        await pub.run(stop)
-
-    asyncio.run(drain())
+    _run_stopped(pub)
     got = [unpack(m.payload)["seq"] for m in lst.settle()]
     # THEN each arrived once, in the order released, and nothing is left
     assert got == [m.seq for m in released]
@@ -69,12 +76,7 @@ def test_a_message_refused_at_the_moment_of_sending_does_not_leave(tmp_path, bro
         on_withheld=withheld.extend,
     )
 
-    async def drain() -> None:
-        stop = asyncio.Event()
-        stop.set()
-        await pub.run(stop)
-
-    asyncio.run(drain())
+    _run_stopped(pub)
     got = [unpack(m.payload)["seq"] for m in lst.settle()]
     assert got == [m.seq for m in released[: len(got)]]
     assert 100 <= len(got) <= 100 + mqtt.IN_FLIGHT
@@ -103,12 +105,7 @@ def test_a_connection_lost_while_pubacks_are_awaited_is_noticed_at_once(tmp_path
         ack_timeout=60.0,
     )
 
-    async def drain() -> None:
-        stop = asyncio.Event()
-        stop.set()  # once the broker is away, the publisher returns: the outbox keeps the rest
-        await asyncio.wait_for(pub.run(stop), 30)
-
-    asyncio.run(drain())
+    _run_stopped(pub, 30)
     assert pub.last_error is not None and "connection lost" in pub.last_error
     assert 50 <= pub.sent < 500 and ob.depth() == 500 - pub.sent
 
