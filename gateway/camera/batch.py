@@ -170,7 +170,8 @@ def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally
     entries = sorted(src.iterdir())
     files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     folders = [p.name for p in entries if p.is_dir()]
-    others = [p.name for p in entries if not p.is_dir() and p not in files]
+    taken = set(files)
+    others = [p.name for p in entries if not p.is_dir() and p not in taken]
     if others:  # not images by their names (or broken links): nothing of them is written
         log.warning(
             "%s: %d file(s) not read, not named as images (%s): nothing of them is written",
