@@ -102,11 +102,13 @@ def _write_image(path: Path, image: object) -> None:
 
 
 _ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}
+_WIDE_SUFFIXES = {".png", ".tif", ".tiff"}  # formats that hold 16 bits per sample
 
 
 def _like_source(src: Path, dst: Path, image: Any) -> Any:
-    """The anonymised BGR ``image`` given the source's greyscale or its alpha channel back
-    (detection and blurring work on BGR; a transparent area must not turn visible)."""
+    """The anonymised BGR ``image`` given the source's greyscale, its alpha channel and its 16
+    bits per sample back where the output format holds them (detection and blurring work on
+    8-bit BGR; a transparent area must not turn visible)."""
     try:
         data = np.fromfile(str(src), np.uint8)
     except OSError:  # read a moment ago: the anonymised image stands as it is
@@ -114,15 +116,22 @@ def _like_source(src: Path, dst: Path, image: Any) -> Any:
     raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if raw is None:
         return image
+    wide = raw.dtype == np.uint16 and dst.suffix.lower() in _WIDE_SUFFIXES
+
+    def depth(img: Any) -> Any:  # 8 bits to the source's 16 (0-255 -> 0-65535)
+        return img.astype(np.uint16) * np.uint16(257) if wide else img
+
     if raw.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        return depth(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
     if raw.shape[2] == 4 and dst.suffix.lower() in _ALPHA_SUFFIXES:
-        alpha = raw[:, :, 3] if raw.dtype == np.uint8 else (raw[:, :, 3] // 256).astype(np.uint8)
-        alpha = _turned_as_read(data, alpha)
+        alpha: Any = raw[:, :, 3]
+        if raw.dtype != np.uint8 and not wide:
+            alpha = (alpha // 256).astype(np.uint8) if raw.dtype == np.uint16 else None
+        alpha = _turned_as_read(data, alpha) if alpha is not None else None
         if alpha is not None and alpha.shape == image.shape[:2]:
-            return np.dstack([image, alpha])
+            return np.dstack([depth(image), alpha])
         log.warning("%s: its transparency could not be placed; written without it", dst)
-    return image
+    return depth(image)
 
 
 # the 8 ways an EXIF orientation turns an image (rotations, mirrors, transpositions)

@@ -200,6 +200,24 @@ def test_transparency_turns_with_the_exif_orientation(tmp_path, gateway, size):
     assert np.array_equal(out[:, :, 3], alpha)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_16_bit_png_stays_16_bit(tmp_path, gateway, astronaut, channels):
+    """It came out 8-bit: the format's depth is kept (the blur works at 8 bits, so a sample
+    is scaled back: 0-255 to 0-65535)."""
+    img = astronaut if channels == 3 else cv2.cvtColor(astronaut, cv2.COLOR_BGR2GRAY)
+    if channels == 4:
+        img = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    wide = img.astype(np.uint16) * np.uint16(257)  # exactly what 8 bits scale back to
+    src = tmp_path / "deep.png"
+    cv2.imwrite(str(src), wide)
+    code, err = gateway("anonymize", str(src), str(tmp_path / "out.png"), "-q")
+    assert code == 0, err
+    out = cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.uint16 and out.shape == wide.shape
+    assert np.array_equal(out[300:], wide[300:])  # lossless away from the face
+    assert not np.array_equal(out[:300], wide[:300])  # and the face blurred
+
+
 def _here(p) -> str:
     """An image whose output would be its own folder: the same name, over the original."""
     shutil.copy(ASTRONAUT, p / "photo.jpg")
