@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway import __version__
 from gateway.errors import ConfigError, GatewayError, StorageError
@@ -23,7 +23,7 @@ log = logging.getLogger("gateway")
 
 EPILOG_REPLAY = """\
 examples:
-  gateway replay can_fixtures/kona_ev_2019/kona_2019_power_cycle.candump.log \\
+  gateway replay can_fixtures/kona_ev_2019/230112-7-2019-pcan-ccan-power-off-on-ready-off.converted.candump.log \\
       --dbc can0=can_fixtures/kona_ev_2019/kona_pcan.dbc \\
       --dbc can1=can_fixtures/kona_ev_2019/kona_ccan.dbc --fast
   gateway replay drive.log --dbc Model3CAN.dbc --speed 10 --window 30 --vin 5YJ3E1EA7KF000001
@@ -52,6 +52,25 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds, got 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
 
 
@@ -127,13 +146,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     if args.dbc:
-        dbc: dict[str, list[str]] = {}
-        for spec in args.dbc:
-            ch, sep, path = spec.partition("=")
-            if not sep or Path(spec).exists():
-                ch, path = "*", spec
-            dbc.setdefault(ch, []).append(path)
-        s = dataclasses.replace(s, dbc=dbc)
+        s = dataclasses.replace(s, dbc=_dbc_specs(args.dbc))
     if not s.dbc:
         raise ConfigError("no DBC given: use --dbc [CHANNEL=]FILE (or [dbc] in --config)")
     paths = [Path(p) for p in args.logs]
@@ -170,6 +183,19 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t0
     _print_report(report, s, elapsed, quiet=args.quiet, files=len(paths), laps=source.laps)
     return _undelivered(report, s)
+
+
+def _dbc_specs(specs: Sequence[str]) -> dict[str, list[str]]:
+    """``--dbc [CHANNEL=]FILE`` options by channel (``*``: every channel)."""
+    dbc: dict[str, list[str]] = {}
+    for spec in specs:
+        ch, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            ch, path = "*", spec
+        elif not ch.strip():
+            raise ConfigError(f"--dbc {spec}: no channel before '=' (give CHANNEL=FILE, or FILE)")
+        dbc.setdefault(ch, []).append(path)
+    return dbc
 
 
 def _start_parsing(args: argparse.Namespace) -> None:
@@ -593,14 +619,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     s = _settings(args)
     log_path = Path(args.log) if args.log else _DEFAULT_DRIVE / "model3_synthetic_drive.log"
     if args.dbc:
-        dbc: dict[str, list[str]] = {}
-        for spec in args.dbc:
-            ch, sep, path = spec.partition("=")
-            if not sep or Path(spec).exists():
-                ch, path = "*", spec
-            dbc.setdefault(ch, []).append(path)
-        s = dataclasses.replace(s, dbc=dbc)
+        s = dataclasses.replace(s, dbc=_dbc_specs(args.dbc))
     elif not s.dbc:
+        if args.log:  # the bundled Model 3 DBC decodes the bundled drive, not another log
+            raise ConfigError(
+                "--log needs the DBCs that decode it: --dbc [CHANNEL=]FILE (or [dbc] in --config)"
+            )
         s = dataclasses.replace(s, dbc={"*": [str(_DEFAULT_DRIVE / "Model3CAN.dbc")]})
     if args.consent:
         s = dataclasses.replace(
@@ -661,12 +685,20 @@ def _check_config(s: Any) -> None:
             check_camera(cam, cam.name or f"#{i + 1}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, its mistakes said as every other one is: one line, ``gateway: error: ...``,
+    exit status 2 (argparse printed its usage first, then ``gateway replay: error: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gateway: error: {_printable(message)} (see: {self.prog} --help)\n")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser of every command; given the command line ``argv``, one that names a command
     of this module gets a parser without the sub-commands of the stages (``_EXTRA_COMMANDS``),
     which it does not need: importing them (numpy, msgpack, ...) would delay a fast replay's
     early start of parsing (``_start_parsing``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gateway",
         description="In-vehicle data gateway: reads CAN (recorded logs or a live bus) and camera "
         "frames, keeps raw data on the device, and publishes only the summaries a "
@@ -736,9 +768,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    p.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
     p.add_argument(
-        "--idle-timeout", type=float, metavar="S", help="exit after S seconds without a message"
+        "--idle-timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="exit after S seconds without a message",
     )
     p.set_defaults(func=_cmd_owner)
 
@@ -750,7 +785,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="Verify the ledger's hash chain and re-check every entry "
         "against the policy. Exits 1 naming the first bad line.",
     )
-    v.add_argument("ledger", metavar="PATH")
+    v.add_argument("ledger", metavar="PATH", help="the ledger file (JSON lines), e.g. ledger.jsonl")
     v.add_argument(
         "--policy",
         metavar="FILE",
@@ -847,13 +882,25 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "is recorded in the audit ledger.",
     )
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    e = dsub.add_parser("export", help="write the locally kept data as JSON")
+    e = dsub.add_parser(
+        "export",
+        help="write the locally kept data as JSON",
+        description="Write what the gateway keeps on the device (the messages waiting in the "
+        "outbox, the consent state) as one JSON document; recorded in the audit ledger.",
+    )
     e.add_argument("--out", metavar="FILE", help="file to write (default: stdout)")
-    d = dsub.add_parser("delete", help="delete locally kept data of one category")
+    d = dsub.add_parser(
+        "delete",
+        help="delete locally kept data of one category",
+        description="Delete the messages of one category waiting in the outbox (all: every "
+        "one, and the consent grants); recorded in the audit ledger. A running gateway "
+        "is asked over MQTT instead: gateway consent delete.",
+    )
     d.add_argument(
         "--category",
         required=True,
         choices=("location", "vehicle_status", "driving_behaviour", "exterior_camera", "all"),
+        help="what to delete",
     )
     for q in (e, d):
         _add_common(q)
