@@ -9,7 +9,7 @@ import cantools.database
 import numpy as np
 
 from gateway.canbus.dbc import ChannelDbcs
-from gateway.canbus.signalplan import Meta, signal_meta
+from gateway.canbus.signalplan import Meta, as_float, signal_meta
 from gateway.records import DecodedBatch, Decoder, DecodeStats, FrameBatch, SignalSeries
 
 __all__ = ["CantoolsDecoder", "Decoder"]
@@ -66,6 +66,7 @@ class CantoolsDecoder:
         special = batch.is_error | batch.is_remote
         stats.skipped_special = int(special.sum())
         ids = batch.arbitration_id.tolist()
+        ext = batch.is_extended.tolist()
         chans = batch.channel.tolist()
         dlcs = batch.dlc.tolist()
         tss = batch.timestamp.tolist()
@@ -74,7 +75,9 @@ class CantoolsDecoder:
         values: dict[str, Any]  # a plain message's (no container): signal -> number
         for i in np.flatnonzero(~special).tolist():
             fid = ids[i]
-            msg = self._message(batch.channels[chans[i]], fid)
+            # an extended frame is looked up as extended (bit 31, as cantools keys extended
+            # messages): an extended 0x100 is not the standard 0x100
+            msg = self._message(batch.channels[chans[i]], fid | 0x80000000 if ext[i] else fid)
             if msg is None:
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + 1
                 continue
@@ -104,7 +107,7 @@ class CantoolsDecoder:
                     unit, choices = meta[name]
                     acc = accs[name] = _Acc(unit, choices)
                 acc.ts.append(ts)
-                acc.vals.append(float(val))
+                acc.vals.append(as_float(val))
         series = [
             SignalSeries(
                 name, np.array(a.ts, np.float64), np.array(a.vals, np.float64), a.unit, a.choices

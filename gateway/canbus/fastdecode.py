@@ -6,8 +6,9 @@ with two shifts each, scales them in float64 and routes multiplexed signals with
 
 Equality with the reference is bit for bit, and the plan copies cantools 45's quirks:
 
-* the lookup is cantools' ``get_message_by_frame_id`` (ids above 0x7FF are extended, whatever
-  the frame's flag says), first database of the channel wins;
+* the lookup is cantools' ``get_message_by_frame_id``, an extended frame's id with bit 31 set
+  (``force_extended_id``: an extended 0x100 is not the standard 0x100; ids above 0x7FF are
+  extended whatever the frame's flag says), first database of the channel wins;
 * a short frame keeps only the signals that fit in ``dlc`` bytes; a multiplexer that does not
   fit drops its whole branch; an unknown multiplexer value makes the frame an error;
 * bytes past the message length are ignored (``allow_excess``);
@@ -213,7 +214,7 @@ class VectorDecoder:
         )
         most = FLAT_MAX_GROUP if small >= FLAT_MIN_GROUPS else 0
         for g, (key, plan, lo, hi) in enumerate(zip(keys, plans, starts, ends, strict=True)):
-            fid = key & id_mask
+            fid = key & id_mask & 0x1FFFFFFF  # (bit 31, an extended frame's, is the lookup's)
             idx = frames[lo:hi]
             if plan is None:
                 stats.unknown_id[fid] = stats.unknown_id.get(fid, 0) + hi - lo
@@ -266,6 +267,9 @@ class VectorDecoder:
             not special.any() or int(ids[~special].max(initial=0)) > 0x7FF
         ):
             return None
+        ext = batch.is_extended
+        if ext.any() and (not special.any() or bool(ext[~special].any())):
+            return None  # an extended id below 0x800 is another message than the standard one
         code = batch.channel.astype(np.uint16) << np.uint16(11)
         code |= (ids & 0x7FF).astype(np.uint16)  # a special frame's id may be wider: not kept
         keep = np.flatnonzero(~special) if stats.skipped_special else None
@@ -721,6 +725,9 @@ def _wide_groups(batch: FrameBatch, special: npt.NDArray[np.bool_]) -> _Groups:
     keep = np.flatnonzero(~special)
     wide = batch.channel[keep].astype(np.uint64) << np.uint64(32)
     wide |= batch.arbitration_id[keep].astype(np.uint64)
+    # an extended frame's id with bit 31 set, as cantools keys its extended messages: an
+    # extended 0x100 is not the standard 0x100
+    wide |= batch.is_extended[keep].astype(np.uint64) << np.uint64(31)
     order = _group_order(wide)
     skeys = wide[order]
     bounds = np.flatnonzero(skeys[1:] != skeys[:-1]) + 1

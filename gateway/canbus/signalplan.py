@@ -13,6 +13,7 @@ less start-up here. Building a plan needs cantools; only that part imports it.
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -390,6 +391,15 @@ def _raw(r: _Row, words: dict[tuple[int, bool], Any], data: npt.NDArray[np.uint8
     return u >> np.uint64(64 - n)
 
 
+def as_float(value: Any) -> float:
+    """A decoded value as float64: an exact integer past float64's range (a DBC's scale of
+    1E300, taken as an integer) is infinity of its sign, where ``float`` raises."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _values(r: _Row, raw: Any) -> npt.NDArray[np.float64]:
     if r.mode == "float":
         n = r.length
@@ -399,10 +409,12 @@ def _values(r: _Row, raw: Any) -> npt.NDArray[np.float64]:
                 .view({16: np.float16, 32: np.float32, 64: np.float64}[n])
                 .astype(np.float64)
             )
+            if n == 16:  # cantools (bitstruct) reads a half NaN as the plain NaN, signed
+                v = np.where(np.isnan(v), np.copysign(np.nan, v), v)
             return v if r.identity else v * r.scale + r.offset
     if r.mode == "obj":
         scale, offset = r.scale, r.offset
-        return np.array([float(x * scale + offset) for x in raw.tolist()], np.float64)
+        return np.array([as_float(x * scale + offset) for x in raw.tolist()], np.float64)
     v = raw.astype(np.float64)
     return v if r.identity else v * float(r.scale) + float(r.offset)
 

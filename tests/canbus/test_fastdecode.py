@@ -646,3 +646,83 @@ def test_distinct_is_np_unique(values: list) -> None:
     want = np.unique(a)
     assert got.dtype == want.dtype
     assert got.tolist() == want.tolist()
+
+
+_EXT_LOW_DBC = """VERSION ""
+BS_:
+BU_: N
+BO_ 2147483904 ExtLow: 8 N
+ SG_ L1 : 0|8@1+ (1,0) [0|0] "" N
+BO_ 256 StdSame: 8 N
+ SG_ S1 : 0|16@1+ (1,0) [0|0] "" N
+BO_ 2147483905 ExtOnly: 8 N
+ SG_ E : 0|8@1+ (1,0) [0|0] "" N
+"""
+
+
+def test_an_extended_id_below_0x800_is_not_the_standard_message_of_that_id() -> None:
+    """An extended 0x100 was decoded with the standard 0x100's layout, and an extended 0x101
+    was an unknown id: cantools' lookup needs the extended flag (``force_extended_id``) for
+    ids below 0x800, and both decoders now pass the frame's."""
+    db = cantools.database.load_string(_EXT_LOW_DBC, database_format="dbc")
+    b = FrameBatchBuilder(channels=["can0"])
+    payload = bytes.fromhex("1122334455667788")
+    frames = [(0x100, False), (0x100, True), (0x101, True), (0x101, False)]
+    for i, (fid, ext) in enumerate(frames):
+        b.add(i * 0.1, "can0", fid, payload, is_extended=ext)
+    batch = b.build()
+    for decoder in (CantoolsDecoder, VectorDecoder):
+        out = decoder(ChannelDbcs({"*": [db]}), None).decode(batch)
+        got = {s.name: s.value.tolist() for s in out.series}
+        want = {}
+        for fid, ext in frames[:3]:
+            msg = db.get_message_by_frame_id(fid, force_extended_id=ext)
+            for name, value in msg.decode(payload).items():
+                want[f"{msg.name}.{name}"] = [float(value)]
+        assert got == want, decoder
+        assert out.stats.unknown_id == {0x101: 1} and out.stats.decoded == 3
+
+
+_ODD_VALUES_DBC = """VERSION ""
+BS_:
+BU_: N
+BO_ 1281 F16: 8 N
+ SG_ Half : 0|16@1- (1,0) [0|0] "" N
+BO_ 100 Huge: 8 N
+ SG_ H : 0|32@1+ (1E300,0) [0|0] "" N
+ SG_ K : 32|8@1+ (1,0) [0|0] "" N
+BO_ 101 Other: 8 N
+ SG_ O : 0|8@1+ (1,0) [0|0] "" N
+SIG_VALTYPE_ 1281 Half : 1;
+"""
+
+
+@pytest.mark.parametrize(
+    ("fid", "payload"),
+    [
+        (1281, "ff7f000000000000"),  # half NaNs with payloads: cantools gives the plain NaN
+        (1281, "017c000000000000"),
+        (1281, "01fe000000000000"),  # a negative one
+        (100, "ffffffff05000000"),  # 4.3e309 as an exact integer: past float64's range
+    ],
+)
+def test_odd_values_decode_as_cantools_gives_them_and_never_fail_the_batch(fid, payload):
+    """A half-precision NaN kept its payload bits (cantools gives the plain NaN); a value past
+    float64's range (cantools: an exact int) raised OverflowError and lost the whole batch."""
+    db = cantools.database.load_string(_ODD_VALUES_DBC, database_format="dbc")
+    b = FrameBatchBuilder(channels=["can0"])
+    b.add(0.0, "can0", fid, bytes.fromhex(payload))
+    b.add(0.1, "can0", 101, bytes.fromhex("2a00000000000000"))  # in the same batch
+    dbcs, batch = ChannelDbcs({"*": [db]}), b.build()
+    both(dbcs, batch)
+    out = VectorDecoder(dbcs, None).decode(batch)
+    got = {s.name: s.value[0] for s in out.series}
+    assert got["Other.O"] == 42.0
+    want = db.get_message_by_frame_id(fid).decode(bytes.fromhex(payload))
+    for name, value in want.items():
+        mine = got[f"{db.get_message_by_frame_id(fid).name}.{name}"]
+        if isinstance(value, float) and np.isnan(value):
+            assert np.isnan(mine) and np.signbit(mine) == np.signbit(value)
+            assert np.float64(mine).view(np.uint64) == np.float64(value).view(np.uint64)
+        else:
+            assert mine == (value if abs(value) < 1e308 else np.inf)
