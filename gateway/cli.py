@@ -440,7 +440,14 @@ def _cmd_owner(args: argparse.Namespace) -> int:
         return 0
     if view.duplicates:
         print(
-            f"dropped {view.duplicates} redelivered message(s) (seq already seen)", file=sys.stderr
+            f"dropped {view.duplicates} redelivered message(s) (seq and payload already seen)",
+            file=sys.stderr,
+        )
+    if view.reused:
+        print(
+            f"{view.reused} message(s) reused a seq of an earlier, different one (shown): a "
+            "gateway numbered again from an earlier point (a new outbox and ledger?)",
+            file=sys.stderr,
         )
     return 0
 
@@ -764,7 +771,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "owner",
         help="the owner's view: subscribe and print what arrives",
         description="Subscribe to PREFIX/VIN/owner/# and print each message as it "
-        "arrives; redeliveries (a seq already seen) are dropped.",
+        "arrives; redeliveries (a seq already seen with the same payload) are dropped.",
     )
     _add_common(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import sys
@@ -24,10 +25,13 @@ log = logging.getLogger("gateway.owner")
 
 @dataclass
 class OwnerView:
-    """Keeps what an owner has seen; drops a message whose ``seq`` it has already seen."""
+    """Keeps what an owner has seen; drops a redelivery: a message whose ``seq`` it has seen
+    with the same payload. A ``seq`` seen with another payload is a new message (a gateway that
+    started again on a new outbox and ledger numbers from 0 again): shown, and counted."""
 
-    seen: set[int] = field(default_factory=set)
+    seen: dict[int, bytes] = field(default_factory=dict)  # seq -> digest of its payload
     duplicates: int = 0
+    reused: int = 0  # messages whose seq an earlier, different message had
     undecodable: int = 0
 
     def accept(self, topic: str, payload: bytes) -> dict[str, Any] | None:
@@ -41,10 +45,14 @@ class OwnerView:
             return {"topic": topic, "error": "not a map"}
         seq = body.get("seq")
         if isinstance(seq, int):
-            if seq in self.seen:
+            digest = hashlib.blake2b(payload, digest_size=16).digest()
+            before = self.seen.get(seq)
+            if before == digest:
                 self.duplicates += 1
                 return None
-            self.seen.add(seq)
+            if before is not None:
+                self.reused += 1
+            self.seen[seq] = digest
         return {"topic": topic, **body}
 
 

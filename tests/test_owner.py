@@ -88,3 +88,20 @@ def test_the_owner_view_with_an_idle_timeout_gives_up_on_a_broker_that_stays_awa
 
     with pytest.raises(BrokerError, match="broker"):
         asyncio.run(main())
+
+
+def test_the_owner_view_drops_redeliveries_but_not_new_messages_under_an_old_seq():
+    """A gateway started again on a new outbox and ledger numbers from 0 again: its messages
+    were dropped as repeats of the first one's (the owner saw 59 of 67). A redelivery is the
+    same payload under the same seq; another payload under a seen seq is shown, and counted."""
+    from gateway.egress.schema import pack
+    from gateway.owner import OwnerView
+
+    view = OwnerView()
+    first = pack({"schema": "gateway.signals", "v": 1, "seq": 0, "window": [0, 60]})
+    again = pack({"schema": "gateway.signals", "v": 1, "seq": 0, "window": [600, 660]})
+    assert view.accept("t", first) is not None
+    assert view.accept("t", first) is None  # redelivered (QoS 1, a resend after a restart)
+    shown = view.accept("t", again)
+    assert shown is not None and shown["window"] == [600, 660]
+    assert (view.duplicates, view.reused) == (1, 1)
