@@ -24,6 +24,8 @@ class VerifyResult:
     policies: list[str] = field(default_factory=list)
     unchecked: int = 0
     notes: list[str] = field(default_factory=list)  # runs without a stop entry
+    missing: list[str] = field(default_factory=list)  # policies named by runs, not at hand
+    given: str | None = None  # the policy file given (``--policy``), by name
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
@@ -32,7 +34,12 @@ class VerifyResult:
             f"{self.rechecked} egress entries re-checked against {', '.join(self.policies) or 'no policy'}"
         )
         if self.unchecked:
-            text += f"; {self.unchecked} not re-checked (their policy file was not given)"
+            theirs = ", ".join(self.missing) or "theirs"
+            text += f"; {self.unchecked} not re-checked: their policy ({theirs}) " + (
+                f"is not the file given ({self.given})"
+                if self.given
+                else "was not given (--policy FILE)"
+            )
         return "\n".join([text, *(f"note: {n}" for n in self.notes)])
 
 
@@ -56,7 +63,10 @@ _STREAM_RULES = {
 def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyResult:
     chain = verify_chain(path)
     result = VerifyResult(str(path), chain.entries, chain.head, chain.kinds)
-    policies = {p.digest: p for p in _candidates(policy_path)}
+    candidates = _candidates(policy_path)
+    policies = {p.digest: p for p in candidates}
+    if policy_path:
+        result.given = candidates[0].ident
     current: Policy | None = None
     open_run: int | None = None  # line of the start entry of a run not stopped yet
     for n, entry, _raw in read_entries(path):
@@ -74,6 +84,9 @@ def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyRes
             current = policies.get(str(entry.get("policy_sha256")))
             if current is not None and current.ident not in result.policies:
                 result.policies.append(current.ident)
+            named = f"{entry.get('policy')} sha256 {str(entry.get('policy_sha256'))[:12]}"
+            if current is None and named not in result.missing:
+                result.missing.append(named)
             continue
         if kind != "egress":
             continue

@@ -330,3 +330,32 @@ def test_a_ledger_whose_end_was_cut_off_at_a_line_says_its_run_has_no_stop(tmp_p
     cut = verify_ledger(path)
     assert len(cut.notes) == 1 and "started at line 4" in cut.notes[0]
     assert "note: the last run" in cut.summary()
+
+
+def test_a_policy_given_that_is_not_the_runs_says_so(tmp_path):
+    """The entries of a run under another policy than the file given were counted as not
+    re-checked because "their policy file was not given", although one was."""
+    from pathlib import Path
+
+    import gateway
+
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False)
+    led.append("start", policy="leaky@1", policy_sha256="ab" * 32, consent={})
+    led.append(
+        "egress",
+        topic="t",
+        seq=0,
+        schema="gateway.signals",
+        sha256="00",
+        bytes=1,
+        rules=[],
+        consent={},
+    )
+    led.append("stop")
+    led.close()
+    default = Path(gateway.__file__).parent / "data" / "policy_default.toml"
+    text = verify_ledger(path, str(default)).summary()
+    assert "1 not re-checked: their policy (leaky@1 sha256 abababababab)" in text
+    assert "is not the file given (owner-default@1)" in text
+    assert "was not given (--policy FILE)" in verify_ledger(path).summary()
