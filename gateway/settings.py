@@ -178,13 +178,13 @@ _ARRAYS: dict[str, Any] = {"can": CanSource, "camera": CameraSource}
 def _parse_broker_url(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url if "://" in url else "mqtt://" + url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
+        raise ConfigError(f"[broker].url {url!r}: scheme must be mqtt:// or mqtts://")
     try:
         port = parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
     except ValueError as exc:
-        raise ConfigError(f"broker url {url!r}: bad port") from exc
+        raise ConfigError(f"[broker].url {url!r}: bad port") from exc
     if not parts.hostname:
-        raise ConfigError(f"broker url {url!r}: no host")
+        raise ConfigError(f"[broker].url {url!r}: no host")
     return ("mqtts" if parts.scheme in ("mqtts", "ssl") else "mqtt"), parts.hostname, port
 
 
@@ -269,20 +269,21 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found") from exc
+        raise ConfigError(f"{path}: {what} not found") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    return _read_toml(Path(path))
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's tables; a missing or broken file is one ConfigError naming ``what``."""
+    return _read_toml(Path(path), what)
 
 
 def load(

@@ -328,6 +328,12 @@ def test_a_gateway_that_fails_to_start_does_not_keep_its_ledger_locked(tmp_path)
         (["replay", str(KONA_CSV), "--dbc", f"={KONA_PCAN}"], ["--dbc", "no channel before"]),
         # another log without its DBCs (the bundled Model 3 DBC was used, and said "no leak")
         (["validate", "--log", str(KONA_CSV)], ["--log needs the DBCs"]),
+        # a policy file is named as one (it was "config file not found")
+        (
+            ["replay", str(KONA_CSV), "--dbc", str(KONA_PCAN), "--policy", "/nope.toml"],
+            ["/nope.toml: policy file not found"],
+        ),
+        (["replay", str(KONA_CSV), "--broker", "http://x:1"], ["[broker].url", "scheme"]),
     ],
 )
 def test_command_line_mistakes_are_one_line_naming_the_option(argv, needles):

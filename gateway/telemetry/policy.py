@@ -325,5 +325,5 @@ def load_policy(path: str | Path | None = None) -> Policy:
             hashlib.sha256(data).hexdigest(),
         )
     p = Path(path)
-    raw = read_toml(p)
+    raw = read_toml(p, "policy file")
     return parse_policy(raw, str(p), hashlib.sha256(p.read_bytes()).hexdigest())
