@@ -282,6 +282,15 @@ def _run_until_signal(gw: Any, drain_timeout: float = 30.0, require_broker: bool
     return asyncio.run(main())
 
 
+def _utc(at: Any) -> str:
+    """A UNIX time as UTC text (what the owner reads); anything else as it is."""
+    if not isinstance(at, int | float):
+        return str(at)
+    import datetime
+
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _printable(text: str) -> str:
     """``text`` with control characters escaped (a reason quoting a binary file's bytes must
     not drive the terminal): one line, as it was."""
@@ -295,16 +304,21 @@ def _print_report(
     quiet: bool = False,
     files: int | None = None,
     laps: int = 1,
+    live: int = 0,
 ) -> None:
     """The end-of-replay report on stderr. ``files``: the logs given (default: one per read),
-    ``laps``: how often they were read (``--loop``)."""
+    ``laps``: how often they were read (``--loop``), ``live``: the live buses read."""
     out = sys.stderr
     rate = report.frames / elapsed if elapsed > 0 else 0.0
     files = len(report.read) if files is None else files
     lapped = f" ({laps} laps)" if laps > 1 else ""
+    parts = [f"{files} file(s){lapped}"] if files or not live else []
+    if live:
+        parts.append(f"{live} live bus(es)")
+    origin = " and ".join(parts)
     print(
-        f"replayed {report.frames:,} frames from {files} file(s){lapped} in {elapsed:.1f} s "
-        f"({rate:,.0f} frames/s)",
+        f"{'read' if live else 'replayed'} {report.frames:,} frames from {origin} in "
+        f"{elapsed:.1f} s ({rate:,.0f} frames/s)",
         file=out,
     )
     for st in report.read:
@@ -394,7 +408,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     # a vehicle is often offline: collect anyway, the outbox keeps what waits for the broker
     report = _run_until_signal(gw, drain_timeout=args.drain_timeout, require_broker=False)
-    _print_report(report, s, time.monotonic() - t0)
+    live = sum(isinstance(src, LiveBusSource) for src in sources)
+    _print_report(report, s, time.monotonic() - t0, live=live)
     return _undelivered(report, s)
 
 
@@ -551,7 +566,9 @@ def _cmd_consent(args: argparse.Namespace) -> int:
     if change.get("action") == "refused":
         print(f"gateway: refused: {change.get('reason', '')}", file=sys.stderr)
         return 1
-    grants = ", ".join(f"{k} until {v.get('until')}" for k, v in state.get("grants", {}).items())
+    grants = ", ".join(
+        f"{k} until {_utc(v.get('until'))}" for k, v in state.get("grants", {}).items()
+    )
     print(
         f"gateway: {change.get('action', '?')}; collection {state.get('collection', '?')}; "
         f"grants: {grants or 'none'}"

@@ -550,3 +550,19 @@ def test_a_core_command_is_parsed_before_numpy_or_asyncio_is_imported():
     for asked in (["--help"], ["-h", "replay"]):  # the top-level help, before a command too
         full = run_gateway(*asked)
         assert all(c in full.stdout for c in ("synth", "broker-config", "anonymize")), asked
+
+
+def test_the_report_of_a_live_bus_says_so_and_consent_times_are_readable(capsys):
+    """A live bus was reported as 'replayed N frames from 0 file(s)'; the consent command
+    printed grants until a raw UNIX time."""
+    from gateway.app import RunReport
+    from gateway.cli import _print_report, _utc
+    from gateway.settings import load
+
+    report = RunReport(frames=7522)
+    _print_report(report, load(None, env={}), 2.0, live=1)
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("read 7,522 frames from 1 live bus(es) in 2.0 s")
+    _print_report(report, load(None, env={}), 2.0, files=2)
+    assert capsys.readouterr().err.startswith("replayed 7,522 frames from 2 file(s) in")
+    assert _utc(1_000_000_000.25) == "2001-09-09 01:46:40 UTC" and _utc(None) == "None"
