@@ -316,6 +316,16 @@ class Gateway:
             sha256=[hashlib.sha256(i.payload).hexdigest() for i in items],
         )
 
+    def _record_stop(self, outbox_left: int, **more: Any) -> None:
+        """The ledger's stop entry of this run: what was released, blocked and left."""
+        self.ledger.append(
+            "stop",
+            released=self.report.released,
+            blocked=self.report.blocked,
+            outbox_left=outbox_left,
+            **more,
+        )
+
     def _status(self, state: str, reason: str, record: bool = True) -> Released | None:
         msg = self.guard.release(
             Outgoing(
@@ -604,13 +614,7 @@ class Gateway:
                 await self.publisher.check_connect()
             except BaseException as exc:  # the run never started: its start entry gets a stop
                 with contextlib.suppress(GatewayError):
-                    self.ledger.append(
-                        "stop",
-                        released=self.report.released,
-                        blocked=self.report.blocked,
-                        outbox_left=self.outbox.depth(),
-                        reason=str(exc) or type(exc).__name__,
-                    )
+                    self._record_stop(self.outbox.depth(), reason=str(exc) or type(exc).__name__)
                 self.ledger.close()
                 self.outbox.close()
                 raise
@@ -687,12 +691,8 @@ class Gateway:
             with step():
                 self.consent.save(self.consent_path)
             with step():
-                self.ledger.append(
-                    "stop",
-                    released=self.report.released,
-                    blocked=self.report.blocked,
-                    outbox_left=self.report.outbox_left,
-                    lost_in_memory=self.report.lost_in_memory,
+                self._record_stop(
+                    self.report.outbox_left, lost_in_memory=self.report.lost_in_memory
                 )
             self.ledger.close()
             self.outbox.close()

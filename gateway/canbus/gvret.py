@@ -21,7 +21,7 @@ _LENGTHS = {*range(9), 12, 16, 20, 24, 32, 48, 64}  # classic CAN and CAN FD dat
 
 
 def looks_like_gvret(first_line: str) -> bool:
-    cols = [c.strip().lower() for c in first_line.removeprefix("\ufeff").split(",")]
+    cols = [c.strip().lower() for c in first_line.split(",")]
     return "time stamp" in cols and "id" in cols and ("bus" in cols or "len" in cols)
 
 

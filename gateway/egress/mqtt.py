@@ -238,18 +238,13 @@ class MqttPublisher:
         while True:
             self._wake.clear()
             batch = self.outbox.peek(200)
-            withheld = [item for item in batch if not self.may_send(item)]
-            if withheld:  # on the record first, then out of the outbox: never sent
-                self.on_withheld(withheld)
-                self.outbox.ack_many(withheld)
-                batch = [item for item in batch if item not in withheld]
             # pipelined: up to IN_FLIGHT publishes are handed to the client ahead of the one
             # whose PUBACK is awaited next, in order (tasks start in the order they are made).
             # One at a time, each waited a round trip: ~200 us here, a mobile uplink's RTT in
             # a car; the 395 summaries of a 1M-frame Model 3 replay, 80 -> 43-55 ms
             sends: list[asyncio.Future[bool]] = []
             done: list[Pending] = []  # acknowledged by the broker
-            late: list[Pending] = []  # withheld by ``may_send`` at the moment of sending
+            late: list[Pending] = []  # refused by ``may_send`` at the moment of sending
             settled = 0  # items of ``batch`` whose send was awaited
             # one deadline for the PUBACK awaited next, moved on after each: aiomqtt's own
             # timeout per publish runs each through asyncio.wait_for, a task and a timer more
@@ -300,7 +295,7 @@ class MqttPublisher:
                     self.on_withheld(late)
                 self.outbox.ack_many(late + done)  # one commit for the PUBACKs of the batch
                 self.acked.set()
-            if batch or withheld:
+            if batch:
                 continue
             if stop.is_set():
                 return
