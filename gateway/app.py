@@ -125,21 +125,25 @@ class RunReport:
 
 
 def _apply_config_consent(
-    consent: ConsentState, specs: Sequence[str], policy: Policy, now: float
+    consent: ConsentState,
+    specs: Sequence[str],
+    policy: Policy,
+    now: float,
+    name: str = "consent",
 ) -> None:
+    """The consents ``specs`` gives (``[gateway].consent``); ``name`` begins each error:
+    ``gateway.toml: [gateway].consent``, ``--consent``."""
     for spec in specs:
         cat, _, days = spec.partition(":")
         try:
             category = Category(cat.strip())
             until = now + float(days) * 86400
         except ValueError:
-            raise ConfigError(
-                f"consent {spec!r}: expected CATEGORY:DAYS, e.g. location:7"
-            ) from None
+            raise ConfigError(f"{name} {spec!r}: expected CATEGORY:DAYS, e.g. location:7") from None
         try:
             consent.grant(category, until, now, policy.max_consent_days, source="config")
         except ConsentRefused as exc:
-            raise ConfigError(f"consent {spec!r} refused: {exc}") from None
+            raise ConfigError(f"{name} {spec!r} refused: {exc}") from None
 
 
 class Gateway:
@@ -171,7 +175,9 @@ class Gateway:
         now = clock()
         self.consent = ConsentState.load(self.consent_path)
         self.consent.new_ignition_cycle(now)
-        _apply_config_consent(self.consent, g.consent, self.policy, now)
+        _apply_config_consent(
+            self.consent, g.consent, self.policy, now, f"{settings.source_file}: [gateway].consent"
+        )
         self.ledger = Ledger(g.ledger)
         try:
             self.outbox = Outbox(

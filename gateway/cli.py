@@ -651,6 +651,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             )
         s = dataclasses.replace(s, dbc={"*": [str(_DEFAULT_DRIVE / "Model3CAN.dbc")]})
     if args.consent:
+        import time
+
+        from gateway.app import _apply_config_consent
+        from gateway.telemetry.consent import ConsentState
+        from gateway.telemetry.policy import load_policy
+
+        # said as the option's mistake here, not as the config file's in the run
+        policy = load_policy(s.gateway.policy or None)
+        _apply_config_consent(ConsentState(), args.consent, policy, time.time(), "--consent")
         s = dataclasses.replace(
             s, gateway=dataclasses.replace(s.gateway, consent=list(args.consent))
         )
@@ -698,15 +707,26 @@ def _check_config(s: Any) -> None:
 
     policy = load_policy(s.gateway.policy or None)
     ChannelDbcs.from_specs(s.dbc)
-    for c in s.can:
+    for i, c in enumerate(s.can, start=1):
         for log_path in c.logs:
             detect_format(Path(log_path))
-    _apply_config_consent(ConsentState(), s.gateway.consent, policy, time.time())
-    if s.camera:
-        from gateway.camera.wiring import check_camera
+        if c.interface:  # the bus is not opened: a name python-can does not know is found
+            import can.interfaces
 
-        for i, cam in enumerate(s.camera):
-            check_camera(cam, cam.name or f"#{i + 1}")
+            known = can.interfaces.VALID_INTERFACES  # its own and those of installed plugins
+            if c.interface not in known:
+                raise ConfigError(
+                    f"{s.source_file}: [[can]] #{i}: interface {c.interface!r} is not one "
+                    f"python-can knows (known: {', '.join(sorted(known))})"
+                )
+    _apply_config_consent(
+        ConsentState(),
+        s.gateway.consent,
+        policy,
+        time.time(),
+        f"{s.source_file}: [gateway].consent",
+    )
+    # the [[camera]] tables' values were checked as the settings were read
 
 
 class _Parser(argparse.ArgumentParser):

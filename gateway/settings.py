@@ -339,6 +339,19 @@ def load(
         raise
 
 
+def _topic_problem(text: str) -> str | None:
+    """Why ``text`` cannot be part of the owner's topics, or None. MQTT allows more, but a VIN
+    or a prefix with a space or a control character in it is a typing or copying mistake, and
+    the owner would subscribe to (and the broker's ACL name) another topic than the one used."""
+    if not text:
+        return "it is empty"
+    if "+" in text or "#" in text:
+        return "'+' and '#' are MQTT wildcards"
+    if any(c.isspace() or not c.isprintable() for c in text):
+        return "it holds a space or a control character"
+    return None
+
+
 def _build_all(
     raw: dict[str, Any],
     sections: dict[str, dict[str, Any]],
@@ -369,10 +382,10 @@ def _build_all(
             f"{where}: [gateway].health_interval must be >= 0 (0: off), got {g.health_interval}"
         )
     # one topic level: a '/' would move the owner's channel, '+' and '#' are MQTT wildcards
-    if not g.vin or any(c in g.vin for c in "/+#\x00") or g.vin != g.vin.strip():
+    why = "it holds a '/'" if "/" in g.vin else _topic_problem(g.vin)
+    if why:
         raise ConfigError(
-            f"{where}: [gateway].vin must be one MQTT topic level, without '/', '+', '#' or "
-            f"spaces at its ends, got {g.vin!r}"
+            f"{where}: [gateway].vin must be one MQTT topic level ({why}), got {g.vin!r}"
         )
     if g.decoder not in ("vector", "cantools"):
         raise ConfigError(
@@ -385,10 +398,15 @@ def _build_all(
         tls_ca=_resolve(base, broker.tls_ca),
     )
     _parse_broker_url(broker.url)
-    if not broker.topic_prefix or any(c in broker.topic_prefix for c in "+#\x00"):
+    why = _topic_problem(broker.topic_prefix)
+    if not why and "" in broker.topic_prefix.split("/"):
+        why = "an empty level: '//', or a '/' at either end"
+    if not why and broker.topic_prefix.startswith("$"):
+        why = "topics that start with '$' are the broker's own, as $SYS"
+    if why:
         raise ConfigError(
-            f"{where}: [broker].topic_prefix must be topic levels without the wildcards '+' "
-            f"and '#', got {broker.topic_prefix!r}"
+            f"{where}: [broker].topic_prefix must be MQTT topic levels ({why}), "
+            f"got {broker.topic_prefix!r}"
         )
     arrays: dict[str, list[Any]] = {}
     for name, cls in _ARRAYS.items():
@@ -414,6 +432,9 @@ def _build_all(
                     )
             else:
                 obj = dataclasses.replace(obj, source=_resolve(base, obj.source))
+                from gateway.camera.options import check_camera  # no OpenCV there
+
+                check_camera(obj, f"{where}: [[camera]] #{i + 1}")
             out.append(obj)
         arrays[name] = out
     dbc_raw = raw.get("dbc", {})

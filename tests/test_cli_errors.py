@@ -178,12 +178,40 @@ def test_a_ledger_line_nested_too_deep_for_json_is_a_bad_line_not_a_crash(tmp_pa
         ("[gateway]\npolicy = 'nope.toml'\n", "nope.toml"),
         ("[dbc]\ncan0 = 'missing.dbc'\n", "missing.dbc: DBC file not found"),
         ("[[can]]\nlogs = ['nope.log']\n", "nope.log"),
-        ("[gateway]\nconsent = ['telepathy:7']\n", "consent 'telepathy:7'"),
-        ("[gateway]\nconsent = ['location:forever']\n", "consent 'location:forever'"),
-        ("[gateway]\nconsent = ['location:999']\n", "consent 'location:999' refused"),
-        ("[[camera]]\nsource = 'x.mp4'\nmethod = 'blur'\n", "anonymisation method 'blur'"),
-        ("[[camera]]\nsource = 'x.mp4'\nplate_strips = 9\n", "plate_strips must be"),
-        ("[[camera]]\nsource = 'x.mp4'\ndetect_every = 0\n", "detect_every must be"),
+        (
+            "[gateway]\nconsent = ['telepathy:7']\n",
+            "gateway.toml: [gateway].consent 'telepathy:7'",
+        ),
+        (
+            "[gateway]\nconsent = ['location:forever']\n",
+            "gateway.toml: [gateway].consent 'location:forever'",
+        ),
+        (
+            "[gateway]\nconsent = ['location:999']\n",
+            "gateway.toml: [gateway].consent 'location:999' refused",
+        ),
+        (
+            "[[camera]]\nsource = 'x.mp4'\nmethod = 'blur'\n",
+            "gateway.toml: [[camera]] #1: anonymisation method 'blur'",
+        ),
+        (
+            "[[camera]]\nsource = 'x.mp4'\n[[camera]]\nsource = 'y.mp4'\nplate_strips = 9\n",
+            "gateway.toml: [[camera]] #2: plate_strips must be",
+        ),
+        (
+            "[[camera]]\nsource = 'x.mp4'\ndetect_every = 0\n",
+            "gateway.toml: [[camera]] #1: detect_every must be",
+        ),
+        (
+            "[[can]]\ninterface = 'nosuch'\nchannel = 'x'\n",
+            "gateway.toml: [[can]] #1: interface 'nosuch' is not one python-can knows",
+        ),
+        # a VIN and a prefix name the owner's topics: what a subscriber could not type is refused
+        ("[gateway]\nvin = 'WVW ZZZ'\n", "[gateway].vin must be one MQTT topic level (it holds a"),
+        ('[gateway]\nvin = "A\\tB"\n', "[gateway].vin must be one MQTT topic level (it holds a"),
+        ("[broker]\ntopic_prefix = '/fleet'\n", "[broker].topic_prefix must be MQTT topic levels"),
+        ("[broker]\ntopic_prefix = 'a//b'\n", "(an empty level"),
+        ("[broker]\ntopic_prefix = '$SYS'\n", "are the broker's own"),
     ],
 )
 def test_values_out_of_range_in_a_config_are_named(tmp_path, toml, needle):
@@ -328,6 +356,9 @@ def test_a_gateway_that_fails_to_start_does_not_keep_its_ledger_locked(tmp_path)
         (["replay", str(KONA_CSV), "--dbc", f"={KONA_PCAN}"], ["--dbc", "no channel before"]),
         # another log without its DBCs (the bundled Model 3 DBC was used, and said "no leak")
         (["validate", "--log", str(KONA_CSV)], ["--log needs the DBCs"]),
+        # the option's consents are its mistakes, not the config file's
+        (["validate", "--consent", "location:999"], ["--consent 'location:999' refused"]),
+        (["validate", "--consent", "forever"], ["--consent 'forever': expected CATEGORY:DAYS"]),
         # a policy file is named as one (it was "config file not found")
         (
             ["replay", str(KONA_CSV), "--dbc", str(KONA_PCAN), "--policy", "/nope.toml"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.errors import ConfigError
 
@@ -66,3 +67,27 @@ class AnonymiserSettings:
     memory: int = 5
     timeout_s: float = 2.0
     detector: DetectorSettings = field(default_factory=DetectorSettings)
+
+
+def check_camera(cam: Any, where: str) -> None:
+    """A ``[[camera]]`` table's values, checked without a camera (when the settings are read).
+    ``where`` begins each error: ``camera front``, ``gateway.toml: [[camera]] #1``."""
+    if cam.detect_every < 1:
+        raise ConfigError(f"{where}: detect_every must be >= 1, got {cam.detect_every}")
+    if cam.memory < 0:
+        raise ConfigError(f"{where}: memory must be >= 0, got {cam.memory}")
+    for key in ("face_width", "plate_width"):
+        if getattr(cam, key) not in DETECTOR_WIDTHS:
+            raise ConfigError(
+                f"{where}: {key} must be {DETECTOR_WIDTHS[0]} to {DETECTOR_WIDTHS[-1]} "
+                f"pixels, got {getattr(cam, key)}"
+            )
+    if cam.plate_strips not in PLATE_STRIPS:
+        raise ConfigError(
+            f"{where}: plate_strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, "
+            f"got {cam.plate_strips}"
+        )
+    try:
+        Method.parse(cam.method)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

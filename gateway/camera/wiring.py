@@ -11,16 +11,14 @@ from typing import Any
 from gateway.camera.anonymiser import FrameAnonymiser
 from gateway.camera.detect import load_detectors
 from gateway.camera.options import (
-    DETECTOR_WIDTHS,
-    PLATE_STRIPS,
     AnonymiserSettings,
     DetectorSettings,
     Method,
+    check_camera,
 )
 from gateway.camera.pipeline import CameraStage, store_dir
 from gateway.camera.source import open_source
 from gateway.camera.store import FrameStore, StoreSettings
-from gateway.errors import ConfigError
 
 log = logging.getLogger("gateway.camera")
 
@@ -39,26 +37,6 @@ def camera_settings(spec: str, settings: Any) -> Any:
     return CameraSource(source=spec)
 
 
-def check_camera(cam: Any, name: str) -> None:
-    """A ``[[camera]]`` table's values (``gateway config`` checks them without a camera)."""
-    if cam.detect_every < 1:
-        raise ConfigError(f"camera {name}: detect_every must be >= 1, got {cam.detect_every}")
-    if cam.memory < 0:
-        raise ConfigError(f"camera {name}: memory must be >= 0, got {cam.memory}")
-    for key in ("face_width", "plate_width"):
-        if getattr(cam, key) not in DETECTOR_WIDTHS:
-            raise ConfigError(
-                f"camera {name}: {key} must be {DETECTOR_WIDTHS[0]} to {DETECTOR_WIDTHS[-1]} "
-                f"pixels, got {getattr(cam, key)}"
-            )
-    if cam.plate_strips not in PLATE_STRIPS:
-        raise ConfigError(
-            f"camera {name}: plate_strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, "
-            f"got {cam.plate_strips}"
-        )
-    Method.parse(cam.method)
-
-
 def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
     """One stage per source; a source that cannot be opened fails here, before anything runs."""
     stages: list[CameraStage] = []
@@ -71,7 +49,7 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
         if name in names:  # two --video clips: front, front-2, ...
             name = f"{cam.name}-{len(names) + 1}"
         names.add(name)
-        check_camera(cam, name)
+        check_camera(cam, f"camera {name}")
         detector = dataclasses.replace(
             STREAM_DETECTOR,
             face_width=cam.face_width,
