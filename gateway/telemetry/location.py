@@ -68,19 +68,60 @@ class Geofence:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str) -> Geofence:
+        """One ``[[policy.geofence]]`` table. A fence that could never contain a position (a
+        radius of NaN, a latitude of 312 for 31.2) would let every position near home out, so
+        each number must be finite and on the globe, and a mistyped key is refused, not
+        ignored."""
+        unknown = sorted(set(raw) - _FENCE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_FENCE_KEYS))})"
+            )
         name = str(raw.get("name", where))
         try:
             if "polygon" in raw:
-                pts = tuple((float(p[0]), float(p[1])) for p in raw["polygon"])
+                if {"lat", "lon", "radius_m"} & set(raw):
+                    raise ValueError("give a circle or a polygon, not both")
+                pts = tuple(_point(p) for p in raw["polygon"])
                 if len(pts) < 3:
                     raise ValueError("a polygon needs at least 3 points")
                 return cls(name, polygon=pts)
-            return cls(name, circle=(float(raw["lat"]), float(raw["lon"]), float(raw["radius_m"])))
+            lat, lon = _point((raw["lat"], raw["lon"]))
+            radius = _number(raw["radius_m"])
+            if not 0 < radius <= MAX_FENCE_RADIUS_M:
+                raise ValueError(
+                    f"radius_m must be > 0 and <= {MAX_FENCE_RADIUS_M:g}, got {radius}"
+                )
+            return cls(name, circle=(lat, lon, radius))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
+            why = f"{exc} is missing" if isinstance(exc, KeyError) else str(exc)
             raise ConfigError(
                 f"{where}: a geofence needs lat, lon and radius_m, or polygon = "
-                f"[[lat, lon], ...] ({exc})"
+                f"[[lat, lon], ...] ({why})"
             ) from None
+
+
+_FENCE_KEYS = {"name", "lat", "lon", "radius_m", "polygon"}
+MAX_FENCE_RADIUS_M = 1_000_000.0  # a fence larger than this is a mistake, not a home
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise TypeError(f"{v!r} is not a number")
+    x = float(v)
+    if not math.isfinite(x):
+        raise ValueError(f"{v!r} is not a finite number")
+    return x
+
+
+def _point(p: Any) -> tuple[float, float]:
+    """(lat, lon) in degrees, on the globe."""
+    if isinstance(p, str | bytes) or len(p) != 2:
+        raise ValueError(f"a point is [lat, lon], got {p!r}")
+    lat, lon = _number(p[0]), _number(p[1])
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise ValueError(f"latitude must be -90 to 90 and longitude -180 to 180, got {lat}, {lon}")
+    return lat, lon
 
 
 def parse_geofences(raw: Sequence[Mapping[str, Any]], source: str) -> list[Geofence]:

@@ -9,6 +9,7 @@ the drop in state of charge times the usable battery capacity.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -70,12 +71,25 @@ class TripConfig:
         kw: dict[str, Any] = {}
         for k, v in raw.items():
             if k == "drive_states":
-                if not isinstance(v, list):
-                    raise ConfigError(f"{where}: [trips].drive_states must be a list")
+                # names of the gear's values, or the raw values of a gear without names
+                if not isinstance(v, list) or not all(
+                    isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+                    for x in v
+                ):
+                    raise ConfigError(
+                        f"{where}: [trips].drive_states must be a list of value names or "
+                        f"integers, got {v!r}"
+                    )
                 kw[k] = tuple(str(x) for x in v)
             elif k in ("battery_kwh", "moving_kph", "end_after_s"):
-                if not isinstance(v, int | float) or v <= 0:
-                    raise ConfigError(f"{where}: [trips].{k} must be a positive number")
+                # NaN compares false with everything: a trip would never start or never end
+                if (
+                    not isinstance(v, int | float)
+                    or isinstance(v, bool)
+                    or not math.isfinite(v)
+                    or v <= 0
+                ):
+                    raise ConfigError(f"{where}: [trips].{k} must be a positive number, got {v!r}")
                 kw[k] = float(v)
             else:
                 if not isinstance(v, str):

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.errors import ConfigError
 from gateway.records import SignalAggregate, WindowSummary
+from gateway.telemetry.location import parse_geofences
 from gateway.telemetry.policy import (
     Category,
     load_policy,
@@ -69,6 +70,12 @@ def test_sensitive_signal_is_withheld_without_consent():
     assert out == {} and withheld == ["signal:Cabin.Mic"]
 
 
+def _fence(**kw):
+    return {
+        "policy": {"geofence": [{"name": "home", "lat": 31.2, "lon": 121.5, "radius_m": 500, **kw}]}
+    }
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
@@ -82,6 +89,23 @@ def test_sensitive_signal_is_withheld_without_consent():
         # a grid finer than the GPS itself is no coarsening
         ({"policy": {"location_grid_m": 0.01}}, "location_grid_m must be at least 100 m"),
         ({"rules": {}}, "unknown section [rules]"),
+        # a fence that can contain no position would let every position near it out
+        (_fence(radius_m=float("nan")), "[[policy.geofence]] #1"),
+        (_fence(radius_m=-500), "radius_m must be > 0"),
+        (_fence(radius_m=float("inf")), "finite"),
+        (_fence(lat=312.304), "latitude must be -90 to 90"),
+        (_fence(lon=-181), "longitude -180 to 180"),
+        (_fence(radius_m=True), "not a number"),
+        (_fence(radius=500), "unknown key 'radius'"),
+        ({"policy": {"geofence": [{"lat": 1, "lon": 2}]}}, "'radius_m' is missing"),
+        (_fence(polygon=[[0, 0], [0, 1], [1, 1]]), "a circle or a polygon, not both"),
+        ({"policy": {"geofence": [{"polygon": [[0, 0], [0, 1], [91, 1]]}]}}, "latitude"),
+        ({"policy": {"geofence": [{"polygon": [[0, 0], [0, 1], [1]]}]}}, "a point is [lat, lon]"),
+        # NaN compares false with everything: a trip would never start, or never end
+        ({"trips": {"moving_kph": float("nan")}}, "[trips].moving_kph must be a positive"),
+        ({"trips": {"end_after_s": float("inf")}}, "[trips].end_after_s must be a positive"),
+        ({"trips": {"battery_kwh": True}}, "[trips].battery_kwh must be a positive"),
+        ({"trips": {"drive_states": [["D"]]}}, "[trips].drive_states must be a list of"),
     ],
 )
 def test_policy_mistakes_are_named(raw, needle):
@@ -100,3 +124,26 @@ def test_a_policy_is_the_same_after_its_lookups_are_cached_and_it_is_pickled():
     assert all(r.allowed == {a.value for a in r.aggregates} | {"unit"} for r in by_name.values())
     for again in (pickle.loads(pickle.dumps(policy)), copy.deepcopy(policy)):
         assert again == policy and again.by_publish_name() == by_name
+
+
+def test_good_geofences_and_trip_settings_are_read_as_given():
+    """What the checks above refuse, and nothing more: circles, polygons (either way round the
+    antimeridian's neighbourhood), numeric gear states, strings TOML may hold for numbers."""
+    p = parse_policy(
+        {
+            "policy": {
+                "geofence": [
+                    {"name": "home", "lat": -33.87, "lon": 151.21, "radius_m": 250},
+                    {"name": "work", "polygon": [[10, 179.9], [10.1, 179.9], [10.1, 180]]},
+                    {"lat": "31.2", "lon": "121.5", "radius_m": "1e3"},
+                ]
+            },
+            "trips": {"gear": "G.Gear", "drive_states": ["D", 4], "moving_kph": 3},
+        },
+        "p.toml",
+    )
+    assert len(p.geofences) == 3
+    assert p.trips.drive_states == ("D", "4") and p.trips.moving_kph == 3.0
+    fences = parse_geofences(p.geofences, "p.toml")
+    assert fences[0].contains(-33.87, 151.21) and not fences[0].contains(-33.9, 151.21)
+    assert fences[2].circle == (31.2, 121.5, 1000.0)
