@@ -67,12 +67,33 @@ class Source(Protocol):
 UNPACED_GROUP_SECONDS = 0.1
 
 
-def _say_missing(missing: list[str], wanted: int) -> None:
+def _say_missing(missing: list[str], wanted: int, dbcs: ChannelDbcs | None = None) -> None:
     """Policy signals that no DBC defines never leave. One policy may serve several vehicles, so
     each is said with -v; that none at all is defined (the wrong DBC, or a typo everywhere) is
-    a warning."""
+    a warning, and so is a signal whose message a DBC has but not the signal itself (a typo in
+    the signal's name, or another version of the DBC)."""
     for name in missing:
-        log.info("policy: signal %s is in none of the DBCs given: it is never published", name)
+        # a close message name is looked for only when it is said (-v): ~1 ms a signal
+        has_message, close = (
+            dbcs.near(name, other_messages=log.isEnabledFor(logging.INFO))
+            if dbcs is not None
+            else (False, None)
+        )
+        hint = f" (did you mean {close}?)" if close else ""
+        if has_message:
+            msg, _, sig = name.partition(".")
+            log.warning(
+                "policy: message %s of the DBCs has no signal %s%s: it is never published",
+                msg,
+                sig,
+                hint,
+            )
+        else:
+            log.info(
+                "policy: signal %s is in none of the DBCs given%s: it is never published",
+                name,
+                hint,
+            )
     if missing and len(missing) == wanted:
         log.warning(
             "policy: none of its %d signals is in the DBCs given (%s, ...): nothing but health "
@@ -167,7 +188,7 @@ class Gateway:
         self.dbcs = ChannelDbcs.from_specs(settings.dbc)
         wanted = self.policy.wanted_signals()
         self.decoder = make_decoder(settings, self.dbcs, wanted)
-        _say_missing(self.dbcs.missing(wanted), len(wanted))
+        _say_missing(self.dbcs.missing(wanted), len(wanted), self.dbcs)
         self.topics = Topics(settings.broker.topic_prefix, g.vin)
         self.state_dir = Path(g.state_dir) if g.state_dir else Path(g.ledger).resolve().parent
         make_folder(self.state_dir, "gateway's state folder")

@@ -383,3 +383,29 @@ def test_the_replay_help_example_names_a_bundled_log():
     proc = run_gateway("replay", "--help")
     named = re.findall(r"can_fixtures/(\S+\.(?:log|csv|asc|dbc))", proc.stdout)
     assert named and all((FIXTURES / n).is_file() for n in named), named
+
+
+def test_a_mistyped_policy_signal_is_a_warning_with_the_name_it_was_probably_meant_to_be(
+    tmp_path, broker
+):
+    """A signal whose message the DBC has but not the signal itself (a typo, another version of
+    the DBC) can never be published: said at once, not only with -v, with the closest name."""
+    policy = tmp_path / "mine.toml"
+    policy.write_text(
+        '[policy]\nname = "mine"\n'
+        '[[signal]]\nsignal = "BMS_542.SocDsip"\npublish_as = "soc"\n'
+        '[[signal]]\nsignal = "BMS_542.SocDisp"\npublish_as = "soc2"\n'
+        '[[signal]]\nsignal = "OtherCar.Speed"\npublish_as = "speed"\n'
+    )
+    proc = _replay(
+        tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--policy", str(policy), "--fast",
+        broker=broker.url,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warned = [ln for ln in proc.stderr.splitlines() if "warning: policy:" in ln]
+    assert warned == [
+        "gateway: warning: policy: message BMS_542 of the DBCs has no signal SocDsip "
+        "(did you mean BMS_542.SocDisp?): it is never published"
+    ]
+    # a signal of another vehicle's DBC is only said with -v (one policy may serve several)
+    assert "OtherCar" not in proc.stderr

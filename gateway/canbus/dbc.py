@@ -476,6 +476,12 @@ def _defines(plans: DbcPlans, name: str) -> bool:
         return True
 
 
+def _closest(name: str, names: list[str]) -> list[str]:
+    import difflib  # only when a name is missing (~1 ms to import, on a replay's start)
+
+    return difflib.get_close_matches(name, names, n=1)
+
+
 class ChannelDbcs:
     """Which DBC decodes which channel. ``"*"`` applies to every channel without its own DBC;
     several DBCs on one channel are searched in the order given.
@@ -529,6 +535,27 @@ class ChannelDbcs:
         named messages' plans only, no cantools)."""
         every = list({id(p): p for plans in self._plans.values() for p in plans}.values())
         return [name for name in sorted(signals) if not any(_defines(p, name) for p in every)]
+
+    def near(self, name: str, *, other_messages: bool = True) -> tuple[bool, str | None]:
+        """For a ``MESSAGE.SIGNAL`` in none of these DBCs: whether one of them has its message
+        (then its signal name is mistyped, or the DBC is another version), and the closest
+        name of a signal of that message, or (``other_messages``) of a message, for a "did
+        you mean"."""
+        every = list({id(p): p for plans in self._plans.values() for p in plans}.values())
+        msg, _, _ = name.partition(".")
+        for p in every:
+            if msg in p.names:
+                try:
+                    names = list(p.plan(p.names.index(msg)).meta)
+                except Exception:  # noqa: BLE001 - said where the plan is used
+                    return True, None
+                close = _closest(name, names)
+                return True, close[0] if close else None
+        if not other_messages:
+            return False, None
+        names = [m for p in every for m in p.names]
+        close = _closest(msg, names)
+        return False, close[0] if close else None
 
     def all_databases(self) -> Iterable[cantools.database.can.Database]:
         seen: set[int] = set()
