@@ -39,7 +39,9 @@ class GatewaySettings:
 
     vin: str = opt("TESTVIN0000000001", "Vehicle identification number: names the owner channel.")
     window: float = opt(60.0, "Aggregation window in seconds of frame time.")
-    policy: str = opt("", "Policy TOML (default: the bundled default policy).")
+    policy: str = opt(
+        "", "Policy TOML (default: the bundled default policy); its keys: docs/policy.md."
+    )
     ledger: str = opt(
         "gateway-ledger.jsonl", "Audit ledger (append-only, hash-chained JSON lines)."
     )

@@ -147,3 +147,24 @@ def test_good_geofences_and_trip_settings_are_read_as_given():
     fences = parse_geofences(p.geofences, "p.toml")
     assert fences[0].contains(-33.87, 151.21) and not fences[0].contains(-33.9, 151.21)
     assert fences[2].circle == (31.2, 121.5, 1000.0)
+
+
+def test_the_policy_reference_documents_every_key_category_and_aggregate():
+    """docs/policy.md is the reference a policy author reads: a key the parser accepts but the
+    reference does not name is a key nobody can find out about."""
+    import re
+    from pathlib import Path
+
+    from gateway.telemetry import location, policy, trips
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "policy.md").read_text()
+    named = set(re.findall(r"`([a-z_]+)`", doc))
+    expected = (
+        policy._POLICY_KEYS
+        | policy._RULE_KEYS
+        | trips._KEYS
+        | location._FENCE_KEYS
+        | {c.value for c in policy.Category}
+        | {a.value for a in policy.Aggregate}
+    )
+    assert expected - named == set()
