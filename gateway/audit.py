@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.egress.ledger import read_entries, verify_chain
+from gateway.egress.ledger import GENESIS, read_entries, verify_chain
 from gateway.egress.schema import SCHEMAS
 from gateway.errors import AuditError, ConfigError
 from gateway.telemetry.policy import Category, Policy, load_policy
@@ -26,6 +27,7 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)  # runs without a stop entry
     missing: list[str] = field(default_factory=list)  # policies named by runs, not at hand
     given: str | None = None  # the policy file given (``--policy``), by name
+    digests: int = 0  # the owner's digests the ledger matched
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
@@ -33,6 +35,8 @@ class VerifyResult:
             f"ledger OK: {self.path}: {self.entries} entries ({kinds}); head {self.head[:16]}; "
             f"{self.rechecked} egress entries re-checked against {', '.join(self.policies) or 'no policy'}"
         )
+        if self.digests:
+            text += f"; holds the {self.digests} digest(s) the owner was sent"
         if self.unchecked:
             theirs = ", ".join(self.missing) or "theirs"
             text += f"; {self.unchecked} not re-checked: their policy ({theirs}) " + (
@@ -60,9 +64,31 @@ _STREAM_RULES = {
 }
 
 
-def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyResult:
+def verify_ledger(
+    path: str | Path,
+    policy_path: str | None = None,
+    digests: Sequence[tuple[int, str]] = (),
+) -> VerifyResult:
+    """``digests``: (entries, head) pairs the owner received (``gateway.ledger`` messages).
+    A chain cut short at its end is still a valid chain; only such a digest, kept outside the
+    vehicle, shows that lines were removed from the end."""
     chain = verify_chain(path)
     result = VerifyResult(str(path), chain.entries, chain.head, chain.kinds)
+    for entries, head in digests:
+        if entries > chain.entries:
+            raise AuditError(
+                f"{path}: the owner was sent a digest of {entries} entries (head {head[:16]}), "
+                f"but the ledger has {chain.entries}: its last {entries - chain.entries} "
+                "line(s) were removed"
+            )
+        if entries == 0 and not GENESIS.startswith(head):
+            raise AuditError(f"{path}: a digest of 0 entries whose head is not the genesis hash")
+    wanted: dict[int, list[str]] = {}  # entry number -> the heads the owner was sent for it
+    for entries, head in digests:
+        if entries:
+            wanted.setdefault(entries - 1, []).append(head)
+        else:
+            result.digests += 1  # of 0 entries: held by any ledger
     candidates = _candidates(policy_path)
     policies = {p.digest: p for p in candidates}
     if policy_path:
@@ -71,6 +97,14 @@ def verify_ledger(path: str | Path, policy_path: str | None = None) -> VerifyRes
     open_run: int | None = None  # line of the start entry of a run not stopped yet
     for n, entry, _raw in read_entries(path):
         assert entry is not None  # verify_chain passed
+        for head in wanted.get(entry["i"], ()):
+            if not str(entry["hash"]).startswith(head):
+                raise AuditError(
+                    f"{path}:{n}: entry {entry['i']} is not the one the owner was sent a digest "
+                    f"of (head {head[:16]}): the ledger was rewritten from this line on, or "
+                    "before it"
+                )
+            result.digests += 1
         kind = entry.get("kind")
         if kind == "stop":
             open_run = None

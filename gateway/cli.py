@@ -471,9 +471,24 @@ def _cmd_owner(args: argparse.Namespace) -> int:
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify_ledger
 
-    result = verify_ledger(args.ledger, policy_path=args.policy)
+    result = verify_ledger(
+        args.ledger, policy_path=args.policy, digests=[_digest(d) for d in args.digest]
+    )
     print(result.summary())
     return 0
+
+
+def _digest(spec: str) -> tuple[int, str]:
+    """``--digest ENTRIES:HEAD`` as the owner received it."""
+    import re
+
+    m = re.fullmatch(r"\s*(?:entries=)?(\d+)\s*[:,\s]\s*(?:head=)?([0-9a-fA-F]{16,64})\s*", spec)
+    if not m:
+        raise ConfigError(
+            f"--digest {spec!r}: expected ENTRIES:HEAD as the owner received them on "
+            ".../owner/ledger, e.g. 36:9f2c4e1a0b7d3c55 (at least 16 hex digits of the head)"
+        )
+    return int(m.group(1)), m.group(2).lower()
 
 
 # -- consent (the owner's side) -------------------------------------------------------------
@@ -834,6 +849,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--policy",
         metavar="FILE",
         help="policy to re-check against (default: the bundled one when the ledger names it)",
+    )
+    v.add_argument(
+        "--digest",
+        action="append",
+        default=[],
+        metavar="ENTRIES:HEAD",
+        help="a ledger digest the owner received on .../owner/ledger (its entries=N and "
+        "head=HASH; the first 16 hex digits of the head are enough): the ledger must still "
+        "hold that entry unchanged. Lines cut from the END of a ledger leave a valid chain: "
+        "only a digest kept outside the vehicle shows they are gone. Repeatable",
     )
     v.set_defaults(func=_cmd_audit_verify)
 

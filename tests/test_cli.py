@@ -19,6 +19,7 @@ from tests.conftest import (
     KONA_CSV,
     KONA_PCAN,
     ROOT,
+    assert_one_line_error,
     gateway_settings,
     run_gateway,
 )
@@ -198,6 +199,46 @@ def test_audit_verify_passes_then_fails_after_one_byte_changes(tmp_path, broker,
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
     assert f"{ledger}:" in bad.stderr and "was changed" in bad.stderr
+
+
+@pytest.mark.broker
+def test_lines_cut_from_the_end_of_a_ledger_are_found_by_the_digest_the_owner_received(
+    tmp_path, broker, vin, listen
+):
+    """A ledger cut short at its end is still a valid chain (nothing after the cut to break);
+    the digest published to the owner (entries, head) is the anchor outside the vehicle."""
+    ledger = tmp_path / "l.jsonl"
+    lst = listen(broker.url, f"vehicles/{vin}/owner/ledger")
+    rep = run_gateway(*_kona_replay(tmp_path, broker, vin))
+    assert rep.returncode == 0, rep.stderr
+    digest = unpack(lst.settle()[-1].payload)
+    spec = f"{digest['entries']}:{digest['head']}"
+    ok = run_gateway("audit", "verify", str(ledger), "--digest", spec)
+    assert ok.returncode == 0, ok.stderr
+    assert "holds the 1 digest(s) the owner was sent" in ok.stdout
+    # the owner view's own spelling, and a 16-digit head, are taken too
+    short = f"entries={digest['entries']} head={digest['head'][:16]}"
+    assert run_gateway("audit", "verify", str(ledger), "--digest", short).returncode == 0
+    # WHEN the last lines (the digest's own egress entry and the stop entry among them) go
+    lines = ledger.read_text().splitlines(keepends=True)
+    ledger.write_text("".join(lines[: digest["entries"] - 1]))  # the digested entry goes too
+    assert run_gateway("audit", "verify", str(ledger)).returncode == 0  # the chain alone: valid
+    bad = run_gateway("audit", "verify", str(ledger), "--digest", spec)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert f"but the ledger has {digest['entries'] - 1}: its last 1 line(s) were removed" in (
+        bad.stderr
+    )
+    # a rewritten ledger (a valid chain of other entries) does not hold the digest either
+    other = tmp_path / "other"
+    other.mkdir()
+    assert run_gateway(*_kona_replay(other, broker, vin, "--window", "5")).returncode == 0
+    bad = run_gateway("audit", "verify", str(other / "l.jsonl"), "--digest", spec)
+    assert bad.returncode == 1
+    assert "is not the one the owner was sent a digest of" in bad.stderr, bad.stderr
+    # a mistyped digest is the option's mistake
+    assert_one_line_error(
+        run_gateway("audit", "verify", str(ledger), "--digest", "36"), "--digest '36': expected"
+    )
 
 
 @pytest.mark.broker
