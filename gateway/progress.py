@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -20,9 +21,10 @@ class Progress:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.label = label
         self.t0 = time.monotonic()
-        self._last = 0.0
+        self._last = -math.inf  # the first update is shown
         self.min_interval = min_interval
         self._shown = False
+        self._skipped: tuple[int, int | None, int | None, str] | None = None
 
     def update(
         self,
@@ -36,7 +38,9 @@ class Progress:
             return
         now = time.monotonic()
         if not force and now - self._last < self.min_interval:
+            self._skipped = (count, done, total, unit)  # shown at close: the bar ends at 100 %
             return
+        self._skipped = None
         self._last = now
         rate = count / max(now - self.t0, 1e-9)
         if total:
@@ -50,6 +54,9 @@ class Progress:
         self._shown = True
 
     def close(self) -> None:
+        if self.enabled and self._shown and self._skipped is not None:
+            count, done, total, unit = self._skipped
+            self.update(count, done, total, unit, force=True)
         if self.enabled and self._shown:
             self.stream.write("\n")
             self.stream.flush()

@@ -420,6 +420,7 @@ def synthesise(
                 n += 1
                 if n % 4096 == 0:
                     bar.update(n, done=int((ts - start) / TICK), total=len(drive.t))
+            bar.update(n, done=len(drive.t), total=len(drive.t))  # written: 100 %
     except OSError as exc:
         raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from exc
     finally:

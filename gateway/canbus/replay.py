@@ -365,10 +365,12 @@ class ReplaySource:
         while True:
             self.laps += 1
             lap_frames = 0
-            for path in self.paths:
+            # progress over all the logs of a lap, by bytes: one bar, not one per file
+            sizes = [p.stat().st_size if p.exists() else 0 for p in self.paths]
+            total, before = sum(sizes), 0
+            for path, size in zip(self.paths, sizes, strict=True):
                 stats = ReadStats(path=str(path))
                 self.stats.append(stats)
-                size = path.stat().st_size if path.exists() else 0
                 first = True
                 chunking = FAST if self.speed is None else PACED
                 for batch in iter_log(path, stats, chunking):
@@ -395,9 +397,10 @@ class ReplaySource:
                         else max(last_end, float(np.max(batch.timestamp)))
                     )
                     if self.on_progress is not None:
-                        self.on_progress(stats, stats.bytes_read, size)
+                        self.on_progress(stats, before + min(stats.bytes_read, size), total)
                     lap_frames += len(batch)
                     yield batch
+                before += size
             lap += 1
             if not self.loop or (self.max_laps is not None and lap >= self.max_laps):
                 return

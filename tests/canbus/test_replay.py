@@ -303,6 +303,29 @@ def test_later_files_are_shifted_so_time_never_runs_backwards():
     assert np.allclose(np.diff(second), np.diff(first))
 
 
+def test_progress_runs_once_over_all_the_logs_by_bytes(tmp_path):
+    """One bar for the whole replay (it went from 0 to 100 % again for every file)."""
+    small = tmp_path / "small.log"
+    small.write_text("".join(f"({i}.000000) can0 123#11223344\n" for i in range(5000)))
+    seen: list[tuple[int, int]] = []
+    src = ReplaySource(
+        [KONA_CSV, small, KONA_CANDUMP],
+        speed=None,
+        on_progress=lambda stats, done, total: seen.append((done, total)),
+    )
+
+    async def drain():
+        async for _ in src.batches():
+            pass
+
+    asyncio.run(drain())
+    size = sum(p.stat().st_size for p in (KONA_CSV, small, KONA_CANDUMP))
+    assert {total for _, total in seen} == {size}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == size
+    assert any(KONA_CSV.stat().st_size < d < size for d in done)  # in the files after the first
+
+
 def test_paced_replay_yields_to_the_event_loop():
     # GIVEN a replay at 20x real time of a 10.8 s log (about 0.5 s of sleeping)
     src = ReplaySource([KONA_CSV], speed=20.0)
