@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,11 +67,17 @@ class Source(Protocol):
 UNPACED_GROUP_SECONDS = 0.1
 
 
-def _say_missing(missing: list[str], wanted: int, dbcs: ChannelDbcs | None = None) -> None:
+def _say_missing(
+    missing: list[str],
+    wanted: int,
+    dbcs: ChannelDbcs | None = None,
+    trips_only: Collection[str] = (),
+) -> None:
     """Policy signals that no DBC defines never leave. One policy may serve several vehicles, so
     each is said with -v; that none at all is defined (the wrong DBC, or a typo everywhere) is
     a warning, and so is a signal whose message a DBC has but not the signal itself (a typo in
-    the signal's name, or another version of the DBC)."""
+    the signal's name, or another version of the DBC). ``trips_only``: the signals only
+    ``[trips]`` names (they never leave anyway: trips are computed without them)."""
     for name in missing:
         # a close message name is looked for only when it is said (-v): ~1 ms a signal
         has_message, close = (
@@ -80,26 +86,25 @@ def _say_missing(missing: list[str], wanted: int, dbcs: ChannelDbcs | None = Non
             else (False, None)
         )
         hint = f" (did you mean {close}?)" if close else ""
+        effect = (
+            "trips are computed without it (without gear and speed, there are none)"
+            if name in trips_only
+            else "it is never published"
+        )
         if has_message:
             msg, _, sig = name.partition(".")
             log.warning(
-                "policy: message %s of the DBCs has no signal %s%s: it is never published",
-                msg,
-                sig,
-                hint,
+                "policy: message %s of the DBCs has no signal %s%s: %s", msg, sig, hint, effect
             )
         else:
-            log.info(
-                "policy: signal %s is in none of the DBCs given%s: it is never published",
-                name,
-                hint,
-            )
+            log.info("policy: signal %s is in none of the DBCs given%s: %s", name, hint, effect)
     if missing and len(missing) == wanted:
         log.warning(
-            "policy: none of its %d signals is in the DBCs given (%s, ...): nothing but health "
+            "policy: none of its %d signals is in the DBCs given (%s%s): nothing but health "
             "and consent will be published",
             wanted,
             ", ".join(missing[:3]),
+            ", ..." if len(missing) > 3 else "",
         )
 
 
@@ -134,8 +139,13 @@ class RunReport:
     late_samples: int = 0  # older than a window already published (time went backwards)
     invalid_samples: int = 0  # NaN, infinity, a 'not available' state, a time outside any window
     channels: dict[str, int] = field(default_factory=dict)  # frames per channel name
-    positions_withheld: int = 0
+    positions_withheld: int = 0  # without location consent
     positions_in_geofence: int = 0
+    positions_limited: int = 0  # too soon after the one before, or too close to it
+    # window values of sensitive signals withheld for lack of consent, by category
+    withheld: dict[str, int] = field(default_factory=dict)
+    camera_summaries: bool = True  # whether the policy lets the camera's counts leave
+    drain_cut: str | None = None  # what ended the wait to send the rest, the broker being up
     trips: int = 0
     broker_error: str | None = None
     camera: list[Any] = field(default_factory=list)
@@ -188,7 +198,12 @@ class Gateway:
         self.dbcs = ChannelDbcs.from_specs(settings.dbc)
         wanted = self.policy.wanted_signals()
         self.decoder = make_decoder(settings, self.dbcs, wanted)
-        _say_missing(self.dbcs.missing(wanted), len(wanted), self.dbcs)
+        _say_missing(
+            self.dbcs.missing(wanted),
+            len(wanted),
+            self.dbcs,
+            trips_only=self.policy.trips.signals - set(self.policy.rules),
+        )
         self.topics = Topics(settings.broker.topic_prefix, g.vin)
         self.state_dir = Path(g.state_dir) if g.state_dir else Path(g.ledger).resolve().parent
         make_folder(self.state_dir, "gateway's state folder")
@@ -232,9 +247,12 @@ class Gateway:
             ),
             will_status=lambda: self._status("offline", "connection lost", record=False),
             on_will_sent=self._ledger_egress,
+            # the first connection's consent state is published by run(); a reconnection may
+            # be to a broker that restarted and lost the retained one
+            on_connected=lambda n: self.publish_consent_state() if n > 1 else None,
         )
         self.health = HealthMonitor()
-        self.report = RunReport()
+        self.report = RunReport(camera_summaries=self.policy.camera_summaries)
         self._group: list[Released] | None = None  # messages of an open egress_group()
         self._drain_stop = asyncio.Event()  # see stop_draining()
         self.ledger.append(
@@ -425,14 +443,31 @@ class Gateway:
                     "value": bool(cmd.persist),
                     "by": "owner",
                 }
-            elif cmd.action == "stop":
-                self.consent.stop(now)
-            elif cmd.action == "resume":
-                self.consent.resume(now)
+            elif cmd.action in ("stop", "resume"):
+                if cmd.action == "stop":
+                    self.consent.stop(now)
+                else:
+                    self.consent.resume(now)
+                # the retained status says whether the gateway collects, as its docs say
+                self.emit(
+                    Outgoing(
+                        "gateway.status",
+                        {
+                            "state": "online",
+                            "at": round(now, 3),
+                            "reason": "collection "
+                            + ("stopped" if cmd.action == "stop" else "resumed")
+                            + " by the owner",
+                            "collection": self.consent.collection.value,
+                        },
+                    )
+                )
             elif cmd.action == "delete":
                 from gateway.datarights import delete_category
 
                 n = delete_category(self.outbox, cmd.category)
+                if cmd.category is None:  # all: the consent grants too
+                    self.consent.withdraw(None, now)
                 self.consent.last_change = {
                     "at": now,
                     "action": "delete",
@@ -463,9 +498,12 @@ class Gateway:
     # -- CAN path --------------------------------------------------------------------------
     def publish_window(self, w: WindowSummary) -> None:
         self.report.windows += 1
-        signals, used, _withheld = permitted_signals(
+        signals, used, withheld = permitted_signals(
             self.policy, w, lambda c: self.consent.ok(c, self.clock())
         )
+        for rule_id in withheld:  # "signal:Message.Signal"
+            cat = self.policy.rules[rule_id.partition(":")[2]].category.value
+            self.report.withheld[cat] = self.report.withheld.get(cat, 0) + 1
         if not signals:
             return
         self.emit(
@@ -517,6 +555,7 @@ class Gateway:
             )
         self.report.positions_withheld += stage.withheld - before
         self.report.positions_in_geofence = stage.in_geofence
+        self.report.positions_limited = stage.limited
 
     def publish_trip(self, trip: Trip, start_ok: bool = True) -> None:
         """A trip's summary; its start area only if location consent was also valid when the
@@ -673,6 +712,16 @@ class Gateway:
                 self.publisher.acked.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.publisher.acked.wait(), timeout=0.05)
+            if self.outbox.depth() and self.publisher.connected.is_set():
+                # what ended the wait, if not the broker (said with what is left)
+                if self._drain_stop.is_set():
+                    self.report.drain_cut = "a second stop signal cut the wait to send them short"
+                elif time.monotonic() >= deadline:
+                    self.report.drain_cut = (
+                        f"not all sent within the drain timeout of {drain_timeout:g} s"
+                    )
+                elif stop.is_set() and not stopped_before:
+                    self.report.drain_cut = "a stop signal came while they were being sent"
         except BaseException:
             failed = True
             raise

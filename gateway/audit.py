@@ -92,8 +92,9 @@ def verify_ledger(
     candidates = _candidates(policy_path)
     policies = {p.digest: p for p in candidates}
     if policy_path:
-        result.given = candidates[0].ident
+        result.given = f"{candidates[0].ident} sha256 {candidates[0].digest[:12]}"
     current: Policy | None = None
+    used: set[str] = set()  # the policies' SHA-256 the runs name
     open_run: int | None = None  # line of the start entry of a run not stopped yet
     for n, entry, _raw in read_entries(path):
         assert entry is not None  # verify_chain passed
@@ -115,6 +116,7 @@ def verify_ledger(
                     "lost power"
                 )
             open_run = n
+            used.add(str(entry.get("policy_sha256")))
             current = policies.get(str(entry.get("policy_sha256")))
             if current is not None and current.ident not in result.policies:
                 result.policies.append(current.ident)
@@ -163,5 +165,10 @@ def verify_ledger(
         result.notes.append(
             f"the last run (started at line {open_run}) has no stop entry: the gateway is still "
             "running, was killed, or the end of the ledger was cut off"
+        )
+    if policy_path and candidates[0].digest not in used:
+        result.notes.append(
+            f"the file given ({result.given}) is the policy of no run in this ledger: nothing "
+            "was re-checked against it"
         )
     return result

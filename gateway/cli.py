@@ -229,7 +229,7 @@ def _undelivered(report: Any, s: Any) -> int:
     lost = getattr(report, "lost_in_memory", 0)
     if not report.outbox_left and not lost:
         return 0
-    why = report.broker_error or "broker unavailable"
+    why = getattr(report, "drain_cut", None) or report.broker_error or "broker unavailable"
     parts = []
     if report.outbox_left:
         parts.append(
@@ -288,7 +288,10 @@ def _utc(at: Any) -> str:
         return str(at)
     import datetime
 
-    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):  # beyond year 9999: said as it came
+        return f"{at:g} (UNIX time)"
 
 
 def _printable(text: str) -> str:
@@ -361,6 +364,22 @@ def _print_report(
             "'not available' state, or a time outside any window) and are in no summary",
             file=out,
         )
+    withheld = getattr(report, "withheld", {})
+    if withheld:
+        cats = ", ".join(f"{c} {n:,}" for c, n in sorted(withheld.items()))
+        print(
+            f"  {sum(withheld.values()):,} window values of sensitive signals were withheld for "
+            f"lack of consent ({cats}) and never left",
+            file=out,
+        )
+    held = [
+        (getattr(report, "positions_withheld", 0), "without location consent"),
+        (getattr(report, "positions_in_geofence", 0), "inside a geofence"),
+        (getattr(report, "positions_limited", 0), "within the policy's minimum time or distance"),
+    ]
+    if any(n for n, _ in held):
+        parts = "; ".join(f"{n:,} {why}" for n, why in held if n)
+        print(f"  GPS fixes that never left: {parts}", file=out)
     share = 100.0 * report.bytes_released / report.raw_bytes if report.raw_bytes else 0.0
     print(
         f"released {report.released} message(s) ({report.bytes_released:,} bytes, {share:.2f}% of "
@@ -377,8 +396,13 @@ def _print_report(
             f"{sum(c.frames_anonymised for c in cams):,} anonymised, "
             f"{sum(c.frames_dropped for c in cams):,} dropped (never stored or sent); "
             f"{sum(c.faces_blurred for c in cams):,} face and "
-            f"{sum(c.plates_blurred for c in cams):,} plate boxes blurred; only these counts "
-            f"left the car (anonymised frames are kept on the device in "
+            f"{sum(c.plates_blurred for c in cams):,} plate boxes blurred; "
+            + (
+                "only these counts left the car"
+                if getattr(report, "camera_summaries", True)
+                else "not even these counts left the car (the policy's camera_summaries = false)"
+            )
+            + f" (anonymised frames are kept on the device in "
             f"{store_dir(s.gateway.state_dir, s.gateway.ledger)})",
             file=out,
         )
@@ -475,7 +499,8 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         args.ledger, policy_path=args.policy, digests=[_digest(d) for d in args.digest]
     )
     print(result.summary())
-    return 0
+    # the file given could not re-check what the runs sent: the check asked for was not done
+    return 1 if result.given and result.unchecked else 0
 
 
 def _digest(spec: str) -> tuple[int, str]:
@@ -504,9 +529,16 @@ def _cmd_consent(args: argparse.Namespace) -> int:
     s = _settings(args)
     topics = Topics(s.broker.topic_prefix, s.gateway.vin)
     if args.action in ("stop", "resume"):
+        if args.category:
+            raise ConfigError(
+                f"consent {args.action} takes no category: it {args.action}s all collection "
+                f"(withdraw one category's consent with: consent withdraw {args.category})"
+            )
         topic, body = topics.command, {"command": args.action}
     elif args.action == "delete":
-        topic, body = topics.command, {"command": "delete", "category": args.category or "all"}
+        if not args.category:  # deleting everything is said, not assumed
+            raise ConfigError("consent delete needs a category (or all)")
+        topic, body = topics.command, {"command": "delete", "category": args.category}
     elif args.action == "grant":
         if not args.category:
             raise ConfigError(
@@ -516,6 +548,8 @@ def _cmd_consent(args: argparse.Namespace) -> int:
             raise ConfigError("consent grant needs --days N: a consent always expires")
         if not 0 < args.days < math.inf:
             raise ConfigError(f"--days must be a positive number, got {args.days}")
+        if args.days * 86400 < 60:  # over before the gateway could use it
+            raise ConfigError(f"--days {args.days:g} is less than a minute")
         from gateway.telemetry.policy import Category
 
         if args.category == "all" or not Category(args.category).sensitive:
@@ -572,8 +606,9 @@ def _cmd_consent(args: argparse.Namespace) -> int:
         return 0
     if state is None:
         print(
-            f"no answer on {answers} within {args.wait:g} s: the gateway is offline or not "
-            "subscribed (an owner command is not kept for it)",
+            f"gateway: no answer on {answers} within {args.wait:g} s: the gateway of VIN "
+            f"{s.gateway.vin} is offline, not subscribed, or has another VIN (check --vin); "
+            "an owner command is not kept for it",
             file=sys.stderr,
         )
         return 1
@@ -592,6 +627,14 @@ def _cmd_consent(args: argparse.Namespace) -> int:
 
 
 # -- data rights ----------------------------------------------------------------------------
+def _consent_file(s: Any) -> Path:
+    """Where the gateway of these settings keeps its consent state (as ``Gateway`` does)."""
+    return (
+        Path(s.gateway.state_dir or Path(s.gateway.ledger).resolve().parent)
+        / f"consent-{s.gateway.vin}.json"
+    )
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     import json
 
@@ -605,6 +648,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{s.gateway.outbox}: no outbox here (give the gateway's --outbox, or --config)"
         )
+    if not Path(s.gateway.ledger).is_file():  # the action goes on the gateway's record
+        raise ConfigError(
+            f"{s.gateway.ledger}: no ledger here, beside the outbox {s.gateway.outbox} (give "
+            "the gateway's --ledger, or --config)"
+        )
     # the ledger first: its lock says whether a gateway is running on these files, before
     # anything is exported or deleted (and then not recorded)
     ledger = Ledger(s.gateway.ledger)
@@ -616,10 +664,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     try:
         if args.data_command == "export":
             data = {"vin": s.gateway.vin, "outbox": export_outbox(outbox)}
-            consent_file = (
-                Path(s.gateway.state_dir or Path(s.gateway.ledger).resolve().parent)
-                / f"consent-{s.gateway.vin}.json"
-            )
+            consent_file = _consent_file(s)
             if consent_file.exists():
                 data["consent"] = json.loads(consent_file.read_text())
             text = json.dumps(data, indent=1, default=str)
@@ -636,9 +681,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
             return 0
         category = None if args.category == "all" else Category(args.category)
         n = delete_category(outbox, category)
-        ledger.append("data-delete", category=args.category, removed=n)
+        withdrew = ""
+        if category is None:  # all: the consent grants too, as the help says
+            import time
+
+            from gateway.telemetry.consent import ConsentState
+
+            path = _consent_file(s)
+            consent = ConsentState.load(path)
+            if consent.grants:
+                withdrew = ", ".join(sorted(c.value for c in consent.grants))
+                consent.withdraw(None, time.time())
+                consent.save(path)
+        ledger.append("data-delete", category=args.category, removed=n, withdrew=withdrew or None)
         print(
-            f"deleted {n} waiting message(s) of category {args.category}; recorded in {s.gateway.ledger}"
+            f"deleted {n} waiting message(s) of category {args.category}"
+            + (f" and withdrew the consent for {withdrew}" if withdrew else "")
+            + f"; recorded in {s.gateway.ledger}"
         )
         return 0
     finally:
@@ -921,6 +980,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "category",
         nargs="?",
+        help="for grant and withdraw (withdraw without one: every grant), and delete "
+        "(all: every waiting message and the consent grants); not for stop and resume",
         choices=(
             "location",
             "cabin",

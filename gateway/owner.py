@@ -60,7 +60,10 @@ def _fmt_value(v: Any, key: str = "") -> str:
     if key in ("at", "start", "end", "until") and isinstance(v, int | float) and v > 1e8:
         import datetime
 
-        return datetime.datetime.fromtimestamp(v, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            return datetime.datetime.fromtimestamp(v, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OverflowError, OSError, ValueError):  # beyond year 9999: the number itself
+            return f"{v:g}"
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, dict):

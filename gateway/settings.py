@@ -63,7 +63,8 @@ class GatewaySettings:
     )
     consent: list[str] = opt(
         [],
-        "Consents given in the config, 'CATEGORY:DAYS' (e.g. 'location:7'); bounded by the policy's max_consent_days.",
+        "Consents given in the config, 'CATEGORY:DAYS' (e.g. 'location:7'); bounded by the policy's max_consent_days. "
+        "Granted again at every start, for the bench: an owner's withdrawal lasts until the next start.",
     )
 
 

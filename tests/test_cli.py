@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -239,6 +240,28 @@ def test_lines_cut_from_the_end_of_a_ledger_are_found_by_the_digest_the_owner_re
     assert_one_line_error(
         run_gateway("audit", "verify", str(ledger), "--digest", "36"), "--digest '36': expected"
     )
+
+
+@pytest.mark.broker
+def test_audit_verify_against_another_policy_file_than_the_runs_fails(tmp_path, broker, vin):
+    """--policy asks for a re-check against that file; if it is not the file the run used (an
+    edit without a new version, say), nothing was re-checked: exit 1, both files' SHA-256."""
+    import gateway
+
+    ledger = tmp_path / "l.jsonl"
+    default = Path(gateway.__file__).parent / "data" / "policy_default.toml"
+    mine = tmp_path / "mine.toml"
+    mine.write_text(default.read_text().replace('name = "owner-default"', 'name = "mine"'))
+    run = run_gateway(*_kona_replay(tmp_path, broker, vin, "--policy", str(mine)))
+    assert run.returncode == 0, run.stderr
+    assert run_gateway("audit", "verify", str(ledger), "--policy", str(mine)).returncode == 0
+    edited = tmp_path / "edited.toml"
+    edited.write_text(mine.read_text().replace("quantum = 0.5", "quantum = 0.1", 1))
+    proc = run_gateway("audit", "verify", str(ledger), "--policy", str(edited))
+    assert proc.returncode == 1, proc.stdout
+    assert "not re-checked: their policy (mine@1 sha256 " in proc.stdout
+    assert "is not the file given (mine@1 sha256 " in proc.stdout
+    assert "is the policy of no run in this ledger" in proc.stdout
 
 
 @pytest.mark.broker

@@ -6,6 +6,7 @@ import pytest
 
 from gateway.localbroker import free_port
 from tests.conftest import (
+    FIXTURES,
     KONA_CSV,
     KONA_PCAN,
     assert_one_line_error,
@@ -140,6 +141,7 @@ def test_outputs_that_cannot_be_written_and_an_absent_broker_are_one_line(tmp_pa
         from gateway.egress.outbox import Outbox
 
         Outbox(tmp_path / "o.sqlite").close()  # an outbox to export
+        (tmp_path / "l.jsonl").touch()  # and the gateway's (empty) ledger
         args += ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
     proc = run_gateway(*args, cwd=tmp_path)
     assert_one_line_error(proc, needle)
@@ -263,8 +265,13 @@ def test_data_commands_on_a_missing_or_damaged_outbox_say_so(tmp_path, command):
     proc = run_gateway("data", *command, *common)
     assert_one_line_error(proc, "o.sqlite: no outbox here")
     assert not (tmp_path / "o.sqlite").exists()
-    # a damaged one
+    # no ledger beside it: a new one was made in the working folder, the action recorded there
     (tmp_path / "o.sqlite").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    proc = run_gateway("data", *command, *common)
+    assert_one_line_error(proc, "l.jsonl: no ledger here")
+    assert not (tmp_path / "l.jsonl").exists()
+    # a damaged one
+    (tmp_path / "l.jsonl").touch()
     proc = run_gateway("data", *command, *common)
     assert_one_line_error(proc, "o.sqlite", "damaged")
 
@@ -356,6 +363,9 @@ def test_a_gateway_that_fails_to_start_does_not_keep_its_ledger_locked(tmp_path)
         (["replay", str(KONA_CSV), "--dbc", f"={KONA_PCAN}"], ["--dbc", "no channel before"]),
         # another log without its DBCs (the bundled Model 3 DBC was used, and said "no leak")
         (["validate", "--log", str(KONA_CSV)], ["--log needs the DBCs"]),
+        # a category with stop was dropped without a word; delete without one deleted all
+        (["consent", "stop", "location"], ["consent stop takes no category"]),
+        (["consent", "delete"], ["consent delete needs a category (or all)"]),
         # the option's consents are its mistakes, not the config file's
         (["validate", "--consent", "location:999"], ["--consent 'location:999' refused"]),
         (["validate", "--consent", "forever"], ["--consent 'forever': expected CATEGORY:DAYS"]),
@@ -409,3 +419,61 @@ def test_a_mistyped_policy_signal_is_a_warning_with_the_name_it_was_probably_mea
     ]
     # a signal of another vehicle's DBC is only said with -v (one policy may serve several)
     assert "OtherCar" not in proc.stderr
+
+
+def test_the_report_counts_what_was_withheld_and_why(tmp_path, broker):
+    """Window values withheld for lack of consent, and GPS fixes that never left, are counted
+    in the report (they were counted nowhere a user could see)."""
+    drive = FIXTURES / "model3" / "model3_synthetic_drive.log"
+    dbc = FIXTURES / "model3" / "Model3CAN.dbc"
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        '[policy]\nname = "p"\n'
+        '[[signal]]\nsignal = "ID155WheelAngles.ESP_vehicleSpeed"\npublish_as = "speed"\n'
+        'category = "cabin"\naggregates = ["mean"]\nquantum = 5\n'
+        '[[signal]]\nsignal = "ID04FGPSLatLong.GPSLatitude04F"\npublish_as = "lat"\n'
+        'category = "location"\nlocation = "latitude"\n'
+        '[[signal]]\nsignal = "ID04FGPSLatLong.GPSLongitude04F"\npublish_as = "lon"\n'
+        'category = "location"\nlocation = "longitude"\n'
+    )
+    proc = _replay(
+        tmp_path, str(drive), "--dbc", str(dbc), "--policy", str(policy), "--fast",
+        broker=broker.url,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import re
+
+    m = re.search(
+        r"(\d+) window values of sensitive signals were withheld .*\(cabin (\d+)\)", proc.stderr
+    )
+    assert m and int(m.group(1)) == int(m.group(2)) > 0, proc.stderr
+    m = re.search(r"GPS fixes that never left: ([\d,]+) without location consent", proc.stderr)
+    assert m and int(m.group(1).replace(",", "")) > 0, proc.stderr
+
+
+def test_data_delete_all_withdraws_the_consent_grants_too(tmp_path):
+    """Its help says "all: every one, and the consent grants"; the grants were kept."""
+    import json
+    import time
+
+    from gateway.egress.outbox import Outbox
+    from gateway.telemetry.consent import ConsentState
+    from gateway.telemetry.policy import Category
+    from tests.egress.test_outbox import _released
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put_many(_released(ob, 3))
+    ob.close()
+    state = ConsentState()
+    state.grant(Category.LOCATION, time.time() + 3600, time.time(), 30)
+    consent = tmp_path / "consent-TESTVIN0000000001.json"
+    state.save(consent)
+    (tmp_path / "l.jsonl").touch()
+    common = ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
+    proc = run_gateway("data", "delete", "--category", "all", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "deleted 3 waiting message(s) of category all and withdrew the consent for location" in (
+        proc.stdout
+    )
+    assert json.loads(consent.read_text())["grants"] == {}
+    assert ConsentState.load(consent).grants == {}

@@ -263,6 +263,8 @@ def test_a_stalled_broker_does_not_hold_the_run_past_its_drain_timeout(tmp_path,
     took = time.monotonic() - t0
     assert stalled and report.outbox_left > 0 and report.sent < report.released
     assert took < 8.0, f"the run ended {took:.1f} s after it began, with a 1 s drain timeout"
+    # and the report says what ended the wait (it blamed an "unavailable" broker)
+    assert report.drain_cut == "not all sent within the drain timeout of 1 s"
 
 
 _KILLED_BETWEEN = """
@@ -375,3 +377,27 @@ def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_r
     assert kept.depth() == report.outbox_left
     kept.close()
     assert verify_chain(tmp_path / "l.jsonl").kinds["stop"] == 1
+
+
+def test_a_broker_that_lost_its_retained_messages_gets_the_consent_state_again(
+    tmp_path, private_broker, vin, listen
+):
+    """A broker restarted without persistence has lost the retained consent state; the
+    gateway published it only at its start, so an owner connecting later saw none."""
+    proc = subprocess.Popen(
+        _replay_cmd(tmp_path, private_broker.url, vin, "--speed", "2", "--drain-timeout", "60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    private_broker.stop()
+    private_broker.persistence = False  # it comes back empty
+    time.sleep(2.0)
+    private_broker.start()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "reconnecting" in err
+    retained = listen(private_broker.url, f"vehicles/{vin}/owner/consent").settle()
+    assert len(retained) == 1 and retained[0].retain
+    assert unpack(retained[0].payload)["collection"] == "on"

@@ -280,3 +280,37 @@ async def test_one_touch_stop_halts_collection_until_resumed(tmp_path, broker, v
     assert stopped_locations == []
     states = [c["collection"] for c in rig.stream("consent")]
     assert "stopped" in states and states[-1] == "on"
+
+
+async def test_stop_and_resume_say_so_on_the_retained_status_and_delete_all_withdraws(
+    tmp_path, broker, vin
+):
+    """The one-touch stop changed the retained consent state but not the status, which the
+    README says it does; delete with category all left the consent grants in place."""
+    rig = Rig(tmp_path, broker.url, vin)
+    await rig.start()
+    await rig.owner_says(
+        "command", {"command": "stop"}, until=lambda gw: gw.consent.collection.value == "stopped"
+    )
+    await rig.settle()
+    assert rig.stream("status")[-1]["collection"] == "stopped"
+    assert "stopped by the owner" in rig.stream("status")[-1]["reason"]
+    await rig.owner_says(
+        "command", {"command": "resume"}, until=lambda gw: gw.consent.collection.value == "on"
+    )
+    await rig.settle()
+    assert rig.stream("status")[-1]["collection"] == "on"
+    await rig.owner_says(
+        "consent/set",
+        {"category": "location", "grant": True, "days": 1},
+        until=lambda gw: gw.consent.grants,
+    )
+    await rig.owner_says(
+        "command",
+        {"command": "delete", "category": "all"},
+        until=lambda gw: gw.consent.last_change.get("action") == "delete",
+    )
+    assert rig.gw.consent.grants == {}
+    await rig.settle()
+    assert rig.stream("consent")[-1]["grants"] == {}
+    await rig.finish()

@@ -145,6 +145,10 @@ class MqttPublisher:
     # a connection took it (a CONNACK): a will that never reached a broker never left either
     will_status: Callable[[], Released | None] | None = None
     on_will_sent: Callable[[Released], None] = lambda msg: None
+    # after each connection's "online" status: the number of the connection (1, 2, ...); a
+    # broker restarted without persistence has lost the retained states (consent) meanwhile
+    on_connected: Callable[[int], None] = lambda n: None
+    connections: int = 0
     backoff_initial: float = 0.2
     ack_timeout: float = ACK_TIMEOUT
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -196,6 +200,8 @@ class MqttPublisher:
                     delay = self.backoff_initial
                     self.last_error = None
                     await self._publish_status(client, "online", "")
+                    self.connections += 1
+                    self.on_connected(self.connections)
                     for topic in self.inbound_topics:
                         await client.subscribe(topic, qos=1)  # returns on the SUBACK
                     self.listening.set()
@@ -224,9 +230,10 @@ class MqttPublisher:
                     )
                     return
                 self.reconnects += 1
-                log.warning("%s; reconnecting in %.1f s", self.last_error, delay)
+                wait = delay * random.uniform(0.5, 1.0)  # jittered: said as it will be
+                log.warning("%s; reconnecting in %.1f s", self.last_error, wait)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay * random.uniform(0.5, 1.0))
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
                 delay = min(delay * 2, self.broker.backoff_max)
 
     async def _publish_status(self, client: aiomqtt.Client, state: str, reason: str) -> None:

@@ -153,6 +153,10 @@ class ConsentState:
             return cls()
 
 
+_CONSENT_KEYS = frozenset({"category", "grant", "days", "until", "persist_across_ignition"})
+_COMMAND_KEYS = frozenset({"command", "category"})
+
+
 @dataclass(frozen=True)
 class OwnerCommand:
     """One message from the owner: consent/set or command, parsed (JSON or msgpack)."""
@@ -189,29 +193,41 @@ def parse_owner_message(kind: str, payload: bytes, now: float) -> OwnerCommand:
     command      {"command": "delete", "category": "location"}
     """
     raw = _decode(payload)
+    known = _COMMAND_KEYS if kind == "command" else _CONSENT_KEYS
+    unknown = sorted(str(k) for k in raw if k not in known)
+    if unknown:
+        raise ConsentRefused(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
     cat = None
     if "category" in raw and raw["category"] not in (None, "all"):
         try:
             cat = Category(raw["category"])
-        except ValueError:
+        except (ValueError, TypeError):
             raise ConsentRefused(f"unknown category {raw['category']!r}") from None
     if kind == "command":
         action = raw.get("command")
         if action not in ("stop", "resume", "delete"):
             raise ConsentRefused("command must be stop, resume or delete")
         return OwnerCommand(str(action), cat)
+    # a consent is given by true alone: "false", 0 or "no" must never read as a yes
     if "persist_across_ignition" in raw:
-        return OwnerCommand("persist", persist=bool(raw["persist_across_ignition"]))
-    if cat is None and raw.get("grant", False):
+        if not isinstance(raw["persist_across_ignition"], bool) or len(raw) > 1:
+            raise ConsentRefused("persist_across_ignition must be true or false, alone")
+        return OwnerCommand("persist", persist=raw["persist_across_ignition"])
+    grant = raw.get("grant")
+    if not isinstance(grant, bool):
+        raise ConsentRefused(f"grant must be true or false, got {grant!r}")
+    if cat is None and grant:
         raise ConsentRefused("a grant names one category")
-    if not raw.get("grant", False):
+    if not grant:
         return OwnerCommand("withdraw", cat)
     until = raw.get("until")
     if until is None and "days" in raw:
-        try:
-            until = now + float(raw["days"]) * 86400
-        except (TypeError, ValueError):
-            raise ConsentRefused("days must be a number") from None
-    if until is not None and not isinstance(until, int | float):
+        days = raw["days"]
+        if isinstance(days, bool) or not isinstance(days, int | float) or not days > 0:
+            raise ConsentRefused(f"days must be a positive number, got {days!r}")
+        until = now + float(days) * 86400
+        if not math.isfinite(until):
+            raise ConsentRefused(f"days {days!r}: the expiry is beyond any policy's maximum")
+    if until is not None and (isinstance(until, bool) or not isinstance(until, int | float)):
         raise ConsentRefused("until must be a Unix time")
     return OwnerCommand("grant", cat, float(until) if until is not None else None)

@@ -27,8 +27,11 @@ def _lon_step(lat_snapped: float, grid_m: float) -> float:
 
 
 def coarsen(lat: float, lon: float, grid_m: float) -> tuple[float, float]:
-    lat_c = _snap(lat, grid_m / M_PER_DEG)
-    return lat_c, _snap(lon, _lon_step(lat_c, grid_m))
+    """The centre of the grid cell of (lat, lon), kept on the globe: near a pole or the
+    antimeridian a cell's centre can fall beyond +-90 or +-180 degrees, and is then moved to
+    that edge (a fixed point again, as the guard's check needs)."""
+    lat_c = min(max(_snap(lat, grid_m / M_PER_DEG), -90.0), 90.0)
+    return lat_c, min(max(_snap(lon, _lon_step(lat_c, grid_m)), -180.0), 180.0)
 
 
 def on_location_grid(lat: float, lon: float, grid_m: float) -> bool:
@@ -77,14 +80,20 @@ class Geofence:
             raise ConfigError(
                 f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_FENCE_KEYS))})"
             )
-        name = str(raw.get("name", where))
+        name = raw.get("name", where)
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: name must be a string, got {name!r}")
         try:
             if "polygon" in raw:
                 if {"lat", "lon", "radius_m"} & set(raw):
                     raise ValueError("give a circle or a polygon, not both")
+                if not isinstance(raw["polygon"], list):
+                    raise ValueError("polygon must be a list of [lat, lon] points")
                 pts = tuple(_point(p) for p in raw["polygon"])
                 if len(pts) < 3:
                     raise ValueError("a polygon needs at least 3 points")
+                if _area(pts) == 0:  # on one line, or one point: it contains nothing
+                    raise ValueError("the polygon's points are on one line: it encloses nothing")
                 return cls(name, polygon=pts)
             lat, lon = _point((raw["lat"], raw["lon"]))
             radius = _number(raw["radius_m"])
@@ -106,7 +115,7 @@ MAX_FENCE_RADIUS_M = 1_000_000.0  # a fence larger than this is a mistake, not a
 
 
 def _number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float | str):
+    if isinstance(v, bool) or not isinstance(v, int | float):
         raise TypeError(f"{v!r} is not a number")
     x = float(v)
     if not math.isfinite(x):
@@ -114,9 +123,14 @@ def _number(v: Any) -> float:
     return x
 
 
+def _area(pts: Sequence[tuple[float, float]]) -> float:
+    """Twice the polygon's area in square degrees (the shoelace formula)."""
+    return abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(pts, pts[1:] + pts[:1], strict=True)))
+
+
 def _point(p: Any) -> tuple[float, float]:
     """(lat, lon) in degrees, on the globe."""
-    if isinstance(p, str | bytes) or len(p) != 2:
+    if not isinstance(p, list | tuple) or len(p) != 2:
         raise ValueError(f"a point is [lat, lon], got {p!r}")
     lat, lon = _number(p[0]), _number(p[1])
     if not (-90 <= lat <= 90 and -180 <= lon <= 180):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from gateway.errors import ConfigError
 from gateway.records import SignalAggregate, WindowSummary
 from gateway.settings import read_toml
 from gateway.telemetry.trips import TripConfig
+
+log = logging.getLogger(__name__)
 
 
 class Category(Enum):
@@ -176,9 +180,34 @@ def permitted_signals(
         if rule.category.sensitive and not consent_ok(rule.category):
             withheld.append(rule.rule_id)
             continue
-        out[rule.publish_as] = render_signal(rule, agg)
+        rendered = render_signal(rule, agg)
+        if rendered.keys() <= {"unit"}:  # none of its aggregates exists for this signal
+            _say_no_aggregate(rule, agg)
+            continue
+        out[rule.publish_as] = rendered
         used.append(rule.rule_id)
     return out, used, withheld
+
+
+_NO_AGGREGATE_SAID: set[str] = set()  # rules warned about, once per process
+
+
+def _say_no_aggregate(rule: SignalRule, agg: SignalAggregate) -> None:
+    """Once per rule: a list of states has no min/max/mean, a number no states; such a rule
+    published an empty entry in every window."""
+    if rule.rule_id in _NO_AGGREGATE_SAID:
+        return
+    _NO_AGGREGATE_SAID.add(rule.rule_id)
+    kind = "a list of states (value names in the DBC)" if agg.states is not None else "a number"
+    fits = "count, last, states" if agg.states is not None else "count, min, max, mean, last"
+    log.warning(
+        "policy: %s is %s: none of its aggregates (%s) exists for it, so it is never "
+        "published; give some of: %s",
+        rule.signal,
+        kind,
+        ", ".join(a.value for a in rule.aggregates),
+        fits,
+    )
 
 
 _POLICY_KEYS = {
@@ -231,7 +260,7 @@ def parse_policy(raw: Mapping[str, Any], source: str, digest: str = "") -> Polic
                     f"{where}: unknown key {key!r} (known: {', '.join(sorted(_RULE_KEYS))})"
                 )
         sig = r.get("signal")
-        if not isinstance(sig, str) or "." not in sig:
+        if not isinstance(sig, str) or not all(sig.partition(".")[::2]):
             raise ConfigError(f"{where}.signal must be 'Message.Signal', got {sig!r}")
         if sig in rules:
             raise ConfigError(f"{where}.signal {sig!r} is named twice")
@@ -239,16 +268,18 @@ def parse_policy(raw: Mapping[str, Any], source: str, digest: str = "") -> Polic
         if not isinstance(aggs, list) or not aggs or not all(isinstance(a, str) for a in aggs):
             raise ConfigError(f"{where}.aggregates must be a non-empty list of names")
         for key in ("publish_as", "category", "location"):
-            if key in r and not isinstance(r[key], str):
-                raise ConfigError(f"{where}.{key} must be a string")
+            if key in r and not (isinstance(r[key], str) and r[key].strip()):
+                raise ConfigError(f"{where}.{key} must be a non-empty string, got {r[key]!r}")
         quantum = r.get("quantum")
         if quantum is not None and (
             not isinstance(quantum, int | float)
             or isinstance(quantum, bool)
-            or not math.isfinite(quantum)
-            or quantum <= 0
+            or not MIN_QUANTUM <= quantum <= MAX_QUANTUM
         ):
-            raise ConfigError(f"{where}.quantum must be a positive number, got {quantum!r}")
+            raise ConfigError(
+                f"{where}.quantum must be a number from {MIN_QUANTUM:g} to {MAX_QUANTUM:g}, "
+                f"got {quantum!r}"
+            )
         loc = r.get("location")
         rule = SignalRule(
             signal=sig,
@@ -260,29 +291,62 @@ def parse_policy(raw: Mapping[str, Any], source: str, digest: str = "") -> Polic
         )
         if rule.location is not None and rule.category is not Category.LOCATION:
             raise ConfigError(f'{where}: a location signal must have category = "location"')
+        if rule.location is None and _LOOKS_LIKE_POSITION.search(sig):
+            log.warning(
+                '%s (%s): its name says it is a position, but it has no location = "latitude" '
+                'or "longitude": it leaves as exact window values, not as coarsened positions%s',
+                where,
+                sig,
+                "" if rule.category.sensitive else ", and without consent",
+            )
         rules[sig] = rule
-    names = [r.publish_as for r in rules.values()]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise ConfigError(f"{source}: publish_as {sorted(dup)[0]!r} is used by two signals")
+    by_name: dict[str, list[str]] = {}
+    for r in rules.values():
+        by_name.setdefault(r.publish_as, []).append(r.signal)
+    for name, sigs in by_name.items():
+        if len(sigs) > 1:
+            raise ConfigError(
+                f"{source}: publish_as {name!r} is used by two signals ({sigs[0]}, {sigs[1]})"
+            )
+    axes: dict[LocationAxis, list[str]] = {}
+    for r in rules.values():
+        if r.location is not None:
+            axes.setdefault(r.location, []).append(r.signal)
+    for axis, sigs in axes.items():
+        if len(sigs) > 1:
+            raise ConfigError(
+                f'{source}: location = "{axis.value}" is given to two signals '
+                f"({sigs[0]}, {sigs[1]}): a position has one of each"
+            )
+    if len(axes) == 1:
+        (axis,) = axes
+        raise ConfigError(
+            f'{source}: location = "{axis.value}" ({axes[axis][0]}) without a signal for the '
+            "other axis: no position could be published (give both, or neither)"
+        )
 
     def num(key: str, default: float) -> float:
         v = head.get(key, default)
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"{source}: [policy].{key} must be a positive number, got {v!r}")
+        top = _POLICY_MAX.get(key)
+        if top is not None and v > top[0]:
+            raise ConfigError(
+                f"{source}: [policy].{key} must be at most {top[0]:g} ({top[1]}), got {v!r}"
+            )
         return float(v)
 
     version = head.get("version", 1)
-    if not isinstance(version, int):
-        raise ConfigError(f"{source}: [policy].version must be an integer")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConfigError(f"{source}: [policy].version must be an integer from 1, got {version!r}")
     fences = head.get("geofence", [])
     if not isinstance(fences, list) or not all(isinstance(f, Mapping) for f in fences):
         raise ConfigError(f"{source}: [policy].geofence must be an array of tables")
     from gateway.telemetry.location import parse_geofences
 
     parse_geofences(fences, source)  # a bad fence fails now, naming itself
-    if not isinstance(head.get("name", ""), str):
-        raise ConfigError(f"{source}: [policy].name must be a string")
+    if "name" in head and not (isinstance(head["name"], str) and head["name"].strip()):
+        raise ConfigError(f"{source}: [policy].name must be a non-empty string")
     if not isinstance(head.get("camera_summaries", True), bool):
         raise ConfigError(f"{source}: [policy].camera_summaries must be true or false")
     # below this a "coarsened" position is the fix itself (the GPS is good to a few metres):
@@ -309,8 +373,20 @@ def parse_policy(raw: Mapping[str, Any], source: str, digest: str = "") -> Polic
     )
 
 
+# a signal named so is a position: a warning when it is not a location signal
+_LOOKS_LIKE_POSITION = re.compile(r"latitude|longitude", re.IGNORECASE)
+
 DEFAULT_POLICY = "policy_default.toml"
 MIN_LOCATION_GRID_M = 100.0
+# a quantum below this is no rounding (and 1e-310 overflowed the rounding); above, no value
+MIN_QUANTUM, MAX_QUANTUM = 1e-9, 1e12
+# upper limits of [policy] numbers, and why
+_POLICY_MAX = {
+    # a consent that lasts decades is the "always allow" the rules forbid
+    "max_consent_days": (365.0, "a consent must expire; renew it instead"),
+    # coarser than this is no position (and a grid of 30,000 km gave longitudes of 13,474)
+    "location_grid_m": (100_000.0, "100 km"),
+}
 
 
 def load_policy(path: str | Path | None = None) -> Policy:

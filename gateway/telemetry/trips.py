@@ -72,13 +72,17 @@ class TripConfig:
         for k, v in raw.items():
             if k == "drive_states":
                 # names of the gear's values, or the raw values of a gear without names
-                if not isinstance(v, list) or not all(
-                    isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
-                    for x in v
+                if (
+                    not isinstance(v, list)
+                    or not v
+                    or not all(
+                        isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+                        for x in v
+                    )
                 ):
                     raise ConfigError(
-                        f"{where}: [trips].drive_states must be a list of value names or "
-                        f"integers, got {v!r}"
+                        f"{where}: [trips].drive_states must be a non-empty list of value names "
+                        f"or integers, got {v!r}"
                     )
                 kw[k] = tuple(str(x) for x in v)
             elif k in ("battery_kwh", "moving_kph", "end_after_s"):
@@ -92,8 +96,8 @@ class TripConfig:
                     raise ConfigError(f"{where}: [trips].{k} must be a positive number, got {v!r}")
                 kw[k] = float(v)
             else:
-                if not isinstance(v, str):
-                    raise ConfigError(f"{where}: [trips].{k} must be 'Message.Signal'")
+                if not isinstance(v, str) or not all(v.partition(".")[::2]):
+                    raise ConfigError(f"{where}: [trips].{k} must be 'Message.Signal', got {v!r}")
                 kw[k] = v
         return cls(**kw)
 

@@ -357,5 +357,5 @@ def test_a_policy_given_that_is_not_the_runs_says_so(tmp_path):
     default = Path(gateway.__file__).parent / "data" / "policy_default.toml"
     text = verify_ledger(path, str(default)).summary()
     assert "1 not re-checked: their policy (leaky@1 sha256 abababababab)" in text
-    assert "is not the file given (owner-default@1)" in text
+    assert "is not the file given (owner-default@1 sha256 " in text
     assert "was not given (--policy FILE)" in verify_ledger(path).summary()

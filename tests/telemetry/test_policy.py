@@ -70,6 +70,10 @@ def test_sensitive_signal_is_withheld_without_consent():
     assert out == {} and withheld == ["signal:Cabin.Mic"]
 
 
+def _loc(sig, axis):
+    return {"signal": sig, "publish_as": sig, "category": "location", "location": axis}
+
+
 def _fence(**kw):
     return {
         "policy": {"geofence": [{"name": "home", "lat": 31.2, "lon": 121.5, "radius_m": 500, **kw}]}
@@ -105,7 +109,39 @@ def _fence(**kw):
         ({"trips": {"moving_kph": float("nan")}}, "[trips].moving_kph must be a positive"),
         ({"trips": {"end_after_s": float("inf")}}, "[trips].end_after_s must be a positive"),
         ({"trips": {"battery_kwh": True}}, "[trips].battery_kwh must be a positive"),
-        ({"trips": {"drive_states": [["D"]]}}, "[trips].drive_states must be a list of"),
+        ({"trips": {"drive_states": [["D"]]}}, "[trips].drive_states must be a non-empty list"),
+        ({"trips": {"drive_states": []}}, "[trips].drive_states must be a non-empty list"),
+        ({"trips": {"gear": "DI_gear"}}, "[trips].gear must be 'Message.Signal'"),
+        # found by a sweep: each was accepted, and failed later or silently
+        ({"signal": [{"signal": "A.B", "quantum": 1e-310}]}, "quantum must be a number from"),
+        ({"policy": {"max_consent_days": 1e12}}, "max_consent_days must be at most 365"),
+        ({"policy": {"location_grid_m": 3e7}}, "location_grid_m must be at most 100000"),
+        ({"policy": {"version": True}}, "[policy].version must be an integer from 1"),
+        ({"policy": {"version": 0}}, "[policy].version must be an integer from 1"),
+        ({"policy": {"name": ""}}, "[policy].name must be a non-empty string"),
+        ({"signal": [{"signal": "A.B", "publish_as": ""}]}, "publish_as must be a non-empty"),
+        ({"signal": [{"signal": "."}]}, "[[signal]] #1.signal must be 'Message.Signal'"),
+        (
+            {
+                "signal": [
+                    {"signal": "A.B", "publish_as": "x"},
+                    {"signal": "A.C", "publish_as": "x"},
+                ]
+            },
+            "publish_as 'x' is used by two signals (A.B, A.C)",
+        ),
+        (
+            {"signal": [_loc("A.Lat", "latitude"), _loc("A.Speed", "latitude")]},
+            'location = "latitude" is given to two signals (A.Lat, A.Speed)',
+        ),
+        ({"signal": [_loc("A.Lat", "latitude")]}, "without a signal for the other axis"),
+        (_fence(name={"a": 1}), "name must be a string"),
+        (_fence(lat="31.2"), "is not a number"),
+        (
+            {"policy": {"geofence": [{"polygon": [[1, 2], [1, 2], [1, 2]]}]}},
+            "on one line: it encloses nothing",
+        ),
+        ({"policy": {"geofence": [{"polygon": [{"lat": 1}, [0, 1], [1, 1]]}]}}, "a point is"),
     ],
 )
 def test_policy_mistakes_are_named(raw, needle):
@@ -128,14 +164,14 @@ def test_a_policy_is_the_same_after_its_lookups_are_cached_and_it_is_pickled():
 
 def test_good_geofences_and_trip_settings_are_read_as_given():
     """What the checks above refuse, and nothing more: circles, polygons (either way round the
-    antimeridian's neighbourhood), numeric gear states, strings TOML may hold for numbers."""
+    antimeridian's neighbourhood), numeric gear states."""
     p = parse_policy(
         {
             "policy": {
                 "geofence": [
                     {"name": "home", "lat": -33.87, "lon": 151.21, "radius_m": 250},
                     {"name": "work", "polygon": [[10, 179.9], [10.1, 179.9], [10.1, 180]]},
-                    {"lat": "31.2", "lon": "121.5", "radius_m": "1e3"},
+                    {"lat": 31.2, "lon": 121.5, "radius_m": 1e3},
                 ]
             },
             "trips": {"gear": "G.Gear", "drive_states": ["D", 4], "moving_kph": 3},
@@ -168,3 +204,44 @@ def test_the_policy_reference_documents_every_key_category_and_aggregate():
         | {a.value for a in policy.Aggregate}
     )
     assert expected - named == set()
+
+
+@pytest.mark.parametrize(("lat", "lon"), [(89.9999, 179.9999), (-89.9999, -179.9999), (90, 180)])
+@pytest.mark.parametrize("grid_m", [100.0, 1000.0, 100_000.0])
+def test_a_coarsened_position_stays_on_the_globe_and_on_its_grid(lat, lon, grid_m):
+    """Near a pole or the antimeridian a cell's centre fell beyond +-90 / +-180 degrees."""
+    from gateway.telemetry.location import coarsen, on_location_grid
+
+    clat, clon = coarsen(lat, lon, grid_m)
+    assert -90 <= clat <= 90 and -180 <= clon <= 180
+    assert on_location_grid(clat, clon, grid_m)  # what the guard checks
+
+
+def test_a_position_named_as_an_ordinary_signal_is_a_warning(caplog):
+    """It leaves as exact window values: the policy is legal, but almost surely a mistake."""
+    raw = {"signal": [{"signal": "ID04FGPSLatLong.GPSLatitude04F", "quantum": 1e-6}]}
+    parse_policy(raw, "p.toml")
+    assert 'no location = "latitude" or "longitude"' in caplog.text
+    assert "and without consent" in caplog.text
+    caplog.clear()
+    parse_policy(
+        {"signal": [_loc("G.Latitude", "latitude"), _loc("G.Longitude", "longitude")]}, "p.toml"
+    )
+    assert caplog.text == ""
+
+
+def test_a_rule_whose_aggregates_do_not_exist_for_its_signal_publishes_nothing_and_says_so(
+    caplog,
+):
+    """A gear (a list of states) with mean/max published an empty entry in every window."""
+    p = parse_policy(
+        {"signal": [{"signal": "G.Gear", "publish_as": "gear", "aggregates": ["mean", "max"]}]},
+        "p.toml",
+    )
+    states = SignalAggregate(3, None, None, None, "D", states={"D": 2, "P": 1})
+    summary = WindowSummary(0, 60, {"G.Gear": states})
+    for _ in range(2):
+        out, used, _ = permitted_signals(p, summary, lambda c: True)
+        assert out == {} and used == []
+    said = [r for r in caplog.records if "none of its aggregates (mean, max)" in r.message]
+    assert len(said) == 1 and "give some of: count, last, states" in said[0].message

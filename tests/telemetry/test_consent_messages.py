@@ -1,0 +1,50 @@
+"""The owner's consent messages: only an explicit true grants; anything else is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.telemetry.consent import ConsentRefused, parse_owner_message
+from gateway.telemetry.policy import Category
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # a string "false" was read as a yes: consent given by a message that said no
+        (b'{"category": "location", "grant": "false", "days": 1}', "grant must be true or false"),
+        (b'{"category": "location", "grant": "false"}', "grant must be true or false"),
+        (b'{"category": "location", "grant": 1, "days": 1}', "grant must be true or false"),
+        (b'{"persist_across_ignition": "no"}', "persist_across_ignition must be true or false"),
+        (b'{"category": "location", "grant": true, "days": true}', "days must be a positive"),
+        (b'{"category": "location", "grant": true, "days": -1}', "days must be a positive"),
+        (b'{"category": "location", "grant": true, "days": 1e308}', "beyond any policy"),
+        (b'{"category": "location", "grant": true, "until": true}', "until must be a Unix time"),
+        (b"{}", "grant must be true or false"),  # was: withdraw everything
+        (b'{"category": "location", "grant": true, "dayz": 7}', "unknown key 'dayz'"),
+        (b'{"category": "telepathy", "grant": false}', "unknown category"),
+    ],
+)
+def test_what_is_not_an_explicit_consent_is_refused_with_a_reason(body, reason):
+    with pytest.raises(ConsentRefused, match=reason):
+        parse_owner_message("consent/set", body, NOW)
+
+
+def test_the_documented_messages_still_mean_what_they_say():
+    grant = parse_owner_message(
+        "consent/set", b'{"category": "location", "grant": true, "days": 7}', NOW
+    )
+    assert (grant.action, grant.category, grant.until) == (
+        "grant",
+        Category.LOCATION,
+        NOW + 7 * 86400,
+    )
+    assert parse_owner_message("consent/set", b'{"grant": false}', NOW).action == "withdraw"
+    off = parse_owner_message("consent/set", b'{"category": "all", "grant": false}', NOW)
+    assert (off.action, off.category) == ("withdraw", None)
+    keep = parse_owner_message("consent/set", b'{"persist_across_ignition": false}', NOW)
+    assert (keep.action, keep.persist) == ("persist", False)
+    stop = parse_owner_message("command", b'{"command": "delete", "category": "location"}', NOW)
+    assert (stop.action, stop.category) == ("delete", Category.LOCATION)
