@@ -780,7 +780,17 @@ def _check_config(s: Any) -> None:
     from gateway.telemetry.policy import load_policy
 
     policy = load_policy(s.gateway.policy or None)
-    ChannelDbcs.from_specs(s.dbc)
+    dbcs = ChannelDbcs.from_specs(s.dbc)
+    if s.dbc:  # the policy's signals the DBCs lack: said as a run would say them
+        from gateway.app import _say_missing
+
+        wanted = policy.wanted_signals()
+        _say_missing(
+            dbcs.missing(wanted),
+            len(wanted),
+            dbcs,
+            trips_only=policy.trips.signals - set(policy.rules),
+        )
     for i, c in enumerate(s.can, start=1):
         for log_path in c.logs:
             detect_format(Path(log_path))

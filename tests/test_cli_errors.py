@@ -477,3 +477,16 @@ def test_data_delete_all_withdraws_the_consent_grants_too(tmp_path):
     )
     assert json.loads(consent.read_text())["grants"] == {}
     assert ConsentState.load(consent).grants == {}
+
+
+def test_gateway_config_warns_of_policy_signals_its_dbcs_lack(tmp_path):
+    """The policy's typos were said only when a run started; config checks without running."""
+    (tmp_path / "mine.toml").write_text(
+        '[policy]\nname = "mine"\n[[signal]]\nsignal = "BMS_542.SocDsip"\npublish_as = "soc"\n'
+    )
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[gateway]\npolicy = "mine.toml"\n[dbc]\ncan0 = "{KONA_PCAN}"\n')
+    proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "config OK" in proc.stdout
+    assert "no signal SocDsip (did you mean BMS_542.SocDisp?)" in proc.stderr
