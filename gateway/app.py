@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from gateway import __version__
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.egress.guard import EgressGuard, Outgoing, Released
-from gateway.egress.ledger import Ledger, unfinished_egress
+from gateway.egress.ledger import Ledger, last_vin, unfinished_egress
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics, unpack
@@ -105,6 +105,26 @@ def _say_missing(
             wanted,
             ", ".join(missing[:3]),
             ", ..." if len(missing) > 3 else "",
+        )
+
+
+def _own_state(ledger: str, outbox_path: str, vin: str, outbox: Outbox, topics: Topics) -> None:
+    """A ledger or outbox of another vehicle (two gateways configured with the same files, a
+    VIN changed) is refused: its waiting summaries would leave under this vehicle's login
+    (dropped by the broker: lost) or reach the wrong owner, and two vehicles' records would
+    interleave in one hash chain."""
+    other = outbox.foreign_topic(topics.base)
+    if other is not None:
+        raise ConfigError(
+            f"{outbox_path}: holds summaries for {other.rsplit('/owner/', 1)[0]}, not "
+            f"{topics.base.rsplit('/owner', 1)[0]}: give each vehicle its own --outbox and "
+            "--ledger ([gateway].outbox, .ledger)"
+        )
+    last = last_vin(ledger)
+    if last is not None and last != vin:
+        raise ConfigError(
+            f"{ledger}: the audit ledger of vehicle {last}, not {vin}: give each vehicle its "
+            "own --ledger and --outbox ([gateway].ledger, .outbox)"
         )
 
 
@@ -224,6 +244,12 @@ class Gateway:
         except BaseException:  # a damaged outbox: the ledger's lock is not held on to
             self.ledger.close()
             raise
+        try:
+            _own_state(g.ledger, g.outbox, g.vin, self.outbox, self.topics)
+        except BaseException:
+            self.outbox.close()
+            self.ledger.close()
+            raise
         self._reconcile()
         self.outbox.reserve_seq(self.ledger.max_seq + 1)
         self.guard = EgressGuard(
@@ -249,7 +275,7 @@ class Gateway:
             on_will_sent=self._ledger_egress,
             # the first connection's consent state is published by run(); a reconnection may
             # be to a broker that restarted and lost the retained one
-            on_connected=lambda n: self.publish_consent_state() if n > 1 else None,
+            on_connected=lambda n: self._consent_again() if n > 1 else None,
         )
         self.health = HealthMonitor()
         self.report = RunReport(camera_summaries=self.policy.camera_summaries)
@@ -386,6 +412,10 @@ class Gateway:
         if msg is not None and record:
             self._ledger_egress(msg)
         return msg
+
+    def _consent_again(self) -> None:
+        """The retained consent state once more, as it is (nothing changed: not saved again)."""
+        self.emit(Outgoing("gateway.consent", self.consent.public(round(self.clock(), 3))))
 
     def publish_consent_state(self) -> None:
         self.consent.save(self.consent_path)

@@ -28,6 +28,7 @@ class VerifyResult:
     missing: list[str] = field(default_factory=list)  # policies named by runs, not at hand
     given: str | None = None  # the policy file given (``--policy``), by name
     digests: int = 0  # the owner's digests the ledger matched
+    unused: list[str] = field(default_factory=list)  # files given that no run used
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
@@ -40,21 +41,22 @@ class VerifyResult:
         if self.unchecked:
             theirs = ", ".join(self.missing) or "theirs"
             text += f"; {self.unchecked} not re-checked: their policy ({theirs}) " + (
-                f"is not the file given ({self.given})"
+                f"is not among the files given ({self.given})"
                 if self.given
                 else "was not given (--policy FILE)"
             )
         return "\n".join([text, *(f"note: {n}" for n in self.notes)])
 
 
-def _candidates(policy_path: str | None) -> list[Policy]:
-    out = [load_policy(None)]
-    if policy_path:
+def _candidates(policy_paths: Sequence[str]) -> list[Policy]:
+    """The files given, then the bundled policy."""
+    out = []
+    for path in policy_paths:
         try:
-            out.insert(0, load_policy(policy_path))
+            out.append(load_policy(path))
         except ConfigError as exc:
             raise AuditError(str(exc)) from exc
-    return out
+    return [*out, load_policy(None)]
 
 
 # summaries released under a policy switch rather than a per-signal rule
@@ -66,7 +68,7 @@ _STREAM_RULES = {
 
 def verify_ledger(
     path: str | Path,
-    policy_path: str | None = None,
+    policy_path: str | Sequence[str] | None = None,
     digests: Sequence[tuple[int, str]] = (),
 ) -> VerifyResult:
     """``digests``: (entries, head) pairs the owner received (``gateway.ledger`` messages).
@@ -89,10 +91,12 @@ def verify_ledger(
             wanted.setdefault(entries - 1, []).append(head)
         else:
             result.digests += 1  # of 0 entries: held by any ledger
-    candidates = _candidates(policy_path)
-    policies = {p.digest: p for p in candidates}
-    if policy_path:
-        result.given = f"{candidates[0].ident} sha256 {candidates[0].digest[:12]}"
+    paths = [policy_path] if isinstance(policy_path, str) else list(policy_path or ())
+    candidates = _candidates(paths)
+    given = candidates[: len(paths)]
+    policies = {p.digest: p for p in reversed(candidates)}  # a file given before the bundled
+    if given:
+        result.given = ", ".join(f"{p.ident} sha256 {p.digest[:12]}" for p in given)
     current: Policy | None = None
     used: set[str] = set()  # the policies' SHA-256 the runs name
     open_run: int | None = None  # line of the start entry of a run not stopped yet
@@ -166,9 +170,11 @@ def verify_ledger(
             f"the last run (started at line {open_run}) has no stop entry: the gateway is still "
             "running, was killed, or the end of the ledger was cut off"
         )
-    if policy_path and candidates[0].digest not in used:
-        result.notes.append(
-            f"the file given ({result.given}) is the policy of no run in this ledger: nothing "
-            "was re-checked against it"
-        )
+    for p in given:
+        if p.digest not in used:
+            result.unused.append(f"{p.ident} sha256 {p.digest[:12]}")
+            result.notes.append(
+                f"the file given ({p.ident} sha256 {p.digest[:12]}) is the policy of no run in "
+                "this ledger: nothing was re-checked against it"
+            )
     return result

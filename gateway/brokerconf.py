@@ -268,6 +268,15 @@ def client_toml_text(plan: BrokerPlan, account: Account) -> str:
         f"# Use: {use} {plan.out / (account.username + '.toml')}",
         "[gateway]",
         f"vin = {_toml_str(account.vin)}",
+    ]
+    if account.role is Role.GATEWAY:
+        # each vehicle its own record and outbox (beside this file): with the defaults, the
+        # gateways of one folder shared them, and one sent the other's summaries, lost
+        lines += [
+            f"ledger = {_toml_str(account.username + '-ledger.jsonl')}",
+            f"outbox = {_toml_str(account.username + '-outbox.sqlite')}",
+        ]
+    lines += [
         "",
         "[broker]",
         *(f"{k} = {_toml_str(v)}" for k, v in broker.items()),

@@ -100,9 +100,16 @@ class BrokerSettings:
     def secret(self) -> str:
         if self.password_file:
             try:
-                return Path(self.password_file).read_text().splitlines()[0]
-            except (OSError, IndexError) as exc:
-                raise ConfigError(f"{self.password_file}: cannot read the broker password") from exc
+                return Path(self.password_file).read_text(encoding="utf-8").splitlines()[0]
+            except (OSError, IndexError, UnicodeDecodeError) as exc:
+                why = (
+                    "not UTF-8 text"
+                    if isinstance(exc, UnicodeDecodeError)
+                    else ("empty" if isinstance(exc, IndexError) else exc.strerror or str(exc))
+                )
+                raise ConfigError(
+                    f"{self.password_file}: cannot read the broker password ({why})"
+                ) from exc
         return self.password
 
 
@@ -180,6 +187,11 @@ _ARRAYS: dict[str, Any] = {"can": CanSource, "camera": CameraSource}
 
 def _parse_broker_url(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url if "://" in url else "mqtt://" + url)
+    if "@" in parts.netloc:  # said without the URL: it may hold a password
+        raise ConfigError(
+            "[broker].url: give the user as [broker].username and the password in "
+            "[broker].password_file, not in the URL"
+        )
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConfigError(f"[broker].url {url!r}: scheme must be mqtt:// or mqtts://")
     try:
@@ -282,6 +294,8 @@ def _read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): not a TOML {what}") from exc
 
 
 def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
@@ -401,9 +415,14 @@ def _build_all(
         tls_ca=_resolve(base, broker.tls_ca),
     )
     _parse_broker_url(broker.url)
+    if broker.tls_ca and not Path(broker.tls_ca).is_file():
+        raise ConfigError(f"{where}: [broker].tls_ca {broker.tls_ca}: no such CA certificate file")
+    if broker.password_file:
+        broker.secret()  # unreadable: said now, not when the first connection is tried
     why = _topic_problem(broker.topic_prefix)
-    if not why and "" in broker.topic_prefix.split("/"):
-        why = "an empty level: '//', or a '/' at either end"
+    # a leading '/' (an empty first level) is legal MQTT, and in use: kept; others are typos
+    if not why and "" in broker.topic_prefix.removeprefix("/").split("/"):
+        why = "an empty level: '//', or a '/' at the end"
     if not why and broker.topic_prefix.startswith("$"):
         why = "topics that start with '$' are the broker's own, as $SYS"
     if why:

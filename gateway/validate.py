@@ -24,18 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 
 from gateway.app import Gateway
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.canbus.replay import ReplaySource, iter_log
 from gateway.egress.ledger import read_entries
-from gateway.egress.mqtt import message_queue
+from gateway.egress.mqtt import make_client, message_queue
 from gateway.egress.schema import unpack
 from gateway.errors import BrokerError, ConfigError, make_folder
 from gateway.localbroker import LocalBroker
-from gateway.settings import Settings
+from gateway.settings import BrokerSettings, Settings
 from gateway.telemetry.location import on_location_grid
 from gateway.telemetry.policy import Category, LocationAxis, Policy, load_policy
 
@@ -321,16 +320,19 @@ def _coarse_pairs(
 
 
 class _Observer:
-    def __init__(self, host: str, port: int) -> None:
+    """Subscribes to everything on the broker, as an independent observer: anonymous (with
+    TLS and its CA when the broker URL is mqtts://)."""
+
+    def __init__(self, broker: BrokerSettings) -> None:
         self.messages: list[Observed] = []
         self._ready, self._stop = threading.Event(), threading.Event()
-        self._host, self._port = host, port
+        self._broker = dataclasses.replace(broker, username="", password="", password_file="")
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if not self._ready.wait(10) or self._error is not None:
             why = f": {self._error}" if self._error is not None else ""
-            raise BrokerError(f"validate: cannot subscribe to # on {host}:{port}{why}")
+            raise BrokerError(f"validate: cannot subscribe to # on {broker.url}{why}")
 
     def _run(self) -> None:
         try:
@@ -340,7 +342,7 @@ class _Observer:
             self._ready.set()
 
     async def _main(self) -> None:
-        async with aiomqtt.Client(self._host, self._port, identifier=None) as client:
+        async with make_client(self._broker, identifier=None) as client:
             await client.subscribe("#", qos=1)
             self._ready.set()
             async with message_queue(client) as incoming:
@@ -393,9 +395,23 @@ def run_validation(
         broker.start()
         broker_url = broker.url
     try:
+        # validate's own broker is plain and open: the config's TLS and login are not for it
+        bench = (
+            dataclasses.replace(
+                settings.broker,
+                url=broker_url,
+                tls_ca="",
+                tls_insecure=False,
+                username="",
+                password="",
+                password_file="",
+            )
+            if broker is not None
+            else dataclasses.replace(settings.broker, url=broker_url)
+        )
         s = dataclasses.replace(
             settings,
-            broker=dataclasses.replace(settings.broker, url=broker_url),
+            broker=bench,
             gateway=dataclasses.replace(
                 settings.gateway,
                 ledger=str(out_dir / "ledger.jsonl"),
@@ -405,7 +421,7 @@ def run_validation(
         )
         for stale in (out_dir / "ledger.jsonl", out_dir / "outbox.sqlite"):
             stale.unlink(missing_ok=True)
-        observer = _Observer(s.broker.host, s.broker.port)
+        observer = _Observer(s.broker)
         source = ReplaySource([canary_log], speed=None)
         gw = Gateway(s, [source], policy=policy)
         location_consent = gw.consent.ok(Category.LOCATION, time.time())

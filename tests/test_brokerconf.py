@@ -572,3 +572,12 @@ def test_rotated_passwords_take_effect_when_mosquitto_reloads():
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(root)
+
+
+def test_each_vehicles_gateway_config_has_its_own_ledger_and_outbox(bench):
+    """With the defaults, the gateways of one generated folder shared one outbox: one sent
+    the other's waiting summaries under its own login (dropped by the ACL: lost)."""
+    a = load(bench.out / f"gateway-{bench.vin_a}.toml").gateway
+    b = load(bench.out / f"gateway-{bench.vin_b}.toml").gateway
+    assert a.ledger != b.ledger and a.outbox != b.outbox
+    assert Path(a.outbox).parent == bench.out  # beside the configs, not the working folder

@@ -260,7 +260,7 @@ def test_audit_verify_against_another_policy_file_than_the_runs_fails(tmp_path, 
     proc = run_gateway("audit", "verify", str(ledger), "--policy", str(edited))
     assert proc.returncode == 1, proc.stdout
     assert "not re-checked: their policy (mine@1 sha256 " in proc.stdout
-    assert "is not the file given (mine@1 sha256 " in proc.stdout
+    assert "is not among the files given (mine@1 sha256 " in proc.stdout
     assert "is the policy of no run in this ledger" in proc.stdout
 
 

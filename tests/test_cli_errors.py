@@ -211,8 +211,12 @@ def test_a_ledger_line_nested_too_deep_for_json_is_a_bad_line_not_a_crash(tmp_pa
         # a VIN and a prefix name the owner's topics: what a subscriber could not type is refused
         ("[gateway]\nvin = 'WVW ZZZ'\n", "[gateway].vin must be one MQTT topic level (it holds a"),
         ('[gateway]\nvin = "A\\tB"\n', "[gateway].vin must be one MQTT topic level (it holds a"),
-        ("[broker]\ntopic_prefix = '/fleet'\n", "[broker].topic_prefix must be MQTT topic levels"),
+        ("[broker]\ntopic_prefix = 'fleet/'\n", "[broker].topic_prefix must be MQTT topic levels"),
         ("[broker]\ntopic_prefix = 'a//b'\n", "(an empty level"),
+        # found by a sweep: said only when a connection was tried, or with the password echoed
+        ("[broker]\ntls_ca = 'nope.crt'\n", "[broker].tls_ca"),
+        ("[broker]\npassword_file = 'nope.pw'\n", "nope.pw: cannot read the broker password"),
+        ("[broker]\nurl = 'mqtt://u:s3cret@127.0.0.1:1883'\n", "not in the URL"),
         ("[broker]\ntopic_prefix = '$SYS'\n", "are the broker's own"),
     ],
 )
@@ -221,6 +225,7 @@ def test_values_out_of_range_in_a_config_are_named(tmp_path, toml, needle):
     cfg.write_text(toml)
     proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
     assert_one_line_error(proc, needle)
+    assert "s3cret" not in proc.stderr  # a password in a URL is never echoed
 
 
 def test_replay_options_out_of_range_are_named(tmp_path):
@@ -466,10 +471,17 @@ def test_data_delete_all_withdraws_the_consent_grants_too(tmp_path):
     ob.close()
     state = ConsentState()
     state.grant(Category.LOCATION, time.time() + 3600, time.time(), 30)
-    consent = tmp_path / "consent-TESTVIN0000000001.json"
+    consent = tmp_path / "consent-V.json"  # _released's vehicle
     state.save(consent)
     (tmp_path / "l.jsonl").touch()
-    common = ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
+    common = [
+        "--vin",
+        "V",
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+    ]
     proc = run_gateway("data", "delete", "--category", "all", *common)
     assert proc.returncode == 0, proc.stderr
     assert "deleted 3 waiting message(s) of category all and withdrew the consent for location" in (
@@ -490,3 +502,63 @@ def test_gateway_config_warns_of_policy_signals_its_dbcs_lack(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
     assert "no signal SocDsip (did you mean BMS_542.SocDisp?)" in proc.stderr
+
+
+def test_another_vehicles_ledger_or_outbox_is_refused(tmp_path, broker):
+    """Two gateways configured with the same files: B sent A's waiting summaries under B's
+    login (the broker's ACL drops them after a PUBACK: lost), exported and deleted them as B's,
+    and the two vehicles' records interleaved in one hash chain."""
+    from gateway.egress.ledger import Ledger
+    from gateway.egress.outbox import Outbox
+    from tests.egress.test_outbox import _released
+
+    # GIVEN vehicle V's ledger, and 3 of its summaries waiting in the outbox
+    led = Ledger(tmp_path / "l.jsonl")
+    led.append("start", vin="V")
+    led.close()
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put_many(_released(ob, 3))
+    ob.close()
+    common = ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
+    # WHEN vehicle B runs, exports or deletes on the same files: refused, nothing touched
+    b = _replay(
+        tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--fast", "--vin", "VEHICLEB",
+        broker=broker.url,
+    )  # fmt: skip
+    assert_one_line_error(b, "o.sqlite: holds summaries for vehicles/V, not vehicles/VEHICLEB")
+    for data in (["export"], ["delete", "--category", "all"]):
+        proc = run_gateway("data", *data, "--vin", "VEHICLEB", *common)
+        assert_one_line_error(proc, "holds summaries for vehicles/V, not vehicles/VEHICLEB")
+    ob = Outbox(tmp_path / "o.sqlite")
+    assert ob.depth() == 3
+    ob.close()
+    # THEN vehicle V itself sends them
+    v = run_gateway(
+        "replay", str(KONA_CSV), "--dbc", str(KONA_PCAN), "--fast", "--vin", "V",
+        "--broker", broker.url, *common, "-q",
+    )  # fmt: skip
+    assert v.returncode == 0, v.stderr
+    # and with the outbox empty, V's ledger is still refused to B
+    b = _replay(
+        tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--fast", "--vin", "VEHICLEB",
+        broker=broker.url,
+    )  # fmt: skip
+    assert_one_line_error(b, "l.jsonl: the audit ledger of vehicle V, not VEHICLEB")
+
+
+def test_a_config_or_password_file_that_is_not_utf8_is_one_line(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_bytes(b"\xff\xfe[gateway]\n")
+    assert_one_line_error(run_gateway("config", "--config", str(cfg)), "not UTF-8 text")
+    (tmp_path / "pw").write_bytes(b"\xff\xfe\n")
+    cfg.write_text('[broker]\nusername = "u"\npassword_file = "pw"\n')
+    proc = run_gateway("owner", "--config", str(cfg), "--count", "1", "--idle-timeout", "1")
+    assert_one_line_error(proc, "pw: cannot read the broker password (not UTF-8 text)")
+
+
+def test_a_topic_prefix_with_a_leading_slash_is_still_taken(tmp_path):
+    """Legal MQTT (an empty first level) and in use: refusing it stopped such a deployment."""
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text("[broker]\ntopic_prefix = '/fleet'\n")
+    proc = run_gateway("config", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr

@@ -78,6 +78,21 @@ def test_default_policy_passes_and_the_report_says_what_was_searched(tmp_path, d
     )
 
 
+def test_a_locked_down_brokers_gateway_config_validates_on_validates_own_broker(tmp_path, drive):
+    """A broker-config gateway config (TLS CA, user, password file) given to validate without
+    --broker: validate's own plain broker was spoken to with TLS ('connection reset')."""
+    (tmp_path / "ca.crt").write_text("not read: validate's own broker is plain\n")
+    (tmp_path / "gw.password").write_text("secret\n")
+    cfg = tmp_path / "gateway-V.toml"
+    cfg.write_text(
+        '[broker]\nurl = "mqtts://127.0.0.1:8883"\ntls_ca = "ca.crt"\nusername = "gateway-V"\n'
+        'password_file = "gw.password"\n'
+    )
+    proc = _validate(tmp_path, drive, "--config", str(cfg))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verdict: no leak" in proc.stdout
+
+
 def test_with_location_consent_coarse_positions_pass(tmp_path, drive):
     proc = _validate(tmp_path, drive, "--consent", "location:1")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -265,6 +265,25 @@ def _tail_max_seq(path: Path) -> int:
     return -1
 
 
+def last_vin(path: str | Path) -> str | None:
+    """The VIN of the last run that started in this ledger (its ``start`` entry), or None:
+    read from the end, past that run's entries."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            for raw in _lines_backwards(fh, fh.tell()):
+                if b'"kind":"start"' not in raw:
+                    continue
+                try:
+                    vin = json.loads(raw).get("vin")
+                except (ValueError, AttributeError, RecursionError):
+                    continue
+                return vin if isinstance(vin, str) else None
+    except OSError:
+        return None
+    return None
+
+
 def _lines_backwards(fh: Any, size: int, block: int = 1 << 16) -> Iterator[bytes]:
     """The lines of the first ``size`` bytes of ``fh``, last first, read a block at a time (a
     line may be longer than any block: a ``dropped`` entry lists every dropped message)."""

@@ -201,7 +201,10 @@ class MqttPublisher:
                     self.last_error = None
                     await self._publish_status(client, "online", "")
                     self.connections += 1
-                    self.on_connected(self.connections)
+                    try:
+                        self.on_connected(self.connections)
+                    except Exception as exc:  # noqa: BLE001 - the publisher must go on sending
+                        log.error("after connecting: %s", exc)
                     for topic in self.inbound_topics:
                         await client.subscribe(topic, qos=1)  # returns on the SUBACK
                     self.listening.set()

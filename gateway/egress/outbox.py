@@ -327,6 +327,27 @@ class Outbox:
         for cb in self._listeners:
             cb()
 
+    def foreign_topic(self, base: str) -> str | None:
+        """A waiting message's topic that is not under ``base`` (another vehicle's, or another
+        topic prefix's), or None. Sent by this gateway, it would go out under the wrong login
+        (the broker's ACL drops it, after a PUBACK: lost) or to the wrong owner."""
+        base = base.rstrip("/") + "/"
+        if self._db is not None:
+            try:
+                row = self._db.execute(
+                    "SELECT topic FROM outbox WHERE substr(topic, 1, ?) != ? LIMIT 1",
+                    (len(base), base),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+                row = None
+            if row is not None:
+                return str(row[0])
+        for p in self._mem.values():
+            if not p.topic.startswith(base):
+                return p.topic
+        return None
+
     def delete_all(self) -> int:
         n = self.depth()
         if self._db is not None:

@@ -225,9 +225,17 @@ def parse_owner_message(kind: str, payload: bytes, now: float) -> OwnerCommand:
         days = raw["days"]
         if isinstance(days, bool) or not isinstance(days, int | float) or not days > 0:
             raise ConsentRefused(f"days must be a positive number, got {days!r}")
-        until = now + float(days) * 86400
+        try:
+            until = now + float(days) * 86400
+        except OverflowError:  # an integer too large for a float
+            until = math.inf
         if not math.isfinite(until):
-            raise ConsentRefused(f"days {days!r}: the expiry is beyond any policy's maximum")
+            raise ConsentRefused("days: the expiry is beyond any policy's maximum")
     if until is not None and (isinstance(until, bool) or not isinstance(until, int | float)):
         raise ConsentRefused("until must be a Unix time")
+    if until is not None:
+        try:
+            until = float(until)
+        except OverflowError:
+            raise ConsentRefused("until: the expiry is beyond any policy's maximum") from None
     return OwnerCommand("grant", cat, float(until) if until is not None else None)

@@ -96,7 +96,8 @@ class TripConfig:
                     raise ConfigError(f"{where}: [trips].{k} must be a positive number, got {v!r}")
                 kw[k] = float(v)
             else:
-                if not isinstance(v, str) or not all(v.partition(".")[::2]):
+                # "" is the default: none
+                if not isinstance(v, str) or (v and not all(v.partition(".")[::2])):
                     raise ConfigError(f"{where}: [trips].{k} must be 'Message.Signal', got {v!r}")
                 kw[k] = v
         return cls(**kw)

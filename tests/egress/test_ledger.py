@@ -357,5 +357,35 @@ def test_a_policy_given_that_is_not_the_runs_says_so(tmp_path):
     default = Path(gateway.__file__).parent / "data" / "policy_default.toml"
     text = verify_ledger(path, str(default)).summary()
     assert "1 not re-checked: their policy (leaky@1 sha256 abababababab)" in text
-    assert "is not the file given (owner-default@1 sha256 " in text
+    assert "is not among the files given (owner-default@1 sha256 " in text
     assert "was not given (--policy FILE)" in verify_ledger(path).summary()
+
+
+def test_a_ledger_spanning_two_versions_of_a_policy_is_rechecked_against_both(tmp_path):
+    """A policy author raises the version when the rules change, as docs/policy.md says; one
+    --policy could then never re-check the whole ledger."""
+    import hashlib
+
+    from gateway.telemetry.policy import load_policy
+
+    v1, v2 = tmp_path / "v1.toml", tmp_path / "v2.toml"
+    rule = '[[signal]]\nsignal = "A.B"\npublish_as = "b"\nquantum = {q}\n'
+    v1.write_text('[policy]\nname = "fleet"\nversion = 1\n' + rule.format(q=1))
+    v2.write_text('[policy]\nname = "fleet"\nversion = 2\n' + rule.format(q=5))
+    path = tmp_path / "l.jsonl"
+    led = Ledger(path, fsync=False)
+    for f in (v1, v2):
+        p = load_policy(f)
+        assert p.digest == hashlib.sha256(f.read_bytes()).hexdigest()
+        led.append("start", policy=p.ident, policy_sha256=p.digest, consent={})
+        led.append(
+            "egress", topic="t", seq=0, schema="gateway.signals", sha256="00", bytes=1,
+            rules=["signal:A.B"], consent={},
+        )  # fmt: skip
+        led.append("stop")
+    led.close()
+    one = verify_ledger(path, str(v2))
+    assert one.rechecked == 1 and one.unchecked == 1 and one.unused == []
+    assert "their policy (fleet@1 sha256 " in one.summary()
+    both = verify_ledger(path, [str(v1), str(v2)])
+    assert both.rechecked == 2 and both.unchecked == 0 and both.unused == []

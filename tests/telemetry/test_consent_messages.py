@@ -21,6 +21,8 @@ NOW = 1_700_000_000.0
         (b'{"category": "location", "grant": true, "days": true}', "days must be a positive"),
         (b'{"category": "location", "grant": true, "days": -1}', "days must be a positive"),
         (b'{"category": "location", "grant": true, "days": 1e308}', "beyond any policy"),
+        (b'{"category": "location", "grant": true, "days": 1' + b"0" * 400 + b"}", "beyond any"),
+        (b'{"category": "location", "grant": true, "until": 1' + b"0" * 400 + b"}", "beyond any"),
         (b'{"category": "location", "grant": true, "until": true}', "until must be a Unix time"),
         (b"{}", "grant must be true or false"),  # was: withdraw everything
         (b'{"category": "location", "grant": true, "dayz": 7}', "unknown key 'dayz'"),

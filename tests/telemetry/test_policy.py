@@ -174,7 +174,7 @@ def test_good_geofences_and_trip_settings_are_read_as_given():
                     {"lat": 31.2, "lon": 121.5, "radius_m": 1e3},
                 ]
             },
-            "trips": {"gear": "G.Gear", "drive_states": ["D", 4], "moving_kph": 3},
+            "trips": {"gear": "G.Gear", "drive_states": ["D", 4], "moving_kph": 3, "odometer": ""},
         },
         "p.toml",
     )
