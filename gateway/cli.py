@@ -378,8 +378,8 @@ def _print_report(
         (getattr(report, "positions_limited", 0), "within the policy's minimum time or distance"),
     ]
     if any(n for n, _ in held):
-        parts = "; ".join(f"{n:,} {why}" for n, why in held if n)
-        print(f"  GPS fixes that never left: {parts}", file=out)
+        fixes = "; ".join(f"{n:,} {why}" for n, why in held if n)
+        print(f"  GPS fixes that never left: {fixes}", file=out)
     share = 100.0 * report.bytes_released / report.raw_bytes if report.raw_bytes else 0.0
     print(
         f"released {report.released} message(s) ({report.bytes_released:,} bytes, {share:.2f}% of "

@@ -123,7 +123,7 @@ def _number(v: Any) -> float:
     return x
 
 
-def _area(pts: Sequence[tuple[float, float]]) -> float:
+def _area(pts: tuple[tuple[float, float], ...]) -> float:
     """Twice the polygon's area in square degrees (the shoelace formula)."""
     return abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(pts, pts[1:] + pts[:1], strict=True)))
 
