@@ -108,7 +108,9 @@ def _say_missing(
         )
 
 
-def _own_state(ledger: str, outbox_path: str, vin: str, outbox: Outbox, topics: Topics) -> None:
+def check_vehicle_files(
+    ledger: str, outbox_path: str, vin: str, outbox: Outbox, topics: Topics
+) -> None:
     """A ledger or outbox of another vehicle (two gateways configured with the same files, a
     VIN changed) is refused: its waiting summaries would leave under this vehicle's login
     (dropped by the broker: lost) or reach the wrong owner, and two vehicles' records would
@@ -245,7 +247,7 @@ class Gateway:
             self.ledger.close()
             raise
         try:
-            _own_state(g.ledger, g.outbox, g.vin, self.outbox, self.topics)
+            check_vehicle_files(g.ledger, g.outbox, g.vin, self.outbox, self.topics)
         except BaseException:
             self.outbox.close()
             self.ledger.close()

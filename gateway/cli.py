@@ -663,11 +663,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
         ledger.close()
         raise StorageError(f"{s.gateway.outbox}: cannot read the outbox ({outbox.storage_error})")
     try:
-        from gateway.app import _own_state
+        from gateway.app import check_vehicle_files
         from gateway.egress.schema import Topics
 
         # another vehicle's data is not exported or deleted under this one's name
-        _own_state(
+        check_vehicle_files(
             s.gateway.ledger,
             s.gateway.outbox,
             s.gateway.vin,
