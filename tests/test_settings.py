@@ -49,3 +49,25 @@ def test_the_option_reference_lists_every_option():
     for key in ("vin", "window", "topic_prefix", "password_file", "interface", "detect_every"):
         assert f"`{key}`" in doc
     assert "(secret)" in doc
+
+
+def test_a_relative_path_in_the_environment_is_relative_to_the_working_folder(
+    tmp_path, monkeypatch
+):
+    """It was resolved against the config file's folder, as a path in the file is."""
+    from gateway import settings
+
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "g.toml").write_text('[gateway]\nledger = "in-file.jsonl"\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "gw.password").write_text("secret\n")
+    monkeypatch.chdir(work)
+    s = settings.load(
+        conf_dir / "g.toml",
+        env={"GATEWAY_BROKER_PASSWORD_FILE": "gw.password", "GATEWAY_GATEWAY_OUTBOX": "o.sqlite"},
+    )
+    assert s.broker.password_file == str(work / "gw.password")
+    assert s.gateway.outbox == str(work / "o.sqlite")
+    assert s.gateway.ledger == str(conf_dir / "in-file.jsonl")  # the file's: its folder's
