@@ -401,3 +401,43 @@ def test_a_broker_that_lost_its_retained_messages_gets_the_consent_state_again(
     retained = listen(private_broker.url, f"vehicles/{vin}/owner/consent").settle()
     assert len(retained) == 1 and retained[0].retain
     assert unpack(retained[0].payload)["collection"] == "on"
+
+
+def test_an_idle_gateway_reconnects_at_once_when_its_broker_comes_back(tmp_path, private_broker):
+    """A publisher with nothing to send found a lost connection only at its next send (a
+    window later): until then its subscription, and with it the owner's commands, was gone."""
+    import asyncio
+
+    from gateway.egress.mqtt import MqttPublisher
+    from gateway.egress.outbox import Outbox
+    from gateway.settings import BrokerSettings
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    pub = MqttPublisher(
+        BrokerSettings(url=private_broker.url, backoff_max=0.5),
+        ob,
+        "gw-idle",
+        status=lambda s, r: None,
+        inbound_topics=("vehicles/V/owner/command",),
+    )
+
+    async def main() -> float:
+        stop = asyncio.Event()
+        task = asyncio.create_task(pub.run(stop))
+        await asyncio.wait_for(pub.listening.wait(), 10)
+        private_broker.stop()
+        private_broker.start()
+        t0 = time.monotonic()
+        while pub.reconnects == 0 or not pub.listening.is_set():
+            await asyncio.sleep(0.05)
+            if time.monotonic() - t0 > 20:
+                break
+        took = time.monotonic() - t0
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        return took
+
+    took = asyncio.run(main())
+    ob.close()
+    assert pub.reconnects >= 1 and pub.connections == 2, "never noticed the lost connection"
+    assert took < 20

@@ -12,6 +12,7 @@ import math
 import random
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -124,6 +125,8 @@ def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
 IN_FLIGHT = 8
 # how long a PUBACK may take before the connection counts as lost (aiomqtt's default timeout)
 ACK_TIMEOUT = 10.0
+QUICK_DROP_S = 5.0  # a connection lost this soon after it was made is a quick drop
+QUICK_DROPS_SAID = 3  # so many in a row are said as a likely client id clash
 
 
 @dataclass
@@ -179,6 +182,8 @@ class MqttPublisher:
         """Publish until ``stop`` is set; then drain what waits if connected and return. If the
         broker is away when ``stop`` is set, return at once: the outbox keeps the rest."""
         delay = self.backoff_initial
+        connected_at: float | None = None  # when the last connection was made
+        quick_drops = 0  # connections in a row lost soon after they were made
         while True:
             will_msg = (
                 self.will_status()
@@ -197,6 +202,7 @@ class MqttPublisher:
                         self.on_will_sent(will_msg)
                     self._lost = False
                     self.connected.set()
+                    connected_at = time.monotonic()
                     delay = self.backoff_initial
                     self.last_error = None
                     await self._publish_status(client, "online", "")
@@ -233,6 +239,23 @@ class MqttPublisher:
                     )
                     return
                 self.reconnects += 1
+                # lost within seconds of connecting, again and again: the broker closes an old
+                # connection when a client with the same id connects (a second gateway of this
+                # vehicle), and the two take turns; said once, with the id
+                if connected_at is not None and time.monotonic() - connected_at < QUICK_DROP_S:
+                    quick_drops += 1
+                    if quick_drops == QUICK_DROPS_SAID:
+                        log.warning(
+                            "the broker closed the connection %d times within seconds of "
+                            "connecting: is another client connected with the client id %r (a "
+                            "second gateway of this vehicle)? Each takes the other's place "
+                            "([broker].client_id)",
+                            quick_drops,
+                            self.identifier,
+                        )
+                else:
+                    quick_drops = 0
+                connected_at = None
                 wait = delay * random.uniform(0.5, 1.0)  # jittered: said as it will be
                 log.warning("%s; reconnecting in %.1f s", self.last_error, wait)
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -246,6 +269,9 @@ class MqttPublisher:
 
     async def _drain_until(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         while True:
+            if self._lost:  # found while idle: reconnect now, not at the next send (the owner's
+                # commands cannot reach a gateway whose subscription went with its connection)
+                raise aiomqtt.MqttError("the connection to the broker was lost")
             self._wake.clear()
             batch = self.outbox.peek(200)
             # pipelined: up to IN_FLIGHT publishes are handed to the client ahead of the one
@@ -338,6 +364,7 @@ class MqttPublisher:
         self._lost = True
         if self._deadline is not None:
             self._deadline.reschedule(asyncio.get_running_loop().time())
+        self._wake.set()  # an idle drain wakes, and reconnects
 
     async def _read_inbound(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

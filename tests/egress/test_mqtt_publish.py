@@ -4,6 +4,7 @@ the outbox in order, each acknowledged message once; a failure leaves the rest w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import socket
@@ -321,3 +322,31 @@ def test_a_broker_that_never_acknowledges_leaves_everything_in_the_outbox(tmp_pa
     assert 0.3 <= took < 5
     assert received.count(3) == mqtt.IN_FLIGHT  # PUBLISH: eight in flight, then the wait
     assert ob.depth() == 20 and [p.seq for p in ob.peek(100)] == [m.seq for m in released]
+
+
+def test_another_client_with_the_same_id_is_said_once(tmp_path, broker, caplog):
+    """Two gateways of one vehicle (same client id) take each other's place at the broker,
+    again and again; each only said 'reconnecting'."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    pub = MqttPublisher(
+        BrokerSettings(url=broker.url, backoff_max=0.2), ob, "gw-twin", status=lambda s, r: None
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(pub.run(stop))
+        await asyncio.wait_for(pub.connected.wait(), 10)
+        for _ in range(12):  # the twin connects, is thrown out when the gateway comes back
+            with contextlib.suppress(aiomqtt.MqttError):
+                async with make_client(BrokerSettings(url=broker.url), identifier="gw-twin"):
+                    await asyncio.sleep(0.3)
+            if "second gateway of this vehicle" in caplog.text:
+                break
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+    with caplog.at_level(logging.WARNING, logger="gateway.egress.mqtt"):
+        asyncio.run(main())
+    ob.close()
+    said = [r for r in caplog.records if "second gateway of this vehicle" in r.message]
+    assert len(said) == 1 and "'gw-twin'" in said[0].message
