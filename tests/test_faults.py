@@ -51,24 +51,34 @@ def _replay_cmd(tmp_path, url, vin, *extra):
     ]
 
 
+def _replay_across_a_broker_restart(
+    tmp_path, broker, vin, *, down_s: float, persistence: bool = True
+) -> tuple[int, str]:
+    """A replay paced at 2x (about 5 s) whose broker is stopped 1.5 s in, for ``down_s``, and
+    started again (with its retained messages kept, or not): exit status and stderr."""
+    proc = subprocess.Popen(
+        _replay_cmd(tmp_path, broker.url, vin, "--speed", "2", "--drain-timeout", "60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    broker.stop()
+    broker.persistence = persistence
+    time.sleep(down_s)
+    broker.start()
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 def test_broker_stopped_mid_replay_loses_nothing_and_keeps_order(
     tmp_path, private_broker, vin, durable_listen
 ):
     # GIVEN an owner with a persistent session and a replay paced at 2x (about 5 s)
     owner = durable_listen(private_broker.url, f"vehicles/{vin}/owner/#")
-    proc = subprocess.Popen(
-        _replay_cmd(tmp_path, private_broker.url, vin, "--speed", "2", "--drain-timeout", "60"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     # WHEN the broker is stopped for 3 s in the middle of it and started again
-    time.sleep(1.5)
-    private_broker.stop()
-    time.sleep(3.0)
-    private_broker.start()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    code, err = _replay_across_a_broker_restart(tmp_path, private_broker, vin, down_s=3.0)
+    assert code == 0, err
     produced = _ledger_seqs(tmp_path / "ledger.jsonl")
     owner.wait_until(lambda ms: set(produced) <= set(_received_seqs(ms)[1]))
     messages = owner.stop()
@@ -384,19 +394,14 @@ def test_a_broker_that_lost_its_retained_messages_gets_the_consent_state_again(
 ):
     """A broker restarted without persistence has lost the retained consent state; the
     gateway published it only at its start, so an owner connecting later saw none."""
-    proc = subprocess.Popen(
-        _replay_cmd(tmp_path, private_broker.url, vin, "--speed", "2", "--drain-timeout", "60"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, err = _replay_across_a_broker_restart(
+        tmp_path,
+        private_broker,
+        vin,
+        down_s=2.0,
+        persistence=False,  # it comes back empty
     )
-    time.sleep(1.5)
-    private_broker.stop()
-    private_broker.persistence = False  # it comes back empty
-    time.sleep(2.0)
-    private_broker.start()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert code == 0, err
     assert "reconnecting" in err
     retained = listen(private_broker.url, f"vehicles/{vin}/owner/consent").settle()
     assert len(retained) == 1 and retained[0].retain
