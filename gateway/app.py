@@ -9,9 +9,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from gateway import __version__
@@ -67,24 +66,18 @@ class Source(Protocol):
 UNPACED_GROUP_SECONDS = 0.1
 
 
-def _say_missing(
-    missing: list[str],
-    wanted: int,
-    dbcs: ChannelDbcs | None = None,
-    trips_only: Collection[str] = (),
-) -> None:
+def say_missing(policy: Policy, dbcs: ChannelDbcs) -> None:
     """Policy signals that no DBC defines never leave. One policy may serve several vehicles, so
     each is said with -v; that none at all is defined (the wrong DBC, or a typo everywhere) is
     a warning, and so is a signal whose message a DBC has but not the signal itself (a typo in
-    the signal's name, or another version of the DBC). ``trips_only``: the signals only
-    ``[trips]`` names (they never leave anyway: trips are computed without them)."""
+    the signal's name, or another version of the DBC). A signal only ``[trips]`` names never
+    leaves anyway: trips are computed without it."""
+    wanted = policy.wanted_signals()
+    missing = dbcs.missing(wanted)
+    trips_only = policy.trips.signals - set(policy.rules)
     for name in missing:
         # a close message name is looked for only when it is said (-v): ~1 ms a signal
-        has_message, close = (
-            dbcs.near(name, other_messages=log.isEnabledFor(logging.INFO))
-            if dbcs is not None
-            else (False, None)
-        )
+        has_message, close = dbcs.near(name, other_messages=log.isEnabledFor(logging.INFO))
         hint = f" (did you mean {close}?)" if close else ""
         effect = (
             "trips are computed without it (without gear and speed, there are none)"
@@ -98,11 +91,11 @@ def _say_missing(
             )
         else:
             log.info("policy: signal %s is in none of the DBCs given%s: %s", name, hint, effect)
-    if missing and len(missing) == wanted:
+    if missing and len(missing) == len(wanted):
         log.warning(
             "policy: none of its %d signals is in the DBCs given (%s%s): nothing but health "
             "and consent will be published",
-            wanted,
+            len(wanted),
             ", ".join(missing[:3]),
             ", ..." if len(missing) > 3 else "",
         )
@@ -220,16 +213,11 @@ class Gateway:
         self.dbcs = ChannelDbcs.from_specs(settings.dbc)
         wanted = self.policy.wanted_signals()
         self.decoder = make_decoder(settings, self.dbcs, wanted)
-        _say_missing(
-            self.dbcs.missing(wanted),
-            len(wanted),
-            self.dbcs,
-            trips_only=self.policy.trips.signals - set(self.policy.rules),
-        )
+        say_missing(self.policy, self.dbcs)
         self.topics = Topics(settings.broker.topic_prefix, g.vin)
-        self.state_dir = Path(g.state_dir) if g.state_dir else Path(g.ledger).resolve().parent
+        self.state_dir = g.state_path
         make_folder(self.state_dir, "gateway's state folder")
-        self.consent_path = self.state_dir / f"consent-{g.vin}.json"
+        self.consent_path = g.consent_file
         now = clock()
         self.consent = ConsentState.load(self.consent_path)
         self.consent.new_ignition_cycle(now)

@@ -403,7 +403,7 @@ def _print_report(
                 else "not even these counts left the car (the policy's camera_summaries = false)"
             )
             + f" (anonymised frames are kept on the device in "
-            f"{store_dir(s.gateway.state_dir, s.gateway.ledger)})",
+            f"{store_dir(s.gateway)})",
             file=out,
         )
     print(f"audit ledger: {s.gateway.ledger}", file=out)
@@ -628,14 +628,6 @@ def _cmd_consent(args: argparse.Namespace) -> int:
 
 
 # -- data rights ----------------------------------------------------------------------------
-def _consent_file(s: Any) -> Path:
-    """Where the gateway of these settings keeps its consent state (as ``Gateway`` does)."""
-    return (
-        Path(s.gateway.state_dir or Path(s.gateway.ledger).resolve().parent)
-        / f"consent-{s.gateway.vin}.json"
-    )
-
-
 def _cmd_data(args: argparse.Namespace) -> int:
     import json
 
@@ -676,7 +668,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         )
         if args.data_command == "export":
             data = {"vin": s.gateway.vin, "outbox": export_outbox(outbox)}
-            consent_file = _consent_file(s)
+            consent_file = s.gateway.consent_file
             if consent_file.exists():
                 data["consent"] = json.loads(consent_file.read_text())
             text = json.dumps(data, indent=1, default=str)
@@ -698,7 +690,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
             from gateway.telemetry.consent import ConsentState
 
-            path = _consent_file(s)
+            path = s.gateway.consent_file
             consent = ConsentState.load(path)
             if consent.grants:
                 withdrew = ", ".join(sorted(c.value for c in consent.grants))
@@ -794,15 +786,9 @@ def _check_config(s: Any) -> None:
     policy = load_policy(s.gateway.policy or None)
     dbcs = ChannelDbcs.from_specs(s.dbc)
     if s.dbc:  # the policy's signals the DBCs lack: said as a run would say them
-        from gateway.app import _say_missing
+        from gateway.app import say_missing
 
-        wanted = policy.wanted_signals()
-        _say_missing(
-            dbcs.missing(wanted),
-            len(wanted),
-            dbcs,
-            trips_only=policy.trips.signals - set(policy.rules),
-        )
+        say_missing(policy, dbcs)
     for i, c in enumerate(s.can, start=1):
         for log_path in c.logs:
             detect_format(Path(log_path))

@@ -67,6 +67,17 @@ class GatewaySettings:
         "Granted again at every start, for the bench: an owner's withdrawal lasts until the next start.",
     )
 
+    @property
+    def state_path(self) -> Path:
+        """The folder of the gateway's own state (consent, anonymised frames): ``state_dir``,
+        or the ledger's folder."""
+        return Path(self.state_dir) if self.state_dir else Path(self.ledger).resolve().parent
+
+    @property
+    def consent_file(self) -> Path:
+        """Where the consent state of this vehicle is kept."""
+        return self.state_path / f"consent-{self.vin}.json"
+
 
 @dataclass(frozen=True)
 class BrokerSettings:

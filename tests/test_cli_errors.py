@@ -30,6 +30,19 @@ def _replay(tmp_path, *args, broker="mqtt://127.0.0.1:1"):
     )
 
 
+def _replay_with_policy(tmp_path, broker, log, dbc, rules: str):
+    """A fast replay of ``log`` under a policy of ``rules`` (its [[signal]] tables); it must
+    succeed."""
+    policy = tmp_path / "mine.toml"
+    policy.write_text('[policy]\nname = "mine"\n' + rules)
+    proc = _replay(
+        tmp_path, str(log), "--dbc", str(dbc), "--policy", str(policy), "--fast",
+        broker=broker.url,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_missing_log_file_is_named(tmp_path):
     missing = tmp_path / "nope.log"
     proc = _replay(tmp_path, str(missing), "--dbc", str(KONA_PCAN))
@@ -405,18 +418,12 @@ def test_a_mistyped_policy_signal_is_a_warning_with_the_name_it_was_probably_mea
 ):
     """A signal whose message the DBC has but not the signal itself (a typo, another version of
     the DBC) can never be published: said at once, not only with -v, with the closest name."""
-    policy = tmp_path / "mine.toml"
-    policy.write_text(
-        '[policy]\nname = "mine"\n'
+    proc = _replay_with_policy(
+        tmp_path, broker, KONA_CSV, KONA_PCAN,
         '[[signal]]\nsignal = "BMS_542.SocDsip"\npublish_as = "soc"\n'
         '[[signal]]\nsignal = "BMS_542.SocDisp"\npublish_as = "soc2"\n'
-        '[[signal]]\nsignal = "OtherCar.Speed"\npublish_as = "speed"\n'
-    )
-    proc = _replay(
-        tmp_path, str(KONA_CSV), "--dbc", str(KONA_PCAN), "--policy", str(policy), "--fast",
-        broker=broker.url,
+        '[[signal]]\nsignal = "OtherCar.Speed"\npublish_as = "speed"\n',
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
     warned = [ln for ln in proc.stderr.splitlines() if "warning: policy:" in ln]
     assert warned == [
         "gateway: warning: policy: message BMS_542 of the DBCs has no signal SocDsip "
@@ -429,23 +436,16 @@ def test_a_mistyped_policy_signal_is_a_warning_with_the_name_it_was_probably_mea
 def test_the_report_counts_what_was_withheld_and_why(tmp_path, broker):
     """Window values withheld for lack of consent, and GPS fixes that never left, are counted
     in the report (they were counted nowhere a user could see)."""
-    drive = FIXTURES / "model3" / "model3_synthetic_drive.log"
-    dbc = FIXTURES / "model3" / "Model3CAN.dbc"
-    policy = tmp_path / "p.toml"
-    policy.write_text(
-        '[policy]\nname = "p"\n'
+    proc = _replay_with_policy(
+        tmp_path, broker,
+        FIXTURES / "model3" / "model3_synthetic_drive.log", FIXTURES / "model3" / "Model3CAN.dbc",
         '[[signal]]\nsignal = "ID155WheelAngles.ESP_vehicleSpeed"\npublish_as = "speed"\n'
         'category = "cabin"\naggregates = ["mean"]\nquantum = 5\n'
         '[[signal]]\nsignal = "ID04FGPSLatLong.GPSLatitude04F"\npublish_as = "lat"\n'
         'category = "location"\nlocation = "latitude"\n'
         '[[signal]]\nsignal = "ID04FGPSLatLong.GPSLongitude04F"\npublish_as = "lon"\n'
-        'category = "location"\nlocation = "longitude"\n'
-    )
-    proc = _replay(
-        tmp_path, str(drive), "--dbc", str(dbc), "--policy", str(policy), "--fast",
-        broker=broker.url,
+        'category = "location"\nlocation = "longitude"\n',
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
     import re
 
     m = re.search(

@@ -30,6 +30,7 @@ from gateway.camera.source import Frame, FrameSource
 from gateway.camera.store import FrameStore, StoreSettings
 from gateway.errors import CameraError, StorageError
 from gateway.records import CameraSummary
+from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway.camera")
 
@@ -269,10 +270,10 @@ class CameraStage:
             self.anonymiser.close()
 
 
-def store_dir(state_dir: str, ledger: str) -> Path:
-    """Where anonymised frames are kept: ``STATE_DIR/frames`` or beside the ledger."""
-    base = Path(state_dir) if state_dir else Path(ledger).resolve().parent
-    return base / "frames"
+def store_dir(g: GatewaySettings) -> Path:
+    """Where anonymised frames are kept (``g``: the ``[gateway]`` settings): ``frames`` in
+    the state folder (``state_dir``, or beside the ledger)."""
+    return g.state_path / "frames"
 
 
 __all__ = [

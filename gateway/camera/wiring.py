@@ -66,7 +66,7 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
                 detector=detector,
             ),
         )
-        store = FrameStore(store_dir(g.state_dir, g.ledger), name, StoreSettings())
+        store = FrameStore(store_dir(g), name, StoreSettings())
         log.info("camera %s: %s -> %s", name, spec, Path(store.dir))
         stages.append(
             CameraStage(source, anonymiser, name=name, window=g.window, speed=speed, store=store)

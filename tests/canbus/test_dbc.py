@@ -361,18 +361,23 @@ def test_a_damaged_plan_inside_a_readable_entry_is_built_again():
 def test_policy_signals_in_no_dbc_are_found_and_said(caplog):
     import logging
 
-    from gateway.app import _say_missing
+    from gateway.app import say_missing
     from gateway.canbus.dbc import ChannelDbcs
+    from gateway.telemetry.policy import parse_policy
     from tests.conftest import KONA_PCAN
+
+    def policy(*signals):
+        return parse_policy({"signal": [{"signal": s} for s in signals]}, "p.toml")
 
     dbcs = ChannelDbcs.from_specs({"can0": str(KONA_PCAN)})
     wanted = {"BMS_542.SocDisp", "BMS_542.SocDsip", "NoSuchMessage.X"}
     # a typo in a signal, and a message the DBC lacks; the real one is found
     assert dbcs.missing(wanted) == ["BMS_542.SocDsip", "NoSuchMessage.X"]
     with caplog.at_level(logging.INFO, logger="gateway"):
-        _say_missing(dbcs.missing(wanted), len(wanted))  # some missing: said with -v only
+        say_missing(policy(*sorted(wanted)), dbcs)
         said = [r.levelno for r in caplog.records if "policy:" in r.getMessage()]
-        assert said == [logging.INFO, logging.INFO]
+        # the typo (its message is in the DBC): a warning; another vehicle's signal: with -v
+        assert said == [logging.WARNING, logging.INFO]
         before = len(caplog.records)
-        _say_missing(["A.b", "C.d"], 2)  # none defined: a warning
+        say_missing(policy("A.b", "C.d"), dbcs)  # none defined: a warning
         assert [r.levelno for r in caplog.records[before:]][-1] == logging.WARNING
