@@ -574,7 +574,7 @@ def _cmd_consent(args: argparse.Namespace) -> int:
         command (its ``last_change`` names the command's sha256), within ``--wait`` s."""
         import aiomqtt
 
-        from gateway.egress.mqtt import message_queue
+        from gateway.egress.mqtt import SubscriptionRefused, message_queue, subscribe
         from gateway.egress.schema import unpack
 
         try:
@@ -583,7 +583,7 @@ def _cmd_consent(args: argparse.Namespace) -> int:
                 message_queue(client) as incoming,
             ):
                 if args.wait > 0:
-                    await client.subscribe(answers, qos=1)
+                    await subscribe(client, answers)
                 await client.publish(topic, payload, qos=1)
                 deadline = time.monotonic() + args.wait
                 while (left := deadline - time.monotonic()) > 0:
@@ -597,6 +597,11 @@ def _cmd_consent(args: argparse.Namespace) -> int:
                         state = unpack(m.payload)
                         if state["last_change"].get("command_sha256") == mine:
                             return state
+        except SubscriptionRefused as exc:
+            raise BrokerError(
+                f"{describe_error(s.broker, exc)}; nothing was sent (--wait 0 sends without "
+                "waiting for the gateway's answer)"
+            ) from exc
         except aiomqtt.MqttError as exc:
             raise BrokerError(describe_error(s.broker, exc)) from exc
         return None

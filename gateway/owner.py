@@ -15,7 +15,13 @@ from typing import Any, TextIO
 
 import aiomqtt
 
-from gateway.egress.mqtt import describe_error, make_client, message_queue
+from gateway.egress.mqtt import (
+    SubscriptionRefused,
+    describe_error,
+    make_client,
+    message_queue,
+    subscribe,
+)
 from gateway.egress.schema import Topics, unpack
 from gateway.errors import BrokerError
 from gateway.settings import BrokerSettings
@@ -102,50 +108,82 @@ async def watch(
     out: TextIO = sys.stdout,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     ready: asyncio.Event | None = None,
+    hint_after: float | None = 5.0,
 ) -> OwnerView:
+    """Print what arrives on the owner's topics until ``count`` messages or ``idle_timeout``
+    seconds without one. ``hint_after`` seconds without any message at all after the first
+    subscription (not even a retained one): a warning says what such silence can mean."""
     view = OwnerView()
     shown = 0
     mine = (topics.consent_set, topics.command)  # the owner's own commands, as JSON
     connected, delay = False, 0.5
     lost_at: float | None = None  # when the connection was lost (counts as idle time)
-    while True:
-        try:
-            async with make_client(broker, identifier=None) as client:
-                await client.subscribe(topics.all, qos=1)
-                connected, delay, lost_at = True, 0.5, None
-                if ready is not None:
-                    ready.set()
-                async with message_queue(client) as incoming:
-                    while count is None or shown < count:
-                        try:
-                            message = await incoming.get(idle_timeout)
-                        except TimeoutError:
-                            break
-                        if str(message.topic) in mine:
-                            continue
-                        payload = message.payload if isinstance(message.payload, bytes) else b""
-                        msg = view.accept(str(message.topic), payload)
-                        if msg is None:
-                            continue
-                        shown += 1
-                        if on_message is not None:
-                            on_message(msg)
-                        if as_json:
-                            out.write(json.dumps(msg, ensure_ascii=False, sort_keys=False) + "\n")
-                        else:
-                            out.write(format_message(msg) + "\n")
-                        with contextlib.suppress(Exception):
-                            out.flush()
-            return view
-        except aiomqtt.MqttError as exc:
-            if not connected:  # never reached: the address or the login is wrong
+    heard = asyncio.Event()  # anything arrived (a gateway's retained status does at once)
+    hinting: asyncio.Task[None] | None = None
+
+    async def hint(after: float) -> None:
+        # Mosquitto's ACL grants a subscription that the login may not read, then sends
+        # nothing: without this, that silence looks like a gateway with nothing to say
+        await asyncio.sleep(after)
+        if not heard.is_set():
+            log.warning(
+                "nothing arrived on %s within %g s, not even a gateway's retained status: no "
+                "gateway for VIN %s has connected to this broker yet, or the broker does not "
+                "let this login read these topics (its ACL)",
+                topics.all,
+                after,
+                topics.vin,
+            )
+
+    try:
+        while True:
+            try:
+                async with make_client(broker, identifier=None) as client:
+                    await subscribe(client, topics.all)
+                    connected, delay, lost_at = True, 0.5, None
+                    if hinting is None and hint_after is not None:
+                        hinting = asyncio.create_task(hint(hint_after))
+                    if ready is not None:
+                        ready.set()
+                    async with message_queue(client) as incoming:
+                        while count is None or shown < count:
+                            try:
+                                message = await incoming.get(idle_timeout)
+                            except TimeoutError:
+                                break
+                            heard.set()
+                            if str(message.topic) in mine:
+                                continue
+                            payload = message.payload if isinstance(message.payload, bytes) else b""
+                            msg = view.accept(str(message.topic), payload)
+                            if msg is None:
+                                continue
+                            shown += 1
+                            if on_message is not None:
+                                on_message(msg)
+                            if as_json:
+                                out.write(
+                                    json.dumps(msg, ensure_ascii=False, sort_keys=False) + "\n"
+                                )
+                            else:
+                                out.write(format_message(msg) + "\n")
+                            with contextlib.suppress(Exception):
+                                out.flush()
+                return view
+            except SubscriptionRefused as exc:
                 raise BrokerError(describe_error(broker, exc)) from exc
-            # lost after it worked (a broker restart): messages meanwhile are not seen. With
-            # --idle-timeout, the time without a broker is idle time too
-            now = time.monotonic()
-            lost_at = now if lost_at is None else lost_at
-            if idle_timeout is not None and now - lost_at >= idle_timeout:
-                raise BrokerError(describe_error(broker, exc)) from exc
-            log.warning("%s; reconnecting in %.1f s", describe_error(broker, exc), delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, broker.backoff_max)
+            except aiomqtt.MqttError as exc:
+                if not connected:  # never reached: the address or the login is wrong
+                    raise BrokerError(describe_error(broker, exc)) from exc
+                # lost after it worked (a broker restart): messages meanwhile are not seen. With
+                # --idle-timeout, the time without a broker is idle time too
+                now = time.monotonic()
+                lost_at = now if lost_at is None else lost_at
+                if idle_timeout is not None and now - lost_at >= idle_timeout:
+                    raise BrokerError(describe_error(broker, exc)) from exc
+                log.warning("%s; reconnecting in %.1f s", describe_error(broker, exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, broker.backoff_max)
+    finally:
+        if hinting is not None:
+            hinting.cancel()

@@ -30,7 +30,7 @@ from gateway.app import Gateway
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.canbus.replay import ReplaySource, iter_log
 from gateway.egress.ledger import read_entries
-from gateway.egress.mqtt import make_client, message_queue
+from gateway.egress.mqtt import make_client, message_queue, subscribe
 from gateway.egress.schema import unpack
 from gateway.errors import BrokerError, ConfigError, make_folder
 from gateway.localbroker import LocalBroker
@@ -343,7 +343,7 @@ class _Observer:
 
     async def _main(self) -> None:
         async with make_client(self._broker, identifier=None) as client:
-            await client.subscribe("#", qos=1)
+            await subscribe(client, "#")
             self._ready.set()
             async with message_queue(client) as incoming:
                 while not self._stop.is_set():

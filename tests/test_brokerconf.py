@@ -581,3 +581,72 @@ def test_each_vehicles_gateway_config_has_its_own_ledger_and_outbox(bench):
     b = load(bench.out / f"gateway-{bench.vin_b}.toml").gateway
     assert a.ledger != b.ledger and a.outbox != b.outbox
     assert Path(a.outbox).parent == bench.out  # beside the configs, not the working folder
+
+
+def test_an_owner_view_the_acl_keeps_silent_says_what_the_silence_can_mean(
+    bench, clients, caplog
+):
+    import asyncio
+    import logging
+
+    from gateway.egress.schema import Topics
+    from gateway.owner import watch
+    from gateway.settings import BrokerSettings
+
+    a = bench.vin_a
+    # GIVEN VIN A's gateway has left its retained status on the locked broker
+    gateway = _client(clients, bench.port, f"gateway-{a}", bench.password(f"gateway-{a}"))
+    status = _marker("status")
+    gateway._c.publish(f"vehicles/{a}/owner/status", status, qos=1, retain=True).wait_for_publish(5)
+
+    def watch_as(user: str) -> list[str]:
+        caplog.clear()
+        broker = BrokerSettings(
+            url=f"mqtt://127.0.0.1:{bench.port}", username=user, password=bench.password(user)
+        )
+        with caplog.at_level(logging.WARNING, logger="gateway.owner"):
+            asyncio.run(
+                watch(broker, Topics("vehicles", a), idle_timeout=1.5, hint_after=0.5,
+                      out=io.StringIO())
+            )  # fmt: skip
+        return [r.getMessage() for r in caplog.records if r.name == "gateway.owner"]
+
+    # WHEN the owner of another vehicle watches VIN A (Mosquitto grants the subscription and
+    # then delivers nothing), THEN a warning names the ACL as a likely cause
+    said = watch_as("bob")
+    assert len(said) == 1 and "ACL" in said[0] and a in said[0], said
+    # AND the owner, who receives the retained status at once, is told nothing of the kind
+    assert watch_as("alice") == []
+
+
+def test_a_subscription_the_broker_refuses_is_an_error_not_silence():
+    import asyncio
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from gateway.egress.mqtt import SubscriptionRefused, subscribe
+
+    class Refusing:  # a broker that says so in its SUBACK (Mosquitto with an ACL does not)
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        async def subscribe(self, topic: str, qos: int = 0) -> list[ReasonCode]:
+            return [ReasonCode(PacketTypes.SUBACK, identifier=self.code)]
+
+    for code in (0x80, 0x87):  # MQTT 3.1.1's failure; MQTT 5's "Not authorized"
+        with pytest.raises(SubscriptionRefused, match="refused the subscription to a/#"):
+            asyncio.run(subscribe(Refusing(code), "a/#"))  # type: ignore[arg-type]
+    asyncio.run(subscribe(Refusing(1), "a/#"))  # type: ignore[arg-type]  # granted QoS 1
+
+
+def test_a_tls_ca_with_a_plain_url_says_that_tls_is_on(bench, tmp_path):
+    # tls_ca turns TLS on whatever the URL's scheme (docs/config.md); a handshake against a
+    # plain port then fails with an SSL error that alone would not say why TLS was tried
+    proc = run_gateway(
+        "replay", str(LOG), "--dbc", str(KONA_PCAN), "--fast", "-q",
+        "--broker", f"mqtt://127.0.0.1:{bench.port}", "--vin", bench.vin_a,
+        "--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite"),
+        env={"GATEWAY_BROKER_TLS_CA": str(bench.ca)},
+    )  # fmt: skip
+    assert_one_line_error(proc, "TLS is on because tls_ca is set")

@@ -116,8 +116,28 @@ async def message_queue(client: aiomqtt.Client) -> AsyncIterator[MessageQueue]:
         await q.close()
 
 
+class SubscriptionRefused(aiomqtt.MqttError):
+    """The broker answered a SUBSCRIBE with a failure code (MQTT 3.1.1's 0x80, or an MQTT 5
+    reason such as "Not authorized"). Mosquitto's own ACL file does not do this: it grants
+    the subscription and then delivers nothing the login may not read."""
+
+
+async def subscribe(client: aiomqtt.Client, topic: str, *, qos: int = 1) -> None:
+    """``client.subscribe``, returning on the SUBACK; raises ``SubscriptionRefused`` when the
+    broker refused the topic (aiomqtt returns the refusal as a value, easy to overlook)."""
+    codes = await client.subscribe(topic, qos=qos)
+    refused = [c for c in codes if getattr(c, "is_failure", c == 0x80)]
+    if refused:
+        why = ", ".join(c.getName() if hasattr(c, "getName") else f"code {c}" for c in refused)
+        raise SubscriptionRefused(
+            f"the broker refused the subscription to {topic} ({why}): may this login read it?"
+        )
+
+
 def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if broker.tls and not broker.url.startswith("mqtts://"):
+        text += " (TLS is on because tls_ca is set, though the URL says mqtt://)"
     return f"broker {broker.url}: {text}"
 
 
@@ -212,7 +232,12 @@ class MqttPublisher:
                     except Exception as exc:  # noqa: BLE001 - the publisher must go on sending
                         log.error("after connecting: %s", exc)
                     for topic in self.inbound_topics:
-                        await client.subscribe(topic, qos=1)  # returns on the SUBACK
+                        try:
+                            await subscribe(client, topic)  # returns on the SUBACK
+                        except SubscriptionRefused as exc:
+                            # the owner's commands (a withdrawal among them) cannot reach
+                            # this gateway: said every time, sending goes on
+                            log.error("%s; the owner's commands cannot reach the gateway", exc)
                     self.listening.set()
                     # reads the owner's commands; ends (as aiomqtt's message iterator does)
                     # when the connection is lost, which ends a wait for PUBACKs at once
