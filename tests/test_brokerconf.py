@@ -583,9 +583,7 @@ def test_each_vehicles_gateway_config_has_its_own_ledger_and_outbox(bench):
     assert Path(a.outbox).parent == bench.out  # beside the configs, not the working folder
 
 
-def test_an_owner_view_the_acl_keeps_silent_says_what_the_silence_can_mean(
-    bench, clients, caplog
-):
+def test_an_owner_view_the_acl_keeps_silent_says_what_the_silence_can_mean(bench, clients, caplog):
     import asyncio
     import logging
 
