@@ -23,10 +23,12 @@ import argparse
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import pwd
 import re
 import secrets
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -39,7 +41,18 @@ PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for $7$ (Mosquitto 2.0)
 SALT_BYTES = 12
 _VIN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+
+
+def _is_host(text: str) -> bool:
+    """A host name, an IPv4 or an IPv6 address (as Mosquitto's ``listener`` takes it)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(_HOST.fullmatch(text))
+
+
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
@@ -99,8 +112,11 @@ class BrokerPlan:
         if self.tls_only and not self.tls:
             raise ConfigError("--tls-only needs --tls")
         for host in (*self.hostnames, *([self.bind] if self.bind else [])):
-            if not _HOST.fullmatch(host):
-                raise ConfigError(f"{host!r}: not a host name or IP address")
+            if not _is_host(host):
+                raise ConfigError(
+                    f"{host!r}: not a host name or IP address (an IPv6 address without "
+                    "brackets: ::1, not [::1])"
+                )
         if self.days < 1:
             raise ConfigError(f"--days {self.days}: must be at least 1")
         owners = self.owners or tuple((f"owner-{v}", v) for v in self.vins)
@@ -119,6 +135,12 @@ class BrokerPlan:
         if dup:
             raise ConfigError(f"--owner: the name {dup!r} is given twice")
         object.__setattr__(self, "accounts", tuple(accounts))
+
+    @property
+    def unowned(self) -> list[str]:
+        """The VINs no owner account may read (possible with explicit ``--owner`` values)."""
+        owned = {a.vin for a in self.accounts if a.role is Role.OWNER}
+        return [v for v in self.vins if v not in owned]
 
     @property
     def client_host(self) -> str:
@@ -298,8 +320,11 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 def generate(plan: BrokerPlan, *, force: bool = False, new_ca: bool = False) -> dict[str, Path]:
     """Write every file of ``plan``; refuses to overwrite any of them unless ``force``. With
-    ``force`` every password and the server certificate are new; the CA only with ``new_ca``."""
+    ``force`` every password and the server certificate are new; the CA only with ``new_ca``;
+    and the password and client config of a user the earlier configuration had and this one
+    has not are removed (its ``removed:USER`` entries in the result)."""
     files = plan.paths()
+    stale = [u for u in _users(plan.out / "passwd") if f"secret:{u}" not in files] if force else []
     if not force:
         for path in files.values():
             if path.exists():
@@ -333,9 +358,24 @@ def generate(plan: BrokerPlan, *, force: bool = False, new_ca: bool = False) -> 
         _write(files["conf"], mosquitto_conf_text(plan), 0o644)
         if broker_account is not None:
             _hand_over(plan, *broker_account)
+        removed = {}
+        for user in stale:  # no longer in passwd: its secret and config would only mislead
+            for path in (out / "secrets" / f"{user}.password", out / f"{user}.toml"):
+                if path.is_file():
+                    path.unlink()
+                    removed[f"removed:{user}:{path.suffix}"] = path
     except OSError as exc:
         raise ConfigError(f"{exc.filename or plan.out}: cannot write: {exc.strerror}") from exc
-    return files
+    return {**files, **removed}
+
+
+def _users(passwd: Path) -> list[str]:
+    """The user names of a Mosquitto password file (none if there is no such file)."""
+    try:
+        lines = passwd.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [ln.split(":", 1)[0] for ln in lines if ":" in ln and _NAME.fullmatch(ln.split(":")[0])]
 
 
 def default_user() -> str:
@@ -435,7 +475,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--bind", default="", metavar="ADDR", help="listen on this address only (default: all)"
     )
     p.add_argument("--tls", action="store_true", help="add a TLS listener and create a bench CA")
-    p.add_argument("--tls-port", type=int, default=8883, metavar="N", help="TLS port (8883)")
+    p.add_argument("--tls-port", type=int, metavar="N", help="TLS port, with --tls (default 8883)")
     p.add_argument("--tls-only", action="store_true", help="no plain listener (with --tls)")
     p.add_argument(
         "--hostname",
@@ -463,6 +503,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_broker_config(args: argparse.Namespace) -> int:
+    if args.tls_port is not None and not args.tls:
+        raise ConfigError("--tls-port needs --tls (without it there is no TLS listener)")
     plan = BrokerPlan(
         out=Path(args.out).expanduser().resolve(),
         vins=tuple(args.vin),
@@ -471,7 +513,7 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
         port=args.port,
         bind=args.bind,
         tls=args.tls,
-        tls_port=args.tls_port,
+        tls_port=8883 if args.tls_port is None else args.tls_port,
         tls_only=args.tls_only,
         hostnames=tuple(args.hostname),
         days=args.days,
@@ -481,6 +523,15 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
         raise ConfigError("--new-ca replaces an existing configuration: give --force too")
     files = generate(plan, force=args.force, new_ca=args.new_ca)
     out = plan.out
+    for vin in plan.unowned:
+        print(
+            f"gateway: warning: VIN {vin} has no owner: no user may read {plan.prefix}/{vin}/"
+            f"owner/# (add --owner NAME={vin})",
+            file=sys.stderr,
+        )
+    gone = sorted({k.split(":")[1] for k in files if k.startswith("removed:")})
+    if gone:
+        print(f"removed the password and config of users no longer configured: {', '.join(gone)}")
     print(f"wrote the Mosquitto configuration to {out}/ (mosquitto.conf, passwd, acl)")
     print(f"passwords: {out / 'secrets'}/USER.password (mode 0600; not shown here)")
     if plan.tls:

@@ -497,6 +497,8 @@ def test_an_existing_configuration_is_kept_unless_forced_and_force_rotates(
         (["--vin", "V1", "--owner", "gateway-V1=V1"], "gateway-"),
         (["--vin", "V1", "--tls", "--port", "8883"], "must differ"),
         (["--vin", "V1", "--tls", "--hostname", "a b\nsubjectAltName=DNS:x"], "not a host name"),
+        (["--vin", "V1", "--bind", "[::1]"], "without brackets"),
+        (["--vin", "V1", "--tls-port", "8884"], "--tls-port needs --tls"),
     ],
 )
 def test_bad_options_are_one_line_errors(monkeypatch, capsys, tmp_path, argv, needle):
@@ -648,3 +650,66 @@ def test_a_tls_ca_with_a_plain_url_says_that_tls_is_on(bench, tmp_path):
         env={"GATEWAY_BROKER_TLS_CA": str(bench.ca)},
     )  # fmt: skip
     assert_one_line_error(proc, "TLS is on because tls_ca is set")
+
+
+def test_an_ipv6_bind_address_gives_a_broker_its_clients_reach(monkeypatch, capsys):
+    # GIVEN a configuration bound to the IPv6 loopback, with TLS (the address goes into the
+    # server certificate as an IP entry)
+    with tempfile.TemporaryDirectory(prefix="gateway-brokerconf-") as tmp:
+        os.chmod(tmp, 0o755)
+        out = Path(tmp) / "b"
+        port, tls_port = free_port(), free_port()
+        argv = ["--out", str(out), "--vin", "V6", "--bind", "::1", "--port", str(port),
+                "--tls", "--tls-port", str(tls_port)]  # fmt: skip
+        rc, _, err = _cli(monkeypatch, capsys, *argv)
+        assert rc == 0, err
+        config = load(out / "owner-V6.toml")
+        assert config.broker.url == f"mqtts://[::1]:{tls_port}"
+        proc = subprocess.Popen(
+            [find_mosquitto(), "-c", str(out / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port("::1", tls_port)
+            # WHEN the owner connects with its generated config, THEN the broker (and its TLS
+            # certificate) accept it at the IPv6 address
+            import asyncio
+
+            from gateway.egress.mqtt import make_client
+
+            async def connect() -> None:
+                async with make_client(config.broker, identifier=None):
+                    pass
+
+            asyncio.run(connect())
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_a_vehicle_left_without_an_owner_is_warned_of(monkeypatch, capsys, tmp_path):
+    argv = ["--out", str(tmp_path / "b"), "--vin", "V1", "--vin", "V2", "--owner", "ann=V1",
+            "--user", ""]  # fmt: skip
+    rc, _, err = _cli(monkeypatch, capsys, *argv)
+    assert rc == 0
+    warnings = [ln for ln in err.splitlines() if ln.startswith("gateway: warning:")]
+    assert len(warnings) == 1 and "V2 has no owner" in warnings[0], err
+
+
+def test_force_with_fewer_users_removes_the_files_of_the_users_gone(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "b"
+    assert _cli(monkeypatch, capsys, "--out", str(out), "--vin", "V1", "--vin", "V2",
+                "--user", "")[0] == 0  # fmt: skip
+    ledger = out / "data" / "kept.jsonl"  # a file of the user's own, beside the generated ones
+    ledger.write_text("{}\n")
+    rc, stdout, _ = _cli(monkeypatch, capsys, "--out", str(out), "--vin", "V1", "--force",
+                         "--user", "")  # fmt: skip
+    assert rc == 0 and "owner-V2" in stdout and "gateway-V2" in stdout
+    for user in ("gateway-V2", "owner-V2"):
+        assert not (out / f"{user}.toml").exists()
+        assert not (out / "secrets" / f"{user}.password").exists()
+    for user in ("gateway-V1", "owner-V1"):
+        assert (out / f"{user}.toml").is_file()
+        assert (out / "secrets" / f"{user}.password").is_file()
+    assert ledger.is_file()
