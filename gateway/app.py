@@ -581,12 +581,16 @@ class Gateway:
         """A trip's summary; its start area only if location consent was also valid when the
         trip started (``start_ok``), its end area if it is valid now."""
         self.report.trips += 1
+        # to the minute; a trip under half a minute is not 0 s long (its distance and energy
+        # are not 0), and its end is its start plus its duration, as published
+        start = quantize(trip.start, 60)
+        duration = max(60.0, quantize(trip.duration_s, 60)) if trip.duration_s > 0 else 0.0
         body: dict[str, Any] = {
             "window": [round(trip.start, 3), round(trip.end, 3)],
             "policy": self.policy.ident,
-            "start": quantize(trip.start, 60),
-            "end": quantize(trip.end, 60),
-            "duration_s": quantize(trip.duration_s, 60),
+            "start": start,
+            "end": start + duration,
+            "duration_s": duration,
             "distance_km": quantize(trip.distance_km, 0.1),
             "energy_kwh": quantize(trip.energy_kwh, 0.1),
             "avg_speed_kph": quantize(trip.avg_speed_kph, 1),

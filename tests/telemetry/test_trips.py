@@ -135,3 +135,30 @@ def test_a_moving_sample_at_minus_infinity_still_counts_as_moving():
         )
     ]
     assert TripDetector(cfg).feed(batch) == ScalarTripDetector(cfg).feed(batch)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "published"), [(20.0, 60.0), (29.0, 60.0), (95.0, 120.0), (0.0, 0.0)]
+)
+def test_a_short_trip_is_published_as_at_least_a_minute_long(tmp_path, seconds, published):
+    from gateway.app import Gateway
+    from gateway.egress.outbox import Outbox
+    from gateway.egress.schema import unpack
+    from gateway.telemetry.trips import Trip
+    from tests.conftest import KONA_PCAN, gateway_settings
+
+    # GIVEN a gateway (no sources) and a trip shorter than the minute durations are rounded to
+    gw = Gateway(gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}), [])
+    try:
+        # WHEN its summary is published
+        gw.publish_trip(Trip(1_750_000_000.0, 1_750_000_000.0 + seconds, 0.4, 0.1, None, None))
+    finally:
+        gw.outbox.close()
+        gw.ledger.close()
+    # THEN its duration is on the minute grid, but not 0 next to a distance
+    trips = [unpack(m.payload) for m in Outbox(tmp_path / "o.sqlite").peek(10)]
+    trips = [t for t in trips if t.get("schema") == "gateway.trip"]
+    assert len(trips) == 1
+    trip = trips[0]
+    assert trip["duration_s"] == published and trip["distance_km"] == 0.4
+    assert trip["end"] - trip["start"] == published and trip["start"] % 60 == 0
