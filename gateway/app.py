@@ -281,6 +281,8 @@ class Gateway:
             consent=self.consent.snapshot(now),
         )
         self._digest_sent_at = time.monotonic()
+        # the categories granted in the consent state the owner last saw
+        self._grants_published = set(self.consent.snapshot(now))
 
     def _reconcile(self) -> None:
         """A run killed between the fsync of its ledger lines and the commit of the same
@@ -408,8 +410,10 @@ class Gateway:
         self.emit(Outgoing("gateway.consent", self.consent.public(round(self.clock(), 3))))
 
     def publish_consent_state(self) -> None:
+        now = self.clock()
         self.consent.save(self.consent_path)
-        self.emit(Outgoing("gateway.consent", self.consent.public(round(self.clock(), 3))))
+        self._grants_published = set(self.consent.snapshot(now))
+        self.emit(Outgoing("gateway.consent", self.consent.public(round(now, 3))))
 
     def publish_digest(self) -> None:
         self._digest_sent_at = time.monotonic()
@@ -670,14 +674,13 @@ class Gateway:
         next_health = (
             time.monotonic() + g.health_interval if g.health_interval > 0 else float("inf")
         )
-        granted = set(self.consent.snapshot(self.clock()))
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
-            still = set(self.consent.snapshot(self.clock()))
-            if still < granted:  # a grant expired: the owner sees it on the retained topic
+            # a grant expired since the state was last published (not one an owner withdrew:
+            # that was published as it happened): the owner sees it on the retained topic
+            if set(self.consent.snapshot(self.clock())) < self._grants_published:
                 self.publish_consent_state()
-            granted = still
             now = time.monotonic()
             if now >= next_health:
                 next_health = now + g.health_interval

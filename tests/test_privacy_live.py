@@ -316,3 +316,24 @@ async def test_stop_and_resume_say_so_on_the_retained_status_and_delete_all_with
     await rig.settle()
     assert rig.stream("consent")[-1]["grants"] == {}
     await rig.finish()
+
+
+async def test_a_withdrawal_publishes_the_consent_state_once(tmp_path, broker, vin):
+    rig = Rig(tmp_path, broker.url, vin)
+    await rig.start()
+    await rig.owner_says(
+        "consent/set",
+        {"category": "location", "grant": True, "days": 1},
+        until=lambda gw: gw.consent.grants,
+    )
+    await asyncio.sleep(1.5)  # the gateway looks for expired grants every second: it saw it
+    await rig.owner_says(
+        "consent/set",
+        {"category": "location", "grant": False},
+        until=lambda gw: not gw.consent.grants,
+    )
+    await asyncio.sleep(1.5)
+    await rig.settle()
+    await rig.finish()
+    withdrawn = [c for c in rig.stream("consent") if c["last_change"].get("action") == "withdraw"]
+    assert len(withdrawn) == 1, withdrawn
