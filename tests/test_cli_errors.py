@@ -562,3 +562,25 @@ def test_a_topic_prefix_with_a_leading_slash_is_still_taken(tmp_path):
     cfg.write_text("[broker]\ntopic_prefix = '/fleet'\n")
     proc = run_gateway("config", "--config", str(cfg))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_port_that_accepts_but_does_not_speak_mqtt_is_said_to_be_one(tmp_path):
+    import socket
+    import threading
+
+    # GIVEN a TCP service that accepts connections and never answers (an HTTP server does so)
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
+    try:
+        url = f"mqtt://127.0.0.1:{server.getsockname()[1]}"
+        proc = run_gateway(
+            "replay", str(FIXTURES / "kona_ev_2019" / "bms_idle_log_30sec.asc"), "--dbc", str(KONA_PCAN), "--fast",
+            "-q", "--broker", url, "--ledger", str(tmp_path / "l.jsonl"),
+            "--outbox", str(tmp_path / "o.sqlite"),
+        )  # fmt: skip
+    finally:
+        for s in (*held, server):
+            s.close()
+    # THEN the one line says what a timeout there can mean, not only that it timed out
+    assert_one_line_error(proc, url, "no MQTT answer in time", "mqtts://")

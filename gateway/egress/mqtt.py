@@ -136,6 +136,11 @@ async def subscribe(client: aiomqtt.Client, topic: str, *, qos: int = 1) -> None
 
 def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if text == "Operation timed out":  # aiomqtt's, for any answer that did not come
+        text += (
+            " (no MQTT answer in time: a port of another service, a TLS port that needs "
+            "mqtts://, or a stalled broker)"
+        )
     if broker.tls and not broker.url.startswith("mqtts://"):
         text += " (TLS is on because tls_ca is set, though the URL says mqtt://)"
     return f"broker {broker.url}: {text}"
