@@ -175,10 +175,23 @@ class Sentinels(dict[float, str]):
         return keep
 
 
-def choices_for(length: int, choices: dict[float, str]) -> dict[float, str]:
-    """``Sentinels`` when at most two names label a signal of 6 bits or more (64+ raw values);
-    otherwise the signal is an enumeration (gear, ignition state) and its names are its values."""
-    if len(choices) <= 2 and length >= 6:
+def choices_for(
+    length: int,
+    choices: dict[float, str],
+    *,
+    raw: Sequence[int] = (),
+    signed: bool = False,
+    multiplexer: bool = False,
+) -> dict[float, str]:
+    """``Sentinels`` for a signal of 6 bits or more (64+ raw values) whose names mark special
+    values only: at most two names, or names only at the edges of its raw range (``raw``, the
+    named raw values: 0, the lowest, the highest two: a 12-bit torque naming 0, 4094 and 4095).
+    Otherwise, and always for a multiplexer (its names name its values), the signal is an
+    enumeration (gear, ignition state) and its names are its values."""
+    if multiplexer or length < 6:
+        return choices
+    lo, hi = (-(1 << (length - 1)), (1 << (length - 1)) - 1) if signed else (0, (1 << length) - 1)
+    if len(choices) <= 2 or (raw and set(raw) <= {0, lo, hi, hi - 1}):
         return Sentinels(choices)
     return choices
 
@@ -234,7 +247,8 @@ class Decoder(Protocol):
 @dataclass(frozen=True, slots=True)
 class SignalAggregate:
     """count/min/max/mean/last of one signal in one window. For enum signals ``last`` is the
-    state's name and ``states`` counts samples per state name; min/max/mean are then None."""
+    state's name and ``states`` counts samples per state name (a value without a name: the
+    number itself, in both); min/max/mean are then None."""
 
     count: int
     min: float | None
@@ -242,7 +256,7 @@ class SignalAggregate:
     mean: float | None
     last: float | str | None
     unit: str = ""
-    states: Mapping[str, int] | None = None
+    states: Mapping[str | float, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

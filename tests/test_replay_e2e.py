@@ -13,6 +13,7 @@ import pytest
 from gateway.egress.schema import SCHEMAS, unpack
 from gateway.telemetry.policy import load_policy, quantize
 from tests.conftest import (
+    FIXTURES,
     KONA,
     KONA_CANDUMP,
     KONA_CCAN,
@@ -151,3 +152,60 @@ def test_published_bytes_are_plain_summaries_and_never_raw_frames(tmp_path, brok
         for raw in raw_payloads:
             assert raw not in m.payload
     assert published < 0.02 * raw_bytes, (published, raw_bytes)
+
+
+def test_a_numeric_signal_with_a_few_named_values_never_leaves_finer_than_its_rule(
+    tmp_path, broker, vin, listen
+):
+    """A parking sensor's distance (Model 3 DBC, 9 bits, cm) whose DBC names four special
+    values (BLOCKED, NEAR_DETECTION, NO_OBJECT_DETECTED, SNA) is read as a list of states; its
+    other values, the distances, left as text at full precision, past ``quantum``."""
+    from gateway.telemetry.policy import load_policy as load
+
+    dbc = FIXTURES / "model3" / "Model3CAN.dbc"
+    msg = cantools.database.load_file(str(dbc), strict=False).get_message_by_name(
+        "ID20EPARK_sdiFront"
+    )
+    # GIVEN a log of that message with random distances, the named values among them
+    rng = np.random.default_rng(5)
+    dist = rng.integers(0, 512, 600)
+    dist[::7] = rng.choice([0, 1, 500, 511], len(dist[::7]))
+    log = tmp_path / "park.log"
+    with can.Logger(str(log)) as out:
+        for i, d in enumerate(dist.tolist()):
+            data = bytearray(8)
+            data[0], data[1] = d & 0xFF, d >> 8  # PARK_sdiSensor1RawDistData: bits 0..8
+            out.on_message_received(
+                can.Message(timestamp=1_750_000_000 + i * 0.1, arbitration_id=msg.frame_id,
+                            data=bytes(data), is_extended_id=False, channel="can0")
+            )  # fmt: skip
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[policy]\nname = "park"\nversion = 1\n\n[[signal]]\n'
+        'signal = "ID20EPARK_sdiFront.PARK_sdiSensor1RawDistData"\npublish_as = "park"\n'
+        'aggregates = ["count", "last", "states", "mean"]\nquantum = 10\n'
+    )
+    rule = load(str(policy)).by_publish_name()["park"]
+    lst = listen(broker.url, f"vehicles/{vin}/owner/signals")
+    # WHEN it is replayed with a rule that allows a 10 cm grid
+    proc = run_gateway(
+        *replay_args(log, [str(dbc)], broker.url, vin, tmp_path, "--fast", "-q",
+                     "--window", "10", "--policy", str(policy))
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # THEN the owner gets names, or numbers on the 10 cm grid, never a finer value
+    park = [unpack(m.payload)["signals"]["park"] for m in lst.settle()]
+    assert len(park) >= 5
+    names = {"BLOCKED", "NEAR_DETECTION", "NO_OBJECT_DETECTED", "SNA"}
+    lasts = [p["last"] for p in park]
+    keys = [k for p in park for k in p["states"]]
+    assert any(isinstance(v, int | float) for v in lasts)  # the positive control: a distance
+    for v in lasts:
+        assert v in names if isinstance(v, str) else v % 10 == 0, v
+    for k in keys:
+        assert k in names or float(k) % 10 == 0, k
+    assert sum(sum(p["states"].values()) for p in park) == sum(p["count"] for p in park)
+    assert rule.quantum == 10
+    # AND the policy author is told, once, that mean does not exist for a list of states
+    said = [ln for ln in proc.stderr.splitlines() if "mean" in ln and "left out" in ln]
+    assert len(said) == 1, proc.stderr

@@ -57,6 +57,9 @@ def signal_meta(message: Message) -> Meta:
             choices_for(
                 s.length,
                 {float(int(k) * s.scale + s.offset): str(v) for k, v in s.choices.items()},
+                raw=[int(k) for k in s.choices],
+                signed=s.is_signed,
+                multiplexer=s.is_multiplexer,
             )
             if s.choices
             else None

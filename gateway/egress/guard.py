@@ -229,15 +229,32 @@ class EgressGuard:
             for agg, v in values.items():
                 if agg not in rule.allowed:
                     raise Blocked(f"signal {name!r}: aggregate {agg!r} is not permitted")
-                if agg in ("count", "unit", "states") or isinstance(v, str):
-                    if agg == "states" and Aggregate.STATES not in rule.aggregates:
-                        raise Blocked(f"signal {name!r}: states not permitted")
+                if agg == "states" and Aggregate.STATES not in rule.aggregates:
+                    raise Blocked(f"signal {name!r}: states not permitted")
+                if agg in ("count", "unit"):
                     continue
-                if not on_grid(float(v), rule.quantum):
-                    raise Blocked(
-                        f"signal {name!r}: {agg}={v!r} is finer than the permitted "
-                        f"precision {rule.quantum}"
-                    )
+                # a state's name may stand for a value; a number may not hide as text: a
+                # string that reads as a number must be on the grid as a number must
+                if agg == "states":
+                    if not isinstance(v, dict):
+                        raise Blocked(f"signal {name!r}: states must be a map")
+                    numbers = [
+                        float(k) if isinstance(k, int | float) and not isinstance(k, bool)
+                        else _as_number(k)
+                        for k in v
+                    ]  # fmt: skip
+                elif isinstance(v, str) and agg == "last":
+                    numbers = [_as_number(v)]
+                elif isinstance(v, int | float) and not isinstance(v, bool):
+                    numbers = [float(v)]
+                else:
+                    raise Blocked(f"signal {name!r}: {agg}={v!r} is not a number")
+                for number in numbers:
+                    if number is not None and not on_grid(number, rule.quantum):
+                        raise Blocked(
+                            f"signal {name!r}: {agg} {v!r} is finer than the permitted "
+                            f"precision {rule.quantum}"
+                        )
 
     def _check_location(self, out: Outgoing) -> None:
         from gateway.telemetry.location import on_location_grid
@@ -251,3 +268,15 @@ class EgressGuard:
             raise Blocked(
                 f"position {lat},{lon} is finer than the {self.policy.location_grid_m} m grid"
             )
+
+
+def _as_number(x: object) -> float | None:
+    """A state key or a ``last`` text as a number if it reads as a finite one ("-13.18"), else
+    None (a state's name such as "DI_GEAR_D", or "SNA")."""
+    if not isinstance(x, str):
+        return None
+    try:
+        number = float(x)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None

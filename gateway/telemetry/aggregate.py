@@ -38,15 +38,19 @@ class _Partial:
 
     def result(self) -> SignalAggregate:
         if self.choices is not None:
-            states = {
-                self.choices.get(v, _num(v)): n for v, n in sorted((self.states or {}).items())
-            }
+            # a value the DBC names is its name; any other stays a number (rounded to the
+            # rule's precision when published: it may be a reading of a numeric signal that
+            # names a few special values, a torque with "SNA", never a string of 17 digits)
+            states: dict[str | float, int] = {}
+            for v, n in sorted((self.states or {}).items()):
+                key = self.choices.get(v, v)
+                states[key] = states.get(key, 0) + n
             return SignalAggregate(
                 self.count,
                 None,
                 None,
                 None,
-                self.choices.get(self.last, _num(self.last)),
+                self.choices.get(self.last, self.last),
                 self.unit,
                 states,
             )
@@ -56,10 +60,6 @@ class _Partial:
         return SignalAggregate(
             self.count, self.min, self.max, total / self.count, self.last, self.unit
         )
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(v)
 
 
 _MAX_WINDOWS = 2.0**62  # window numbers of valid times stay well inside int64

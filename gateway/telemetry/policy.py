@@ -139,6 +139,11 @@ def _decimals(quantum: float) -> int:
     return int(max(0, -Decimal(repr(quantum)).normalize().as_tuple().exponent))  # type: ignore[operator]
 
 
+def _text(v: float) -> str:
+    """A number as a state key: 3 not 3.0 (as the keys of earlier versions), 2.5 as 2.5."""
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
 def on_grid(value: float, quantum: float | None) -> bool:
     if quantum is None:
         return True
@@ -153,7 +158,11 @@ def render_signal(rule: SignalRule, agg: SignalAggregate) -> dict[str, Any]:
             out["count"] = agg.count
         elif a is Aggregate.STATES:
             if agg.states is not None:
-                out["states"] = dict(agg.states)
+                states: dict[str, int] = {}
+                for k, n in agg.states.items():  # a value without a name: rounded, as text
+                    key = k if isinstance(k, str) else _text(quantize(float(k), rule.quantum))
+                    states[key] = states.get(key, 0) + n
+                out["states"] = states
         elif a is Aggregate.LAST and isinstance(agg.last, str):
             out["last"] = agg.last
         else:
@@ -181,8 +190,9 @@ def permitted_signals(
             withheld.append(rule.rule_id)
             continue
         rendered = render_signal(rule, agg)
-        if rendered.keys() <= {"unit"}:  # none of its aggregates exists for this signal
-            _say_no_aggregate(rule, agg)
+        if len(rendered) - ("unit" in rendered) < len(rule.aggregates):
+            _say_no_aggregate(rule, agg, rendered)  # some do not exist for this signal
+        if rendered.keys() <= {"unit"}:
             continue
         out[rule.publish_as] = rendered
         used.append(rule.rule_id)
@@ -192,22 +202,23 @@ def permitted_signals(
 _NO_AGGREGATE_SAID: set[str] = set()  # rules warned about, once per process
 
 
-def _say_no_aggregate(rule: SignalRule, agg: SignalAggregate) -> None:
-    """Once per rule: a list of states has no min/max/mean, a number no states; such a rule
-    published an empty entry in every window."""
+def _say_no_aggregate(rule: SignalRule, agg: SignalAggregate, rendered: Mapping[str, Any]) -> None:
+    """Once per rule: a list of states has no min/max/mean, a number no states. A rule none of
+    whose aggregates exists is never published (it published an empty entry in every window);
+    one some of whose aggregates do not exist is published without them."""
     if rule.rule_id in _NO_AGGREGATE_SAID:
         return
     _NO_AGGREGATE_SAID.add(rule.rule_id)
     kind = "a list of states (value names in the DBC)" if agg.states is not None else "a number"
     fits = "count, last, states" if agg.states is not None else "count, min, max, mean, last"
-    log.warning(
-        "policy: %s is %s: none of its aggregates (%s) exists for it, so it is never "
-        "published; give some of: %s",
-        rule.signal,
-        kind,
-        ", ".join(a.value for a in rule.aggregates),
-        fits,
-    )
+    missing = [a.value for a in rule.aggregates if a.value not in rendered]
+    if len(missing) == len(rule.aggregates):
+        what = (
+            f"none of its aggregates ({', '.join(missing)}) exists for it, so it is never published"
+        )
+    else:
+        what = f"{', '.join(missing)} do(es) not exist for it and is left out"
+    log.warning("policy: %s is %s: %s; give some of: %s", rule.signal, kind, what, fits)
 
 
 _POLICY_KEYS = {

@@ -49,6 +49,9 @@ def test_a_permitted_summary_passes_packed_with_header_and_sequence(guard):
         (_signals({"battery.soc": {"last": 36.5}}, secret=1), "field 'secret' is not in schema"),
         (_signals({"vin": {"last": 1.0}}), "not permitted by policy"),
         (_signals({"battery.soc": {"last": 36.57}}), "finer than the permitted precision"),
+        # a number as text is a number: on the grid too, or blocked
+        (_signals({"battery.soc": {"last": "36.57"}}), "finer than the permitted precision"),
+        (_signals({"battery.soc": {"min": "36.5"}}), "is not a number"),
         (_signals({"battery.soc": {"mean": 36.5}}), "aggregate 'mean' is not permitted"),
         (_signals({"battery.soc": {"last": np.zeros((720, 1280, 3), np.uint8)}}), "may not leave"),
         (_signals({"battery.soc": {"last": np.float64(36.5)}}), "not a plain number"),
@@ -138,3 +141,28 @@ def test_plain_values_pass() -> None:
     from gateway.egress.guard import _plain
 
     _plain({"a": [1, 2.5, -0.0, "s", None, True, {"b": (1, 2)}], "c": {}}, "body")
+
+
+def test_state_names_pass_and_numbers_among_states_must_be_on_the_grid(tmp_path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        '[policy]\nname = "p"\nversion = 1\n\n[[signal]]\nsignal = "M.S"\n'
+        'publish_as = "s"\naggregates = ["last", "states"]\nquantum = 10\n'
+    )
+    seq = itertools.count()
+    g = EgressGuard(
+        load_policy(str(policy)),
+        Topics("vehicles", "VIN1"),
+        consent_ok=lambda c: True,
+        consent_snapshot=lambda: {},
+        next_seq=lambda: next(seq),
+    )
+
+    def out(values):
+        body = {"window": [0.0, 60.0], "policy": "p@1", "signals": {"s": values}}
+        return Outgoing("gateway.signals", body, ("signal:M.S",))
+
+    assert g.release(out({"last": "SNA", "states": {"SNA": 2, "120": 3, "NaN": 1}}))
+    assert g.release(out({"last": 130, "states": {"BLOCKED": 1}}))
+    for bad in ({"last": "123"}, {"states": {"SNA": 1, "123.5": 2}}, {"states": {123: 1}}):
+        assert g.release(out(bad)) is None, bad

@@ -159,7 +159,7 @@ def test_state_counts_per_window_are_the_samples_of_each_state(values, times, cu
     names = {0.0: "Off", 1.0: "Acc", 2.0: "On", 3.0: "Start"}  # 7.0: no name
     want: dict[float, Counter] = {}
     for t, v in zip(ts.tolist(), vals.tolist(), strict=True):
-        want.setdefault(np.floor(t / 10.0) * 10.0, Counter())[names.get(v, str(int(v)))] += 1
+        want.setdefault(np.floor(t / 10.0) * 10.0, Counter())[names.get(v, v)] += 1
     bounds = sorted({0, n, *(c for c in cuts if c <= n)})
     agg = WindowAggregator(10.0)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -180,3 +180,22 @@ def test_a_name_seen_with_and_without_state_names_counts_as_its_window_began():
     w0, w1 = agg.flush()
     assert w0.signals["M.S"].states == {"On": 2, "Off": 1} and w0.signals["M.S"].count == 3
     assert w1.signals["M.S"].states is None and w1.signals["M.S"].count == 2
+
+
+def test_names_only_at_the_edges_of_the_raw_range_mark_a_numeric_signal():
+    def sentinels(length, raw, **kw):
+        return isinstance(choices_for(length, {float(r): f"N{r}" for r in raw}, raw=raw, **kw),
+                          Sentinels)  # fmt: skip
+
+    # a 12-bit torque naming 0, 4094 and 4095 (opendbc EPAS_torsionBarTorque): numeric
+    assert sentinels(12, [0, 4094, 4095])
+    assert sentinels(8, [-128, 0, 126, 127], signed=True)
+    # names inside the range: an enumeration (ACChargingCurrent 0/1/2; ACC distances 0..200,
+    # 255 SNA; a parking distance naming 1 and 500 as well)
+    assert not sentinels(8, [0, 1, 2])
+    assert not sentinels(8, [0, 33, 66, 100, 133, 166, 200, 255])
+    assert not sentinels(9, [0, 1, 500, 511])
+    # a multiplexer's names name its values, however few (Model 3 CC_chgStatus2Index 0 "Mux0")
+    assert sentinels(8, [0]) and not sentinels(8, [0], multiplexer=True)
+    # short signals are enumerations
+    assert not sentinels(3, [0, 6, 7])
