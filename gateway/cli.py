@@ -325,6 +325,12 @@ def _print_report(
         file=out,
     )
     for st in report.read:
+        if st.frames == 0 and st.path:  # a file of another kind, or empty: not silently
+            print(
+                f"  {st.path}: no frame in it ({st.bytes_read:,} bytes read): is it a CAN log "
+                "of the format its name says?",
+                file=out,
+            )
         if st.bad_lines or st.stopped_early:
             where = "; ".join(f"line {n}: {_printable(why)}" for n, why in st.first_bad)
             more = f" (first: {where})" if where else ""

@@ -584,3 +584,18 @@ def test_a_port_that_accepts_but_does_not_speak_mqtt_is_said_to_be_one(tmp_path)
             s.close()
     # THEN the one line says what a timeout there can mean, not only that it timed out
     assert_one_line_error(proc, url, "no MQTT answer in time", "mqtts://")
+
+
+@pytest.mark.broker
+def test_a_log_without_a_single_frame_is_named_in_the_report(tmp_path, broker):
+    empty = tmp_path / "empty.log"
+    empty.write_bytes(b"")
+    noise = tmp_path / "noise.asc"
+    noise.write_bytes(bytes(range(256)) * 20)
+    proc = _replay(
+        tmp_path, str(empty), str(noise), str(KONA_CSV), "--dbc", str(KONA_PCAN), "--fast",
+        broker=broker.url,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "no frame in it" in ln]
+    assert [ln.split(":")[0].strip() for ln in said] == [str(empty), str(noise)], proc.stderr

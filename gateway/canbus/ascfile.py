@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,40 @@ def python_can_line(text: str, base: str) -> can.Message | None:
     return None
 
 
+# a data line's start: time, channel, identifier (what python-can's reader needs, and then a
+# direction, before it reads a line as a frame; without one it passes over the line in silence)
+_DATA_START = re.compile(r"\d+\.\d+\s+\d+\s+[0-9A-Fa-f]+x?(\s|$)", re.ASCII)
+# the lines python-can's ASCReader reads as frames (its ASC_MESSAGE_REGEX)
+_READ_BY_PYTHON_CAN = re.compile(
+    r"\d+\.\d+\s+(\d+\s+(\w+\s+(Tx|Rx)|ErrorFrame)|CANFD)", re.ASCII | re.IGNORECASE
+)
+# the lines of an ASC body that carry no time (comments, the trigger blocks), lower case
+_TIMELESS = ("//", "begin triggerblock", "end triggerblock", "date ", "base ", "internal event",
+             "no internal event")  # fmt: skip
+
+
+def skipped_without_a_word(text: str) -> str | None:
+    """Why a line of an ASC body is damaged though python-can's reader skips it (None: python-can
+    reads it, or it is a line of the format that holds no frame: an event, a statistic, a
+    comment, a trigger block's bounds). python-can passes over a
+    data line cut short before its direction, and over a line of no ASC shape, in silence: a
+    replay would lose the frame without anyone knowing."""
+    line = text.strip()
+    if not line or _READ_BY_PYTHON_CAN.match(line):
+        return None
+    if _DATA_START.match(line):
+        return f"a data line without its direction and data: {ascii(line[:40])}"
+    first = line.split(None, 1)[0]
+    try:
+        float(first)
+        return None  # timed: an event python-can does not read (a statistic, a chip status)
+    except ValueError:
+        pass
+    if line.lower().startswith(_TIMELESS):
+        return None
+    return f"not a line of an ASC log: {ascii(line[:40])}"
+
+
 def _blocks(fh: Any, stats: ReadStats, block_bytes: int) -> Iterator[bytes]:
     """Complete lines in blocks, cut after a LF or a lone CR (universal newlines, as python-can
     reads the file). A line is never cut short: python-can reads lines of any length."""
@@ -177,6 +212,9 @@ def _parse_block(buf: bytes, base: str, line0: int) -> tuple[cd._Cols, list[str]
             bad.append((line0 + i, " ".join(str(exc).split())[:120] or type(exc).__name__))
             continue
         if msg is None:
+            unread = skipped_without_a_word(text)
+            if unread is not None:
+                bad.append((line0 + i, unread))
             continue
         problem = message_problem(msg)
         if problem is not None:

@@ -712,11 +712,14 @@ def _blocks(fh: IO[Any], stats: ReadStats, block_bytes: int) -> Iterator[tuple[b
     skipped = 0
     in_long = False  # inside an overlong line being skipped
     cr = b""  # a CR that ended the last read: a line end of its own, or the start of a CRLF
+    first = True
     while True:
         chunk = fh.read(block_bytes)
         if isinstance(chunk, str):
             chunk = chunk.encode("utf-8", "surrogateescape")
         stats.bytes_read += len(chunk)
+        if first:  # a byte order mark (an editor on Windows saved the log) is not a line's
+            first, chunk = False, chunk.removeprefix(b"\xef\xbb\xbf")
         if not chunk:
             if cr:  # the file ended on a lone CR
                 chunk, cr = b"\n", b""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ class CountingLines:
         self.chars = 0
         self.nonblank = 0  # lines with more than white space
         self.pushback: list[str] = []
+        # shown every line pulled from the file, with its number (an ASC body's, for lines its
+        # reader would skip in silence)
+        self.watch: Callable[[str, int], None] | None = None
 
     def __iter__(self) -> CountingLines:
         return self
@@ -63,6 +66,8 @@ class CountingLines:
         self.chars += len(line)
         if not line.isspace():
             self.nonblank += 1
+        if self.watch is not None:
+            self.watch(line, self.line_no)
         return line
 
     def readline(self) -> str:
@@ -82,8 +87,12 @@ def divert_logging(name: str, handler: logging.Handler) -> Iterator[None]:
     logger = logging.getLogger(name)
     logger.addHandler(handler)
     propagate, logger.propagate = logger.propagate, False
+    level = logger.level
+    if handler.level and handler.level < logger.getEffectiveLevel():
+        logger.setLevel(handler.level)  # else the records the handler wants are never made
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+        logger.setLevel(level)

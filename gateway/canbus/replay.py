@@ -79,6 +79,8 @@ def detect_format(path: Path) -> LogFormat:
     # a byte order mark (Excel's "CSV UTF-8" writes one) is not part of the first line
     first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lstrip("\ufeff").strip()
     suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES and first.startswith(";"):  # a TRC header has commas too
+        return LogFormat.TRC
     if suffix == ".csv" or (suffix not in _SUFFIXES and b"," in head[:200]):
         if looks_like_gvret(first):
             return LogFormat.GVRET_CSV
@@ -100,6 +102,8 @@ def detect_format(path: Path) -> LogFormat:
         return fmt
     if head.startswith(b"LOGG"):
         return LogFormat.BLF
+    if head.startswith(b"MDF "):
+        return LogFormat.MF4
     if first.startswith("("):
         return LogFormat.CANDUMP
     if first.startswith("date ") or first.startswith("base "):
@@ -111,6 +115,9 @@ def detect_format(path: Path) -> LogFormat:
         f"SavvyCAN/GVRET .csv, .mf4)"
     )
 
+
+# python-can's binary readers
+_BINARY_READERS = {LogFormat.BLF: "BLFReader", LogFormat.MF4: "MF4Reader"}
 
 # python-can's text readers (python-can is imported when one is used: ~25 ms of start-up)
 _READERS = {
@@ -127,8 +134,9 @@ class _Header:
     after the one that failed. (Skipping the rest of a header whose start time was no number
     left a TRC reader without its columns: every frame after it was dropped, uncounted.)"""
 
-    def __init__(self, reader: Any, lines: CountingLines, stats: ReadStats) -> None:
+    def __init__(self, reader: Any, lines: CountingLines, stats: ReadStats, asc: bool) -> None:
         self.done = False
+        self.asc = asc
         self.nonblank = 0  # non-blank lines read by the end of the header
         self.bad = 0  # bad lines counted by then
         self._extract = reader._extract_header
@@ -140,6 +148,15 @@ class _Header:
             return None
         first = self._extract()
         self.done = True
+        if self.asc:  # the body: python-can passes over damaged lines of it in silence
+            from gateway.canbus.ascfile import skipped_without_a_word
+
+            def watch(text: str, line_no: int) -> None:
+                reason = skipped_without_a_word(text)
+                if reason is not None:
+                    self._stats.bad(line_no, reason)
+
+            self._lines.watch = watch
         # a TRC reader's header returns the line that ended it, which it then reads as a frame
         # (unless the file ended first: then it is the header's last comment)
         data = isinstance(first, str) and bool(first) and not first.startswith(";")
@@ -167,33 +184,50 @@ def _resume(reader: Any, fmt: LogFormat, lines: CountingLines) -> None:
         lines.pushback.append(_PYTHON_CAN_CSV_HEADER + "\n")
 
 
+# the record types of PEAK's TRC files that hold no CAN frame for the gateway: status, error
+# counters, events, warnings, error frames (python-can reads none of them; neither is a frame
+# that could be decoded)
+_TRC_OTHER_TYPES = ("'ST'", "'EC'", "'EV'", "'ER'", "'Warng'", "'Error'")
+
+
 class _CountParseWarnings(logging.Handler):
-    """python-can's TRC reader logs a line it cannot parse and moves on; count it as bad."""
+    """python-can's TRC reader logs a line it cannot parse and moves on (a warning), and a line
+    of a type it does not read (an info): count the first, and the second unless the type is
+    one of PEAK's own non-frame records, as bad, in its words (a line of garbage reads as a
+    line of an unknown type)."""
 
     def __init__(self, stats: ReadStats, lines: CountingLines) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.stats, self.lines = stats, lines
+        self.unknown_type = 0  # lines counted as bad for a type python-can does not know
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        if "Failed to parse" in msg:
+        unknown = "Unsupported type" in msg and not msg.endswith(_TRC_OTHER_TYPES)
+        if "Failed to parse" in msg or unknown:
+            self.unknown_type += unknown
             self.stats.bad(self.lines.line_no, " ".join(msg.split())[:120])
 
 
 def _iter_python_can_text(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
     with open(path, encoding="utf-8-sig", errors="replace", newline=None) as fh:
         lines = CountingLines(fh)
-        with divert_logging("can.io", _CountParseWarnings(stats, lines)):
-            yield from _resilient(path, fmt, stats, lines)
+        said = _CountParseWarnings(stats, lines)
+        with divert_logging("can.io", said):
+            yield from _resilient(path, fmt, stats, lines, said)
 
 
 def _resilient(
-    path: Path, fmt: LogFormat, stats: ReadStats, lines: CountingLines
+    path: Path, fmt: LogFormat, stats: ReadStats, lines: CountingLines, said: _CountParseWarnings
 ) -> Iterator[can.Message]:
     import can
 
     reader = getattr(can, _READERS[fmt])(lines)
-    header = _Header(reader, lines, stats) if fmt in (LogFormat.ASC, LogFormat.TRC) else None
+    header = (
+        _Header(reader, lines, stats, fmt is LogFormat.ASC)
+        if fmt in (LogFormat.ASC, LogFormat.TRC)
+        else None
+    )
     last_error_line = -1
     read = 0
     while True:
@@ -207,12 +241,15 @@ def _resilient(
                 read += 1
                 yield msg
             # (TRC only: python-can's ASC reader passes over its blocks' own lines too)
-            unsaid = header.unsaid() if header is not None and fmt is LogFormat.TRC else 0
-            if not read and unsaid > 0:
-                stats.stopped_early = (
-                    f"python-can's {_READERS[fmt]} read no frame from the {unsaid} line(s) "
-                    "after its header, and said nothing of them: does the header fit them?"
-                )
+            # lines it passed over in silence, or for a type it does not know (every line, if
+            # the header's columns do not fit them)
+            if header is not None and fmt is LogFormat.TRC:
+                unread = header.unsaid() + said.unknown_type
+                if not read and unread > 0:
+                    stats.stopped_early = (
+                        f"python-can's {_READERS[fmt]} read no frame from the {unread} line(s) "
+                        "after its header: does the header fit them?"
+                    )
             return
         except READ_ERRORS as exc:
             if lines.line_no == last_error_line:
@@ -228,7 +265,9 @@ def _iter_python_can_binary(path: Path, fmt: LogFormat, stats: ReadStats) -> Ite
     try:
         import can
 
-        reader = can.LogReader(str(path))
+        # by format, not by suffix (``LogReader`` goes by the suffix: a BLF file found by its
+        # magic bytes but named otherwise was refused as "unknown log format")
+        reader = getattr(can, _BINARY_READERS[fmt])(str(path))
     except ImportError as exc:
         raise LogFormatError(f"{path}: reading {fmt.value} needs an extra package: {exc}") from exc
     except Exception as exc:  # python-can raises assorted errors on a corrupt header

@@ -230,7 +230,7 @@ def test_trc_header_that_does_not_fit_its_lines_is_said(tmp_path):
         (tmp_path / name).write_text("".join(text))
         stats = ReadStats()
         said[name] = (len(_frames(tmp_path / name, stats)), stats.bad_lines, stats.stopped_early)
-    assert said["columns.trc"][:2] == (0, 0)
+    assert said["columns.trc"][:2] == (0, len(data))  # each line of a type it does not know
     assert f"read no frame from the {len(data)} line(s) after its header" in said["columns.trc"][2]
     assert said["header.trc"] == (0, 0, None)
     assert said["healthy.trc"] == (len(_frames(src)), 0, None)
@@ -390,3 +390,70 @@ def test_a_blf_cut_short_says_so(tmp_path):
     assert counts["full.blf"] == (3000, None)
     n, why = counts["cut.blf"]
     assert 0 < n < 3000 and "7,000 of the" in why and "cut short" in why
+
+
+def _python_can_files(tmp_path: Path, *suffixes: str) -> dict[str, Path]:
+    """The same 100 frames written by python-can's own writers, one file per suffix."""
+    msgs = [
+        can.Message(timestamp=100 + i * 0.01, arbitration_id=0x100 + i % 5, channel=0,
+                    data=bytes([i % 256] * 8), is_extended_id=False)
+        for i in range(100)
+    ]  # fmt: skip
+    out = {}
+    for suffix in suffixes:
+        out[suffix] = tmp_path / f"good{suffix}"
+        with can.Logger(str(out[suffix])) as w:
+            for m in msgs:
+                w.on_message_received(m)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("suffix", "reasons"),
+    [(".asc", ("not a line of an ASC log", "without its direction")),
+     (".trc", ("Unsupported type", "Failed to parse"))],
+)  # fmt: skip
+def test_a_garbage_line_and_a_line_cut_short_are_counted_where_python_can_is_silent(
+    tmp_path, suffix, reasons
+):
+    good = _python_can_files(tmp_path, suffix)[suffix]
+    lines = good.read_text().splitlines()
+    k = len(lines) // 2
+    lines[k] = "this is !! not a frame ### 12 zz"
+    lines[k + 4] = lines[k + 4][: len(lines[k + 4]) // 2]
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_text("\n".join(lines) + "\n")
+    # python-can loses both frames without a word ...
+    assert len(_pycan(bad)) == len(_pycan(good)) - 2
+    # ... the gateway loses them too, but counts both lines, with their numbers and why
+    stats = ReadStats()
+    assert len(_frames(bad, stats)) == 98
+    assert stats.bad_lines == 2, stats.first_bad
+    assert [n for n, _ in stats.first_bad] == [k + 1, k + 5]
+    for (_, why), reason in zip(stats.first_bad, reasons, strict=True):
+        assert reason in why
+
+
+@pytest.mark.parametrize("name", PYCAN_FILES)
+def test_python_cans_own_test_logs_have_no_bad_line(name):
+    # events, statistics, status and warning records are lines of the formats, not damage
+    path = SHARED_CAN / "python_can_testdata" / name
+    if not path.exists():
+        pytest.skip(f"{path} absent (../shared not beside the repository)")
+    stats = ReadStats()
+    assert _frames(path, stats) and stats.bad_lines == 0, stats.first_bad
+
+
+def test_logs_named_otherwise_are_read_by_their_contents(tmp_path):
+    files = _python_can_files(tmp_path, ".blf", ".trc", ".log")
+    want = _frames(files[".log"])
+    for suffix, fmt in ((".blf", LogFormat.BLF), (".trc", LogFormat.TRC)):
+        renamed = tmp_path / f"recording_{suffix[1:]}"
+        renamed.write_bytes(files[suffix].read_bytes())
+        assert detect_format(renamed) is fmt
+        assert [f[2:] for f in _frames(renamed)] == [f[2:] for f in want]
+    # a candump log saved with a byte order mark keeps its first frame
+    bom = tmp_path / "bom.log"
+    bom.write_bytes(b"\xef\xbb\xbf" + files[".log"].read_bytes())
+    stats = ReadStats()
+    assert _frames(bom, stats) == want and stats.bad_lines == 0
