@@ -54,7 +54,10 @@ class FrameBatch:
 
     @property
     def raw_bytes(self) -> int:
-        """Payload bytes carried by these frames (what a raw upload would send)."""
+        """Payload bytes carried by these frames (what a raw upload would send): a remote
+        frame's length asks for data and carries none."""
+        if self.is_remote.any():
+            return int(self.dlc.sum(dtype=np.int64, where=~self.is_remote))
         return int(self.dlc.sum(dtype=np.int64))
 
     @classmethod

@@ -406,3 +406,13 @@ def test_more_channel_names_than_a_channel_number_holds_is_one_error(tmp_path):
     with pytest.raises(LogFormatError, match=r"many\.log: more than 65,536 different channel"):
         for _ in candump.iter_candump(log, ReadStats(path=str(log)), workers=0):
             pass
+
+
+def test_a_remote_frames_length_is_no_payload(tmp_path):
+    from gateway.canbus.candump import iter_candump
+
+    log = tmp_path / "remote.log"
+    log.write_text("(1.000000) can0 123#R5\n(1.100000) can0 124#R\n(1.200000) can0 125#0102\n")
+    (batch,) = list(iter_candump(log, workers=0))
+    assert batch.is_remote.tolist() == [True, True, False]
+    assert batch.raw_bytes == 2  # the data frame's two bytes; the remote frames carry none
