@@ -28,7 +28,14 @@ from gateway.camera.options import (
     DetectorSettings,
     Method,
 )
-from gateway.camera.source import IMAGE_SUFFIXES, Frame, VideoFileSource, read_image
+from gateway.camera.source import (
+    IMAGE_SUFFIXES,
+    READ_SUFFIXES,
+    Frame,
+    VideoFileSource,
+    folder_images,
+    read_image,
+)
 from gateway.errors import CameraError, ConfigError, StorageError, make_folder
 
 log = logging.getLogger("gateway.camera.batch")
@@ -176,25 +183,8 @@ def _image(anon: FrameAnonymiser, src: Path, dst: Path, tally: _Tally) -> None:
 
 
 def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally: _Tally) -> None:
-    entries = sorted(src.iterdir())
-    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    folders = [p.name for p in entries if p.is_dir()]
-    taken = set(files)
-    others = [p.name for p in entries if not p.is_dir() and p not in taken]
-    if others:  # not images by their names (or broken links): nothing of them is written
-        log.warning(
-            "%s: %d file(s) not read, not named as images (%s): nothing of them is written",
-            src,
-            len(others),
-            ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""),
-        )
-    if folders:  # not read: say so, rather than leave their photos unblurred unnoticed
-        log.warning(
-            "%s: %d sub-folder(s) not read (%s); anonymise each on its own",
-            src,
-            len(folders),
-            ", ".join(sorted(folders)[:3]) + (", ..." if len(folders) > 3 else ""),
-        )
+    # (what is not read is not written: said, rather than leave its photos unnoticed)
+    files = folder_images(src, IMAGE_SUFFIXES)
     if not files:
         raise CameraError(f"{src}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if dst.resolve() == src.resolve():
@@ -210,6 +200,11 @@ def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally
 
 
 def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally: _Tally) -> None:
+    if src.suffix.lower() in READ_SUFFIXES:  # an image this command does not write back
+        raise ConfigError(
+            f"{src}: a {src.suffix} image is not written back as one (OpenCV cannot write "
+            ".jfif; a GIF would lose its animation): convert it to .jpg or .png first"
+        )
     source = VideoFileSource(src)
     fourcc = _VIDEO_CODECS.get(dst.suffix.lower())
     if fourcc is None:

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gateway.camera.anonymiser import (
     AnonymiserSettings,
     DetectionFailed,
@@ -26,7 +28,7 @@ from gateway.camera.anonymiser import (
     Outcome,
     Plan,
 )
-from gateway.camera.source import Frame, FrameSource
+from gateway.camera.source import Frame, FrameSource, Unreadable
 from gateway.camera.store import FrameStore, StoreSettings
 from gateway.errors import CameraError, StorageError
 from gateway.records import CameraSummary
@@ -76,6 +78,12 @@ class _Window:
             fps,
             health,
         )
+
+
+def _no_image(item: object) -> Frame:
+    """The frame of an unreadable image (its number, time and name; no pixels)."""
+    assert isinstance(item, Unreadable)
+    return Frame(item.index, item.t, np.zeros((0, 0, 3), np.uint8), item.name)
 
 
 def _read_error(fut: asyncio.Future[list[Outcome]]) -> None:
@@ -216,18 +224,23 @@ class CameraStage:
                     item = reading.result()
                 except CameraError as exc:
                     log.error("camera %s: %s", self.name, exc)
-                    if self._windows:
-                        self._windows[max(self._windows)].source_failed = True
+                    # said in a summary, even before a first frame (a device that never opened)
+                    win = (
+                        self._windows[max(self._windows)] if self._windows else self._window_of(0.0)
+                    )
+                    win.source_failed = True
                     break
                 if item is sentinel:
                     break
-                assert isinstance(item, Frame)
-                frame = item
                 reading = loop.run_in_executor(self._read, next_frame)  # decode ahead
+                frame = item if isinstance(item, Frame) else _no_image(item)
                 win = self._window_of(frame.t)
                 win.seen += 1
                 win.last_t = max(win.last_t, frame.t)
                 self.seen += 1
+                if isinstance(item, Unreadable):  # a photo of a folder: seen, and dropped
+                    self._count([Outcome(frame, None, error=item.reason)])
+                    continue
                 if pace is not None:
                     late = time.monotonic() - (t_wall0 + frame.t / pace)
                     if late < 0:

@@ -30,6 +30,11 @@ log = logging.getLogger("gateway.camera.source")
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
 )
+# still images a camera source reads (nothing is written back in their format: .jfif is JPEG;
+# of a GIF, the first frame)
+READ_SUFFIXES = IMAGE_SUFFIXES | {".jfif", ".gif"}
+# formats that can hold several images in one file
+_PAGED = frozenset({".tif", ".tiff", ".gif", ".webp"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +47,25 @@ class Frame:
     name: str = ""  # file name, for image folders
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A file of an image folder that could not be read: a frame seen and dropped."""
+
+    index: int
+    t: float
+    name: str
+    reason: str
+
+
 class FrameSource(Protocol):
     name: str
     fps: float
     live: bool  # a device paces itself; recordings are paced by the caller
+    # the frames are unrelated photos, not a video: each is detected on its own (a held frame
+    # or the frame memory would cover it with the boxes of other pictures)
+    stills: bool
 
-    def frames(self) -> Iterator[Frame]: ...
+    def frames(self) -> Iterator[Frame | Unreadable]: ...
 
     def total(self) -> int | None: ...
 
@@ -63,6 +81,7 @@ def _cv_quiet() -> None:
 
 class VideoFileSource:
     live = False
+    stills = False
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -87,16 +106,21 @@ class VideoFileSource:
 
     def frames(self) -> Iterator[Frame]:
         cap = cv2.VideoCapture(str(self.path))
+        i = 0
         try:
-            i = 0
             while True:
                 ok, img = cap.read()
                 if not ok or img is None:
-                    return
+                    break
                 yield Frame(i, i / self.fps, img)
                 i += 1
         finally:
             cap.release()
+        if self._count and i < self._count:  # a file cut short decodes to its cut, then stops
+            log.warning(
+                "%s: %d of the %d frames its header declares could be read", self.path, i,
+                self._count,
+            )  # fmt: skip
 
 
 def read_image(path: Path) -> Image:
@@ -109,35 +133,70 @@ def read_image(path: Path) -> Image:
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
     if img is None:
         raise CameraError(f"{path}: not an image OpenCV can read")
+    if path.suffix.lower() in _PAGED:
+        with contextlib.suppress(cv2.error):
+            pages = cv2.imcount(str(path))
+            if pages > 1:
+                log.warning("%s: holds %d images; only the first is read", path, pages)
     return img
 
 
+def folder_images(folder: Path, suffixes: frozenset[str]) -> list[Path]:
+    """The image files of ``folder`` (by name, ``suffixes``), sorted; what is passed over (other
+    files, broken links, sub-folders) is said in a warning, never skipped in silence."""
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in suffixes]
+    folders = [p.name for p in entries if p.is_dir()]
+    taken = set(files)
+    others = [p.name for p in entries if not p.is_dir() and p not in taken]
+    if others:
+        log.warning(
+            "%s: %d file(s) not read, not named as images (%s)",
+            folder,
+            len(others),
+            ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""),
+        )
+    if folders:
+        log.warning(
+            "%s: %d sub-folder(s) not read (%s)",
+            folder,
+            len(folders),
+            ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else ""),
+        )
+    return files
+
+
 class ImageFolderSource:
-    """The images of a folder in name order, as frames at ``fps``."""
+    """The images of a folder in name order (or one image file), as frames at ``fps``; an
+    image that cannot be read is a frame seen and dropped (``Unreadable``)."""
 
     live = False
+    stills = True
 
     def __init__(self, path: str | Path, fps: float = 10.0) -> None:
         self.path = Path(path)
         self.name = str(self.path)
         self.fps = fps
+        if self.path.is_file() and self.path.suffix.lower() in READ_SUFFIXES:
+            self.files = [self.path]
+            return
         if not self.path.is_dir():
             raise CameraError(f"{self.path}: no such image folder")
-        self.files = sorted(
-            p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        self.files = folder_images(self.path, READ_SUFFIXES)
         if not self.files:
-            raise CameraError(f"{self.path}: no images in this folder")
+            raise CameraError(
+                f"{self.path}: no images in this folder ({', '.join(sorted(READ_SUFFIXES))})"
+            )
 
     def total(self) -> int | None:
         return len(self.files)
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self) -> Iterator[Frame | Unreadable]:
         for i, p in enumerate(self.files):
             try:
                 img = read_image(p)
             except CameraError as exc:
-                log.warning("%s", exc)
+                yield Unreadable(i, i / self.fps, p.name, str(exc))
                 continue
             yield Frame(i, i / self.fps, img, p.name)
 
@@ -146,6 +205,7 @@ class DeviceSource:
     """A V4L2 device (``/dev/video0`` on the Pi); ``t`` is wall time since opening."""
 
     live = True
+    stills = False
 
     def __init__(self, path: str, width: int = 1280, height: int = 720, fps: float = 15.0) -> None:
         self.name = path
@@ -183,6 +243,7 @@ class SyntheticSource:
     """Rendered frames (moving rectangles on a gradient) for tests: no faces, no files."""
 
     live = False
+    stills = False
 
     def __init__(
         self, count: int = 100, size: tuple[int, int] = (640, 360), fps: float = 25.0
@@ -215,7 +276,7 @@ def open_source(spec: str) -> FrameSource:
     if spec.startswith("/dev/video"):
         return DeviceSource(spec)
     p = Path(spec).expanduser()
-    if p.is_dir():
+    if p.is_dir() or (p.is_file() and p.suffix.lower() in READ_SUFFIXES):
         return ImageFolderSource(p)
     if not p.exists():
         raise CameraError(f"{p}: no such video file or image folder")

@@ -57,12 +57,25 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
             plate_strips=cam.plate_strips,
         )
         source = open_source(spec)
+        detect_every, memory = cam.detect_every, cam.memory
+        if source.stills and (detect_every, memory) != (1, 0):
+            # photos, not a video: a photo held between two detections would get the boxes of
+            # two other pictures, and the frame memory would carry boxes onto unrelated ones
+            log.info(
+                "camera %s: %s holds photos: each is detected on its own (detect_every %d and "
+                "memory %d are for videos)",
+                name,
+                spec,
+                detect_every,
+                memory,
+            )
+            detect_every, memory = 1, 0
         anonymiser = FrameAnonymiser(
             load_detectors(detector),
             AnonymiserSettings(
                 method=Method.parse(cam.method),
-                detect_every=cam.detect_every,
-                memory=cam.memory,
+                detect_every=detect_every,
+                memory=memory,
                 detector=detector,
             ),
         )

@@ -63,3 +63,80 @@ def test_unusable_sources_are_one_line_camera_errors(tmp_path, make, needle):
 
 def test_device_source_is_live():
     assert DeviceSource.live and not VideoFileSource.live
+
+
+def _gradient(path, w=64, h=36):
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(
+        str(path), np.tile(np.linspace(0, 255, w, dtype=np.uint8)[None, :, None], (h, 1, 3))
+    )
+
+
+def _stream(source):
+    import asyncio
+
+    from gateway.camera.anonymiser import FrameAnonymiser
+    from gateway.camera.options import AnonymiserSettings
+    from gateway.camera.pipeline import CameraStage
+
+    class NoFaces:
+        def detect(self, frame):
+            return []
+
+    stage = CameraStage(source, FrameAnonymiser(NoFaces(), AnonymiserSettings()), name="c",
+                        window=60.0, speed=None, store=None)  # fmt: skip
+    out = []
+
+    async def emit(summary) -> None:
+        out.append(summary)
+
+    asyncio.run(stage.run(emit, asyncio.Event()))
+    return out
+
+
+def test_an_unreadable_photo_of_a_folder_is_a_frame_seen_and_dropped(tmp_path, caplog):
+    for name in ("a.jpg", "c.png"):
+        _gradient(tmp_path / name)
+    (tmp_path / "b.jpg").write_text("not a photo")
+    (tmp_path / "d.gif").write_bytes(b"GIF89a")  # read by name; not a GIF inside
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "sub").mkdir()
+    (summary,) = _stream(open_source(str(tmp_path)))
+    assert (summary.frames_seen, summary.frames_anonymised, summary.frames_dropped) == (4, 2, 2)
+    assert summary.health == "degraded"
+    said = caplog.text
+    assert "1 file(s) not read, not named as images (notes.txt)" in said
+    assert "1 sub-folder(s) not read (sub)" in said
+
+
+def test_a_camera_that_never_opens_says_failed_in_a_summary():
+    # /dev/null exists but is no V4L2 device: the stage fails before its first frame
+    (summary,) = _stream(DeviceSource("/dev/null"))
+    assert summary.health == "failed" and summary.frames_seen == 0
+
+
+def test_a_video_cut_short_says_how_many_of_its_frames_were_read(tmp_path, caplog):
+    import cv2
+
+    full = tmp_path / "full.avi"
+    w = cv2.VideoWriter(str(full), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 36))
+    import numpy as np
+
+    for i in range(40):
+        w.write(np.full((36, 64, 3), i * 5, np.uint8))
+    w.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    src = VideoFileSource(cut)
+    n = len(list(src.frames()))
+    assert 0 < n < 40
+    assert f"{n} of the 40 frames its header declares could be read" in caplog.text
+
+
+def test_a_single_photo_and_jfif_photos_are_camera_sources(tmp_path):
+    _gradient(tmp_path / "one.jpg")
+    (tmp_path / "two.jfif").write_bytes((tmp_path / "one.jpg").read_bytes())
+    assert [f.name for f in open_source(str(tmp_path / "two.jfif")).frames()] == ["two.jfif"]
+    assert [f.name for f in open_source(str(tmp_path)).frames()] == ["one.jpg", "two.jfif"]

@@ -81,3 +81,50 @@ def test_two_clips_get_two_names(tmp_path):
 def test_bad_camera_settings_fail_before_anything_runs(tmp_path, cam, error, needle):
     with pytest.raises(error, match=needle):
         camera_stages([cam.source], _settings(tmp_path, camera=[cam]))
+
+
+def test_photos_of_a_folder_are_each_detected_on_their_own(tmp_path):
+    """An image folder was streamed like a video: with detect_every 3 the photos between two
+    detections got only the boxes of other pictures (faces left unblurred in the frame store),
+    and the frame memory carried boxes onto the next, unrelated photos."""
+    import asyncio
+
+    from gateway.camera.anonymiser import FrameAnonymiser
+    from gateway.camera.detect import load_detectors
+    from gateway.camera.options import AnonymiserSettings
+    from gateway.camera.source import read_image
+    from tests.conftest import shared_or_skip
+
+    faces = shared_or_skip("data", "vision", "faces")
+    photos = sorted(p for p in faces.iterdir() if p.suffix == ".jpg")[:12]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, p in enumerate(photos):  # links, not copies: the photos stay in ../shared
+        (folder / f"{i:02d}.jpg").symlink_to(p)
+    cam = CameraSource(source=str(folder), name="photos", detect_every=3, memory=5)
+    s = dataclasses.replace(_settings(tmp_path, camera=[cam]), replay=Settings().replay)
+    s = dataclasses.replace(s, replay=dataclasses.replace(s.replay, fast=True))
+    (stage,) = camera_stages([cam.source], s)
+    assert (stage.anonymiser.s.detect_every, stage.anonymiser.s.memory) == (1, 0)
+    # the faces the stream blurs are the faces found on each photo alone, no more, no fewer
+    alone = FrameAnonymiser(load_detectors(stage.anonymiser.s.detector),
+                            AnonymiserSettings(detector=stage.anonymiser.s.detector))  # fmt: skip
+    try:
+        want = [alone.process(f).faces for f in _frames(folder, read_image)]
+    finally:
+        alone.close()
+    got = []
+
+    async def emit(summary) -> None:
+        got.append(summary)
+
+    asyncio.run(stage.run(emit, asyncio.Event()))
+    assert sum(w > 0 for w in want) >= 8  # the positive control: photos with faces
+    assert sum(x.faces_blurred for x in got) == sum(want)
+    assert sum(x.frames_anonymised for x in got) == len(photos)
+
+
+def _frames(folder, read):
+    from gateway.camera.source import Frame
+
+    return [Frame(i, i / 10, read(p), p.name) for i, p in enumerate(sorted(folder.iterdir()))]
