@@ -25,7 +25,6 @@ import pickle
 import re
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -388,6 +387,8 @@ def _write_private(path: Path, entry: Any) -> bool:
         if not _private(path.parent):
             log.debug("DBC cache %s is not private to this user: not written", path.parent)
             return False
+        import tempfile  # here: only a cache miss writes (tempfile imports random, shutil)
+
         fd, tmp = tempfile.mkstemp(prefix=path.stem[:16], suffix=".tmp", dir=path.parent)
         with open(fd, "wb") as fh:
             pickle.dump(entry, fh, protocol=pickle.HIGHEST_PROTOCOL)

@@ -15,9 +15,7 @@ import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from enum import Enum
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +134,10 @@ def quantize(value: float, quantum: float | None) -> float:
 def _decimals(quantum: float) -> int:
     """The decimals of ``quantum`` as written (0.5 -> 1, 0.01 -> 2, 60 -> 0); a policy has a
     handful of quanta, and every published number is rounded to one (cached: 2 us a call)."""
-    return int(max(0, -Decimal(repr(quantum)).normalize().as_tuple().exponent))  # type: ignore[operator]
+    digits, _, exp = repr(float(quantum)).lower().partition("e")  # 0.5, 1e-05, 2.5e-07
+    whole, _, frac = digits.partition(".")
+    frac = frac.rstrip("0")
+    return max(0, len(frac) - int(exp or 0))
 
 
 def _text(v: float) -> str:
@@ -403,7 +404,8 @@ _POLICY_MAX = {
 def load_policy(path: str | Path | None = None) -> Policy:
     """The policy in ``path``, or the bundled default policy."""
     if not path:
-        data = resources.files("gateway.data").joinpath(DEFAULT_POLICY).read_bytes()
+        # the package's own file (importlib.resources would import zipfile for it)
+        data = (Path(__file__).parents[1] / "data" / DEFAULT_POLICY).read_bytes()
         import tomllib
 
         return parse_policy(
