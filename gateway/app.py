@@ -11,16 +11,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from gateway import __version__
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.egress.guard import EgressGuard, Outgoing, Released
-from gateway.egress.ledger import Ledger, last_vin, unfinished_egress
+from gateway.egress.ledger import Ledger, egress_hashes, last_vin, unfinished_egress
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics, unpack
-from gateway.errors import ConfigError, GatewayError, make_folder
+from gateway.errors import ConfigError, GatewayError, StorageError, make_folder
 from gateway.health import HealthMonitor
 from gateway.records import (
     Decoder,
@@ -224,6 +225,7 @@ class Gateway:
         _apply_config_consent(
             self.consent, g.consent, self.policy, now, f"{settings.source_file}: [gateway].consent"
         )
+        new_ledger = not Path(g.ledger).exists()
         self.ledger = Ledger(g.ledger)
         try:
             self.outbox = Outbox(
@@ -231,8 +233,11 @@ class Gateway:
                 on_drop=self._record_drop,
                 max_age_s=self.policy.location_retention_days * 86400,
             )
-        except BaseException:  # a damaged outbox: the ledger's lock is not held on to
+        except BaseException:  # a damaged or busy outbox: the ledger's lock is not held on to
             self.ledger.close()
+            with contextlib.suppress(OSError):  # nor an empty ledger made for nothing left
+                if new_ledger and Path(g.ledger).stat().st_size == 0:
+                    Path(g.ledger).unlink()
             raise
         try:
             check_vehicle_files(g.ledger, g.outbox, g.vin, self.outbox, self.topics)
@@ -241,6 +246,12 @@ class Gateway:
             self.ledger.close()
             raise
         self._reconcile()
+        try:
+            self._check_waiting()
+        except BaseException:
+            self.outbox.close()
+            self.ledger.close()
+            raise
         self.outbox.reserve_seq(self.ledger.max_seq + 1)
         self.guard = EgressGuard(
             self.policy,
@@ -301,13 +312,62 @@ class Gateway:
                 sha256=[h for _, h in lost],
             )
 
+    def _check_waiting(self) -> None:
+        """What waits in the outbox is what the ledger recorded: each summary has its egress
+        line, with the same sha256. Else nothing is sent: a summary changed in the outbox file
+        would leave with bytes no ledger line holds, and a ledger that lost its end (cut, or
+        restored from a backup) would let summaries leave without any. Numbers the outbox
+        handed out above the ledger's highest, none waiting, are lines the ledger lost:
+        recorded, and said."""
+        waiting = self.outbox.digests()
+        seqs = {q for q, _ in waiting if q is not None}
+        loose = {h for q, h in waiting if q is None}
+        if waiting:
+            by_seq, found = egress_hashes(self.ledger.path, seqs, loose)
+            missing = sorted(seqs - by_seq.keys())
+            changed = [q for q, h in waiting if q in by_seq and by_seq[q] != h]
+            where = f"{self.outbox.path}: "
+            if changed:
+                raise StorageError(
+                    f"{where}{len(changed)} summary(ies) waiting in it (first seq {changed[0]}) "
+                    f"differ from what the audit ledger {self.ledger.path} recorded of them: "
+                    "the outbox was changed after they were written. Nothing was sent; move it "
+                    "aside to start with an empty one"
+                )
+            if missing or loose - found:
+                span = f" (seq {missing[0]}..{missing[-1]})" if missing else ""
+                raise StorageError(
+                    f"{where}{len(missing) + len(loose - found)} summary(ies) waiting in it"
+                    f"{span} have no line in the audit ledger {self.ledger.path}: the ledger "
+                    "lost its end (cut, or restored from a backup?), or the outbox is another "
+                    "ledger's. Nothing was sent; put the ledger back, or move the outbox aside"
+                )
+        stored = self.outbox.stored_seq
+        if stored is not None and stored - 1 > self.ledger.max_seq:
+            first, last = self.ledger.max_seq + 1, stored - 1
+            log.warning(
+                "%s ends at seq %d, but the outbox %s numbered summaries up to %d: the ledger "
+                "lost the lines of seq %d..%d (recorded as unrecorded)",
+                self.ledger.path, self.ledger.max_seq, self.outbox.path, last, first, last,
+            )  # fmt: skip
+            self.ledger.append(
+                "unrecorded",
+                seqs=[first, last],
+                reason="numbered by the outbox, not in this ledger: lines it lost (cut, or "
+                "restored from a backup); whether those summaries left is not on record",
+            )
+
     # -- egress ----------------------------------------------------------------------------
     def emit(self, out: Outgoing) -> Released | None:
         """Guard, ledger, outbox: the one path by which anything may leave."""
         msg = self.guard.release(out)
         if msg is None:
             return None
-        self._ledger_egress(msg)
+        try:
+            self._ledger_egress(msg)
+        except StorageError:
+            self.outbox.give_back(msg.seq)  # it never leaves: its number is not lost
+            raise
         if self._group is not None:
             self._group.append(msg)
         else:
@@ -339,6 +399,9 @@ class Gateway:
             elif group:  # the ledger could not take its lines (cut off again): none leaves
                 self.report.released -= len(group)
                 self.report.bytes_released -= sum(len(m.payload) for m in group)
+                self.outbox.give_back(
+                    min((m.seq for m in group if m.seq is not None), default=None)
+                )
 
     def _ledger_egress(self, msg: Released) -> None:
         self.ledger.append(

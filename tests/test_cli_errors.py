@@ -512,12 +512,15 @@ def test_another_vehicles_ledger_or_outbox_is_refused(tmp_path, broker):
     from gateway.egress.outbox import Outbox
     from tests.egress.test_outbox import _released
 
-    # GIVEN vehicle V's ledger, and 3 of its summaries waiting in the outbox
+    # GIVEN vehicle V's ledger, and 3 of its summaries waiting in the outbox (each recorded)
     led = Ledger(tmp_path / "l.jsonl")
     led.append("start", vin="V")
-    led.close()
     ob = Outbox(tmp_path / "o.sqlite")
-    ob.put_many(_released(ob, 3))
+    waiting = _released(ob, 3)
+    for m in waiting:
+        led.append("egress", topic=m.topic, seq=m.seq, schema=m.schema, sha256=m.sha256)
+    led.close()
+    ob.put_many(waiting)
     ob.close()
     common = ["--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")]
     # WHEN vehicle B runs, exports or deletes on the same files: refused, nothing touched
@@ -599,3 +602,17 @@ def test_a_log_without_a_single_frame_is_named_in_the_report(tmp_path, broker):
     assert proc.returncode == 0, proc.stderr
     said = [ln for ln in proc.stderr.splitlines() if "no frame in it" in ln]
     assert [ln.split(":")[0].strip() for ln in said] == [str(empty), str(noise)], proc.stderr
+
+
+def test_a_gateway_refused_for_a_busy_outbox_leaves_no_empty_ledger_behind(tmp_path):
+    from gateway.app import Gateway
+    from gateway.egress.outbox import Outbox
+    from gateway.errors import StorageError
+
+    held = Outbox(tmp_path / "o.sqlite")  # another gateway's, running
+    try:
+        with pytest.raises(StorageError, match="in use by another gateway process"):
+            Gateway(gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}), [])
+    finally:
+        held.close()
+    assert not (tmp_path / "l.jsonl").exists()

@@ -234,6 +234,42 @@ def unfinished_egress(path: str | Path, from_seq: int) -> list[tuple[int, str]]:
     return out[::-1]
 
 
+def egress_hashes(
+    path: str | Path, seqs: set[int], unsequenced: set[str]
+) -> tuple[dict[int, str], set[str]]:
+    """The sha256 the ledger recorded for each of ``seqs``, and which of the ``unsequenced``
+    hashes (retained messages carry no seq) it recorded: read from the end back until all are
+    found, or back past the lowest of ``seqs`` once the unsequenced are found too (numbers only
+    grow in a ledger). For the summaries waiting in an outbox: a handful, or none."""
+    by_seq: dict[int, str] = {}
+    found: set[str] = set()
+    if not seqs and not unsequenced:
+        return by_seq, found
+    lowest = min(seqs, default=0)
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        for raw in _lines_backwards(fh, fh.tell()):
+            if b'"egress"' not in raw:
+                continue
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or entry.get("kind") != "egress":
+                continue
+            seq, sha = entry.get("seq"), str(entry.get("sha256"))
+            if isinstance(seq, int):
+                if seq in seqs:
+                    by_seq.setdefault(seq, sha)
+                elif seq < lowest and found >= unsequenced:
+                    break
+            elif sha in unsequenced:
+                found.add(sha)
+            if len(by_seq) == len(seqs) and found >= unsequenced:
+                break
+    return by_seq, found
+
+
 def _is_entry(raw: bytes) -> bool:
     """Whether ``raw`` reads as a ledger entry (its hash is checked by ``audit verify``)."""
     try:

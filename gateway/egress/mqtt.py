@@ -264,9 +264,14 @@ class MqttPublisher:
                 self.listening.clear()
                 self.last_error = describe_error(self.broker, exc)
                 if stop.is_set():
-                    log.warning(
-                        "%s; %d message(s) stay in the outbox", self.last_error, self.outbox.depth()
+                    depth, held = self.outbox.depth(), len(self.outbox.memory_only())
+                    where = (
+                        f"{depth - held} stay in the outbox file; {held} held in memory only "
+                        "(the file could not take them) are lost when the gateway stops"
+                        if held
+                        else "they stay in the outbox"
                     )
+                    log.warning("%s; %d message(s) not sent: %s", self.last_error, depth, where)
                     return
                 self.reconnects += 1
                 # lost within seconds of connecting, again and again: the broker closes an old

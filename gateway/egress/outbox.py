@@ -17,6 +17,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import sqlite3
@@ -118,6 +119,13 @@ class Outbox:
         seq = self._next_seq
         self._next_seq += 1
         return seq
+
+    def give_back(self, first: int | None) -> None:
+        """The numbers from ``first`` on were handed to summaries that never left and never
+        will (their ledger lines could not be written): the next summaries take them, so the
+        owner's ``seq`` has no gap that nothing explains."""
+        if first is not None and first < self._next_seq:
+            self._next_seq = first
 
     # -- writing ---------------------------------------------------------------------------
     def put(self, msg: Released) -> None:
@@ -255,6 +263,19 @@ class Outbox:
         self.on_drop(items, why)
 
     # -- reading ---------------------------------------------------------------------------
+    def digests(self) -> list[tuple[int | None, str]]:
+        """(seq, sha256 of the payload) of every message waiting, oldest first, read a row at
+        a time (the payloads of a week's backlog are not held in memory at once)."""
+        out: list[tuple[int | None, str]] = []
+        if self._db is not None:
+            try:
+                for seq, payload in self._db.execute("SELECT seq, payload FROM outbox ORDER BY id"):
+                    out.append((seq, hashlib.sha256(payload).hexdigest()))
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+        out += [(m.seq, hashlib.sha256(m.payload).hexdigest()) for m in self._mem.values()]
+        return out
+
     def peek(self, limit: int = 100) -> list[Pending]:
         out: list[Pending] = []
         if self._db is not None:

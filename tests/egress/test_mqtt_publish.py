@@ -350,3 +350,24 @@ def test_another_client_with_the_same_id_is_said_once(tmp_path, broker, caplog):
     ob.close()
     said = [r for r in caplog.records if "second gateway of this vehicle" in r.message]
     assert len(said) == 1 and "'gw-twin'" in said[0].message
+
+
+@pytest.mark.parametrize("in_file", [True, False])
+def test_what_a_stop_leaves_unsent_is_said_where_it_waits(tmp_path, caplog, in_file):
+    from gateway.localbroker import free_port
+
+    # GIVEN 5 summaries waiting in the file, or in memory only (a file that could not be made)
+    ob = Outbox(tmp_path / "o.sqlite" if in_file else None)
+    ob.put_many(_released(ob, 5))
+    pub = MqttPublisher(BrokerSettings(url=f"mqtt://127.0.0.1:{free_port()}"), ob, "gw-test",
+                        status=lambda s, r: None)  # fmt: skip
+    # WHEN the publisher stops without a broker
+    with caplog.at_level(logging.WARNING, logger="gateway.egress.mqtt"):
+        _run_stopped(pub, within=10)
+    # THEN the warning says where they wait: in the file, or lost with the process
+    (said,) = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    if in_file:
+        assert said.endswith("5 message(s) not sent: they stay in the outbox")
+    else:
+        assert "0 stay in the outbox file; 5 held in memory only" in said and "lost" in said
+    ob.close()
