@@ -608,10 +608,10 @@ def _parse_block(buf: bytes, stats: _BadLines, line0: int) -> tuple[_Cols, list[
             stats.bad(line_no, f"line too long ({int(lens[i])} bytes)")
             continue
         raw = buf[starts[i] : ends[i]]
-        try:
-            text = raw.decode("ascii")
+        try:  # an interface may have a name beyond ASCII: python-can reads UTF-8 text
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            stats.bad(line_no, "not ASCII text")
+            stats.bad(line_no, "not UTF-8 text")
             continue
         got = parse_line(text)
         if isinstance(got, str):

@@ -416,3 +416,25 @@ def test_a_remote_frames_length_is_no_payload(tmp_path):
     (batch,) = list(iter_candump(log, workers=0))
     assert batch.is_remote.tolist() == [True, True, False]
     assert batch.raw_bytes == 2  # the data frame's two bytes; the remote frames carry none
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_channel_named_beyond_ascii_is_read_as_python_can_reads_it(tmp_path, workers):
+    from gateway.canbus.candump import iter_candump
+    from gateway.records import ReadStats
+
+    log = tmp_path / "utf8.log"
+    log.write_bytes(
+        "(1.000000) cän0 123#0102\n(1.100000) can0 124#03\n".encode()
+        + b"(1.200000) c\xffn0 125#04\n"  # not UTF-8: a bad line, as python-can cannot read it
+    )
+    stats = ReadStats()
+    (batch,) = list(iter_candump(log, stats, workers=workers))
+    got = [
+        (batch.channels[c], int(i))
+        for c, i in zip(batch.channel, batch.arbitration_id, strict=True)
+    ]
+    text = "(1.000000) cän0 123#0102\n(1.100000) can0 124#03\n"
+    want = [(m.channel, m.arbitration_id) for m in can.CanutilsLogReader(io.StringIO(text))]
+    assert got == want == [("cän0", 0x123), ("can0", 0x124)]
+    assert stats.bad_lines == 1 and stats.first_bad[0] == (3, "not UTF-8 text")
