@@ -173,6 +173,12 @@ class CameraSource:
         "(1-4): its working memory follows its input area. 1 (the whole frame at once) takes "
         "~30 MB more and is ~10-20 % faster (docs/camera.md).",
     )
+    rotate: int = opt(
+        0,
+        "Turn each frame this many degrees clockwise (0, 90, 180 or 270) before anything else: "
+        "for a camera mounted on its side or upside down. The detectors find upright faces and "
+        "level plates; turned 90 degrees, most plates and faces are missed (docs/camera.md).",
+    )
 
 
 @dataclass(frozen=True)

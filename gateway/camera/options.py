@@ -69,6 +69,9 @@ class AnonymiserSettings:
     detector: DetectorSettings = field(default_factory=DetectorSettings)
 
 
+ROTATIONS = (0, 90, 180, 270)  # degrees clockwise, as [[camera]] rotate takes them
+
+
 def check_camera(cam: Any, where: str) -> None:
     """A ``[[camera]]`` table's values, checked without a camera (when the settings are read).
     ``where`` begins each error: ``camera front``, ``gateway.toml: [[camera]] #1``."""
@@ -87,6 +90,8 @@ def check_camera(cam: Any, where: str) -> None:
             f"{where}: plate_strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, "
             f"got {cam.plate_strips}"
         )
+    if cam.rotate not in ROTATIONS:
+        raise ConfigError(f"{where}: rotate must be one of 0, 90, 180, 270, got {cam.rotate!r}")
     try:
         Method.parse(cam.method)
     except ConfigError as exc:

@@ -264,6 +264,38 @@ class SyntheticSource:
             yield Frame(i, i / self.fps, img)
 
 
+class RotatedSource:
+    """The frames of ``source`` turned ``degrees`` clockwise (90, 180, 270): a camera mounted
+    on its side or upside down gives the detectors upright faces and level plates."""
+
+    _CODES = {
+        90: cv2.ROTATE_90_CLOCKWISE,
+        180: cv2.ROTATE_180,
+        270: cv2.ROTATE_90_COUNTERCLOCKWISE,
+    }
+
+    def __init__(self, source: FrameSource, degrees: int) -> None:
+        self.source, self.code = source, self._CODES[degrees]
+        self.name, self.fps = source.name, source.fps
+        self.live, self.stills = source.live, source.stills
+
+    def total(self) -> int | None:
+        return self.source.total()
+
+    def frames(self) -> Iterator[Frame | Unreadable]:
+        frames = self.source.frames()
+        try:
+            for f in frames:
+                if isinstance(f, Frame):
+                    turned: Image = cv2.rotate(f.image, self.code)  # type: ignore[assignment]
+                    f = Frame(f.index, f.t, turned, f.name)
+                yield f
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+
+
 def open_source(spec: str) -> FrameSource:
     """A source from its config string: a video file, an image folder, ``/dev/videoN``,
     or ``synthetic``."""

@@ -17,7 +17,7 @@ from gateway.camera.options import (
     check_camera,
 )
 from gateway.camera.pipeline import CameraStage, store_dir
-from gateway.camera.source import open_source
+from gateway.camera.source import RotatedSource, open_source
 from gateway.camera.store import FrameStore, StoreSettings
 
 log = logging.getLogger("gateway.camera")
@@ -57,6 +57,8 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
             plate_strips=cam.plate_strips,
         )
         source = open_source(spec)
+        if cam.rotate:
+            source = RotatedSource(source, cam.rotate)
         detect_every, memory = cam.detect_every, cam.memory
         if source.stills and (detect_every, memory) != (1, 0):
             # photos, not a video: a photo held between two detections would get the boxes of

@@ -128,3 +128,36 @@ def _frames(folder, read):
     from gateway.camera.source import Frame
 
     return [Frame(i, i / 10, read(p), p.name) for i, p in enumerate(sorted(folder.iterdir()))]
+
+
+def test_a_camera_mounted_on_its_side_is_turned_upright_before_detection(tmp_path, astronaut):
+    import asyncio
+
+    import cv2
+
+    # GIVEN the photos a camera turned a quarter to the left takes (the same portrait, 3 times)
+    folder = tmp_path / "side"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.rotate(astronaut, cv2.ROTATE_90_COUNTERCLOCKWISE))
+
+    def faces(rotate: int) -> int:
+        cam = CameraSource(source=str(folder), name="side", rotate=rotate)
+        (stage,) = camera_stages([cam.source], _settings(tmp_path, camera=[cam]))
+        got = []
+
+        async def emit(summary) -> None:
+            got.append(summary)
+
+        stage.speed = None
+        asyncio.run(stage.run(emit, asyncio.Event()))
+        return sum(s.faces_blurred for s in got)
+
+    # THEN turned back (rotate = 90), the frames are upright (as stored: the portrait's own
+    # height and width) and the face is found on every photo
+    assert faces(90) == 3
+    stored = sorted((tmp_path / "frames").rglob("*.jpg"))
+    assert stored and all(cv2.imread(str(f)).shape == astronaut.shape for f in stored)
+    with pytest.raises(ConfigError, match="rotate must be one of 0, 90, 180, 270"):
+        camera_stages([str(folder)], _settings(tmp_path, camera=[
+            CameraSource(source=str(folder), rotate=45)]))  # fmt: skip
