@@ -234,10 +234,10 @@ class Gateway:
                 max_age_s=self.policy.location_retention_days * 86400,
             )
         except BaseException:  # a damaged or busy outbox: the ledger's lock is not held on to
-            self.ledger.close()
             with contextlib.suppress(OSError):  # nor an empty ledger made for nothing left
                 if new_ledger and Path(g.ledger).stat().st_size == 0:
-                    Path(g.ledger).unlink()
+                    Path(g.ledger).unlink()  # while its lock is held: no other opened it
+            self.ledger.close()
             raise
         try:
             check_vehicle_files(g.ledger, g.outbox, g.vin, self.outbox, self.topics)
@@ -259,6 +259,7 @@ class Gateway:
             consent_ok=lambda c: self.consent.ok(c, self.clock()),
             consent_snapshot=lambda: self.consent.snapshot(self.clock()),
             next_seq=self.outbox.next_seq,
+            give_back=self.outbox.give_back,
             on_block=self._record_block,
         )
         self.publisher = MqttPublisher(

@@ -105,8 +105,13 @@ class BrokerSettings:
         return _parse_broker_url(self.url)[2]
 
     @property
+    def tls_by_url(self) -> bool:
+        """Whether the URL itself asks for TLS (mqtts://, ssl://)."""
+        return _parse_broker_url(self.url)[0] == "mqtts"
+
+    @property
     def tls(self) -> bool:
-        return _parse_broker_url(self.url)[0] == "mqtts" or bool(self.tls_ca)
+        return self.tls_by_url or bool(self.tls_ca)
 
     def secret(self) -> str:
         if self.password_file:

@@ -616,3 +616,14 @@ def test_a_gateway_refused_for_a_busy_outbox_leaves_no_empty_ledger_behind(tmp_p
     finally:
         held.close()
     assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_the_tls_hint_names_tls_ca_only_when_the_url_does_not_ask_for_tls():
+    from gateway.egress.mqtt import describe_error
+    from gateway.settings import BrokerSettings
+
+    err = OSError("SSL: WRONG_VERSION_NUMBER")
+    for url in ("mqtts://h:8883", "ssl://h:8883"):
+        assert "tls_ca" not in describe_error(BrokerSettings(url=url, tls_ca="ca.pem"), err)
+    said = describe_error(BrokerSettings(url="mqtt://h:1883", tls_ca="ca.pem"), err)
+    assert "TLS is on because tls_ca is set" in said

@@ -80,6 +80,9 @@ class _Window:
         )
 
 
+UNREADABLE = "unreadable image"  # the drop reason of a photo that could not be read
+
+
 def _no_image(item: object) -> Frame:
     """The frame of an unreadable image (its number, time and name; no pixels)."""
     assert isinstance(item, Unreadable)
@@ -166,13 +169,15 @@ class CameraStage:
         ``WARN_EVERY_S`` seconds, with how many there were (a camera the device cannot keep up
         with drops most frames: one line each would bury everything else)."""
         reason = o.error or "not anonymised"
-        last, since = self._warned.get(reason, (-math.inf, 0))
+        # unreadable photos are one reason, whatever file each is (their paths differ)
+        key = UNREADABLE if reason.startswith(UNREADABLE) else reason
+        last, since = self._warned.get(key, (-math.inf, 0))
         if now - last < WARN_EVERY_S:
-            self._warned[reason] = (last, since + 1)
+            self._warned[key] = (last, since + 1)
             return
         more = f" ({since} more since the last warning)" if since else ""
         log.warning("camera %s: frame %d dropped: %s%s", self.name, o.frame.index, reason, more)
-        self._warned[reason] = (now, 0)
+        self._warned[key] = (now, 0)
 
     def _warn_rest(self) -> None:
         """At the end: the drops no warning has counted yet."""
@@ -239,7 +244,7 @@ class CameraStage:
                 win.last_t = max(win.last_t, frame.t)
                 self.seen += 1
                 if isinstance(item, Unreadable):  # a photo of a folder: seen, and dropped
-                    self._count([Outcome(frame, None, error=item.reason)])
+                    self._count([Outcome(frame, None, error=f"{UNREADABLE}: {item.reason}")])
                     continue
                 if pace is not None:
                     late = time.monotonic() - (t_wall0 + frame.t / pace)

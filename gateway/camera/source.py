@@ -133,12 +133,18 @@ def read_image(path: Path) -> Image:
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
     if img is None:
         raise CameraError(f"{path}: not an image OpenCV can read")
-    if path.suffix.lower() in _PAGED:
-        with contextlib.suppress(cv2.error):
-            pages = cv2.imcount(str(path))
-            if pages > 1:
-                log.warning("%s: holds %d images; only the first is read", path, pages)
+    if path.suffix.lower() in _PAGED and (pages := _pages(path)) > 1:
+        log.warning("%s: holds %d images; only the first is read", path, pages)
     return img
+
+
+def _pages(path: Path) -> int:
+    """How many images a file holds (a multi-page TIFF, an animated GIF or WebP); 1 if OpenCV
+    cannot tell."""
+    try:
+        return int(cv2.imcount(str(path)))
+    except cv2.error:
+        return 1
 
 
 def folder_images(folder: Path, suffixes: frozenset[str]) -> list[Path]:
@@ -308,6 +314,8 @@ def open_source(spec: str) -> FrameSource:
     if spec.startswith("/dev/video"):
         return DeviceSource(spec)
     p = Path(spec).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gif" and _pages(p) > 1:
+        return VideoFileSource(p)  # an animated GIF is a clip
     if p.is_dir() or (p.is_file() and p.suffix.lower() in READ_SUFFIXES):
         return ImageFolderSource(p)
     if not p.exists():

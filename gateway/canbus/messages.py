@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ class CountingLines:
         if self.pushback:
             return self.pushback.pop()
         line = next(self._fh)
+        _LAST.lines = self
         self.line_no += 1
         self.chars += len(line)
         if not line.isspace():
@@ -83,16 +85,35 @@ class CountingLines:
 @contextlib.contextmanager
 def divert_logging(name: str, handler: logging.Handler) -> Iterator[None]:
     """While in the block, the records of logger ``name`` (python-can's ``can.io``, cantools)
-    go to ``handler`` only: counted, kept or dropped by it, never printed by the root logger."""
+    go to ``handler`` only: counted, kept or dropped by it, never printed by the root logger.
+    Blocks may overlap (two logs read side by side): the logger propagates again once the last
+    one has ended, whatever the order they end in."""
     logger = logging.getLogger(name)
+    with _DIVERTED_LOCK:
+        if _DIVERTED.get(name, 0) == 0:
+            _PROPAGATE[name] = logger.propagate
+            logger.propagate = False
+        _DIVERTED[name] = _DIVERTED.get(name, 0) + 1
     logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
-    level = logger.level
-    if handler.level and handler.level < logger.getEffectiveLevel():
-        logger.setLevel(handler.level)  # else the records the handler wants are never made
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.propagate = propagate
-        logger.setLevel(level)
+        with _DIVERTED_LOCK:
+            _DIVERTED[name] -= 1
+            if _DIVERTED[name] == 0:
+                logger.propagate = _PROPAGATE.pop(name)
+
+
+# blocks of divert_logging running, and the propagation they found, per logger
+_DIVERTED: dict[str, int] = {}
+_PROPAGATE: dict[str, bool] = {}
+_DIVERTED_LOCK = threading.Lock()
+# the CountingLines a thread read its last line from: a reader's warning is about that line
+_LAST = threading.local()
+
+
+def last_lines() -> CountingLines | None:
+    """The ``CountingLines`` this thread read its last line from (a python-can reader logs a
+    line it cannot parse right after reading it: the warning belongs to that file)."""
+    return getattr(_LAST, "lines", None)

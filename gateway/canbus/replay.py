@@ -28,6 +28,7 @@ from gateway.canbus.messages import (
     CountingLines,
     channel_name,
     divert_logging,
+    last_lines,
     message_problem,
 )
 from gateway.errors import LogFormatError
@@ -137,6 +138,8 @@ class _Header:
     def __init__(self, reader: Any, lines: CountingLines, stats: ReadStats, asc: bool) -> None:
         self.done = False
         self.asc = asc
+        self.reader = reader
+        self.unknown = 0  # TRC lines counted as bad for a type PEAK does not define
         self.nonblank = 0  # non-blank lines read by the end of the header
         self.bad = 0  # bad lines counted by then
         self._extract = reader._extract_header
@@ -160,8 +163,24 @@ class _Header:
         # a TRC reader's header returns the line that ended it, which it then reads as a frame
         # (unless the file ended first: then it is the header's last comment)
         data = isinstance(first, str) and bool(first) and not first.startswith(";")
+        at = None if self.asc else _trc_types(self.reader)
+        if at is not None:
+
+            def types(text: str, line_no: int) -> None:
+                cols = text.split()
+                if len(cols) > at and not cols[0].startswith(";"):
+                    kind = cols[at]
+                    if kind not in _TRC_READ and kind not in _TRC_OTHER:
+                        self.unknown += 1
+                        self._stats.bad(
+                            line_no, f"a line of a type TRC does not define: {ascii(kind[:12])}"
+                        )
+
+            self._lines.watch = types
         self.nonblank = self._lines.nonblank - data
         self.bad = self._stats.bad_lines
+        if data and self._lines.watch is not None and not self.asc:
+            self._lines.watch(first, self._lines.line_no)  # read with the header, checked here
         # no data line (an empty file, a header alone, a blank line after it): nothing for
         # python-can to parse, where it would log a "Failed to parse" that counts as bad
         return first if data or not isinstance(first, str) else None
@@ -184,41 +203,49 @@ def _resume(reader: Any, fmt: LogFormat, lines: CountingLines) -> None:
         lines.pushback.append(_PYTHON_CAN_CSV_HEADER + "\n")
 
 
-# the record types of PEAK's TRC files that hold no CAN frame for the gateway: status, error
-# counters, events, warnings, error frames (python-can reads none of them; neither is a frame
-# that could be decoded)
-_TRC_OTHER_TYPES = ("'ST'", "'EC'", "'EV'", "'ER'", "'Warng'", "'Error'")
-
-
 class _CountParseWarnings(logging.Handler):
-    """python-can's TRC reader logs a line it cannot parse and moves on (a warning), and a line
-    of a type it does not read (an info): count the first, and the second unless the type is
-    one of PEAK's own non-frame records, as bad, in its words (a line of garbage reads as a
-    line of an unknown type)."""
+    """python-can's TRC reader logs a line it cannot parse and moves on: count it as bad, in
+    its words, for the file whose reader pulled that line (two logs may be read side by side:
+    each handler sees every record of ``can.io``)."""
 
     def __init__(self, stats: ReadStats, lines: CountingLines) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.WARNING)
         self.stats, self.lines = stats, lines
-        self.unknown_type = 0  # lines counted as bad for a type python-can does not know
 
     def emit(self, record: logging.LogRecord) -> None:
+        if last_lines() is not self.lines:
+            return
         msg = record.getMessage()
-        unknown = "Unsupported type" in msg and not msg.endswith(_TRC_OTHER_TYPES)
-        if "Failed to parse" in msg or unknown:
-            self.unknown_type += unknown
+        if "Failed to parse" in msg:
             self.stats.bad(self.lines.line_no, " ".join(msg.split())[:120])
+
+
+# the record types of PEAK's TRC files (python-can reads the first set): status, error
+# counters, events, error frames and warnings hold no frame to decode; a type outside both is
+# a damaged line (python-can passes over it, logging only at level INFO)
+_TRC_READ = {"Tx", "Rx", "DT", "FD", "FB", "FE", "BI", "RR"}
+_TRC_OTHER = {"ST", "EC", "EV", "ER", "Warng", "Error"}
+
+
+def _trc_types(reader: Any) -> int | None:
+    """Which column of a TRC body line holds its type, by the file's version (None: the file
+    has no type column, version 1.0)."""
+    version = str(getattr(reader, "file_version", "")).rsplit(".", 1)[-1]
+    if version in ("V2_0", "V2_1"):
+        at = getattr(reader, "columns", {}).get("T")
+        return at if isinstance(at, int) else None
+    return {"V1_1": 2, "V1_3": 3}.get(version)
 
 
 def _iter_python_can_text(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
     with open(path, encoding="utf-8-sig", errors="replace", newline=None) as fh:
         lines = CountingLines(fh)
-        said = _CountParseWarnings(stats, lines)
-        with divert_logging("can.io", said):
-            yield from _resilient(path, fmt, stats, lines, said)
+        with divert_logging("can.io", _CountParseWarnings(stats, lines)):
+            yield from _resilient(path, fmt, stats, lines)
 
 
 def _resilient(
-    path: Path, fmt: LogFormat, stats: ReadStats, lines: CountingLines, said: _CountParseWarnings
+    path: Path, fmt: LogFormat, stats: ReadStats, lines: CountingLines
 ) -> Iterator[can.Message]:
     import can
 
@@ -244,7 +271,7 @@ def _resilient(
             # lines it passed over in silence, or for a type it does not know (every line, if
             # the header's columns do not fit them)
             if header is not None and fmt is LogFormat.TRC:
-                unread = header.unsaid() + said.unknown_type
+                unread = header.unsaid() + header.unknown
                 if not read and unread > 0:
                     stats.stopped_early = (
                         f"python-can's {_READERS[fmt]} read no frame from the {unread} line(s) "

@@ -134,6 +134,8 @@ class EgressGuard:
     consent_snapshot: Callable[[], Mapping[str, float]]
     next_seq: Callable[[], int]
     on_block: Callable[[Outgoing, str], None] = lambda out, reason: None
+    # a number taken for a message then blocked (too large) is handed out again
+    give_back: Callable[[int], None] = lambda seq: None
     blocked: int = 0
     passed: int = 0
 
@@ -156,6 +158,8 @@ class EgressGuard:
         payload = pack(body)
         if len(payload) > MAX_PAYLOAD:
             self.blocked += 1
+            if seq is not None:
+                self.give_back(seq)
             self.on_block(out, f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
             return None
         self.passed += 1

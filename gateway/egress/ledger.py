@@ -116,9 +116,7 @@ class Ledger:
             self._write(line)
         self.head = entry["hash"]
         self.count += 1
-        seq = fields.get("seq")
-        if isinstance(seq, int) and seq > self.max_seq:
-            self.max_seq = seq
+        self.max_seq = max(self.max_seq, _highest_seq(entry))
         return entry
 
     @contextlib.contextmanager
@@ -279,6 +277,18 @@ def _is_entry(raw: bytes) -> bool:
     return isinstance(entry, dict) and isinstance(entry.get("hash"), str) and "i" in entry
 
 
+def _highest_seq(entry: Any) -> int:
+    """The sequence number an entry gives out: an egress's ``seq``, or the last of the numbers
+    an ``unrecorded`` entry names (so that the next start does not record them again); -1 for
+    none. A ``dropped`` entry names numbers given out before it: not counted."""
+    if not isinstance(entry, dict):
+        return -1
+    seq = entry.get("seq")
+    if entry.get("kind") == "unrecorded" and isinstance(entry.get("seqs"), list):
+        seq = max((q for q in entry["seqs"] if isinstance(q, int)), default=None)
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
+
+
 def _tail_max_seq(path: Path) -> int:
     """The highest ``seq`` in the ledger. Sequence numbers only grow in a ledger (the outbox
     numbers summaries from above the ledger's highest), so it is the newest entry that has one:
@@ -290,13 +300,13 @@ def _tail_max_seq(path: Path) -> int:
     with open(path, "rb") as fh:
         fh.seek(0, os.SEEK_END)
         for raw in _lines_backwards(fh, fh.tell()):
-            if b'"seq"' not in raw:  # start, stop, dropped and recovered entries carry none
+            if b'"seq"' not in raw and b'"unrecorded"' not in raw:  # start, stop, dropped...
                 continue
             try:
-                seq = json.loads(raw).get("seq")
-            except (ValueError, AttributeError, RecursionError):
+                seq = _highest_seq(json.loads(raw))
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(seq, int):
+            if seq >= 0:
                 return seq
     return -1
 

@@ -141,8 +141,8 @@ def describe_error(broker: BrokerSettings, exc: BaseException) -> str:
             " (no MQTT answer in time: a port of another service, a TLS port that needs "
             "mqtts://, or a stalled broker)"
         )
-    if broker.tls and not broker.url.startswith("mqtts://"):
-        text += " (TLS is on because tls_ca is set, though the URL says mqtt://)"
+    if broker.tls and not broker.tls_by_url:
+        text += " (TLS is on because tls_ca is set, though the URL does not say mqtts://)"
     return f"broker {broker.url}: {text}"
 
 

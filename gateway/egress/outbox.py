@@ -77,6 +77,7 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._listeners: list[Callable[[], None]] = []
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
+        self._in_file: set[int] = set()  # memory entries that are copies of rows of the file
         self._lock_fd: int | None = None  # holds the flock on the outbox file
         stored_seq = 0
         existed = False
@@ -226,6 +227,7 @@ class Outbox:
                     self._mem[self._mem_n] = Pending(
                         ("mem", self._mem_n), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6]
                     )
+                    self._in_file.add(self._mem_n)  # still in the file too: not lost at exit
                 for p in newer:  # keep their keys: the publisher may hold them in flight
                     self._mem[p.key[1]] = p
         self._db = None
@@ -323,8 +325,8 @@ class Outbox:
 
     def memory_only(self) -> list[Pending]:
         """What waits in memory only (the file could not take it): lost when this process
-        ends, unlike what waits in the file."""
-        return list(self._mem.values())
+        ends, unlike what waits in the file (rows read from it when it failed stay in it)."""
+        return [p for k, p in self._mem.items() if k not in self._in_file]
 
     def depth(self) -> int:
         n = len(self._mem)

@@ -140,3 +140,26 @@ def test_a_single_photo_and_jfif_photos_are_camera_sources(tmp_path):
     (tmp_path / "two.jfif").write_bytes((tmp_path / "one.jpg").read_bytes())
     assert [f.name for f in open_source(str(tmp_path / "two.jfif")).frames()] == ["two.jfif"]
     assert [f.name for f in open_source(str(tmp_path)).frames()] == ["one.jpg", "two.jfif"]
+
+
+def test_unreadable_photos_are_one_reason_in_the_warnings(tmp_path, caplog):
+    _gradient(tmp_path / "a.jpg")
+    for i in range(4):
+        (tmp_path / f"bad{i}.jpg").write_text("not a photo")
+    (summary,) = _stream(open_source(str(tmp_path)))
+    assert summary.frames_dropped == 4
+    said = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(said) == 2, said  # the first at once, the rest counted at the end
+    assert "unreadable image" in said[0] and "3 more frame(s) dropped" in said[1]
+
+
+def test_an_animated_gif_is_a_clip_and_a_still_gif_a_photo(tmp_path):
+    import cv2
+    import numpy as np
+
+    frames = [np.full((36, 64, 3), i * 40, np.uint8) for i in range(5)]
+    cv2.imwritemulti(str(tmp_path / "anim.gif"), frames)
+    cv2.imwrite(str(tmp_path / "still.gif"), frames[0])
+    assert isinstance(open_source(str(tmp_path / "anim.gif")), VideoFileSource)
+    assert len(list(open_source(str(tmp_path / "anim.gif")).frames())) == 5
+    assert isinstance(open_source(str(tmp_path / "still.gif")), ImageFolderSource)

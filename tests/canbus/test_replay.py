@@ -411,7 +411,7 @@ def _python_can_files(tmp_path: Path, *suffixes: str) -> dict[str, Path]:
 @pytest.mark.parametrize(
     ("suffix", "reasons"),
     [(".asc", ("not a line of an ASC log", "without its direction")),
-     (".trc", ("Unsupported type", "Failed to parse"))],
+     (".trc", ("a type TRC does not define", "Failed to parse"))],
 )  # fmt: skip
 def test_a_garbage_line_and_a_line_cut_short_are_counted_where_python_can_is_silent(
     tmp_path, suffix, reasons
@@ -457,3 +457,34 @@ def test_logs_named_otherwise_are_read_by_their_contents(tmp_path):
     bom.write_bytes(b"\xef\xbb\xbf" + files[".log"].read_bytes())
     stats = ReadStats()
     assert _frames(bom, stats) == want and stats.bad_lines == 0
+
+
+def test_two_logs_read_side_by_side_each_count_their_own_bad_lines(tmp_path):
+    import logging
+
+    from gateway.canbus import replay
+
+    files = _python_can_files(tmp_path, ".trc")
+    lines = files[".trc"].read_text().splitlines()
+    k = len(lines) // 2
+    lines[k] = lines[k][: len(lines[k]) // 2]  # cut short: python-can logs "Failed to parse"
+    lines[k + 2] = "this is !! not a frame"  # a type TRC does not define
+    bad = tmp_path / "bad.trc"
+    bad.write_text("\n".join(lines) + "\n")
+    logger = logging.getLogger("can.io")
+    before = logger.propagate
+    a, b = ReadStats(), ReadStats()
+    # WHEN both are read a message at a time, in turn (two [[can]] sources), and the one that
+    # began first ends first
+    ga = replay._iter_python_can_text(bad, LogFormat.TRC, a)
+    gb = replay._iter_python_can_text(files[".trc"], LogFormat.TRC, b)
+    n_a = n_b = 0
+    for _ in zip(ga, gb, strict=False):
+        n_a, n_b = n_a + 1, n_b + 1
+    n_a += sum(1 for _ in ga)
+    assert logger.propagate is False  # the other one still reads
+    n_b += sum(1 for _ in gb)
+    # THEN each file's report holds its own bad lines, and python-can's logging is as it was
+    assert (a.bad_lines, b.bad_lines) == (2, 0), (a.first_bad, b.first_bad)
+    assert (n_a, n_b) == (98, 100)
+    assert logger.propagate == before

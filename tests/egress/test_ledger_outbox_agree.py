@@ -137,3 +137,62 @@ def test_lines_a_ledger_lost_of_summaries_already_sent_are_recorded_as_such(
     assert entry["seqs"] == [sent[-3], sent[-1]]
     assert f"lost the lines of seq {sent[-3]}..{sent[-1]}" in caplog.text
     assert ledger_mod.verify_chain(tmp_path / "l.jsonl").kinds["unrecorded"] == 1
+
+
+def test_a_summary_blocked_as_too_large_gives_its_number_back(tmp_path, monkeypatch, caplog):
+    from gateway.egress import guard as guard_mod
+
+    gw = Gateway(gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}), [])
+    try:
+        gw.publish_digest()  # seq 0
+        monkeypatch.setattr(guard_mod, "MAX_PAYLOAD", 10)
+        gw.publish_digest()  # blocked: too large
+        monkeypatch.undo()
+        gw.publish_digest()  # seq 1, not 2
+    finally:
+        gw.outbox.close()
+        gw.ledger.close()
+    kinds = [e.get("kind") for _, e, _ in read_entries(tmp_path / "l.jsonl") if e]
+    assert "blocked" in kinds
+    # and the next start finds nothing missing from the ledger
+    again = Gateway(gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}), [])
+    again.outbox.close()
+    again.ledger.close()
+    recorded = [e for _, e, _ in read_entries(tmp_path / "l.jsonl") if e]
+    assert [
+        e["seq"] for e in recorded if e.get("kind") == "egress" and e.get("seq") is not None
+    ] == [0, 1]
+    assert (
+        "unrecorded" not in [e.get("kind") for e in recorded]
+        and "lost the lines" not in caplog.text
+    )
+
+
+def test_numbers_recorded_as_unrecorded_are_recorded_once(tmp_path):
+    # GIVEN an outbox that numbered up to 49 and a ledger that knows up to 10
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', 50)")
+    ob.close()
+    led = ledger_mod.Ledger(tmp_path / "l.jsonl")
+    led.append("egress", seq=10, sha256="x")
+    led.close()
+    # WHEN the gateway starts three times without sending anything
+    for _ in range(3):
+        gw = Gateway(gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}), [])
+        gw.outbox.close()
+        gw.ledger.close()
+    # THEN the numbers are on record once
+    entries = [e for _, e, _ in read_entries(tmp_path / "l.jsonl") if e]
+    assert [e["seqs"] for e in entries if e.get("kind") == "unrecorded"] == [[11, 49]]
+
+
+def test_rows_read_from_a_failing_outbox_file_are_not_called_lost(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    from tests.egress.test_outbox import _released
+
+    ob.put_many(_released(ob, 3))  # in the file
+    ob._degrade(sqlite3.OperationalError("database or disk is full"))  # read into memory
+    ob.put_many(_released(ob, 2))  # in memory only
+    assert ob.depth() == 5
+    assert [p.seq for p in ob.memory_only()] == [3, 4]
+    ob.close()
