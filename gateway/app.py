@@ -551,9 +551,10 @@ class Gateway:
                     )
                 )
             elif cmd.action == "delete":
-                from gateway.datarights import delete_category
+                from gateway.datarights import delete_category, delete_frames
 
                 n = delete_category(self.outbox, cmd.category)
+                frames = delete_frames(self.settings.gateway.frames_path, cmd.category)
                 if cmd.category is None:  # all: the consent grants too
                     self.consent.withdraw(None, now)
                 self.consent.last_change = {
@@ -562,6 +563,7 @@ class Gateway:
                     "by": "owner",
                     "category": cmd.category.value if cmd.category else "all",
                     "removed": n,
+                    "frames_removed": frames,
                 }
         except ConsentRefused as exc:
             self.consent.last_change = {

@@ -394,8 +394,6 @@ def _print_report(
         file=out,
     )
     if report.camera:
-        from gateway.camera.pipeline import store_dir
-
         cams = report.camera
         print(
             f"camera: {sum(c.frames_seen for c in cams):,} frames seen, "
@@ -409,7 +407,7 @@ def _print_report(
                 else "not even these counts left the car (the policy's camera_summaries = false)"
             )
             + f" (anonymised frames are kept on the device in "
-            f"{store_dir(s.gateway)})",
+            f"{s.gateway.frames_path})",
             file=out,
         )
     print(f"audit ledger: {s.gateway.ledger}", file=out)
@@ -642,7 +640,7 @@ def _cmd_consent(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     import json
 
-    from gateway.datarights import delete_category, export_outbox
+    from gateway.datarights import delete_category, delete_frames, export_frames, export_outbox
     from gateway.egress.ledger import Ledger
     from gateway.egress.outbox import Outbox
     from gateway.telemetry.policy import Category
@@ -678,7 +676,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
             Topics(s.broker.topic_prefix, s.gateway.vin),
         )
         if args.data_command == "export":
-            data = {"vin": s.gateway.vin, "outbox": export_outbox(outbox)}
+            data: dict[str, Any] = {"vin": s.gateway.vin, "outbox": export_outbox(outbox)}
+            data["frames"] = export_frames(s.gateway.frames_path)
             consent_file = s.gateway.consent_file
             if consent_file.exists():
                 data["consent"] = json.loads(consent_file.read_text())
@@ -692,7 +691,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
                     ) from exc
             else:
                 print(text)
-            ledger.append("data-export", messages=len(data["outbox"]), to=args.out or "stdout")
+            ledger.append(
+                "data-export",
+                messages=len(data["outbox"]),
+                frames=len(data["frames"]["files"]),
+                to=args.out or "stdout",
+            )
             return 0
         category = None if args.category == "all" else Category(args.category)
         withdrew = ""
@@ -708,9 +712,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
                 consent.withdraw(None, time.time())
                 consent.save(path)
         n = delete_category(outbox, category)
-        ledger.append("data-delete", category=args.category, removed=n, withdrew=withdrew or None)
+        frames = delete_frames(s.gateway.frames_path, category)
+        ledger.append(
+            "data-delete",
+            category=args.category,
+            removed=n,
+            frames_removed=frames,
+            withdrew=withdrew or None,
+        )
         print(
-            f"deleted {n} waiting message(s) of category {args.category}"
+            f"deleted {n} waiting message(s)"
+            + (f" and {frames} stored camera frame(s)" if frames else "")
+            + f" of category {args.category}"
             + (f" and withdrew the consent for {withdrew}" if withdrew else "")
             + f"; recorded in {s.gateway.ledger}"
         )
@@ -1030,23 +1043,25 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "data",
         help="the owner's data on this device: export or delete",
         description="Export or delete what the gateway keeps on the device "
-        "(messages waiting in the outbox, consent state); each action "
-        "is recorded in the audit ledger.",
+        "(messages waiting in the outbox, the anonymised camera frames, the consent state); "
+        "each action is recorded in the audit ledger.",
     )
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     e = dsub.add_parser(
         "export",
         help="write the locally kept data as JSON",
         description="Write what the gateway keeps on the device (the messages waiting in the "
-        "outbox, the consent state) as one JSON document; recorded in the audit ledger.",
+        "outbox, the consent state, and the list of anonymised camera frames with their folder: "
+        "the images stay files there) as one JSON document; recorded in the audit ledger.",
     )
     e.add_argument("--out", metavar="FILE", help="file to write (default: stdout)")
     d = dsub.add_parser(
         "delete",
         help="delete locally kept data of one category",
-        description="Delete the messages of one category waiting in the outbox (all: every "
-        "one, and the consent grants); recorded in the audit ledger. A running gateway "
-        "is asked over MQTT instead: gateway consent delete.",
+        description="Delete the messages of one category waiting in the outbox, and for "
+        "exterior_camera the anonymised frames kept on the device (all: every one of both, and "
+        "the consent grants); recorded in the audit ledger. A running gateway is asked over "
+        "MQTT instead: gateway consent delete.",
     )
     d.add_argument(
         "--category",

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 from gateway.egress.outbox import Outbox
 from gateway.egress.schema import unpack
 from gateway.telemetry.policy import Category
+
+# CAMERA-SEQ-UNIXTIME.jpg: the name of every frame the camera's store keeps
+FRAME_FILE = re.compile(r"^(?P<camera>[\w.-]+)-(?P<seq>\d{9})-(?P<at>\d+)\.jpg$")
 
 # which waiting messages carry each category's data
 _SCHEMAS_BY_CATEGORY = {
@@ -35,3 +42,38 @@ def export_outbox(outbox: Outbox) -> list[dict[str, object]]:
             body = {"error": "undecodable"}
         out.append({"topic": p.topic, "seq": p.seq, "created": p.created, "body": body})
     return out
+
+
+def stored_frames(folder: Path) -> list[Path]:
+    """The anonymised frames the camera stages keep in ``folder`` (every camera's)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if FRAME_FILE.match(p.name) and p.is_file())
+
+
+def export_frames(folder: Path) -> dict[str, Any]:
+    """What the export says of the stored frames: where they are and each file (the images
+    stay files, to be copied from there; they are anonymised, as every frame the store takes)."""
+    files = []
+    for p in stored_frames(folder):
+        m = FRAME_FILE.match(p.name)
+        assert m is not None
+        files.append(
+            {"file": p.name, "camera": m["camera"], "at": int(m["at"]), "bytes": p.stat().st_size}
+        )
+    return {"folder": str(folder), "files": files}
+
+
+def delete_frames(folder: Path, category: Category | None) -> int:
+    """Remove the stored frames for ``category`` (exterior_camera, or all when None); returns
+    how many."""
+    if category not in (None, Category.EXTERIOR_CAMERA):
+        return 0
+    n = 0
+    for p in stored_frames(folder):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n

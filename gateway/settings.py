@@ -78,6 +78,11 @@ class GatewaySettings:
         """Where the consent state of this vehicle is kept."""
         return self.state_path / f"consent-{self.vin}.json"
 
+    @property
+    def frames_path(self) -> Path:
+        """Where the camera stages keep anonymised frames."""
+        return self.state_path / "frames"
+
 
 @dataclass(frozen=True)
 class BrokerSettings:

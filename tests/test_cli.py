@@ -630,3 +630,35 @@ def test_the_report_of_a_live_bus_says_so_and_consent_times_are_readable(capsys)
     _print_report(report, load(None, env={}), 2.0, files=2)
     assert capsys.readouterr().err.startswith("replayed 7,522 frames from 2 file(s) in")
     assert _utc(1_000_000_000.25) == "2001-09-09 01:46:40 UTC" and _utc(None) == "None"
+
+
+def test_data_export_lists_and_delete_removes_the_stored_camera_frames(tmp_path, vin):
+    from gateway.egress.ledger import Ledger
+    from gateway.egress.outbox import Outbox
+
+    # GIVEN a vehicle's ledger and outbox, and two anonymised frames its camera kept
+    led = Ledger(tmp_path / "l.jsonl")
+    led.append("start", vin=vin)
+    led.close()
+    Outbox(tmp_path / "o.sqlite").close()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    kept = [frames / "front-000000001-1750000000.jpg", frames / "rear-000000002-1750000001.jpg"]
+    for f in kept:
+        f.write_bytes(b"\xff\xd8 an anonymised frame")
+    (frames / "notes.txt").write_text("not a frame")
+    common = _vehicle(tmp_path, vin)
+    # WHEN the owner exports: the frames are listed, with where they are
+    assert run_gateway("data", "export", "--out", str(tmp_path / "x.json"), *common).returncode == 0
+    exported = json.loads((tmp_path / "x.json").read_text())["frames"]
+    assert exported["folder"] == str(frames)
+    assert [(f["file"], f["camera"]) for f in exported["files"]] == [
+        (kept[0].name, "front"), (kept[1].name, "rear")]  # fmt: skip
+    # AND deleting another category keeps them; deleting exterior_camera removes them
+    other = run_gateway("data", "delete", "--category", "vehicle_status", *common)
+    assert other.returncode == 0 and all(f.exists() for f in kept)
+    camera = run_gateway("data", "delete", "--category", "exterior_camera", *common)
+    assert camera.returncode == 0 and "2 stored camera frame(s)" in camera.stdout
+    assert not any(f.exists() for f in kept) and (frames / "notes.txt").exists()
+    entries = [json.loads(ln) for ln in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert [e.get("frames_removed") for e in entries if e["kind"] == "data-delete"] == [0, 2]

@@ -307,12 +307,16 @@ async def test_stop_and_resume_say_so_on_the_retained_status_and_delete_all_with
         {"category": "location", "grant": True, "days": 1},
         until=lambda gw: gw.consent.grants,
     )
+    frames = tmp_path / "frames"  # anonymised frames a camera of this gateway kept
+    frames.mkdir(exist_ok=True)
+    (frames / "front-000000001-1750000000.jpg").write_bytes(b"\xff\xd8")
     await rig.owner_says(
         "command",
         {"command": "delete", "category": "all"},
         until=lambda gw: gw.consent.last_change.get("action") == "delete",
     )
     assert rig.gw.consent.grants == {}
+    assert rig.gw.consent.last_change["frames_removed"] == 1 and not any(frames.iterdir())
     await rig.settle()
     assert rig.stream("consent")[-1]["grants"] == {}
     await rig.finish()

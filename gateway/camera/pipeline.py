@@ -291,7 +291,7 @@ class CameraStage:
 def store_dir(g: GatewaySettings) -> Path:
     """Where anonymised frames are kept (``g``: the ``[gateway]`` settings): ``frames`` in
     the state folder (``state_dir``, or beside the ledger)."""
-    return g.state_path / "frames"
+    return g.frames_path
 
 
 __all__ = [

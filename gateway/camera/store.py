@@ -16,11 +16,10 @@ from pathlib import Path
 import cv2
 
 from gateway.camera.anonymize import AnonymisedFrame
+from gateway.datarights import FRAME_FILE
 from gateway.errors import StorageError, make_folder
 
 log = logging.getLogger("gateway.camera.store")
-
-_NAME = re.compile(r"^(?P<camera>[\w.-]+)-(?P<seq>\d{9})-(?P<at>\d+)\.jpg$")
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class FrameStore:
     def _entries(self) -> list[tuple[Path, re.Match[str]]]:
         out = []
         for p in self.dir.iterdir():
-            m = _NAME.match(p.name)
+            m = FRAME_FILE.match(p.name)
             if m and m["camera"] == self.camera:
                 out.append((p, m))
         out.sort(key=lambda e: int(e[1]["seq"]))
