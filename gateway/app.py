@@ -184,6 +184,14 @@ def _apply_config_consent(
         cat, _, days = spec.partition(":")
         try:
             category = Category(cat.strip())
+        except ValueError:
+            import difflib
+
+            names = [c.value for c in Category if c.sensitive]
+            close = difflib.get_close_matches(cat.strip(), names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (one of {', '.join(names)})"
+            raise ConfigError(f"{name} {spec!r}: no category {cat.strip()!r}{hint}") from None
+        try:
             until = now + float(days) * 86400
         except ValueError:
             raise ConfigError(f"{name} {spec!r}: expected CATEGORY:DAYS, e.g. location:7") from None
@@ -662,9 +670,10 @@ class Gateway:
             "end": start + duration,
             "duration_s": duration,
             "distance_km": quantize(trip.distance_km, 0.1),
-            "energy_kwh": quantize(trip.energy_kwh, 0.1),
             "avg_speed_kph": quantize(trip.avg_speed_kph, 1),
         }
+        if self.policy.trips.soc:  # without a state of charge there is no energy, not 0 kWh
+            body["energy_kwh"] = quantize(trip.energy_kwh, 0.1)
         body["window"] = [body["start"], body["end"]]
         if self.consent.ok(Category.LOCATION, self.clock()):
             grid = self.policy.location_grid_m

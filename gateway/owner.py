@@ -63,7 +63,8 @@ class OwnerView:
 
 
 def _fmt_value(v: Any, key: str = "") -> str:
-    if key in ("at", "start", "end", "until") and isinstance(v, int | float) and v > 1e8:
+    is_time = key in ("at", "start", "end", "until") or key.endswith("_until")
+    if is_time and isinstance(v, int | float) and v > 1e8:
         import datetime
 
         try:

@@ -500,6 +500,12 @@ def _build_all(
                 from gateway.camera.options import check_camera  # no OpenCV there
 
                 check_camera(obj, f"{where}: [[camera]] #{i + 1}")
+                twin = next((j for j, o in enumerate(out) if o.source == obj.source), None)
+                if twin is not None:  # one source is read once: the second table went unused
+                    raise ConfigError(
+                        f"{where}: [[camera]] #{i + 1} has the source of [[camera]] #{twin + 1} "
+                        f"({obj.source}): one camera per source"
+                    )
             out.append(obj)
         arrays[name] = out
     dbc_raw = raw.get("dbc", {})

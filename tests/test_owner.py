@@ -105,3 +105,13 @@ def test_the_owner_view_drops_redeliveries_but_not_new_messages_under_an_old_seq
     shown = view.accept("t", again)
     assert shown is not None and shown["window"] == [600, 660]
     assert (view.duplicates, view.reused) == (1, 1)
+
+
+def test_times_in_the_owner_view_are_dates_also_when_named_something_until():
+    from gateway.owner import format_message
+
+    line = format_message({
+        "topic": "vehicles/V/owner/location", "schema": "gateway.location", "seq": 3,
+        "lat": 31.2, "lon": 121.4, "consent_until": 1_795_810_000.0,
+    })  # fmt: skip
+    assert "consent_until=2026-" in line and "1.79581e+09" not in line

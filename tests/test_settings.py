@@ -71,3 +71,21 @@ def test_a_relative_path_in_the_environment_is_relative_to_the_working_folder(
     assert s.broker.password_file == str(work / "gw.password")
     assert s.gateway.outbox == str(work / "o.sqlite")
     assert s.gateway.ledger == str(conf_dir / "in-file.jsonl")  # the file's: its folder's
+
+
+def test_two_camera_tables_of_one_source_are_refused(tmp_path):
+    (tmp_path / "g.toml").write_text(
+        '[[camera]]\nsource = "clip.mp4"\nname = "front"\n\n'
+        '[[camera]]\nsource = "clip.mp4"\nname = "rear"\n'
+    )
+    with pytest.raises(ConfigError, match=r"\[\[camera\]\] #2 has the source of \[\[camera\]\] #1"):
+        settings.load(tmp_path / "g.toml", env={})
+
+
+def test_a_misspelt_consent_category_is_named_with_the_closest(tmp_path):
+    from gateway.app import _apply_config_consent
+    from gateway.telemetry.consent import ConsentState
+    from gateway.telemetry.policy import load_policy
+
+    with pytest.raises(ConfigError, match="no category 'locaton' \\(did you mean location\\?\\)"):
+        _apply_config_consent(ConsentState(), ["locaton:3"], load_policy(None), 0.0)

@@ -218,7 +218,11 @@ def _say_no_aggregate(rule: SignalRule, agg: SignalAggregate, rendered: Mapping[
             f"none of its aggregates ({', '.join(missing)}) exists for it, so it is never published"
         )
     else:
-        what = f"{', '.join(missing)} do(es) not exist for it and is left out"
+        what = (
+            f"{missing[0]} does not exist for it and is left out"
+            if len(missing) == 1
+            else f"{', '.join(missing)} do not exist for it and are left out"
+        )
     log.warning("policy: %s is %s: %s; give some of: %s", rule.signal, kind, what, fits)
 
 

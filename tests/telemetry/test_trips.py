@@ -162,3 +162,26 @@ def test_a_short_trip_is_published_as_at_least_a_minute_long(tmp_path, seconds, 
     trip = trips[0]
     assert trip["duration_s"] == published and trip["distance_km"] == 0.4
     assert trip["end"] - trip["start"] == published and trip["start"] % 60 == 0
+
+
+def test_a_trip_without_a_state_of_charge_signal_has_no_energy_not_zero(tmp_path):
+    from gateway.app import Gateway
+    from gateway.egress.outbox import Outbox
+    from gateway.egress.schema import unpack
+    from gateway.telemetry.trips import Trip
+    from tests.conftest import KONA_PCAN, gateway_settings
+
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        '[policy]\nname = "p"\nversion = 1\n\n[[signal]]\nsignal = "BMS_542.SocDisp"\n'
+        'publish_as = "soc"\naggregates = ["last"]\n\n[trips]\n'
+        'gear = "ID118DriveSystemStatus.DI_gear"\nspeed = "ID257DIspeed.DI_vehicleSpeed"\n'
+    )
+    gw = Gateway(gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, policy=str(policy)), [])
+    try:
+        gw.publish_trip(Trip(1_750_000_000.0, 1_750_000_600.0, 7.6, 0.0, None, None))
+    finally:
+        gw.outbox.close()
+        gw.ledger.close()
+    (trip,) = [unpack(m.payload) for m in Outbox(tmp_path / "o.sqlite").peek(10)]
+    assert trip["distance_km"] == 7.6 and "energy_kwh" not in trip
