@@ -480,7 +480,7 @@ def _build_all(
             items = [items]
         if not isinstance(items, list):
             raise ConfigError(f"{where}: [[{name}]] must be an array of tables")
-        out = []
+        out: list[Any] = []
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise ConfigError(f"{where}: [[{name}]] #{i + 1} must be a table")
