@@ -153,6 +153,7 @@ class RunReport:
     # and recorded in the ledger as dropped
     lost_in_memory: int = 0
     late_samples: int = 0  # older than a window already published (time went backwards)
+    frames_while_stopped: int = 0  # read while the owner had stopped collection: not decoded
     invalid_samples: int = 0  # NaN, infinity, a 'not available' state, a time outside any window
     channels: dict[str, int] = field(default_factory=dict)  # frames per channel name
     positions_withheld: int = 0  # without location consent
@@ -708,7 +709,14 @@ class Gateway:
                     self.health.on_batch(batch)
                     if self.on_batch is not None:
                         self.on_batch(batch)
-                if len(batch) and self.consent.collecting():
+                if len(batch) and not self.consent.collecting():
+                    # the owner's stop: nothing of these frames is decoded, and a trip running
+                    # when it came is dropped (its summary would span the stop: the odometer's
+                    # distance over it)
+                    self.report.frames_while_stopped += len(batch)
+                    if trips is not None and trips.running_since is not None:
+                        trips, started = TripDetector(self.policy.trips), (None, False)
+                elif len(batch):
                     if self._group is None:
                         group.enter_context(self.egress_group())
                     decoded = self.decoder.decode(batch)

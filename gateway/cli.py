@@ -358,6 +358,12 @@ def _print_report(
             f"  no frames on {', '.join(idle)}, which a DBC is given for (the log's channels: {seen})",
             file=out,
         )
+    if report.frames_while_stopped:
+        print(
+            f"  {report.frames_while_stopped:,} frames came while the owner had stopped "
+            "collection: not decoded (a trip running then was dropped)",
+            file=out,
+        )
     if report.late_samples:
         print(
             f"  {report.late_samples:,} signal samples came after their window had been "

@@ -341,3 +341,48 @@ async def test_a_withdrawal_publishes_the_consent_state_once(tmp_path, broker, v
     await rig.finish()
     withdrawn = [c for c in rig.stream("consent") if c["last_change"].get("action") == "withdraw"]
     assert len(withdrawn) == 1, withdrawn
+
+
+async def _send_drive(rig: Rig, t0: float, n: int, gear: str, km0: float) -> None:
+    """``n`` seconds of gear ``gear`` at 36 km/h, the odometer counting on from ``km0``."""
+
+    def frame(name: str, t: float, **values) -> can.Message:
+        msg = rig.db.get_message_by_name(name)
+        full = msg.decode(bytes(msg.length), decode_choices=False)  # every signal at raw 0
+        data = msg.encode({**full, **values}, strict=False)
+        return can.Message(
+            timestamp=t, arbitration_id=msg.frame_id, data=data, is_extended_id=False
+        )
+
+    for i in range(n):
+        t = t0 + i
+        rig.tx.send(frame("ID118DriveSystemStatus", t, DI_gear=gear))
+        rig.tx.send(
+            frame("ID155WheelAngles", t, ESP_vehicleSpeed=36.0 if gear == "DI_GEAR_D" else 0)
+        )
+        rig.tx.send(frame("ID3B6odometer", t, Odometer3B6=km0 + 0.01 * i))
+        rig.sent += 3
+        await asyncio.sleep(0.005)
+    await rig.settle()
+
+
+async def test_a_trip_running_when_the_owner_stops_collection_is_never_published(
+    tmp_path, broker, vin
+):
+    rig = Rig(tmp_path, broker.url, vin)
+    await rig.start()
+    # GIVEN a trip under way (gear D, moving, the odometer counting)
+    await _send_drive(rig, 1_800_000_000.0, 30, "DI_GEAR_D", 1000.0)
+    assert rig.gw.report.trips == 0
+    # WHEN the owner stops collection, the car drives on, the owner resumes and the car parks
+    await rig.owner_says(
+        "command", {"command": "stop"}, until=lambda gw: not gw.consent.collecting()
+    )
+    await _send_drive(rig, 1_800_000_030.0, 60, "DI_GEAR_D", 1000.3)
+    await rig.owner_says("command", {"command": "resume"}, until=lambda gw: gw.consent.collecting())
+    await _send_drive(rig, 1_800_000_090.0, 200, "DI_GEAR_P", 1000.9)
+    report = await rig.finish()
+    # THEN no trip covers the stop (its distance would be the odometer's over it), and the
+    # report counts the frames that came while collection was stopped
+    assert rig.stream("trips") == [] and report.trips == 0
+    assert report.frames_while_stopped == 180
