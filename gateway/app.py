@@ -67,18 +67,22 @@ class Source(Protocol):
 UNPACED_GROUP_SECONDS = 0.1
 
 
-def say_missing(policy: Policy, dbcs: ChannelDbcs) -> None:
+def say_missing(policy: Policy, dbcs: ChannelDbcs, *, thorough: bool = False) -> None:
     """Policy signals that no DBC defines never leave. One policy may serve several vehicles, so
     each is said with -v; that none at all is defined (the wrong DBC, or a typo everywhere) is
     a warning, and so is a signal whose message a DBC has but not the signal itself (a typo in
-    the signal's name, or another version of the DBC). A signal only ``[trips]`` names never
-    leaves anyway: trips are computed without it."""
+    the signal's name, or another version of the DBC). ``thorough`` (``gateway config``): a
+    message name close to one of the DBCs' is a warning too (a typo in the message's name). A
+    signal only ``[trips]`` names never leaves anyway: trips are computed without it."""
     wanted = policy.wanted_signals()
     missing = dbcs.missing(wanted)
     trips_only = policy.trips.signals - set(policy.rules)
     for name in missing:
-        # a close message name is looked for only when it is said (-v): ~1 ms a signal
-        has_message, close = dbcs.near(name, other_messages=log.isEnabledFor(logging.INFO))
+        # a close message name is looked for only when it is said (-v, or a check of the
+        # config): ~1 ms a signal, at every start
+        has_message, close = dbcs.near(
+            name, other_messages=thorough or log.isEnabledFor(logging.INFO)
+        )
         hint = f" (did you mean {close}?)" if close else ""
         effect = (
             "trips are computed without it (without gear and speed, there are none)"
@@ -91,7 +95,9 @@ def say_missing(policy: Policy, dbcs: ChannelDbcs) -> None:
                 "policy: message %s of the DBCs has no signal %s%s: %s", msg, sig, hint, effect
             )
         else:
-            log.info("policy: signal %s is in none of the DBCs given%s: %s", name, hint, effect)
+            (log.warning if thorough and close else log.info)(
+                "policy: signal %s is in none of the DBCs given%s: %s", name, hint, effect
+            )
     if missing and len(missing) == len(wanted):
         log.warning(
             "policy: none of its %d signals is in the DBCs given (%s%s): nothing but health "

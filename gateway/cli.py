@@ -508,6 +508,13 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     result = verify_ledger(
         args.ledger, policy_path=args.policy, digests=[_digest(d) for d in args.digest]
     )
+    if result.entries == 0:  # nothing on record is no evidence: not an "OK"
+        print(
+            f"gateway: {args.ledger}: the ledger holds no entry: nothing to verify (no run has "
+            "written to it; is it the gateway's --ledger?)",
+            file=sys.stderr,
+        )
+        return 1
     print(result.summary())
     # a file given that no run used: the re-check asked for was not done (a wrong file, or an
     # edit without a new version); runs under other policies are said, not failed
@@ -818,7 +825,7 @@ def _check_config(s: Any) -> None:
     if s.dbc:  # the policy's signals the DBCs lack: said as a run would say them
         from gateway.app import say_missing
 
-        say_missing(policy, dbcs)
+        say_missing(policy, dbcs, thorough=True)
     for i, c in enumerate(s.can, start=1):
         for log_path in c.logs:
             detect_format(Path(log_path))
@@ -838,7 +845,15 @@ def _check_config(s: Any) -> None:
         time.time(),
         f"{s.source_file}: [gateway].consent",
     )
-    # the [[camera]] tables' values were checked as the settings were read
+    # the [[camera]] tables' values were checked as the settings were read; a recording
+    # named as a source must be there (a device may be plugged in later)
+    for i, cam in enumerate(s.camera, start=1):
+        src = cam.source
+        if src and src != "synthetic" and not src.startswith("/dev/") and not Path(src).exists():
+            raise ConfigError(
+                f"{s.source_file}: [[camera]] #{i}: source {src}: no such video file or image "
+                "folder"
+            )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1072,8 +1087,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     d.add_argument(
         "--category",
         required=True,
-        choices=("location", "vehicle_status", "driving_behaviour", "exterior_camera", "all"),
-        help="what to delete",
+        choices=(
+            "location",
+            "cabin",
+            "exterior_camera",
+            "biometric",
+            "vehicle_status",
+            "driving_behaviour",
+            "all",
+        ),
+        help="what to delete (the categories of gateway consent)",
     )
     for q in (e, d):
         _add_common(q)

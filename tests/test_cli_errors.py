@@ -627,3 +627,45 @@ def test_the_tls_hint_names_tls_ca_only_when_the_url_does_not_ask_for_tls():
         assert "tls_ca" not in describe_error(BrokerSettings(url=url, tls_ca="ca.pem"), err)
     said = describe_error(BrokerSettings(url="mqtt://h:1883", tls_ca="ca.pem"), err)
     assert "TLS is on because tls_ca is set" in said
+
+
+def test_gateway_config_warns_of_a_misspelt_message_and_a_missing_camera_clip(tmp_path):
+    (tmp_path / "mine.toml").write_text(
+        '[policy]\nname = "mine"\n[[signal]]\nsignal = "BMS_54.SocDisp"\npublish_as = "soc"\n'
+    )
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[gateway]\npolicy = "mine.toml"\n[dbc]\ncan0 = "{KONA_PCAN}"\n')
+    proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "BMS_54.SocDisp is in none of the DBCs given (did you mean BMS_542?)" in proc.stderr
+    cfg.write_text(cfg.read_text() + '[[camera]]\nsource = "nope.mp4"\n')
+    proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
+    assert_one_line_error(proc, "[[camera]] #1: source", "nope.mp4: no such video file")
+
+
+def test_an_empty_ledger_does_not_verify_as_ok(tmp_path):
+    (tmp_path / "l.jsonl").write_text("")
+    proc = run_gateway("audit", "verify", str(tmp_path / "l.jsonl"))
+    assert proc.returncode == 1 and "ledger OK" not in proc.stdout
+    assert "holds no entry: nothing to verify" in proc.stderr
+
+
+def test_data_delete_takes_every_consent_category(tmp_path):
+    from gateway.egress.ledger import Ledger
+    from gateway.egress.outbox import Outbox
+
+    led = Ledger(tmp_path / "l.jsonl")
+    led.append("start", vin="V")
+    led.close()
+    Outbox(tmp_path / "o.sqlite").close()
+    common = [
+        "--vin",
+        "V",
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+    ]
+    for category in ("cabin", "biometric"):
+        proc = run_gateway("data", "delete", "--category", category, *common)
+        assert proc.returncode == 0 and "deleted 0 waiting message(s)" in proc.stdout, proc.stderr
