@@ -188,7 +188,9 @@ def _apply_config_consent(
     """The consents ``specs`` gives (``[gateway].consent``); ``name`` begins each error:
     ``gateway.toml: [gateway].consent``, ``--consent``."""
     for spec in specs:
-        cat, _, days = spec.partition(":")
+        cat, colon, days = spec.partition(":")
+        if not colon:
+            raise ConfigError(f"{name} {spec!r}: expected CATEGORY:DAYS, e.g. location:7")
         try:
             category = Category(cat.strip())
         except ValueError:
