@@ -703,6 +703,8 @@ class Gateway:
         trips = TripDetector(self.policy.trips) if self.policy.trips.enabled else None
         # the running trip's start, and whether location consent was valid when it started
         started: tuple[float | None, bool] = (None, False)
+        stops_seen = self.consent.stops
+        held: list[tuple[Trip, bool]] = []  # trips a stop ended, to leave when collection is on
         last_t = 0.0
         # a paced or live source: one group per batch. An unpaced one: one group for the
         # batches of UNPACED_GROUP_SECONDS, with no await inside (see Source)
@@ -717,16 +719,22 @@ class Gateway:
                     self.health.on_batch(batch)
                     if self.on_batch is not None:
                         self.on_batch(batch)
+                if trips is not None and self.consent.stops != stops_seen:
+                    # the owner stopped collection since the last batch: the running trip ends
+                    # at its last moving moment before the stop (its summary must not span
+                    # the stop: the odometer's distance over it), and leaves once collection
+                    # is on again, as the windows open at the stop do
+                    stops_seen = self.consent.stops
+                    held += [(t, started[1]) for t in trips.flush(last_t)]
+                    trips, started = TripDetector(self.policy.trips), (None, False)
                 if len(batch) and not self.consent.collecting():
-                    # the owner's stop: nothing of these frames is decoded, and a trip running
-                    # when it came is dropped (its summary would span the stop: the odometer's
-                    # distance over it)
-                    self.report.frames_while_stopped += len(batch)
-                    if trips is not None and trips.running_since is not None:
-                        trips, started = TripDetector(self.policy.trips), (None, False)
+                    self.report.frames_while_stopped += len(batch)  # not decoded
                 elif len(batch):
                     if self._group is None:
                         group.enter_context(self.egress_group())
+                    for trip, ok in held:
+                        self.publish_trip(trip, ok)
+                    held = []
                     decoded = self.decoder.decode(batch)
                     self.report.decode.merge(decoded.stats)
                     last_t = float(batch.timestamp.max())
@@ -754,6 +762,8 @@ class Gateway:
                 with self.egress_group():
                     for w in agg.flush():
                         self.publish_window(w)
+                    for trip, ok in held:
+                        self.publish_trip(trip, ok)
                     if trips is not None:
                         for trip in trips.flush(last_t):
                             self.publish_trip(trip, trip.start != started[0] or started[1])

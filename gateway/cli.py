@@ -361,7 +361,8 @@ def _print_report(
     if report.frames_while_stopped:
         print(
             f"  {report.frames_while_stopped:,} frames came while the owner had stopped "
-            "collection: not decoded (a trip running then was dropped)",
+            "collection: not decoded (a trip running at the stop ended at its last moving "
+            "moment before it)",
             file=out,
         )
     if report.late_samples:

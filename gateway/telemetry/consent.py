@@ -36,6 +36,7 @@ class ConsentState:
     collection: Collection = Collection.ON
     persist_across_ignition: bool = False
     last_change: dict[str, Any] = field(default_factory=dict)
+    stops: int = 0  # one-touch stops in this process (not saved): a stop between two batches
 
     def ok(self, category: Category, now: float) -> bool:
         if self.collection is Collection.STOPPED:
@@ -89,6 +90,7 @@ class ConsentState:
 
     def stop(self, now: float, source: str = "owner") -> None:
         self.collection = Collection.STOPPED
+        self.stops += 1
         self.last_change = {"at": now, "action": "stop", "by": source}
 
     def resume(self, now: float, source: str = "owner") -> None:
