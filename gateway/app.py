@@ -571,7 +571,13 @@ class Gateway:
                 from gateway.datarights import delete_category, delete_frames
 
                 n = delete_category(self.outbox, cmd.category)
-                frames = delete_frames(self.settings.gateway.frames_path, cmd.category)
+                frames, stuck = delete_frames(self.settings.gateway.frames_path, cmd.category)
+                if stuck:
+                    log.error(
+                        "%d stored camera frame(s) in %s could not be deleted",
+                        stuck,
+                        self.settings.gateway.frames_path,
+                    )
                 if cmd.category is None:  # all: the consent grants too
                     self.consent.withdraw(None, now)
                 self.consent.last_change = {
@@ -581,6 +587,7 @@ class Gateway:
                     "category": cmd.category.value if cmd.category else "all",
                     "removed": n,
                     "frames_removed": frames,
+                    **({"frames_failed": stuck} if stuck else {}),
                 }
         except ConsentRefused as exc:
             self.consent.last_change = {
@@ -681,7 +688,7 @@ class Gateway:
             "distance_km": quantize(trip.distance_km, 0.1),
             "avg_speed_kph": quantize(trip.avg_speed_kph, 1),
         }
-        if self.policy.trips.soc:  # without a state of charge there is no energy, not 0 kWh
+        if trip.energy_kwh is not None:  # without a state of charge: no energy, not 0 kWh
             body["energy_kwh"] = quantize(trip.energy_kwh, 0.1)
         body["window"] = [body["start"], body["end"]]
         if self.consent.ok(Category.LOCATION, self.clock()):

@@ -726,12 +726,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
                 consent.withdraw(None, time.time())
                 consent.save(path)
         n = delete_category(outbox, category)
-        frames = delete_frames(s.gateway.frames_path, category)
+        frames, stuck = delete_frames(s.gateway.frames_path, category)
         ledger.append(
             "data-delete",
             category=args.category,
             removed=n,
             frames_removed=frames,
+            frames_failed=stuck or None,
             withdrew=withdrew or None,
         )
         print(
@@ -741,6 +742,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
             + (f" and withdrew the consent for {withdrew}" if withdrew else "")
             + f"; recorded in {s.gateway.ledger}"
         )
+        if stuck:
+            print(
+                f"gateway: error: {stuck} stored camera frame(s) in {s.gateway.frames_path} "
+                "could not be deleted (permissions? a read-only disk?); recorded in the ledger",
+                file=sys.stderr,
+            )
+            return 4
         return 0
     finally:
         outbox.close()
@@ -911,7 +919,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="a camera clip (or image folder) replayed beside the CAN log: faces and plates "
         "blurred on the device (gaussian, detection on every 2nd frame, boxes kept 5 frames; "
         "a [[camera]] table in --config changes them, docs/camera.md), anonymised frames "
-        "kept in frames/ beside the ledger, only counts published",
+        "kept in frames/VIN/ beside the ledger, only counts published",
     )
     _add_drain(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

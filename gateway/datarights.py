@@ -64,16 +64,19 @@ def export_frames(folder: Path) -> dict[str, Any]:
     return {"folder": str(folder), "files": files}
 
 
-def delete_frames(folder: Path, category: Category | None) -> int:
-    """Remove the stored frames for ``category`` (exterior_camera, or all when None); returns
-    how many."""
+def delete_frames(folder: Path, category: Category | None) -> tuple[int, int]:
+    """Remove the stored frames for ``category`` (exterior_camera, or all when None): how many
+    were removed, and how many could not be (no permission, a read-only disk): said and
+    recorded by the caller, never a reason to leave the rest or the record undone."""
     if category not in (None, Category.EXTERIOR_CAMERA):
-        return 0
-    n = 0
-    for p in stored_frames(folder):
+        return 0, 0
+    removed = failed = 0
+    for p in [*stored_frames(folder), *folder.glob("*.part")] if folder.is_dir() else []:
         try:
             p.unlink()
-            n += 1
+            removed += p.suffix == ".jpg"
         except FileNotFoundError:
             pass
-    return n
+        except OSError:
+            failed += 1
+    return removed, failed

@@ -80,8 +80,10 @@ class GatewaySettings:
 
     @property
     def frames_path(self) -> Path:
-        """Where the camera stages keep anonymised frames."""
-        return self.state_path / "frames"
+        """Where the camera stages keep this vehicle's anonymised frames: a folder per VIN, as
+        the consent file is one per VIN (vehicles whose configs share a folder must not export
+        or delete each other's frames)."""
+        return self.state_path / "frames" / self.vin
 
 
 @dataclass(frozen=True)

@@ -641,12 +641,15 @@ def test_data_export_lists_and_delete_removes_the_stored_camera_frames(tmp_path,
     led.append("start", vin=vin)
     led.close()
     Outbox(tmp_path / "o.sqlite").close()
-    frames = tmp_path / "frames"
-    frames.mkdir()
+    frames = tmp_path / "frames" / vin
+    frames.mkdir(parents=True)
     kept = [frames / "front-000000001-1750000000.jpg", frames / "rear-000000002-1750000001.jpg"]
     for f in kept:
         f.write_bytes(b"\xff\xd8 an anonymised frame")
     (frames / "notes.txt").write_text("not a frame")
+    theirs = tmp_path / "frames" / "OTHERVIN000000001" / "front-000000001-1750000000.jpg"
+    theirs.parent.mkdir()  # another vehicle whose config shares this folder: never touched
+    theirs.write_bytes(b"\xff\xd8 its frame")
     common = _vehicle(tmp_path, vin)
     # WHEN the owner exports: the frames are listed, with where they are
     assert run_gateway("data", "export", "--out", str(tmp_path / "x.json"), *common).returncode == 0
@@ -660,5 +663,41 @@ def test_data_export_lists_and_delete_removes_the_stored_camera_frames(tmp_path,
     camera = run_gateway("data", "delete", "--category", "exterior_camera", *common)
     assert camera.returncode == 0 and "2 stored camera frame(s)" in camera.stdout
     assert not any(f.exists() for f in kept) and (frames / "notes.txt").exists()
+    assert theirs.exists()
     entries = [json.loads(ln) for ln in (tmp_path / "l.jsonl").read_text().splitlines()]
     assert [e.get("frames_removed") for e in entries if e["kind"] == "data-delete"] == [0, 2]
+
+
+def test_frames_that_cannot_be_deleted_are_counted_and_the_rest_go(tmp_path, monkeypatch, capsys):
+    from pathlib import Path as P
+
+    from gateway import cli
+    from gateway.egress.ledger import Ledger
+    from gateway.egress.outbox import Outbox
+
+    led = Ledger(tmp_path / "l.jsonl")
+    led.append("start", vin="V")
+    led.close()
+    Outbox(tmp_path / "o.sqlite").close()
+    frames = tmp_path / "frames" / "V"
+    frames.mkdir(parents=True)
+    names = [f"front-00000000{i}-1750000000.jpg" for i in range(3)]
+    for n in names:
+        (frames / n).write_bytes(b"\xff\xd8")
+    real = P.unlink
+
+    def unlink(self, missing_ok=False):  # one frame the disk will not let go (root ignores modes)
+        if self.name == names[1]:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real(self, missing_ok)
+
+    monkeypatch.setattr(P, "unlink", unlink)
+    rc = cli.main(["data", "delete", "--category", "all", "--vin", "V",
+                   "--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")])  # fmt: skip
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 4 and "1 stored camera frame(s)" in err and "could not be deleted" in err
+    assert sorted(p.name for p in frames.iterdir()) == [names[1]]
+    (entry,) = [json.loads(ln) for ln in (tmp_path / "l.jsonl").read_text().splitlines()
+                if json.loads(ln)["kind"] == "data-delete"]  # fmt: skip
+    assert (entry["frames_removed"], entry["frames_failed"]) == (2, 1)

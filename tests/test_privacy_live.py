@@ -307,8 +307,8 @@ async def test_stop_and_resume_say_so_on_the_retained_status_and_delete_all_with
         {"category": "location", "grant": True, "days": 1},
         until=lambda gw: gw.consent.grants,
     )
-    frames = tmp_path / "frames"  # anonymised frames a camera of this gateway kept
-    frames.mkdir(exist_ok=True)
+    frames = tmp_path / "frames" / vin  # anonymised frames a camera of this vehicle kept
+    frames.mkdir(parents=True, exist_ok=True)
     (frames / "front-000000001-1750000000.jpg").write_bytes(b"\xff\xd8")
     await rig.owner_says(
         "command",

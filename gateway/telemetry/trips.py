@@ -111,7 +111,7 @@ class Trip:
     start: float
     end: float
     distance_km: float
-    energy_kwh: float
+    energy_kwh: float | None  # None: no state-of-charge reading at its start or end
     start_pos: tuple[float, float] | None
     end_pos: tuple[float, float] | None
 
@@ -345,7 +345,7 @@ class TripDetector:
         readings, else the speed integral; energy from the SOC drop."""
         (odo0, odo1), (soc0, soc1) = odo, soc
         dist = max(odo1 - odo0, 0.0) if odo0 is not None and odo1 is not None else dist_int_km
-        energy = 0.0
+        energy = None
         if soc0 is not None and soc1 is not None:
             energy = max(soc0 - soc1, 0.0) / 100.0 * self.cfg.battery_kwh
         return Trip(self._start, end, dist, energy, self._start_pos, end_pos)

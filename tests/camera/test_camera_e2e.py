@@ -77,7 +77,7 @@ def test_camera_summaries_reach_the_owner_and_no_payload_carries_image_data(
             assert not isinstance(leaf, bytes | bytearray), (m.topic, path)
             assert not (isinstance(leaf, str) and len(leaf) > 256), (m.topic, path)
     # AND the frames kept on the device are anonymised: the face is no longer found in them
-    stored = sorted(Path(tmp_path / "frames").glob("*.jpg"))
+    stored = sorted(Path(tmp_path / "frames").rglob("*.jpg"))
     assert stored, list(tmp_path.iterdir())
     faces = FaceDetector(score=0.6)
     original = cv2.VideoCapture(str(DEMO_CLIP))

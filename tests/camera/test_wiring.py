@@ -26,7 +26,9 @@ def test_a_bare_video_gets_the_defaults_and_a_store_beside_the_ledger(tmp_path):
     (stage,) = camera_stages([str(DEMO_CLIP)], _settings(tmp_path))
     assert stage.name == "front" and stage.window == 5.0 and stage.speed == 1.0
     assert stage.anonymiser.s.method is Method.GAUSSIAN
-    assert stage.store is not None and stage.store.dir == tmp_path / "frames"
+    assert (
+        stage.store is not None and stage.store.dir == tmp_path / "frames" / Settings().gateway.vin
+    )
     assert stage.dropped == 0
 
 
@@ -42,7 +44,7 @@ def test_a_camera_table_sets_name_method_and_detection_rate(tmp_path):
     assert stage.name == "rear" and stage.speed is None
     assert stage.anonymiser.s.method is Method.FILL
     assert stage.anonymiser.s.detect_every == 3 and stage.anonymiser.s.memory == 2
-    assert stage.store is not None and stage.store.dir == tmp_path / "state" / "frames"
+    assert stage.store is not None and stage.store.dir.parent == tmp_path / "state" / "frames"
     widths = [(d.width, type(d).__name__) for d in stage.anonymiser.detector.detectors]
     assert widths == [(640, "FaceDetector"), (960, "PlateDetector")]  # the measured defaults
 

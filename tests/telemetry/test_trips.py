@@ -164,7 +164,7 @@ def test_a_short_trip_is_published_as_at_least_a_minute_long(tmp_path, seconds, 
     assert trip["end"] - trip["start"] == published and trip["start"] % 60 == 0
 
 
-def test_a_trip_without_a_state_of_charge_signal_has_no_energy_not_zero(tmp_path):
+def test_a_trip_without_state_of_charge_readings_has_no_energy_not_zero(tmp_path):
     from gateway.app import Gateway
     from gateway.egress.outbox import Outbox
     from gateway.egress.schema import unpack
@@ -179,7 +179,7 @@ def test_a_trip_without_a_state_of_charge_signal_has_no_energy_not_zero(tmp_path
     )
     gw = Gateway(gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, policy=str(policy)), [])
     try:
-        gw.publish_trip(Trip(1_750_000_000.0, 1_750_000_600.0, 7.6, 0.0, None, None))
+        gw.publish_trip(Trip(1_750_000_000.0, 1_750_000_600.0, 7.6, None, None, None))
     finally:
         gw.outbox.close()
         gw.ledger.close()

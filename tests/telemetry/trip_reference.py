@@ -119,7 +119,7 @@ class ScalarTripDetector:
             dist = max(self._odo - self._odo0, 0.0)
         else:
             dist = self._dist_int_km
-        energy = 0.0
+        energy = None
         if self._soc0 is not None and self._soc is not None:
             energy = max(self._soc0 - self._soc, 0.0) / 100.0 * self.cfg.battery_kwh
         return Trip(
