@@ -957,4 +957,7 @@ class Gateway:
                 )
             )
 
+        # the owner's one-touch stop halts the camera's collection too: no frame is detected,
+        # stored or counted while it holds
+        camera.collecting = self.consent.collecting
         await camera.run(emit, stop)

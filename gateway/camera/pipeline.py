@@ -107,8 +107,14 @@ class CameraStage:
         speed: float | None = 1.0,
         store: FrameStore | None = None,
         clock: Callable[[], float] = time.time,
+        collecting: Callable[[], bool] = lambda: True,
     ) -> None:
         self.source = source
+        # False while the owner has stopped collection (or camera consent is required and not
+        # given): frames are read, as a camera keeps delivering, and neither detected, stored
+        # nor counted as seen
+        self.collecting = collecting
+        self.not_collected = 0
         self.anonymiser = anonymiser
         self.name = name
         self.window = window
@@ -238,6 +244,16 @@ class CameraStage:
                 if item is sentinel:
                     break
                 reading = loop.run_in_executor(self._read, next_frame)  # decode ahead
+                if not self.collecting():
+                    self.not_collected += 1
+                    if self.anonymiser.held:  # the frames held for a detection: decided now,
+                        # on the last of them, not by a frame after the stop
+                        if rendering is not None:
+                            self._count(await rendering)
+                            rendering, blurring = None, []
+                        last = await loop.run_in_executor(self._work, self.anonymiser.plan_flush)
+                        self._count(await loop.run_in_executor(self._blur, self._render, last))
+                    continue
                 frame = item if isinstance(item, Frame) else _no_image(item)
                 win = self._window_of(frame.t)
                 win.seen += 1

@@ -280,3 +280,19 @@ def test_drops_are_warned_once_per_reason_then_at_most_every_ten_seconds_with_a_
     ]
     stage._read.shutdown()
     stage._work.shutdown()
+
+
+def test_while_collection_is_stopped_no_frame_is_detected_stored_or_counted(tmp_path):
+    stage = _stage(tmp_path, Flaky(set()), count=50, window=10.0, detect_every=2)
+    calls = [0]
+
+    def collecting() -> bool:  # the owner stops collection for frames 11..30, then resumes
+        calls[0] += 1
+        return not 11 <= calls[0] <= 30
+
+    stage.collecting = collecting
+    summaries = _run(stage)
+    assert sum(s.frames_seen for s in summaries) == 30 and stage.not_collected == 20
+    assert sum(s.frames_anonymised for s in summaries) == 30 and stage.dropped == 0
+    stored = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "frames").iterdir())
+    assert len(stored) == 30  # the store numbers what it keeps: 30 frames, none of the stop
