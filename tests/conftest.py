@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -41,6 +42,18 @@ def shared_or_skip(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} is absent (the shared data folder is not beside the repository)")
     return p
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_as_it_was() -> Iterator[None]:
+    """A test that runs ``cli.main()`` in this process points the root logger at the stderr
+    of that moment (pytest's capture of that test, closed after it): later tests' warnings
+    would then end in "--- Logging error ---" on their own stderr. Put back after each test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -692,9 +692,12 @@ def test_frames_that_cannot_be_deleted_are_counted_and_the_rest_go(tmp_path, mon
         return real(self, missing_ok)
 
     monkeypatch.setattr(P, "unlink", unlink)
-    rc = cli.main(["data", "delete", "--category", "all", "--vin", "V",
-                   "--ledger", str(tmp_path / "l.jsonl"), "--outbox", str(tmp_path / "o.sqlite")])  # fmt: skip
-    monkeypatch.undo()
+    try:
+        rc = cli.main(["data", "delete", "--category", "all", "--vin", "V",
+                       "--ledger", str(tmp_path / "l.jsonl"),
+                       "--outbox", str(tmp_path / "o.sqlite")])  # fmt: skip
+    finally:
+        monkeypatch.undo()
     err = capsys.readouterr().err
     assert rc == 4 and "1 stored camera frame(s)" in err and "could not be deleted" in err
     assert sorted(p.name for p in frames.iterdir()) == [names[1]]
