@@ -865,6 +865,19 @@ def _check_config(s: Any) -> None:
             )
 
 
+# the data categories of consent and deletion (gateway.telemetry.policy.Category), and "all";
+# spelled out here: the parser is built before the policy module is imported
+CATEGORY_CHOICES = (
+    "location",
+    "cabin",
+    "exterior_camera",
+    "biometric",
+    "vehicle_status",
+    "driving_behaviour",
+    "all",
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, its mistakes said as every other one is: one line, ``gateway: error: ...``,
     exit status 2 (argparse printed its usage first, then ``gateway replay: error: ...``)."""
@@ -1047,15 +1060,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         nargs="?",
         help="for grant and withdraw (withdraw without one: every grant), and delete "
         "(all: every waiting message and the consent grants); not for stop and resume",
-        choices=(
-            "location",
-            "cabin",
-            "exterior_camera",
-            "biometric",
-            "vehicle_status",
-            "driving_behaviour",
-            "all",
-        ),
+        choices=CATEGORY_CHOICES,
     )
     p.add_argument("--days", type=float, help="how long a grant lasts (required for grant)")
     p.add_argument(
@@ -1096,15 +1101,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     d.add_argument(
         "--category",
         required=True,
-        choices=(
-            "location",
-            "cabin",
-            "exterior_camera",
-            "biometric",
-            "vehicle_status",
-            "driving_behaviour",
-            "all",
-        ),
+        choices=CATEGORY_CHOICES,
         help="what to delete (the categories of gateway consent)",
     )
     for q in (e, d):

@@ -704,3 +704,10 @@ def test_frames_that_cannot_be_deleted_are_counted_and_the_rest_go(tmp_path, mon
     (entry,) = [json.loads(ln) for ln in (tmp_path / "l.jsonl").read_text().splitlines()
                 if json.loads(ln)["kind"] == "data-delete"]  # fmt: skip
     assert (entry["frames_removed"], entry["frames_failed"]) == (2, 1)
+
+
+def test_the_category_choices_are_the_policys_categories():
+    from gateway.cli import CATEGORY_CHOICES
+    from gateway.telemetry.policy import Category
+
+    assert set(CATEGORY_CHOICES) == {c.value for c in Category} | {"all"}

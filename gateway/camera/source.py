@@ -155,20 +155,11 @@ def folder_images(folder: Path, suffixes: frozenset[str]) -> list[Path]:
     folders = [p.name for p in entries if p.is_dir()]
     taken = set(files)
     others = [p.name for p in entries if not p.is_dir() and p not in taken]
-    if others:
-        log.warning(
-            "%s: %d file(s) not read, not named as images (%s)",
-            folder,
-            len(others),
-            ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""),
-        )
-    if folders:
-        log.warning(
-            "%s: %d sub-folder(s) not read (%s)",
-            folder,
-            len(folders),
-            ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else ""),
-        )
+    for names, what in ((others, "file(s) not read, not named as images"),
+                        (folders, "sub-folder(s) not read")):  # fmt: skip
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            log.warning("%s: %d %s (%s)", folder, len(names), what, shown)
     return files
 
 
