@@ -491,13 +491,19 @@ def test_data_delete_all_withdraws_the_consent_grants_too(tmp_path):
     assert ConsentState.load(consent).grants == {}
 
 
-def test_gateway_config_warns_of_policy_signals_its_dbcs_lack(tmp_path):
-    """The policy's typos were said only when a run started; config checks without running."""
+def _config_with_signal(tmp_path, signal: str):
+    """A config whose policy publishes one signal, with the Kona P-CAN DBC on can0."""
     (tmp_path / "mine.toml").write_text(
-        '[policy]\nname = "mine"\n[[signal]]\nsignal = "BMS_542.SocDsip"\npublish_as = "soc"\n'
+        f'[policy]\nname = "mine"\n[[signal]]\nsignal = "{signal}"\npublish_as = "soc"\n'
     )
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(f'[gateway]\npolicy = "mine.toml"\n[dbc]\ncan0 = "{KONA_PCAN}"\n')
+    return cfg
+
+
+def test_gateway_config_warns_of_policy_signals_its_dbcs_lack(tmp_path):
+    """The policy's typos were said only when a run started; config checks without running."""
+    cfg = _config_with_signal(tmp_path, "BMS_542.SocDsip")
     proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
@@ -630,11 +636,7 @@ def test_the_tls_hint_names_tls_ca_only_when_the_url_does_not_ask_for_tls():
 
 
 def test_gateway_config_warns_of_a_misspelt_message_and_a_missing_camera_clip(tmp_path):
-    (tmp_path / "mine.toml").write_text(
-        '[policy]\nname = "mine"\n[[signal]]\nsignal = "BMS_54.SocDisp"\npublish_as = "soc"\n'
-    )
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f'[gateway]\npolicy = "mine.toml"\n[dbc]\ncan0 = "{KONA_PCAN}"\n')
+    cfg = _config_with_signal(tmp_path, "BMS_54.SocDisp")
     proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "BMS_54.SocDisp is in none of the DBCs given (did you mean BMS_542?)" in proc.stderr

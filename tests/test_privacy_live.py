@@ -108,6 +108,14 @@ class Rig:
             await asyncio.sleep(0.05)
         raise AssertionError(f"the gateway did not act on {body}")
 
+    async def grant_location(self) -> None:
+        """The owner grants location consent for a day; returns once the gateway holds it."""
+        await self.owner_says(
+            "consent/set",
+            {"category": "location", "grant": True, "days": 1},
+            until=lambda gw: gw.consent.grants,
+        )
+
     async def send_positions(self, track) -> None:
         msg = self.db.get_message_by_name("ID04FGPSLatLong")
         for t, lat, lon in track:
@@ -192,11 +200,7 @@ async def test_with_consent_positions_are_on_the_grid_and_stop_at_once_on_withdr
 ):
     rig = Rig(tmp_path, broker.url, vin)
     await rig.start()
-    await rig.owner_says(
-        "consent/set",
-        {"category": "location", "grant": True, "days": 1},
-        until=lambda gw: gw.consent.grants,
-    )
+    await rig.grant_location()
     track = _track(6)
     await rig.send_positions(track)
     granted = list(rig.stream("location"))
@@ -226,11 +230,7 @@ async def test_positions_inside_a_geofence_never_leave(tmp_path, broker, vin):
     text += f"\n[[policy.geofence]]\nname = 'home'\nlat = {flat}\nlon = {flon}\nradius_m = 100\n"
     rig = Rig(tmp_path, broker.url, vin, policy_text=text)
     await rig.start()
-    await rig.owner_says(
-        "consent/set",
-        {"category": "location", "grant": True, "days": 1},
-        until=lambda gw: gw.consent.grants,
-    )
+    await rig.grant_location()
     await rig.send_positions(track)
     report = await rig.finish()
     # THEN the position inside the fence is suppressed before coarsening; the others leave
@@ -302,11 +302,7 @@ async def test_stop_and_resume_say_so_on_the_retained_status_and_delete_all_with
     )
     await rig.settle()
     assert rig.stream("status")[-1]["collection"] == "on"
-    await rig.owner_says(
-        "consent/set",
-        {"category": "location", "grant": True, "days": 1},
-        until=lambda gw: gw.consent.grants,
-    )
+    await rig.grant_location()
     frames = tmp_path / "frames" / vin  # anonymised frames a camera of this vehicle kept
     frames.mkdir(parents=True, exist_ok=True)
     (frames / "front-000000001-1750000000.jpg").write_bytes(b"\xff\xd8")
@@ -325,11 +321,7 @@ async def test_stop_and_resume_say_so_on_the_retained_status_and_delete_all_with
 async def test_a_withdrawal_publishes_the_consent_state_once(tmp_path, broker, vin):
     rig = Rig(tmp_path, broker.url, vin)
     await rig.start()
-    await rig.owner_says(
-        "consent/set",
-        {"category": "location", "grant": True, "days": 1},
-        until=lambda gw: gw.consent.grants,
-    )
+    await rig.grant_location()
     await asyncio.sleep(1.5)  # the gateway looks for expired grants every second: it saw it
     await rig.owner_says(
         "consent/set",
