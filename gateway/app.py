@@ -8,11 +8,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from gateway import __version__
 from gateway.canbus.dbc import ChannelDbcs
@@ -56,7 +59,10 @@ log = logging.getLogger(__name__)
 class Source(Protocol):
     """Where frames come from. A source whose ``unpaced`` attribute is true (a replay with
     ``--fast``) never awaits between batches: the gateway yields to the event loop itself,
-    between the group commits that span several of its batches."""
+    between the group commits that span several of its batches. A live source (see
+    ``canbus.source``) also has ``now()``, this moment on its clock, by which the empty
+    batches it sends while the bus is silent close the windows that ended, and a
+    ``clock_steps`` count: when it grows, the windows open before the step are closed."""
 
     def batches(self) -> AsyncIterator[FrameBatch]: ...
 
@@ -65,6 +71,9 @@ class Source(Protocol):
 # until this much wall time has passed; then the group commits and the other tasks (publisher,
 # owner commands, camera) get the event loop. Nothing else runs inside a group.
 UNPACED_GROUP_SECONDS = 0.1
+# a live bus's window closes this long after its end on the bus's clock when no later frame
+# came (a frame is handed on within ~0.1 s of its time; one this late counts as late)
+LIVE_GRACE_SECONDS = 2.0
 
 
 def say_missing(policy: Policy, dbcs: ChannelDbcs, *, thorough: bool = False) -> None:
@@ -138,6 +147,15 @@ def make_decoder(settings: Settings, dbcs: ChannelDbcs, wanted: set[str]) -> Dec
     from gateway.canbus.decode import CantoolsDecoder  # cantools itself: imported only here
 
     return CantoolsDecoder(dbcs, wanted=wanted)
+
+
+def _latest(batch: FrameBatch, before: float) -> float:
+    """The latest finite frame time of ``batch`` (``before`` if it has none)."""
+    t = float(batch.timestamp.max())
+    if math.isfinite(t):
+        return t
+    finite = batch.timestamp[np.isfinite(batch.timestamp)]
+    return float(finite.max()) if finite.size else before
 
 
 @dataclass
@@ -716,10 +734,26 @@ class Gateway:
         # a paced or live source: one group per batch. An unpaced one: one group for the
         # batches of UNPACED_GROUP_SECONDS, with no await inside (see Source)
         unpaced = bool(getattr(source, "unpaced", False))
+        now = getattr(source, "now", None)  # a live source's clock
+        steps_seen = getattr(source, "clock_steps", 0)
         group = contextlib.ExitStack()
         since = time.monotonic()
         try:
             async for batch in source.batches():
+                steps = getattr(source, "clock_steps", 0)
+                if steps != steps_seen:  # the bus's clock was stepped: what is open is closed
+                    steps_seen = steps
+                    with self.egress_group():
+                        collecting = self.consent.collecting()
+                        for w in agg.flush():
+                            if collecting:
+                                self.publish_window(w)
+                        if trips is not None:
+                            held += [(t, started[1]) for t in trips.flush(last_t)]
+                            trips, started = TripDetector(self.policy.trips), (None, False)
+                    self.report.late_samples += agg.late_samples
+                    self.report.invalid_samples += agg.invalid_samples
+                    agg = WindowAggregator(self.settings.gateway.window)
                 if len(batch):
                     self.report.frames += len(batch)
                     self.report.raw_bytes += batch.raw_bytes
@@ -744,7 +778,7 @@ class Gateway:
                     held = []
                     decoded = self.decoder.decode(batch)
                     self.report.decode.merge(decoded.stats)
-                    last_t = float(batch.timestamp.max())
+                    last_t = _latest(batch, last_t)
                     if loc is not None:
                         self.publish_positions(loc, decoded.series)
                     if trips is not None:
@@ -757,6 +791,14 @@ class Gateway:
                     agg.add(decoded.series)
                     for w in agg.advance(last_t):
                         self.publish_window(w)
+                elif now is not None and self.consent.collecting():
+                    t = now()  # a silent live bus: the windows that ended on its clock close
+                    if t is not None:
+                        closed = agg.advance(t - LIVE_GRACE_SECONDS)
+                        if closed:
+                            with self.egress_group():
+                                for w in closed:
+                                    self.publish_window(w)
                 if not unpaced:
                     group.close()
                 elif time.monotonic() - since >= UNPACED_GROUP_SECONDS:
@@ -793,7 +835,7 @@ class Gateway:
             if now >= next_health:
                 next_health = now + g.health_interval
                 self.publish_health()
-            if now - self._digest_sent_at >= g.digest_interval:
+            if g.digest_interval > 0 and now - self._digest_sent_at >= g.digest_interval:
                 self.publish_digest()
 
     def stop_draining(self) -> None:

@@ -325,17 +325,20 @@ def _print_report(
         file=out,
     )
     for st in report.read:
-        if st.frames == 0 and st.path:  # a file of another kind, or empty: not silently
+        if st.frames == 0 and st.path and st.live:
+            print(f"  {st.path}: no frame came: is the bus up, at its bitrate?", file=out)
+        elif st.frames == 0 and st.path:  # a file of another kind, or empty: not silently
             print(
                 f"  {st.path}: no frame in it ({st.bytes_read:,} bytes read): is it a CAN log "
                 "of the format its name says?",
                 file=out,
             )
         if st.bad_lines or st.stopped_early:
-            where = "; ".join(f"line {n}: {_printable(why)}" for n, why in st.first_bad)
+            unit = "frame" if st.live else "line"
+            where = "; ".join(f"{unit} {n}: {_printable(why)}" for n, why in st.first_bad)
             more = f" (first: {where})" if where else ""
             if st.bad_lines:
-                print(f"  {st.path}: skipped {st.bad_lines} bad line(s){more}", file=out)
+                print(f"  {st.path}: skipped {st.bad_lines} bad {unit}(s){more}", file=out)
             if st.stopped_early:
                 print(
                     f"  {st.path}: the rest of the file could not be read: "
@@ -424,27 +427,44 @@ def _print_report(
 def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
     from gateway.canbus.replay import ReplaySource
-    from gateway.canbus.source import LiveBusSource
+    from gateway.canbus.source import BusSpec, LiveBusSource
 
     s = _settings(args)
     if not s.can and not s.camera:
         raise ConfigError(
-            f"{args.config}: no sources: add [[can]] (logs or interface/channel) "
-            "or [[camera]] tables"
+            f"{args.config or 'gateway run'}: no sources: add [[can]] tables (logs, or interface "
+            "and channel) or [[camera]] tables to a config file given with --config"
         )
     sources: list[Any] = []
+    buses = [
+        BusSpec(c.interface, c.channel, c.bitrate, c.name, c.options) for c in s.can if not c.logs
+    ]
+    if buses:  # one stream: one aggregator sees every bus, as a replay's channels
+        live = LiveBusSource(buses)
+        live.open()  # a bus that cannot be opened is said before anything starts
+        sources.append(live)
     for c in s.can:
         if c.logs:
             speed = None if s.replay.fast else s.replay.speed
             sources.append(ReplaySource([Path(p) for p in c.logs], speed=speed, loop=s.replay.loop))
-        else:
-            sources.append(LiveBusSource(c.interface, c.channel, c.bitrate, c.name))
-    gw = Gateway(s, sources, cameras=_camera_sources(argparse.Namespace(video=[]), s))
+    try:
+        gw = Gateway(s, sources, cameras=_camera_sources(argparse.Namespace(video=[]), s))
+    except BaseException:
+        for src in sources:
+            if isinstance(src, LiveBusSource):
+                src.close()
+        raise
     t0 = time.monotonic()
     # a vehicle is often offline: collect anyway, the outbox keeps what waits for the broker
     report = _run_until_signal(gw, drain_timeout=args.drain_timeout, require_broker=False)
-    live = sum(isinstance(src, LiveBusSource) for src in sources)
-    _print_report(report, s, time.monotonic() - t0, live=live)
+    _print_report(report, s, time.monotonic() - t0, live=len(buses))
+    for src in sources:
+        if isinstance(src, LiveBusSource) and (src.errors or src.clock_steps):
+            print(
+                f"  live buses: {src.errors} receive error(s), each followed by opening the bus "
+                f"again; {src.clock_steps} clock step(s) (the windows open were closed)",
+                file=sys.stderr,
+            )
     return _undelivered(report, s)
 
 
@@ -847,6 +867,13 @@ def _check_config(s: Any) -> None:
                     f"{s.source_file}: [[can]] #{i}: interface {c.interface!r} is not one "
                     f"python-can knows (known: {', '.join(sorted(known))})"
                 )
+            label = c.name or c.channel
+            if s.dbc and label not in s.dbc and "*" not in s.dbc:
+                log.warning(
+                    "%s: [[can]] #%d: no DBC applies to bus %r ([dbc] names %s): every frame "
+                    "on it would be an unknown id; name the bus as the [dbc] does (name = ...)",
+                    s.source_file, i, label, ", ".join(sorted(s.dbc)),
+                )  # fmt: skip
     _apply_config_consent(
         ConsentState(),
         s.gateway.consent,

@@ -298,6 +298,7 @@ class ReadStats:
     first_bad: list[tuple[int, str]] = field(default_factory=list)
     stopped_early: str | None = None  # a binary log whose rest could not be read
     bytes_read: int = 0  # of the file, for progress
+    live: bool = False  # a live bus: what is bad is a frame (numbered from 1), not a line
 
     KEEP = 5
 

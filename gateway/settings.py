@@ -59,7 +59,8 @@ class GatewaySettings:
         30.0, "Seconds between health summaries on the health topic (0: off)."
     )
     digest_interval: float = opt(
-        300.0, "Seconds between ledger digests on the ledger topic (one is always sent at stop)."
+        300.0,
+        "Seconds between ledger digests on the ledger topic (0: off; one is always sent at stop).",
     )
     consent: list[str] = opt(
         [],
@@ -100,8 +101,10 @@ class BrokerSettings:
     password_file: str = opt("", "File holding the broker password (first line).")
     tls_ca: str = opt("", "CA certificate that signed the broker's certificate (enables TLS).")
     tls_insecure: bool = opt(False, "Skip broker hostname verification (bench only).")
-    keepalive: int = opt(30, "MQTT keepalive in seconds.")
-    backoff_max: float = opt(30.0, "Longest wait between reconnect attempts, in seconds.")
+    keepalive: int = opt(30, "MQTT keepalive in seconds (0 to 65535; 0: off).")
+    backoff_max: float = opt(
+        30.0, "Longest wait between reconnect attempts, in seconds (0.5 to 86400)."
+    )
 
     @property
     def host(self) -> str:
@@ -145,6 +148,13 @@ class CanSource:
     channel: str = opt("", "Channel of the live bus: can0, vcan0, ...")
     bitrate: int = opt(0, "Bitrate for interfaces that set it (0: leave as configured).")
     name: str = opt("", "Channel name the DBC mapping uses for this bus (default: channel).")
+    options: dict[str, Any] = opt(
+        {},
+        "More settings of the live bus's python-can interface, as a table, passed to can.Bus "
+        "as they are: e.g. { fd = true, data_bitrate = 2000000 } for CAN FD on socketcan's "
+        "kin, { receive_own_messages = true }. Which ones exist: python-can's page of the "
+        "interface.",
+    )
 
 
 @dataclass(frozen=True)
@@ -233,8 +243,10 @@ def _parse_broker_url(url: str) -> tuple[str, str, int]:
 
 
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
-        tp, "a list of strings" if typing.get_origin(tp) is list else str(tp)
+        tp,
+        "a list of strings" if origin is list else "a table" if origin is dict else str(tp),
     )
 
 
@@ -246,6 +258,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of strings, got {value!r}")
         return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -439,10 +455,11 @@ def _build_all(
         raise ConfigError(
             f"{where}: [gateway].window must be 0.001 to 10,000,000 seconds, got {g.window}"
         )
-    if g.health_interval < 0:
-        raise ConfigError(
-            f"{where}: [gateway].health_interval must be >= 0 (0: off), got {g.health_interval}"
-        )
+    for key in ("health_interval", "digest_interval"):
+        if getattr(g, key) < 0:
+            raise ConfigError(
+                f"{where}: [gateway].{key} must be >= 0 (0: off), got {getattr(g, key)}"
+            )
     # one topic level: a '/' would move the owner's channel, '+' and '#' are MQTT wildcards
     why = "it holds a '/'" if "/" in g.vin else _topic_problem(g.vin)
     if why:
@@ -459,7 +476,19 @@ def _build_all(
         password_file=_resolve(base, broker.password_file),
         tls_ca=_resolve(base, broker.tls_ca),
     )
-    _parse_broker_url(broker.url)
+    try:
+        _parse_broker_url(broker.url)
+    except ConfigError as exc:  # named in the file it came from (or the command line's --broker)
+        raise ConfigError(f"{where}: {exc}") from None
+    if not 0 <= broker.keepalive <= 65535:  # paho refused it at the connection, with a traceback
+        raise ConfigError(
+            f"{where}: [broker].keepalive must be 0 to 65535 seconds (0: off), got "
+            f"{broker.keepalive}"
+        )
+    if not 0.5 <= broker.backoff_max <= 86_400:  # 0 reconnected in a tight loop
+        raise ConfigError(
+            f"{where}: [broker].backoff_max must be 0.5 to 86,400 seconds, got {broker.backoff_max}"
+        )
     if broker.tls_ca and not Path(broker.tls_ca).is_file():
         raise ConfigError(f"{where}: [broker].tls_ca {broker.tls_ca}: no such CA certificate file")
     if broker.password_file:
@@ -493,10 +522,32 @@ def _build_all(
                     raise ConfigError(
                         f"{where}: [[can]] #{i + 1}: bitrate must be >= 0, got {obj.bitrate}"
                     )
-                if bool(obj.logs) == bool(obj.interface):
+                if bool(obj.logs) == bool(obj.interface) or (
+                    obj.interface and not obj.channel.strip()
+                ):
                     raise ConfigError(
-                        f"{where}: [[can]] #{i + 1}: give either logs or interface+channel"
+                        f"{where}: [[can]] #{i + 1}: give either logs or interface and channel"
                     )
+                if obj.logs and (obj.options or obj.bitrate or obj.name):
+                    raise ConfigError(
+                        f"{where}: [[can]] #{i + 1}: bitrate, name and options are for a live bus "
+                        "(interface and channel), not for logs"
+                    )
+                if obj.interface:
+                    for j, o in enumerate(out):
+                        if not o.interface:
+                            continue
+                        if (o.interface, o.channel) == (obj.interface, obj.channel):
+                            raise ConfigError(
+                                f"{where}: [[can]] #{i + 1} is the bus of [[can]] #{j + 1} "
+                                f"({obj.interface}:{obj.channel}): one table per bus"
+                            )
+                        if (o.name or o.channel) == (obj.name or obj.channel):
+                            raise ConfigError(
+                                f"{where}: [[can]] #{i + 1} and #{j + 1} are both named "
+                                f"{obj.name or obj.channel!r} (name, or else channel): the "
+                                "DBCs could not tell their frames apart; give each its own name"
+                            )
             else:
                 obj = dataclasses.replace(obj, source=_resolve(base, obj.source))
                 from gateway.camera.options import check_camera  # no OpenCV there

@@ -183,6 +183,26 @@ def test_a_ledger_line_nested_too_deep_for_json_is_a_bad_line_not_a_crash(tmp_pa
         ("[broker]\ntopic_prefix = 'a/+'\n", "gateway.toml: [broker].topic_prefix"),
         ("[gateway]\nwindow = 1e-300\n", "gateway.toml: [gateway].window must be 0.001"),
         ("[gateway]\nhealth_interval = -1\n", "gateway.toml: [gateway].health_interval"),
+        ("[gateway]\ndigest_interval = -1\n", "gateway.toml: [gateway].digest_interval"),
+        ("[broker]\nkeepalive = -5\n", "gateway.toml: [broker].keepalive must be 0 to"),
+        ("[broker]\nbackoff_max = 0\n", "gateway.toml: [broker].backoff_max must be 0.5"),
+        ("[broker]\nurl = 'http://x:1883'\n", "gateway.toml: [broker].url 'http://x:1883'"),
+        (
+            "[[can]]\ninterface = 'socketcan'\nchannel = ''\n",
+            "gateway.toml: [[can]] #1: give either logs or interface and channel",
+        ),
+        (
+            "[[can]]\ninterface = 'virtual'\nchannel = 'a'\n[[can]]\ninterface = 'virtual'\n"
+            "channel = 'a'\nname = 'can1'\n",
+            "gateway.toml: [[can]] #2 is the bus of [[can]] #1",
+        ),
+        (
+            "[[can]]\ninterface = 'virtual'\nchannel = 'a'\nname = 'can0'\n[[can]]\n"
+            "interface = 'virtual'\nchannel = 'b'\nname = 'can0'\n",
+            "gateway.toml: [[can]] #2 and #1 are both named 'can0'",
+        ),
+        ("[[can]]\nlogs = ['x.log']\nbitrate = 500000\n", "are for a live bus"),
+        ("[[can]]\ninterface = 'virtual'\nchannel = 'a'\noptions = 5\n", "options must be a table"),
         ("[replay]\nspeed = -1\n", "gateway.toml: [replay].speed"),
         ("[replay]\nspeed = nan\n", "gateway.toml: [replay].speed"),
         (
@@ -671,3 +691,16 @@ def test_data_delete_takes_every_consent_category(tmp_path):
     for category in ("cabin", "biometric"):
         proc = run_gateway("data", "delete", "--category", category, *common)
         assert proc.returncode == 0 and "deleted 0 waiting message(s)" in proc.stdout, proc.stderr
+
+
+def test_gateway_config_warns_of_a_live_bus_no_dbc_applies_to(tmp_path):
+    # GIVEN the README's vcan recipe with the DBC on can0 and the bus named by its channel
+    cfg = _config_with_signal(tmp_path, "BMS_542.SocDisp")
+    cfg.write_text(cfg.read_text() + "[[can]]\ninterface = 'socketcan'\nchannel = 'vcan0'\n")
+    proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[[can]] #1: no DBC applies to bus 'vcan0' ([dbc] names can0)" in proc.stderr
+    # THEN named as the [dbc] names it, it is quiet
+    cfg.write_text(cfg.read_text() + "name = 'can0'\n")
+    proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0 and "no DBC applies" not in proc.stderr, proc.stderr

@@ -1,77 +1,323 @@
-"""A live CAN bus through any python-can interface (socketcan can0/vcan0 on a Pi, virtual in
-tests), read with python-can's ``Notifier`` + ``AsyncBufferedReader`` on the event loop and
-handed on in small batches."""
+"""Live CAN buses through any python-can interface (socketcan can0/vcan0 on a Pi, virtual in
+tests), handed on as batches of frames.
+
+Every bus is read by a thread of its own (``bus.recv``), which hands what it read to the event
+loop in lists, with this machine's clock at the moment of reading. The buses of one
+``LiveBusSource`` are one stream: one aggregator and one trip detector see all of them, as a
+replay's channels are (two sources would each summarise the same windows).
+
+What a bus does wrong is counted and said, never fatal to the gateway:
+
+- **A receive error** (socketcan's "Network is down" when a controller goes bus-off and is
+  restarted, a USB adapter pulled out): one line, and the bus is opened again after 0.5 s,
+  then with a doubling wait up to 30 s, as long as the gateway runs. python-can's ``Notifier``
+  ends its thread at the first such error (with a traceback, and nothing read after it).
+- **A frame's time**: a bus stamps its frames with a clock of its own (the kernel's for
+  socketcan, an adapter's for others), which is compared with this machine's. A time that is
+  not a number (NaN, infinite) or more than ``max_skew`` seconds off the bus's clock as last
+  seen is dropped and counted (one such frame would close or hold every window); when
+  ``STEP_FRAMES`` frames in a row agree on a new clock, the clock was stepped (NTP setting the
+  time of a Pi, which has no real-time clock, after boot): the new times are taken, counted in
+  ``clock_steps``, and the gateway closes the windows open before the step.
+- **A bus that goes silent**: while no frame comes, an empty batch every ``tick`` seconds
+  carries the time (``now()``, the bus's clock), so the windows the silence passes close on
+  time, not at the next frame (the last one of a drive would wait for the next ignition).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import can
 
-from gateway.canbus.messages import channel_name
 from gateway.errors import InputError
-from gateway.records import FrameBatch, FrameBatchBuilder
+from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
+
+log = logging.getLogger(__name__)
+
+# frames in a row, all off the bus's clock as last seen and agreeing (within ``max_skew``) on a
+# new one: the clock was stepped, not a frame damaged
+STEP_FRAMES = 20
+REOPEN_FIRST_S = 0.5
+REOPEN_MAX_S = 30.0
+_RECV_S = 0.1  # a reading thread looks at its stop flag this often
 
 
-@dataclass
-class LiveBusSource:
-    """A live CAN bus read through any python-can interface, as chunks of frames."""
+@dataclass(frozen=True)
+class BusSpec:
+    """One live bus: a python-can interface and channel, and the name the DBCs know it by."""
 
     interface: str
     channel: str
     bitrate: int = 0
     name: str = ""
-    max_batch: int = 512
-    max_wait: float = 0.05
-    stop: asyncio.Event | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # more keyword args of can.Bus
+
+    @property
+    def label(self) -> str:
+        return self.name or self.channel
 
     def open(self) -> can.BusABC:
-        kwargs: dict[str, Any] = {"bitrate": self.bitrate} if self.bitrate else {}
+        kwargs: dict[str, Any] = dict(self.options)
+        if self.bitrate:
+            kwargs["bitrate"] = self.bitrate
         try:
             return can.Bus(interface=self.interface, channel=self.channel, **kwargs)
-        except (can.CanError, OSError, ValueError, ImportError, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a driver raises what it likes (kvaser: NameError)
+            why = " ".join(str(exc).split()) or type(exc).__name__
             raise InputError(
-                f"CAN bus {self.interface}:{self.channel}: cannot open: {exc}"
+                f"CAN bus {self.interface}:{self.channel}: cannot open: {why}"
             ) from exc
 
+
+@dataclass
+class _Bus:
+    """A bus being read: its thread, and what is known of its clock."""
+
+    spec: BusSpec
+    stats: ReadStats
+    bus: can.BusABC | None = None
+    thread: threading.Thread | None = None
+    halt: threading.Event = field(default_factory=threading.Event)
+    offset: float | None = None  # the bus's clock minus this machine's, as last seen
+    candidate: tuple[float, int] | None = None  # a new offset, and the frames that agree on it
+    reopen_at: float | None = None  # (event loop time) a failed bus is opened again then
+    delay: float = REOPEN_FIRST_S
+    frames: int = 0
+
+
+@dataclass
+class LiveBusSource:
+    """Live CAN buses read through python-can, as one stream of batches."""
+
+    buses: Sequence[BusSpec]
+    stop: asyncio.Event | None = None
+    max_batch: int = 512
+    max_wait: float = 0.05
+    tick: float = 0.5  # an empty batch this often while no frame comes (see now())
+    # a frame this far off its bus's clock is dropped (None: times are taken as they come, as
+    # a bench that sends a drive's frames faster than real time needs)
+    max_skew: float | None = 10.0
+    errors: int = 0  # receive errors (each followed by opening the bus again)
+    reopened: int = 0  # buses opened again after an error
+    clock_steps: int = 0
+    stats: list[ReadStats] = field(default_factory=list)
+    _open: list[_Bus] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stats = [
+            ReadStats(path=f"CAN bus {b.label} ({b.interface}:{b.channel})", live=True)
+            for b in self.buses
+        ]
+
+    def open(self) -> None:
+        """Open every bus now (``batches`` does, if not done before): a bus that cannot be
+        opened is an ``InputError`` before anything else starts."""
+        if self._open:
+            return
+        opened: list[_Bus] = []
+        try:
+            for spec, stats in zip(self.buses, self.stats, strict=True):
+                opened.append(_Bus(spec, stats, bus=spec.open()))
+        except InputError:
+            for b in opened:
+                _shutdown(b)
+            raise
+        self._open = opened
+
+    def close(self) -> None:
+        """Close what ``open`` opened (``batches`` closes its buses when it ends)."""
+        for b in self._open:
+            _shutdown(b)
+        self._open = []
+
+    def now(self) -> float | None:
+        """This moment on the buses' clocks (the earliest of them), None before any frame."""
+        offsets = [b.offset for b in self._open if b.offset is not None]
+        return time.time() + min(offsets) if offsets else None
+
     async def batches(self) -> AsyncIterator[FrameBatch]:
-        bus = self.open()
-        reader = can.AsyncBufferedReader()
-        notifier = can.Notifier(bus, [reader], loop=asyncio.get_running_loop())
-        builder = FrameBatchBuilder()
-        label = self.name or self.channel
+        self.open()
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[tuple[_Bus, float, list[can.Message] | BaseException]] = (
+            asyncio.Queue()
+        )
         stop = self.stop or asyncio.Event()
+        builder = FrameBatchBuilder()
+        for b in self._open:
+            self._start(b, loop, inbox)
+        next_tick = loop.time() + self.tick
         try:
             while not stop.is_set():
-                try:
-                    msg = await asyncio.wait_for(reader.get_message(), timeout=self.max_wait)
-                except TimeoutError:
-                    msg = None
-                if msg is not None:
-                    self._add(builder, msg, label)
-                    # take whatever else is already buffered, without waiting
-                    while len(builder) < self.max_batch and not reader.buffer.empty():
-                        self._add(builder, reader.buffer.get_nowait(), label)
-                if len(builder) and (msg is None or len(builder) >= self.max_batch) or len(builder):
+                item = None
+                with contextlib.suppress(TimeoutError):
+                    item = await asyncio.wait_for(inbox.get(), timeout=self.max_wait)
+                while item is not None:
+                    b, wall, got = item
+                    if isinstance(got, BaseException):
+                        self._failed(b, got, loop)
+                    else:
+                        self._take(b, wall, got, builder)
+                    item = inbox.get_nowait() if not inbox.empty() else None
+                    if len(builder) >= self.max_batch:
+                        break
+                self._reopen_due(loop, inbox)
+                if len(builder):
+                    next_tick = loop.time() + self.tick
                     yield builder.build()
+                elif loop.time() >= next_tick:
+                    next_tick = loop.time() + self.tick
+                    yield FrameBatch.empty(tuple(builder.channels))
         finally:
-            notifier.stop()
-            with contextlib.suppress(Exception):
-                bus.shutdown()
+            for b in self._open:
+                b.halt.set()
+            for b in self._open:
+                if b.thread is not None:
+                    b.thread.join(timeout=2 * _RECV_S + 1)
+            self.close()
 
-    @staticmethod
-    def _add(builder: FrameBatchBuilder, msg: can.Message, label: str) -> None:
-        builder.add(
-            float(msg.timestamp),
-            label or channel_name(msg.channel),
-            msg.arbitration_id,
-            bytes(msg.data),
-            is_extended=msg.is_extended_id,
-            is_remote=msg.is_remote_frame,
-            is_error=msg.is_error_frame,
-            is_fd=msg.is_fd,
-        )
+    # -- reading ---------------------------------------------------------------------------
+    def _start(self, b: _Bus, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
+        b.halt = threading.Event()
+        b.thread = threading.Thread(
+            target=_read, args=(b, b.bus, b.halt, loop, inbox, self.max_batch),
+            name=f"can-{b.spec.label}", daemon=True,
+        )  # fmt: skip
+        b.thread.start()
+
+    def _failed(self, b: _Bus, exc: BaseException, loop: asyncio.AbstractEventLoop) -> None:
+        self.errors += 1
+        _shutdown(b)
+        b.reopen_at = loop.time() + b.delay
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        log.warning(
+            "CAN bus %s (%s:%s): receive failed: %s; opening it again in %.1f s",
+            b.spec.label, b.spec.interface, b.spec.channel, why, b.delay,
+        )  # fmt: skip
+
+    def _reopen_due(self, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
+        for b in self._open:
+            if b.reopen_at is None or loop.time() < b.reopen_at:
+                continue
+            try:
+                b.bus = b.spec.open()
+            except InputError as exc:
+                b.delay = min(b.delay * 2, REOPEN_MAX_S)
+                b.reopen_at = loop.time() + b.delay
+                log.warning("%s; trying again in %.1f s", exc, b.delay)
+                continue
+            b.reopen_at, b.delay = None, REOPEN_FIRST_S
+            self.reopened += 1
+            log.warning("CAN bus %s: open again, reading", b.spec.label)
+            self._start(b, loop, inbox)
+
+    def _take(
+        self, b: _Bus, wall: float, msgs: list[can.Message], builder: FrameBatchBuilder
+    ) -> None:
+        label = b.spec.label
+        for msg in msgs:
+            b.frames += 1
+            ts = float(msg.timestamp)
+            if not self._on_clock(b, ts, wall):
+                continue
+            b.stats.frames += 1
+            builder.add(
+                ts,
+                label,
+                msg.arbitration_id,
+                bytes(msg.data),
+                is_extended=msg.is_extended_id,
+                is_remote=msg.is_remote_frame,
+                is_error=msg.is_error_frame,
+                is_fd=msg.is_fd,
+            )
+
+    def _on_clock(self, b: _Bus, ts: float, wall: float) -> bool:
+        """Whether a frame of time ``ts``, read at ``wall`` on this machine's clock, is taken
+        (see the module's docstring); counts what is not."""
+        if not math.isfinite(ts):
+            b.stats.bad(b.frames, f"frame time {ts}: not a time")
+            return False
+        d = ts - wall
+        if b.offset is None:
+            b.offset = d
+            if abs(d) > 86_400:
+                log.warning(
+                    "CAN bus %s: its frames are stamped %.1f days %s this machine's clock; the "
+                    "summaries carry the bus's times",
+                    b.spec.label, abs(d) / 86_400, "ahead of" if d > 0 else "behind",
+                )  # fmt: skip
+            return True
+        skew = self.max_skew
+        if skew is None or abs(d - b.offset) <= skew:
+            b.offset, b.candidate = d, None
+            return True
+        if b.candidate is not None and abs(d - b.candidate[0]) <= skew:
+            b.candidate = (d, b.candidate[1] + 1)
+        else:
+            b.candidate = (d, 1)
+        if b.candidate[1] < STEP_FRAMES:
+            b.stats.bad(b.frames, f"frame time {ts:.6f}: {d - b.offset:+.1f} s off the bus's clock")
+            return False
+        log.warning(
+            "CAN bus %s: its clock stepped by %+.1f s (the last %d frames agree); the windows "
+            "open before the step are closed",
+            b.spec.label, d - b.offset, STEP_FRAMES,
+        )  # fmt: skip
+        b.offset, b.candidate = d, None
+        self.clock_steps += 1
+        return True
+
+
+def _read(
+    b: _Bus,
+    bus: can.BusABC | None,
+    halt: threading.Event,
+    loop: asyncio.AbstractEventLoop,
+    inbox: asyncio.Queue[Any],
+    most: int,
+) -> None:
+    """A bus's reading thread: lists of frames (up to ``most``) with the time they were read;
+    a receive error is handed on and ends the thread (the bus is opened again)."""
+
+    def hand(item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the gateway is gone
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+    if bus is None:
+        return
+    got: list[can.Message] = []
+    wall = 0.0
+    try:
+        while not halt.is_set():
+            msg = bus.recv(_RECV_S)
+            if msg is None:
+                continue
+            wall = time.time()
+            got = [msg]
+            while len(got) < most and (more := bus.recv(0)) is not None:
+                got.append(more)
+            hand((b, wall, got))
+            got = []
+    except Exception as exc:  # noqa: BLE001 - any driver's failure is said, and the bus reopened
+        if got:  # what was read before the error is handed on first
+            hand((b, wall, got))
+        if not halt.is_set():
+            hand((b, time.time(), exc))
+
+
+def _shutdown(b: _Bus) -> None:
+    if b.thread is not None:
+        b.halt.set()
+    bus, b.bus = b.bus, None
+    if bus is not None:
+        with contextlib.suppress(Exception):
+            bus.shutdown()

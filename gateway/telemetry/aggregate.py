@@ -174,7 +174,10 @@ class WindowAggregator:
                 states[v] = states.get(v, 0) + n
 
     def advance(self, watermark: float) -> list[WindowSummary]:
-        """Emit every window that ends at or before ``watermark``, oldest first."""
+        """Emit every window that ends at or before ``watermark``, oldest first. A time that
+        is not finite (a damaged frame's) moves nothing."""
+        if not math.isfinite(watermark) or abs(watermark) >= _MAX_WINDOWS * self.window:
+            return []
         self.watermark = max(self.watermark, watermark)
         return self._emit_below(int(np.floor(self.watermark / self.window)))
 
