@@ -308,6 +308,7 @@ class Gateway:
             on_withheld=lambda items: self._record_drop(
                 items, "location consent no longer valid when it was to be sent"
             ),
+            on_changed=self._changed_in_outbox,
             will_status=lambda: self._status("offline", "connection lost", record=False),
             on_will_sent=self._ledger_egress,
             # the first connection's consent state is published by run(); a reconnection may
@@ -356,6 +357,10 @@ class Gateway:
         handed out above the ledger's highest, none waiting, are lines the ledger lost:
         recorded, and said."""
         waiting = self.outbox.digests()
+        # from here on, what the publisher sends must be bytes on record (a row changed in the
+        # file while the gateway runs is not sent either): what waits, checked below, and
+        # what is put later
+        self.outbox.expect([h for _, h in waiting])
         seqs = {q for q, _ in waiting if q is not None}
         loose = {h for q, h in waiting if q is None}
         if waiting:
@@ -470,6 +475,18 @@ class Gateway:
             return False
         return not ("start_area" in body or "end_area" in body)
 
+    def _changed_in_outbox(self, item: Pending) -> None:
+        """A waiting message whose bytes are not what the ledger recorded (its row in the
+        outbox file was changed while the gateway ran): not sent, removed, on the record."""
+        log.error(
+            "%s: a waiting message (seq %s, %s) was changed in the file after its egress line "
+            "was written: not sent, removed (recorded in the ledger)",
+            self.outbox.path, item.seq, item.schema,
+        )  # fmt: skip
+        self._record_drop(
+            [item], "changed in the outbox file after its egress line was written: not sent"
+        )
+
     def _record_drop(self, items: list[Pending], why: str) -> None:
         self.ledger.append(
             "dropped",
@@ -548,10 +565,23 @@ class Gateway:
         return [st for s in self.sources for st in getattr(s, "stats", [])]
 
     # -- inbound: the owner's consent and commands -----------------------------------------
-    async def handle_owner_message(self, topic: str, payload: bytes) -> None:
+    async def handle_owner_message(
+        self, topic: str, payload: bytes, retained: bool = False
+    ) -> None:
         kind = "command" if topic == self.topics.command else "consent/set"
         now = self.clock()
+        deleted: dict[str, Any] = {}  # the waiting messages a delete removed, on the record
         try:
+            if retained:
+                # the broker delivers a retained message again at every connection: a grant
+                # the owner withdrew since would be granted again at each restart, a delete
+                # or stop done again. A command is taken when it is sent (MQTT 3.1.1 marks a
+                # message delivered to a subscriber as it is published as not retained)
+                raise ConsentRefused(
+                    f"a retained message on {topic} is not a command (the broker would give it "
+                    "again at every connection); send commands without retain, and clear this "
+                    f"one: mosquitto_pub -r -n -t '{topic}'"
+                )
             cmd = parse_owner_message(kind, payload, now)
             if cmd.action == "grant":
                 assert cmd.category is not None
@@ -586,9 +616,11 @@ class Gateway:
                     )
                 )
             elif cmd.action == "delete":
-                from gateway.datarights import delete_category, delete_frames
+                from gateway.datarights import delete_category, delete_frames, on_record
 
-                n = delete_category(self.outbox, cmd.category)
+                doomed = delete_category(self.outbox, cmd.category)
+                n = len(doomed)
+                deleted = {"deleted": on_record(doomed)} if doomed else {}
                 frames, stuck = delete_frames(self.settings.gateway.frames_path, cmd.category)
                 if stuck:
                     log.error(
@@ -624,6 +656,7 @@ class Gateway:
             result=dict(self.consent.last_change),
             state=self.consent.snapshot(now),
             collection=self.consent.collection.value,
+            **deleted,
         )
         self.publish_consent_state()
 
@@ -757,7 +790,8 @@ class Gateway:
                 if len(batch):
                     self.report.frames += len(batch)
                     self.report.raw_bytes += batch.raw_bytes
-                    self.health.on_batch(batch)
+                    if self.consent.collecting():  # a stop hides the bus's activity too
+                        self.health.on_batch(batch)
                     if self.on_batch is not None:
                         self.on_batch(batch)
                 if trips is not None and self.consent.stops != stops_seen:

@@ -674,7 +674,13 @@ def _cmd_consent(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     import json
 
-    from gateway.datarights import delete_category, delete_frames, export_frames, export_outbox
+    from gateway.datarights import (
+        delete_category,
+        delete_frames,
+        export_frames,
+        export_outbox,
+        on_record,
+    )
     from gateway.egress.ledger import Ledger
     from gateway.egress.outbox import Outbox
     from gateway.telemetry.policy import Category
@@ -745,12 +751,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
                 withdrew = ", ".join(sorted(c.value for c in consent.grants))
                 consent.withdraw(None, time.time())
                 consent.save(path)
-        n = delete_category(outbox, category)
+        doomed = delete_category(outbox, category)
+        n = len(doomed)
         frames, stuck = delete_frames(s.gateway.frames_path, category)
         ledger.append(
             "data-delete",
             category=args.category,
             removed=n,
+            **on_record(doomed),
             frames_removed=frames,
             frames_failed=stuck or None,
             withdrew=withdrew or None,

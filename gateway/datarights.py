@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
 
-from gateway.egress.outbox import Outbox
+from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import unpack
 from gateway.telemetry.policy import Category
 
@@ -22,15 +23,24 @@ _SCHEMAS_BY_CATEGORY = {
 }
 
 
-def delete_category(outbox: Outbox, category: Category | None) -> int:
-    """Remove waiting messages holding ``category`` (all when None); returns how many."""
-    if category is None:
-        return outbox.delete_all()
-    schemas = _SCHEMAS_BY_CATEGORY.get(category, set())
-    doomed = [p for p in outbox.peek(10**9) if p.schema in schemas]
-    for p in doomed:
-        outbox.ack(p)
-    return len(doomed)
+def delete_category(outbox: Outbox, category: Category | None) -> list[Pending]:
+    """Remove waiting messages holding ``category`` (all when None); returns them. A batch a
+    publisher read before does not send them (``Outbox.withdraw``)."""
+    doomed = outbox.peek(10**9)
+    if category is not None:
+        schemas = _SCHEMAS_BY_CATEGORY.get(category, set())
+        doomed = [p for p in doomed if p.schema in schemas]
+    outbox.withdraw(doomed)
+    return doomed
+
+
+def on_record(items: list[Pending]) -> dict[str, Any]:
+    """What the ledger keeps of deleted messages: each one's seq and payload's sha256, as for
+    the messages it drops (an egress line is then told apart from a message that never left)."""
+    return {
+        "seqs": [p.seq for p in items],
+        "sha256": [hashlib.sha256(p.payload).hexdigest() for p in items],
+    }
 
 
 def export_outbox(outbox: Outbox) -> list[dict[str, object]]:

@@ -365,6 +365,13 @@ def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path,
     assert left and all(p.schema != "gateway.signals" for p in left)
     ledger = (tmp_path / "l.jsonl").read_text()
     assert '"kind":"data-export"' in ledger and '"kind":"data-delete"' in ledger
+    # each deleted message by its seq and sha256: its egress line is told apart from one
+    # that left (the entry held only a count)
+    gone = [p for p in data["outbox"] if p["body"]["schema"] == "gateway.signals"]
+    (entry,) = [json.loads(x) for x in ledger.splitlines() if '"kind":"data-delete"' in x]
+    assert sorted(entry["seqs"]) == sorted(p["seq"] for p in gone) and len(entry["sha256"]) == len(
+        gone
+    )
     verify = run_gateway("audit", "verify", str(tmp_path / "l.jsonl"))
     assert verify.returncode == 0, verify.stderr
 

@@ -104,8 +104,12 @@ class Rig:
                 continue  # the owner's own JSON commands, echoed by the broker
             self.received.append((str(m.topic), unpack(m.payload)))
 
-    async def owner_says(self, topic: str, body: dict, until=lambda gw: True) -> None:
-        await self.owner.publish(f"vehicles/{self.vin}/owner/{topic}", json.dumps(body), qos=1)
+    async def owner_says(
+        self, topic: str, body: dict, until=lambda gw: True, retain: bool = False
+    ) -> None:
+        await self.owner.publish(
+            f"vehicles/{self.vin}/owner/{topic}", json.dumps(body), qos=1, retain=retain
+        )
         for _ in range(100):
             if until(self.gw):
                 return
@@ -374,7 +378,10 @@ async def test_a_trip_running_when_the_owner_stops_collection_ends_before_the_st
     await rig.owner_says(
         "command", {"command": "stop"}, until=lambda gw: not gw.consent.collecting()
     )
+    seen = rig.gw.health.frames
     await _send_drive(rig, 1_800_000_030.0, 60, "DI_GEAR_D", 1000.3)
+    # (and the health summaries do not count them: the bus's activity is not collected)
+    assert rig.gw.health.frames == seen
     await rig.owner_says("command", {"command": "resume"}, until=lambda gw: gw.consent.collecting())
     await _send_drive(rig, 1_800_000_090.0, 200, "DI_GEAR_P", 1000.9)
     report = await rig.finish()
@@ -383,3 +390,47 @@ async def test_a_trip_running_when_the_owner_stops_collection_ends_before_the_st
     (trip,) = rig.stream("trips")
     assert trip["window"][1] <= 1_800_000_060 and trip["distance_km"] == 0.3, trip
     assert report.trips == 1 and report.frames_while_stopped == 180
+
+
+async def test_a_retained_grant_is_not_taken_again_after_a_withdrawal(tmp_path, broker, vin):
+    # GIVEN an owner whose grant was sent retained (mosquitto_pub -r), then withdrawn
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Rig(tmp_path / "a", broker.url, vin)
+    await first.start()
+    await first.owner_says(
+        "consent/set",
+        {"category": "location", "grant": True, "days": 7},
+        until=lambda gw: gw.consent.grants,
+        retain=True,
+    )
+    await first.owner_says(
+        "consent/set",
+        {"category": "location", "grant": False},
+        until=lambda gw: not gw.consent.grants,
+    )
+    await first.finish()
+    # WHEN the gateway starts again (or reconnects): the broker hands it the retained grant
+    again = Rig(tmp_path / "b", broker.url, vin)
+    await again.start()
+    for _ in range(100):
+        if again.stream("consent"):
+            break
+        await asyncio.sleep(0.05)
+    track = _track(4)
+    await again.send_positions(track)
+    await again.finish()
+    # THEN it is refused, said to the owner and on the record, and no position leaves
+    assert again.gw.consent.grants == {}
+    assert again.stream("location") == []
+    refused = [c for c in again.stream("consent") if c["last_change"].get("action") == "refused"]
+    assert refused and "retained message" in refused[0]["last_change"]["reason"]
+    assert verify_chain(tmp_path / "b" / "l.jsonl").kinds["consent"] >= 1
+    # (the retained grant is cleared for the tests after this one on the same broker)
+    async with aiomqtt.Client(*_host_port(broker.url)) as owner:
+        await owner.publish(f"vehicles/{vin}/owner/consent/set", b"", qos=1, retain=True)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("mqtt://").split(":")
+    return host, int(port)

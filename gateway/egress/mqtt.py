@@ -26,7 +26,8 @@ from gateway.settings import BrokerSettings
 log = logging.getLogger(__name__)
 
 StatusFactory = Callable[[str, str], Released | None]  # (state, reason) -> status message
-InboundHandler = Callable[[str, bytes], Awaitable[None]]
+# (topic, payload, retained): a retained message was stored by the broker, not sent now
+InboundHandler = Callable[[str, bytes, bool], Awaitable[None]]
 
 
 def make_client(
@@ -169,6 +170,9 @@ class MqttPublisher:
     # (withdrawn, expired, a new ignition cycle); what fails is deleted, after ``on_withheld``
     may_send: Callable[[Pending], bool] = lambda p: True
     on_withheld: Callable[[list[Pending]], None] = lambda items: None
+    # a waiting message whose bytes are not on record (``Outbox.unchanged``): not sent, and
+    # removed from the outbox after this is told
+    on_changed: Callable[[Pending], None] = lambda item: None
     # the last will ("offline"), made for each connection attempt; ``on_will_sent`` is told when
     # a connection took it (a CONNACK): a will that never reached a broker never left either
     will_status: Callable[[], Released | None] | None = None
@@ -313,7 +317,7 @@ class MqttPublisher:
             # whose PUBACK is awaited next, in order (tasks start in the order they are made).
             # One at a time, each waited a round trip: ~200 us here, a mobile uplink's RTT in
             # a car; the 395 summaries of a 1M-frame Model 3 replay, 80 -> 43-55 ms
-            sends: list[asyncio.Future[bool]] = []
+            sends: list[asyncio.Future[bool | None]] = []
             done: list[Pending] = []  # acknowledged by the broker
             late: list[Pending] = []  # refused by ``may_send`` at the moment of sending
             settled = 0  # items of ``batch`` whose send was awaited
@@ -331,13 +335,14 @@ class MqttPublisher:
                         if not sends[i].done():  # its PUBACK is awaited (else: no wait at all)
                             _ack_at_once(client)
                             deadline.reschedule(loop.time() + self.ack_timeout)
-                        if await sends[i]:
+                        sent = await sends[i]
+                        if sent:
                             done.append(item)
                             self.sent += 1
                             self.on_sent(1)
-                        else:
+                        elif sent is False:
                             late.append(item)
-                        settled = i + 1
+                        settled = i + 1  # (None: deleted meanwhile, on the record already)
             except TimeoutError:
                 if self._lost:
                     raise aiomqtt.MqttError("connection lost while PUBACKs were awaited") from None
@@ -354,8 +359,8 @@ class MqttPublisher:
                 for item, send in zip(batch[settled:], sends[settled:], strict=False):
                     if not send.done():
                         send.cancel()
-                    elif send.cancelled() or send.exception() is not None:
-                        continue
+                    elif send.cancelled() or send.exception() is not None or send.result() is None:
+                        continue  # not sent, or deleted meanwhile (None)
                     elif not send.result():
                         late.append(item)
                     elif not item.retain:
@@ -378,10 +383,18 @@ class MqttPublisher:
                 waiter.cancel()
                 stopper.cancel()
 
-    async def _send(self, client: aiomqtt.Client, item: Pending) -> bool:
+    async def _send(self, client: aiomqtt.Client, item: Pending) -> bool | None:
         """Publish ``item`` and await its PUBACK: True. False, and nothing sent, if
         ``may_send`` refuses it now: asked here, right before the PUBLISH is written (consent
-        withdrawn while the batch was being sent stops what was not written yet)."""
+        withdrawn while the batch was being sent stops what was not written yet); None, and
+        nothing sent, if the owner deleted it since the batch was read, or its bytes in the
+        outbox are not those on record (``on_changed``)."""
+        if not self.outbox.waiting(item):
+            return None
+        if not self.outbox.unchanged(item):
+            self.on_changed(item)
+            self.outbox.withdraw([item])
+            return None
         if not self.may_send(item):
             return False
         # no timeout of aiomqtt's here: the drain's deadline bounds the wait
@@ -411,6 +424,6 @@ class MqttPublisher:
                 else str(message.payload).encode()
             )
             try:
-                await self.on_inbound(str(message.topic), payload)
+                await self.on_inbound(str(message.topic), payload, bool(message.retain))
             except Exception:  # an owner's bad command must never stop publishing
                 log.exception("inbound message on %s could not be handled", message.topic)

@@ -77,6 +77,8 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._listeners: list[Callable[[], None]] = []
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
+        self._withdrawn: set[tuple[str, int]] = set()  # deleted unsent (see ``withdraw``)
+        self._expected: collections.Counter[str] | None = None  # see ``expect``
         self._in_file: set[int] = set()  # memory entries that are copies of rows of the file
         self._lock_fd: int | None = None  # holds the flock on the outbox file
         stored_seq = 0
@@ -137,6 +139,8 @@ class Outbox:
         publisher: a fast replay closes many windows per batch of frames."""
         if not msgs:
             return
+        if self._expected is not None:
+            self._expected.update(m.sha256 for m in msgs)
         now = self._clock()
         if self._db is not None:
             committed = False
@@ -322,6 +326,14 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._degrade(exc)
         self._acked.difference_update(r[0] for r in rows)
+        if self._expected is not None:  # they are gone: their bytes may not be sent again
+            for i in items:
+                h = hashlib.sha256(i.payload).hexdigest()
+                left = self._expected[h] - 1
+                if left > 0:
+                    self._expected[h] = left
+                else:
+                    self._expected.pop(h, None)
 
     def memory_only(self) -> list[Pending]:
         """What waits in memory only (the file could not take it): lost when this process
@@ -371,13 +383,29 @@ class Outbox:
                 return p.topic
         return None
 
-    def delete_all(self) -> int:
-        n = self.depth()
-        if self._db is not None:
-            with self._tx():
-                self._db.execute("DELETE FROM outbox")
-        self._mem.clear()
-        return n
+    def withdraw(self, items: list[Pending]) -> None:
+        """Delete ``items`` unsent (the owner's delete): a publisher that read them into a
+        batch before does not send them (``waiting``)."""
+        self._withdrawn.update(i.key for i in items)
+        self.ack_many(items)
+
+    def waiting(self, item: Pending) -> bool:
+        """Whether ``item`` may still be sent: not withdrawn since it was read."""
+        return item.key not in self._withdrawn
+
+    def expect(self, digests: list[str]) -> None:
+        """From now on, only bytes on record may be sent: the payloads waiting now (their
+        sha256s ``digests``, checked against the ledger's egress lines) and those put from
+        now on (each with its egress line written first). A row whose payload was changed in
+        the file meanwhile is not ``unchanged`` (the file is checked against the ledger only
+        at the start; these digests are held in this process, out of the file's reach)."""
+        self._expected = collections.Counter(digests)
+
+    def unchanged(self, item: Pending) -> bool:
+        """Whether ``item``'s payload is bytes on record (see ``expect``; True without it)."""
+        if self._expected is None:
+            return True
+        return self._expected[hashlib.sha256(item.payload).hexdigest()] > 0
 
     def close(self) -> None:
         if self._db is not None:

@@ -66,6 +66,25 @@ def test_a_summary_changed_in_the_outbox_file_is_not_sent(tmp_path, broker, vin,
     assert lst.settle(quiet=0.5) == []
 
 
+def test_the_gateway_sends_only_bytes_on_record_while_it_runs_too(tmp_path, vin):
+    """Checked at the start (above), and from then on by the digests the gateway holds: a
+    waiting row changed in the file while it runs is not sent (the publisher's side:
+    tests/egress/test_mqtt_publish.py)."""
+    _waiting_run(tmp_path, vin)
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, vin=vin, window=5.0)
+    gw = Gateway(s, [])
+    waiting = gw.outbox.peek(10_000)
+    assert waiting and all(gw.outbox.unchanged(p) for p in waiting)
+    db = sqlite3.connect(tmp_path / "o.sqlite")
+    db.execute("UPDATE outbox SET payload = ? WHERE id = ?", (b"\x80", waiting[0].key[1]))
+    db.commit()
+    db.close()
+    (changed, *rest) = gw.outbox.peek(10_000)
+    assert not gw.outbox.unchanged(changed) and all(gw.outbox.unchanged(p) for p in rest)
+    gw.ledger.close()
+    gw.outbox.close()
+
+
 @pytest.mark.broker
 def test_summaries_waiting_without_their_ledger_lines_are_not_sent(tmp_path, broker, vin, listen):
     seqs = _waiting_run(tmp_path, vin)

@@ -21,7 +21,7 @@ async def test_a_command_sent_as_soon_as_listening_is_set_is_received(tmp_path, 
     got: list[tuple[str, bytes]] = []
     arrived = asyncio.Event()
 
-    async def on_inbound(topic: str, payload: bytes) -> None:
+    async def on_inbound(topic: str, payload: bytes, retained: bool) -> None:
         got.append((topic, payload))
         arrived.set()
 

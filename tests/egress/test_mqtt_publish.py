@@ -371,3 +371,65 @@ def test_what_a_stop_leaves_unsent_is_said_where_it_waits(tmp_path, caplog, in_f
     else:
         assert "0 stay in the outbox file; 5 held in memory only" in said and "lost" in said
     ob.close()
+
+
+@pytest.mark.broker
+def test_messages_the_owner_deletes_while_a_batch_is_being_sent_do_not_leave(
+    tmp_path, broker, listen
+):
+    """The owner's delete came while the publisher held a batch it had read from the outbox:
+    the reply said the messages were removed, and the batch sent them all anyway."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    released = _released(ob, 300)
+    ob.put_many(released)
+    lst = listen(broker.url, "vehicles/V/owner/#")
+    withheld: list = []
+
+    def on_sent(n: int) -> None:
+        if pub.sent == 100:  # as the owner's delete would, between two PUBACKs
+            ob.withdraw(ob.peek(10_000))
+
+    pub = MqttPublisher(
+        BrokerSettings(url=broker.url),
+        ob,
+        "gw-test",
+        status=lambda s, r: None,
+        on_sent=on_sent,
+        on_withheld=withheld.extend,
+    )
+    _run_stopped(pub)
+    got = [unpack(m.payload)["seq"] for m in lst.settle()]
+    # THEN what was already handed to the client may have left (at most IN_FLIGHT), nothing
+    # after it; none of it counts as withheld (the delete is its record), and none is left
+    assert 100 <= len(got) <= 100 + mqtt.IN_FLIGHT
+    assert got == [m.seq for m in released[: len(got)]]
+    assert pub.sent == len(got) and withheld == [] and ob.depth() == 0
+
+
+@pytest.mark.broker
+def test_a_waiting_row_changed_in_the_outbox_file_while_running_is_not_sent(
+    tmp_path, broker, listen
+):
+    """The outbox file was checked against the ledger only at the start: a row changed while
+    the gateway ran (sqlite3 UPDATE, the broker away) left with bytes no ledger line holds."""
+    import sqlite3
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.expect([])  # as the gateway does once the waiting rows are checked against the ledger
+    released = _released(ob, 10)
+    ob.put_many(released)
+    with sqlite3.connect(tmp_path / "o.sqlite") as db:
+        db.execute(
+            "UPDATE outbox SET payload = ? WHERE seq = ?", (b"\x81\xa1x\xa1y", released[3].seq)
+        )
+    lst = listen(broker.url, "vehicles/V/owner/#")
+    changed: list = []
+    pub = MqttPublisher(
+        BrokerSettings(url=broker.url), ob, "gw-test", status=lambda s, r: None,
+        on_changed=changed.append,
+    )  # fmt: skip
+    _run_stopped(pub)
+    got = [m.payload for m in lst.settle()]
+    # THEN the nine others left as released, that one did not, it was told, and nothing waits
+    assert got == [m.payload for i, m in enumerate(released) if i != 3]
+    assert [p.seq for p in changed] == [released[3].seq] and ob.depth() == 0
