@@ -254,6 +254,14 @@ def search(
 ) -> list[Leak]:
     leaks: list[Leak] = []
     coords = np.array(sorted({c for p in positions for c in p}))
+    # a true coordinate as an integer of 1e-5, 1e-6 or 1e-7 degrees (E5/E6/E7, as GPS
+    # receivers and many DBCs carry it), to the last digit: 31221968 is 31.221968 deg
+    scaled = {
+        round(c * 10.0**k) + d: (c, k)
+        for c in coords.tolist()
+        for k in (5, 6, 7)
+        for d in (-1, 0, 1)
+    }
     lats = np.array([p[0] for p in positions], np.float64)
     lons = np.array([p[1] for p in positions], np.float64)
     text_needles = [canaries.vin.encode()]
@@ -286,6 +294,12 @@ def search(
         coarse: list[tuple[str, float]] = []
         for where, x in _numbers(body):
             if coords.size == 0 or not np.isfinite(x) or x in allowed:
+                continue
+            if abs(x) >= 1e5 and x == int(x) and int(x) in scaled:
+                c, k = scaled[int(x)]
+                leaks.append(
+                    Leak(why, m.topic, f"{where} = {x!r} is the true coordinate {c} in 1e-{k} deg")
+                )
                 continue
             near = np.min(np.abs(coords - x))
             if near >= POSITION_TOLERANCE_DEG:
