@@ -92,7 +92,10 @@ class Geofence:
                 pts = tuple(_point(p) for p in raw["polygon"])
                 if len(pts) < 3:
                     raise ValueError("a polygon needs at least 3 points")
-                if _area(pts) == 0:  # on one line, or one point: it contains nothing
+                # on one line, or one point: it contains nothing. Computed at the latitudes of
+                # a city, points on one line gave 4.5e-13 square degrees of rounding, not 0; a
+                # fence must enclose more than a square metre (~1e-10 square degrees)
+                if _area(pts) < MIN_FENCE_AREA_DEG2:
                     raise ValueError("the polygon's points are on one line: it encloses nothing")
                 return cls(name, polygon=pts)
             lat, lon = _point((raw["lat"], raw["lon"]))
@@ -123,9 +126,16 @@ def _number(v: Any) -> float:
     return x
 
 
+MIN_FENCE_AREA_DEG2 = 1e-10
+
+
 def _area(pts: tuple[tuple[float, float], ...]) -> float:
-    """Twice the polygon's area in square degrees (the shoelace formula)."""
-    return abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(pts, pts[1:] + pts[:1], strict=True)))
+    """The polygon's area in square degrees (the shoelace formula, about its first point:
+    coordinates of ~100 would lose the digits of a small area)."""
+    y0, x0 = pts[0]
+    rel = [(y - y0, x - x0) for y, x in pts]
+    pairs = zip(rel, rel[1:] + rel[:1], strict=True)
+    return abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in pairs)) / 2
 
 
 def _point(p: Any) -> tuple[float, float]:

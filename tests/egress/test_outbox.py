@@ -221,3 +221,22 @@ def test_messages_acknowledged_before_the_disk_fails_are_not_sent_again(tmp_path
     # (same seq: the owner drops repeats), and every message went
     assert all(sent.count(p) == 1 for p in sent[:5])
     assert len(set(sent)) == 10
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_retained_states_are_sent_before_a_backlog_of_summaries(tmp_path, on_disk):
+    """The owner's answer to a stop (the retained status) waited behind every summary a fast
+    replay had queued: 17 s, where `gateway consent stop` gives up after 5."""
+    ob = Outbox(tmp_path / "o.sqlite" if on_disk else None)
+    g = _guard(ob)
+    ob.put_many(_released(ob, 300))
+    status = g.release(
+        Outgoing("gateway.status", {"state": "online", "at": 1.0, "reason": "collection stopped"})
+    )
+    ob.put(status)
+    ob.put_many(_released(ob, 2))
+    batch = ob.peek(200)
+    # THEN the status comes first, and the summaries follow in their order
+    assert batch[0].retain and batch[0].payload == status.payload
+    seqs = [p.seq for p in batch[1:]]
+    assert len(batch) == 200 and seqs == sorted(seqs)

@@ -141,6 +141,14 @@ def _fence(**kw):
             {"policy": {"geofence": [{"polygon": [[1, 2], [1, 2], [1, 2]]}]}},
             "on one line: it encloses nothing",
         ),
+        (  # on one line in a city: the shoelace's rounding gave 4.5e-13, and it was taken
+            {
+                "policy": {
+                    "geofence": [{"polygon": [[31.20, 121.44], [31.21, 121.45], [31.22, 121.46]]}]
+                }
+            },
+            "on one line: it encloses nothing",
+        ),
         ({"policy": {"geofence": [{"polygon": [{"lat": 1}, [0, 1], [1, 1]]}]}}, "a point is"),
     ],
 )
