@@ -22,6 +22,7 @@ from tests.conftest import (
     ROOT,
     assert_one_line_error,
     gateway_settings,
+    replay_args,
     run_gateway,
 )
 
@@ -718,3 +719,37 @@ def test_the_category_choices_are_the_policys_categories():
     from gateway.telemetry.policy import Category
 
     assert set(CATEGORY_CHOICES) == {c.value for c in Category} | {"all"}
+
+
+@pytest.mark.broker
+def test_the_owner_s_stop_is_answered_within_the_wait_during_a_fast_replay(tmp_path, broker, vin):
+    """A fast --loop replay (docs/broker.md's bench) queued summaries faster than the publisher
+    got the event loop to send them (one turn every 0.1 s: ~3 a second), and the stop's answer
+    waited behind them: `gateway consent stop` said "no answer" after 5 s, the status came 17 s
+    later. Now the publisher gets its time, and the retained states go first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = replay_args(
+        KONA_CANDUMP, [f"can0={KONA_PCAN}", f"can1={KONA_CCAN}"], broker.url, vin, tmp_path,
+        "--fast", "--loop", "-q", "--window", "1",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(6)  # the queue builds up
+        owner = ["--broker", broker.url, "--vin", vin]
+        stop = run_gateway("consent", "stop", *owner, timeout=60)
+        resume = run_gateway("consent", "resume", *owner, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert stop.returncode == 0 and "collection stopped" in stop.stdout, stop.stderr
+    assert resume.returncode == 0 and "collection on" in resume.stdout, resume.stderr
+    assert "came while the owner had stopped collection" in err, err

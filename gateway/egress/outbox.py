@@ -80,6 +80,9 @@ class Outbox:
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
         self._withdrawn: set[tuple[str, int]] = set()  # deleted unsent (see ``withdraw``)
         self._expected: collections.Counter[str] | None = None  # see ``expect``
+        # retained states put so far: a publisher sending a batch of summaries stops at this
+        # changing, and sends the new state first (``peek``)
+        self.retained_put = 0
         self._in_file: set[int] = set()  # memory entries that are copies of rows of the file
         self._lock_fd: int | None = None  # holds the flock on the outbox file
         stored_seq = 0
@@ -142,6 +145,7 @@ class Outbox:
             return
         if self._expected is not None:
             self._expected.update(m.sha256 for m in msgs)
+        self.retained_put += sum(m.retain for m in msgs)
         now = self._clock()
         if self._db is not None:
             committed = False
@@ -350,6 +354,18 @@ class Outbox:
         """What waits in memory only (the file could not take it): lost when this process
         ends, unlike what waits in the file (rows read from it when it failed stay in it)."""
         return [p for k, p in self._mem.items() if k not in self._in_file]
+
+    def any_waiting(self) -> bool:
+        """Whether anything waits (``depth() > 0`` without counting a large backlog)."""
+        if self._mem:
+            return True
+        if self._db is not None:
+            try:
+                return self._db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone() is not None
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+                return bool(self._mem)
+        return False
 
     def depth(self) -> int:
         n = len(self._mem)
