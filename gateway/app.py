@@ -71,8 +71,6 @@ class Source(Protocol):
 # until this much wall time has passed; then the group commits and the other tasks (publisher,
 # owner commands, camera) get the event loop. Nothing else runs inside a group.
 UNPACED_GROUP_SECONDS = 0.1
-# after each such group, while summaries wait: the publisher's time (2 % of a fast replay)
-UNPACED_YIELD_SECONDS = 0.002
 # a live bus's window closes this long after its end on the bus's clock when no later frame
 # came (a frame is handed on within ~0.1 s of its time; one this late counts as late)
 LIVE_GRACE_SECONDS = 2.0
@@ -839,10 +837,13 @@ class Gateway:
                     group.close()
                 elif time.monotonic() - since >= UNPACED_GROUP_SECONDS:
                     group.close()
-                    # the other tasks' turn: with summaries waiting, long enough for the
-                    # publisher to send some and read the owner's commands (one turn of the
-                    # loop, sleep(0), let it send ~3 a second: a stop's answer came after 17 s)
-                    await asyncio.sleep(UNPACED_YIELD_SECONDS if self.outbox.any_waiting() else 0)
+                    # one turn of the event loop for the other tasks. Enough for an owner's
+                    # command to be answered within a second or two (the answer, a retained
+                    # state, goes before the summaries queued: Outbox.peek); a longer turn, 2 ms
+                    # while summaries wait, let the publisher keep up with a fast --loop
+                    # replay, but cost a 1M-frame replay 45 ms (paired, 8 of 10 rounds): its
+                    # sending then competed with the parse child for the second core
+                    await asyncio.sleep(0)
                     since = time.monotonic()
         finally:
             group.close()

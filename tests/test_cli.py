@@ -726,7 +726,7 @@ def test_the_owner_s_stop_is_answered_within_the_wait_during_a_fast_replay(tmp_p
     """A fast --loop replay (docs/broker.md's bench) queued summaries faster than the publisher
     got the event loop to send them (one turn every 0.1 s: ~3 a second), and the stop's answer
     waited behind them: `gateway consent stop` said "no answer" after 5 s, the status came 17 s
-    later. Now the publisher gets its time, and the retained states go first."""
+    later. Now the retained states go first, and a batch being sent makes way for them."""
     import signal
     import subprocess
     import sys

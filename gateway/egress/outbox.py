@@ -355,18 +355,6 @@ class Outbox:
         ends, unlike what waits in the file (rows read from it when it failed stay in it)."""
         return [p for k, p in self._mem.items() if k not in self._in_file]
 
-    def any_waiting(self) -> bool:
-        """Whether anything waits (``depth() > 0`` without counting a large backlog)."""
-        if self._mem:
-            return True
-        if self._db is not None:
-            try:
-                return self._db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone() is not None
-            except sqlite3.Error as exc:
-                self._degrade(exc)
-                return bool(self._mem)
-        return False
-
     def depth(self) -> int:
         n = len(self._mem)
         if self._db is not None:
