@@ -173,6 +173,7 @@ class RunReport:
     bytes_released: int = 0
     sent: int = 0
     outbox_left: int = 0  # waiting in the outbox file, sent on the next run
+    stopped_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), if one did
     # held in memory only (the outbox file could not be written) when the run ended: lost,
     # and recorded in the ledger as dropped
     lost_in_memory: int = 0

@@ -269,14 +269,17 @@ def _run_until_signal(gw: Any, drain_timeout: float = 30.0, require_broker: bool
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
-        def on_signal() -> None:  # the first stops the sources; a second, the wait to drain
+        def on_signal(sig: signal.Signals) -> None:
+            # the first stops the sources; a second, the wait to drain
             if stop.is_set():
                 gw.stop_draining()
+            elif not gw.report.stopped_by:
+                gw.report.stopped_by = sig.name
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, on_signal)
+                loop.add_signal_handler(sig, on_signal, sig)
         return await gw.run(stop, drain_timeout=drain_timeout, require_broker=require_broker)
 
     return asyncio.run(main())
@@ -319,9 +322,10 @@ def _print_report(
     if live:
         parts.append(f"{live} live bus(es)")
     origin = " and ".join(parts)
+    stopped = getattr(report, "stopped_by", "")
     print(
         f"{'read' if live else 'replayed'} {report.frames:,} frames from {origin} in "
-        f"{elapsed:.1f} s ({rate:,.0f} frames/s)",
+        f"{elapsed:.1f} s ({rate:,.0f} frames/s)" + (f"; stopped by {stopped}" if stopped else ""),
         file=out,
     )
     for st in report.read:
@@ -1153,7 +1157,22 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     ):
         for module in _EXTRA_COMMANDS:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub: Any) -> None:
+    """``-v`` after the command too (``gateway replay ... -v``), as before it: a user adds it at
+    the end of the line. Not given there, the value before the command stands."""
+    for p in sub.choices.values():
+        if "-v" not in p._option_string_actions:
+            p.add_argument(
+                "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                help="more log output (-vv: debug)",
+            )  # fmt: skip
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
 
 
 # sub-commands that live with their stage

@@ -549,6 +549,11 @@ def _build_all(
                                 "DBCs could not tell their frames apart; give each its own name"
                             )
             else:
+                if not obj.source.strip():  # `run` refused it, without the file's name
+                    raise ConfigError(
+                        f"{where}: [[camera]] #{i + 1}: source is missing (a video file, an "
+                        "image folder, /dev/videoN or 'synthetic')"
+                    )
                 obj = dataclasses.replace(obj, source=_resolve(base, obj.source))
                 from gateway.camera.options import check_camera  # no OpenCV there
 

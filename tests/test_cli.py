@@ -753,3 +753,21 @@ def test_the_owner_s_stop_is_answered_within_the_wait_during_a_fast_replay(tmp_p
     assert stop.returncode == 0 and "collection stopped" in stop.stdout, stop.stderr
     assert resume.returncode == 0 and "collection on" in resume.stdout, resume.stderr
     assert "came while the owner had stopped collection" in err, err
+    assert "; stopped by SIGINT" in err, err  # (the report says why the replay ended)
+
+
+@pytest.mark.parametrize(
+    "argv, level",
+    [
+        (["replay", "x.log", "-vv"], 2),
+        (["-v", "replay", "x.log"], 1),
+        (["replay", "x.log"], 0),
+        (["data", "delete", "--category", "all", "-v"], 1),
+    ],
+)
+def test_verbose_may_follow_the_command(argv, level):
+    """`gateway replay ... -v` was refused ("unrecognized arguments: -v"): only `gateway -v
+    replay ...` worked."""
+    from gateway.cli import build_parser
+
+    assert build_parser(argv).parse_args(argv).verbose == level

@@ -202,6 +202,7 @@ def test_a_ledger_line_nested_too_deep_for_json_is_a_bad_line_not_a_crash(tmp_pa
             "gateway.toml: [[can]] #2 and #1 are both named 'can0'",
         ),
         ("[[can]]\nlogs = ['x.log']\nbitrate = 500000\n", "are for a live bus"),
+        ("[[camera]]\nname = 'front'\n", "gateway.toml: [[camera]] #1: source is missing"),
         ("[[can]]\ninterface = 'virtual'\nchannel = 'a'\noptions = 5\n", "options must be a table"),
         ("[replay]\nspeed = -1\n", "gateway.toml: [replay].speed"),
         ("[replay]\nspeed = nan\n", "gateway.toml: [replay].speed"),
