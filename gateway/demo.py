@@ -19,19 +19,23 @@ from gateway.settings import BrokerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "can_fixtures"
-VIN = "DEMOVIN0000000001"
+# one vehicle, one ledger: the two drives are two vehicles, each with its own files
+KONA_VIN = "DEMOKONAEV0000001"
+MODEL3_VIN = "DEMOMODEL30000001"
 
 
 def _banner(text: str) -> None:
     print("\n" + "=" * 78 + f"\n{text}\n" + "=" * 78, flush=True)
 
 
-def _replay_steps(out: Path) -> list[tuple[str, list[str]]]:
+def _replay_steps(out: Path) -> list[tuple[str, str, list[str]]]:
+    """(title, VIN, the replay's arguments) of each step."""
     kona = FIX / "kona_ev_2019"
     steps = [
         (
             "Real 2019 Hyundai Kona EV log (P-CAN + C-CAN, power off -> on -> READY -> off), "
             "2 s windows, in real time",
+            KONA_VIN,
             [
                 "replay",
                 str(kona / "230112-7-2019-pcan-ccan-power-off-on-ready-off.csv"),
@@ -51,6 +55,7 @@ def _replay_steps(out: Path) -> list[tuple[str, list[str]]]:
         steps.append(
             (
                 "SYNTHETIC Tesla Model 3 drive (real DBC): GPS stays in the car without consent",
+                MODEL3_VIN,
                 [
                     "replay",
                     str(drive),
@@ -64,9 +69,12 @@ def _replay_steps(out: Path) -> list[tuple[str, list[str]]]:
         )
     clip = FIX / "camera" / "demo_clip.mp4"
     if clip.exists() and steps:
-        title, cmd = steps[0]
+        title, vin, cmd = steps[0]
         steps[0] = (
-            title + ", with a camera clip blurred on the device",
+            title + ", with a camera clip blurred on the device (a frame that cannot be "
+            "blurred in time is dropped, never sent or kept unblurred; health then says "
+            "degraded)",
+            vin,
             [*cmd, "--video", str(clip)],
         )
     return steps
@@ -86,23 +94,28 @@ async def _main(args: argparse.Namespace) -> int:
         url = broker.url
         print(f"started a private Mosquitto broker at {url}")
     try:
-        buf = io.StringIO()
-        ready = asyncio.Event()
-        owner = asyncio.create_task(
-            watch(
-                BrokerSettings(url=url),
-                Topics("vehicles", VIN),
-                idle_timeout=None,
-                out=buf,
-                ready=ready,
-                hint_after=None,  # the demo's gateway starts after its owner: silence is normal
+        steps = _replay_steps(out)
+        vins = list(dict.fromkeys(vin for _, vin, _ in steps))
+        views = {vin: io.StringIO() for vin in vins}
+        owners = []
+        for vin in vins:  # each vehicle's owner, subscribed before its gateway starts
+            ready = asyncio.Event()
+            owners.append(
+                asyncio.create_task(
+                    watch(
+                        BrokerSettings(url=url),
+                        Topics("vehicles", vin),
+                        idle_timeout=None,
+                        out=views[vin],
+                        ready=ready,
+                        hint_after=None,  # the gateway starts after its owner: silence is normal
+                    )
+                )
             )
-        )
-        await asyncio.wait_for(ready.wait(), 10)
-        ledger = out / "ledger.jsonl"
-        for title, cmd in _replay_steps(out):
+            await asyncio.wait_for(ready.wait(), 10)
+        for title, vin, cmd in steps:
             _banner(title)
-            print("$ gateway " + " ".join(cmd[:2]) + " ...", flush=True)
+            print(f"$ gateway {' '.join(cmd[:2])} ... --vin {vin}", flush=True)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -111,26 +124,50 @@ async def _main(args: argparse.Namespace) -> int:
                 "--broker",
                 url,
                 "--vin",
-                VIN,
+                vin,
                 "--ledger",
-                str(ledger),
+                str(out / vin / "ledger.jsonl"),
                 "--outbox",
-                str(out / "outbox.sqlite"),
+                str(out / vin / "outbox.sqlite"),
             )
             if await proc.wait() != 0:
                 print("demo: the replay failed", file=sys.stderr)
                 return 1
         await asyncio.sleep(1.0)
-        owner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await owner
-        _banner(f"What the owner received on vehicles/{VIN}/owner/# (gateway owner --vin {VIN})")
-        print(buf.getvalue().rstrip())
-        _banner("The audit ledger: every byte that left, hash-chained")
-        subprocess.run(
-            [sys.executable, "-m", "gateway", "audit", "verify", str(ledger)], check=False
+        for task in owners:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for vin in vins:
+            _banner(
+                f"What the owner of {vin} received on vehicles/{vin}/owner/# "
+                f"(gateway owner --vin {vin}; windows in UTC, or in the log's own seconds)"
+            )
+            print(views[vin].getvalue().rstrip())
+        for vin in vins:
+            _banner(f"The audit ledger of {vin}: every byte that left, hash-chained")
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "audit",
+                    "verify",
+                    str(out / vin / "ledger.jsonl"),
+                ],
+                check=False,
+            )
+        _banner(
+            "The bench verdict (gateway validate): the Model 3 drive again, with canaries (exact "
+            "GPS points, a VIN, raw payloads), every byte on the broker searched for them"
         )
-        print(f"\nfiles: {out}/ (ledger.jsonl, outbox.sqlite)")
+        verdict = subprocess.run(
+            [sys.executable, "-m", "gateway", "validate", "--out", str(out / "validate")],
+            check=False,
+        )
+        print(f"\nfiles: {out}/ (a folder per vehicle: ledger.jsonl, outbox.sqlite; validate/)")
+        if verdict.returncode != 0:
+            return 1
     finally:
         if broker is not None:
             broker.close()

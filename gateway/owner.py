@@ -78,14 +78,24 @@ def _fmt_value(v: Any, key: str = "") -> str:
     return str(v)
 
 
+def _window_text(a: float, b: float) -> str:
+    """A window's start and end: as UTC when they are UNIX times (a live bus, most loggers),
+    else as the log's own seconds (a logger that counts from its start: the Kona's 1952.0)."""
+    if a > 1e8:
+        start, end = _fmt_value(a, "at"), _fmt_value(b, "at")
+        if start[:10] == end[:10]:  # the same day: its date once
+            end = end[11:]
+        return f"{start}..{end}"
+    return f"{a:.1f}..{b:.1f} s (log time)"
+
+
 def format_message(msg: dict[str, Any]) -> str:
     stream = msg["topic"].rsplit("/owner/", 1)[-1]
     head = f"[{stream:<8}]"
     if "seq" in msg:
         head += f" #{msg['seq']:<5}"
     if "window" in msg:
-        a, b = msg["window"]
-        head += f" {a:.1f}..{b:.1f}"
+        head += " " + _window_text(*msg["window"])
     if msg.get("schema") == "gateway.signals":
         lines = [head]
         for name, vals in msg["signals"].items():

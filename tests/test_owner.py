@@ -115,3 +115,18 @@ def test_times_in_the_owner_view_are_dates_also_when_named_something_until():
         "lat": 31.2, "lon": 121.4, "consent_until": 1_795_810_000.0,
     })  # fmt: skip
     assert "consent_until=2026-" in line and "1.79581e+09" not in line
+
+
+def test_window_times_are_dates_when_they_are_unix_times_and_log_seconds_else():
+    from gateway.owner import format_message
+
+    def head(window):
+        return format_message({
+            "topic": "vehicles/V/owner/signals", "schema": "gateway.signals", "seq": 1,
+            "window": window, "signals": {},
+        }).splitlines()[0]  # fmt: skip
+
+    assert head([1_750_000_020.0, 1_750_000_080.0]).endswith(
+        "2025-06-15T15:07:00Z..15:08:00Z"
+    ), head([1_750_000_020.0, 1_750_000_080.0])
+    assert head([1952.0, 1954.0]).endswith("1952.0..1954.0 s (log time)")
