@@ -317,6 +317,9 @@ class Gateway:
             on_connected=lambda n: self._consent_again() if n > 1 else None,
         )
         self.health = HealthMonitor()
+        for source in self.sources:  # a live bus that never sends a frame shows at 0 frames/s
+            for label in getattr(source, "labels", ()):
+                self.health.per_channel.setdefault(label, 0)
         self.report = RunReport(camera_summaries=self.policy.camera_summaries)
         self._group: list[Released] | None = None  # messages of an open egress_group()
         self._drain_stop = asyncio.Event()  # see stop_draining()

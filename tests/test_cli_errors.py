@@ -705,3 +705,14 @@ def test_gateway_config_warns_of_a_live_bus_no_dbc_applies_to(tmp_path):
     cfg.write_text(cfg.read_text() + "name = 'can0'\n")
     proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0 and "no DBC applies" not in proc.stderr, proc.stderr
+
+
+def test_gateway_config_suggests_no_far_message_for_another_vehicle_s_signals(tmp_path):
+    """The bundled policy serves a Kona and a Model 3: checked with the Kona's DBC, its Model 3
+    signals drew warnings with far suggestions ("ID118DriveSystemStatus ... did you mean
+    InverterStatus?"), which a replay did not say."""
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'[dbc]\ncan0 = "{KONA_PCAN}"\n')
+    proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "did you mean" not in proc.stderr and "ID118DriveSystemStatus" not in proc.stderr

@@ -126,7 +126,7 @@ def test_window_times_are_dates_when_they_are_unix_times_and_log_seconds_else():
             "window": window, "signals": {},
         }).splitlines()[0]  # fmt: skip
 
-    assert head([1_750_000_020.0, 1_750_000_080.0]).endswith(
-        "2025-06-15T15:07:00Z..15:08:00Z"
-    ), head([1_750_000_020.0, 1_750_000_080.0])
+    assert head([1_750_000_020.0, 1_750_000_080.0]).endswith("2025-06-15T15:07:00Z..15:08:00Z"), (
+        head([1_750_000_020.0, 1_750_000_080.0])
+    )
     assert head([1952.0, 1954.0]).endswith("1952.0..1954.0 s (log time)")

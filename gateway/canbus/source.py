@@ -133,6 +133,11 @@ class LiveBusSource:
             raise
         self._open = opened
 
+    @property
+    def labels(self) -> list[str]:
+        """The buses' names: the health summaries list each, a silent one at 0 frames/s."""
+        return [b.label for b in self.buses]
+
     def close(self) -> None:
         """Close what ``open`` opened (``batches`` closes its buses when it ends)."""
         for b in self._open:

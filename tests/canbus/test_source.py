@@ -177,7 +177,7 @@ async def test_a_silent_bus_closes_its_window_on_time(tmp_path):
     ch = _channel()
     db = load_dbc(MODEL3)
     speed = db.get_message_by_name("ID155WheelAngles")
-    gw, (stop, task) = await _live_gateway(tmp_path, [ch], window=1.0)
+    gw, (stop, task) = await _live_gateway(tmp_path, [ch, _channel()], window=1.0)
     tx = can.Bus(interface="virtual", channel=ch)
     try:
         await asyncio.sleep(0.3)
@@ -191,6 +191,8 @@ async def test_a_silent_bus_closes_its_window_on_time(tmp_path):
         stop.set()
         await task
         tx.shutdown()
+    # (and the second bus, which never sent a frame, is in the health summaries, at 0/s)
+    assert gw.health.snapshot()["frames_per_s"]["can1"] == 0.0
     summaries = _signals(tmp_path)  # one, or two if the half second spans a window's end
     assert 1 <= len(summaries) <= 2
     assert all(b["signals"]["speed_kph"]["mean"] == 50 for b in summaries)
