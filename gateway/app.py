@@ -827,7 +827,9 @@ class Gateway:
                         if trips.running_since not in (None, started[0]):
                             started = (trips.running_since, ok)
                     agg.add(decoded.series)
-                    for w in agg.advance(last_t):
+                    # a live bus's window closes LIVE_GRACE_SECONDS after its end: the frames
+                    # of another bus, read in another thread, may still be on their way
+                    for w in agg.advance(last_t - (0.0 if now is None else LIVE_GRACE_SECONDS)):
                         self.publish_window(w)
                 elif now is not None and self.consent.collecting():
                     t = now()  # a silent live bus: the windows that ended on its clock close

@@ -103,7 +103,7 @@ class BrokerSettings:
     tls_insecure: bool = opt(False, "Skip broker hostname verification (bench only).")
     keepalive: int = opt(30, "MQTT keepalive in seconds (0 to 65535; 0: off).")
     backoff_max: float = opt(
-        30.0, "Longest wait between reconnect attempts, in seconds (0.5 to 86400)."
+        30.0, "Longest wait between reconnect attempts, in seconds (0.1 to 86400)."
     )
 
     @property
@@ -485,9 +485,9 @@ def _build_all(
             f"{where}: [broker].keepalive must be 0 to 65535 seconds (0: off), got "
             f"{broker.keepalive}"
         )
-    if not 0.5 <= broker.backoff_max <= 86_400:  # 0 reconnected in a tight loop
+    if not 0.1 <= broker.backoff_max <= 86_400:  # 0 reconnected in a tight loop
         raise ConfigError(
-            f"{where}: [broker].backoff_max must be 0.5 to 86,400 seconds, got {broker.backoff_max}"
+            f"{where}: [broker].backoff_max must be 0.1 to 86,400 seconds, got {broker.backoff_max}"
         )
     if broker.tls_ca and not Path(broker.tls_ca).is_file():
         raise ConfigError(f"{where}: [broker].tls_ca {broker.tls_ca}: no such CA certificate file")
@@ -532,6 +532,12 @@ def _build_all(
                     raise ConfigError(
                         f"{where}: [[can]] #{i + 1}: bitrate, name and options are for a live bus "
                         "(interface and channel), not for logs"
+                    )
+                given = {"interface", "channel", "bitrate"} & set(obj.options)
+                if given:
+                    raise ConfigError(
+                        f"{where}: [[can]] #{i + 1}: options may not hold "
+                        f"{', '.join(sorted(given))}: give them as keys of the table"
                     )
                 if obj.interface:
                     for j, o in enumerate(out):

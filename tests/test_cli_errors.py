@@ -185,7 +185,11 @@ def test_a_ledger_line_nested_too_deep_for_json_is_a_bad_line_not_a_crash(tmp_pa
         ("[gateway]\nhealth_interval = -1\n", "gateway.toml: [gateway].health_interval"),
         ("[gateway]\ndigest_interval = -1\n", "gateway.toml: [gateway].digest_interval"),
         ("[broker]\nkeepalive = -5\n", "gateway.toml: [broker].keepalive must be 0 to"),
-        ("[broker]\nbackoff_max = 0\n", "gateway.toml: [broker].backoff_max must be 0.5"),
+        ("[broker]\nbackoff_max = 0\n", "gateway.toml: [broker].backoff_max must be 0.1"),
+        (
+            "[[can]]\ninterface = 'virtual'\nchannel = 'a'\noptions = { channel = 'b' }\n",
+            "gateway.toml: [[can]] #1: options may not hold channel",
+        ),
         ("[broker]\nurl = 'http://x:1883'\n", "gateway.toml: [broker].url 'http://x:1883'"),
         (
             "[[can]]\ninterface = 'socketcan'\nchannel = ''\n",

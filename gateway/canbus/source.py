@@ -12,13 +12,16 @@ What a bus does wrong is counted and said, never fatal to the gateway:
   restarted, a USB adapter pulled out): one line, and the bus is opened again after 0.5 s,
   then with a doubling wait up to 30 s, as long as the gateway runs. python-can's ``Notifier``
   ends its thread at the first such error (with a traceback, and nothing read after it).
-- **A frame's time**: a bus stamps its frames with a clock of its own (the kernel's for
-  socketcan, an adapter's for others), which is compared with this machine's. A time that is
-  not a number (NaN, infinite) or more than ``max_skew`` seconds off the bus's clock as last
-  seen is dropped and counted (one such frame would close or hold every window); when
-  ``STEP_FRAMES`` frames in a row agree on a new clock, the clock was stepped (NTP setting the
-  time of a Pi, which has no real-time clock, after boot): the new times are taken, counted in
-  ``clock_steps``, and the gateway closes the windows open before the step.
+- **A frame's time**: a bus stamps its frames with a clock of its own (the system clock for
+  socketcan, an adapter's for others), which is compared with this machine's monotonic clock
+  (which no one sets). A time that is not a number (NaN, infinite) or more than ``max_skew``
+  seconds off the bus's clock as last seen is dropped and counted (one such frame would close
+  or hold every window); when ``STEP_FRAMES`` frames in a row agree on a new clock, the clock
+  was stepped (NTP setting the time of a Pi, which has no real-time clock, after boot; with
+  socketcan the frames' times step with it): the frames before the step are handed on, then the
+  new times are taken, counted in ``clock_steps``, and the gateway closes the windows open
+  before the step (a step back would otherwise make every sample late until the clock caught
+  up).
 - **A bus that goes silent**: while no frame comes, an empty batch every ``tick`` seconds
   carries the time (``now()``, the bus's clock), so the windows the silence passes close on
   time, not at the next frame (the last one of a drive would wait for the next ignition).
@@ -27,6 +30,7 @@ What a bus does wrong is counted and said, never fatal to the gateway:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -87,7 +91,7 @@ class _Bus:
     bus: can.BusABC | None = None
     thread: threading.Thread | None = None
     halt: threading.Event = field(default_factory=threading.Event)
-    offset: float | None = None  # the bus's clock minus this machine's, as last seen
+    offset: float | None = None  # the bus's clock minus this machine's monotonic one
     candidate: tuple[float, int] | None = None  # a new offset, and the frames that agree on it
     reopen_at: float | None = None  # (event loop time) a failed bus is opened again then
     delay: float = REOPEN_FIRST_S
@@ -147,7 +151,7 @@ class LiveBusSource:
     def now(self) -> float | None:
         """This moment on the buses' clocks (the earliest of them), None before any frame."""
         offsets = [b.offset for b in self._open if b.offset is not None]
-        return time.time() + min(offsets) if offsets else None
+        return time.monotonic() + min(offsets) if offsets else None
 
     async def batches(self) -> AsyncIterator[FrameBatch]:
         self.open()
@@ -160,27 +164,36 @@ class LiveBusSource:
         for b in self._open:
             self._start(b, loop, inbox)
         next_tick = loop.time() + self.tick
+        # what was taken from the inbox and not yet handled: a full batch, or a clock step,
+        # leaves the rest of a list here for the next batch
+        pending: collections.deque[tuple[_Bus, float, Any]] = collections.deque()
         try:
             while not stop.is_set():
-                item = None
-                with contextlib.suppress(TimeoutError):
-                    item = await asyncio.wait_for(inbox.get(), timeout=self.max_wait)
-                while item is not None:
-                    b, wall, got = item
+                if not pending:
+                    with contextlib.suppress(TimeoutError):
+                        pending.append(await asyncio.wait_for(inbox.get(), self.max_wait))
+                while not inbox.empty():
+                    pending.append(inbox.get_nowait())
+                step: _Bus | None = None
+                while pending and len(builder) < self.max_batch and step is None:
+                    b, mono, got = pending.popleft()
                     if isinstance(got, BaseException):
                         self._failed(b, got, loop)
-                    else:
-                        self._take(b, wall, got, builder)
-                    item = inbox.get_nowait() if not inbox.empty() else None
-                    if len(builder) >= self.max_batch:
-                        break
+                        continue
+                    rest, stepped = self._take(b, mono, got, builder)
+                    if rest:
+                        pending.appendleft((b, mono, rest))
+                    if stepped:
+                        step = b
                 self._reopen_due(loop, inbox)
                 if len(builder):
                     next_tick = loop.time() + self.tick
-                    yield builder.build()
+                    yield builder.build()  # (before a step: the frames of the old clock)
                 elif loop.time() >= next_tick:
                     next_tick = loop.time() + self.tick
                     yield FrameBatch.empty(tuple(builder.channels))
+                if step is not None:
+                    self._step(step)
         finally:
             for b in self._open:
                 b.halt.set()
@@ -207,6 +220,9 @@ class LiveBusSource:
             "CAN bus %s (%s:%s): receive failed: %s; opening it again in %.1f s",
             b.spec.label, b.spec.interface, b.spec.channel, why, b.delay,
         )  # fmt: skip
+        # the wait doubles until the bus delivers a frame again (``_take``): one that opens
+        # and fails at once (an interface that is down) is not reopened every 0.5 s forever
+        b.delay = min(b.delay * 2, REOPEN_MAX_S)
 
     def _reopen_due(self, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
         for b in self._open:
@@ -215,25 +231,35 @@ class LiveBusSource:
             try:
                 b.bus = b.spec.open()
             except InputError as exc:
-                b.delay = min(b.delay * 2, REOPEN_MAX_S)
                 b.reopen_at = loop.time() + b.delay
                 log.warning("%s; trying again in %.1f s", exc, b.delay)
+                b.delay = min(b.delay * 2, REOPEN_MAX_S)
                 continue
-            b.reopen_at, b.delay = None, REOPEN_FIRST_S
+            b.reopen_at = None
             self.reopened += 1
             log.warning("CAN bus %s: open again, reading", b.spec.label)
             self._start(b, loop, inbox)
 
     def _take(
-        self, b: _Bus, wall: float, msgs: list[can.Message], builder: FrameBatchBuilder
-    ) -> None:
+        self, b: _Bus, mono: float, msgs: list[can.Message], builder: FrameBatchBuilder
+    ) -> tuple[list[can.Message], bool]:
+        """Add ``msgs`` (read at ``mono``) to ``builder`` until it holds ``max_batch`` frames
+        or a clock step is sure; returns the messages not handled yet, and whether a step
+        waits (``_step``, once the frames before it are handed on)."""
         label = b.spec.label
-        for msg in msgs:
-            b.frames += 1
+        for k, msg in enumerate(msgs):
+            if len(builder) >= self.max_batch:
+                return msgs[k:], False
             ts = float(msg.timestamp)
-            if not self._on_clock(b, ts, wall):
+            verdict = self._on_clock(b, ts, mono)
+            if verdict == "step":
+                return msgs[k:], True
+            b.frames += 1
+            if verdict == "drop":
+                b.stats.bad(b.frames, self._why_dropped(b, ts, mono))
                 continue
             b.stats.frames += 1
+            b.delay = REOPEN_FIRST_S  # it delivers: a later error waits the shortest again
             builder.add(
                 ts,
                 label,
@@ -244,42 +270,51 @@ class LiveBusSource:
                 is_error=msg.is_error_frame,
                 is_fd=msg.is_fd,
             )
+        return [], False
 
-    def _on_clock(self, b: _Bus, ts: float, wall: float) -> bool:
-        """Whether a frame of time ``ts``, read at ``wall`` on this machine's clock, is taken
-        (see the module's docstring); counts what is not."""
+    def _on_clock(self, b: _Bus, ts: float, mono: float) -> str:
+        """ "take", "drop" or "step" (see the module's docstring) for a frame of time ``ts``
+        read at ``mono`` on this machine's monotonic clock."""
         if not math.isfinite(ts):
-            b.stats.bad(b.frames, f"frame time {ts}: not a time")
-            return False
-        d = ts - wall
+            return "drop"
+        d = ts - mono
         if b.offset is None:
             b.offset = d
-            if abs(d) > 86_400:
+            late = ts - time.time()
+            if abs(late) > 86_400:
                 log.warning(
                     "CAN bus %s: its frames are stamped %.1f days %s this machine's clock; the "
                     "summaries carry the bus's times",
-                    b.spec.label, abs(d) / 86_400, "ahead of" if d > 0 else "behind",
+                    b.spec.label, abs(late) / 86_400, "ahead of" if late > 0 else "behind",
                 )  # fmt: skip
-            return True
+            return "take"
         skew = self.max_skew
         if skew is None or abs(d - b.offset) <= skew:
             b.offset, b.candidate = d, None
-            return True
+            return "take"
         if b.candidate is not None and abs(d - b.candidate[0]) <= skew:
             b.candidate = (d, b.candidate[1] + 1)
         else:
             b.candidate = (d, 1)
-        if b.candidate[1] < STEP_FRAMES:
-            b.stats.bad(b.frames, f"frame time {ts:.6f}: {d - b.offset:+.1f} s off the bus's clock")
-            return False
+        return "step" if b.candidate[1] >= STEP_FRAMES else "drop"
+
+    @staticmethod
+    def _why_dropped(b: _Bus, ts: float, mono: float) -> str:
+        if not math.isfinite(ts):
+            return f"frame time {ts}: not a time"
+        assert b.offset is not None
+        return f"frame time {ts:.6f}: {ts - mono - b.offset:+.1f} s off the bus's clock"
+
+    def _step(self, b: _Bus) -> None:
+        """The clock of ``b`` was stepped: its new offset is taken from now on."""
+        assert b.candidate is not None and b.offset is not None
         log.warning(
-            "CAN bus %s: its clock stepped by %+.1f s (the last %d frames agree); the windows "
+            "CAN bus %s: its clock stepped by %+.1f s (%d frames in a row agree); the windows "
             "open before the step are closed",
-            b.spec.label, d - b.offset, STEP_FRAMES,
+            b.spec.label, b.candidate[0] - b.offset, STEP_FRAMES,
         )  # fmt: skip
-        b.offset, b.candidate = d, None
+        b.offset, b.candidate = b.candidate[0], None
         self.clock_steps += 1
-        return True
 
 
 def _read(
@@ -290,7 +325,8 @@ def _read(
     inbox: asyncio.Queue[Any],
     most: int,
 ) -> None:
-    """A bus's reading thread: lists of frames (up to ``most``) with the time they were read;
+    """A bus's reading thread: lists of frames (up to ``most``) with the time they were read
+    (the monotonic clock);
     a receive error is handed on and ends the thread (the bus is opened again)."""
 
     def hand(item: Any) -> None:
@@ -306,7 +342,7 @@ def _read(
             msg = bus.recv(_RECV_S)
             if msg is None:
                 continue
-            wall = time.time()
+            wall = time.monotonic()
             got = [msg]
             while len(got) < most and (more := bus.recv(0)) is not None:
                 got.append(more)
@@ -316,7 +352,7 @@ def _read(
         if got:  # what was read before the error is handed on first
             hand((b, wall, got))
         if not halt.is_set():
-            hand((b, time.time(), exc))
+            hand((b, time.monotonic(), exc))
 
 
 def _shutdown(b: _Bus) -> None:
