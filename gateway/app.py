@@ -364,7 +364,7 @@ class Gateway:
         # from here on, what the publisher sends must be bytes on record (a row changed in the
         # file while the gateway runs is not sent either): what waits, checked below, and
         # what is put later
-        self.outbox.expect([h for _, h in waiting])
+        self.outbox.expect(waiting)
         seqs = {q for q, _ in waiting if q is not None}
         loose = {h for q, h in waiting if q is None}
         if waiting:
@@ -622,9 +622,11 @@ class Gateway:
             elif cmd.action == "delete":
                 from gateway.datarights import delete_category, delete_frames, on_record
 
-                doomed = delete_category(self.outbox, cmd.category)
-                n = len(doomed)
-                deleted = {"deleted": on_record(doomed)} if doomed else {}
+                # those of the batch being sent that were already handed to the client may
+                # leave: said as such, apart (their egress lines stand)
+                doomed, flying = delete_category(self.outbox, cmd.category)
+                n = len(doomed) - len(flying)
+                deleted = {"deleted": on_record(doomed, flying)} if doomed else {}
                 frames, stuck = delete_frames(self.settings.gateway.frames_path, cmd.category)
                 if stuck:
                     log.error(
@@ -640,6 +642,7 @@ class Gateway:
                     "by": "owner",
                     "category": cmd.category.value if cmd.category else "all",
                     "removed": n,
+                    **({"in_flight": len(flying)} if flying else {}),
                     "frames_removed": frames,
                     **({"frames_failed": stuck} if stuck else {}),
                 }

@@ -254,14 +254,17 @@ def search(
 ) -> list[Leak]:
     leaks: list[Leak] = []
     coords = np.array(sorted({c for p in positions for c in p}))
-    # a true coordinate as an integer of 1e-5, 1e-6 or 1e-7 degrees (E5/E6/E7, as GPS
-    # receivers and many DBCs carry it), to the last digit: 31221968 is 31.221968 deg
-    scaled = {
-        round(c * 10.0**k) + d: (c, k)
-        for c in coords.tolist()
-        for k in (5, 6, 7)
-        for d in (-1, 0, 1)
-    }
+    # a true position as integers of 1e-5, 1e-6 or 1e-7 degrees (E5/E6/E7, as GPS receivers
+    # and many DBCs carry it), to the last digit: 31221968 is 31.221968 deg. Judged as a pair,
+    # a latitude and the longitude of the same position in one message: over a drive's few
+    # square kilometres, single integers of that size fall on some coordinate far too often
+    # (a frame count, an odometer in metres)
+    scaled: tuple[dict[int, set[int]], dict[int, set[int]]] = ({}, {})
+    for i, pos in enumerate(positions):
+        for axis in (0, 1):
+            for k in (5, 6, 7):
+                for d in (-1, 0, 1):
+                    scaled[axis].setdefault(round(pos[axis] * 10.0**k) + d, set()).add(i)
     lats = np.array([p[0] for p in positions], np.float64)
     lons = np.array([p[1] for p in positions], np.float64)
     text_needles = [canaries.vin.encode()]
@@ -292,14 +295,12 @@ def search(
             else "position finer than the policy grid"
         )
         coarse: list[tuple[str, float]] = []
+        ints: list[tuple[str, int]] = []  # integers that may be a position's E5/E6/E7
         for where, x in _numbers(body):
             if coords.size == 0 or not np.isfinite(x) or x in allowed:
                 continue
-            if abs(x) >= 1e5 and x == int(x) and int(x) in scaled:
-                c, k = scaled[int(x)]
-                leaks.append(
-                    Leak(why, m.topic, f"{where} = {x!r} is the true coordinate {c} in 1e-{k} deg")
-                )
+            if abs(x) >= 1e5 and x == int(x):
+                ints.append((where, int(x)))
                 continue
             near = np.min(np.abs(coords - x))
             if near >= POSITION_TOLERANCE_DEG:
@@ -312,7 +313,33 @@ def search(
                 Leak(why, m.topic, f"{where} = {x!r} is {near:.6f} deg from a true coordinate")
             )
         leaks += _coarse_pairs(coarse, lats, lons, why, m.topic)
+        leaks += _scaled_pairs(ints, scaled, positions, why, m.topic)
     return leaks
+
+
+def _scaled_pairs(
+    found: list[tuple[str, int]],
+    scaled: tuple[dict[int, set[int]], dict[int, set[int]]],
+    positions: list[tuple[float, float]],
+    why: str,
+    topic: str,
+) -> list[Leak]:
+    """A latitude and the longitude of one true position, both as integers of 1e-5 to 1e-7
+    degrees, in one message."""
+    for wa, a in found:
+        for wb, b in found:
+            both = scaled[0].get(a, set()) & scaled[1].get(b, set())
+            if wa != wb and both:
+                lat, lon = positions[min(both)]
+                return [
+                    Leak(
+                        why,
+                        topic,
+                        f"{wa} = {a} and {wb} = {b} are the true position {lat}, {lon} in "
+                        "integer units of 1e-5 to 1e-7 degrees",
+                    )
+                ]
+    return []
 
 
 def _coarse_pairs(

@@ -186,20 +186,22 @@ def test_a_position_is_judged_by_its_precision_not_by_a_figure_that_falls_near_i
     ]
 
 
-def test_a_position_as_an_integer_of_micro_degrees_is_a_leak():
-    """A policy that publishes a GPS signal of another DBC's scale (1e-6 degrees) put the exact
-    latitude out as 31221968, and the search, in degrees only, said no leak."""
-    truth = [(31.221968, 121.456789)]
+def test_a_position_as_integers_of_micro_degrees_is_a_leak():
+    """A policy that publishes GPS signals of another DBC's scale (1e-6 degrees) put the exact
+    position out as 31221968 and 121456789, and the search, in degrees only, said no leak."""
+    truth = [(31.221968, 121.456789), (31.23, 121.46)]
     can = Canaries(positions=[], vin="CANARY12345678901")
     observed = [
-        Observed("v/owner/signals", pack({"nav_aux": {"last": 31221968.0}}), False),  # E6
-        Observed("v/owner/signals", pack({"x": 1214567890}), False),  # E7
-        Observed("v/owner/signals", pack({"odometer_m": 31221000, "n": 3122300}), False),
+        Observed("v/owner/signals", pack({"a": {"last": 31221968.0}, "b": 121456789}), False),
+        Observed("v/owner/signals", pack({"x": 312219680, "y": 1214567890}), False),  # E7
+        # a latitude alone, and numbers merely of that size: not judged (see search())
+        Observed("v/owner/signals", pack({"odometer_m": 31221968, "frames": 12146000}), False),
+        Observed("v/owner/signals", pack({"lat_e6": 31221968, "lon_e6": 121460000}), False),
     ]
     leaks = search(observed, can, truth, False, 1000)
-    # THEN both encodings are found; a number merely of the same size is not
-    assert [(lk.detail.split(" = ")[0]) for lk in leaks] == ["nav_aux.last", "x"]
-    assert "1e-6 deg" in leaks[0].detail and "1e-7 deg" in leaks[1].detail
+    # THEN both encoded pairs are found, and nothing else
+    assert [lk.detail.split(" = ")[0] for lk in leaks] == ["a.last", "x"]
+    assert "31.221968, 121.456789" in leaks[0].detail
 
 
 def test_bundled_synthetic_drive_validates_with_no_leak(tmp_path):

@@ -377,6 +377,7 @@ class MqttPublisher:
                 if late:  # on the record first, then out of the outbox: never sent
                     self.on_withheld(late)
                 self.outbox.ack_many(late + done)  # one commit for the PUBACKs of the batch
+                self.outbox.batch_done()
                 self.acked.set()
             if batch:
                 continue
@@ -404,6 +405,7 @@ class MqttPublisher:
             return None
         if not self.may_send(item):
             return False
+        self.outbox.sending(item)
         # no timeout of aiomqtt's here: the drain's deadline bounds the wait
         await client.publish(item.topic, item.payload, qos=1, retain=item.retain, timeout=math.inf)
         # acknowledged: noted at once (a disk failure meanwhile must not send it again), even

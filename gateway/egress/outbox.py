@@ -79,7 +79,12 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
         self._withdrawn: set[tuple[str, int]] = set()  # deleted unsent (see ``withdraw``)
-        self._expected: collections.Counter[str] | None = None  # see ``expect``
+        # see ``expect``: the sha256 of each waiting message, by seq (None: not checked), and
+        # of the unnumbered retained states (few: kept for the process's life)
+        self._expected: dict[int, str] | None = None
+        self._expected_loose: collections.Counter[str] = collections.Counter()
+        self._since_prune = 0
+        self._sending: set[tuple[str, int]] = set()  # handed to the client in this batch
         # retained states put so far: a publisher sending a batch of summaries stops at this
         # changing, and sends the new state first (``peek``)
         self.retained_put = 0
@@ -144,7 +149,14 @@ class Outbox:
         if not msgs:
             return
         if self._expected is not None:
-            self._expected.update(m.sha256 for m in msgs)
+            for m in msgs:
+                if m.seq is None:
+                    self._expected_loose[m.sha256] += 1
+                else:
+                    self._expected[m.seq] = m.sha256
+            self._since_prune += len(msgs)  # (rows the bounds drop are forgotten so too)
+            if self._since_prune >= 256:
+                self._prune_expected()
         self.retained_put += sum(m.retain for m in msgs)
         now = self._clock()
         if self._db is not None:
@@ -341,14 +353,30 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._degrade(exc)
         self._acked.difference_update(r[0] for r in rows)
-        if self._expected is not None:  # they are gone: their bytes may not be sent again
-            for i in items:
-                h = hashlib.sha256(i.payload).hexdigest()
-                left = self._expected[h] - 1
-                if left > 0:
-                    self._expected[h] = left
-                else:
-                    self._expected.pop(h, None)
+        self._sending.difference_update(i.key for i in items)
+        self._since_prune += len(items)
+        if self._expected and self._since_prune >= 256:
+            self._prune_expected()
+
+    def _prune_expected(self) -> None:
+        """Forget the digests of numbers below the lowest still waiting: sent or dropped (a
+        copy in memory of a row of a failing file keeps its number, and so its digest)."""
+        self._since_prune = 0
+        lowest: int | None = None
+        if self._db is not None:
+            try:
+                lowest = self._db.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]
+            except sqlite3.Error as exc:
+                self._degrade(exc)
+        held = [p.seq for p in self._mem.values() if p.seq is not None]
+        if held:
+            lowest = min(held) if lowest is None else min(lowest, min(held))
+        assert self._expected is not None
+        if lowest is None:
+            self._expected.clear()
+        else:
+            for q in [q for q in self._expected if q < lowest]:
+                del self._expected[q]
 
     def memory_only(self) -> list[Pending]:
         """What waits in memory only (the file could not take it): lost when this process
@@ -408,19 +436,41 @@ class Outbox:
         """Whether ``item`` may still be sent: not withdrawn since it was read."""
         return item.key not in self._withdrawn
 
-    def expect(self, digests: list[str]) -> None:
-        """From now on, only bytes on record may be sent: the payloads waiting now (their
-        sha256s ``digests``, checked against the ledger's egress lines) and those put from
+    def expect(self, waiting: list[tuple[int | None, str]]) -> None:
+        """From now on, only bytes on record may be sent: the payloads waiting now (``waiting``:
+        (seq, sha256) of each, checked against the ledger's egress lines) and those put from
         now on (each with its egress line written first). A row whose payload was changed in
         the file meanwhile is not ``unchanged`` (the file is checked against the ledger only
         at the start; these digests are held in this process, out of the file's reach)."""
-        self._expected = collections.Counter(digests)
+        self._expected = {q: h for q, h in waiting if q is not None}
+        self._expected_loose = collections.Counter(h for q, h in waiting if q is None)
 
     def unchanged(self, item: Pending) -> bool:
         """Whether ``item``'s payload is bytes on record (see ``expect``; True without it)."""
         if self._expected is None:
             return True
-        return self._expected[hashlib.sha256(item.payload).hexdigest()] > 0
+        h = hashlib.sha256(item.payload).hexdigest()
+        if item.seq is None:
+            return self._expected_loose[h] > 0
+        return self._expected.get(item.seq) == h
+
+    def sending(self, item: Pending) -> None:
+        """``item`` is handed to the MQTT client now: it may leave, whatever comes after."""
+        self._sending.add(item.key)
+
+    def sent_or_sending(self, items: list[Pending]) -> list[Pending]:
+        """Those of ``items`` handed to the client in the batch being sent, acknowledged or
+        not yet (a row is deleted when its batch ends): a delete cannot hold them back, and
+        their egress lines stand."""
+        return [
+            i
+            for i in items
+            if i.key in self._sending or (i.key[0] == "db" and i.key[1] in self._acked)
+        ]
+
+    def batch_done(self) -> None:
+        """The batch being sent is over: what it did not send waits, and is not in flight."""
+        self._sending.clear()
 
     def close(self) -> None:
         if self._db is not None:

@@ -215,3 +215,21 @@ def test_rows_read_from_a_failing_outbox_file_are_not_called_lost(tmp_path):
     assert ob.depth() == 5
     assert [p.seq for p in ob.memory_only()] == [3, 4]
     ob.close()
+
+
+def test_copies_of_a_failing_file_s_rows_are_still_bytes_on_record(tmp_path):
+    """A row sent and acknowledged under its file key while the file failed has a copy in
+    memory: sent again later (the owner drops the repeat), it was refused as "changed in the
+    outbox file", with an error and a false ledger line."""
+    from tests.egress.test_outbox import _released
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.expect([])
+    ob.put_many(_released(ob, 3))
+    in_file = ob.peek(10)
+    ob._degrade(sqlite3.OperationalError("disk I/O error"))  # the rows copied into memory
+    ob.ack_many(in_file)  # their PUBACKs, under the file's keys
+    copies = ob.peek(10)
+    assert copies and all(p.key[0] == "mem" for p in copies)
+    assert all(ob.unchanged(p) for p in copies)
+    ob.close()

@@ -385,9 +385,13 @@ def test_messages_the_owner_deletes_while_a_batch_is_being_sent_do_not_leave(
     lst = listen(broker.url, "vehicles/V/owner/#")
     withheld: list = []
 
+    flying: list = []
+
     def on_sent(n: int) -> None:
         if pub.sent == 100:  # as the owner's delete would, between two PUBACKs
-            ob.withdraw(ob.peek(10_000))
+            waiting = ob.peek(10_000)
+            flying.extend(p.seq for p in ob.sent_or_sending(waiting))
+            ob.withdraw(waiting)
 
     pub = MqttPublisher(
         BrokerSettings(url=broker.url),
@@ -404,6 +408,8 @@ def test_messages_the_owner_deletes_while_a_batch_is_being_sent_do_not_leave(
     assert 100 <= len(got) <= 100 + mqtt.IN_FLIGHT
     assert got == [m.seq for m in released[: len(got)]]
     assert pub.sent == len(got) and withheld == [] and ob.depth() == 0
+    # and the delete was told which of them had left or were on their way: exactly those
+    assert sorted(flying) == got
 
 
 @pytest.mark.broker
