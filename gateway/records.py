@@ -132,6 +132,19 @@ class FrameBatchBuilder:
         self._dlc.append(len(data))
         self._data.append(bytes(data))
 
+    def add_message(self, msg: Any, channel: str) -> None:
+        """A python-can ``Message`` (a reader's, a live bus's) on ``channel``."""
+        self.add(
+            float(msg.timestamp),
+            channel,
+            msg.arbitration_id,
+            bytes(msg.data),
+            is_extended=msg.is_extended_id,
+            is_remote=msg.is_remote_frame,
+            is_error=msg.is_error_frame,
+            is_fd=msg.is_fd,
+        )
+
     def build(self) -> FrameBatch:
         """Return the collected frames as a batch and start a new, empty one."""
         n = len(self._ts)

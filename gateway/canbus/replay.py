@@ -334,16 +334,7 @@ def _batches_from_messages(
         ts = float(msg.timestamp)
         if chunk_start is None:
             chunk_start = ts
-        builder.add(
-            ts,
-            channel_name(msg.channel),
-            msg.arbitration_id,
-            bytes(msg.data),
-            is_extended=msg.is_extended_id,
-            is_remote=msg.is_remote_frame,
-            is_error=msg.is_error_frame,
-            is_fd=msg.is_fd,
-        )
+        builder.add_message(msg, channel_name(msg.channel))
         stats.frames += 1
         if len(builder) >= chunking.frames or ts - chunk_start >= chunking.seconds:
             yield builder.build()

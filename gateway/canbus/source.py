@@ -260,16 +260,7 @@ class LiveBusSource:
                 continue
             b.stats.frames += 1
             b.delay = REOPEN_FIRST_S  # it delivers: a later error waits the shortest again
-            builder.add(
-                ts,
-                label,
-                msg.arbitration_id,
-                bytes(msg.data),
-                is_extended=msg.is_extended_id,
-                is_remote=msg.is_remote_frame,
-                is_error=msg.is_error_frame,
-                is_fd=msg.is_fd,
-            )
+            builder.add_message(msg, label)
         return [], False
 
     def _on_clock(self, b: _Bus, ts: float, mono: float) -> str:
