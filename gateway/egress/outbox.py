@@ -149,14 +149,16 @@ class Outbox:
         if not msgs:
             return
         if self._expected is not None:
+            # first what is no longer waiting is forgotten (rows the bounds dropped too), then
+            # these are added: a prune after would not find them waiting yet, and forget them
+            self._since_prune += len(msgs)
+            if self._since_prune >= 256:
+                self._prune_expected()
             for m in msgs:
                 if m.seq is None:
                     self._expected_loose[m.sha256] += 1
                 else:
                     self._expected[m.seq] = m.sha256
-            self._since_prune += len(msgs)  # (rows the bounds drop are forgotten so too)
-            if self._since_prune >= 256:
-                self._prune_expected()
         self.retained_put += sum(m.retain for m in msgs)
         now = self._clock()
         if self._db is not None:
