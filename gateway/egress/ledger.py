@@ -244,27 +244,19 @@ def egress_hashes(
     if not seqs and not unsequenced:
         return by_seq, found
     lowest = min(seqs, default=0)
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        for raw in _lines_backwards(fh, fh.tell()):
-            if b'"egress"' not in raw:
-                continue
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(entry, dict) or entry.get("kind") != "egress":
-                continue
-            seq, sha = entry.get("seq"), str(entry.get("sha256"))
-            if isinstance(seq, int):
-                if seq in seqs:
-                    by_seq.setdefault(seq, sha)
-                elif seq < lowest and found >= unsequenced:
-                    break
-            elif sha in unsequenced:
-                found.add(sha)
-            if len(by_seq) == len(seqs) and found >= unsequenced:
+    for entry in _entries_backwards(path, b'"egress"'):
+        if entry.get("kind") != "egress":
+            continue
+        seq, sha = entry.get("seq"), str(entry.get("sha256"))
+        if isinstance(seq, int):
+            if seq in seqs:
+                by_seq.setdefault(seq, sha)
+            elif seq < lowest and found >= unsequenced:
                 break
+        elif sha in unsequenced:
+            found.add(sha)
+        if len(by_seq) == len(seqs) and found >= unsequenced:
+            break
     return by_seq, found
 
 
@@ -297,17 +289,10 @@ def _tail_max_seq(path: Path) -> int:
     without one). The outbox keeps its own counter, but if its disk failed the gateway numbered
     summaries in memory: starting again from the ledger's figure means a new summary never
     reuses a number the owner already saw (and would drop as a duplicate)."""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        for raw in _lines_backwards(fh, fh.tell()):
-            if b'"seq"' not in raw and b'"unrecorded"' not in raw:  # start, stop, dropped...
-                continue
-            try:
-                seq = _highest_seq(json.loads(raw))
-            except (ValueError, RecursionError):
-                continue
-            if seq >= 0:
-                return seq
+    for entry in _entries_backwards(path, b'"seq"', b'"unrecorded"'):  # not start, stop...
+        seq = _highest_seq(entry)
+        if seq >= 0:
+            return seq
     return -1
 
 
@@ -315,19 +300,29 @@ def last_vin(path: str | Path) -> str | None:
     """The VIN of the last run that started in this ledger (its ``start`` entry), or None:
     read from the end, past that run's entries."""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            for raw in _lines_backwards(fh, fh.tell()):
-                if b'"kind":"start"' not in raw:
-                    continue
-                try:
-                    vin = json.loads(raw).get("vin")
-                except (ValueError, AttributeError, RecursionError):
-                    continue
-                return vin if isinstance(vin, str) else None
+        for entry in _entries_backwards(path, b'"kind":"start"'):
+            vin = entry.get("vin")
+            return vin if isinstance(vin, str) else None
     except OSError:
         return None
     return None
+
+
+def _entries_backwards(path: str | Path, *needles: bytes) -> Iterator[dict[str, Any]]:
+    """The entries of the ledger at ``path`` whose line holds one of ``needles``, last first
+    (a line is parsed only then: most are passed over as bytes); a line that is not a JSON
+    object is passed over."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        for raw in _lines_backwards(fh, fh.tell()):
+            if not any(n in raw for n in needles):
+                continue
+            try:
+                entry = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(entry, dict):
+                yield entry
 
 
 def _lines_backwards(fh: Any, size: int, block: int = 1 << 16) -> Iterator[bytes]:
