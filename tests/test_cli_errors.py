@@ -481,6 +481,18 @@ def test_the_report_counts_what_was_withheld_and_why(tmp_path, broker):
     assert m and int(m.group(1).replace(",", "")) > 0, proc.stderr
 
 
+def _vehicle_v(tmp_path):
+    """The options naming vehicle V's ledger and outbox in ``tmp_path``, for `gateway data`."""
+    return [
+        "--vin",
+        "V",
+        "--ledger",
+        str(tmp_path / "l.jsonl"),
+        "--outbox",
+        str(tmp_path / "o.sqlite"),
+    ]
+
+
 def test_data_delete_all_withdraws_the_consent_grants_too(tmp_path):
     """Its help says "all: every one, and the consent grants"; the grants were kept."""
     import json
@@ -499,14 +511,7 @@ def test_data_delete_all_withdraws_the_consent_grants_too(tmp_path):
     consent = tmp_path / "consent-V.json"  # _released's vehicle
     state.save(consent)
     (tmp_path / "l.jsonl").touch()
-    common = [
-        "--vin",
-        "V",
-        "--ledger",
-        str(tmp_path / "l.jsonl"),
-        "--outbox",
-        str(tmp_path / "o.sqlite"),
-    ]
+    common = _vehicle_v(tmp_path)
     proc = run_gateway("data", "delete", "--category", "all", *common)
     assert proc.returncode == 0, proc.stderr
     assert "deleted 3 waiting message(s) of category all and withdrew the consent for location" in (
@@ -685,14 +690,7 @@ def test_data_delete_takes_every_consent_category(tmp_path):
     led.append("start", vin="V")
     led.close()
     Outbox(tmp_path / "o.sqlite").close()
-    common = [
-        "--vin",
-        "V",
-        "--ledger",
-        str(tmp_path / "l.jsonl"),
-        "--outbox",
-        str(tmp_path / "o.sqlite"),
-    ]
+    common = _vehicle_v(tmp_path)
     for category in ("cabin", "biometric"):
         proc = run_gateway("data", "delete", "--category", category, *common)
         assert proc.returncode == 0 and "deleted 0 waiting message(s)" in proc.stdout, proc.stderr

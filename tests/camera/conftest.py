@@ -38,3 +38,18 @@ def detail(gray: np.ndarray) -> float:
 def crop(img: np.ndarray, box) -> np.ndarray:
     x, y, w, h = (int(round(v)) for v in (box.x, box.y, box.w, box.h))
     return cv2.cvtColor(img[max(y, 0) : y + h, max(x, 0) : x + w], cv2.COLOR_BGR2GRAY)
+
+
+def grey_clip_and_its_first_half(
+    folder: Path, frames: int, fps: float, size: tuple[int, int], step: int
+) -> tuple[Path, Path]:
+    """An MJPG clip of ``frames`` grey frames (``step`` brighter each) of ``size`` (width,
+    height) at ``fps``, and a copy cut at half its bytes: a recording cut short."""
+    full = folder / "full.avi"
+    w = cv2.VideoWriter(str(full), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    for i in range(frames):
+        w.write(np.full((size[1], size[0], 3), i * step, np.uint8))
+    w.release()
+    cut = folder / "cut.avi"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    return full, cut

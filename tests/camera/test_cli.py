@@ -12,7 +12,7 @@ import pytest
 
 import gateway.cli as gateway_cli
 from gateway.camera.detect import Kind
-from tests.camera.conftest import ASTRONAUT, DEMO_CLIP, crop, detail
+from tests.camera.conftest import ASTRONAUT, DEMO_CLIP, crop, detail, grey_clip_and_its_first_half
 
 
 @pytest.fixture
@@ -270,13 +270,7 @@ def test_a_small_face_in_a_large_frame_is_found_and_transparency_and_grey_are_ke
 
 def test_a_video_cut_short_is_said_and_a_slow_frame_rate_is_kept(tmp_path, gateway):
     # GIVEN a 30-frame MJPG clip at 0.5 frames/s (a time-lapse), and its first half
-    full = tmp_path / "full.avi"
-    w = cv2.VideoWriter(str(full), cv2.VideoWriter_fourcc(*"MJPG"), 0.5, (320, 240))
-    for i in range(30):
-        w.write(np.full((240, 320, 3), i * 8, np.uint8))
-    w.release()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    full, cut = grey_clip_and_its_first_half(tmp_path, 30, 0.5, (320, 240), 8)
     # WHEN both are anonymised
     code, err = gateway("anonymize", str(full), str(tmp_path / "o-full.avi"), "-q")
     assert code == 0 and "of the 30 frames" not in err, err

@@ -12,7 +12,7 @@ from gateway.camera.source import (
     open_source,
 )
 from gateway.errors import CameraError
-from tests.camera.conftest import ASTRONAUT, DEMO_CLIP
+from tests.camera.conftest import ASTRONAUT, DEMO_CLIP, grey_clip_and_its_first_half
 
 
 def test_the_demo_clip_reads_with_its_own_frame_rate():
@@ -118,17 +118,7 @@ def test_a_camera_that_never_opens_says_failed_in_a_summary():
 
 
 def test_a_video_cut_short_says_how_many_of_its_frames_were_read(tmp_path, caplog):
-    import cv2
-
-    full = tmp_path / "full.avi"
-    w = cv2.VideoWriter(str(full), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 36))
-    import numpy as np
-
-    for i in range(40):
-        w.write(np.full((36, 64, 3), i * 5, np.uint8))
-    w.release()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    _, cut = grey_clip_and_its_first_half(tmp_path, 40, 10.0, (64, 36), 5)
     src = VideoFileSource(cut)
     n = len(list(src.frames()))
     assert 0 < n < 40

@@ -21,6 +21,14 @@ from gateway.settings import BrokerSettings
 from tests.egress.test_outbox import _guard, _released
 
 
+def _publisher(url: str, ob: Outbox, **callbacks) -> MqttPublisher:  # type: ignore[no-untyped-def]
+    """The publisher these tests drive: vehicle V's outbox ``ob`` to the broker at ``url``, no
+    status messages, and the ``callbacks`` a test watches or sets."""
+    return MqttPublisher(
+        BrokerSettings(url=url), ob, "gw-test", status=lambda s, r: None, **callbacks
+    )
+
+
 def _run_stopped(pub: MqttPublisher, within: float | None = None) -> None:
     """``pub.run`` with its stop already set: it drains what waits and returns (at once if
     the broker is away: the outbox keeps the rest)."""
@@ -40,7 +48,7 @@ def test_a_pipelined_drain_delivers_every_message_once_in_order(tmp_path, broker
     released = _released(ob, 500)
     ob.put_many(released)
     lst = listen(broker.url, "vehicles/V/owner/#")
-    pub = MqttPublisher(BrokerSettings(url=broker.url), ob, "gw-test", status=lambda s, r: None)
+    pub = _publisher(broker.url, ob)
 
     # WHEN the publisher drains them and stops
     _run_stopped(pub)
@@ -67,11 +75,9 @@ def test_a_message_refused_at_the_moment_of_sending_does_not_leave(tmp_path, bro
         if pub.sent == 100:
             withdrawn[0] = True  # as the owner's command handler would, between two PUBACKs
 
-    pub = MqttPublisher(
-        BrokerSettings(url=broker.url),
+    pub = _publisher(
+        broker.url,
         ob,
-        "gw-test",
-        status=lambda s, r: None,
         on_sent=on_sent,
         may_send=lambda p: not withdrawn[0],
         on_withheld=withheld.extend,
@@ -97,11 +103,9 @@ def test_a_connection_lost_while_pubacks_are_awaited_is_noticed_at_once(tmp_path
         if pub.sent == 50:
             private_broker.stop()  # SIGTERM, waited for: the connection is reset
 
-    pub = MqttPublisher(
-        BrokerSettings(url=private_broker.url),
+    pub = _publisher(
+        private_broker.url,
         ob,
-        "gw-test",
-        status=lambda s, r: None,
         on_sent=on_sent,
         ack_timeout=60.0,
     )
@@ -393,11 +397,9 @@ def test_messages_the_owner_deletes_while_a_batch_is_being_sent_do_not_leave(
             flying.extend(p.seq for p in ob.sent_or_sending(waiting))
             ob.withdraw(waiting)
 
-    pub = MqttPublisher(
-        BrokerSettings(url=broker.url),
+    pub = _publisher(
+        broker.url,
         ob,
-        "gw-test",
-        status=lambda s, r: None,
         on_sent=on_sent,
         on_withheld=withheld.extend,
     )
@@ -430,8 +432,8 @@ def test_a_waiting_row_changed_in_the_outbox_file_while_running_is_not_sent(
         )
     lst = listen(broker.url, "vehicles/V/owner/#")
     changed: list = []
-    pub = MqttPublisher(
-        BrokerSettings(url=broker.url), ob, "gw-test", status=lambda s, r: None,
+    pub = _publisher(
+        broker.url, ob,
         on_changed=changed.append,
     )  # fmt: skip
     _run_stopped(pub)
