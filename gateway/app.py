@@ -335,6 +335,8 @@ class Gateway:
         self._digest_sent_at = time.monotonic()
         # the categories granted in the consent state the owner last saw
         self._grants_published = set(self.consent.snapshot(now))
+        # retained messages on the owner's topics refused in this run: (topic, sha256)
+        self._refused_retained: set[tuple[str, str]] = set()
 
     def _reconcile(self) -> None:
         """A run killed between the fsync of its ledger lines and the commit of the same
@@ -575,8 +577,15 @@ class Gateway:
         kind = "command" if topic == self.topics.command else "consent/set"
         now = self.clock()
         deleted: dict[str, Any] = {}  # the waiting messages a delete removed, on the record
+        digest = hashlib.sha256(payload).hexdigest()
+        if retained and (topic, digest) in self._refused_retained:
+            # refused and on the record already: the broker hands it over again at each
+            # reconnection (a flaky uplink would otherwise add a ledger line each time)
+            log.debug("the retained message on %s, refused before, is ignored", topic)
+            return
         try:
             if retained:
+                self._refused_retained.add((topic, digest))
                 # the broker delivers a retained message again at every connection: a grant
                 # the owner withdrew since would be granted again at each restart, a delete
                 # or stop done again. A command is taken when it is sent (MQTT 3.1.1 marks a
@@ -653,7 +662,6 @@ class Gateway:
                 "reason": str(exc),
                 "by": "owner",
             }
-        digest = hashlib.sha256(payload).hexdigest()
         # the command this state answers: `gateway consent` waits for its own
         self.consent.last_change = {**self.consent.last_change, "command_sha256": digest}
         self.ledger.append(

@@ -419,6 +419,11 @@ async def test_a_retained_grant_is_not_taken_again_after_a_withdrawal(tmp_path, 
         await asyncio.sleep(0.05)
     track = _track(4)
     await again.send_positions(track)
+    # (handed over again, at a reconnection: not recorded, nor answered, once more)
+    entries = again.gw.ledger.count
+    grant = json.dumps({"category": "location", "grant": True, "days": 7}).encode()
+    await again.gw.handle_owner_message(f"vehicles/{vin}/owner/consent/set", grant, True)
+    assert again.gw.ledger.count == entries
     await again.finish()
     # THEN it is refused, said to the owner and on the record, and no position leaves
     assert again.gw.consent.grants == {}
