@@ -39,7 +39,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALL_CHANNELS = "*"
-_MISSING_SECTIONS = re.compile(r"^(BS_\s*:|BU_\s*:)", re.MULTILINE)
+_MISSING_SECTIONS = re.compile(r"(BS_\s*:|BU_\s*:)")
+_BO = re.compile(r"BO_\s+(\d+)\s")
+_BO_SENDER = re.compile(r"BO_\s+\d+\s+\w+\s*:\s*\d+\s+(\w+)")
+_SG = re.compile(r"\s*SG_\s+(\w+)")
+_VAL = re.compile(r"VAL_\s+(\d+)\s+(\w+)")
+_VALTYPE = re.compile(r"SIG_VALTYPE_\s+(\d+)\s+(\w+)")
+_CONTROL = (*range(9), *range(14, 26), *range(27, 32), 127)  # in no text file (26: cp/m EOF)
+_LINE_REF = re.compile(r"(\bline )(\d+)")
 
 
 def _load(path: Path, text: str | None, strict: bool) -> cantools.database.can.Database:
@@ -53,22 +60,64 @@ def _load(path: Path, text: str | None, strict: bool) -> cantools.database.can.D
     return db
 
 
-def _add_missing_sections(text: str) -> str | None:
+Lines = list[tuple[int | None, str]]  # (line number in the file, or None if added; the line)
+
+
+def _add_missing_sections(lines: Lines) -> Lines | None:
     """Real DBCs written by hand often lack the (empty) ``BS_:``/``BU_:`` sections that
     cantools' grammar requires; add them right before the first message."""
-    present = {m.group(1)[:3] for m in _MISSING_SECTIONS.finditer(text)}
+    present = {m.group(1)[:3] for _, ln in lines if (m := _MISSING_SECTIONS.match(ln))}
     if {"BS_", "BU_"} <= present:
         return None
-    nodes = sorted(set(re.findall(r"^BO_\s+\d+\s+\w+\s*:\s*\d+\s+(\w+)", text, re.MULTILINE)))
-    insert = ""
+    nodes = sorted({m.group(1) for _, ln in lines if (m := _BO_SENDER.match(ln))})
+    insert: list[str] = []
     if "BS_" not in present:
-        insert += "BS_:\n\n"
+        insert += ["BS_:", ""]
     if "BU_" not in present:
-        insert += "BU_: " + " ".join(nodes or ["XXX"]) + "\n\n"
-    first = re.search(r"^BO_\s", text, re.MULTILINE)
+        insert += ["BU_: " + " ".join(nodes or ["XXX"]), ""]
+    first = next((i for i, (_, ln) in enumerate(lines) if _BO.match(ln)), None)
     if first is None:
         return None
-    return text[: first.start()] + insert + text[first.start() :]
+    return [*lines[:first], *((None, ln) for ln in insert), *lines[first:]]
+
+
+def _drop_dangling_values(lines: Lines) -> tuple[Lines, list[str]] | None:
+    """Without the ``VAL_`` and ``SIG_VALTYPE_`` lines of signals the file does not define:
+    cantools refuses a whole DBC for one (opendbc's tesla_can.dbc has one), though they
+    describe nothing that could be decoded. Returns (lines, what was dropped), or None."""
+    signals: dict[int, set[str]] = {}
+    current: set[str] | None = None
+    for _, ln in lines:
+        if m := _BO.match(ln):
+            current = signals.setdefault(int(m.group(1)), set())
+        elif (m := _SG.match(ln)) and current is not None:
+            current.add(m.group(1))
+    kept: Lines = []
+    dropped: list[str] = []
+    skipping = False  # inside a dropped VAL_ that goes on over more lines
+    for num, ln in lines:
+        if skipping:
+            skipping = not ln.rstrip().endswith(";")
+            continue
+        m = _VAL.match(ln) or _VALTYPE.match(ln)
+        if m and m.group(2) not in signals.get(int(m.group(1)), ()):
+            dropped.append(" ".join(ln.split()[:3]))
+            skipping = m.re is _VAL and not ln.rstrip().endswith(";")
+            continue
+        kept.append((num, ln))
+    return (kept, dropped) if dropped else None
+
+
+def _located(exc: BaseException, lines: Lines) -> str:
+    """cantools' error about a repaired text, its ``line N`` put back to the file's own."""
+
+    def back(m: re.Match[str]) -> str:
+        i = int(m.group(2)) - 1
+        if 0 <= i < len(lines) and lines[i][0] is not None:
+            return f"{m.group(1)}{lines[i][0]}"
+        return m.group(0)
+
+    return _LINE_REF.sub(back, _one_line(exc))
 
 
 def load_dbc(path: str | Path) -> cantools.database.can.Database:
@@ -437,32 +486,61 @@ def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
         raw = path.read_bytes()
     except OSError as exc:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
+    head = raw[:65536]
+    if b"\x00" in head or sum(head.count(bytes([c])) for c in _CONTROL) > len(head) // 100:
+        raise DbcError(
+            f"{path}: not a DBC: binary data, or text saved as UTF-16 (save it as UTF-8 or "
+            "cp1252 text)"
+        )
     bom = raw.startswith(b"\xef\xbb\xbf")  # saved by an editor as UTF-8 with a BOM
     text = raw[3:].decode("utf-8", errors="replace") if bom else raw.decode("cp1252", "replace")
-    repaired = _add_missing_sections(text)
+    lines: Lines = list(enumerate(text.splitlines(), start=1))
+    # the repairs, each on top of the ones before; the last error is the file's own problem
+    # (the first may be only the missing sections), said at the line of the file
     reread = "re-read without its UTF-8 byte-order mark" if bom else "re-read as cp1252"
-    for candidate, note in (
-        (text, reread),
-        (repaired, f"{reread + ', ' if bom else ''}added the missing BS_:/BU_: sections"),
-    ):
-        if candidate is None:
+    steps: list[str] = []
+    problem = _one_line(first_error) if first_error is not None else "not valid text"
+    for repair in ("reread", "sections", "values"):
+        note = None
+        if repair == "reread":
+            note = reread
+        elif repair == "sections" and (added := _add_missing_sections(lines)) is not None:
+            lines, note = added, "added the missing BS_:/BU_: sections"
+        elif repair == "values" and (dropped := _drop_dangling_values(lines)) is not None:
+            lines, gone = dropped
+            note = (
+                f"left out {len(gone)} VAL_/SIG_VALTYPE_ line(s) of signals it does not define "
+                f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})"
+            )
+        if note is None:
             continue
+        steps.append(note)
         try:
-            db = _load(path, candidate, strict=False)
-        except (cantools.database.UnsupportedDatabaseFormatError, ValueError, KeyError):
+            db = _load(path, "\n".join(ln for _, ln in lines) + "\n", strict=False)
+        except (cantools.database.UnsupportedDatabaseFormatError, ValueError, KeyError) as exc:
+            problem = _located(exc, lines)
             continue
         loose = _strict_problem(db) is not None
-        notes.append(f"loaded after a repair: {note}{', strict=False' if loose else ''}")
+        if steps[0] == reread and not bom and len(steps) > 1:
+            steps = steps[1:]  # re-read as cp1252 only to be repaired: not worth saying
+        notes.append(
+            f"loaded after a repair: {', '.join(steps)}{', strict=False' if loose else ''}"
+        )
         return db
-    raise DbcError(
-        f"{path}: cantools cannot load this DBC, even with strict=False: {_one_line(first_error)}"
-    )
+    raise DbcError(f"{path}: cantools cannot load this DBC, even with strict=False: {problem}")
 
 
 def _one_line(exc: BaseException | None) -> str:
     if exc is None:
         return "not valid text"
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+    inner = getattr(exc, "e_dbc", None)  # cantools' own error, inside its "no format" one
+    if type(exc) is KeyError or type(inner) is KeyError:  # a name looked up, never defined
+        name = (exc if type(exc) is KeyError else inner).args[0]
+        return f"DBC: it refers to {name!r}, which it does not define (a BA_ without its BA_DEF_?)"
+    text = " ".join(str(exc).split())
+    if not text.isprintable():  # binary bytes read as text: escaped, not printed raw
+        text = text.encode("unicode_escape").decode("ascii")
+    return text[:200] or type(exc).__name__
 
 
 def _defines(plans: DbcPlans, name: str) -> bool:

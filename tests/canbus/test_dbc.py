@@ -46,6 +46,72 @@ def test_garbage_dbc_raises_dbc_error_naming_the_file(tmp_path):
         load_dbc(p)
 
 
+_NO_SECTIONS = (  # a hand-written DBC as real ones often are: no BS_:/BU_: sections
+    'VERSION ""\n'  # line 1
+    "\n"
+    "NS_ :\n"
+    "\n"
+    "BO_ 100 Speed: 8 ECU\n"  # line 5
+    ' SG_ kph : 0|16@1+ (0.1,0) [0|300] "km/h" XXX\n'
+    ' SG_ gear : 16|8@1+ (1,0) [0|3] "" XXX\n'
+    "\n"
+    "BO_ 200 Doors: 8 ECU\n"  # line 9
+    ' SG_ open : 0|8@1+ (1,0) [0|255] "" XXX\n'
+    "\n"
+)
+
+
+def test_a_syntax_error_is_said_at_the_files_own_line_after_the_sections_are_added(tmp_path):
+    # GIVEN a DBC without BS_:/BU_: (the repair adds 4 lines) and a typo on its line 10
+    p = tmp_path / "typo.dbc"
+    p.write_text(_NO_SECTIONS.replace("0|8@1+", "0|8@1x"))
+    # THEN the error names line 10 of the file, not the missing sections at line 5
+    with pytest.raises(DbcError, match=r"typo\.dbc: .* at line 10, column") as err:
+        load_dbc(p)
+    assert "SG_ open" in str(err.value)
+
+
+def test_value_tables_of_signals_it_does_not_define_are_left_out_with_a_warning(tmp_path, caplog):
+    # GIVEN a DBC cantools refuses for a VAL_ (over two lines) and a SIG_VALTYPE_ of signals
+    # no message has, as opendbc's tesla_can.dbc does, beside a VAL_ that is used
+    p = tmp_path / "dangling.dbc"
+    p.write_text(
+        _NO_SECTIONS
+        + 'VAL_ 100 gear 0 "P" 1 "R" 2 "N" 3 "D" ;\n'
+        + 'VAL_ 100 limit 0 "NONE"\n 1 "SLOW" ;\n'
+        + "SIG_VALTYPE_ 200 torque : 1;\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        db = load_dbc(p)
+    # THEN it loads, says what it left out, and keeps the value table that is used
+    assert "left out 2 VAL_/SIG_VALTYPE_" in caplog.text
+    assert "VAL_ 100 limit" in caplog.text and "SIG_VALTYPE_ 200 torque" in caplog.text
+    decoded = db.decode_message(100, bytes([10, 0, 3, 0, 0, 0, 0, 0]))
+    assert str(decoded["gear"]) == "D" and decoded["kph"] == 1.0
+
+
+def test_a_dbc_naming_an_attribute_it_never_defines_is_said_so(tmp_path):
+    p = tmp_path / "attr.dbc"
+    p.write_text('VERSION ""\nBS_:\nBU_: E\nBO_ 100 X: 8 E\n SG_ a : 0|8@1+ (1,0) [0|0] "" E\n'
+                 'BA_ "Foo" BO_ 100 3;\n')  # fmt: skip
+    with pytest.raises(DbcError, match=r"attr\.dbc: .*refers to 'Foo', which it does not define"):
+        load_dbc(p)
+
+
+@pytest.mark.parametrize("form", ["UTF-16", "binary"])
+def test_a_dbc_that_is_no_text_is_said_so_in_a_short_line(tmp_path, form):
+    p = tmp_path / "odd.dbc"
+    if form == "UTF-16":
+        p.write_bytes(_NO_SECTIONS.encode("utf-16"))
+    else:
+        p.write_bytes(bytes(range(1, 256)) * 40)  # no NUL byte in it
+    with pytest.raises(DbcError) as err:
+        load_dbc(p)
+    assert str(err.value) == (
+        f"{p}: not a DBC: binary data, or text saved as UTF-16 (save it as UTF-8 or cp1252 text)"
+    )
+
+
 def test_channel_specs_map_channels_and_wildcard():
     d = ChannelDbcs.from_specs(
         [f"can1={KONA / 'kona_ccan.cantools.dbc'}", str(KONA / "kona_pcan.cantools.dbc")]
@@ -249,10 +315,9 @@ def test_the_slimmed_model_decodes_and_describes_every_signal_as_cantools_does(
     try:
         ref = cantools.database.load_file(str(path), strict=False)
     except Exception:  # noqa: BLE001 - a file only the repairs can load
-        ref = cantools.database.load_string(
-            dbc_module._add_missing_sections(path.read_bytes().decode("cp1252")) or "",
-            strict=False,
-        )
+        lines = list(enumerate(path.read_bytes().decode("cp1252").splitlines(), start=1))
+        repaired = dbc_module._add_missing_sections(lines) or []
+        ref = cantools.database.load_string("\n".join(ln for _, ln in repaired), strict=False)
     assert [m.name for m in ours.messages] == [m.name for m in ref.messages]
     for m, r in zip(ours.messages, ref.messages, strict=True):  # the lookups find the same
         by_name = ours.get_message_by_name(m.name)
