@@ -57,6 +57,15 @@ _SUFFIXES = {
     ".trc": LogFormat.TRC,
     ".mf4": LogFormat.MF4,
 }
+# bytes no text log holds (26, cp/m's end of file, is left to the readers): more than 1 % of
+# them in the first 4 KiB is binary data
+_CONTROL = [bytes([c]) for c in (*range(9), *range(14, 26), *range(27, 32), 127)]
+_TEXT_NAMES = {
+    LogFormat.CANDUMP: "candump",
+    LogFormat.ASC: "Vector ASC",
+    LogFormat.TRC: "PEAK TRC",
+    LogFormat.PYTHON_CAN_CSV: "CSV",
+}
 _PYTHON_CAN_CSV_HEADER = "timestamp,arbitration_id,extended,remote,error,dlc,data"
 
 
@@ -80,6 +89,20 @@ def detect_format(path: Path) -> LogFormat:
     # a byte order mark (Excel's "CSV UTF-8" writes one) is not part of the first line
     first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lstrip("\ufeff").strip()
     suffix = path.suffix.lower()
+    named = _SUFFIXES.get(suffix, LogFormat.PYTHON_CAN_CSV if suffix == ".csv" else None)
+    if named in _TEXT_NAMES:  # named as a text log
+        for sig, kind, right in ((b"LOGG", "BLF", ".blf"), (b"MDF ", "MF4", ".mf4")):
+            if head.startswith(sig):
+                raise LogFormatError(
+                    f"{path}: a {kind} file (it starts with {sig.decode()!r}), not the "
+                    f"{_TEXT_NAMES[named]} log its name says: name it {path.stem}{right}"
+                )
+        if b"\x00" in head or sum(map(head.count, _CONTROL)) > len(head) // 100:
+            raise LogFormatError(
+                f"{path}: binary data, not the {_TEXT_NAMES[named]} text log its name says"
+            )
+    if not head.strip() and suffix == ".csv":
+        return LogFormat.PYTHON_CAN_CSV  # empty: said as any empty log is ("no frame in it")
     if suffix not in _SUFFIXES and first.startswith(";"):  # a TRC header has commas too
         return LogFormat.TRC
     if suffix == ".csv" or (suffix not in _SUFFIXES and b"," in head[:200]):

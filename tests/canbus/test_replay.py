@@ -289,6 +289,38 @@ def test_a_compressed_log_is_refused_in_one_line_not_read_as_csv(tmp_path, name)
         detect_format(p)
 
 
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("z.log", "candump"), ("z.asc", "Vector ASC"), ("z.trc", "PEAK TRC"), ("z.csv", "CSV")],
+)
+def test_binary_data_named_as_a_text_log_is_refused_in_one_line(tmp_path, name, kind):
+    # (it used to be read as lines: thousands of bad lines, no frame, exit 0)
+    p = tmp_path / name
+    p.write_bytes(bytes((i * 151 + 7) % 256 for i in range(5000)))
+    with pytest.raises(LogFormatError, match=f"binary data, not the {kind} text log its name"):
+        detect_format(p)
+
+
+@pytest.mark.parametrize("name", ["drive.log", "drive.asc", "drive.csv"])
+def test_a_blf_file_under_a_text_logs_name_is_said_to_be_one(tmp_path, name):
+    p = tmp_path / name
+    with can.BLFWriter(p) as w:
+        w.on_message_received(can.Message(timestamp=1.0, arbitration_id=0x123, data=b"\x01"))
+    with pytest.raises(LogFormatError, match=r"a BLF file \(it starts with 'LOGG'\), .*drive\.blf"):
+        detect_format(p)
+
+
+def test_an_empty_csv_is_a_log_with_no_frame_like_any_other_empty_log(tmp_path):
+    p = tmp_path / "empty.csv"
+    p.write_bytes(b"")
+    assert detect_format(p) is LogFormat.PYTHON_CAN_CSV
+
+    async def collect():
+        return [b async for b in ReplaySource([p], speed=None).batches()]
+
+    assert sum(len(b) for b in asyncio.run(collect())) == 0
+
+
 def test_later_files_are_shifted_so_time_never_runs_backwards():
     src = ReplaySource([KONA_CSV, KONA_CSV], speed=None)
 
