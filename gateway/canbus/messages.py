@@ -46,8 +46,9 @@ class CountingLines:
     """A text file proxy that counts the lines python-can's reader pulled, so a parse error can
     be pinned to its line, and that lets a restarted reader resume right after it."""
 
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any, *, skip_blank: bool = False) -> None:
         self._fh = fh
+        self._skip_blank = skip_blank  # lines of white space never reach the reader
         self.line_no = 0
         self.chars = 0
         self.nonblank = 0  # lines with more than white space
@@ -62,15 +63,18 @@ class CountingLines:
     def __next__(self) -> str:
         if self.pushback:
             return self.pushback.pop()
-        line = next(self._fh)
-        _LAST.lines = self
-        self.line_no += 1
-        self.chars += len(line)
-        if not line.isspace():
-            self.nonblank += 1
-        if self.watch is not None:
-            self.watch(line, self.line_no)
-        return line
+        while True:
+            line = next(self._fh)
+            _LAST.lines = self
+            self.line_no += 1
+            self.chars += len(line)
+            if not line.isspace():
+                self.nonblank += 1
+            elif self._skip_blank:
+                continue
+            if self.watch is not None:
+                self.watch(line, self.line_no)
+            return line
 
     def readline(self) -> str:
         try:

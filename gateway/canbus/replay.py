@@ -262,7 +262,9 @@ def _trc_types(reader: Any) -> int | None:
 
 def _iter_python_can_text(path: Path, fmt: LogFormat, stats: ReadStats) -> Iterator[can.Message]:
     with open(path, encoding="utf-8-sig", errors="replace", newline=None) as fh:
-        lines = CountingLines(fh)
+        # python-can's CSV reader takes a blank line for a bad one; its other readers pass
+        # over them, as the gateway's own readers do
+        lines = CountingLines(fh, skip_blank=fmt is LogFormat.PYTHON_CAN_CSV)
         with divert_logging("can.io", _CountParseWarnings(stats, lines)):
             yield from _resilient(path, fmt, stats, lines)
 
@@ -300,6 +302,7 @@ def _resilient(
                         f"python-can's {_READERS[fmt]} read no frame from the {unread} line(s) "
                         "after its header: does the header fit them?"
                     )
+            stats.bytes_read = lines.chars  # (a file with no frame in it too)
             return
         except READ_ERRORS as exc:
             if lines.line_no == last_error_line:

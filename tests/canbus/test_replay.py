@@ -171,6 +171,34 @@ def test_asc_bad_lines_are_counted_and_reading_resumes(tmp_path):
     assert frames == good
 
 
+def test_blank_lines_in_a_python_can_csv_are_passed_over_not_counted_bad(tmp_path):
+    # GIVEN a python-can CSV with a blank line inside and blank lines at its end (as an
+    # editor or a concatenation leaves them); python-can's own reader fails on each
+    src = tmp_path / "plain.csv"
+    with can.CSVWriter(src) as w:
+        for i in range(6):
+            w.on_message_received(can.Message(timestamp=1.0 + i, arbitration_id=0x100 + i))
+    lines = src.read_text().splitlines(keepends=True)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("".join([*lines[:3], "\n", " \n", *lines[3:], "\n", "\n"]))
+    stats = ReadStats()
+    # THEN the same frames, no bad line, and every byte counted as read
+    assert _frames(blank, stats) == _frames(src)
+    assert stats.bad_lines == 0, stats.first_bad
+    assert stats.bytes_read == blank.stat().st_size
+
+
+def test_a_trc_with_no_frame_says_how_much_of_it_was_read(tmp_path):
+    src = SHARED_CAN / "python_can_testdata" / "test_CanMessage_V2_1.trc"
+    if not src.exists():
+        pytest.skip("shared python-can test data absent")
+    header = tmp_path / "header_only.trc"
+    header.write_text("".join(ln for ln in src.read_text().splitlines(True) if ln.startswith(";")))
+    stats = ReadStats()
+    assert _frames(header, stats) == []
+    assert stats.bytes_read == len(header.read_text())  # (was 0: "no frame in it (0 bytes read)")
+
+
 def test_trc_bad_line_is_counted(tmp_path):
     src = SHARED_CAN / "python_can_testdata" / "test_CanMessage_V2_1.trc"
     if not src.exists():
