@@ -90,11 +90,25 @@ def _read_header(fh: Any) -> tuple[str, int, int]:
     except READ_ERRORS as exc:
         raise _Fallback(str(exc)) from exc
     used = lines.line_no
+    if header_took_a_frame(lines.last):
+        used -= 1  # read as the body's first line
     if len(head) == _HEAD_BYTES and used >= head.count(b"\n"):
         raise _Fallback("header longer than 64 KiB")
     starts, _, n = _line_ends(a)
     offset = int(starts[used]) if used < n else len(head)
     return reader.base, used, offset
+
+
+def header_took_a_frame(line: str) -> bool:
+    """Whether the line that ended python-can's reading of an ASC header is a data line.
+    python-can's ``_extract_header`` takes the first line it does not know as the header's end
+    and drops it: right for ``Begin Triggerblock``, but a file with neither that nor an
+    ``internal events logged`` line (a date and a base line, then frames) lost its first frame
+    without a word. Such a line is read as the body's first."""
+    return _TIMED.match(line) is not None
+
+
+_TIMED = re.compile(r"\s*\d+\.\d+\s", re.ASCII)
 
 
 def python_can_line(text: str, base: str) -> can.Message | None:

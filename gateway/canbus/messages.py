@@ -53,6 +53,7 @@ class CountingLines:
         self.chars = 0
         self.nonblank = 0  # lines with more than white space
         self.pushback: list[str] = []
+        self.last = ""  # the last line pulled from the file
         # shown every line pulled from the file, with its number (an ASC body's, for lines its
         # reader would skip in silence)
         self.watch: Callable[[str, int], None] | None = None
@@ -66,6 +67,7 @@ class CountingLines:
         while True:
             line = next(self._fh)
             _LAST.lines = self
+            self.last = line
             self.line_no += 1
             self.chars += len(line)
             if not line.isspace():

@@ -57,9 +57,19 @@ _SUFFIXES = {
     ".trc": LogFormat.TRC,
     ".mf4": LogFormat.MF4,
 }
-# bytes no text log holds (26, cp/m's end of file, is left to the readers): more than 1 % of
-# them in the first 4 KiB is binary data
-_CONTROL = [bytes([c]) for c in (*range(9), *range(14, 26), *range(27, 32), 127)]
+# characters no text log holds (26, cp/m's end of file, is left to the readers)
+_CONTROL = [chr(c) for c in (*range(9), *range(14, 26), *range(27, 32), 127)]
+
+
+def _binary(head: bytes) -> bool:
+    """Whether the first bytes of a file are binary data, not text: a third of them control
+    characters or no UTF-8 (random bytes: ~60 %, a BLF more). A text log damaged here and
+    there (a NUL from a power cut, a cp1252 comment) stays a text log, read line by line."""
+    text = head.decode("utf-8", "replace")
+    odd = text.count("\ufffd") + sum(map(text.count, _CONTROL))
+    return odd * 3 > len(text)
+
+
 _TEXT_NAMES = {
     LogFormat.CANDUMP: "candump",
     LogFormat.ASC: "Vector ASC",
@@ -97,7 +107,7 @@ def detect_format(path: Path) -> LogFormat:
                     f"{path}: a {kind} file (it starts with {sig.decode()!r}), not the "
                     f"{_TEXT_NAMES[named]} log its name says: name it {path.stem}{right}"
                 )
-        if b"\x00" in head or sum(map(head.count, _CONTROL)) > len(head) // 100:
+        if _binary(head):
             raise LogFormatError(
                 f"{path}: binary data, not the {_TEXT_NAMES[named]} text log its name says"
             )
@@ -175,7 +185,10 @@ class _Header:
         first = self._extract()
         self.done = True
         if self.asc:  # the body: python-can passes over damaged lines of it in silence
-            from gateway.canbus.ascfile import skipped_without_a_word
+            from gateway.canbus.ascfile import header_took_a_frame, skipped_without_a_word
+
+            if header_took_a_frame(self._lines.last):
+                self._lines.pushback.append(self._lines.last)  # a frame: read with the body
 
             def watch(text: str, line_no: int) -> None:
                 reason = skipped_without_a_word(text)

@@ -159,6 +159,22 @@ def test_decimal_base_and_odd_lines_go_to_python_can(tmp_path):
     assert stats.bad_lines == 1 and stats.first_bad[0][0] == 7  # byte 256
 
 
+@pytest.mark.parametrize("base", ["hex", "dec"])
+def test_the_first_frame_after_a_header_without_an_events_line_is_read(tmp_path, base):
+    # GIVEN an ASC whose header is a date and a base line, then frames at once (no "internal
+    # events logged", no "Begin Triggerblock"): python-can's header code drops that frame
+    head = f"date Wed Jun 12 01:23:45 pm 2024\nbase {base}  timestamps absolute\n"
+    body = "   0.001000 1  109   Rx   d 2 10 20\n   0.002000 1  200   Rx   d 1 30\n"
+    short, full = tmp_path / "short.asc", tmp_path / "full.asc"
+    short.write_text(head + body)
+    full.write_text(head + "internal events logged\n" + body)
+    # THEN both of the gateway's ways of reading it read both frames, as with the events line
+    assert [r[2] for r in fast(full)[0]] == [0x109, 0x200] if base == "hex" else [109, 200]
+    assert fast(short)[0] == fast(full)[0]
+    assert legacy(short)[0] == legacy(full)[0] == fast(full)[0]
+    assert fast(short)[1].bad_lines == legacy(short)[1].bad_lines == 0
+
+
 def test_a_header_longer_than_64_kib_is_read_by_python_can(tmp_path):
     path = tmp_path / "long-header.asc"
     comments = "".join(f"// comment {i:06d} {'x' * 80}\n" for i in range(900))

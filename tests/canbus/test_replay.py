@@ -329,6 +329,16 @@ def test_binary_data_named_as_a_text_log_is_refused_in_one_line(tmp_path, name, 
         detect_format(p)
 
 
+def test_a_short_text_log_cut_by_a_power_cut_is_still_read_as_text(tmp_path):
+    # GIVEN a candump log whose end a power cut filled with NUL bytes, as file systems do
+    p = tmp_path / "cut.log"
+    p.write_bytes(b"(1.000000) can0 123#1122\n" * 20 + b"\x00" * 200)
+    # THEN it is a candump log: its 20 frames are read, the NULs are one bad line
+    assert detect_format(p) is LogFormat.CANDUMP
+    stats = ReadStats()
+    assert len(_frames(p, stats)) == 20 and stats.bad_lines == 1
+
+
 @pytest.mark.parametrize("name", ["drive.log", "drive.asc", "drive.csv"])
 def test_a_blf_file_under_a_text_logs_name_is_said_to_be_one(tmp_path, name):
     p = tmp_path / name
