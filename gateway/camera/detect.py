@@ -73,6 +73,20 @@ def _model(name: str) -> Path:
 
 
 @contextlib.contextmanager
+def _unreadable_model(path: Path) -> Iterator[None]:
+    """OpenCV's error on a damaged model file (cut short, overwritten), as one line."""
+    try:
+        yield
+    except cv2.error as exc:
+        said = [ln for ln in str(exc).splitlines() if "error:" in ln] or [str(exc)]
+        why = said[0].split("error:", 1)[-1].strip()
+        raise ConfigError(
+            f"{path}: not a model OpenCV can read (damaged or cut short? `git checkout -- "
+            f"models/` restores the shipped one): {why[:160]}"
+        ) from None
+
+
+@contextlib.contextmanager
 def _quiet_opencv() -> Iterator[None]:
     """OpenCV 5 warns on stderr that YuNet's target setting is unsupported; harmless here."""
     logging_api = getattr(cv2.utils, "logging", None)
@@ -121,10 +135,9 @@ class FaceDetector:
 
     def __init__(self, score: float = 0.25, nms: float = 0.3, width: int = 640) -> None:
         self.score, self.nms, self.width = score, nms, width
-        with _quiet_opencv():
-            self._net = cv2.FaceDetectorYN.create(
-                str(_model(FACE_MODEL)), "", (320, 320), score, nms, 5000
-            )
+        path = _model(FACE_MODEL)
+        with _quiet_opencv(), _unreadable_model(path):
+            self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score, nms, 5000)
         self._size: tuple[int, int] | None = None
 
     def detect(self, frame: Image) -> list[Box]:
@@ -198,7 +211,9 @@ class PlateDetector:
                 f"{cv2.__version__}: pip install 'opencv-python-headless>=5'"
             )
         # one network serves every input size (OpenCV 5 re-plans when the shape changes)
-        self._net = cv2.dnn.readNetFromONNX(str(_model(PLATE_MODEL)))
+        path = _model(PLATE_MODEL)
+        with _unreadable_model(path):
+            self._net = cv2.dnn.readNetFromONNX(str(path))
 
     def _strip_rows(self, h: int) -> list[tuple[int, int]]:
         """(top, bottom) of each strip; equal heights, so the network plans one shape. A

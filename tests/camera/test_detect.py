@@ -140,6 +140,21 @@ def test_models_load_from_the_repository_not_the_network():
     assert (MODELS / "LICENSES.md").is_file()
 
 
+@pytest.mark.parametrize("damage", ["cut short", "overwritten"])
+@pytest.mark.parametrize("make", [FaceDetector, PlateDetector])
+def test_a_damaged_model_file_is_one_line_naming_it(tmp_path, monkeypatch, make, damage):
+    from gateway.camera import detect
+
+    for model in MODELS.glob("*.onnx"):
+        data = model.read_bytes()
+        (tmp_path / model.name).write_bytes(data[:2000] if damage == "cut short" else b"garbage")
+    monkeypatch.setattr(detect, "MODELS", tmp_path)
+    with pytest.raises(ConfigError, match="not a model OpenCV can read") as err:
+        make()
+    said = str(err.value)
+    assert "\n" not in said and said.startswith(str(tmp_path / "")), said
+
+
 def test_sequential_and_parallel_detection_agree(astronaut):
     a = load_detectors(DetectorSettings(parallel=False))
     b = load_detectors(DetectorSettings(parallel=True))
