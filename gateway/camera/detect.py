@@ -130,6 +130,51 @@ def _scale_for(frame: Image, width: int, floor: int = 0) -> tuple[Image, float]:
     return small, w / width
 
 
+# a photo wider than NATIVE_MAX_WIDTH, at ``width`` 0, is seen whole at that width and also in
+# tiles at its own scale: a face of 40-90 pixels in a 6000x4000 photo, shrunk 2.3 times for the
+# whole, was missed (face recall 0.87 on such a canvas of the labelled photos, plates 0.90).
+# Tiles are as large as the biggest frame a network takes here (2560x1440: its memory), and
+# overlap by TILE_OVERLAP pixels: a smaller face or plate lies whole in one tile; a larger one is
+# at least 55 pixels in the whole, seen at 2560 (a 6000-pixel photo's), where it is found
+TILE_OVERLAP = 128
+
+
+def _tiles(frame: Image) -> list[tuple[int, int, Image]]:
+    """(top, left, view) of each tile of a photo wider than NATIVE_MAX_WIDTH (equal tiles,
+    spread evenly, each overlapping the next by at least TILE_OVERLAP); none for another."""
+    h, w = frame.shape[:2]
+    if w <= NATIVE_MAX_WIDTH:
+        return []
+    tw, th = NATIVE_MAX_WIDTH, MAX_ENLARGED_AREA // NATIVE_MAX_WIDTH
+
+    def starts(n: int, t: int) -> list[int]:
+        if n <= t:
+            return [0]
+        k = 1 + -(-(n - t) // (t - TILE_OVERLAP))
+        return [round(i * (n - t) / (k - 1)) for i in range(k)]
+
+    return [(y, x, frame[y : y + th, x : x + tw]) for y in starts(h, th) for x in starts(w, tw)]
+
+
+def _shifted(boxes: list[Box], dy: int, dx: int) -> list[Box]:
+    out = []
+    for b in boxes:
+        corners = None
+        if b.corners is not None:
+            corners = tuple((px + dx, py + dy) for px, py in b.corners)
+        out.append(Box(b.kind, b.x + dx, b.y + dy, b.w, b.h, b.score, corners))
+    return out
+
+
+def _merged(boxes: list[Box], score: float, nms: float) -> list[Box]:
+    """One box per object seen in the whole and in tiles: OpenCV's NMS over all of them."""
+    if len(boxes) < 2:
+        return boxes
+    rects = [[b.x, b.y, b.w, b.h] for b in boxes]
+    keep = cv2.dnn.NMSBoxes(rects, [b.score for b in boxes], score, nms)
+    return [boxes[i] for i in np.asarray(keep, dtype=int).ravel()]
+
+
 class FaceDetector:
     """YuNet-n. Any input size works through ``setInputSize``."""
 
@@ -141,7 +186,17 @@ class FaceDetector:
         self._size: tuple[int, int] | None = None
 
     def detect(self, frame: Image) -> list[Box]:
-        small, f = _scale_for(frame, self.width, floor=DetectorSettings.face_width)
+        boxes = self._detect(frame, self.width)
+        if self.width <= 0:
+            tiles = _tiles(frame)
+            for y, x, tile in tiles:
+                boxes += _shifted(self._detect(tile, 0), y, x)
+            if tiles:
+                boxes = _merged(boxes, self.score, self.nms)
+        return boxes
+
+    def _detect(self, frame: Image, width: int) -> list[Box]:
+        small, f = _scale_for(frame, width, floor=DetectorSettings.face_width)
         size = (small.shape[1], small.shape[0])
         if size != self._size:
             self._net.setInputSize(size)
@@ -253,6 +308,11 @@ class PlateDetector:
             # the network's largest anchors and goes unseen (3 of 60 plates of 2560-pixel
             # photos): a second look at a smaller scale, the boxes of both merged
             parts.append(self._candidates(frame, SECOND_SCALE_WIDTH))
+        if self.width <= 0:
+            for y, x, tile in _tiles(frame):
+                xy, whp, pts, scores = self._candidates(tile, 0)
+                offset = np.array([x, y], np.float32)
+                parts.append((xy + offset, whp, pts + offset, scores))
         xy, whp, pts, scores = (np.concatenate(c) for c in zip(*parts, strict=True))
         if len(scores) == 0:
             return []
