@@ -132,6 +132,35 @@ def test_gateway_killed_mid_replay_delivers_every_committed_summary_after_restar
     )
 
 
+def test_a_ledger_deleted_mid_run_stops_egress_with_exit_4(
+    tmp_path, private_broker, vin, durable_listen
+):
+    owner = durable_listen(private_broker.url, f"vehicles/{vin}/owner/signals")
+    # GIVEN a paced replay publishing a summary every 0.25 s of log time
+    proc = subprocess.Popen(
+        _replay_cmd(tmp_path, private_broker.url, vin, "--speed", "3"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ledger = tmp_path / "ledger.jsonl"
+    deadline = time.monotonic() + 30
+    while (not ledger.exists() or len(_ledger_seqs(ledger)) < 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # WHEN its ledger is deleted (the evidence of what leaves gone from the disk)
+    recorded = set(_ledger_seqs(ledger))
+    ledger.unlink()
+    _, err = proc.communicate(timeout=60)
+    # THEN the run stops with exit 4 and one line saying so, at its next ledger write: the
+    # lines it wrote after the deletion went to no file, and their summaries never left
+    assert proc.returncode == 4, err
+    assert "the audit ledger was deleted or replaced while the gateway ran" in err
+    assert "Traceback" not in err
+    time.sleep(0.5)
+    _, unique = _received_seqs(owner.stop())
+    assert unique and set(unique) <= recorded | {max(recorded) + 1}, (sorted(recorded), unique)
+
+
 def _can_mount_private_tmpfs() -> bool:
     if not shutil.which("unshare"):
         return False

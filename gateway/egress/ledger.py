@@ -161,11 +161,32 @@ class Ledger:
             )
         fd = self._fh.fileno()
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
+            try:
+                named = os.stat(self.path)
+            except FileNotFoundError:
+                named = None
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot read the audit ledger: {exc.strerror}"
             ) from exc
+        if (
+            st.st_nlink == 0
+            or named is None
+            or (named.st_dev, named.st_ino)
+            != (
+                st.st_dev,
+                st.st_ino,
+            )
+        ):
+            # lines written now would go to a file nobody can read: what they describe must
+            # not leave (the write fails, so the messages never reach the outbox)
+            raise StorageError(
+                f"{self.path}: the audit ledger was deleted or replaced while the gateway ran; "
+                "nothing more is sent without its ledger line (put the file back, or start "
+                "again with a new ledger)"
+            )
         try:
             view = memoryview(data)
             while view:
