@@ -20,7 +20,7 @@ import numpy as np
 from gateway import __version__
 from gateway.canbus.dbc import ChannelDbcs
 from gateway.egress.guard import EgressGuard, Outgoing, Released
-from gateway.egress.ledger import Ledger, egress_hashes, last_vin, unfinished_egress
+from gateway.egress.ledger import Ledger, egress_hashes, last_stop, last_vin, unfinished_egress
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
 from gateway.egress.schema import Topics, unpack
@@ -173,10 +173,13 @@ class RunReport:
     bytes_released: int = 0
     sent: int = 0
     outbox_left: int = 0  # waiting in the outbox file, sent on the next run
+    outbox_lost: int = 0  # left waiting by the last run in an outbox file that is gone
     stopped_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), if one did
     # held in memory only (the outbox file could not be written) when the run ended: lost,
     # and recorded in the ledger as dropped
     lost_in_memory: int = 0
+    # dropped by the outbox's bounds (its size, the policy's retention): never sent, recorded
+    dropped: int = 0
     late_samples: int = 0  # older than a window already published (time went backwards)
     frames_while_stopped: int = 0  # read while the owner had stopped collection: not decoded
     invalid_samples: int = 0  # NaN, infinity, a 'not available' state, a time outside any window
@@ -282,6 +285,7 @@ class Gateway:
             self.ledger.close()
             raise
         self._reconcile()
+        self._outbox_lost = 0
         try:
             self._check_waiting()
         except BaseException:
@@ -321,6 +325,7 @@ class Gateway:
             for label in getattr(source, "labels", ()):
                 self.health.per_channel.setdefault(label, 0)
         self.report = RunReport(camera_summaries=self.policy.camera_summaries)
+        self.report.outbox_lost = self._outbox_lost
         self._group: list[Released] | None = None  # messages of an open egress_group()
         self._drain_stop = asyncio.Event()  # see stop_draining()
         self.ledger.append(
@@ -390,6 +395,8 @@ class Gateway:
                     "ledger's. Nothing was sent; put the ledger back, or move the outbox aside"
                 )
         stored = self.outbox.stored_seq
+        if stored is None and self.outbox.path is not None:
+            self._check_outbox_kept()
         if stored is not None and stored - 1 > self.ledger.max_seq:
             first, last = self.ledger.max_seq + 1, stored - 1
             log.warning(
@@ -403,6 +410,28 @@ class Gateway:
                 reason="numbered by the outbox, not in this ledger: lines it lost (cut, or "
                 "restored from a backup); whether those summaries left is not on record",
             )
+
+    def _check_outbox_kept(self) -> None:
+        """No outbox file to read (or an empty one), though the last run left summaries
+        waiting in it: the file was deleted or replaced since (or while that run ran). They
+        are lost: recorded, and said, not passed over as a first run."""
+        stop = last_stop(self.ledger.path)
+        left = stop.get("outbox_left") if stop is not None else None
+        if not isinstance(left, int) or left <= 0:
+            return
+        log.error(
+            "%s: the last run left %d summary(ies) waiting in this outbox, and it is gone "
+            "(deleted or replaced by an empty file): they will never be sent (recorded as "
+            "dropped in %s)",
+            self.outbox.path, left, self.ledger.path,
+        )  # fmt: skip
+        self._outbox_lost = left
+        self.ledger.append(
+            "dropped",
+            count=left,
+            reason="the outbox file that held them was deleted or replaced since the last run "
+            "(or during it): never sent from it",
+        )
 
     # -- egress ----------------------------------------------------------------------------
     def emit(self, out: Outgoing) -> Released | None:
@@ -984,6 +1013,7 @@ class Gateway:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError), step():
                 await asyncio.wait_for(pub_task, timeout=10)
             self.report.sent = self.publisher.sent
+            self.report.dropped = self.outbox.dropped
             self.report.outbox_left = self.outbox.depth()
             lost = self.outbox.memory_only()
             if lost:  # ends with this process: on the record, not said to wait

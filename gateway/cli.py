@@ -227,6 +227,27 @@ def _start_parsing(args: argparse.Namespace) -> None:
 def _undelivered(report: Any, s: Any) -> int:
     """Exit code 3 and one line if summaries are left undelivered, else 0."""
     lost = getattr(report, "lost_in_memory", 0)
+    dropped = getattr(report, "dropped", 0)
+    gone = getattr(report, "outbox_lost", 0)
+    if not report.outbox_left and not lost and (dropped or gone):
+        # all sent that could be, but some were not: the exit status says so too
+        parts = []
+        if dropped:
+            parts.append(
+                f"{dropped} were dropped by the outbox's bounds (its size, or the policy's "
+                "retention) before the broker took them"
+            )
+        if gone:
+            parts.append(
+                f"{gone} left waiting by the last run were lost with its outbox file, which is gone"
+            )
+        print(
+            f"gateway: error: {dropped + gone} summaries were never delivered: "
+            + "; ".join(parts)
+            + f" (on the record in {s.gateway.ledger})",
+            file=sys.stderr,
+        )
+        return 3
     if not report.outbox_left and not lost:
         return 0
     why = getattr(report, "drain_cut", None) or report.broker_error or "broker unavailable"

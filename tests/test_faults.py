@@ -387,6 +387,55 @@ def test_a_last_will_is_on_the_record_only_when_a_broker_took_it(tmp_path, priva
     assert statuses() == 3  # its will, "online", and "offline" (stopped) at the end
 
 
+def test_summaries_dropped_by_the_outboxs_bounds_make_the_exit_status_3(tmp_path, capsys):
+    # (it was 0, "everything released was delivered", though 49 had been dropped)
+    from gateway.app import RunReport
+    from gateway.cli import _undelivered
+
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]})
+    assert _undelivered(RunReport(released=300, sent=300), s) == 0
+    assert _undelivered(RunReport(released=300, sent=251, dropped=49), s) == 3
+    assert "49 summaries were never delivered: 49 were dropped by the outbox's bounds" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+def test_summaries_lost_with_an_outbox_gone_since_the_last_run_are_said_and_recorded(
+    tmp_path, private_broker, capsys, how
+):
+    import asyncio
+
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.cli import _undelivered
+
+    # GIVEN a run whose broker was away: its summaries wait in the outbox file
+    url = private_broker.url
+    private_broker.stop()
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, url=url, vin="GONEOUTBOX0000001")
+    first = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+    first.publisher.backoff_initial = 0.05
+    left = asyncio.run(first.run(require_broker=False, drain_timeout=0.3)).outbox_left
+    assert left > 0
+    # WHEN the outbox file is deleted, or emptied, before the next run
+    outbox = tmp_path / "o.sqlite"
+    for extra in tmp_path.glob("o.sqlite-*"):
+        extra.unlink()
+    outbox.unlink() if how == "deleted" else outbox.write_bytes(b"")
+    private_broker.start()
+    report = asyncio.run(Gateway(s, []).run(drain_timeout=5.0))
+    # THEN the next run says so (exit status 3 and one line), and the ledger records them
+    assert report.outbox_lost == left
+    assert _undelivered(report, s) == 3
+    err = capsys.readouterr().err
+    assert f"{left} left waiting by the last run were lost with its outbox file" in err
+    entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    drops = [e for e in entries if e["kind"] == "dropped" and e.get("count") == left]
+    assert len(drops) == 1 and "deleted or replaced" in drops[0]["reason"]
+    assert verify_chain(tmp_path / "l.jsonl").kinds["stop"] == 2
+
+
 def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_rest(tmp_path):
     import asyncio
 

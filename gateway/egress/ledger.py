@@ -329,6 +329,17 @@ def last_vin(path: str | Path) -> str | None:
     return None
 
 
+def last_stop(path: str | Path) -> dict[str, Any] | None:
+    """The ``stop`` entry of the last run in this ledger, or None (no run, or the last one has
+    none: it was killed)."""
+    try:
+        for entry in _entries_backwards(path, b'"kind":"start"', b'"kind":"stop"'):
+            return entry if entry.get("kind") == "stop" else None
+    except OSError:
+        return None
+    return None
+
+
 def _entries_backwards(path: str | Path, *needles: bytes) -> Iterator[dict[str, Any]]:
     """The entries of the ledger at ``path`` whose line holds one of ``needles``, last first
     (a line is parsed only then: most are passed over as bytes); a line that is not a JSON

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -79,6 +80,7 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._acked: set[int] = set()  # rows acknowledged by the broker, not yet deleted
         self._withdrawn: set[tuple[str, int]] = set()  # deleted unsent (see ``withdraw``)
+        self._drops_said: dict[str, tuple[float, int]] = {}  # why: (said at, dropped since)
         # see ``expect``: the sha256 of each waiting message, by seq (None: not checked), and
         # of the unnumbered retained states (few: kept for the process's life)
         self._expected: dict[int, str] | None = None
@@ -188,8 +190,12 @@ class Outbox:
                 ("mem", self._mem_n), msg.seq, msg.topic, msg.payload, msg.retain, msg.schema, now
             )
             if len(self._mem) > self.memory_limit:
-                _, oldest = self._mem.popitem(last=False)
-                self._dropped([oldest], f"in-memory outbox over {self.memory_limit} messages")
+                # the oldest not handed to the client: one in flight may leave, and its
+                # egress line stands (it is never on the record as dropped)
+                key = next((k for k in self._mem if ("mem", k) not in self._sending), None)
+                if key is not None:
+                    oldest = self._mem.pop(key)
+                    self._dropped([oldest], f"in-memory outbox over {self.memory_limit} messages")
         self._notify()
 
     def _tx(self) -> sqlite3.Connection:
@@ -257,11 +263,15 @@ class Outbox:
 
     def _enforce_bounds(self, now: float) -> None:
         assert self._db is not None
+        # what the batch being sent handed to the client, acknowledged or not, is not
+        # dropped: it may leave (or has), and its egress line stands
+        flying = {n for kind, n in self._sending if kind == "db"} | self._acked
         old = self._db.execute(
             "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
             "WHERE created < ? ORDER BY id",
             (now - self.max_age_s,),
         ).fetchall()
+        old = [r for r in old if r[0] not in flying]
         if old:
             self._delete_rows(old, f"older than {self.max_age_s:.0f} s")
         (depth,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
@@ -269,9 +279,11 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT id, seq, topic, payload, retain, schema, created FROM "
                 "outbox ORDER BY id LIMIT ?",
-                (depth - self.max_messages,),
+                (depth - self.max_messages + len(flying),),
             ).fetchall()
-            self._delete_rows(rows, f"outbox over {self.max_messages} messages")
+            rows = [r for r in rows if r[0] not in flying][: depth - self.max_messages]
+            if rows:
+                self._delete_rows(rows, f"outbox over {self.max_messages} messages")
 
     def _delete_rows(self, rows: list[tuple], why: str) -> None:  # type: ignore[type-arg]
         assert self._db is not None
@@ -283,8 +295,20 @@ class Outbox:
         )
 
     def _dropped(self, items: list[Pending], why: str) -> None:
+        # a publisher that read them into its batch does not send them (``waiting``): sent,
+        # they would leave though on the record as dropped
+        self._withdrawn.update(i.key for i in items)
         self.dropped += len(items)
-        log.warning("outbox dropped %d message(s): %s", len(items), why)
+        # said once a minute per reason at most (a bound hit by every put said it 16,000
+        # times); every drop is on the record (``on_drop``), and the total in the report
+        now = time.monotonic()
+        said, since = self._drops_said.get(why, (-math.inf, 0))
+        if now - said >= 60.0:
+            more = f" (and {since} before, since this was last said)" if since else ""
+            log.warning("outbox dropped %d message(s)%s: %s", len(items), more, why)
+            self._drops_said[why] = (now, 0)
+        else:
+            self._drops_said[why] = (said, since + len(items))
         self.on_drop(items, why)
 
     # -- reading ---------------------------------------------------------------------------

@@ -73,6 +73,45 @@ def test_overflow_drops_the_oldest_and_reports_them(tmp_path):
     assert "over 3" in dropped[0][1]
 
 
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_a_bound_never_drops_what_is_in_flight_and_what_it_drops_is_not_sent(tmp_path, where):
+    # GIVEN a publisher that read a batch of 3 and handed the first to the client
+    dropped = []
+    path = tmp_path / "o.sqlite" if where == "file" else None
+    ob = Outbox(
+        path,
+        max_messages=3,
+        memory_limit=3,
+        on_drop=lambda items, why: dropped.extend(i.seq for i in items),
+    )
+    msgs = _released(ob, 5)
+    for m in msgs[:3]:
+        ob.put(m)
+    batch = ob.peek()
+    ob.sending(batch[0])
+    # WHEN two more are put, over the bound of 3
+    ob.put(msgs[3])
+    ob.put(msgs[4])
+    # THEN the one in flight is not dropped (it may leave: never on the record as dropped);
+    # the two after it are, and the publisher does not send them from its batch
+    assert dropped == [1, 2]
+    assert [ob.waiting(p) for p in batch] == [True, False, False]
+
+
+def test_drops_are_said_once_a_minute_per_reason_each_on_the_record(tmp_path, caplog):
+    dropped = []
+    ob = Outbox(
+        tmp_path / "o.sqlite",
+        max_messages=2,
+        on_drop=lambda items, why: dropped.extend(i.seq for i in items),
+    )
+    with caplog.at_level("WARNING"):
+        for m in _released(ob, 50):
+            ob.put(m)
+    assert dropped == list(range(48)) and ob.dropped == 48
+    assert caplog.text.count("outbox dropped") == 1
+
+
 def test_age_bound_drops_stale_messages(tmp_path):
     now = itertools.count(0, 1000)
     ob = Outbox(tmp_path / "o.sqlite", max_age_s=1500, clock=lambda: float(next(now)))
