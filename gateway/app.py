@@ -74,6 +74,12 @@ UNPACED_GROUP_SECONDS = 0.1
 # a live bus's window closes this long after its end on the bus's clock when no later frame
 # came (a frame is handed on within ~0.1 s of its time; one this late counts as late)
 LIVE_GRACE_SECONDS = 2.0
+# an unpaced replay whose summaries wait, more than this many, for a connected broker waits
+# for the publisher (up to UNPACED_WAIT_SECONDS a group) until half as many wait: a fast
+# --loop replay sent ~8 summaries a second while it made thousands, and its outbox reached
+# its bound and dropped them. A broker away does not hold a replay: the outbox keeps them
+UNPACED_BACKLOG = 2000
+UNPACED_WAIT_SECONDS = 1.0
 
 
 def say_missing(policy: Policy, dbcs: ChannelDbcs, *, thorough: bool = False) -> None:
@@ -890,6 +896,7 @@ class Gateway:
                     # replay, but cost a 1M-frame replay 45 ms (paired, 8 of 10 rounds): its
                     # sending then competed with the parse child for the second core
                     await asyncio.sleep(0)
+                    await self._backpressure()
                     since = time.monotonic()
         finally:
             group.close()
@@ -904,6 +911,23 @@ class Gateway:
                             self.publish_trip(trip, trip.start != started[0] or started[1])
             self.report.late_samples += agg.late_samples
             self.report.invalid_samples += agg.invalid_samples
+
+    async def _backpressure(self) -> None:
+        """An unpaced replay waits for a connected publisher while more than UNPACED_BACKLOG
+        summaries wait (see there); at most UNPACED_WAIT_SECONDS at a time, so that a stop
+        asked for meanwhile is heard."""
+        pub = self.publisher
+        if not pub.connected.is_set() or self.outbox.depth() <= UNPACED_BACKLOG:
+            return
+        until = time.monotonic() + UNPACED_WAIT_SECONDS
+        while (
+            pub.connected.is_set()
+            and time.monotonic() < until
+            and self.outbox.depth() > UNPACED_BACKLOG // 2
+        ):
+            pub.acked.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(pub.acked.wait(), timeout=0.05)
 
     async def _periodic(self, stop: asyncio.Event) -> None:
         g = self.settings.gateway

@@ -15,7 +15,14 @@ import pytest
 
 from gateway.egress.ledger import verify_chain
 from gateway.egress.schema import unpack
-from tests.conftest import KONA_CSV, KONA_PCAN, gateway_settings, replay_args, run_gateway
+from tests.conftest import (
+    FIXTURES,
+    KONA_CSV,
+    KONA_PCAN,
+    gateway_settings,
+    replay_args,
+    run_gateway,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -385,6 +392,39 @@ def test_a_last_will_is_on_the_record_only_when_a_broker_took_it(tmp_path, priva
     )
     asyncio.run(Gateway(s2, []).run(drain_timeout=5.0))
     assert statuses() == 3  # its will, "online", and "offline" (stopped) at the end
+
+
+def test_a_fast_looping_replay_waits_for_a_connected_publisher(
+    tmp_path, private_broker, monkeypatch
+):
+    """A fast --loop replay made summaries far faster than one turn of the event loop per
+    0.1 s let the publisher send (8 a second): its outbox reached its bound and dropped them."""
+    import asyncio
+
+    from gateway import app as app_mod
+    from gateway.canbus.replay import ReplaySource
+
+    monkeypatch.setattr(app_mod, "UNPACED_BACKLOG", 200)
+    drive = FIXTURES / "model3" / "model3_synthetic_drive.log"
+    s = gateway_settings(
+        tmp_path, {"*": [str(drive.with_name("Model3CAN.dbc"))]}, url=private_broker.url,
+        window=2.0,
+    )  # fmt: skip
+    gw = app_mod.Gateway(s, [ReplaySource([drive], speed=None, loop=True, max_laps=30)])
+    depths = []
+    put_many = gw.outbox.put_many
+
+    def put_and_look(msgs):
+        put_many(msgs)
+        if gw.publisher.connected.is_set():  # (before, it has nothing to wait for)
+            depths.append(gw.outbox.depth())
+
+    gw.outbox.put_many = put_and_look
+    report = asyncio.run(gw.run(drain_timeout=30))
+    # THEN, connected, the backlog stayed within a group's summaries (~600) of its bound
+    # while thousands were made, and all were sent
+    assert report.released > 5000 and report.sent == report.released and not report.dropped
+    assert len(depths) > 5 and max(depths) < 1500, (len(depths), max(depths))
 
 
 def test_summaries_dropped_by_the_outboxs_bounds_make_the_exit_status_3(tmp_path, capsys):
