@@ -964,7 +964,19 @@ class Gateway:
         stop = stop or asyncio.Event()
         if require_broker:
             try:
-                await self.publisher.check_connect()
+                # a stop (Ctrl-C) while a silent broker is awaited ends the wait at once
+                check = asyncio.ensure_future(self.publisher.check_connect())
+                halt = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({check, halt}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    halt.cancel()
+                    if not check.done():
+                        check.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await check
+                        raise KeyboardInterrupt  # nothing read, nothing sent
+                check.result()
             except BaseException as exc:  # the run never started: its start entry gets a stop
                 with contextlib.suppress(GatewayError):
                     self._record_stop(self.outbox.depth(), reason=str(exc) or type(exc).__name__)

@@ -289,6 +289,9 @@ def _run_until_signal(gw: Any, drain_timeout: float = 30.0, require_broker: bool
     async def main() -> Any:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        from gateway.egress.mqtt import quiet_lost_connections
+
+        loop.set_exception_handler(quiet_lost_connections)
 
         def on_signal(sig: signal.Signals) -> None:
             # the first stops the sources; a second, the wait to drain

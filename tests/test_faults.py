@@ -394,6 +394,34 @@ def test_a_last_will_is_on_the_record_only_when_a_broker_took_it(tmp_path, priva
     assert statuses() == 3  # its will, "online", and "offline" (stopped) at the end
 
 
+def test_ctrl_c_while_a_silent_broker_is_checked_ends_the_run_at_once(tmp_path):
+    import socket as socket_mod
+
+    # GIVEN a "broker" that accepts the connection and never answers (the check waits 5 s)
+    silent = socket_mod.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    url = f"mqtt://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway",
+             *replay_args(KONA_CSV, [f"can0={KONA_PCAN}"], url, "SILENTBROKER00001", tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.5)
+        # WHEN the user presses Ctrl-C
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        waited = time.monotonic() - t0
+    finally:
+        silent.close()
+    # THEN it stops then, not when the check times out (3.5 s later), and says so
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert waited < 2.5, waited
+
+
 def test_a_fast_looping_replay_waits_for_a_connected_publisher(
     tmp_path, private_broker, monkeypatch
 ):

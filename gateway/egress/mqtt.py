@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 
@@ -28,6 +30,66 @@ log = logging.getLogger(__name__)
 StatusFactory = Callable[[str, str], Released | None]  # (state, reason) -> status message
 # (topic, payload, retained): a retained message was stored by the broker, not sent now
 InboundHandler = Callable[[str, bytes, bool], Awaitable[None]]
+
+
+# aiomqtt's own log: its warnings on a lost connection ("Could not gracefully disconnect: 4")
+# repeat what the publisher says in one line; its errors still show
+_CLIENT_LOG = logging.getLogger("gateway.egress.aiomqtt")
+_CLIENT_LOG.setLevel(logging.ERROR)
+
+
+def quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An event loop's exception handler for the gateway: what aiomqtt leaves behind a lost
+    connection (a callback on its closed socket, an error nobody awaited) is logged at debug
+    level; the publisher says the loss itself, once. Anything else as asyncio says it."""
+    exc = context.get("exception")
+    if isinstance(exc, aiomqtt.MqttError) or (
+        isinstance(exc, OSError) and exc.errno == errno.EBADF
+    ):
+        log.debug("after a lost connection: %s (%r)", context.get("message"), exc)
+        return
+    loop.default_exception_handler(context)
+
+
+@contextlib.asynccontextmanager
+async def _connection(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+    """``async with client``, and then the error of a lost connection read: aiomqtt's exit
+    returns early when the connection is already gone, and asyncio said "Future exception
+    was never retrieved" (MqttCodeError 'Unexpected disconnection') for each one lost before
+    the message reader saw it."""
+    first = getattr(client, "_disconnected", None)  # aiomqtt 2's (see below)
+    try:
+        async with client:
+            # a connection closed within its CONNACK's read: aiomqtt replaces the future that
+            # holds its error with a new one, which nothing completes, and the publisher
+            # waited for PUBACKs that never came as though connected
+            paho = getattr(client, "_client", None)
+            if paho is not None and not paho.is_connected():
+                raise aiomqtt.MqttError("the broker closed the connection right after accepting it")
+            yield client
+    finally:
+        # the error of the lost connection is read: in the future aiomqtt made first, which
+        # it drops when the loss came while connecting, or in the one after it
+        for lost in (first, getattr(client, "_disconnected", None)):
+            if isinstance(lost, asyncio.Future) and lost.done() and not lost.cancelled():
+                lost.exception()
+
+
+async def _unless_lost(reader: asyncio.Task[None], step: Coroutine[Any, Any, Any]) -> Any:
+    """``step``'s result, or ``MqttError`` as soon as ``reader`` (the connection's message
+    reader) ends: the connection is lost, and no PUBACK or SUBACK will come."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+        raise aiomqtt.MqttError("the connection to the broker was lost")
+    return task.result()
 
 
 def make_client(
@@ -54,6 +116,7 @@ def make_client(
         tls_insecure=broker.tls_insecure if broker.tls else None,
         keepalive=broker.keepalive,
         timeout=timeout,
+        logger=_CLIENT_LOG,
         clean_session=clean_session,
         # each PUBLISH goes out when it is made, not held for the ACK of the one before
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
@@ -202,7 +265,7 @@ class MqttPublisher:
         """Connect once and disconnect: turns a refused or unreachable broker into a one-line
         ``BrokerError`` before a replay starts."""
         try:
-            async with make_client(self.broker, identifier=None, timeout=5.0):
+            async with _connection(make_client(self.broker, identifier=None, timeout=5.0)):
                 pass
         except aiomqtt.MqttError as exc:
             raise BrokerError(describe_error(self.broker, exc)) from exc
@@ -226,33 +289,35 @@ class MqttPublisher:
             )
             try:
                 client = make_client(self.broker, identifier=self.identifier, will=will)
-                async with client:
+                async with _connection(client):
                     if will_msg is not None:  # the broker holds it from its CONNACK on
                         self.on_will_sent(will_msg)
                     self._lost = False
                     self.connected.set()
                     connected_at = time.monotonic()
-                    delay = self.backoff_initial
                     self.last_error = None
-                    await self._publish_status(client, "online", "")
-                    self.connections += 1
-                    try:
-                        self.on_connected(self.connections)
-                    except Exception as exc:  # noqa: BLE001 - the publisher must go on sending
-                        log.error("after connecting: %s", exc)
-                    for topic in self.inbound_topics:
-                        try:
-                            await subscribe(client, topic)  # returns on the SUBACK
-                        except SubscriptionRefused as exc:
-                            # the owner's commands (a withdrawal among them) cannot reach
-                            # this gateway: said every time, sending goes on
-                            log.error("%s; the owner's commands cannot reach the gateway", exc)
-                    self.listening.set()
                     # reads the owner's commands; ends (as aiomqtt's message iterator does)
-                    # when the connection is lost, which ends a wait for PUBACKs at once
+                    # when the connection is lost, which ends a wait for PUBACKs at once.
+                    # Started first: a connection lost right after its CONNACK (a broker that
+                    # closes it) ends the steps below too, and its error is read, not left to
+                    # asyncio's "Future exception was never retrieved"
                     reader = asyncio.create_task(self._read_inbound(client))
                     reader.add_done_callback(self._connection_lost)
                     try:
+                        await _unless_lost(reader, self._publish_status(client, "online", ""))
+                        self.connections += 1
+                        try:
+                            self.on_connected(self.connections)
+                        except Exception as exc:  # noqa: BLE001 - the publisher goes on
+                            log.error("after connecting: %s", exc)
+                        for topic in self.inbound_topics:
+                            try:  # returns on the SUBACK
+                                await _unless_lost(reader, subscribe(client, topic))
+                            except SubscriptionRefused as exc:
+                                # the owner's commands (a withdrawal among them) cannot reach
+                                # this gateway: said every time, sending goes on
+                                log.error("%s; the owner's commands cannot reach the gateway", exc)
+                        self.listening.set()
                         await self._drain_until(client, stop)
                         await self._publish_status(client, "offline", "stopped")
                     finally:
@@ -281,6 +346,12 @@ class MqttPublisher:
                 # lost within seconds of connecting, again and again: the broker closes an old
                 # connection when a client with the same id connects (a second gateway of this
                 # vehicle), and the two take turns; said once, with the id
+                if connected_at is not None and time.monotonic() - connected_at >= QUICK_DROP_S:
+                    # a connection that held: the next attempt is quick again. Not one lost
+                    # within seconds (a broker that closes each connection after its CONNACK,
+                    # a second gateway of this vehicle): reset at each CONNACK, the wait stayed
+                    # at its first 0.1-0.2 s, and every attempt ledgered a last will
+                    delay = self.backoff_initial
                 if connected_at is not None and time.monotonic() - connected_at < QUICK_DROP_S:
                     quick_drops += 1
                     if quick_drops == QUICK_DROPS_SAID:

@@ -441,3 +441,46 @@ def test_a_waiting_row_changed_in_the_outbox_file_while_running_is_not_sent(
     # THEN the nine others left as released, that one did not, it was told, and nothing waits
     assert got == [m.payload for i, m in enumerate(released) if i != 3]
     assert [p.seq for p in changed] == [released[3].seq] and ob.depth() == 0
+
+
+def test_a_broker_that_closes_each_connection_after_its_connack_is_retried_with_backoff(
+    tmp_path,
+):
+    """Each CONNACK used to reset the wait to its first 0.1-0.2 s (a reconnection 5-10 times a
+    second, each with a ledgered last will), and asyncio said "Future exception was never
+    retrieved" for each lost connection."""
+    attempts = 0
+
+    async def closes_after_connack(reader, writer):  # type: ignore[no-untyped-def]
+        nonlocal attempts
+        attempts += 1
+        await reader.read(1024)  # CONNECT
+        writer.write(bytes([0x20, 0x02, 0x00, 0x00]))  # CONNACK, accepted (MQTT 3.1.1)
+        await writer.drain()
+        writer.close()
+
+    unretrieved: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(repr(ctx)[:300]))
+        server = await asyncio.start_server(closes_after_connack, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        ob = Outbox(tmp_path / "o.sqlite")
+        ob.put_many(_released(ob, 3))
+        pub = _publisher(f"mqtt://127.0.0.1:{port}", ob)
+        pub.backoff_initial = 0.05
+        stop = asyncio.Event()
+        task = asyncio.create_task(pub.run(stop))
+        await asyncio.sleep(2.5)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        server.close()
+        gc.collect()  # an unretrieved exception is said when its future is collected
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    # THEN the waits double (0.05, 0.1, 0.2, ... s: about 6 attempts in 2.5 s, not ~30), and
+    # no lost connection leaves an exception nobody read
+    assert 3 <= attempts <= 9, attempts
+    assert not unretrieved, unretrieved
