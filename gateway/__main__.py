@@ -1,3 +1,3 @@
-from gateway.cli import entry
+from gateway._start import main
 
-raise SystemExit(entry())
+raise SystemExit(main())

@@ -771,3 +771,24 @@ def test_verbose_may_follow_the_command(argv, level):
     from gateway.cli import build_parser
 
     assert build_parser(argv).parse_args(argv).verbose == level
+
+
+def test_ctrl_c_while_the_gateway_is_still_importing_is_interrupted_not_a_traceback(
+    monkeypatch, capsys
+):
+    # (in the first ~0.1 s the gateway's modules are being imported: a Ctrl-C then was a
+    # traceback of KeyboardInterrupt from `from gateway.cli import entry`)
+    import builtins
+
+    from gateway import _start
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "gateway.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert _start.main() == 130
+    assert capsys.readouterr().err == "gateway: interrupted\n"
