@@ -189,6 +189,12 @@ def _folder(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally
         raise CameraError(f"{src}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if dst.resolve() == src.resolve():
         raise ConfigError(f"{dst}: the output folder must not be the input folder")
+    if not dst.is_dir() and dst.suffix.lower() in (*IMAGE_SUFFIXES, *_VIDEO_CODECS):
+        # (a folder named like one was made, without a word)
+        raise ConfigError(
+            f"{dst}: a folder of images is written to a folder, and this names an image or "
+            "video file; give a folder"
+        )
     make_folder(dst, "output folder")
     for i, p in enumerate(files):
         try:
@@ -205,7 +211,7 @@ def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally:
             f"{src}: a {src.suffix} image is not written back as one (OpenCV cannot write "
             ".jfif; a GIF would lose its animation): convert it to .jpg or .png first"
         )
-    source = VideoFileSource(src)
+    source = VideoFileSource(src, say_cut_short=False)  # said below, with the output
     fourcc = _VIDEO_CODECS.get(dst.suffix.lower())
     if fourcc is None:
         raise ConfigError(

@@ -83,9 +83,10 @@ class VideoFileSource:
     live = False
     stills = False
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, say_cut_short: bool = True) -> None:
         self.path = Path(path)
         self.name = str(self.path)
+        self.say_cut_short = say_cut_short  # (``gateway anonymize`` says it with its output)
         if not self.path.is_file():
             raise CameraError(f"{self.path}: no such video file")
         _cv_quiet()
@@ -96,7 +97,10 @@ class VideoFileSource:
         self._count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
         cap.release()
         if first is None:
-            raise CameraError(f"{self.path}: OpenCV cannot read a frame from this video")
+            raise CameraError(
+                f"{self.path}: OpenCV cannot read a frame from this video (not a video, or cut "
+                "short before its first frame or its index)"
+            )
         # a time-lapse at 0.5 fps is a real rate; 0, NaN or absurd values mean "not known"
         self.fps = fps if 0.01 <= fps <= 1000.0 else 25.0
         self.size = (first.shape[1], first.shape[0])
@@ -116,7 +120,8 @@ class VideoFileSource:
                 i += 1
         finally:
             cap.release()
-        if self._count and i < self._count:  # a file cut short decodes to its cut, then stops
+        if self.say_cut_short and self._count and i < self._count:
+            # a file cut short decodes to its cut, then stops
             log.warning(
                 "%s: %d of the %d frames its header declares could be read", self.path, i,
                 self._count,

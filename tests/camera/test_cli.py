@@ -277,6 +277,17 @@ def test_a_video_cut_short_is_said_and_a_slow_frame_rate_is_kept(tmp_path, gatew
     code, err = gateway("anonymize", str(cut), str(tmp_path / "o-cut.avi"), "-q")
     # THEN the cut one says how much of it could be read; the rate is the source's
     assert code == 0 and "of the 30 frames its header declares could be read" in err, err
+    assert err.count("frames its header declares") == 1, err  # (it was said twice)
     cap = cv2.VideoCapture(str(tmp_path / "o-full.avi"))
     assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(0.5, abs=0.01)
     cap.release()
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.png"])
+def test_a_folder_of_images_to_a_file_name_is_refused_and_makes_no_folder(tmp_path, gateway, name):
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.zeros((40, 60, 3), np.uint8))
+    code, err = gateway("anonymize", str(src), str(tmp_path / name), "-q")
+    assert code == 2 and "a folder of images is written to a folder" in err, err
+    assert not (tmp_path / name).exists()  # (a folder of that name was made)
