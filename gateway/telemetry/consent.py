@@ -6,6 +6,7 @@ consent is a legal fact of the real world, so it expires on the wall clock, not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -140,9 +141,14 @@ class ConsentState:
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(self.to_json(), indent=1))
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self.to_json(), indent=1))
+                fh.flush()
+                os.fsync(fh.fileno())  # on the disk before it replaces the last state
             os.replace(tmp, path)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # (a full disk left an empty one behind)
+                tmp.unlink()
             raise StorageError(f"{path}: cannot save the consent state: {exc.strerror}") from exc
 
     @classmethod

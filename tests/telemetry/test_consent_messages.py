@@ -50,3 +50,22 @@ def test_the_documented_messages_still_mean_what_they_say():
     assert (keep.action, keep.persist) == ("persist", False)
     stop = parse_owner_message("command", b'{"command": "delete", "category": "location"}', NOW)
     assert (stop.action, stop.category) == ("delete", Category.LOCATION)
+
+
+def test_a_consent_state_that_cannot_be_saved_leaves_no_partial_file_behind(
+    tmp_path, monkeypatch
+):
+    import os
+
+    from gateway.errors import StorageError
+    from gateway.telemetry.consent import ConsentState
+
+    path = tmp_path / "consent-V.json"
+
+    def full(fd):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageError, match="cannot save the consent state: No space left"):
+        ConsentState().save(path)
+    assert list(tmp_path.iterdir()) == []  # (a 0-byte consent-V.tmp was left)
