@@ -478,9 +478,9 @@ def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
         # cantools opens with the platform encoding; many DBCs are cp1252
         first_error = None
     else:
-        problem = _strict_problem(db)
-        if problem is not None:
-            notes.append(f"loaded with strict=False ({_one_line(problem)})")
+        relaxed = _strict_problem(db)
+        if relaxed is not None:
+            notes.append(f"loaded with strict=False ({_one_line(relaxed)})")
         return db
     try:
         raw = path.read_bytes()
@@ -534,8 +534,9 @@ def _one_line(exc: BaseException | None) -> str:
     if exc is None:
         return "not valid text"
     inner = getattr(exc, "e_dbc", None)  # cantools' own error, inside its "no format" one
-    if type(exc) is KeyError or type(inner) is KeyError:  # a name looked up, never defined
-        name = (exc if type(exc) is KeyError else inner).args[0]
+    undefined = exc if type(exc) is KeyError else inner if type(inner) is KeyError else None
+    if undefined is not None and undefined.args:  # a name looked up, never defined
+        name = undefined.args[0]
         return f"DBC: it refers to {name!r}, which it does not define (a BA_ without its BA_DEF_?)"
     text = " ".join(str(exc).split())
     if not text.isprintable():  # binary bytes read as text: escaped, not printed raw

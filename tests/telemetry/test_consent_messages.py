@@ -52,9 +52,7 @@ def test_the_documented_messages_still_mean_what_they_say():
     assert (stop.action, stop.category) == ("delete", Category.LOCATION)
 
 
-def test_a_consent_state_that_cannot_be_saved_leaves_no_partial_file_behind(
-    tmp_path, monkeypatch
-):
+def test_a_consent_state_that_cannot_be_saved_leaves_no_partial_file_behind(tmp_path, monkeypatch):
     import os
 
     from gateway.errors import StorageError
