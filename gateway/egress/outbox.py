@@ -87,6 +87,10 @@ class Outbox:
         self._expected_loose: collections.Counter[str] = collections.Counter()
         self._since_prune = 0
         self._sending: set[tuple[str, int]] = set()  # handed to the client in this batch
+        # handed to the client, in any batch, and not acknowledged: the PUBLISH may be in the
+        # socket of a broker that stalled, and reach it later. Never dropped by the bounds
+        # (it would be on the record as dropped, and delivered); it waits to be sent again
+        self._unconfirmed: set[tuple[str, int]] = set()
         # retained states put so far: a publisher sending a batch of summaries stops at this
         # changing, and sends the new state first (``peek``)
         self.retained_put = 0
@@ -192,7 +196,8 @@ class Outbox:
             if len(self._mem) > self.memory_limit:
                 # the oldest not handed to the client: one in flight may leave, and its
                 # egress line stands (it is never on the record as dropped)
-                key = next((k for k in self._mem if ("mem", k) not in self._sending), None)
+                flying = self._sending | self._unconfirmed
+                key = next((k for k, p in self._mem.items() if p.key not in flying), None)
                 if key is not None:
                     oldest = self._mem.pop(key)
                     self._dropped([oldest], f"in-memory outbox over {self.memory_limit} messages")
@@ -257,6 +262,8 @@ class Outbox:
                         ("mem", self._mem_n), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6]
                     )
                     self._in_file.add(self._mem_n)  # still in the file too: not lost at exit
+                    if ("db", r[0]) in self._unconfirmed:
+                        self._unconfirmed.add(("mem", self._mem_n))
                 for p in newer:  # keep their keys: the publisher may hold them in flight
                     self._mem[p.key[1]] = p
         self._db = None
@@ -265,7 +272,7 @@ class Outbox:
         assert self._db is not None
         # what the batch being sent handed to the client, acknowledged or not, is not
         # dropped: it may leave (or has), and its egress line stands
-        flying = {n for kind, n in self._sending if kind == "db"} | self._acked
+        flying = {n for kind, n in self._sending | self._unconfirmed if kind == "db"} | self._acked
         old = self._db.execute(
             "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
             "WHERE created < ? ORDER BY id",
@@ -361,6 +368,7 @@ class Outbox:
         """The broker acknowledged ``item``; ``ack_many`` deletes it later, with the rest of
         its batch. Until then, a disk failure must not bring it back to be sent again."""
         kind, n = item.key
+        self._unconfirmed.discard(item.key)
         if kind == "mem":
             self._mem.pop(n, None)
         else:
@@ -483,6 +491,7 @@ class Outbox:
     def sending(self, item: Pending) -> None:
         """``item`` is handed to the MQTT client now: it may leave, whatever comes after."""
         self._sending.add(item.key)
+        self._unconfirmed.add(item.key)
 
     def sent_or_sending(self, items: list[Pending]) -> list[Pending]:
         """Those of ``items`` handed to the client in the batch being sent, acknowledged or
@@ -491,7 +500,9 @@ class Outbox:
         return [
             i
             for i in items
-            if i.key in self._sending or (i.key[0] == "db" and i.key[1] in self._acked)
+            if i.key in self._sending
+            or i.key in self._unconfirmed
+            or (i.key[0] == "db" and i.key[1] in self._acked)
         ]
 
     def batch_done(self) -> None:
