@@ -422,6 +422,21 @@ class Gateway:
         waiting in it: the file was deleted or replaced since (or while that run ran). They
         are lost: recorded, and said, not passed over as a first run."""
         stop = last_stop(self.ledger.path)
+        if stop is None and self.ledger.max_seq >= 0:
+            # the last run was killed (no stop entry): what it left waiting is not known
+            log.warning(
+                "%s: the last run in %s has no stop entry (killed?), and this outbox is gone "
+                "(deleted or emptied): whatever it left waiting is lost (their egress lines "
+                "are in the ledger)",
+                self.outbox.path, self.ledger.path,
+            )  # fmt: skip
+            self.ledger.append(
+                "dropped",
+                reason="the outbox file of a run that was killed is gone (deleted or emptied): "
+                "whatever that run left waiting in it was never sent from it; how many is "
+                "not known",
+            )
+            return
         left = stop.get("outbox_left") if stop is not None else None
         if not isinstance(left, int) or left <= 0:
             return
@@ -989,6 +1004,7 @@ class Gateway:
         periodic = asyncio.create_task(self._periodic(periodic_stop), name="periodic")
         self.publish_consent_state()
         failed = False
+        said: set[str] = set()  # errors said (or raised) already: not said again
         try:
             await self._run_sources(stop)
             periodic_stop.set()
@@ -1021,8 +1037,9 @@ class Gateway:
                     )
                 elif stop.is_set() and not stopped_before:
                     self.report.drain_cut = "a stop signal came while they were being sent"
-        except BaseException:
+        except BaseException as exc:
             failed = True
+            said.add(str(exc))
             raise
         finally:
             periodic_stop.set()
@@ -1036,10 +1053,14 @@ class Gateway:
                 try:
                     yield
                 except GatewayError as exc:
-                    if failed or first is not None:
+                    if str(exc) in said:
+                        pass  # (a deleted ledger fails each step the same way: said once)
+                    elif failed or first is not None:
+                        said.add(str(exc))
                         log.error("while stopping: %s", exc)
                     else:
                         first = exc
+                        said.add(str(exc))
 
             if self.outbox.depth():
                 # the wait to drain is over (its timeout, a second stop, an error) with

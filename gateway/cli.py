@@ -226,46 +226,36 @@ def _start_parsing(args: argparse.Namespace) -> None:
 
 def _undelivered(report: Any, s: Any) -> int:
     """Exit code 3 and one line if summaries are left undelivered, else 0."""
+    left = report.outbox_left
     lost = getattr(report, "lost_in_memory", 0)
     dropped = getattr(report, "dropped", 0)
     gone = getattr(report, "outbox_lost", 0)
-    if not report.outbox_left and not lost and (dropped or gone):
-        # all sent that could be, but some were not: the exit status says so too
-        parts = []
-        if dropped:
-            parts.append(
-                f"{dropped} were dropped by the outbox's bounds (its size, or the policy's "
-                "retention) before the broker took them"
-            )
-        if gone:
-            parts.append(
-                f"{gone} left waiting by the last run were lost with its outbox file, which is gone"
-            )
-        print(
-            f"gateway: error: {dropped + gone} summaries were never delivered: "
-            + "; ".join(parts)
-            + f" (on the record in {s.gateway.ledger})",
-            file=sys.stderr,
-        )
-        return 3
-    if not report.outbox_left and not lost:
+    if not (left or lost or dropped or gone):
         return 0
-    why = getattr(report, "drain_cut", None) or report.broker_error or "broker unavailable"
     parts = []
-    if report.outbox_left:
-        parts.append(
-            f"{report.outbox_left} wait in {s.gateway.outbox} and are sent on the next run"
-        )
+    if left:
+        parts.append(f"{left} wait in {s.gateway.outbox} and are sent on the next run")
     if lost:
         parts.append(
             f"{lost} were held in memory only, because the outbox file could not be written, "
             "and are lost (the ledger records them as dropped)"
         )
-    print(
-        f"gateway: error: {report.outbox_left + lost} summaries could not be delivered ({why}); "
-        + "; ".join(parts),
-        file=sys.stderr,
-    )
+    if dropped:
+        parts.append(
+            f"{dropped} were dropped by the outbox's bounds (its size, or the policy's "
+            "retention) before the broker took them (on the record)"
+        )
+    if gone:
+        parts.append(
+            f"{gone} left waiting by the last run were lost with its outbox file, which is "
+            "gone (on the record)"
+        )
+    if left or lost:
+        why = getattr(report, "drain_cut", None) or report.broker_error or "broker unavailable"
+        head = f"{left + lost + dropped + gone} summaries could not be delivered ({why})"
+    else:  # all sent that could be, but some were not: the exit status says so too
+        head = f"{dropped + gone} summaries were never delivered"
+    print(f"gateway: error: {head}; " + "; ".join(parts), file=sys.stderr)
     return 3
 
 

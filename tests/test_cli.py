@@ -792,3 +792,30 @@ def test_ctrl_c_while_the_gateway_is_still_importing_is_interrupted_not_a_traceb
     monkeypatch.setattr(builtins, "__import__", interrupted)
     assert _start.main() == 130
     assert capsys.readouterr().err == "gateway: interrupted\n"
+
+
+def test_ctrl_c_inside_numpys_import_is_interrupted_not_a_broken_install(monkeypatch, capsys):
+    # numpy turns a KeyboardInterrupt inside the import of its C extensions into an
+    # ImportError ("Importing the numpy C-extensions failed"): a traceback blaming the install
+    import builtins
+
+    from gateway import _start
+
+    real_import = builtins.__import__
+
+    def numpy_interrupted(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "gateway.cli":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise ImportError("Importing the numpy C-extensions failed.") from exc
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", numpy_interrupted)
+    assert _start.main() == 130
+    assert capsys.readouterr().err == "gateway: interrupted\n"
+    # (an ImportError of its own is not taken for a Ctrl-C)
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setitem(sys.modules, "gateway.cli", None)  # import of it fails
+    with pytest.raises(ImportError):
+        _start.main()

@@ -161,7 +161,7 @@ def test_a_ledger_deleted_mid_run_stops_egress_with_exit_4(
     # THEN the run stops with exit 4 and one line saying so, at its next ledger write: the
     # lines it wrote after the deletion went to no file, and their summaries never left
     assert proc.returncode == 4, err
-    assert "the audit ledger was deleted or replaced while the gateway ran" in err
+    assert err.count("the audit ledger was deleted or replaced while the gateway ran") == 1, err
     assert "Traceback" not in err
     time.sleep(0.5)
     _, unique = _received_seqs(owner.stop())
@@ -455,6 +455,28 @@ def test_a_fast_looping_replay_waits_for_a_connected_publisher(
     assert len(depths) > 5 and max(depths) < 1500, (len(depths), max(depths))
 
 
+def test_an_outbox_gone_after_a_killed_run_is_said_and_recorded(tmp_path, caplog):
+    from gateway.app import Gateway
+    from gateway.egress.ledger import Ledger
+
+    # GIVEN a ledger whose last run was killed (egress entries, no stop entry)
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, vin="KILLEDRUN00000001")
+    killed = Ledger(tmp_path / "l.jsonl")
+    killed.append("start", vin="KILLEDRUN00000001")
+    killed.append("egress", seq=0, sha256="0" * 64, topic="t", schema="gateway.signals")
+    killed.close()
+    # WHEN the next run finds no outbox file
+    with caplog.at_level("WARNING"):
+        gw = Gateway(s, [])
+    gw.ledger.close()
+    gw.outbox.close()
+    # THEN it says so, and the ledger records it (how many is not known)
+    assert "has no stop entry (killed?), and this outbox is gone" in caplog.text
+    entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in entries] == ["start", "egress", "dropped", "start"]
+    assert "how many is not known" in entries[2]["reason"]
+
+
 def test_summaries_dropped_by_the_outboxs_bounds_make_the_exit_status_3(tmp_path, capsys):
     # (it was 0, "everything released was delivered", though 49 had been dropped)
     from gateway.app import RunReport
@@ -463,9 +485,12 @@ def test_summaries_dropped_by_the_outboxs_bounds_make_the_exit_status_3(tmp_path
     s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]})
     assert _undelivered(RunReport(released=300, sent=300), s) == 0
     assert _undelivered(RunReport(released=300, sent=251, dropped=49), s) == 3
-    assert "49 summaries were never delivered: 49 were dropped by the outbox's bounds" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    # and with some also left waiting, both are said
+    assert _undelivered(RunReport(released=300, sent=200, dropped=49, outbox_left=51), s) == 3
+    both = capsys.readouterr().err
+    assert "100 summaries could not be delivered" in both and "49 were dropped" in both, both
+    assert "49 summaries were never delivered; 49 were dropped by the outbox's bounds" in err
 
 
 @pytest.mark.parametrize("how", ["deleted", "emptied"])
