@@ -180,6 +180,7 @@ class RunReport:
     sent: int = 0
     outbox_left: int = 0  # waiting in the outbox file, sent on the next run
     outbox_lost: int = 0  # left waiting by the last run in an outbox file that is gone
+    outbox_deleted: int = 0  # waiting in an outbox file deleted while this run ran
     stopped_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), if one did
     # held in memory only (the outbox file could not be written) when the run ended: lost,
     # and recorded in the ledger as dropped
@@ -1072,6 +1073,18 @@ class Gateway:
             self.report.sent = self.publisher.sent
             self.report.dropped = self.outbox.dropped
             self.report.outbox_left = self.outbox.depth()
+            if self.report.outbox_left and self.outbox.file_gone():
+                # deleted (or replaced) while the gateway ran: no next run will send them
+                gone = [p for p in self.outbox.waiting_items() if p.key[0] == "db"]
+                self.report.outbox_left -= len(gone)
+                self.report.outbox_deleted = len(gone)
+                log.error(
+                    "%s was deleted or replaced while the gateway ran: the %d summary(ies) "
+                    "waiting in it are lost (recorded as dropped)",
+                    self.outbox.path, len(gone),
+                )  # fmt: skip
+                with step():
+                    self._record_drop(gone, "in an outbox file deleted while the gateway ran")
             lost = self.outbox.memory_only()
             if lost:  # ends with this process: on the record, not said to wait
                 self.report.outbox_left -= len(lost)

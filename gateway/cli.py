@@ -229,7 +229,7 @@ def _undelivered(report: Any, s: Any) -> int:
     left = report.outbox_left
     lost = getattr(report, "lost_in_memory", 0)
     dropped = getattr(report, "dropped", 0)
-    gone = getattr(report, "outbox_lost", 0)
+    gone = getattr(report, "outbox_lost", 0) + getattr(report, "outbox_deleted", 0)
     if not (left or lost or dropped or gone):
         return 0
     parts = []
@@ -245,10 +245,15 @@ def _undelivered(report: Any, s: Any) -> int:
             f"{dropped} were dropped by the outbox's bounds (its size, or the policy's "
             "retention) before the broker took them (on the record)"
         )
-    if gone:
+    if getattr(report, "outbox_lost", 0):
         parts.append(
-            f"{gone} left waiting by the last run were lost with its outbox file, which is "
-            "gone (on the record)"
+            f"{report.outbox_lost} left waiting by the last run were lost with its outbox "
+            "file, which is gone (on the record)"
+        )
+    if getattr(report, "outbox_deleted", 0):
+        parts.append(
+            f"{report.outbox_deleted} were lost with the outbox file, deleted while the "
+            "gateway ran (on the record)"
         )
     if left or lost:
         why = getattr(report, "drain_cut", None) or report.broker_error or "broker unavailable"

@@ -455,6 +455,50 @@ def test_a_fast_looping_replay_waits_for_a_connected_publisher(
     assert len(depths) > 5 and max(depths) < 1500, (len(depths), max(depths))
 
 
+def test_an_outbox_deleted_while_the_gateway_runs_is_said_not_promised_to_the_next_run(
+    tmp_path, capsys
+):
+    import asyncio
+
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.cli import _undelivered
+
+    class DeletesTheOutbox:  # a replay whose outbox file is deleted after its first batch
+        unpaced = True
+
+        def __init__(self) -> None:
+            self.inner = ReplaySource([KONA_CSV], speed=None)
+
+        async def batches(self):  # type: ignore[no-untyped-def]
+            async for i, batch in _enumerate(self.inner.batches()):
+                if i == 1:
+                    for f in tmp_path.glob("o.sqlite*"):
+                        f.unlink()
+                yield batch
+
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, window=0.5)  # no broker
+    gw = Gateway(s, [DeletesTheOutbox()])
+    gw.publisher.backoff_initial = 0.05
+    report = asyncio.run(gw.run(require_broker=False, drain_timeout=0.3))
+    # THEN what waited in it is not said to wait for the next run, but lost, and recorded
+    assert report.outbox_deleted > 0 and report.outbox_left == 0, report
+    assert _undelivered(report, s) == 3
+    assert "were lost with the outbox file, deleted while the gateway ran" in (
+        capsys.readouterr().err
+    )
+    entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert entries[-1]["kind"] == "stop" and entries[-1]["outbox_left"] == 0
+    assert any("deleted while the gateway ran" in e.get("reason", "") for e in entries)
+
+
+async def _enumerate(items):  # type: ignore[no-untyped-def]
+    i = 0
+    async for item in items:
+        yield i, item
+        i += 1
+
+
 def test_an_outbox_gone_after_a_killed_run_is_said_and_recorded(tmp_path, caplog):
     from gateway.app import Gateway
     from gateway.egress.ledger import Ledger

@@ -509,6 +509,24 @@ class Outbox:
         """The batch being sent is over: what it did not send waits, and is not in flight."""
         self._sending.clear()
 
+    def file_gone(self) -> bool:
+        """Whether the outbox file was deleted or replaced while this process held it: what
+        waits in it then waits in a file nobody will open again."""
+        if self.path is None or self._lock_fd is None:
+            return False
+        try:
+            held = os.fstat(self._lock_fd)
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return held.st_nlink == 0 or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino)
+
+    def waiting_items(self) -> list[Pending]:
+        """Every message waiting (file and memory), oldest first."""
+        return self.peek(max(1, self.depth()))
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
