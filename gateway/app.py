@@ -75,11 +75,10 @@ UNPACED_GROUP_SECONDS = 0.1
 # came (a frame is handed on within ~0.1 s of its time; one this late counts as late)
 LIVE_GRACE_SECONDS = 2.0
 # an unpaced replay whose summaries wait, more than this many, for a connected broker waits
-# for the publisher (up to UNPACED_WAIT_SECONDS a group) until half as many wait: a fast
-# --loop replay sent ~8 summaries a second while it made thousands, and its outbox reached
-# its bound and dropped them. A broker away does not hold a replay: the outbox keeps them
+# for the publisher until half as many wait: a fast --loop replay sent ~8 summaries a second
+# while it made thousands, and its outbox reached its bound and dropped them. A broker away
+# does not hold a replay (the outbox keeps them); a stop cancels the wait
 UNPACED_BACKLOG = 2000
-UNPACED_WAIT_SECONDS = 1.0
 
 
 def say_missing(policy: Policy, dbcs: ChannelDbcs, *, thorough: bool = False) -> None:
@@ -343,6 +342,7 @@ class Gateway:
             policy_sha256=self.policy.digest,
             policy_source=self.policy.source,
             consent=self.consent.snapshot(now),
+            outbox=self._outbox_named(),
         )
         self._digest_sent_at = time.monotonic()
         # the categories granted in the consent state the owner last saw
@@ -422,7 +422,13 @@ class Gateway:
         """No outbox file to read (or an empty one), though the last run left summaries
         waiting in it: the file was deleted or replaced since (or while that run ran). They
         are lost: recorded, and said, not passed over as a first run."""
-        stop = last_stop(self.ledger.path)
+        if self.outbox.storage_error is not None:
+            return  # (a file that cannot be opened is not a file that is gone)
+        stop, run = last_stop(self.ledger.path)
+        if run is None or run.get("outbox") != self._outbox_named():
+            # the last run used another outbox file (or a gateway that did not name it): what
+            # it left there is not this one's to judge
+            return
         if stop is None and self.ledger.max_seq >= 0:
             # the last run was killed (no stop entry): what it left waiting is not known
             log.warning(
@@ -559,8 +565,13 @@ class Gateway:
             released=self.report.released,
             blocked=self.report.blocked,
             outbox_left=outbox_left,
+            outbox=self._outbox_named(),
             **more,
         )
+
+    def _outbox_named(self) -> str | None:
+        """The outbox file as the ledger names it (its absolute path; None: in memory)."""
+        return None if self.outbox.path is None else str(Path(self.outbox.path).resolve())
 
     def _status(self, state: str, reason: str, record: bool = True) -> Released | None:
         msg = self.guard.release(
@@ -636,7 +647,6 @@ class Gateway:
             return
         try:
             if retained:
-                self._refused_retained.add((topic, digest))
                 # the broker delivers a retained message again at every connection: a grant
                 # the owner withdrew since would be granted again at each restart, a delete
                 # or stop done again. A command is taken when it is sent (MQTT 3.1.1 marks a
@@ -724,6 +734,8 @@ class Gateway:
             collection=self.consent.collection.value,
             **deleted,
         )
+        if retained:  # on the record: not recorded again at the next reconnection
+            self._refused_retained.add((topic, digest))
         self.publish_consent_state()
 
     # -- CAN path --------------------------------------------------------------------------
@@ -930,17 +942,12 @@ class Gateway:
 
     async def _backpressure(self) -> None:
         """An unpaced replay waits for a connected publisher while more than UNPACED_BACKLOG
-        summaries wait (see there); at most UNPACED_WAIT_SECONDS at a time, so that a stop
-        asked for meanwhile is heard."""
+        summaries wait (see there), however slow the uplink: a stop cancels the CAN loop, and
+        with it this wait."""
         pub = self.publisher
         if not pub.connected.is_set() or self.outbox.depth() <= UNPACED_BACKLOG:
             return
-        until = time.monotonic() + UNPACED_WAIT_SECONDS
-        while (
-            pub.connected.is_set()
-            and time.monotonic() < until
-            and self.outbox.depth() > UNPACED_BACKLOG // 2
-        ):
+        while pub.connected.is_set() and self.outbox.depth() > UNPACED_BACKLOG // 2:
             pub.acked.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pub.acked.wait(), timeout=0.05)
@@ -985,13 +992,15 @@ class Gateway:
                 halt = asyncio.ensure_future(stop.wait())
                 try:
                     await asyncio.wait({check, halt}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
+                except BaseException:  # cancelled from outside: as it came
+                    check.cancel()
                     halt.cancel()
-                    if not check.done():
-                        check.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await check
-                        raise KeyboardInterrupt  # nothing read, nothing sent
+                    raise
+                halt.cancel()
+                if not check.done():
+                    check.cancel()
+                    await asyncio.wait({check})  # (its CancelledError stays in it)
+                    raise KeyboardInterrupt  # a stop signal: nothing read, nothing sent
                 check.result()
             except BaseException as exc:  # the run never started: its start entry gets a stop
                 with contextlib.suppress(GatewayError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -408,18 +409,43 @@ def test_ctrl_c_while_a_silent_broker_is_checked_ends_the_run_at_once(tmp_path):
              *replay_args(KONA_CSV, [f"can0={KONA_PCAN}"], url, "SILENTBROKER00001", tmp_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(1.5)
+        silent.settimeout(30)
+        conn, _ = silent.accept()  # the check is waiting for its CONNACK
+        time.sleep(0.3)
         # WHEN the user presses Ctrl-C
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
         waited = time.monotonic() - t0
+        conn.close()
     finally:
         silent.close()
     # THEN it stops then, not when the check times out (3.5 s later), and says so
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert waited < 2.5, waited
+
+
+def test_a_run_cancelled_while_a_silent_broker_is_checked_is_cancelled_not_interrupted(
+    tmp_path,
+):
+    # (its code raised KeyboardInterrupt on any end of that wait but the check's own: a
+    # caller's wait_for, or a task group, got a KeyboardInterrupt that stopped its loop)
+    import asyncio
+    import socket as socket_mod
+
+    from gateway.app import Gateway
+
+    silent = socket_mod.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    url = f"mqtt://127.0.0.1:{silent.getsockname()[1]}"
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, url=url, vin="CANCELLED00000001")
+    try:
+        with pytest.raises(TimeoutError):
+            asyncio.run(asyncio.wait_for(Gateway(s, []).run(), 1.0))
+    finally:
+        silent.close()
 
 
 def test_a_fast_looping_replay_waits_for_a_connected_publisher(
@@ -506,7 +532,7 @@ def test_an_outbox_gone_after_a_killed_run_is_said_and_recorded(tmp_path, caplog
     # GIVEN a ledger whose last run was killed (egress entries, no stop entry)
     s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, vin="KILLEDRUN00000001")
     killed = Ledger(tmp_path / "l.jsonl")
-    killed.append("start", vin="KILLEDRUN00000001")
+    killed.append("start", vin="KILLEDRUN00000001", outbox=str((tmp_path / "o.sqlite").resolve()))
     killed.append("egress", seq=0, sha256="0" * 64, topic="t", schema="gateway.signals")
     killed.close()
     # WHEN the next run finds no outbox file
@@ -565,12 +591,18 @@ def test_summaries_lost_with_an_outbox_gone_since_the_last_run_are_said_and_reco
     # THEN the next run says so (exit status 3 and one line), and the ledger records them
     assert report.outbox_lost == left
     assert _undelivered(report, s) == 3
+    # (a run with another outbox file, or one that cannot be opened, is no judge of it: they
+    # could still be sent from it)
+    other = dataclasses.replace(
+        s, gateway=dataclasses.replace(s.gateway, outbox=str(tmp_path / "b.sqlite"))
+    )
+    assert asyncio.run(Gateway(other, []).run(drain_timeout=5.0)).outbox_lost == 0
     err = capsys.readouterr().err
     assert f"{left} left waiting by the last run were lost with its outbox file" in err
     entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
     drops = [e for e in entries if e["kind"] == "dropped" and e.get("count") == left]
     assert len(drops) == 1 and "deleted or replaced" in drops[0]["reason"]
-    assert verify_chain(tmp_path / "l.jsonl").kinds["stop"] == 2
+    assert verify_chain(tmp_path / "l.jsonl").kinds["stop"] == 3
 
 
 def test_a_stop_while_waiting_for_an_absent_broker_ends_the_wait_and_keeps_the_rest(tmp_path):

@@ -45,7 +45,6 @@ _BO_SENDER = re.compile(r"BO_\s+\d+\s+\w+\s*:\s*\d+\s+(\w+)")
 _SG = re.compile(r"\s*SG_\s+(\w+)")
 _VAL = re.compile(r"VAL_\s+(\d+)\s+(\w+)")
 _VALTYPE = re.compile(r"SIG_VALTYPE_\s+(\d+)\s+(\w+)")
-_CONTROL = (*range(9), *range(14, 26), *range(27, 32), 127)  # in no text file (26: cp/m EOF)
 _LINE_REF = re.compile(r"(\bline )(\d+)")
 
 
@@ -486,8 +485,9 @@ def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
         raw = path.read_bytes()
     except OSError as exc:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
-    head = raw[:65536]
-    if b"\x00" in head or sum(head.count(bytes([c])) for c in _CONTROL) > len(head) // 100:
+    from gateway.canbus.messages import looks_binary
+
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or looks_binary(raw[:65536]):
         raise DbcError(
             f"{path}: not a DBC: binary data, or text saved as UTF-16 (save it as UTF-8 or "
             "cp1252 text)"

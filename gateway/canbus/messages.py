@@ -42,6 +42,22 @@ def message_problem(msg: can.Message) -> str | None:
     return None
 
 
+# characters no text log holds (26, cp/m's end of file, is left to the readers)
+_CONTROL = [chr(c) for c in (*range(1, 9), *range(14, 26), *range(27, 32), 127)]
+
+
+def looks_binary(head: bytes) -> bool:
+    """Whether the first bytes of a file are binary data, not text: a third of them control
+    characters or no UTF-8 (random bytes: ~60 %, a BLF more). NUL bytes are left out: a power
+    cut leaves whole blocks of them at a text log's end, and such a log, or one damaged here
+    and there (a cp1252 comment), stays a text log, read line by line."""
+    text = head.replace(b"\x00", b"").decode("utf-8", "replace")
+    if not text:
+        return False  # nothing but NULs: the readers say there is no frame in it
+    odd = text.count("\ufffd") + sum(map(text.count, _CONTROL))
+    return odd * 3 > len(text)
+
+
 class CountingLines:
     """A text file proxy that counts the lines python-can's reader pulled, so a parse error can
     be pinned to its line, and that lets a restarted reader resume right after it."""

@@ -29,6 +29,7 @@ from gateway.canbus.messages import (
     channel_name,
     divert_logging,
     last_lines,
+    looks_binary,
     message_problem,
 )
 from gateway.errors import LogFormatError
@@ -57,19 +58,6 @@ _SUFFIXES = {
     ".trc": LogFormat.TRC,
     ".mf4": LogFormat.MF4,
 }
-# characters no text log holds (26, cp/m's end of file, is left to the readers)
-_CONTROL = [chr(c) for c in (*range(9), *range(14, 26), *range(27, 32), 127)]
-
-
-def _binary(head: bytes) -> bool:
-    """Whether the first bytes of a file are binary data, not text: a third of them control
-    characters or no UTF-8 (random bytes: ~60 %, a BLF more). A text log damaged here and
-    there (a NUL from a power cut, a cp1252 comment) stays a text log, read line by line."""
-    text = head.decode("utf-8", "replace")
-    odd = text.count("\ufffd") + sum(map(text.count, _CONTROL))
-    return odd * 3 > len(text)
-
-
 _TEXT_NAMES = {
     LogFormat.CANDUMP: "candump",
     LogFormat.ASC: "Vector ASC",
@@ -107,7 +95,7 @@ def detect_format(path: Path) -> LogFormat:
                     f"{path}: a {kind} file (it starts with {sig.decode()!r}), not the "
                     f"{_TEXT_NAMES[named]} log its name says: name it {path.stem}{right}"
                 )
-        if _binary(head):
+        if looks_binary(head):
             raise LogFormatError(
                 f"{path}: binary data, not the {_TEXT_NAMES[named]} text log its name says"
             )

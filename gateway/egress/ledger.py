@@ -161,32 +161,12 @@ class Ledger:
             )
         fd = self._fh.fileno()
         try:
-            st = os.fstat(fd)
-            size = st.st_size
-            try:
-                named = os.stat(self.path)
-            except FileNotFoundError:
-                named = None
+            size = os.fstat(fd).st_size
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot read the audit ledger: {exc.strerror}"
             ) from exc
-        if (
-            st.st_nlink == 0
-            or named is None
-            or (named.st_dev, named.st_ino)
-            != (
-                st.st_dev,
-                st.st_ino,
-            )
-        ):
-            # lines written now would go to a file nobody can read: what they describe must
-            # not leave (the write fails, so the messages never reach the outbox)
-            raise StorageError(
-                f"{self.path}: the audit ledger was deleted or replaced while the gateway ran; "
-                "nothing more is sent without its ledger line (put the file back, or start "
-                "again with a new ledger)"
-            )
+        self._check_named(fd)
         try:
             view = memoryview(data)
             while view:
@@ -201,7 +181,38 @@ class Ledger:
             raise StorageError(
                 f"{self.path}: cannot append to the audit ledger: {exc.strerror}"
             ) from exc
+        # and after: deleted between the check and the fsync, the lines are in no file anyone
+        # can read, and the write counts as failed (their messages never reach the outbox)
+        self._check_named(fd)
         self._lost = False
+
+    def _check_named(self, fd: int) -> None:
+        """Raise ``StorageError`` if the ledger's path no longer names the file written to
+        (deleted, or replaced): lines written there go to a file nobody can read, and what
+        they describe must not leave."""
+        try:
+            st = os.fstat(fd)
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        except OSError as exc:
+            raise StorageError(
+                f"{self.path}: cannot read the audit ledger: {exc.strerror}"
+            ) from exc
+        if (
+            named is None
+            or st.st_nlink == 0
+            or (named.st_ino, named.st_dev)
+            != (
+                st.st_ino,
+                st.st_dev,
+            )
+        ):
+            raise StorageError(
+                f"{self.path}: the audit ledger was deleted or replaced while the gateway ran; "
+                "nothing more is sent without its ledger line (put the file back, or start "
+                "again with a new ledger)"
+            )
 
     def close(self) -> None:
         self._fh.close()
@@ -329,15 +340,19 @@ def last_vin(path: str | Path) -> str | None:
     return None
 
 
-def last_stop(path: str | Path) -> dict[str, Any] | None:
-    """The ``stop`` entry of the last run in this ledger, or None (no run, or the last one has
-    none: it was killed)."""
+def last_stop(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The ``stop`` entry of the last run in this ledger (None: it has none, it was killed),
+    and that run's ``start`` entry (None: no run)."""
+    stop = None
     try:
         for entry in _entries_backwards(path, b'"kind":"start"', b'"kind":"stop"'):
-            return entry if entry.get("kind") == "stop" else None
+            if entry.get("kind") == "start":
+                return stop, entry
+            if stop is None:
+                stop = entry
     except OSError:
-        return None
-    return None
+        return None, None
+    return None, None
 
 
 def _entries_backwards(path: str | Path, *needles: bytes) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import math
 import random
@@ -35,7 +36,13 @@ InboundHandler = Callable[[str, bytes, bool], Awaitable[None]]
 # aiomqtt's own log: its warnings on a lost connection ("Could not gracefully disconnect: 4")
 # repeat what the publisher says in one line; its errors still show
 _CLIENT_LOG = logging.getLogger("gateway.egress.aiomqtt")
-_CLIENT_LOG.setLevel(logging.ERROR)
+
+
+def _client_log() -> logging.Logger:
+    """aiomqtt's logger: its errors only, unless debugging (-vv), when it says everything."""
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    _CLIENT_LOG.setLevel(logging.DEBUG if debug else logging.ERROR)
+    return _CLIENT_LOG
 
 
 def quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -43,8 +50,9 @@ def quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, A
     connection (a callback on its closed socket, an error nobody awaited) is logged at debug
     level; the publisher says the loss itself, once. Anything else as asyncio says it."""
     exc = context.get("exception")
-    if isinstance(exc, aiomqtt.MqttError) or (
-        isinstance(exc, OSError) and exc.errno == errno.EBADF
+    unread = "never retrieved" in str(context.get("message", ""))
+    if (unread and isinstance(exc, aiomqtt.MqttCodeError)) or (
+        "handle" in context and isinstance(exc, OSError) and exc.errno == errno.EBADF
     ):
         log.debug("after a lost connection: %s (%r)", context.get("message"), exc)
         return
@@ -52,14 +60,19 @@ def quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, A
 
 
 @contextlib.asynccontextmanager
-async def _connection(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+async def _connection(
+    client: aiomqtt.Client, on_connack: Callable[[], None] | None = None
+) -> AsyncIterator[aiomqtt.Client]:
     """``async with client``, and then the error of a lost connection read: aiomqtt's exit
     returns early when the connection is already gone, and asyncio said "Future exception
     was never retrieved" (MqttCodeError 'Unexpected disconnection') for each one lost before
-    the message reader saw it."""
+    the message reader saw it. ``on_connack`` is called once the broker accepted the
+    connection, even one it closes at once (its last will is the broker's from then on)."""
     first = getattr(client, "_disconnected", None)  # aiomqtt 2's (see below)
     try:
         async with client:
+            if on_connack is not None:
+                on_connack()
             # a connection closed within its CONNACK's read: aiomqtt replaces the future that
             # holds its error with a new one, which nothing completes, and the publisher
             # waited for PUBACKs that never came as though connected
@@ -116,7 +129,7 @@ def make_client(
         tls_insecure=broker.tls_insecure if broker.tls else None,
         keepalive=broker.keepalive,
         timeout=timeout,
-        logger=_CLIENT_LOG,
+        logger=_client_log(),
         clean_session=clean_session,
         # each PUBLISH goes out when it is made, not held for the ACK of the one before
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
@@ -275,6 +288,7 @@ class MqttPublisher:
         broker is away when ``stop`` is set, return at once: the outbox keeps the rest."""
         delay = self.backoff_initial
         connected_at: float | None = None  # when the last connection was made
+        sent_at_connect = 0  # messages acknowledged before it
         quick_drops = 0  # connections in a row lost soon after they were made
         while True:
             will_msg = (
@@ -289,12 +303,16 @@ class MqttPublisher:
             )
             try:
                 client = make_client(self.broker, identifier=self.identifier, will=will)
-                async with _connection(client):
-                    if will_msg is not None:  # the broker holds it from its CONNACK on
-                        self.on_will_sent(will_msg)
+                # the broker holds the will from its CONNACK on: on the record then, even if
+                # the connection is closed at once (the broker publishes it at the close)
+                took_will = (
+                    None if will_msg is None else functools.partial(self.on_will_sent, will_msg)
+                )
+                async with _connection(client, took_will):
                     self._lost = False
                     self.connected.set()
                     connected_at = time.monotonic()
+                    sent_at_connect = self.sent
                     self.last_error = None
                     # reads the owner's commands; ends (as aiomqtt's message iterator does)
                     # when the connection is lost, which ends a wait for PUBACKs at once.
@@ -346,11 +364,15 @@ class MqttPublisher:
                 # lost within seconds of connecting, again and again: the broker closes an old
                 # connection when a client with the same id connects (a second gateway of this
                 # vehicle), and the two take turns; said once, with the id
-                if connected_at is not None and time.monotonic() - connected_at >= QUICK_DROP_S:
-                    # a connection that held: the next attempt is quick again. Not one lost
-                    # within seconds (a broker that closes each connection after its CONNACK,
-                    # a second gateway of this vehicle): reset at each CONNACK, the wait stayed
-                    # at its first 0.1-0.2 s, and every attempt ledgered a last will
+                held = connected_at is not None and (
+                    time.monotonic() - connected_at >= QUICK_DROP_S or self.sent > sent_at_connect
+                )
+                if held:
+                    # a connection that held (or delivered): the next attempt is quick again.
+                    # Not one lost within seconds with nothing delivered (a broker that closes
+                    # each connection after its CONNACK, a second gateway of this vehicle):
+                    # reset at each CONNACK, the wait stayed at its first 0.1-0.2 s, and every
+                    # attempt ledgered a last will
                     delay = self.backoff_initial
                 if connected_at is not None and time.monotonic() - connected_at < QUICK_DROP_S:
                     quick_drops += 1

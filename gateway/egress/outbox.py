@@ -196,8 +196,16 @@ class Outbox:
             if len(self._mem) > self.memory_limit:
                 # the oldest not handed to the client: one in flight may leave, and its
                 # egress line stands (it is never on the record as dropped)
+                # (nor a copy of a row still in the file: it is not lost, the next run sends it)
                 flying = self._sending | self._unconfirmed
-                key = next((k for k, p in self._mem.items() if p.key not in flying), None)
+                key = next(
+                    (
+                        k
+                        for k, p in self._mem.items()
+                        if p.key not in flying and k not in self._in_file
+                    ),
+                    None,
+                )
                 if key is not None:
                     oldest = self._mem.pop(key)
                     self._dropped([oldest], f"in-memory outbox over {self.memory_limit} messages")
@@ -506,8 +514,10 @@ class Outbox:
         ]
 
     def batch_done(self) -> None:
-        """The batch being sent is over: what it did not send waits, and is not in flight."""
+        """The batch being sent is over: what it did not send waits, and is not in flight.
+        What was withdrawn from it is gone from the outbox: no later batch reads it."""
         self._sending.clear()
+        self._withdrawn.clear()
 
     def file_gone(self) -> bool:
         """Whether the outbox file was deleted or replaced while this process held it: what

@@ -332,7 +332,7 @@ def test_binary_data_named_as_a_text_log_is_refused_in_one_line(tmp_path, name, 
 def test_a_short_text_log_cut_by_a_power_cut_is_still_read_as_text(tmp_path):
     # GIVEN a candump log whose end a power cut filled with NUL bytes, as file systems do
     p = tmp_path / "cut.log"
-    p.write_bytes(b"(1.000000) can0 123#1122\n" * 20 + b"\x00" * 200)
+    p.write_bytes(b"(1.000000) can0 123#1122\n" * 20 + b"\x00" * 4096)  # (a whole block)
     # THEN it is a candump log: its 20 frames are read, the NULs are one bad line
     assert detect_format(p) is LogFormat.CANDUMP
     stats = ReadStats()

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import socket
+import types
 
 import aiomqtt
 import pytest
@@ -460,6 +461,7 @@ def test_a_broker_that_closes_each_connection_after_its_connack_is_retried_with_
         writer.close()
 
     unretrieved: list[str] = []
+    wills: list[object] = []
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -470,6 +472,12 @@ def test_a_broker_that_closes_each_connection_after_its_connack_is_retried_with_
         ob.put_many(_released(ob, 3))
         pub = _publisher(f"mqtt://127.0.0.1:{port}", ob)
         pub.backoff_initial = 0.05
+        # each connection's last will: the broker holds it from the CONNACK on, and publishes
+        # it when the connection closes, so each is on the record (it was not, for a
+        # connection closed right away)
+        will = types.SimpleNamespace(topic="vehicles/V/owner/status", payload=b"offline")
+        pub.will_status = lambda: will
+        pub.on_will_sent = lambda msg: wills.append(msg)
         stop = asyncio.Event()
         task = asyncio.create_task(pub.run(stop))
         await asyncio.sleep(2.5)
@@ -484,3 +492,4 @@ def test_a_broker_that_closes_each_connection_after_its_connack_is_retried_with_
     # no lost connection leaves an exception nobody read
     assert 3 <= attempts <= 9, attempts
     assert not unretrieved, unretrieved
+    assert len(wills) == attempts
