@@ -59,6 +59,13 @@ def _replay_cmd(tmp_path, url, vin, *extra):
     ]
 
 
+def _paced_replay(tmp_path, url, vin, **popen):  # type: ignore[no-untyped-def]
+    """The Kona replay at 3x (about 3.6 s, a summary every 0.25 s of log time), started."""
+    return subprocess.Popen(
+        _replay_cmd(tmp_path, url, vin, "--speed", "3"), stdout=subprocess.DEVNULL, **popen
+    )
+
+
 def _replay_across_a_broker_restart(
     tmp_path, broker, vin, *, down_s: float, persistence: bool = True
 ) -> tuple[int, str]:
@@ -109,11 +116,7 @@ def test_gateway_killed_mid_replay_delivers_every_committed_summary_after_restar
 ):
     owner = durable_listen(private_broker.url, f"vehicles/{vin}/owner/#")
     # GIVEN a replay whose broker is away, so summaries pile up in the outbox
-    proc = subprocess.Popen(
-        _replay_cmd(tmp_path, private_broker.url, vin, "--speed", "3"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _paced_replay(tmp_path, private_broker.url, vin, stderr=subprocess.DEVNULL)
     time.sleep(1.2)
     private_broker.stop()
     time.sleep(1.5)
@@ -145,12 +148,7 @@ def test_a_ledger_deleted_mid_run_stops_egress_with_exit_4(
 ):
     owner = durable_listen(private_broker.url, f"vehicles/{vin}/owner/signals")
     # GIVEN a paced replay publishing a summary every 0.25 s of log time
-    proc = subprocess.Popen(
-        _replay_cmd(tmp_path, private_broker.url, vin, "--speed", "3"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _paced_replay(tmp_path, private_broker.url, vin, stderr=subprocess.PIPE, text=True)
     ledger = tmp_path / "ledger.jsonl"
     deadline = time.monotonic() + 30
     while (not ledger.exists() or len(_ledger_seqs(ledger)) < 3) and time.monotonic() < deadline:
