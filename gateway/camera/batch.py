@@ -4,6 +4,7 @@ video, with the same detectors and settings as the stream."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -283,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.input).expanduser(), Path(args.output).expanduser()
     if not src.exists():
         raise CameraError(f"{src}: no such image, folder or video")
+    if src.is_file() and src.suffix.lower() not in IMAGE_SUFFIXES:  # a video: see options
+        detector = dataclasses.replace(settings.detector, plate_second_look=False)
+        settings = dataclasses.replace(settings, detector=detector)
     if src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES and dst.is_dir():
         dst = dst / src.name  # into a folder: the same name (not over the input itself)
     if src.is_file() and dst.exists() and dst.resolve() == src.resolve():

@@ -257,12 +257,14 @@ class PlateDetector:
         nms: float = 0.3,
         width: int = 960,
         strips: int = DetectorSettings.plate_strips,
+        second_look: bool = DetectorSettings.plate_second_look,
     ) -> None:
         if strips not in PLATE_STRIPS:
             raise ConfigError(
                 f"plate detector: strips must be {PLATE_STRIPS[0]} to {PLATE_STRIPS[-1]}, got {strips}"
             )
         self.score, self.nms, self.width, self.strips = score, nms, width, strips
+        self.second_look = second_look
         if int(cv2.__version__.split(".")[0]) < 5:
             raise ConfigError(
                 f"the plate detector needs OpenCV >= 5 (dynamic input shapes), found "
@@ -312,7 +314,7 @@ class PlateDetector:
             # the network's largest anchors and goes unseen (3 of 60 plates of 2560-pixel
             # photos): a second look at a smaller scale, the boxes of both merged
             parts.append(self._candidates(frame, SECOND_SCALE_WIDTH))
-        elif self.width <= 0 and first * SECOND_LOOK_UP <= NATIVE_MAX_WIDTH:
+        elif self.second_look and self.width <= 0 and first * SECOND_LOOK_UP <= NATIVE_MAX_WIDTH:
             # a smaller photo: a second look 1.5 times larger, where the network scores a
             # small or faint plate higher (a legible 90x29 plate of a 640-pixel photo scored
             # 0.06 at 960), keeping what scores SECOND_LOOK_SCORE there. The labelled plates
@@ -399,7 +401,7 @@ def load_detectors(settings: DetectorSettings | None = None) -> CombinedDetector
     return CombinedDetector(
         [
             FaceDetector(s.face_score, s.nms, s.face_width),
-            PlateDetector(s.plate_score, s.nms, s.plate_width, s.plate_strips),
+            PlateDetector(s.plate_score, s.nms, s.plate_width, s.plate_strips, s.plate_second_look),
         ],
         parallel=s.parallel,
     )

@@ -291,3 +291,24 @@ def test_a_folder_of_images_to_a_file_name_is_refused_and_makes_no_folder(tmp_pa
     code, err = gateway("anonymize", str(src), str(tmp_path / name), "-q")
     assert code == 2 and "a folder of images is written to a folder" in err, err
     assert not (tmp_path / name).exists()  # (a folder of that name was made)
+
+
+def test_the_second_plate_look_is_for_photos_not_videos(tmp_path, gateway, monkeypatch):
+    # (on a clip it took 2.5x the time and found no plate more: a video's plate is seen in
+    # frame after frame)
+    from gateway.camera import batch
+
+    seen = []
+    real = batch.load_detectors
+
+    def spy(settings):  # type: ignore[no-untyped-def]
+        seen.append(settings.plate_second_look)
+        return real(settings)
+
+    monkeypatch.setattr(batch, "load_detectors", spy)
+    photo = tmp_path / "p.png"
+    cv2.imwrite(str(photo), np.zeros((60, 80, 3), np.uint8))
+    full, _ = grey_clip_and_its_first_half(tmp_path, 4, 5.0, (160, 120), 2)
+    assert gateway("anonymize", str(photo), str(tmp_path / "o.png"), "-q")[0] == 0
+    assert gateway("anonymize", str(full), str(tmp_path / "o.avi"), "-q")[0] == 0
+    assert seen == [True, False]
