@@ -165,6 +165,26 @@ def test_a_ledger_deleted_mid_run_stops_egress_with_exit_4(
     time.sleep(0.5)
     _, unique = _received_seqs(owner.stop())
     assert unique and set(unique) <= recorded | {max(recorded) + 1}, (sorted(recorded), unique)
+    # AND the owner's retained status is not left at "online": the connection ended without a
+    # DISCONNECT, and the broker published the last will (recorded when it connected)
+    assert _retained_status(private_broker.url, vin)["state"] == "offline"
+
+
+def _retained_status(url: str, vin: str) -> dict:
+    import asyncio
+
+    import aiomqtt
+
+    async def read() -> dict:
+        host, port = url.removeprefix("mqtt://").split(":")
+        async with aiomqtt.Client(host, int(port)) as c:
+            await c.subscribe(f"vehicles/{vin}/owner/status", qos=1)
+            async with asyncio.timeout(5):
+                async for m in c.messages:
+                    return unpack(m.payload)
+        raise AssertionError("no retained status")
+
+    return asyncio.run(read())
 
 
 def _can_mount_private_tmpfs() -> bool:

@@ -23,7 +23,7 @@ import aiomqtt
 
 from gateway.egress.guard import Released
 from gateway.egress.outbox import Outbox, Pending
-from gateway.errors import BrokerError
+from gateway.errors import BrokerError, GatewayError
 from gateway.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,16 @@ async def _connection(
         for lost in (first, getattr(client, "_disconnected", None)):
             if isinstance(lost, asyncio.Future) and lost.done() and not lost.cancelled():
                 lost.exception()
+
+
+def _drop(client: aiomqtt.Client) -> None:
+    """End the connection without a DISCONNECT: the broker takes it as lost and publishes the
+    client's last will. (Shut down, not closed: the socket stays the client's to close.)"""
+    paho = getattr(client, "_client", None)  # aiomqtt 2's paho client
+    sock = paho.socket() if paho is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 async def _unless_lost(reader: asyncio.Task[None], step: Coroutine[Any, Any, Any]) -> Any:
@@ -337,7 +347,15 @@ class MqttPublisher:
                                 log.error("%s; the owner's commands cannot reach the gateway", exc)
                         self.listening.set()
                         await self._drain_until(client, stop)
-                        await self._publish_status(client, "offline", "stopped")
+                        try:
+                            await self._publish_status(client, "offline", "stopped")
+                        except GatewayError:
+                            # the stop cannot be recorded (the ledger failed): the connection
+                            # ends without a DISCONNECT, so that the broker publishes the last
+                            # will ("offline", on the record since the CONNACK); else the owner
+                            # would go on seeing the retained "online"
+                            _drop(client)
+                            raise
                     finally:
                         reader.remove_done_callback(self._connection_lost)
                         reader.cancel()
