@@ -86,8 +86,8 @@ class Outbox:
         self._expected: dict[int, str] | None = None
         self._expected_loose: collections.Counter[str] = collections.Counter()
         self._since_prune = 0
-        self._sending: set[tuple[str, int]] = set()  # handed to the client in this batch
-        # handed to the client, in any batch, and not acknowledged: the PUBLISH may be in the
+        # handed to the client, in this batch or one before, and not acknowledged (then it is
+        # in ``_acked`` until its row is deleted, or gone from memory): the PUBLISH may be in the
         # socket of a broker that stalled, and reach it later. Never dropped by the bounds
         # (it would be on the record as dropped, and delivered); it waits to be sent again
         self._unconfirmed: set[tuple[str, int]] = set()
@@ -197,12 +197,11 @@ class Outbox:
                 # the oldest not handed to the client: one in flight may leave, and its
                 # egress line stands (it is never on the record as dropped)
                 # (nor a copy of a row still in the file: it is not lost, the next run sends it)
-                flying = self._sending | self._unconfirmed
                 key = next(
                     (
                         k
                         for k, p in self._mem.items()
-                        if p.key not in flying and k not in self._in_file
+                        if p.key not in self._unconfirmed and k not in self._in_file
                     ),
                     None,
                 )
@@ -278,9 +277,9 @@ class Outbox:
 
     def _enforce_bounds(self, now: float) -> None:
         assert self._db is not None
-        # what the batch being sent handed to the client, acknowledged or not, is not
-        # dropped: it may leave (or has), and its egress line stands
-        flying = {n for kind, n in self._sending | self._unconfirmed if kind == "db"} | self._acked
+        # what was handed to the client, acknowledged or not, is not dropped: it may leave
+        # (or has), and its egress line stands
+        flying = {n for kind, n in self._unconfirmed if kind == "db"} | self._acked
         old = self._db.execute(
             "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
             "WHERE created < ? ORDER BY id",
@@ -395,7 +394,6 @@ class Outbox:
             except sqlite3.Error as exc:
                 self._degrade(exc)
         self._acked.difference_update(r[0] for r in rows)
-        self._sending.difference_update(i.key for i in items)
         self._since_prune += len(items)
         if self._expected and self._since_prune >= 256:
             self._prune_expected()
@@ -498,25 +496,21 @@ class Outbox:
 
     def sending(self, item: Pending) -> None:
         """``item`` is handed to the MQTT client now: it may leave, whatever comes after."""
-        self._sending.add(item.key)
         self._unconfirmed.add(item.key)
 
     def sent_or_sending(self, items: list[Pending]) -> list[Pending]:
-        """Those of ``items`` handed to the client in the batch being sent, acknowledged or
-        not yet (a row is deleted when its batch ends): a delete cannot hold them back, and
-        their egress lines stand."""
+        """Those of ``items`` handed to the client, acknowledged or not yet (a row is deleted
+        when its batch ends): a delete cannot hold them back, and their egress lines stand."""
         return [
             i
             for i in items
-            if i.key in self._sending
-            or i.key in self._unconfirmed
-            or (i.key[0] == "db" and i.key[1] in self._acked)
+            if i.key in self._unconfirmed or (i.key[0] == "db" and i.key[1] in self._acked)
         ]
 
     def batch_done(self) -> None:
-        """The batch being sent is over: what it did not send waits, and is not in flight.
-        What was withdrawn from it is gone from the outbox: no later batch reads it."""
-        self._sending.clear()
+        """The batch being sent is over: what it did not send waits (what it handed to the
+        client stays ``_unconfirmed`` until acknowledged). What was withdrawn from it is gone
+        from the outbox: no later batch reads it."""
         self._withdrawn.clear()
 
     def file_gone(self) -> bool:
