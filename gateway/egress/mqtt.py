@@ -379,20 +379,18 @@ class MqttPublisher:
                     log.warning("%s; %d message(s) not sent: %s", self.last_error, depth, where)
                     return
                 self.reconnects += 1
-                # lost within seconds of connecting, again and again: the broker closes an old
-                # connection when a client with the same id connects (a second gateway of this
-                # vehicle), and the two take turns; said once, with the id
-                held = connected_at is not None and (
-                    time.monotonic() - connected_at >= QUICK_DROP_S or self.sent > sent_at_connect
-                )
-                if held:
+                lasted = None if connected_at is None else time.monotonic() - connected_at
+                if lasted is not None and (lasted >= QUICK_DROP_S or self.sent > sent_at_connect):
                     # a connection that held (or delivered): the next attempt is quick again.
                     # Not one lost within seconds with nothing delivered (a broker that closes
                     # each connection after its CONNACK, a second gateway of this vehicle):
                     # reset at each CONNACK, the wait stayed at its first 0.1-0.2 s, and every
                     # attempt ledgered a last will
                     delay = self.backoff_initial
-                if connected_at is not None and time.monotonic() - connected_at < QUICK_DROP_S:
+                # lost within seconds of connecting, again and again: the broker closes an old
+                # connection when a client with the same id connects (a second gateway of this
+                # vehicle), and the two take turns; said once, with the id
+                if lasted is not None and lasted < QUICK_DROP_S:
                     quick_drops += 1
                     if quick_drops == QUICK_DROPS_SAID:
                         log.warning(
