@@ -538,10 +538,7 @@ def _one_line(exc: BaseException | None) -> str:
     if undefined is not None and undefined.args:  # a name looked up, never defined
         name = undefined.args[0]
         return f"DBC: it refers to {name!r}, which it does not define (a BA_ without its BA_DEF_?)"
-    text = " ".join(str(exc).split())
-    if not text.isprintable():  # binary bytes read as text: escaped, not printed raw
-        text = text.encode("unicode_escape").decode("ascii")
-    return text[:200] or type(exc).__name__
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def _defines(plans: DbcPlans, name: str) -> bool:
