@@ -54,6 +54,12 @@ class Box:
     score: float
     corners: tuple[tuple[float, float], ...] | None = None
 
+    def shifted(self, dx: float, dy: float) -> Box:
+        corners = None
+        if self.corners is not None:
+            corners = tuple((px + dx, py + dy) for px, py in self.corners)
+        return Box(self.kind, self.x + dx, self.y + dy, self.w, self.h, self.score, corners)
+
     def scaled(self, f: float) -> Box:
         corners = None
         if self.corners is not None:
@@ -115,13 +121,18 @@ SECOND_LOOK_UP = 1.5
 SECOND_LOOK_SCORE = 0.2  # what that look finds must score this much
 
 
+def _own_width(w: int, floor: int) -> int:
+    """The width a network sees a frame ``w`` pixels wide at with ``width`` 0 (see below)."""
+    return min(max(w, floor), NATIVE_MAX_WIDTH)
+
+
 def _scale_for(frame: Image, width: int, floor: int = 0) -> tuple[Image, float]:
     """The frame resized to ``width`` (aspect kept) and the factor back to frame pixels.
     ``width`` 0: its own width, but at least ``floor`` (a small photo is enlarged to what the
     network finds faces and plates at, as the stream does) and at most ``NATIVE_MAX_WIDTH``."""
     h, w = frame.shape[:2]
     if width <= 0:
-        width = min(max(w, floor), NATIVE_MAX_WIDTH)
+        width = _own_width(w, floor)
     if width > w and width * width * h > MAX_ENLARGED_AREA * w:
         # a narrow image (a 33x4000 strip) widened to ``floor`` would be tens of megapixels
         # tall (7.5 GB for the networks): it is enlarged only to that area, if at all
@@ -159,16 +170,6 @@ def _tiles(frame: Image) -> list[tuple[int, int, Image]]:
     return [(y, x, frame[y : y + th, x : x + tw]) for y in starts(h, th) for x in starts(w, tw)]
 
 
-def _shifted(boxes: list[Box], dy: int, dx: int) -> list[Box]:
-    out = []
-    for b in boxes:
-        corners = None
-        if b.corners is not None:
-            corners = tuple((px + dx, py + dy) for px, py in b.corners)
-        out.append(Box(b.kind, b.x + dx, b.y + dy, b.w, b.h, b.score, corners))
-    return out
-
-
 def _merged(boxes: list[Box], score: float, nms: float) -> list[Box]:
     """One box per object seen in the whole and in tiles: OpenCV's NMS over all of them."""
     if len(boxes) < 2:
@@ -193,7 +194,7 @@ class FaceDetector:
         if self.width <= 0:
             tiles = _tiles(frame)
             for y, x, tile in tiles:
-                boxes += _shifted(self._detect(tile, 0), y, x)
+                boxes += [b.shifted(x, y) for b in self._detect(tile, 0)]
             if tiles:
                 boxes = _merged(boxes, self.score, self.nms)
         return boxes
@@ -308,7 +309,7 @@ class PlateDetector:
 
     def detect(self, frame: Image) -> list[Box]:
         parts = [self._candidates(frame, self.width)]
-        first = min(max(frame.shape[1], DetectorSettings.plate_width), NATIVE_MAX_WIDTH)
+        first = _own_width(frame.shape[1], DetectorSettings.plate_width)
         if self.width <= 0 and first > SECOND_SCALE_ABOVE:
             # at the full width of a large photo, a plate close to the camera is larger than
             # the network's largest anchors and goes unseen (3 of 60 plates of 2560-pixel
