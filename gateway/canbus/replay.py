@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway.canbus.ascfile import iter_asc
+from gateway.canbus.ascfile import first_channel, iter_asc
 from gateway.canbus.candump import iter_candump
 from gateway.canbus.chunking import FAST, PACED, Chunking
 from gateway.canbus.gvret import iter_gvret, looks_like_gvret
@@ -370,6 +370,14 @@ def _batches_from_messages(
         yield builder.build()
 
 
+def _from_channel_0(messages: Iterator[can.Message]) -> Iterator[can.Message]:
+    """python-can's messages of an ASC that numbers its channels from 0 (it says channel - 1)."""
+    for msg in messages:
+        if isinstance(msg.channel, int):
+            msg.channel += 1
+        yield msg
+
+
 def iter_log(
     path: str | Path, stats: ReadStats | None = None, chunking: Chunking = PACED
 ) -> Iterator[FrameBatch]:
@@ -391,7 +399,10 @@ def iter_log(
     ):
         yield from fast
     elif fmt in _READERS:
-        yield from _batches_from_messages(_iter_python_can_text(path, fmt, stats), stats, chunking)
+        messages = _iter_python_can_text(path, fmt, stats)
+        if fmt is LogFormat.ASC and first_channel(path) == 0:
+            messages = _from_channel_0(messages)
+        yield from _batches_from_messages(messages, stats, chunking)
     else:
         yield from _batches_from_messages(
             _iter_python_can_binary(path, fmt, stats), stats, chunking

@@ -19,9 +19,12 @@ from tests.conftest import SHARED_CAN
 
 
 def legacy(path: Path) -> tuple[list[tuple], ReadStats]:
-    """python-can's ASCReader frame by frame, as the gateway read ASC before."""
+    """python-can's ASCReader frame by frame, as the gateway read ASC before (the channels of
+    a file with a channel 0 one up: python-can counts from Vector's 1)."""
     stats = ReadStats()
     msgs = replay._iter_python_can_text(path, replay.LogFormat.ASC, stats)
+    if ascfile.first_channel(path) == 0:
+        msgs = replay._from_channel_0(msgs)
     return rows(list(replay._batches_from_messages(msgs, stats, FAST))), stats
 
 
@@ -234,3 +237,67 @@ def test_review_cases_read_as_python_can_reads_them_at_any_block_size(tmp_path, 
             continue
         assert rows(list(batches)) == want
         assert (stats.bad_lines, stats.first_bad) == (wstats.bad_lines, wstats.first_bad)
+
+
+def _written(path: Path, channels: list[int]) -> None:
+    """An ASC from python-can's writer, which writes an int channel c as c + 1."""
+    with can.ASCWriter(str(path)) as writer:
+        for i, c in enumerate(channels):
+            writer.on_message_received(
+                can.Message(
+                    timestamp=1.0 + i / 100,
+                    arbitration_id=0x100 + c,
+                    is_extended_id=False,
+                    channel=c,
+                    data=b"\x01",
+                )
+            )
+
+
+@pytest.mark.parametrize("long_header", [False, True], ids=["vector-path", "python-can-path"])
+def test_an_asc_numbering_its_channels_from_0_keeps_channels_0_and_1_apart(
+    tmp_path, caplog, long_header
+):
+    caplog.set_level("INFO", "gateway")
+    # GIVEN an ASC with frames on channels 0, 1 and 2 (python-can's writer writes c + 1)
+    path = tmp_path / "from0.asc"
+    _written(path, [-1, 0, 1, -1, 1])
+    text = path.read_text()
+    assert [line.split()[1] for line in text.splitlines() if "Rx" in line] == list("01202")
+    if long_header:  # a header over 64 KiB: python-can reads the whole file
+        head, sep, body = text.partition("internal events logged\n")
+        path.write_text(head + "".join(f"// {'x' * 90}\n" for i in range(800)) + sep + body)
+        assert ascfile.iter_asc(path, ReadStats(), chunk_frames=10, chunk_seconds=1.0) is None
+    # WHEN it is read
+    got, stats = fast(path)
+    # THEN channel 0 is can0, 1 is can1, 2 is can2: no two channels merge, and it is said
+    assert [(r[1], r[2]) for r in got] == [
+        ("can0", 0x0FF),
+        ("can1", 0x100),
+        ("can2", 0x101),
+        ("can0", 0x0FF),
+        ("can2", 0x101),
+    ]
+    assert stats.bad_lines == 0
+    assert "numbers its channels from 0" in caplog.text and str(path) in caplog.text
+
+
+def test_an_asc_numbering_from_1_reads_as_python_can_numbers_it(tmp_path, caplog):
+    caplog.set_level("INFO", "gateway")
+    # GIVEN Vector's numbering (channels 1 and 2), with lines holding " 0 " elsewhere: id 0,
+    # a frame of no bytes, a comment, and a channel 0 only in a line that is no frame
+    path = tmp_path / "from1.asc"
+    _written(path, [0, 1, 0])
+    text = path.read_text().replace(
+        "End TriggerBlock",
+        "   2.000000 1  0               Rx   d 0\n"
+        "// 1.0 0 comment\n"
+        "   2.100000 Start of measurement 0 \n"
+        "End TriggerBlock",
+    )
+    path.write_text(text)
+    got = assert_same(path)
+    # THEN channel 1 is can0 and 2 is can1, as python-can numbers them, without a word
+    assert [r[1] for r in got] == ["can0", "can1", "can0", "can0"]
+    assert ascfile.first_channel(path) == 1
+    assert "numbers its channels from 0" not in caplog.text
