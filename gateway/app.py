@@ -639,6 +639,9 @@ class Gateway:
         kind = "command" if topic == self.topics.command else "consent/set"
         now = self.clock()
         deleted: dict[str, Any] = {}  # the waiting messages a delete removed, on the record
+        if not payload:  # what clears a retained message (mosquitto_pub -r -n): no command
+            log.info("an empty message on %s (it clears a retained one) is ignored", topic)
+            return
         digest = hashlib.sha256(payload).hexdigest()
         if retained and (topic, digest) in self._refused_retained:
             # refused and on the record already: the broker hands it over again at each
@@ -985,31 +988,22 @@ class Gateway:
         drain_timeout: float = 30.0,
     ) -> RunReport:
         stop = stop or asyncio.Event()
+        pub_stop = asyncio.Event()
+        pub_task = asyncio.create_task(
+            self.publisher.run(pub_stop, first_must_connect=require_broker), name="mqtt"
+        )
         if require_broker:
             try:
-                # a stop (Ctrl-C) while a silent broker is awaited ends the wait at once
-                check = asyncio.ensure_future(self.publisher.check_connect())
-                halt = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait({check, halt}, return_when=asyncio.FIRST_COMPLETED)
-                except BaseException:  # cancelled from outside: as it came
-                    check.cancel()
-                    halt.cancel()
-                    raise
-                halt.cancel()
-                if not check.done():
-                    check.cancel()
-                    await asyncio.wait({check})  # (its CancelledError stays in it)
-                    raise KeyboardInterrupt  # a stop signal: nothing read, nothing sent
-                check.result()
+                await self._until_listening(stop, pub_task)
             except BaseException as exc:  # the run never started: its start entry gets a stop
+                if not pub_task.done():
+                    pub_task.cancel()
+                    await asyncio.wait({pub_task})  # (its CancelledError stays in it)
                 with contextlib.suppress(GatewayError):
                     self._record_stop(self.outbox.depth(), reason=str(exc) or type(exc).__name__)
                 self.ledger.close()
                 self.outbox.close()
                 raise
-        pub_stop = asyncio.Event()
-        pub_task = asyncio.create_task(self.publisher.run(pub_stop), name="mqtt")
         periodic_stop = asyncio.Event()
         periodic = asyncio.create_task(self._periodic(periodic_stop), name="periodic")
         self.publish_consent_state()
@@ -1118,6 +1112,26 @@ class Gateway:
             if first is not None:
                 raise first
         return self.report
+
+    async def _until_listening(self, stop: asyncio.Event, pub_task: asyncio.Task[None]) -> None:
+        """Waits until the broker took the publisher's subscriptions to the owner's commands,
+        before any frame is read: a fast replay holds the event loop 0.1 s at a time, and the
+        connection used to be made beside it, in 3-4 s, so that a command sent meanwhile (the
+        owner's stop) was lost, a subscription not being retroactive. The publisher's first
+        connection also checks the broker (``BrokerError`` if it fails: nothing read, nothing
+        sent). A stop (Ctrl-C) before the broker answered ends the wait at once: then
+        KeyboardInterrupt, nothing read; after, the run starts and stops as usual."""
+        halt = asyncio.ensure_future(stop.wait())
+        listening = asyncio.ensure_future(self.publisher.listening.wait())
+        try:
+            await asyncio.wait({halt, listening, pub_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halt.cancel()
+            listening.cancel()
+        if pub_task.done():
+            pub_task.result()  # the first connection failed: its BrokerError
+        elif not self.publisher.connected.is_set() and not self.publisher.listening.is_set():
+            raise KeyboardInterrupt  # a stop signal while the broker was awaited
 
     async def _run_sources(self, stop: asyncio.Event) -> None:
         work = [asyncio.create_task(self._can_loop(s), name="can") for s in self.sources]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -711,3 +712,49 @@ def test_an_idle_gateway_reconnects_at_once_when_its_broker_comes_back(tmp_path,
     ob.close()
     assert pub.reconnects >= 1 and pub.connections == 2, "never noticed the lost connection"
     assert took < 20
+
+
+def test_a_command_sent_as_soon_as_the_gateway_is_online_is_obeyed_in_a_fast_loop(
+    tmp_path, broker, vin
+):
+    # GIVEN a fast replay in a loop, which holds the event loop 0.1 s at a time: its publisher
+    # used to connect beside it, in 3-4 s, and a command sent meanwhile was lost
+    proc = subprocess.Popen(
+        _replay_cmd(tmp_path, broker.url, vin, "--fast", "--loop"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ledger = tmp_path / "ledger.jsonl"
+
+    def obeyed() -> bool:
+        lines = ledger.read_text().splitlines() if ledger.exists() else []
+        entries = [json.loads(line) for line in lines if line.strip()]
+        return any(
+            e["kind"] == "consent" and e["result"].get("action") == "stop" for e in entries
+        )
+
+    async def owner() -> float:
+        import aiomqtt
+
+        async with aiomqtt.Client(broker.host, broker.port) as c:
+            await c.subscribe(f"vehicles/{vin}/owner/status", qos=1)
+            async with asyncio.timeout(30):
+                async for m in c.messages:
+                    if unpack(bytes(m.payload)).get("state") == "online":
+                        break
+            # WHEN the owner stops collection the moment the gateway says it is online
+            await c.publish(f"vehicles/{vin}/owner/command", b'{"command": "stop"}', qos=1)
+            return time.monotonic()
+
+    try:
+        sent = asyncio.run(owner())
+        # THEN the gateway takes the command (it was subscribed before it said "online", and
+        # before it read a frame), well before the 3-4 s it took to subscribe
+        while not obeyed() and time.monotonic() - sent < 10:
+            time.sleep(0.05)
+        assert obeyed(), "the owner's stop never reached the gateway"
+        assert time.monotonic() - sent < 2.0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

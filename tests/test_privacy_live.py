@@ -93,6 +93,9 @@ class Rig:
         await self.owner.__aenter__()
         await self.owner.subscribe(f"vehicles/{self.vin}/owner/#", qos=1)
         self._reader = asyncio.create_task(self._read())
+        # opened before the run, as `gateway run` opens its buses: frames sent while the gateway
+        # subscribes to the owner's topics (before it reads any) wait in the bus
+        self.source.open()
         self.task = asyncio.create_task(self.gw.run(self.stop, drain_timeout=10))
         # the gateway's subscriptions to the owner's topics are acknowledged: a command sent
         # before that would be lost (a fixed sleep here failed under load)
@@ -434,6 +437,24 @@ async def test_a_retained_grant_is_not_taken_again_after_a_withdrawal(tmp_path, 
     # (the retained grant is cleared for the tests after this one on the same broker)
     async with aiomqtt.Client(*_host_port(broker.url)) as owner:
         await owner.publish(f"vehicles/{vin}/owner/consent/set", b"", qos=1, retain=True)
+
+
+async def test_an_empty_message_clearing_a_retained_command_is_ignored(tmp_path, broker, vin):
+    # GIVEN a running gateway
+    rig = Rig(tmp_path, broker.url, vin)
+    await rig.start()
+    before = dict(rig.gw.consent.last_change)
+    # WHEN the owner clears a retained command (mosquitto_pub -r -n): an empty message, which
+    # reaches a connected gateway as a live one
+    async with aiomqtt.Client(*_host_port(broker.url)) as owner:
+        await owner.publish(f"vehicles/{vin}/owner/command", b"", qos=1, retain=True)
+    await asyncio.sleep(0.5)
+    await rig.gw.handle_owner_message(f"vehicles/{vin}/owner/command", b"", False)
+    await rig.finish()
+    # THEN it is no command: not refused, not recorded (it was "neither JSON nor msgpack")
+    assert rig.gw.consent.last_change == before
+    assert verify_chain(tmp_path / "l.jsonl").kinds.get("consent", 0) == 0
+    assert not [c for c in rig.stream("consent") if "refused" in str(c["last_change"])]
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -115,13 +115,19 @@ async def _unless_lost(reader: asyncio.Task[None], step: Coroutine[Any, Any, Any
     return task.result()
 
 
+# aiomqtt's timeout for a CONNACK, SUBACK or the status' PUBACK; the first connection of a
+# run, which tells whether the broker is there at all, waits less
+DEFAULT_TIMEOUT = 10.0
+FIRST_CONNECT_TIMEOUT = 5.0
+
+
 def make_client(
     broker: BrokerSettings,
     *,
     identifier: str | None,
     will: aiomqtt.Will | None = None,
     clean_session: bool = True,
-    timeout: float = 10.0,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> aiomqtt.Client:
     tls_params = None
     if broker.tls:
@@ -284,18 +290,11 @@ class MqttPublisher:
     def __post_init__(self) -> None:
         self.outbox.subscribe(self._wake.set)
 
-    async def check_connect(self) -> None:
-        """Connect once and disconnect: turns a refused or unreachable broker into a one-line
-        ``BrokerError`` before a replay starts."""
-        try:
-            async with _connection(make_client(self.broker, identifier=None, timeout=5.0)):
-                pass
-        except aiomqtt.MqttError as exc:
-            raise BrokerError(describe_error(self.broker, exc)) from exc
-
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, *, first_must_connect: bool = False) -> None:
         """Publish until ``stop`` is set; then drain what waits if connected and return. If the
-        broker is away when ``stop`` is set, return at once: the outbox keeps the rest."""
+        broker is away when ``stop`` is set, return at once: the outbox keeps the rest.
+        ``first_must_connect``: a first attempt that gets no CONNACK (within 5 s) raises a
+        one-line ``BrokerError``, before a replay starts, instead of retrying."""
         delay = self.backoff_initial
         connected_at: float | None = None  # when the last connection was made
         sent_at_connect = 0  # messages acknowledged before it
@@ -312,7 +311,13 @@ class MqttPublisher:
                 else None
             )
             try:
-                client = make_client(self.broker, identifier=self.identifier, will=will)
+                first = first_must_connect and self.connections == 0 and not self.reconnects
+                client = make_client(
+                    self.broker,
+                    identifier=self.identifier,
+                    will=will,
+                    timeout=FIRST_CONNECT_TIMEOUT if first else DEFAULT_TIMEOUT,
+                )
                 # the broker holds the will from its CONNACK on: on the record then, even if
                 # the connection is closed at once (the broker publishes it at the close)
                 took_will = (
@@ -332,12 +337,7 @@ class MqttPublisher:
                     reader = asyncio.create_task(self._read_inbound(client))
                     reader.add_done_callback(self._connection_lost)
                     try:
-                        await _unless_lost(reader, self._publish_status(client, "online", ""))
-                        self.connections += 1
-                        try:
-                            self.on_connected(self.connections)
-                        except Exception as exc:  # noqa: BLE001 - the publisher goes on
-                            log.error("after connecting: %s", exc)
+                        # subscribed before "online" is said: an owner who sees it can be heard
                         for topic in self.inbound_topics:
                             try:  # returns on the SUBACK
                                 await _unless_lost(reader, subscribe(client, topic))
@@ -345,6 +345,12 @@ class MqttPublisher:
                                 # the owner's commands (a withdrawal among them) cannot reach
                                 # this gateway: said every time, sending goes on
                                 log.error("%s; the owner's commands cannot reach the gateway", exc)
+                        await _unless_lost(reader, self._publish_status(client, "online", ""))
+                        self.connections += 1
+                        try:
+                            self.on_connected(self.connections)
+                        except Exception as exc:  # noqa: BLE001 - the publisher goes on
+                            log.error("after connecting: %s", exc)
                         self.listening.set()
                         await self._drain_until(client, stop)
                         try:
@@ -368,6 +374,8 @@ class MqttPublisher:
                 self.connected.clear()
                 self.listening.clear()
                 self.last_error = describe_error(self.broker, exc)
+                if first and connected_at is None:  # no CONNACK: refused, unreachable, silent
+                    raise BrokerError(self.last_error) from exc
                 if stop.is_set():
                     depth, held = self.outbox.depth(), len(self.outbox.memory_only())
                     where = (
