@@ -730,9 +730,7 @@ def test_a_command_sent_as_soon_as_the_gateway_is_online_is_obeyed_in_a_fast_loo
     def obeyed() -> bool:
         lines = ledger.read_text().splitlines() if ledger.exists() else []
         entries = [json.loads(line) for line in lines if line.strip()]
-        return any(
-            e["kind"] == "consent" and e["result"].get("action") == "stop" for e in entries
-        )
+        return any(e["kind"] == "consent" and e["result"].get("action") == "stop" for e in entries)
 
     async def owner() -> float:
         import aiomqtt
