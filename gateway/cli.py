@@ -335,7 +335,8 @@ def _print_report(
     ``laps``: how often they were read (``--loop``), ``live``: the live buses read."""
     out = sys.stderr
     rate = report.frames / elapsed if elapsed > 0 else 0.0
-    files = len(report.read) if files is None else files
+    if files is None:  # the logs read (a live bus has its read stats too)
+        files = sum(not getattr(st, "live", False) for st in report.read)
     lapped = f" ({laps} laps)" if laps > 1 else ""
     parts = [f"{files} file(s){lapped}"] if files or not live else []
     if live:

@@ -631,10 +631,17 @@ def test_the_report_of_a_live_bus_says_so_and_consent_times_are_readable(capsys)
     from gateway.cli import _print_report, _utc
     from gateway.settings import load
 
+    from gateway.records import ReadStats
+
     report = RunReport(frames=7522)
     _print_report(report, load(None, env={}), 2.0, live=1)
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("read 7,522 frames from 1 live bus(es) in 2.0 s")
+    # (as `gateway run` reports it: with the bus's read stats, which are no file's)
+    report.read = [ReadStats(path="CAN bus can0 (virtual:x)", live=True, frames=7522)]
+    _print_report(report, load(None, env={}), 2.0, live=1)
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("read 7,522 frames from 1 live bus(es) in 2.0 s"), first
     _print_report(report, load(None, env={}), 2.0, files=2)
     assert capsys.readouterr().err.startswith("replayed 7,522 frames from 2 file(s) in")
     assert _utc(1_000_000_000.25) == "2001-09-09 01:46:40 UTC" and _utc(None) == "None"
