@@ -629,9 +629,8 @@ def test_the_report_of_a_live_bus_says_so_and_consent_times_are_readable(capsys)
     printed grants until a raw UNIX time."""
     from gateway.app import RunReport
     from gateway.cli import _print_report, _utc
-    from gateway.settings import load
-
     from gateway.records import ReadStats
+    from gateway.settings import load
 
     report = RunReport(frames=7522)
     _print_report(report, load(None, env={}), 2.0, live=1)

@@ -89,3 +89,27 @@ def test_a_misspelt_consent_category_is_named_with_the_closest(tmp_path):
 
     with pytest.raises(ConfigError, match="no category 'locaton' \\(did you mean location\\?\\)"):
         _apply_config_consent(ConsentState(), ["locaton:3"], load_policy(None), 0.0)
+
+
+def test_a_misspelt_environment_variable_is_refused_and_a_bad_value_does_not_blame_the_file(
+    tmp_path,
+):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[gateway]\nvin = "FROMFILE"\n')
+    # a key no section has, in a known section's variable: it was ignored in silence
+    with pytest.raises(ConfigError) as err:
+        settings.load(cfg, env={"GATEWAY_BROKER_URI": "mqtt://elsewhere:1"})
+    assert str(err.value) == (
+        "the environment variable GATEWAY_BROKER_URI names no setting: [broker] has no key "
+        "'uri' (did you mean GATEWAY_BROKER_URL?)"
+    )
+    with pytest.raises(ConfigError, match="GATEWAY_REPLAY_ZZZ names no setting.*known: "):
+        settings.load(cfg, env={"GATEWAY_REPLAY_ZZZ": "1"})
+    # variables of no section are other programs' (and GATEWAY_CACHE_DIR is the gateway's)
+    s = settings.load(cfg, env={"GATEWAY_IP": "10.0.0.1", "GATEWAY_CACHE_DIR": "off"})
+    assert s.gateway.vin == "FROMFILE"
+    # a bad value from the environment is the variable's, not the file's
+    with pytest.raises(ConfigError) as err:
+        settings.load(cfg, env={"GATEWAY_GATEWAY_WINDOW": "soon"})
+    assert str(err.value).startswith("[gateway].window must be")
+    assert "GATEWAY_GATEWAY_WINDOW" in str(err.value) and str(cfg) not in str(err.value)
