@@ -103,6 +103,8 @@ def detect_format(path: Path) -> LogFormat:
         return LogFormat.PYTHON_CAN_CSV  # empty: said as any empty log is ("no frame in it")
     if suffix not in _SUFFIXES and first.startswith(";"):  # a TRC header has commas too
         return LogFormat.TRC
+    if suffix not in _SUFFIXES and first.startswith(("date ", "base ")):  # so has ASC's date
+        return LogFormat.ASC
     if suffix == ".csv" or (suffix not in _SUFFIXES and b"," in head[:200]):
         if looks_like_gvret(first):
             return LogFormat.GVRET_CSV

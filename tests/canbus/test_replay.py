@@ -301,6 +301,14 @@ def test_unknown_suffix_is_sniffed_or_refused(tmp_path):
     p = tmp_path / "capture.txt"
     p.write_text(KONA_CANDUMP.read_text()[:2000])
     assert detect_format(p) is LogFormat.CANDUMP
+    # an ASC whose date line has a comma ("date Thu, 09 Nov 2023 ..."): it was "unknown CSV"
+    a = tmp_path / "noext"
+    a.write_text(
+        "date Thu, 09 Nov 2023 20:36:33 GMT\nbase hex  timestamps absolute\n"
+        "begin triggerblock\n   0.153600 1  594\tRx   d 1 34\nend triggerblock\n"
+    )
+    assert detect_format(a) is LogFormat.ASC
+    assert len(_frames(a, ReadStats())) == 1
     q = tmp_path / "x.bin"
     q.write_bytes(b"\x00" * 100)
     with pytest.raises(LogFormatError, match="unknown log format"):
