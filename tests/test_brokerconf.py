@@ -335,6 +335,13 @@ def test_a_plain_connection_to_the_tls_port_fails(bench, clients):
     assert not plain.connected
     # the same credentials over TLS do connect: the failure above is the missing TLS
     assert _client(clients, bench.tls_port, "alice", bench.password("alice"), ca=bench.ca).connected
+    # AND the gateway's tools, pointed at it with mqtt://, say so in one line: paho's own
+    # "failed to receive on socket: [Errno 104] ..." came first, as a second error line
+    proc = run_gateway(
+        "owner", "--broker", f"mqtt://127.0.0.1:{bench.tls_port}", "--vin", bench.vin_a, timeout=60
+    )
+    assert proc.returncode == 3
+    assert_one_line_error(proc, "mqtts://")
 
 
 # -- the real gateway through the locked broker ----------------------------------------------

@@ -39,9 +39,11 @@ _CLIENT_LOG = logging.getLogger("gateway.egress.aiomqtt")
 
 
 def _client_log() -> logging.Logger:
-    """aiomqtt's logger: its errors only, unless debugging (-vv), when it says everything."""
+    """aiomqtt's (and paho's) logger: silent unless debugging (-vv), when it says everything.
+    Its errors are the socket's ("failed to receive on socket: [Errno 104] ..."), said raw
+    before the gateway's own line on the same failure (``describe_error``)."""
     debug = logging.getLogger().isEnabledFor(logging.DEBUG)
-    _CLIENT_LOG.setLevel(logging.DEBUG if debug else logging.ERROR)
+    _CLIENT_LOG.setLevel(logging.DEBUG if debug else logging.CRITICAL)
     return _CLIENT_LOG
 
 
