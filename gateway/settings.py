@@ -8,7 +8,6 @@ option carries its help text in its field metadata; ``docs/config.md`` is genera
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -421,6 +420,8 @@ def _check_environment(env: Mapping[str, str]) -> None:
             known = sorted(f.name for f in fields(cls))
             key = var.removeprefix(prefix).lower()
             if key not in known:
+                import difflib  # only for a mistake: ~1-4 ms to import at every start
+
                 close = difflib.get_close_matches(key, known, 1)
                 hint = (
                     f"did you mean {prefix}{close[0].upper()}?"
