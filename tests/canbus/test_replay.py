@@ -425,9 +425,10 @@ def test_paced_replay_yields_to_the_event_loop():
         await t
         return n
 
-    # THEN another task kept running while the replay waited
+    # THEN another task kept running while the replay waited (a replay that never yields
+    # leaves it 1 tick; this one gives it ~15 of its 0.55 s, and 9 on a loaded machine)
     assert asyncio.run(main()) == 39_546
-    assert ticks >= 10
+    assert ticks >= 4
 
 
 @pytest.mark.parametrize("text", ["", "not a frame\nnor this\n"])
