@@ -79,6 +79,9 @@ LIVE_GRACE_SECONDS = 2.0
 # while it made thousands, and its outbox reached its bound and dropped them. A broker away
 # does not hold a replay (the outbox keeps them); a stop cancels the wait
 UNPACED_BACKLOG = 2000
+# once the broker answered (a CONNACK), a run waits this long at most for the subscriptions to
+# the owner's commands before it reads a frame (see Gateway._until_listening)
+LISTEN_WAIT_SECONDS = 3.0
 
 
 def say_missing(policy: Policy, dbcs: ChannelDbcs, *, thorough: bool = False) -> None:
@@ -1121,17 +1124,32 @@ class Gateway:
         connection also checks the broker (``BrokerError`` if it fails: nothing read, nothing
         sent). A stop (Ctrl-C) before the broker answered ends the wait at once: then
         KeyboardInterrupt, nothing read; after, the run starts and stops as usual."""
+        pub = self.publisher
         halt = asyncio.ensure_future(stop.wait())
-        listening = asyncio.ensure_future(self.publisher.listening.wait())
+        answered = asyncio.ensure_future(pub.answered.wait())
+        listening = asyncio.ensure_future(pub.listening.wait())
         try:
-            await asyncio.wait({halt, listening, pub_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({halt, answered, pub_task}, return_when=asyncio.FIRST_COMPLETED)
+            if pub_task.done():
+                pub_task.result()  # the first connection failed: its BrokerError
+            if not pub.answered.is_set():
+                raise KeyboardInterrupt  # a stop signal while the broker was awaited
+            # the broker answered; one that loses the connection before it acknowledges the
+            # subscriptions (or never does) holds the run LISTEN_WAIT_SECONDS at most
+            await asyncio.wait(
+                {halt, listening, pub_task},
+                timeout=LISTEN_WAIT_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not pub.listening.is_set() and not stop.is_set():
+                log.warning(
+                    "the broker did not take the subscriptions to the owner's commands within "
+                    "%g s: the run starts, and a command sent before they are taken is lost",
+                    LISTEN_WAIT_SECONDS,
+                )
         finally:
-            halt.cancel()
-            listening.cancel()
-        if pub_task.done():
-            pub_task.result()  # the first connection failed: its BrokerError
-        elif not self.publisher.connected.is_set() and not self.publisher.listening.is_set():
-            raise KeyboardInterrupt  # a stop signal while the broker was awaited
+            for w in (halt, answered, listening):
+                w.cancel()
 
     async def _run_sources(self, stop: asyncio.Event) -> None:
         work = [asyncio.create_task(self._can_loop(s), name="can") for s in self.sources]

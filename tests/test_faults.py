@@ -756,3 +756,51 @@ def test_a_command_sent_as_soon_as_the_gateway_is_online_is_obeyed_in_a_fast_loo
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
+
+
+def test_a_broker_that_never_acknowledges_the_subscriptions_does_not_hold_a_replay(tmp_path, vin):
+    # GIVEN a "broker" that accepts each connection (CONNACK) and then answers nothing: the
+    # gateway's subscriptions to the owner's commands are never acknowledged
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(1024)  # CONNECT
+            conn.sendall(bytes([0x20, 0x02, 0x00, 0x00]))  # CONNACK, accepted
+            held.append(conn)  # read by nobody, closed at the end
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        # WHEN a fast replay runs against it
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            _replay_cmd(
+                tmp_path, f"mqtt://127.0.0.1:{port}", vin, "--fast", "--drain-timeout", "1"
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        took = time.monotonic() - t0
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    # THEN it waits a few seconds for the subscriptions, says so, replays, and keeps what it
+    # could not send in the outbox (exit 3): it must not wait for them without end
+    assert proc.returncode == 3, proc.stderr
+    assert "did not take the subscriptions" in proc.stderr
+    assert "wait in" in proc.stderr
+    assert took < 60
+    assert "Traceback" not in proc.stderr

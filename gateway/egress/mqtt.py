@@ -278,6 +278,7 @@ class MqttPublisher:
     backoff_initial: float = 0.2
     ack_timeout: float = ACK_TIMEOUT
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # a CONNACK came, once
     # set once the broker acknowledged the subscriptions to ``inbound_topics``: an owner's
     # command sent before that may be lost (a subscription is not retroactive)
     listening: asyncio.Event = field(default_factory=asyncio.Event)
@@ -328,6 +329,7 @@ class MqttPublisher:
                 async with _connection(client, took_will):
                     self._lost = False
                     self.connected.set()
+                    self.answered.set()
                     connected_at = time.monotonic()
                     sent_at_connect = self.sent
                     self.last_error = None
