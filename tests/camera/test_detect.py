@@ -230,3 +230,35 @@ def _iou(a, b) -> float:
     x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
     inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def test_a_wide_cameras_frame_is_seen_proportionally_wider():
+    """A stream's detector widths are for a 1280-pixel frame: at 640 px whatever the camera, a
+    46-pixel face in a 3840x2160 frame was shrunk to 8 pixels and missed (faces of the labelled
+    photos in such frames: recall 0.26, bench/eval_wide_frames.py)."""
+    from gateway.camera import detect
+    from tests.conftest import shared_or_skip
+
+    assert detect.stream_width(640, 1280) == 640  # up to 1280 px: as configured
+    assert detect.stream_width(640, 640) == 640
+    assert detect.stream_width(640, 1920) == 960
+    assert detect.stream_width(960, 3840) == 2560  # at most NATIVE_MAX_WIDTH
+    assert detect.stream_width(4000, 3840) == 4000  # a wider setting is kept
+    assert detect.stream_width(0, 3840) == 0  # 0: the photo's own width (gateway anonymize)
+
+    root = shared_or_skip("data", "vision", "faces")
+    name = "mask_323.jpg"
+    (x, y, w, h), *_ = json.loads((root / "gt.json").read_text())[name]
+    photo = cv2.imread(str(root / name))
+    frame = np.full((2160, 3840, 3), 90, np.uint8)
+    ph, pw = photo.shape[:2]
+    frame[2160 - ph :, 3840 - pw :] = photo
+    face = (x + 3840 - pw, y + 2160 - ph, w, h)
+    det = FaceDetector(width=DetectorSettings().face_width)
+    assert any(_iou(face, (b.x, b.y, b.w, b.h)) >= 0.3 for b in det.detect(frame))
+    # (at the fixed width, as before, it is missed: the test stands on the wider look)
+    small = cv2.resize(frame, (640, 360), interpolation=cv2.INTER_AREA)
+    f = 3840 / 640
+    assert not any(
+        _iou(face, (b.x * f, b.y * f, b.w * f, b.h * f)) >= 0.3 for b in det.detect(small)
+    )
