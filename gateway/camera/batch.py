@@ -35,6 +35,7 @@ from gateway.camera.source import (
     Frame,
     VideoFileSource,
     folder_images,
+    opencv_name,
     read_image,
 )
 from gateway.errors import CameraError, ConfigError, StorageError, make_folder
@@ -225,11 +226,12 @@ def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally:
     # clip (not a rate below 1 frame/s)
     code = cv2.VideoWriter_fourcc(*fourcc)
     writer = cv2.VideoWriter()
+    name = opencv_name(dst)
     own = dst.suffix.lower() == ".avi" and writer.open(
-        str(dst), cv2.CAP_OPENCV_MJPEG, code, source.fps, source.size
+        name, cv2.CAP_OPENCV_MJPEG, code, source.fps, source.size
     )
     if not own:
-        writer = cv2.VideoWriter(str(dst), code, source.fps, source.size)
+        writer = cv2.VideoWriter(name, code, source.fps, source.size)
     w, h = source.size
     if not own and (w % 2 or h % 2):
         log.warning(

@@ -90,7 +90,7 @@ class VideoFileSource:
         if not self.path.is_file():
             raise CameraError(f"{self.path}: no such video file")
         _cv_quiet()
-        cap = cv2.VideoCapture(str(self.path))
+        cap = cv2.VideoCapture(opencv_name(self.path))
         ok = cap.isOpened()
         first = cap.read()[1] if ok else None
         fps = cap.get(cv2.CAP_PROP_FPS) if ok else 0.0
@@ -109,7 +109,7 @@ class VideoFileSource:
         return self._count or None
 
     def frames(self) -> Iterator[Frame]:
-        cap = cv2.VideoCapture(str(self.path))
+        cap = cv2.VideoCapture(opencv_name(self.path))
         i = 0
         try:
             while True:
@@ -147,9 +147,25 @@ def _pages(path: Path) -> int:
     """How many images a file holds (a multi-page TIFF, an animated GIF or WebP); 1 if OpenCV
     cannot tell."""
     try:
-        return int(cv2.imcount(str(path)))
-    except cv2.error:
+        return int(cv2.imcount(opencv_name(path)))
+    except (cv2.error, CameraError):  # (a name OpenCV cannot take: the first image is read)
         return 1
+
+
+def opencv_name(path: Path) -> str:
+    """``path`` as OpenCV opens it (video files, page counts, video output). OpenCV takes a
+    name as UTF-8: one that is not (Latin-1 from a FAT stick or a Windows zip, which Python
+    holds as surrogates) crashed the whole process, the CAN replay with it (a segfault in
+    VideoCapture, VideoWriter and imcount). Images are read from their bytes, whatever the
+    name."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CameraError(
+            f"{path}: OpenCV cannot open a file whose name is not UTF-8 text: rename it"
+        ) from None
+    return name
 
 
 def folder_images(folder: Path, suffixes: frozenset[str]) -> list[Path]:

@@ -312,3 +312,36 @@ def test_the_second_plate_look_is_for_photos_not_videos(tmp_path, gateway, monke
     assert gateway("anonymize", str(photo), str(tmp_path / "o.png"), "-q")[0] == 0
     assert gateway("anonymize", str(full), str(tmp_path / "o.avi"), "-q")[0] == 0
     assert seen == [True, False]
+
+
+def test_names_that_are_not_utf8_are_read_or_refused_in_one_line_never_a_crash(tmp_path):
+    """OpenCV takes a name as UTF-8: a Latin-1 name (a FAT stick, a Windows zip) crashed the
+    whole process with a segfault in imcount (TIFF, WebP, GIF), VideoCapture and VideoWriter.
+    In a separate process: a crash is an exit status here, not the end of the test run."""
+    import os
+
+    from tests.conftest import run_gateway
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo = cv2.imread(str(ASTRONAUT))
+    latin = os.fsdecode(b"\xe9t\xe9")  # "été" in Latin-1: not UTF-8
+    cv2.imencode(".tif", photo)[1].tofile(str(src / f"{latin}.tif"))
+    cv2.imencode(".jpg", photo)[1].tofile(str(src / "plain.jpg"))
+    # a folder holding one: both images are anonymised
+    done = run_gateway("anonymize", str(src), str(tmp_path / "out"), "-q", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [f"{latin}.tif", "plain.jpg"]
+    )
+    # a video of such a name, or an output of one: one line, exit 2
+    clip = tmp_path / f"clip{latin}.avi"
+    shutil.copy(DEMO_CLIP, tmp_path / "plain.mp4")
+    os.rename(tmp_path / "plain.mp4", clip)
+    for argv in (
+        [str(clip), str(tmp_path / "o.avi")],
+        [str(DEMO_CLIP), str(tmp_path / f"o{latin}.avi")],
+    ):
+        proc = run_gateway("anonymize", *argv, "-q", timeout=120)
+        assert proc.returncode == 2, (argv, proc.returncode, proc.stderr)
+        assert "not UTF-8" in _one_error(proc.stderr)
