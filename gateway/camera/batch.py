@@ -37,6 +37,7 @@ from gateway.camera.source import (
     folder_images,
     opencv_name,
     read_image,
+    sample_bits,
 )
 from gateway.errors import CameraError, ConfigError, StorageError, make_folder
 
@@ -126,9 +127,16 @@ def _like_source(src: Path, dst: Path, image: Any) -> Any:
     if raw is None:
         return image
     wide = raw.dtype == np.uint16 and dst.suffix.lower() in _WIDE_SUFFIXES
+    # the bits its colour samples use (read_image saw their top 8): 16, or 12 for a sensor's
+    bits = sample_bits(raw if raw.ndim == 2 else raw[:, :, :3])
 
-    def depth(img: Any) -> Any:  # 8 bits to the source's 16 (0-255 -> 0-65535)
-        return img.astype(np.uint16) * np.uint16(257) if wide else img
+    def depth(img: Any) -> Any:
+        # 8 bits back to the source's, the top ones repeated below (0-255 -> 0-4095 for 12
+        # bits; x 257 for 16): a sample read from such a value is written back as it was
+        if not wide:
+            return img
+        v = img.astype(np.uint16)
+        return (v << np.uint16(bits - 8)) | (v >> np.uint16(16 - bits))
 
     if raw.ndim == 2:
         return depth(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))

@@ -135,12 +135,26 @@ def read_image(path: Path) -> Image:
         data = np.fromfile(str(path), np.uint8) if path.is_file() else None
     except OSError as exc:  # no permission, a disk error: this image, not the whole run
         raise CameraError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
+    img = None
+    if data is not None and data.size:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+        if img is not None and img.dtype == np.uint16:
+            img = (img >> np.uint16(sample_bits(img) - 8)).astype(np.uint8)
+        elif img is not None and img.dtype != np.uint8:  # (float TIFFs: as OpenCV reads them)
+            img = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if img is None:
         raise CameraError(f"{path}: not an image OpenCV can read")
     if path.suffix.lower() in _PAGED and (pages := _pages(path)) > 1:
         log.warning("%s: holds %d images; only the first is read", path, pages)
     return img
+
+
+def sample_bits(img: Image) -> int:
+    """The bits a 16-bit image's samples use, 8 to 16 (12 for a sensor's 0-4095 data). Such an
+    image is read as its top 8 used bits: OpenCV's own reading keeps the container's top 8
+    (0-15 of 12-bit data), a frame so dark that no face was found in it, and the output, at
+    its depth again, showed them all once its levels were stretched."""
+    return max(8, int(img.max(initial=0)).bit_length())
 
 
 def _pages(path: Path) -> int:

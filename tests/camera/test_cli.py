@@ -218,6 +218,27 @@ def test_a_16_bit_png_stays_16_bit(tmp_path, gateway, astronaut, channels):
     assert not np.array_equal(out[:300], wide[:300])  # and the face blurred
 
 
+def test_a_16_bit_png_of_12_bit_data_is_seen_at_its_own_range(
+    tmp_path, gateway, detector, astronaut
+):
+    """A sensor's 12-bit samples (0-4095) in a 16-bit PNG were read as their container's top 8
+    bits (0-15): too dark for a face to be found, and the output, once its levels were
+    stretched, showed the face."""
+    x = astronaut.astype(np.uint16)
+    deep = (x << np.uint16(4)) | (x >> np.uint16(4))  # 12 bits, as 8 bits scale to them
+    src = tmp_path / "sensor.png"
+    cv2.imwrite(str(src), deep)
+    code, err = gateway("anonymize", str(src), str(tmp_path / "out.png"), "-q")
+    assert code == 0, err
+    out = cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.uint16 and out.shape == deep.shape and int(out.max()) <= 4095
+    assert np.array_equal(out[300:], deep[300:])  # lossless away from the face, at 12 bits
+    # and the face blurred: its detail, stretched to 8 bits, is gone
+    face = next(b for b in detector.detect(astronaut) if b.kind is Kind.FACE)
+    seen = (out >> np.uint16(4)).astype(np.uint8)
+    assert detail(crop(seen, face)) < 0.05 * detail(crop(astronaut, face))
+
+
 def _here(p) -> str:
     """An image whose output would be its own folder: the same name, over the original."""
     shutil.copy(ASTRONAUT, p / "photo.jpg")
