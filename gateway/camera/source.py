@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -135,7 +135,7 @@ def read_image(path: Path) -> Image:
         data = np.fromfile(str(path), np.uint8) if path.is_file() else None
     except OSError as exc:  # no permission, a disk error: this image, not the whole run
         raise CameraError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    img = None
+    img: Any = None
     if data is not None and data.size:
         img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
         if img is not None and img.dtype == np.uint16:
@@ -149,7 +149,7 @@ def read_image(path: Path) -> Image:
     return img
 
 
-def sample_bits(img: Image) -> int:
+def sample_bits(img: Any) -> int:
     """The bits a 16-bit image's samples use, 8 to 16 (12 for a sensor's 0-4095 data). Such an
     image is read as its top 8 used bits: OpenCV's own reading keeps the container's top 8
     (0-15 of 12-bit data), a frame so dark that no face was found in it, and the output, at
