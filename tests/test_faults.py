@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -461,10 +463,16 @@ def test_a_run_cancelled_while_a_silent_broker_is_checked_is_cancelled_not_inter
     url = f"mqtt://127.0.0.1:{silent.getsockname()[1]}"
     s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, url=url, vin="CANCELLED00000001")
     try:
-        with pytest.raises(TimeoutError):
-            asyncio.run(asyncio.wait_for(Gateway(s, []).run(), 1.0))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(TimeoutError):
+                asyncio.run(asyncio.wait_for(Gateway(s, []).run(), 1.0))
+            gc.collect()
     finally:
         silent.close()
+    # AND the connection it was making is closed: aiomqtt left paho's socket open, and its
+    # "unclosed socket" warning failed a later test
+    assert not [w for w in said if "unclosed" in str(w.message)], [str(w.message) for w in said]
 
 
 def test_a_fast_looping_replay_waits_for_a_connected_publisher(
@@ -747,12 +755,11 @@ def test_a_command_sent_as_soon_as_the_gateway_is_online_is_obeyed_in_a_fast_loo
 
     try:
         sent = asyncio.run(owner())
-        # THEN the gateway takes the command (it was subscribed before it said "online", and
-        # before it read a frame), well before the 3-4 s it took to subscribe
+        # THEN the gateway takes the command: it was subscribed before it said "online", and
+        # before it read a frame (it took 3-4 s to subscribe, and the command was lost)
         while not obeyed() and time.monotonic() - sent < 10:
             time.sleep(0.05)
         assert obeyed(), "the owner's stop never reached the gateway"
-        assert time.monotonic() - sent < 2.0
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)

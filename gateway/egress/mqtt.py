@@ -71,8 +71,10 @@ async def _connection(
     the message reader saw it. ``on_connack`` is called once the broker accepted the
     connection, even one it closes at once (its last will is the broker's from then on)."""
     first = getattr(client, "_disconnected", None)  # aiomqtt 2's (see below)
+    entered = False
     try:
         async with client:
+            entered = True
             if on_connack is not None:
                 on_connack()
             # a connection closed within its CONNACK's read: aiomqtt replaces the future that
@@ -82,6 +84,16 @@ async def _connection(
             if paho is not None and not paho.is_connected():
                 raise aiomqtt.MqttError("the broker closed the connection right after accepting it")
             yield client
+    except BaseException:
+        if not entered:
+            # no CONNACK (a timeout, a refusal, a cancellation: a Ctrl-C, the first connection
+            # of a run that stops): aiomqtt leaves paho's socket open, to be said unclosed
+            # when collected
+            close = getattr(getattr(client, "_client", None), "_sock_close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        raise
     finally:
         # the error of the lost connection is read: in the future aiomqtt made first, which
         # it drops when the loss came while connecting, or in the one after it
