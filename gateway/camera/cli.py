@@ -64,16 +64,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=int,
         default=0,
         metavar="PX",
-        help="face detector input width, 160-4096, or 0: the image's own up to 2560 (default 0: "
-        f"small faces in large images stay findable; the stream uses {d.face_width})",
+        help="face detector input width, 160-4096 (per 1280 px of a wider image), or 0: the "
+        "image's own up to 2560 (default 0: small faces in large images stay findable; the "
+        f"stream uses {d.face_width})",
     )
     p.add_argument(
         "--plate-width",
         type=int,
         default=0,
         metavar="PX",
-        help="plate detector input width, 160-4096, or 0: the image's own up to 2560 (default 0; "
-        f"the stream uses {d.plate_width})",
+        help="plate detector input width, 160-4096 (per 1280 px of a wider image), or 0: the "
+        f"image's own up to 2560 (default 0; the stream uses {d.plate_width})",
     )
     p.add_argument(
         "--plate-strips",

@@ -343,7 +343,7 @@ def _assemble(
                 np.array([i for i, _ in slow], np.intp),
                 np.array([float(m.timestamp) for _, m in slow]),
                 np.array(
-                    [local(channel_name(_shifted(m.channel, first))) for _, m in slow], np.uint16
+                    [local(channel_name(renumbered(m.channel, first))) for _, m in slow], np.uint16
                 ),
                 np.array([m.arbitration_id for _, m in slow], np.int64),
                 np.array([m.is_extended_id for _, m in slow], np.bool_),
@@ -417,9 +417,9 @@ def first_channel(path: str | Path, offset: int = 0) -> int:
     return 1
 
 
-def _shifted(channel: Any, first: int) -> Any:
-    """python-can's channel (ASC channel - 1) of a frame in a file whose first channel is
-    ``first``, numbered from 0."""
+def renumbered(channel: Any, first: int) -> Any:
+    """python-can's channel of an ASC frame (the file's number - 1) counted from the file's
+    first channel (``first_channel``): 0 for ``can0``."""
     return channel + 1 - first if isinstance(channel, int) else channel
 
 

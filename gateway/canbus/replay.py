@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gateway.canbus.ascfile import first_channel, iter_asc
+from gateway.canbus.ascfile import first_channel, iter_asc, renumbered
 from gateway.canbus.candump import iter_candump
 from gateway.canbus.chunking import FAST, PACED, Chunking
 from gateway.canbus.gvret import iter_gvret, looks_like_gvret
@@ -375,8 +375,7 @@ def _batches_from_messages(
 def _from_channel_0(messages: Iterator[can.Message]) -> Iterator[can.Message]:
     """python-can's messages of an ASC that numbers its channels from 0 (it says channel - 1)."""
     for msg in messages:
-        if isinstance(msg.channel, int):
-            msg.channel += 1
+        msg.channel = renumbered(msg.channel, 0)
         yield msg
 
 
