@@ -23,19 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.eval_anonymisation import iou  # noqa: E402
 from gateway.camera import detect  # noqa: E402
 from gateway.camera.options import DetectorSettings  # noqa: E402
 
 VISION = ROOT.parent / "shared" / "data" / "vision"
-
-
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
-    ih = max(0.0, min(ay + ah, by + bh) - max(ay, by))
-    inter = iw * ih
-    return inter / (aw * ah + bw * bh - inter + 1e-9)
 
 
 def main() -> int:
@@ -70,7 +62,7 @@ def main() -> int:
                 frames += 1
                 for x, y, bw, bh in boxes:
                     total += 1
-                    found += any(_iou((x + ox, y + oy, bw, bh), d) >= 0.3 for d in got)
+                    found += any(iou((x + ox, y + oy, bw, bh), d) >= 0.3 for d in got)
             print(
                 f"{size} {cls}: {found}/{total} = {found / max(total, 1):.3f} "
                 f"({took / max(frames, 1):.3f} s a frame for both detectors, {frames} frames)"
