@@ -33,8 +33,8 @@ StatusFactory = Callable[[str, str], Released | None]  # (state, reason) -> stat
 InboundHandler = Callable[[str, bytes, bool], Awaitable[None]]
 
 
-# aiomqtt's own log: its warnings on a lost connection ("Could not gracefully disconnect: 4")
-# repeat what the publisher says in one line; its errors still show
+# aiomqtt's own log (paho's too): what it says on a lost or failed connection ("Could not
+# gracefully disconnect: 4", "failed to receive on socket") the publisher says in one line
 _CLIENT_LOG = logging.getLogger("gateway.egress.aiomqtt")
 
 
@@ -326,7 +326,7 @@ class MqttPublisher:
                 else None
             )
             try:
-                first = first_must_connect and self.connections == 0 and not self.reconnects
+                first = first_must_connect and not self.reconnects  # (each failure counts)
                 client = make_client(
                     self.broker,
                     identifier=self.identifier,
