@@ -16,6 +16,7 @@ else catches them broadly.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -64,6 +65,18 @@ def make_folder(path: Path, what: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"{path}: cannot create the {what} ({exc.strerror})") from exc
+
+
+def still_named(path: str | Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not deleted, not replaced by
+    another file): what is written to a file no path names is read by nobody. Errors other
+    than a missing path are the caller's (OSError)."""
+    held = os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return held.st_nlink > 0 and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 class AuditError(GatewayError):

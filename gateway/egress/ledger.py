@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import AuditError, StorageError
+from gateway.errors import AuditError, StorageError, still_named
 
 GENESIS = "0" * 64
 
@@ -191,23 +191,12 @@ class Ledger:
         (deleted, or replaced): lines written there go to a file nobody can read, and what
         they describe must not leave."""
         try:
-            st = os.fstat(fd)
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            named = None
+            named = still_named(self.path, fd)
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot read the audit ledger: {exc.strerror}"
             ) from exc
-        if (
-            named is None
-            or st.st_nlink == 0
-            or (named.st_ino, named.st_dev)
-            != (
-                st.st_ino,
-                st.st_dev,
-            )
-        ):
+        if not named:
             raise StorageError(
                 f"{self.path}: the audit ledger was deleted or replaced while the gateway ran; "
                 "nothing more is sent without its ledger line (put the file back, or start "

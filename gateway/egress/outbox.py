@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.egress.guard import Released
-from gateway.errors import StorageError
+from gateway.errors import StorageError, still_named
 
 log = logging.getLogger(__name__)
 
@@ -519,13 +519,9 @@ class Outbox:
         if self.path is None or self._lock_fd is None:
             return False
         try:
-            held = os.fstat(self._lock_fd)
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            return True
+            return not still_named(self.path, self._lock_fd)
         except OSError:
             return False
-        return held.st_nlink == 0 or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino)
 
     def waiting_items(self) -> list[Pending]:
         """Every message waiting (file and memory), oldest first."""
