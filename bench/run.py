@@ -78,8 +78,8 @@ _PEAK = (
     "            kb = max(int(line.split()[1]), parseproc.peak_combined_kb)\n"
     "            print('BENCH_PEAK_KB', kb, file=sys.stderr)\n"
     "atexit.register(peak)\n"
-    "from gateway.cli import entry\n"
-    "sys.exit(entry(sys.argv[1:]))\n"
+    "from gateway._start import main\n"  # what the console script runs, its end included
+    "sys.exit(main())\n"
 )
 
 

@@ -1,6 +1,7 @@
 """The ``gateway`` console script and ``python -m gateway``: a Ctrl-C while the gateway's
 modules are still being imported (the first ~0.1 s, and numpy's later on) is "interrupted"
-and exit 130, as it is later, not a traceback."""
+and exit 130, as it is later, not a traceback. A command that returns ends the process at once
+(``_exit_now``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ def main() -> int:
     try:
         from gateway.cli import entry
 
-        return entry()
+        code = entry()
     except KeyboardInterrupt:
         pass
     except ImportError as exc:
@@ -19,8 +20,37 @@ def main() -> int:
         # ("Importing the numpy C-extensions failed"), which would blame the install
         if not _interrupted(exc):
             raise
+    else:
+        return _exit_now(code)
     print("gateway: interrupted", file=sys.stderr)
     return 130
+
+
+def _exit_now(code: int) -> int:
+    """Ends the process with ``code`` once the command is done, as the interpreter would but
+    without its teardown: freeing every object of numpy, asyncio and the gateway one by one
+    (12 ms of a 0.45 s replay of a million frames here, and 35 ms of CPU; timed with and
+    without, alternating). What the teardown does that matters is done first: the ``atexit``
+    handlers (logging's flush among them) and the flush of stdout and stderr. Every file,
+    database and socket of the gateway is closed by then, by the code that opened it. Where
+    that cannot be said (a thread other than a daemon still running, which the interpreter
+    would wait for; stdout gone, whose error the interpreter reports), ``code`` is returned
+    and the interpreter ends as usual."""
+    import atexit
+    import os
+    import threading
+
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return code
+    atexit._run_exitfuncs()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        return code
+    os._exit(code)
 
 
 def _interrupted(exc: BaseException | None) -> bool:

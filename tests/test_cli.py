@@ -825,3 +825,60 @@ def test_ctrl_c_inside_numpys_import_is_interrupted_not_a_broken_install(monkeyp
     monkeypatch.setitem(sys.modules, "gateway.cli", None)  # import of it fails
     with pytest.raises(ImportError):
         _start.main()
+
+
+_ENDING = r"""
+import atexit, os, sys, threading, time
+# run by the interpreter's teardown (where it waits for threads), if it runs
+threading._register_atexit(lambda: os.write(2, b"torn down\n"))
+atexit.register(lambda: print("atexit ran", file=sys.stderr))
+if "--thread" in sys.argv:
+    sys.argv.remove("--thread")
+    def late():
+        time.sleep(0.3)
+        print("thread done", file=sys.stderr)
+    threading.Thread(target=late).start()
+from gateway._start import main
+sys.exit(main())
+"""
+
+
+def _ending(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _ENDING, "config", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=60,
+    )
+
+
+def test_a_command_that_returns_ends_the_process_without_the_teardown_its_output_complete(
+    tmp_path,
+):
+    # the console script skips the interpreter's teardown (12 ms of a 1M-frame replay); the
+    # atexit handlers still run and stdout, a pipe (block-buffered), is flushed whole
+    proc = _ending(tmp_path, "--doc")
+    assert proc.returncode == 0, proc.stderr
+    assert "atexit ran" in proc.stderr
+    assert "torn down" not in proc.stderr
+    full = subprocess.run(
+        [sys.executable, "-m", "gateway", "config", "--doc"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=60,
+    )
+    assert proc.stdout == full.stdout and len(proc.stdout) > 1000
+    # an error's exit code is kept
+    bad = _ending(tmp_path, "--config", str(tmp_path / "missing.toml"))
+    assert bad.returncode == 2 and "atexit ran" in bad.stderr and "torn down" not in bad.stderr
+
+
+def test_a_thread_still_running_at_the_end_is_waited_for_as_the_interpreter_would(tmp_path):
+    proc = _ending(tmp_path, "--doc", "--thread")
+    assert proc.returncode == 0, proc.stderr
+    assert "thread done" in proc.stderr
+    assert "torn down" in proc.stderr  # the usual end: the interpreter waits for the thread
