@@ -1141,6 +1141,8 @@ class Gateway:
                 timeout=LISTEN_WAIT_SECONDS,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            if pub_task.done():
+                pub_task.result()  # the publisher failed after the CONNACK (its ledger): raised
             if not pub.listening.is_set() and not stop.is_set():
                 log.warning(
                     "the broker did not take the subscriptions to the owner's commands within "

@@ -811,3 +811,30 @@ def test_a_broker_that_never_acknowledges_the_subscriptions_does_not_hold_a_repl
     assert "wait in" in proc.stderr
     assert took < 60
     assert "Traceback" not in proc.stderr
+
+
+def test_a_publisher_that_fails_after_its_connack_stops_the_run_before_a_frame_is_read(
+    tmp_path, broker, vin
+):
+    # GIVEN a gateway whose ledger cannot take the publisher's "online" status, written
+    # after the broker's CONNACK (a disk that fills at that moment)
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.errors import StorageError
+
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, url=broker.url, vin=vin)
+    gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+    status = gw.publisher.status
+
+    def failing(state, reason):  # type: ignore[no-untyped-def]
+        if state == "online":
+            raise StorageError(f"{tmp_path / 'l.jsonl'}: No space left on device")
+        return status(state, reason)
+
+    gw.publisher.status = failing
+    # WHEN it runs
+    with pytest.raises(StorageError, match="No space left"):
+        asyncio.run(gw.run(drain_timeout=1))
+    # THEN it stops with the ledger's error before it reads a frame: it did not replay the
+    # whole log with no publisher (after a warning that the broker took no subscriptions)
+    assert gw.report.frames == 0
