@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import mmap
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,26 +396,54 @@ def iter_asc(
 
 # a data line on channel 0: its time, then 0 (after CANFD, for an FD frame)
 _CHANNEL_0 = re.compile(rb"[ \t]*\d+\.\d+[ \t]+(?:CANFD[ \t]+)?0[ \t]")
+# a 0 between blanks, where a file has tabs (Vector's own have none: " 0 " is searched for)
+_ZERO = re.compile(rb"[ \t]0[ \t]")
+_FIRST_CHANNELS: dict[tuple[int, ...], int] = {}  # a file's (device, inode, size, mtime) -> it
 
 
 def first_channel(path: str | Path, offset: int = 0) -> int:
     """The first channel number of an ASC log: 1 as Vector numbers them (and python-can's
     reader assumes, ``channel - 1``), or 0 for a file with a frame on channel 0, whose
-    channels 0 and 1 would otherwise both be ``can0``. The file is searched (from
-    ``offset``) for " 0 " and each line holding it matched; ~600 MB/s from the page cache."""
+    channels 0 and 1 would otherwise both be ``can0``. The file is searched (from ``offset``)
+    for a 0 between blanks, spaces or tabs, and each line holding one is matched: ~1 GB/s from
+    the page cache, ~150 MB/s for CAN FD lines (their flags hold " 0 "; such a file is read
+    at ~10 MB/s). Once per file and version: a looped replay reads it again each time round."""
     try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            at = offset
-            while (hit := mm.find(b" 0 ", at)) >= 0:
-                if _CHANNEL_0.match(mm, mm.rfind(b"\n", 0, hit) + 1):
-                    log.info("%s numbers its channels from 0: its channel 0 is can0", path)
-                    return 0
-                at = mm.find(b"\n", hit)
-                if at < 0:
-                    break
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, offset)
+            if key not in _FIRST_CHANNELS:
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    found = _holds_channel_0(mm, offset)
+                if len(_FIRST_CHANNELS) >= 64:
+                    _FIRST_CHANNELS.clear()
+                _FIRST_CHANNELS[key] = 0 if found else 1
     except (OSError, ValueError):  # empty, or no file to map: python-can's numbering
-        pass
-    return 1
+        return 1
+    if _FIRST_CHANNELS[key] == 0:
+        log.info("%s numbers its channels from 0: its channel 0 is can0", path)
+    return _FIRST_CHANNELS[key]
+
+
+def _holds_channel_0(mm: mmap.mmap, offset: int) -> bool:
+    if mm.find(b"\t", offset) < 0:  # spaces only: the 0 searched for in C, ~1 GB/s
+
+        def zero(at: int) -> int:
+            return mm.find(b" 0 ", at)
+    else:  # a blank may be a tab: one regular expression, ~150 MB/s
+
+        def zero(at: int) -> int:
+            hit = _ZERO.search(mm, at)
+            return -1 if hit is None else hit.start()
+
+    at = offset
+    while (hit := zero(at)) >= 0:
+        if _CHANNEL_0.match(mm, max(mm.rfind(b"\n", 0, hit) + 1, offset)):
+            return True
+        at = mm.find(b"\n", hit + 1)  # the next line
+        if at < 0:
+            break
+    return False
 
 
 def renumbered(channel: Any, first: int) -> Any:

@@ -3,6 +3,7 @@ ASCReader reads, line for line, bad lines included."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -301,3 +302,36 @@ def test_an_asc_numbering_from_1_reads_as_python_can_numbers_it(tmp_path, caplog
     assert [r[1] for r in got] == ["can0", "can1", "can0", "can0"]
     assert ascfile.first_channel(path) == 1
     assert "numbers its channels from 0" not in caplog.text
+
+
+_FD_LINE = (
+    "   {t:.6f} CANFD {ch:3d} Rx        123                                   1 0 8  8 "
+    "11 22 33 44 55 66 77 88        0    0   3000 00000000 00000000 00000000 00000000 "
+    "00000000\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "first"),
+    [
+        # CAN FD on channel 1: every line holds " 0 " (its flags), none is on channel 0
+        ("".join(_FD_LINE.format(t=i / 10, ch=1) for i in range(50)), 1),
+        # ... and one FD frame on channel 0, after them
+        ("".join(_FD_LINE.format(t=i / 10, ch=1 - (i == 49)) for i in range(50)), 0),
+        # a classic frame on channel 0 between tabs
+        ("   0.100000 1  123             Rx   d 1 00\n\t0.200000\t0\t124\tRx\td 1 00\n", 0),
+        # the first line of the body, right after the header, on channel 0
+        ("   0.100000 0  123             Rx   d 1 00\n", 0),
+    ],
+    ids=["fd-on-1", "fd-on-0", "tabs", "first-line"],
+)
+def test_the_first_channel_is_found_in_every_kind_of_line(tmp_path, body, first):
+    path = tmp_path / "x.asc"
+    head = "date Thu Nov 9 10:00:00.000 am 2023\nbase hex  timestamps absolute\n"
+    path.write_text(head + body)
+    assert ascfile.first_channel(path) == first
+    assert ascfile.first_channel(path, len(head)) == first
+    # a file rewritten since is searched again (the result is kept per file and version)
+    path.write_text(head + body.replace(" 0 ", " 1 ").replace("\t0\t", "\t1\t"))
+    os.utime(path, ns=(1, 1))
+    assert ascfile.first_channel(path) == 1
