@@ -105,6 +105,14 @@ def test_a_misspelt_environment_variable_is_refused_and_a_bad_value_does_not_bla
     )
     with pytest.raises(ConfigError, match="GATEWAY_REPLAY_ZZZ names no setting.*known: "):
         settings.load(cfg, env={"GATEWAY_REPLAY_ZZZ": "1"})
+    # a known name in other case is not read (the environment's names are case-sensitive):
+    # refused too, not ignored
+    with pytest.raises(ConfigError) as err:
+        settings.load(cfg, env={"GATEWAY_BROKER_Url": "mqtt://elsewhere:1"})
+    assert str(err.value) == (
+        "the environment variable GATEWAY_BROKER_Url names no setting: the names are in "
+        "capitals (did you mean GATEWAY_BROKER_URL?)"
+    )
     # variables of no section are other programs' (and GATEWAY_CACHE_DIR is the gateway's)
     s = settings.load(cfg, env={"GATEWAY_IP": "10.0.0.1", "GATEWAY_CACHE_DIR": "off"})
     assert s.gateway.vin == "FROMFILE"
