@@ -473,14 +473,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             sources.append(ReplaySource([Path(p) for p in c.logs], speed=speed, loop=s.replay.loop))
     try:
         gw = Gateway(s, sources, cameras=_camera_sources(argparse.Namespace(video=[]), s))
-    except BaseException:
+        t0 = time.monotonic()
+        # a vehicle is often offline: collect anyway, the outbox keeps what waits for the broker
+        report = _run_until_signal(gw, drain_timeout=args.drain_timeout, require_broker=False)
+    finally:  # (the run closes its buses when it reads them; not if it failed before)
         for src in sources:
             if isinstance(src, LiveBusSource):
                 src.close()
-        raise
-    t0 = time.monotonic()
-    # a vehicle is often offline: collect anyway, the outbox keeps what waits for the broker
-    report = _run_until_signal(gw, drain_timeout=args.drain_timeout, require_broker=False)
     _print_report(report, s, time.monotonic() - t0, live=len(buses))
     for src in sources:
         if isinstance(src, LiveBusSource) and (src.errors or src.clock_steps):

@@ -863,8 +863,9 @@ def test_a_command_that_returns_ends_the_process_without_the_teardown_its_output
     assert proc.returncode == 0, proc.stderr
     assert "atexit ran" in proc.stderr
     assert "torn down" not in proc.stderr
-    full = subprocess.run(
-        [sys.executable, "-m", "gateway", "config", "--doc"],
+    full = subprocess.run(  # the command run as a function, the interpreter ending as usual
+        [sys.executable, "-c", "import sys; from gateway.cli import entry; sys.exit(entry())"]
+        + ["config", "--doc"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
