@@ -128,11 +128,12 @@ def _like_source(src: Path, dst: Path, image: Any) -> Any:
         return image
     wide = raw.dtype == np.uint16 and dst.suffix.lower() in _WIDE_SUFFIXES
     # the bits its colour samples use (read_image saw their top 8): 16, or 12 for a sensor's
-    bits = sample_bits(raw if raw.ndim == 2 else raw[:, :, :3])
+    bits = sample_bits(raw if raw.ndim == 2 else raw[:, :, :3]) if wide else 8
 
     def depth(img: Any) -> Any:
         # 8 bits back to the source's, the top ones repeated below (0-255 -> 0-4095 for 12
-        # bits; x 257 for 16): a sample read from such a value is written back as it was
+        # bits; x 257 for 16): every sample keeps the 8 bits the anonymiser works at, those
+        # below are rebuilt from them (exact for a value that 8 bits scale to, not else)
         if not wide:
             return img
         v = img.astype(np.uint16)
