@@ -136,7 +136,8 @@ def stream_width(width: int, w: int) -> int:
 
 
 def _own_width(w: int, floor: int) -> int:
-    """The width a network sees a frame ``w`` pixels wide at with ``width`` 0 (see below)."""
+    """The width a network sees a frame ``w`` pixels wide at when ``_scale_for`` is given
+    ``width`` 0: its own, but at least ``floor`` and at most ``NATIVE_MAX_WIDTH``."""
     return min(max(w, floor), NATIVE_MAX_WIDTH)
 
 

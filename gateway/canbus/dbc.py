@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.canbus.messages import divert_logging
+from gateway.canbus.messages import divert_logging, looks_binary
 from gateway.canbus.signalplan import DbcPlans
 from gateway.errors import DbcError
 
@@ -485,8 +485,6 @@ def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
         raw = path.read_bytes()
     except OSError as exc:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
-    from gateway.canbus.messages import looks_binary
-
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or looks_binary(raw[:65536]):
         raise DbcError(
             f"{path}: not a DBC: binary data, or text saved as UTF-16 (save it as UTF-8 or "
