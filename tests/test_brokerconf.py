@@ -212,6 +212,11 @@ class Client:
         with contextlib.suppress(Exception):
             self._c.disconnect()
         self._c.loop_stop()
+        # paho's client refers back to this one through its callbacks: without them it is
+        # freed (and its socket pair closed) when this one is, not by a later collection
+        # that says the pair unclosed inside another test
+        c = self._c
+        c.on_connect = c.on_disconnect = c.on_message = c.on_subscribe = c.on_publish = None
 
 
 @pytest.fixture
