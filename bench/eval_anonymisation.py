@@ -267,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         default=DetectorSettings().plate_strips,
         help="plate input in this many overlapping strips",
     )
+    ap.add_argument(
+        "--edges",
+        action=argparse.BooleanOptionalAction,
+        default=DetectorSettings().edges,
+        help="a second look at the frame mirrored at its edges (default: as the stream, off)",
+    )
     ap.add_argument("--no-stream", action="store_true", help="photos only")
     ap.add_argument("--no-photos", action="store_true", help="stream only")
     ap.add_argument("--fps-only", action="store_true", help="stream: skip the quality pass")
@@ -291,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         face_width=args.face_width,
         plate_width=args.plate_width,
         plate_strips=args.plate_strips,
+        edges=args.edges,
     )
     photo_settings = AnonymiserSettings(
         method=Method(args.method), margin=args.margin, detect_every=1, memory=0, detector=det

@@ -93,6 +93,7 @@ def _check(args: argparse.Namespace) -> AnonymiserSettings:
             face_width=args.face_width,
             plate_width=args.plate_width,
             plate_strips=args.plate_strips,
+            edges=args.edges,
         ),
     )
 

@@ -53,6 +53,10 @@ class DetectorSettings:
     # pixels a second time, 1.5 times larger (PlateDetector.detect): a photo, not a video,
     # whose plate is seen in frame after frame (2.5x the time of gateway anonymize on a clip)
     plate_second_look: bool = True
+    # a second look at the frame mirrored at its edges, for the faces and plates the edge cuts
+    # (CombinedDetector): twice the detection time, so off in the stream by default (a 1280x720
+    # stream 29 -> 13 frames/s here), on in gateway anonymize
+    edges: bool = False
 
 
 # grown on every side of a detected box, as a share of its size: YuNet's boxes are tighter than

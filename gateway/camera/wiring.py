@@ -55,6 +55,7 @@ def camera_stages(videos: list[str], settings: Any) -> list[CameraStage]:
             face_width=cam.face_width,
             plate_width=cam.plate_width,
             plate_strips=cam.plate_strips,
+            edges=cam.edges,
         )
         source = open_source(spec)
         if cam.rotate:

@@ -369,3 +369,30 @@ def test_names_that_are_not_utf8_are_read_or_refused_in_one_line_never_a_crash(t
         proc = run_gateway("anonymize", *argv, "-q", timeout=120)
         assert proc.returncode == 2, (argv, proc.returncode, proc.stderr)
         assert "not UTF-8" in _one_error(proc.stderr)
+
+
+def test_gateway_anonymize_blurs_a_plate_cut_by_the_images_edge(tmp_path, gateway):
+    from bench.eval_edge_cuts import cut
+
+    # GIVEN the demo clip's first frame with its plate (140x44 at 450, 235) cut in half by the
+    # image's top edge
+    cap = cv2.VideoCapture(str(DEMO_CLIP))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok
+    image, (x, y, w, h) = cut(frame, (450.0, 235.0, 140.0, 44.0), "top", 0.5)
+    src = tmp_path / "cut.png"
+    cv2.imwrite(str(src), image)
+    half = (slice(int(y), int(y + h)), slice(int(x) + 10, int(x + w) - 10))
+    # WHEN it is anonymised, with the second look at the image mirrored at its edges (the
+    # default) and without it
+    changed = {}
+    for flag in ("--edges", "--no-edges"):
+        out = tmp_path / f"out{flag}.png"
+        code, err = gateway("anonymize", str(src), str(out), "-q", flag)
+        assert code == 0, err
+        after = cv2.imread(str(out))
+        changed[flag] = float(np.any(after[half] != image[half], axis=2).mean())
+    # THEN the visible half of the plate is blurred by default, and was left as it was
+    assert changed["--edges"] > 0.95
+    assert changed["--no-edges"] < 0.05

@@ -262,3 +262,48 @@ def test_a_wide_cameras_frame_is_seen_proportionally_wider():
     assert not any(
         _iou(face, (b.x * f, b.y * f, b.w * f, b.h * f)) >= 0.3 for b in det.detect(small)
     )
+
+
+def _demo_frame() -> np.ndarray:
+    cap = cv2.VideoCapture(str(DEMO_CLIP))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok
+    return frame
+
+
+@pytest.fixture(scope="module")
+def edge_detector():
+    d = load_detectors(DetectorSettings(edges=True))
+    yield d
+    d.close()
+
+
+@pytest.mark.parametrize("edge", ["top", "bottom", "left"])
+def test_a_plate_cut_by_the_frames_edge_is_found_in_the_frame_mirrored_there(
+    detector, edge_detector, edge
+):
+    from bench.eval_edge_cuts import covered, cut
+
+    # GIVEN the demo clip's plate (140x44 at 450, 235), half of it cut off by one edge
+    frame = _demo_frame()
+    (plate,) = [b for b in detector.detect(frame) if b.kind is Kind.PLATE and b.score > 0.5]
+    image, visible = cut(frame, (plate.x, plate.y, plate.w, plate.h), edge, 0.5)
+    # THEN the detectors alone miss it; their second look at the frame mirrored at its edges
+    # finds it (the visible half and its mirror image read as one plate), and its box covers
+    # the visible half
+    assert covered(image.shape, visible, detector.detect(image)) < 0.5
+    assert covered(image.shape, visible, edge_detector.detect(image)) >= 0.8
+
+
+def test_the_second_look_adds_nothing_for_a_face_the_first_found_inside_the_frame(
+    detector, edge_detector, astronaut
+):
+    # GIVEN the astronaut's face 20 px from the left edge, whole: the second look sees it
+    # again, and its mirror image beside it
+    image = np.ascontiguousarray(astronaut[:, 161:])
+    first = detector.detect(image)
+    both = edge_detector.detect(image)
+    # THEN neither is added: the one is inside the frame (the first look's), the other in the
+    # mirror image only
+    assert [b.kind for b in first] == [b.kind for b in both] and Kind.FACE in [b.kind for b in both]

@@ -163,3 +163,12 @@ def test_a_camera_mounted_on_its_side_is_turned_upright_before_detection(tmp_pat
     with pytest.raises(ConfigError, match="rotate must be one of 0, 90, 180, 270"):
         camera_stages([str(folder)], _settings(tmp_path, camera=[
             CameraSource(source=str(folder), rotate=45)]))  # fmt: skip
+
+
+def test_the_second_look_at_the_edges_is_off_in_the_stream_unless_a_camera_table_asks(tmp_path):
+    # (it doubles the detection time: a 1280x720 stream 29 -> 13 frames/s here)
+    (default,) = camera_stages(["synthetic"], _settings(tmp_path))
+    assert default.anonymiser.detector.edges is False
+    cam = CameraSource(source="synthetic", edges=True)
+    (stage,) = camera_stages([cam.source], _settings(tmp_path, camera=[cam]))
+    assert stage.anonymiser.detector.edges is True
