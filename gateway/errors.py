@@ -67,11 +67,12 @@ def make_folder(path: Path, what: str) -> None:
         raise StorageError(f"{path}: cannot create the {what} ({exc.strerror})") from exc
 
 
-def still_named(path: str | Path, fd: int) -> bool:
+def still_named(path: str | Path, fd: int, held: os.stat_result | None = None) -> bool:
     """Whether ``path`` still names the file open as ``fd`` (not deleted, not replaced by
-    another file): what is written to a file no path names is read by nobody. Errors other
-    than a missing path are the caller's (OSError)."""
-    held = os.fstat(fd)
+    another file): what is written to a file no path names is read by nobody. ``held``: the
+    caller's ``os.fstat(fd)`` of this moment, if it took one. Errors other than a missing path
+    are the caller's (OSError)."""
+    held = held or os.fstat(fd)
     try:
         named = os.stat(path)
     except FileNotFoundError:

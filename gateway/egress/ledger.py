@@ -161,12 +161,13 @@ class Ledger:
             )
         fd = self._fh.fileno()
         try:
-            size = os.fstat(fd).st_size
+            held = os.fstat(fd)
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot read the audit ledger: {exc.strerror}"
             ) from exc
-        self._check_named(fd)
+        size = held.st_size
+        self._check_named(fd, held)
         try:
             view = memoryview(data)
             while view:
@@ -186,12 +187,12 @@ class Ledger:
         self._check_named(fd)
         self._lost = False
 
-    def _check_named(self, fd: int) -> None:
+    def _check_named(self, fd: int, held: os.stat_result | None = None) -> None:
         """Raise ``StorageError`` if the ledger's path no longer names the file written to
         (deleted, or replaced): lines written there go to a file nobody can read, and what
         they describe must not leave."""
         try:
-            named = still_named(self.path, fd)
+            named = still_named(self.path, fd, held)
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot read the audit ledger: {exc.strerror}"
