@@ -1,7 +1,8 @@
 """The ``gateway`` console script and ``python -m gateway``: a Ctrl-C while the gateway's
 modules are still being imported (the first ~0.1 s, and numpy's later on) is "interrupted"
 and exit 130, as it is later, not a traceback. A command that returns ends the process at once
-(``_exit_now``)."""
+(``_exit_now``). Before anything else of the gateway is imported, the compiled methods of its
+dataclasses are read from the cache (``gateway.codecache``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 def main() -> int:
     try:
+        _code_cache()
         from gateway.cli import entry
 
         code = entry()
@@ -24,6 +26,17 @@ def main() -> int:
         return _exit_now(code)
     print("gateway: interrupted", file=sys.stderr)
     return 130
+
+
+def _code_cache() -> None:
+    """A cache that cannot be used only costs time: whatever goes wrong in it, the gateway
+    starts without it (``dataclasses`` compiles, as it always did)."""
+    try:
+        from gateway import codecache
+
+        codecache.install()
+    except Exception:  # noqa: BLE001, S110 - never a reason not to start
+        pass
 
 
 def _exit_now(code: int) -> int:

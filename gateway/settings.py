@@ -677,11 +677,13 @@ def describe() -> str:
         "",
         "| variable | meaning |",
         "|---|---|",
-        "| `GATEWAY_CACHE_DIR` | where parsed DBCs are cached (default "
+        "| `GATEWAY_CACHE_DIR` | the gateway's cache folder (default "
         "`$XDG_CACHE_HOME/car-data-gateway`, else `~/.cache/car-data-gateway`); `off` turns the "
-        "cache off. Two entries per DBC, cantools' model and the vector decoder's plans (which a "
-        "replay reads without importing cantools), pickles keyed by the SHA-256 of the DBC, the "
-        "installed cantools and the gateway and Python versions, read only when the folder and "
+        "caches off. `dbc/`: two entries per parsed DBC, cantools' model and the vector "
+        "decoder's plans (which a replay reads without importing cantools), pickles keyed by the "
+        "SHA-256 of the DBC, the installed cantools and the gateway and Python versions. "
+        "`code/`: the compiled methods of the gateway's dataclasses, which Python would compile "
+        "again at every start (~20 ms), one file per Python build. Read only when the folder and "
         "the file belong to the user and nobody else can write to them. |",
         "| `GATEWAY_PARSE_PROCESS` | `0`: parse a candump log in threads of the gateway's own "
         "process instead of a process of its own (the default on Linux with 2 or more cores; "

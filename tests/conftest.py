@@ -56,6 +56,27 @@ def _root_logger_as_it_was() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _dataclasses_as_they_were() -> Iterator[None]:
+    """A test that runs the console script's ``main`` in this process puts the code cache's
+    hook into ``dataclasses`` (``gateway.codecache``): taken out again after it, with its
+    write at exit, so that the other tests define their dataclasses as Python does."""
+    import atexit
+    import dataclasses
+
+    had = vars(dataclasses).get("exec")
+    yield
+    hook = vars(dataclasses).get("exec")
+    if hook is not had:
+        if had is None:
+            del dataclasses.exec  # type: ignore[attr-defined]
+        else:
+            dataclasses.exec = had  # type: ignore[attr-defined]
+        cache = getattr(hook, "__self__", None)
+        if cache is not None:
+            atexit.unregister(cache.save)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[LocalBroker]:
     """One real Mosquitto on a free loopback port for the whole session."""

@@ -1,6 +1,6 @@
 """DBC loading: cantools' model, made tolerant of the real-world files a bench meets.
 
-A parsed DBC is kept in a cache on disk (``$GATEWAY_CACHE_DIR``, else
+A parsed DBC is kept in the cache folder (``gateway.cachedir``: ``$GATEWAY_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/car-data-gateway``, else ``~/.cache/car-data-gateway``; ``GATEWAY_CACHE_DIR=off``
 turns it off), keyed by the SHA-256 of the file's bytes, the installed cantools and the gateway
 and Python versions: a large DBC (the Model 3 one) loads in 0.1 s instead of 0.6 s. Two entries
@@ -14,7 +14,6 @@ model is wanted: ~45 ms of every start-up on the 2-core VM of ``docs/benchmarks.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import hashlib
@@ -23,12 +22,13 @@ import logging
 import os
 import pickle
 import re
-import stat
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cachedir import cache_dir, write_private
+from gateway.cachedir import private as _private
 from gateway.canbus.messages import divert_logging, looks_binary
 from gateway.canbus.signalplan import DbcPlans
 from gateway.errors import DbcError
@@ -295,22 +295,6 @@ def _slim(db: cantools.database.can.Database) -> cantools.database.can.Database:
     return db
 
 
-def cache_dir() -> Path | None:
-    """Where parsed DBCs are cached, or None when the cache is off (or there is no home)."""
-    if not hasattr(os, "getuid"):
-        return None  # no owner check on this platform: no pickles either
-    env = os.environ.get("GATEWAY_CACHE_DIR")
-    if env is not None:
-        return None if env.strip().lower() in ("", "off", "0", "no") else Path(env)
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
-        try:
-            base = str(Path.home() / ".cache")
-        except (RuntimeError, KeyError):  # no HOME and no passwd entry (a container's UID)
-            return None
-    return Path(base) / "car-data-gateway"
-
-
 @functools.cache
 def _loader_digest() -> str:
     """The source of this module, of the plans, of the child that compiles them and of the
@@ -354,16 +338,6 @@ def _cache_file(raw: bytes, suffix: str = ".pickle") -> Path | None:
         f"|{sys.version_info[:2]}|{_loader_digest()}".encode()
     )
     return root / "dbc" / f"{h.hexdigest()}{suffix}"
-
-
-def _private(path: Path) -> bool:
-    """A real directory or file (no symlink), owned by this user and writable by nobody else:
-    a pickle found there is ours to trust, and a file made there cannot be redirected."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)
 
 
 def _cache_get(path: Path) -> tuple[cantools.database.can.Database, list[str]] | None:
@@ -426,30 +400,18 @@ def _cache_put(path: Path, value: tuple[cantools.database.can.Database, list[str
 
 
 def _write_private(path: Path, entry: Any) -> bool:
-    """Best effort: a cache that cannot be written only costs time. Written only into a
-    private folder, through a new file of its own (``mkstemp``: O_EXCL, mode 0600). Whether
-    the entry was written."""
-    tmp: str | None = None
+    """Best effort: a cache that cannot be written only costs time (see
+    ``cachedir.write_private``). Whether the entry was written."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _private(path.parent):
-            log.debug("DBC cache %s is not private to this user: not written", path.parent)
-            return False
-        import tempfile  # here: only a cache miss writes (tempfile imports random, shutil)
-
-        fd, tmp = tempfile.mkstemp(prefix=path.stem[:16], suffix=".tmp", dir=path.parent)
-        with open(fd, "wb") as fh:
-            pickle.dump(entry, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-        tmp = None
-        return True
-    except (OSError, pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:
+        written = write_private(
+            path, functools.partial(pickle.dump, entry, protocol=pickle.HIGHEST_PROTOCOL)
+        )
+    except (pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:
         log.debug("DBC cache not written (%s)", exc)
         return False
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    if not written:
+        log.debug("DBC cache %s not written (not private to this user, or an OS error)", path)
+    return written
 
 
 class _Notes(logging.Handler):
