@@ -3,25 +3,34 @@
 ``$GATEWAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/car-data-gateway``, else
 ``~/.cache/car-data-gateway``; ``GATEWAY_CACHE_DIR=off`` turns every cache off. It holds parsed
 DBCs (``dbc/``, see ``gateway.canbus.dbc``) and compiled dataclass methods (``code/``, see
-``gateway.codecache``): pickles and code, so it is read only from a folder and files that
-belong to the user and that nobody else can write to, and written only through new files of
-its own. Imports nothing beyond the standard library's basics: the code cache uses it before
-the gateway's modules are imported.
+``gateway.codecache``): pickles and code, so an entry is read only from a folder and a file
+that belong to the user and that nobody else can write to, and written only through a new
+file of its own. Both are checked on the opened descriptors, not on the path before it is
+opened: a folder swapped for a symbolic link (or for somebody else's folder) between a check
+and the open is refused, not followed. Imports nothing beyond the standard library's basics:
+the code cache uses it before the gateway's modules are imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+log = logging.getLogger(__name__)
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
 
 def cache_dir() -> Path | None:
     """Where the caches are, or None when they are off (or there is no home)."""
-    if not hasattr(os, "getuid"):
+    if not hasattr(os, "getuid") or not _NOFOLLOW:
         return None  # no owner check on this platform: no pickles, no code either
     env = os.environ.get("GATEWAY_CACHE_DIR")
     if env is not None:
@@ -35,37 +44,91 @@ def cache_dir() -> Path | None:
     return Path(base) / "car-data-gateway"
 
 
+def _ours(st: os.stat_result) -> bool:
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def private(path: Path) -> bool:
-    """A real directory or file (no symlink), owned by this user and writable by nobody else:
-    what is found there is ours to trust, and a file made there cannot be redirected."""
+    """A real directory or file (no symlink), owned by this user and writable by nobody else.
+    (A check of the path as it is now: to read or write an entry, see ``open_private`` and
+    ``write_private``, which check what they opened.)"""
     try:
         st = path.lstat()
     except OSError:
         return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)
+    return _ours(st) and not stat.S_ISLNK(st.st_mode)
+
+
+def _open_folder(folder: Path) -> int | None:
+    """A descriptor of ``folder`` if it is a private folder (checked on the descriptor), else
+    None. Its last component is not followed if it is a symbolic link."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode) and _ours(st):
+        return fd
+    os.close(fd)
+    return None
+
+
+def open_private(path: Path) -> BinaryIO | None:
+    """``path`` open for reading if it and its folder are private (see the module), else None.
+    The file is opened inside the folder's own descriptor, without following a link."""
+    folder = _open_folder(path.parent)
+    if folder is None:
+        return None
+    try:
+        fd = os.open(path.name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=folder)
+    except OSError:
+        return None
+    finally:
+        os.close(folder)
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) and _ours(st)):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
 
 
 def write_private(path: Path, write: Callable[[BinaryIO], object]) -> bool:
     """Best effort (a cache that cannot be written only costs time): ``path`` made by ``write``
     (given the open file), in a private folder (made mode 0700 if missing), through a new file
-    of its own (``mkstemp``: O_EXCL, mode 0600) renamed over it. Whether it was written. An
-    error of ``write`` other than an OSError is raised, after the new file is removed."""
-    tmp: str | None = None
+    of its own (O_EXCL, mode 0600), flushed to the disk and renamed over it, all inside the
+    folder's descriptor. Whether it was written. An error of ``write`` other than an OSError is
+    raised, after the new file is removed."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not private(path.parent):
-            return False
-        import tempfile  # here: only a cache miss writes (tempfile imports random, shutil)
-
-        fd, tmp = tempfile.mkstemp(prefix=path.stem[:16], suffix=".tmp", dir=path.parent)
-        with open(fd, "wb") as fh:
+    except OSError as exc:
+        log.debug("cache %s not written: %s", path, exc)
+        return False
+    folder = _open_folder(path.parent)
+    if folder is None:
+        log.debug("cache folder %s is not private to this user: not written", path.parent)
+        return False
+    tmp = f".{path.name}.{os.urandom(6).hex()}.tmp"
+    made = False
+    try:
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
+            0o600,
+            dir_fd=folder,
+        )
+        made = True
+        with os.fdopen(fd, "wb") as fh:
             write(fh)
-        os.replace(tmp, path)
-        tmp = None
+            fh.flush()
+            os.fsync(fh.fileno())  # a power cut leaves the old entry or the new, whole
+        os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        made = False
         return True
-    except OSError:
+    except OSError as exc:
+        log.debug("cache %s not written: %s", path, exc)
         return False
     finally:
-        if tmp is not None:
+        if made:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=folder)
+        os.close(folder)

@@ -5,16 +5,23 @@ frozen class's ``__setattr__`` and ``__delattr__``, ``__hash__``) as source text
 with ``exec``, one method at a time, in every process: the 43 dataclasses on a replay's import
 path took 24 ms of a 0.35 s replay of a million frames here, more than the rest of the
 gateway's own modules together. Python keeps the compiled code of a module in
-``__pycache__``; this keeps the code compiled from each of those texts, by its text, in the
-cache folder (``code/``, see ``gateway.cachedir``), and reads it back as marshal data (~1 ms).
+``__pycache__``; this keeps the code compiled from each of those texts (the gateway's
+dataclasses and any other defined in the process, aiomqtt's among them), by the text's SHA-256,
+in the cache folder (``code/``, see ``gateway.cachedir``), and reads it back as marshal data
+(~1 ms).
 
 Running the kept code is running the text: it is the code ``compile`` makes of that exact
 text, with the flags ``dataclasses``' own ``exec`` has (no ``__future__`` of ours), and it
 runs in the namespaces ``dataclasses`` passes, as before. Only the ``exec`` that the
-``dataclasses`` module calls is replaced (a name in its namespace); nothing else is. The file
-is tied to the Python build (``sys.version``): another build starts afresh. A file that is
-damaged, of another build, or not private to this user is ignored and written again. New
-texts are written at the end of the process that compiled them (the console script's end).
+``dataclasses`` module calls is replaced (a name in its namespace); nothing else is.
+
+The file: one per Python build (its name holds a digest of ``sys.version``, which the file
+repeats inside), its marshal data behind their SHA-256, read only when private to the user
+(``cachedir.open_private``). A file that is damaged (a flipped bit, a torn write), of another
+build or not private is not read: every text is compiled, and the file written again at the
+end. New texts are written at the end of the process that compiled them (the console
+script's end), with those kept before, up to ``MAX_ENTRIES`` (then only those this process
+ran). Texts are not kept, in the file or in memory: only their digests.
 
 Installed by the console script (``gateway._start``) before anything else of the gateway is
 imported; ``GATEWAY_CACHE_DIR=off`` leaves ``dataclasses`` as it is.
@@ -24,17 +31,23 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import hashlib
 import marshal
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.cachedir import cache_dir, private, write_private
+from gateway.cachedir import cache_dir, open_private, write_private
 
-# above this many texts, a write keeps only those this process used (a new version of the
-# gateway's classes leaves the old texts behind; the replay path uses ~220)
-MAX_ENTRIES = 4096
+# the replay path uses ~220 texts (~200 KB of file); above this many, a write keeps only those
+# this process ran (a new version of the gateway's classes leaves its old texts behind)
+MAX_ENTRIES = 1024
+_DIGEST = 32  # bytes of SHA-256 before the marshal data
+
+
+def _key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 class DataclassCodeCache:
@@ -42,54 +55,82 @@ class DataclassCodeCache:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.codes: dict[str, Any] = {}
-        self.used: set[str] = set()
-        self.compiled = 0  # texts compiled by this process (written at its end)
+        # the file's entries not yet run: marshal data of the code, by the text's SHA-256
+        self.codes: dict[bytes, bytes] = {} if path is None else _read(path)
+        self.new: dict[bytes, Any] = {}  # compiled by this process, until written
+        self.ran: dict[bytes, Any] = {}  # run by this process (a text met again runs this)
+        self.compiled = 0
         self.pid = os.getpid()
-        if path is not None:
-            self.codes = _read(path)
 
     def exec(self, source: Any, /, *args: Any, **kwargs: Any) -> None:
         if type(source) is str:
-            code = self.codes.get(source)
+            key = _key(source)
+            code = self.ran.get(key)
             if code is None:
-                # as the exec of dataclasses would compile it: its file name, and no future
-                # features inherited from this module (annotations would become strings)
-                code = compile(source, "<string>", "exec", dont_inherit=True)
-                self.codes[source] = code
-                self.compiled += 1
-            self.used.add(source)
+                code = _loads(self.codes.pop(key, None))
+                if code is None:
+                    # as the exec of dataclasses would compile it: its file name, and no
+                    # future features inherited from this module (annotations would become
+                    # strings)
+                    code = compile(source, "<string>", "exec", dont_inherit=True)
+                    self.new[key] = code
+                    self.compiled += 1
+                self.ran[key] = code
             source = code
         builtins.exec(source, *args, **kwargs)
 
     def save(self) -> bool:
-        """Write the texts to the file if this process compiled new ones (and is the one that
-        installed the hook: not a forked child). Whether it wrote."""
-        if self.path is None or not self.compiled or os.getpid() != self.pid:
+        """Write the file if this process compiled new texts (and is the one that installed
+        the hook: not a forked child). Whether it wrote."""
+        if self.path is None or not self.new or os.getpid() != self.pid:
             return False
-        codes = self.codes
-        if len(codes) > MAX_ENTRIES:
-            codes = {t: c for t, c in codes.items() if t in self.used}
         try:
-            data = marshal.dumps((sys.version, codes))
+            new = {k: marshal.dumps(c) for k, c in self.new.items()}
         except ValueError:  # not marshallable: not ours to keep
             return False
-        if not write_private(self.path, lambda fh: fh.write(data)):
+        entries = {**_read(self.path), **new}  # the file as it is now, and the new texts
+        if len(entries) > MAX_ENTRIES:
+            entries = {k: b for k, b in entries.items() if k in self.ran}
+        data = marshal.dumps((sys.version, entries))
+        digest = hashlib.sha256(data).digest()
+        if not write_private(self.path, lambda fh: fh.write(digest + data)):
             return False
-        self.compiled = 0
+        self.new = {}
         return True
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not (private(path.parent) and private(path)):
+def _loads(blob: bytes | None) -> Any:
+    """The code object in ``blob``, or None."""
+    if blob is None:
+        return None
+    try:
+        code = marshal.loads(blob)
+    except Exception:  # noqa: BLE001 - not expected past the digest: compiled instead
+        return None
+    return code if type(code) is _CODE else None
+
+
+def _read(path: Path) -> dict[bytes, bytes]:
+    """The entries of the file, or none if it cannot be trusted whole."""
+    fh = open_private(path)
+    if fh is None:
         return {}
     try:
-        version, codes = marshal.loads(path.read_bytes())
-    except (OSError, EOFError, ValueError, TypeError):  # missing, damaged, another format
+        with fh:
+            raw = memoryview(fh.read())
+        digest, data = raw[:_DIGEST], raw[_DIGEST:]
+        if len(digest) < _DIGEST or hashlib.sha256(data).digest() != digest:
+            return {}  # damaged or torn: marshal would read it as other code, or crash
+        version, entries = marshal.loads(data)
+    except Exception:  # noqa: BLE001 - whatever it is, the texts are compiled again
         return {}
-    if version != sys.version or not isinstance(codes, dict):
+    if version != sys.version or not isinstance(entries, dict):
         return {}
-    return {t: c for t, c in codes.items() if type(t) is str and type(c) is _CODE}
+    return {
+        k: b
+        for k, b in entries.items()
+        if type(k) is bytes and len(k) == _DIGEST and type(b) is bytes
+    }
 
 
 _CODE = type(_read.__code__)
@@ -97,8 +138,11 @@ _CODE = type(_read.__code__)
 
 def cache_file() -> Path | None:
     root = cache_dir()
+    if root is None:
+        return None
     impl = sys.implementation.cache_tag or sys.implementation.name
-    return None if root is None else root / "code" / f"dataclasses.{impl}.marshal"
+    build = hashlib.sha256(sys.version.encode()).hexdigest()[:12]
+    return root / "code" / f"dataclasses.{impl}.{build}.marshal"
 
 
 def install() -> DataclassCodeCache | None:

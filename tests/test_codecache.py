@@ -4,13 +4,14 @@ a later run, and no trust in a file that is damaged, of another build or not pri
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import marshal
 import os
+import random
 import subprocess
 import sys
 import textwrap
 import types
-from pathlib import Path
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_methods_made_through_the_cache_are_those_dataclasses_makes(monkeypatch,
     later = codecache.DataclassCodeCache(path)
     _hooked(monkeypatch, later)
     from_file = _methods(_define("from_file"))
-    assert later.compiled == 0 and later.used
+    assert later.compiled == 0 and later.ran and not later.codes  # each run once, then let go
     assert plain.keys() == compiled.keys() == from_file.keys() and len(plain) >= 9
     for name in plain:
         assert compiled[name] == plain[name], name
@@ -113,7 +114,7 @@ def test_the_gateway_started_again_compiles_none_of_its_dataclass_methods(tmp_pa
     script = (
         "from gateway import codecache; c = codecache.install(); "
         "import gateway.cli, gateway.app, gateway.canbus.replay; "
-        "from gateway.settings import Settings; Settings(); print(c.compiled, len(c.used))"
+        "from gateway.settings import Settings; Settings(); print(c.compiled, len(c.ran))"
     )
     env = dict(os.environ, GATEWAY_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
 
@@ -126,7 +127,7 @@ def test_the_gateway_started_again_compiles_none_of_its_dataclass_methods(tmp_pa
         return int(compiled), int(used)
 
     compiled, used = run()
-    assert compiled == used > 100  # every text new on the first run...
+    assert compiled == used > 100  # every text new on the first run (some met twice)...
     written = tmp_path / "code"
     (entry,) = written.iterdir()
     assert oct(entry.stat().st_mode & 0o777) == "0o600"
@@ -136,19 +137,24 @@ def test_the_gateway_started_again_compiles_none_of_its_dataclass_methods(tmp_pa
 
 
 _TEXT = "def __create_fn__():\n def f(): pass\n return f"
-_ENTRY = {_TEXT: compile(_TEXT, "<string>", "exec", dont_inherit=True)}
+_ENTRY = {codecache._key(_TEXT): marshal.dumps(compile(_TEXT, "<string>", "exec"))}
+
+
+def _signed(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest() + data
 
 
 @pytest.mark.parametrize(
     "content",
     [
-        b"not marshal data",
-        marshal.dumps(("3.11.0 (another build)", _ENTRY)),
-        marshal.dumps(_ENTRY),
-        marshal.dumps((sys.version, _ENTRY))[:-9],
+        b"not marshal data, and no digest of it",
+        _signed(b"not marshal data"),
+        _signed(marshal.dumps(("3.11.0 (another build)", _ENTRY))),
+        _signed(marshal.dumps(_ENTRY)),
+        _signed(marshal.dumps((sys.version, _ENTRY))[:-9]),
         b"",
     ],
-    ids=["damaged", "another-build", "another-format", "cut-short", "empty"],
+    ids=["damaged", "not-marshal", "another-build", "another-format", "cut-short", "empty"],
 )
 def test_a_file_that_cannot_be_trusted_to_be_ours_is_ignored_and_written_again(
     monkeypatch, tmp_path, content
@@ -166,7 +172,7 @@ def test_a_file_that_cannot_be_trusted_to_be_ours_is_ignored_and_written_again(
     assert len(codecache.DataclassCodeCache(path).codes) == compiled
 
 
-def test_a_file_others_can_write_is_not_run(monkeypatch, tmp_path):
+def test_a_file_others_can_write_or_reached_through_a_link_is_not_run(monkeypatch, tmp_path):
     path = tmp_path / "code" / "dc.marshal"
     good = codecache.DataclassCodeCache(path)
     _hooked(monkeypatch, good)
@@ -178,12 +184,42 @@ def test_a_file_others_can_write_is_not_run(monkeypatch, tmp_path):
     path.parent.chmod(0o777)
     assert codecache.DataclassCodeCache(path).codes == {}
     path.parent.chmod(0o700)
-    # a code object under a text it was not compiled from would run in its place: only what
-    # the user's own gateway wrote is read (see above), and only code objects are taken
-    text = next(iter(good.codes))
-    path.write_bytes(marshal.dumps((sys.version, {text: "not code", 3: good.codes[text]})))
-    path.chmod(0o600)
+    # the folder (or the file) swapped for a link to one that would pass: not followed
+    linked = tmp_path / "elsewhere"
+    linked.symlink_to(path.parent, target_is_directory=True)
+    assert codecache.DataclassCodeCache(linked / path.name).codes == {}
+    (path.parent / "link.marshal").symlink_to(path)
+    assert codecache.DataclassCodeCache(path.parent / "link.marshal").codes == {}
+    assert codecache.DataclassCodeCache(path).codes  # the real one still reads
+    # entries are code under a text's SHA-256: anything else is not taken, or not run
+    key, blob = next(iter(codecache._read(path).items()))
+    for entries in ({key: "not bytes"}, {key[:8]: blob}, {"a text": blob}):
+        data = marshal.dumps((sys.version, entries))
+        path.write_bytes(hashlib.sha256(data).digest() + data)
+        assert codecache.DataclassCodeCache(path).codes == {}
+    data = marshal.dumps((sys.version, {key: marshal.dumps("not code")}))
+    path.write_bytes(hashlib.sha256(data).digest() + data)
+    assert codecache._loads(codecache.DataclassCodeCache(path).codes[key]) is None
+
+
+def test_one_flipped_bit_anywhere_and_the_file_is_not_read(monkeypatch, tmp_path):
+    # marshal reads damaged data as other code, or crashes on it: the digest is checked first
+    path = tmp_path / "code" / "dc.marshal"
+    cache = codecache.DataclassCodeCache(path)
+    _hooked(monkeypatch, cache)
+    _define("m")
+    assert cache.save()
+    whole = path.read_bytes()
+    rng = random.Random(7)
+    for at in [0, 31, 32, len(whole) - 1, *rng.sample(range(len(whole)), 40)]:
+        damaged = bytearray(whole)
+        damaged[at] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(damaged))
+        assert codecache.DataclassCodeCache(path).codes == {}, at
+    path.write_bytes(whole[:-1])  # torn
     assert codecache.DataclassCodeCache(path).codes == {}
+    path.write_bytes(whole)
+    assert codecache.DataclassCodeCache(path).codes
 
 
 def test_a_forked_child_or_a_process_that_compiled_nothing_does_not_write(monkeypatch, tmp_path):
@@ -208,13 +244,43 @@ def test_installed_once_and_old_texts_dropped_past_the_limit(monkeypatch, tmp_pa
     monkeypatch.delattr(dataclasses, "exec", raising=False)
     registered: list[object] = []
     monkeypatch.setattr(codecache.atexit, "register", registered.append)
+    path = codecache.cache_file()
+    assert path is not None and path.parent == tmp_path / "code"
+    # texts of classes no longer defined, left in the file by an older version
+    old = codecache.DataclassCodeCache(path)
+    gone = {codecache._key(f"def f{i}(): pass") for i in range(5)}
+    old.new = {k: compile("pass", "<string>", "exec") for k in gone}
+    assert old.save() and len(codecache._read(path)) == 5
     cache = codecache.install()
     assert cache is not None and codecache.install() is cache and registered == [cache.save]
-    assert cache.path == tmp_path / "code" / Path(cache.path).name
-    # texts of classes no longer defined are kept up to MAX_ENTRIES, then only those used
-    cache.codes = {f"def f{i}(): pass": compile("pass", "<string>", "exec") for i in range(5)}
-    monkeypatch.setattr(codecache, "MAX_ENTRIES", 4)
     _define("m")
+    # kept beside the new ones up to MAX_ENTRIES...
+    assert cache.save() and len(codecache._read(path)) == 5 + len(cache.ran)
+    # ...then only the texts this process ran
+    monkeypatch.setattr(codecache, "MAX_ENTRIES", 4)
+    cache.new = {codecache._key("def g(): pass"): compile("pass", "<string>", "exec")}
+    cache.ran[codecache._key("def g(): pass")] = None
     assert cache.save()
-    kept = codecache.DataclassCodeCache(cache.path).codes
-    assert set(kept) == cache.used and not any(t.startswith("def f") for t in kept)
+    kept = codecache._read(path)
+    assert set(kept) == set(cache.ran) and not gone & set(kept)
+
+
+def test_the_console_script_keeps_the_code_and_reads_it_on_the_next_start(tmp_path):
+    env = dict(os.environ, GATEWAY_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+
+    def start() -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "--help"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0 and "replay" in out.stdout, out.stderr
+
+    start()
+    (entry,) = (tmp_path / "code").iterdir()
+    assert oct(entry.stat().st_mode & 0o777) == "0o600" and len(codecache._read(entry)) > 10
+    stamp = entry.stat().st_mtime_ns, entry.stat().st_ino
+    start()  # nothing new to compile: the file is left as it is
+    assert (entry.stat().st_mtime_ns, entry.stat().st_ino) == stamp

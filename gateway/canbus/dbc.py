@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.cachedir import cache_dir, write_private
+from gateway.cachedir import cache_dir, open_private, write_private
 from gateway.cachedir import private as _private
 from gateway.canbus.messages import divert_logging, looks_binary
 from gateway.canbus.signalplan import DbcPlans
@@ -268,10 +268,11 @@ def _model_later(path: Path, mtime: int, size: int) -> cantools.database.can.Dat
 
 
 def _plans_get(path: Path) -> tuple[DbcPlans, list[str]] | None:
-    if not (_private(path.parent) and _private(path)):
+    fh = open_private(path)
+    if fh is None:
         return None
     try:
-        with open(path, "rb") as fh:
+        with fh:
             plans, notes = pickle.load(fh)
         if not isinstance(plans, DbcPlans) or not all(isinstance(n, str) for n in notes):
             raise TypeError("not a plans entry")
@@ -341,10 +342,11 @@ def _cache_file(raw: bytes, suffix: str = ".pickle") -> Path | None:
 
 
 def _cache_get(path: Path) -> tuple[cantools.database.can.Database, list[str]] | None:
-    if not (_private(path.parent) and _private(path)):
+    fh = open_private(path)
+    if fh is None:
         return None
     try:
-        with open(path, "rb") as fh:
+        with fh:
             entry = pickle.load(fh)
         db = _unpack(entry[:-1])
         notes = list(entry[-1])
@@ -403,15 +405,12 @@ def _write_private(path: Path, entry: Any) -> bool:
     """Best effort: a cache that cannot be written only costs time (see
     ``cachedir.write_private``). Whether the entry was written."""
     try:
-        written = write_private(
+        return write_private(
             path, functools.partial(pickle.dump, entry, protocol=pickle.HIGHEST_PROTOCOL)
         )
     except (pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:
         log.debug("DBC cache not written (%s)", exc)
         return False
-    if not written:
-        log.debug("DBC cache %s not written (not private to this user, or an OS error)", path)
-    return written
 
 
 class _Notes(logging.Handler):

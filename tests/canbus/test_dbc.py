@@ -174,6 +174,22 @@ def test_cache_entry_others_can_write_or_that_is_damaged_is_not_trusted(tmp_path
     assert hit is not None and hit[0].messages
 
 
+def test_a_cache_entry_reached_through_a_link_is_not_loaded(tmp_path, monkeypatch):
+    # a folder (or entry) swapped for a symbolic link after it was checked would be followed
+    # by an open of the path: entries are opened inside their folder's descriptor, unfollowed
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    dbc_module.load_plans(KONA / "kona_ccan.cantools.dbc")
+    (plans,) = sorted((tmp_path / "cache" / "dbc").glob("*.plans"))
+    (model,) = _entries(tmp_path / "cache")
+    assert dbc_module._plans_get(plans) is not None and dbc_module._cache_get(model) is not None
+    other = tmp_path / "other"
+    other.symlink_to(plans.parent, target_is_directory=True)
+    assert dbc_module._plans_get(other / plans.name) is None
+    assert dbc_module._cache_get(other / model.name) is None
+    (plans.parent / "link.plans").symlink_to(plans)
+    assert dbc_module._plans_get(plans.parent / "link.plans") is None
+
+
 def test_a_plans_entry_others_can_write_or_that_is_damaged_is_compiled_again(tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
     path = KONA / "kona_ccan.cantools.dbc"
