@@ -10,8 +10,8 @@ dataclasses and any other defined in the process, aiomqtt's among them), by the 
 in the cache folder (``code/``, see ``gateway.cachedir``), and reads it back as marshal data
 (~1 ms).
 
-Running the kept code is running the text: it is the code ``compile`` makes of that exact
-text, with the flags ``dataclasses``' own ``exec`` has (no ``__future__`` of ours), and it
+Running the kept code is running the text: it is the code ``compile`` made of the text whose
+SHA-256 it is kept under, with the flags ``dataclasses``' own ``exec`` has (no ``__future__`` of ours), and it
 runs in the namespaces ``dataclasses`` passes, as before. Only the ``exec`` that the
 ``dataclasses`` module calls is replaced (a name in its namespace); nothing else is.
 
@@ -36,6 +36,7 @@ import marshal
 import os
 import sys
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 from gateway.cachedir import cache_dir, open_private, write_private
@@ -107,7 +108,7 @@ def _loads(blob: bytes | None) -> Any:
         code = marshal.loads(blob)
     except Exception:  # noqa: BLE001 - not expected past the digest: compiled instead
         return None
-    return code if type(code) is _CODE else None
+    return code if type(code) is CodeType else None
 
 
 def _read(path: Path) -> dict[bytes, bytes]:
@@ -131,9 +132,6 @@ def _read(path: Path) -> dict[bytes, bytes]:
         for k, b in entries.items()
         if type(k) is bytes and len(k) == _DIGEST and type(b) is bytes
     }
-
-
-_CODE = type(_read.__code__)
 
 
 def cache_file() -> Path | None:
