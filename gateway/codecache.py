@@ -15,8 +15,8 @@ SHA-256 it is kept under, with the flags ``dataclasses``' own ``exec`` has (no `
 runs in the namespaces ``dataclasses`` passes, as before. Only the ``exec`` that the
 ``dataclasses`` module calls is replaced (a name in its namespace); nothing else is.
 
-The file: one per Python build (its name holds a digest of ``sys.version``, which the file
-repeats inside), its marshal data behind their SHA-256, read only when private to the user
+The file: one per Python build and optimisation level (``-O``: its name holds a digest of
+both, which the file repeats inside), its marshal data behind their SHA-256, read only when private to the user
 (``cachedir.open_private``). A file that is damaged (a flipped bit, a torn write), of another
 build or not private is not read: every text is compiled, and the file written again at the
 end. New texts are written at the end of the process that compiled them (the console
@@ -45,6 +45,11 @@ from gateway.cachedir import cache_dir, open_private, write_private
 # this process ran (a new version of the gateway's classes leaves its old texts behind)
 MAX_ENTRIES = 1024
 _DIGEST = 32  # bytes of SHA-256 before the marshal data
+
+
+def _build() -> str:
+    """What the compiled code depends on besides its text: the interpreter, and ``-O``."""
+    return f"{sys.version}|optimize={sys.flags.optimize}"
 
 
 def _key(text: str) -> bytes:
@@ -92,7 +97,7 @@ class DataclassCodeCache:
         entries = {**_read(self.path), **new}  # the file as it is now, and the new texts
         if len(entries) > MAX_ENTRIES:
             entries = {k: b for k, b in entries.items() if k in self.ran}
-        data = marshal.dumps((sys.version, entries))
+        data = marshal.dumps((_build(), entries))
         digest = hashlib.sha256(data).digest()
         if not write_private(self.path, lambda fh: fh.write(digest + data)):
             return False
@@ -125,7 +130,7 @@ def _read(path: Path) -> dict[bytes, bytes]:
         version, entries = marshal.loads(data)
     except Exception:  # noqa: BLE001 - whatever it is, the texts are compiled again
         return {}
-    if version != sys.version or not isinstance(entries, dict):
+    if version != _build() or not isinstance(entries, dict):
         return {}
     return {
         k: b
@@ -139,7 +144,7 @@ def cache_file() -> Path | None:
     if root is None:
         return None
     impl = sys.implementation.cache_tag or sys.implementation.name
-    build = hashlib.sha256(sys.version.encode()).hexdigest()[:12]
+    build = hashlib.sha256(_build().encode()).hexdigest()[:12]
     return root / "code" / f"dataclasses.{impl}.{build}.marshal"
 
 

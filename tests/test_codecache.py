@@ -151,7 +151,7 @@ def _signed(data: bytes) -> bytes:
         _signed(b"not marshal data"),
         _signed(marshal.dumps(("3.11.0 (another build)", _ENTRY))),
         _signed(marshal.dumps(_ENTRY)),
-        _signed(marshal.dumps((sys.version, _ENTRY))[:-9]),
+        _signed(marshal.dumps((codecache._build(), _ENTRY))[:-9]),
         b"",
     ],
     ids=["damaged", "not-marshal", "another-build", "another-format", "cut-short", "empty"],
@@ -194,10 +194,10 @@ def test_a_file_others_can_write_or_reached_through_a_link_is_not_run(monkeypatc
     # entries are code under a text's SHA-256: anything else is not taken, or not run
     key, blob = next(iter(codecache._read(path).items()))
     for entries in ({key: "not bytes"}, {key[:8]: blob}, {"a text": blob}):
-        data = marshal.dumps((sys.version, entries))
+        data = marshal.dumps((codecache._build(), entries))
         path.write_bytes(hashlib.sha256(data).digest() + data)
         assert codecache.DataclassCodeCache(path).codes == {}
-    data = marshal.dumps((sys.version, {key: marshal.dumps("not code")}))
+    data = marshal.dumps((codecache._build(), {key: marshal.dumps("not code")}))
     path.write_bytes(hashlib.sha256(data).digest() + data)
     assert codecache._loads(codecache.DataclassCodeCache(path).codes[key]) is None
 
@@ -284,3 +284,22 @@ def test_the_console_script_keeps_the_code_and_reads_it_on_the_next_start(tmp_pa
     stamp = entry.stat().st_mtime_ns, entry.stat().st_ino
     start()  # nothing new to compile: the file is left as it is
     assert (entry.stat().st_mtime_ns, entry.stat().st_ino) == stamp
+
+
+def test_python_run_with_optimisation_keeps_a_file_of_its_own(tmp_path):
+    # compile() follows -O (asserts and docstrings): code made under one level is not the
+    # other's, even where the texts are the same
+    env = dict(os.environ, GATEWAY_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    script = "from gateway import codecache; print(codecache.cache_file().name)"
+    names = {
+        subprocess.run(
+            [sys.executable, *flag, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+        for flag in ([], ["-O"], ["-OO"])
+    }
+    assert len(names) == 3
