@@ -303,3 +303,12 @@ def test_python_run_with_optimisation_keeps_a_file_of_its_own(tmp_path):
         for flag in ([], ["-O"], ["-OO"])
     }
     assert len(names) == 3
+
+
+def test_a_cache_that_cannot_be_written_costs_time_only(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("in the way of the folder")
+    cache = codecache.DataclassCodeCache(tmp_path / "a-file" / "code" / "dc.marshal")
+    _hooked(monkeypatch, cache)
+    m = _define("m")
+    assert cache.compiled > 0 and not cache.save()  # said at debug level, nothing raised
+    assert m.Frozen(1) == m.Frozen(1)
