@@ -279,7 +279,7 @@ def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally:
     finally:
         writer.release()
     tally.files = 1
-    if total and tally.frames < total:  # a file cut short decodes to its cut, then stops
+    if source.cut_short:
         log.warning(
             "%s: %d of the %d frames its header declares could be read: the rest is not in %s",
             src,

@@ -104,6 +104,7 @@ class VideoFileSource:
         # a time-lapse at 0.5 fps is a real rate; 0, NaN or absurd values mean "not known"
         self.fps = fps if 0.01 <= fps <= 1000.0 else 25.0
         self.size = (first.shape[1], first.shape[0])
+        self.cut_short = False  # known once ``frames`` has been read to its end
 
     def total(self) -> int | None:
         return self._count or None
@@ -111,21 +112,33 @@ class VideoFileSource:
     def frames(self) -> Iterator[Frame]:
         cap = cv2.VideoCapture(opencv_name(self.path))
         i = 0
+        last_ms = -1.0  # the stream time of the last frame read
         try:
             while True:
                 ok, img = cap.read()
                 if not ok or img is None:
                     break
+                last_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
                 yield Frame(i, i / self.fps, img)
                 i += 1
         finally:
             cap.release()
-        if self.say_cut_short and self._count and i < self._count:
-            # a file cut short decodes to its cut, then stops
+        self.cut_short = self._cut_short(i, last_ms)
+        if self.say_cut_short and self.cut_short:
             log.warning(
                 "%s: %d of the %d frames its header declares could be read", self.path, i,
                 self._count,
             )  # fmt: skip
+
+    def _cut_short(self, read: int, last_ms: float) -> bool:
+        """Whether the file ended before its header says (a file cut short decodes to its
+        cut, then stops). The count is an estimate where the container keeps none (Matroska,
+        WebM: its duration times the rate), more than the frames of a clip of variable frame
+        rate: a clip whose last frame came at the end of its duration was read whole."""
+        if not self._count or read >= self._count:
+            return False
+        step_ms = 1000.0 / self.fps
+        return not (last_ms > 0 and last_ms + 1.5 * step_ms >= self._count * step_ms)
 
 
 def read_image(path: Path) -> Image:

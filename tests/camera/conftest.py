@@ -14,6 +14,7 @@ from gateway.camera.detect import CombinedDetector, load_detectors
 ROOT = Path(__file__).resolve().parents[2]
 ASTRONAUT = ROOT / "tests" / "data" / "astronaut.jpg"  # NASA portrait, public domain
 DEMO_CLIP = ROOT / "can_fixtures" / "camera" / "demo_clip.mp4"
+VFR_CLIP = ROOT / "tests" / "data" / "vfr_testsrc.mkv"  # variable frame rate, see tests/data
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from gateway.camera.source import (
     open_source,
 )
 from gateway.errors import CameraError
-from tests.camera.conftest import ASTRONAUT, DEMO_CLIP, grey_clip_and_its_first_half
+from tests.camera.conftest import ASTRONAUT, DEMO_CLIP, VFR_CLIP, grey_clip_and_its_first_half
 
 
 def test_the_demo_clip_reads_with_its_own_frame_rate():
@@ -123,6 +123,21 @@ def test_a_video_cut_short_says_how_many_of_its_frames_were_read(tmp_path, caplo
     n = len(list(src.frames()))
     assert 0 < n < 40
     assert f"{n} of the 40 frames its header declares could be read" in caplog.text
+
+
+def test_a_clip_of_variable_frame_rate_read_whole_is_not_said_to_be_cut_short(tmp_path, caplog):
+    # Matroska keeps no frame count: OpenCV's (80) is its duration times the nominal rate, more
+    # than the 50 frames of a clip whose rate varies. All 50 read is the whole clip; its first
+    # half, cut off, is still said
+    src = VideoFileSource(VFR_CLIP)
+    assert src.total() == 80 and len(list(src.frames())) == 50
+    assert not src.cut_short and "header declares" not in caplog.text
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(VFR_CLIP.read_bytes()[: VFR_CLIP.stat().st_size // 2])
+    half = VideoFileSource(cut)
+    n = len(list(half.frames()))
+    assert 0 < n < 50 and half.cut_short
+    assert f"{n} of the 80 frames its header declares could be read" in caplog.text
 
 
 def test_a_single_photo_and_jfif_photos_are_camera_sources(tmp_path):
