@@ -2,8 +2,10 @@
 
 It replays a drive with canaries injected (unique exact GPS points, a VIN, distinctive raw
 payloads), subscribes as an independent observer to EVERY topic on the broker (``#``), and
-searches every byte that left for every canary: as raw bytes, as hex and decimal text, and as
-numbers close enough to a true position to identify it. It also checks that every message seen
+searches every byte that left for every canary: as raw bytes, as hex, decimal and base64 text
+(at any alignment, standard and URL-safe), an exact position also as a binary float or
+integer (float64, float32, int32 of 1e-7 degrees; either byte order), and as numbers close
+enough to a true position to identify it. It also checks that every message seen
 on the broker has its line in the audit ledger. A report (Markdown and JSON) names every leak;
 any leak makes the command exit 1.
 """
@@ -11,11 +13,13 @@ any leak makes the command exit 1.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import json
 import random
 import re
+import struct
 import threading
 import time
 from collections import Counter
@@ -267,7 +271,8 @@ def search(
                     scaled[axis].setdefault(round(pos[axis] * 10.0**k) + d, set()).add(i)
     lats = np.array([p[0] for p in positions], np.float64)
     lons = np.array([p[1] for p in positions], np.float64)
-    text_needles = [canaries.vin.encode()]
+    text_needles = [canaries.vin.encode(), *_base64_forms(canaries.vin.encode())]
+    binary_needles: list[tuple[bytes, str]] = []
     for lat, lon in canaries.positions:
         text_needles += [
             f"{lat:.6f}".encode(),
@@ -275,15 +280,23 @@ def search(
             str(round(lat * 1e6)).encode(),
             str(round(lon * 1e6)).encode(),
         ]
+        for x in (lat, lon):
+            binary_needles += [(form, f"{x!r} as {how}") for how, form in _binary_forms(x)]
+    payload_forms = [
+        (raw, (raw, raw.hex().encode(), raw.hex().upper().encode(), *_base64_forms(raw)))
+        for raw in canaries.payloads
+    ]
     for m in observed:
         blob = m.topic.encode() + b"\x00" + m.payload
-        for raw in canaries.payloads:
-            for form in (raw, raw.hex().encode(), raw.hex().upper().encode()):
-                if form in blob:
-                    leaks.append(Leak("raw CAN payload", m.topic, f"canary payload {raw.hex()}"))
+        for raw, forms in payload_forms:
+            if any(form in blob for form in forms):
+                leaks.append(Leak("raw CAN payload", m.topic, f"canary payload {raw.hex()}"))
         for needle in text_needles:
             if needle in blob:
                 leaks.append(Leak("canary text", m.topic, f"{needle.decode()!r} appears"))
+        for needle, what in binary_needles:
+            if needle in blob:
+                leaks.append(Leak("canary position, binary", m.topic, f"{what} appears"))
         try:
             body = unpack(m.payload)
         except Exception:  # not ours: judged by the byte search above only
@@ -315,6 +328,43 @@ def search(
         leaks += _coarse_pairs(coarse, lats, lons, why, m.topic)
         leaks += _scaled_pairs(ints, scaled, positions, why, m.topic)
     return leaks
+
+
+def _base64_forms(raw: bytes) -> list[bytes]:
+    """``raw`` as it reads inside any base64 text, standard or URL-safe: base64 encodes 3 bytes
+    as 4 characters, so bytes that start 0, 1 or 2 bytes into a group read differently; of each
+    alignment, the characters that ``raw`` alone decides (those shared with the bytes around
+    it are left out). Nothing for fewer than 6 bytes: a needle that short would be found by
+    chance."""
+    if len(raw) < 6:
+        return []
+    forms = []
+    for shift in (0, 1, 2):
+        text = base64.b64encode(bytes(shift) + raw)
+        first = -(-8 * shift // 6)  # the first character made of raw's bits alone
+        last = 8 * (shift + len(raw)) // 6  # past the last one
+        form = text[first:last]
+        forms += [form, form.translate(_URL_SAFE)]
+    return list(dict.fromkeys(forms))
+
+
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _binary_forms(x: float) -> list[tuple[str, bytes]]:
+    """An exact coordinate as a program may pack it: float64 and float32, and int32 of 1e-7
+    degrees (as GPS receivers carry it), each in either byte order."""
+    e7 = round(x * 1e7)
+    forms = [
+        ("float64", struct.pack("<d", x)),
+        ("float64", struct.pack(">d", x)),
+        ("float32", struct.pack("<f", x)),
+        ("float32", struct.pack(">f", x)),
+    ]
+    if -(2**31) <= e7 < 2**31:
+        forms += [("int32 of 1e-7 deg", struct.pack("<i", e7))]
+        forms += [("int32 of 1e-7 deg", struct.pack(">i", e7))]
+    return forms
 
 
 def _scaled_pairs(
@@ -541,7 +591,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"true positions of the drive, within {POSITION_TOLERANCE_DEG} deg, numbers given "
         "to 0.1 or coarser excepted), the VIN "
         f"`{r['canaries']['vin']}`, {r['canaries']['raw_payloads']} distinctive raw payloads "
-        "(as bytes, hex and decimal)",
+        "(as bytes, hex, decimal and base64; positions also as binary numbers)",
         "",
         "## Egress by schema and rule",
         "",

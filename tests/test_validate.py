@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 
 import pytest
 
@@ -163,6 +165,46 @@ def test_search_finds_raw_payloads_as_bytes_and_hex_and_the_vin():
         ("canary text", "t/c"),
         ("raw CAN payload", "t/a"),
         ("raw CAN payload", "t/b"),
+    ]
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2])
+def test_a_canary_payload_or_the_vin_in_base64_is_found_at_any_alignment(shift):
+    # a sloppy uplink puts binary into JSON as base64: the payload may start anywhere in the
+    # 3-byte groups of what was encoded, and the alphabet may be the URL-safe one
+    raw = bytes.fromhex("fb0123456789abcdef")  # (its base64 holds both + and /)
+    can = Canaries(positions=[], vin="CANARY12345678901", payloads=[raw])
+    before = bytes(range(7, 7 + shift))
+    std = base64.b64encode(before + raw + b"\x99\x98").decode()
+    observed = [
+        Observed("t/json", json.dumps({"blob": std}).encode(), False),
+        Observed("t/url", pack({"b": base64.urlsafe_b64encode(before + raw).decode()}), False),
+        Observed("t/vin", base64.b64encode(before + b"CANARY12345678901"), False),
+        # other bytes in base64, and the payload cut short: nothing
+        Observed("t/other", base64.b64encode(before + raw[:5] + bytes(4)), False),
+    ]
+    leaks = search(observed, can, [], False, 1000)
+    assert sorted((lk.kind, lk.topic) for lk in leaks) == [
+        ("canary text", "t/vin"),
+        ("raw CAN payload", "t/json"),
+        ("raw CAN payload", "t/url"),
+    ]
+
+
+def test_an_exact_canary_position_packed_as_a_binary_number_is_found():
+    lat, lon = 31.2219683, 121.4567891
+    can = Canaries(positions=[(lat, lon)], vin="CANARY12345678901")
+    observed = [
+        Observed("t/f64", b"hdr" + struct.pack("<dd", lat, lon), False),
+        Observed("t/f32", b"hdr" + struct.pack(">f", lat), False),
+        Observed("t/e7", b"hdr" + struct.pack("<i", round(lon * 1e7)), False),
+        Observed("t/near", b"hdr" + struct.pack("<d", lat + 1e-4), False),  # another place
+    ]
+    leaks = search(observed, can, [], False, 1000)
+    assert sorted({(lk.kind, lk.topic) for lk in leaks}) == [
+        ("canary position, binary", "t/e7"),
+        ("canary position, binary", "t/f32"),
+        ("canary position, binary", "t/f64"),
     ]
 
 
