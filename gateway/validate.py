@@ -17,6 +17,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import re
 import struct
@@ -349,18 +350,21 @@ def _base64_forms(raw: bytes) -> list[bytes]:
 
 
 _URL_SAFE = bytes.maketrans(b"+/", b"-_")
+_ULPS = 3  # float64 neighbours searched on either side of an exact coordinate
 
 
 def _binary_forms(x: float) -> list[tuple[str, bytes]]:
     """An exact coordinate as a program may pack it: float64 and float32, and int32 of 1e-7
-    degrees (as GPS receivers carry it), each in either byte order."""
+    degrees (as GPS receivers carry it), each in either byte order. As float64, also the
+    numbers a few units in the last place off: decoded from the DBC's integer and scale
+    (121337214 * 1e-6 is 121.33721399999999, not 121.337214), a canary is seldom the very
+    float it was written as."""
     e7 = round(x * 1e7)
-    forms = [
-        ("float64", struct.pack("<d", x)),
-        ("float64", struct.pack(">d", x)),
-        ("float32", struct.pack("<f", x)),
-        ("float32", struct.pack(">f", x)),
-    ]
+    near = [x]
+    for _ in range(_ULPS):
+        near = [math.nextafter(near[0], -math.inf), *near, math.nextafter(near[-1], math.inf)]
+    forms = [("float64", struct.pack(order, v)) for v in near for order in ("<d", ">d")]
+    forms += [("float32", struct.pack("<f", x)), ("float32", struct.pack(">f", x))]
     if -(2**31) <= e7 < 2**31:
         forms += [("int32 of 1e-7 deg", struct.pack("<i", e7))]
         forms += [("int32 of 1e-7 deg", struct.pack(">i", e7))]

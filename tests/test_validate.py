@@ -172,9 +172,11 @@ def test_search_finds_raw_payloads_as_bytes_and_hex_and_the_vin():
 def test_a_canary_payload_or_the_vin_in_base64_is_found_at_any_alignment(shift):
     # a sloppy uplink puts binary into JSON as base64: the payload may start anywhere in the
     # 3-byte groups of what was encoded, and the alphabet may be the URL-safe one
-    raw = bytes.fromhex("fb0123456789abcdef")  # (its base64 holds both + and /)
+    raw = bytes.fromhex("f255ff867cf954ff94")
     can = Canaries(positions=[], vin="CANARY12345678901", payloads=[raw])
     before = bytes(range(7, 7 + shift))
+    # (at every alignment its base64 holds both + and /, which the URL-safe alphabet replaces)
+    assert {"+", "/"} <= set(base64.b64encode(before + raw).decode())
     std = base64.b64encode(before + raw + b"\x99\x98").decode()
     observed = [
         Observed("t/json", json.dumps({"blob": std}).encode(), False),
@@ -192,16 +194,20 @@ def test_a_canary_payload_or_the_vin_in_base64_is_found_at_any_alignment(shift):
 
 
 def test_an_exact_canary_position_packed_as_a_binary_number_is_found():
-    lat, lon = 31.2219683, 121.4567891
+    lat, lon = 31.2219683, 121.337214
     can = Canaries(positions=[(lat, lon)], vin="CANARY12345678901")
+    decoded = 121337214 * 1e-6  # as the gateway decodes it from a DBC of 1e-6 degrees
+    assert decoded != lon
     observed = [
-        Observed("t/f64", b"hdr" + struct.pack("<dd", lat, lon), False),
+        Observed("t/f64", b"hdr" + struct.pack("<d", lat), False),
+        Observed("t/decoded", b"hdr" + struct.pack(">d", decoded), False),
         Observed("t/f32", b"hdr" + struct.pack(">f", lat), False),
         Observed("t/e7", b"hdr" + struct.pack("<i", round(lon * 1e7)), False),
         Observed("t/near", b"hdr" + struct.pack("<d", lat + 1e-4), False),  # another place
     ]
     leaks = search(observed, can, [], False, 1000)
     assert sorted({(lk.kind, lk.topic) for lk in leaks}) == [
+        ("canary position, binary", "t/decoded"),
         ("canary position, binary", "t/e7"),
         ("canary position, binary", "t/f32"),
         ("canary position, binary", "t/f64"),

@@ -94,7 +94,8 @@ class VideoFileSource:
         ok = cap.isOpened()
         first = cap.read()[1] if ok else None
         fps = cap.get(cv2.CAP_PROP_FPS) if ok else 0.0
-        self._count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
+        # (a raw .h264 stream has no count: OpenCV gives a negative number)
+        self._count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if ok else 0
         cap.release()
         if first is None:
             raise CameraError(

@@ -140,6 +140,14 @@ def test_a_clip_of_variable_frame_rate_read_whole_is_not_said_to_be_cut_short(tm
     assert f"{n} of the 80 frames its header declares could be read" in caplog.text
 
 
+def test_a_raw_stream_with_no_frame_count_has_no_total(caplog):
+    # a raw H.264 stream (no container): OpenCV's count is a large negative number, which the
+    # progress display took for the total
+    src = VideoFileSource(VFR_CLIP.with_name("testsrc.h264"))
+    assert src.total() is None and len(list(src.frames())) == 10
+    assert not src.cut_short and "header declares" not in caplog.text
+
+
 def test_a_single_photo_and_jfif_photos_are_camera_sources(tmp_path):
     _gradient(tmp_path / "one.jpg")
     (tmp_path / "two.jfif").write_bytes((tmp_path / "one.jpg").read_bytes())
