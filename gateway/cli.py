@@ -378,8 +378,10 @@ def _print_report(
         f"{d.skipped_special:,} error/remote frames",
         file=out,
     )
+    # (frames that came while collection was stopped are not counted per channel: a stop
+    # hides the bus's activity too, so which channels were silent cannot be said)
     idle = [ch for ch in s.dbc if ch != "*" and report.frames and ch not in report.channels]
-    if idle:
+    if idle and not report.frames_while_stopped:
         seen = ", ".join(sorted(report.channels)) or "none"
         print(
             f"  no frames on {', '.join(idle)}, which a DBC is given for (the log's channels: {seen})",
@@ -1083,7 +1085,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--broker",
         metavar="URL",
-        help="an existing broker to validate against (default: a private one on a free port)",
+        help="an existing broker to validate against (default: a private one on a free port). "
+        "Every message on it is judged: another publisher's show as unledgered egress, so give "
+        "one nobody else publishes to",
     )
     p.add_argument("--vin", help="VIN of the gateway under test (default: the config's)")
     p.add_argument("--policy", metavar="FILE", help="policy to validate (default: the bundled one)")

@@ -204,7 +204,7 @@ class CameraSource:
         "A second look at each frame mirrored at its edges, which finds the faces and plates "
         "the frame's edge cuts (half inside: plates were found 0.03-0.70 of the time by edge, "
         "0.87-0.98 so; docs/camera.md). Twice the detection time: a 1280x720 stream ~13 "
-        "frames/s instead of ~29 on the 2-core VM of docs/benchmarks.md.",
+        "frames/s instead of ~28 on the 2-core VM of docs/benchmarks.md (stop 31).",
     )
     rotate: int = opt(
         0,

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import struct
@@ -502,7 +503,14 @@ def run_validation(
                 password_file="",
             )
             if broker is not None
-            else dataclasses.replace(settings.broker, url=broker_url)
+            # a client id of its own on a broker a gateway of this VIN may be connected to:
+            # with the same id (gateway-VIN), the broker closes the other's connection
+            else dataclasses.replace(
+                settings.broker,
+                url=broker_url,
+                client_id=settings.broker.client_id
+                or f"gateway-{settings.gateway.vin}-validate-{os.getpid()}",
+            )
         )
         s = dataclasses.replace(
             settings,

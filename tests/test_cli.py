@@ -646,6 +646,23 @@ def test_the_report_of_a_live_bus_says_so_and_consent_times_are_readable(capsys)
     assert _utc(1_000_000_000.25) == "2001-09-09 01:46:40 UTC" and _utc(None) == "None"
 
 
+def test_a_replay_while_collection_was_stopped_names_no_silent_channel(capsys):
+    # frames that came while collection was stopped are not counted per channel (a stop hides
+    # the bus's activity): "no frames on can0 ... (the log's channels: none)" was said of a
+    # log full of can0 frames
+    import dataclasses
+
+    from gateway.app import RunReport
+    from gateway.cli import _print_report
+    from gateway.settings import load
+
+    s = dataclasses.replace(load(None, env={}), dbc={"can0": ["a.dbc"]})
+    _print_report(RunReport(frames=500, frames_while_stopped=500), s, 1.0, files=1)
+    assert "no frames on" not in capsys.readouterr().err
+    _print_report(RunReport(frames=500), s, 1.0, files=1)  # (no stop: said, as before)
+    assert "no frames on can0, which a DBC is given for" in capsys.readouterr().err
+
+
 def test_data_export_lists_and_delete_removes_the_stored_camera_frames(tmp_path, vin):
     from gateway.egress.ledger import Ledger
     from gateway.egress.outbox import Outbox

@@ -150,6 +150,34 @@ def test_retained_messages_already_on_a_shared_broker_are_not_this_runs_egress(
     assert "verdict: no leak" in proc.stdout
 
 
+def test_validate_on_a_broker_a_gateway_of_its_vin_is_connected_to_leaves_it_connected(
+    tmp_path, drive, broker
+):
+    # validate spoke to an existing broker as gateway-VIN, the id of a gateway of that VIN: the
+    # broker closed the running gateway's connection ("connection lost; reconnecting")
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    up, lost = threading.Event(), threading.Event()
+    gw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="gateway-TESTVIN0000000001")
+    gw.on_connect = lambda *a: up.set()
+    gw.on_disconnect = lambda *a: lost.set()
+    host, port = broker.url.removeprefix("mqtt://").split(":")
+    gw.connect(host, int(port))
+    gw.loop_start()
+    try:
+        assert up.wait(5)
+        proc = _validate(tmp_path, drive, "--broker", broker.url)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert not lost.is_set()
+    finally:
+        gw.disconnect()
+        gw.loop_stop()
+        gw.on_connect = gw.on_disconnect = None
+
+
 def test_search_finds_raw_payloads_as_bytes_and_hex_and_the_vin():
     can = Canaries(
         positions=[], vin="CANARY12345678901", payloads=[bytes.fromhex("0123456789abcdef")]
