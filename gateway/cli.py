@@ -378,6 +378,13 @@ def _print_report(
         f"{d.skipped_special:,} error/remote frames",
         file=out,
     )
+    decodable = d.decoded + unknown
+    if decodable >= 1000 and unknown > 0.9 * decodable:
+        print(
+            f"  {unknown / decodable:.0%} of the frames have ids in no DBC given: are these the "
+            "DBCs of this log (and of its channels)?",
+            file=out,
+        )
     # (frames that came while collection was stopped are not counted per channel: a stop
     # hides the bus's activity too, so which channels were silent cannot be said)
     idle = [ch for ch in s.dbc if ch != "*" and report.frames and ch not in report.channels]
@@ -942,8 +949,34 @@ class _Parser(argparse.ArgumentParser):
     """argparse, its mistakes said as every other one is: one line, ``gateway: error: ...``,
     exit status 2 (argparse printed its usage first, then ``gateway replay: error: ...``)."""
 
+    argv: Sequence[str] = ()  # the command line (set on the top parser: see ``error``)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"gateway: error: {_printable(message)} (see: {self.prog} --help)\n")
+        prog, hint = self.prog, ""
+        if message.startswith("unrecognized arguments:"):
+            # found by the top parser once the command's own was done: the command's help,
+            # and the option meant, where one is close ("--dcb" for "--dbc")
+            import difflib
+
+            command = self._command()
+            if command is not None:
+                prog = command.prog
+                known = [o for a in command._actions for o in a.option_strings]
+                for word in message.split(":", 1)[1].split():
+                    close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                    if word.startswith("-") and close:
+                        hint = f"; did you mean {close[0]}?"
+                        break
+        self.exit(2, f"gateway: error: {_printable(message)}{hint} (see: {prog} --help)\n")
+
+    def _command(self) -> argparse.ArgumentParser | None:
+        """The sub-command's parser named in ``argv``, if one is."""
+        for action in self._subparsers._group_actions if self._subparsers else ():
+            choices = getattr(action, "choices", None) or {}
+            for word in self.argv:
+                if word in choices:
+                    return choices[word]  # type: ignore[no-any-return]
+        return None
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -1268,6 +1301,7 @@ def entry(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser(argv if argv is not None else sys.argv[1:])
+        parser.argv = list(argv if argv is not None else sys.argv[1:])  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         print("gateway: interrupted", file=sys.stderr)
         return 130

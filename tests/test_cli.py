@@ -663,6 +663,34 @@ def test_a_replay_while_collection_was_stopped_names_no_silent_channel(capsys):
     assert "no frames on can0, which a DBC is given for" in capsys.readouterr().err
 
 
+def test_a_mistyped_option_names_the_commands_help_and_the_option_meant():
+    proc = run_gateway("replay", "x.log", "--dcb", "a.dbc")
+    assert proc.returncode == 2 and proc.stderr == (
+        "gateway: error: unrecognized arguments: --dcb a.dbc; did you mean --dbc? "
+        "(see: gateway replay --help)\n"
+    )
+    proc = run_gateway("--bogus")  # no command: the top help, and nothing close to guess
+    assert proc.stderr == "gateway: error: unrecognized arguments: --bogus (see: gateway --help)\n"
+
+
+def test_a_log_whose_ids_are_almost_all_in_no_dbc_asks_whether_the_dbc_is_the_right_one(
+    capsys,
+):
+    from gateway.app import RunReport
+    from gateway.cli import _print_report
+    from gateway.settings import load
+
+    report = RunReport(frames=39546)
+    report.decode.decoded = 2898
+    report.decode.unknown_id = {0x100 + i: 36648 // 52 for i in range(52)}
+    _print_report(report, load(None, env={}), 1.0, files=1)
+    assert "93% of the frames have ids in no DBC given" in capsys.readouterr().err
+    report.decode.decoded = 24262  # the Kona log with its own P-CAN DBC: 39 % unknown
+    report.decode.unknown_id = {0x100 + i: 15284 // 52 for i in range(52)}
+    _print_report(report, load(None, env={}), 1.0, files=1)
+    assert "ids in no DBC given" not in capsys.readouterr().err
+
+
 def test_data_export_lists_and_delete_removes_the_stored_camera_frames(tmp_path, vin):
     from gateway.egress.ledger import Ledger
     from gateway.egress.outbox import Outbox
