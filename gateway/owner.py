@@ -192,8 +192,11 @@ async def watch(
                 lost_at = now if lost_at is None else lost_at
                 if idle_timeout is not None and now - lost_at >= idle_timeout:
                     raise BrokerError(describe_error(broker, exc)) from exc
-                log.warning("%s; reconnecting in %.1f s", describe_error(broker, exc), delay)
-                await asyncio.sleep(delay)
+                wait = delay
+                if idle_timeout is not None:  # the last attempt at the end of the idle time
+                    wait = min(wait, lost_at + idle_timeout - now)
+                log.warning("%s; reconnecting in %.1f s", describe_error(broker, exc), wait)
+                await asyncio.sleep(wait)
                 delay = min(delay * 2, broker.backoff_max)
     finally:
         if hinting is not None:

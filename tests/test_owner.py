@@ -65,7 +65,7 @@ def test_the_owner_view_skips_the_owners_own_commands_and_reconnects_after_a_res
 
 
 def test_the_owner_view_with_an_idle_timeout_gives_up_on_a_broker_that_stays_away(
-    private_broker,
+    private_broker, caplog
 ):
     from gateway.errors import BrokerError
 
@@ -77,7 +77,7 @@ def test_the_owner_view_with_an_idle_timeout_gives_up_on_a_broker_that_stays_awa
             watch(
                 BrokerSettings(url=private_broker.url),
                 topics,
-                idle_timeout=1.0,
+                idle_timeout=2.0,
                 out=io.StringIO(),
                 ready=ready,
             )
@@ -88,6 +88,14 @@ def test_the_owner_view_with_an_idle_timeout_gives_up_on_a_broker_that_stays_awa
 
     with pytest.raises(BrokerError, match="broker"):
         asyncio.run(main())
+    # and within the idle time: the waits between attempts end with it (the backoff, 0.5 + 1 +
+    # 2 s, ran 1.5 s past it; with --idle-timeout 8 the owner waited ~20 s)
+    waits = [
+        float(m.split("reconnecting in ")[1].split(" s")[0])
+        for m in caplog.messages
+        if "reconnecting in" in m
+    ]
+    assert waits and sum(waits) <= 2.0 + 1e-9, waits
 
 
 def test_the_owner_view_drops_redeliveries_but_not_new_messages_under_an_old_seq():
