@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -949,34 +949,28 @@ class _Parser(argparse.ArgumentParser):
     """argparse, its mistakes said as every other one is: one line, ``gateway: error: ...``,
     exit status 2 (argparse printed its usage first, then ``gateway replay: error: ...``)."""
 
-    argv: Sequence[str] = ()  # the command line (set on the top parser: see ``error``)
+    # set on the top parser by build_parser: the command line and the commands' parsers (an
+    # unknown option is found by the top parser once the command's own was done)
+    argv: Sequence[str] = ()
+    commands: Mapping[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> NoReturn:
         prog, hint = self.prog, ""
-        if message.startswith("unrecognized arguments:"):
-            # found by the top parser once the command's own was done: the command's help,
-            # and the option meant, where one is close ("--dcb" for "--dbc")
+        command = next((self.commands[w] for w in self.argv if w in self.commands), None)
+        if message.startswith("unrecognized arguments:") and command is not None:
+            # the command's help, and the option meant where one is close ("--dcb", "--dbc")
             import difflib
 
-            command = self._command()
-            if command is not None:
-                prog = command.prog
-                known = [o for a in command._actions for o in a.option_strings]
-                for word in message.split(":", 1)[1].split():
-                    close = difflib.get_close_matches(word.split("=")[0], known, n=1)
-                    if word.startswith("-") and close:
-                        hint = f"; did you mean {close[0]}?"
-                        break
+            prog = command.prog
+            known = [o for a in command._actions for o in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = word.startswith("-") and difflib.get_close_matches(
+                    word.split("=")[0], known, n=1
+                )
+                if close:
+                    hint = f"; did you mean {close[0]}?"
+                    break
         self.exit(2, f"gateway: error: {_printable(message)}{hint} (see: {prog} --help)\n")
-
-    def _command(self) -> argparse.ArgumentParser | None:
-        """The sub-command's parser named in ``argv``, if one is."""
-        for action in self._subparsers._group_actions if self._subparsers else ():
-            choices = getattr(action, "choices", None) or {}
-            for word in self.argv:
-                if word in choices:
-                    return choices[word]  # type: ignore[no-any-return]
-        return None
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -1214,6 +1208,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         for module in _EXTRA_COMMANDS:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
     _verbose_everywhere(sub)
+    parser.argv, parser.commands = list(argv or ()), sub.choices
     return parser
 
 
@@ -1301,7 +1296,6 @@ def entry(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser(argv if argv is not None else sys.argv[1:])
-        parser.argv = list(argv if argv is not None else sys.argv[1:])  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         print("gateway: interrupted", file=sys.stderr)
         return 130
