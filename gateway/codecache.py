@@ -65,8 +65,12 @@ class DataclassCodeCache:
         self.codes: dict[bytes, bytes] = {} if path is None else _read(path)
         self.new: dict[bytes, Any] = {}  # compiled by this process, until written
         self.ran: dict[bytes, Any] = {}  # run by this process (a text met again runs this)
-        self.compiled = 0
         self.pid = os.getpid()
+
+    @property
+    def compiled(self) -> int:
+        """Texts this process compiled and has not written yet."""
+        return len(self.new)
 
     def exec(self, source: Any, /, *args: Any, **kwargs: Any) -> None:
         if type(source) is str:
@@ -80,7 +84,6 @@ class DataclassCodeCache:
                     # strings)
                     code = compile(source, "<string>", "exec", dont_inherit=True)
                     self.new[key] = code
-                    self.compiled += 1
                 self.ran[key] = code
             source = code
         builtins.exec(source, *args, **kwargs)
