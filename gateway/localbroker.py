@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,17 +34,53 @@ def find_mosquitto() -> str:
     )
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out as source ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range where there is room for one.
+
+    A port from the ephemeral range (what ``bind(0)`` gives) can be taken as the source port of
+    any outgoing connection while its broker is stopped; the socket's TIME_WAIT then keeps the
+    port from Mosquitto for a minute, and a fault test that restarts its broker on the same port
+    fails. Below the range no connection is ever given it.
+    """
+    low, _ = _ephemeral_range()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
             return
+        if proc is not None and proc.poll() is not None:
+            raise BrokerError(f"mosquitto exited with status {proc.returncode}")
         time.sleep(0.02)
     raise BrokerError(f"mosquitto did not open {host}:{port} within {timeout:.0f} s")
 
@@ -84,6 +121,11 @@ class LocalBroker:
         ]
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/"]
+        if os.geteuid() == 0 and "\nuser " not in "\n" + self.extra_config:
+            # As root, Mosquitto drops to the user `mosquitto`, which cannot write this private
+            # folder: its log and persistence were silently lost. The broker listens on loopback
+            # only and exists for a bench or a test run.
+            lines.append("user root")
         if "allow_anonymous" not in self.extra_config and "password_file" not in self.extra_config:
             lines.append("allow_anonymous true")
         conf.write_text("\n".join(lines) + "\n" + self.extra_config + "\n")
@@ -93,19 +135,27 @@ class LocalBroker:
         if self.running:
             return self
         conf = self._write_config()
-        self._proc = subprocess.Popen(
-            [find_mosquitto(), "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        assert self.workdir is not None
+        # What Mosquitto says before its log file is open (a port in use, a bad config line).
+        with open(self.workdir / "mosquitto.stderr", "ab") as err:
+            said_before = err.tell()
+            self._proc = subprocess.Popen(
+                [find_mosquitto(), "-c", str(conf)],
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+            )
         try:
-            wait_for_port(self.host, self.port, timeout)
+            wait_for_port(self.host, self.port, timeout, self._proc)
         except BrokerError as exc:
             self.stop()
-            log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            with open(self.workdir / "mosquitto.stderr", "rb") as err:
+                err.seek(said_before)
+                said = err.read().decode(errors="replace").strip()
+            if self.log_path.exists():
+                said += " " + self.log_path.read_text(errors="replace").strip()[-200:]
             raise BrokerError(
-                f"mosquitto failed to start on port {self.port}: {log[-300:]}"
+                f"mosquitto failed to start on port {self.port} ({exc}): {said[-300:]}"
             ) from exc
         return self
 
