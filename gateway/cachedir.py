@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+# What a folder of entries may keep (see ``prune``): entries unused for this long go, then the
+# least recently used until the folder is under its size. A use marks an entry at most once a
+# day, so a Raspberry Pi's SD card is not written at every start.
+UNUSED_DAYS = 30
+FOLDER_BYTES = 128 * 1024 * 1024
+_MARK_AFTER_S = 86400.0
 
 
 def cache_dir() -> Path | None:
@@ -89,7 +97,59 @@ def open_private(path: Path) -> BinaryIO | None:
     if not (stat.S_ISREG(st.st_mode) and _ours(st)):
         os.close(fd)
         return None
+    if time.time() - st.st_mtime > _MARK_AFTER_S:  # used: not pruned for a while (see prune)
+        with contextlib.suppress(OSError):
+            os.utime(fd)
     return os.fdopen(fd, "rb")
+
+
+def prune(folder: Path, keep: str, suffixes: tuple[str, ...]) -> int:
+    """Remove from a private ``folder`` the entries (names ending in ``suffixes``; regular
+    files of this user, never followed links) not used for ``UNUSED_DAYS``, then the least
+    recently used until the folder holds at most ``FOLDER_BYTES``; never ``keep`` (the entry
+    just written). A use is the entry's modification time (``open_private`` marks it). Left
+    behind by a process that died while writing, a temporary file an hour old goes too. How
+    many files were removed; best effort, like the rest of the cache."""
+    fd = _open_folder(folder)
+    if fd is None:
+        return 0
+    removed = 0
+    try:
+        now = time.time()
+        entries: list[tuple[float, int, str]] = []
+        stale: list[str] = []
+        with os.scandir(fd) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()):
+                    continue
+                if e.name.endswith(suffixes) and e.name != keep:
+                    entries.append((st.st_mtime, st.st_size, e.name))
+                elif e.name.endswith(".tmp") and now - st.st_mtime > 3600:
+                    stale.append(e.name)
+        entries.sort()  # least recently used first
+        total = sum(size for _, size, _ in entries)
+        with contextlib.suppress(OSError):
+            total += os.stat(keep, dir_fd=fd, follow_symlinks=False).st_size
+        for mtime, size, name in entries:
+            if now - mtime <= UNUSED_DAYS * 86400 and total <= FOLDER_BYTES:
+                break
+            stale.append(name)
+            total -= size
+        for name in stale:
+            try:
+                os.unlink(name, dir_fd=fd)
+                removed += 1
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    if removed:
+        log.debug("cache %s: %d unused entries removed", folder, removed)
+    return removed
 
 
 def write_private(path: Path, write: Callable[[BinaryIO], object]) -> bool:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.cachedir import cache_dir, open_private, write_private
+from gateway.cachedir import cache_dir, open_private, prune, write_private
 from gateway.cachedir import private as _private
 from gateway.canbus.messages import divert_logging, looks_binary
 from gateway.canbus.signalplan import DbcPlans
@@ -405,12 +405,15 @@ def _write_private(path: Path, entry: Any) -> bool:
     """Best effort: a cache that cannot be written only costs time (see
     ``cachedir.write_private``). Whether the entry was written."""
     try:
-        return write_private(
+        written = write_private(
             path, functools.partial(pickle.dump, entry, protocol=pickle.HIGHEST_PROTOCOL)
         )
     except (pickle.PicklingError, RecursionError, TypeError, AttributeError) as exc:
         log.debug("DBC cache not written (%s)", exc)
         return False
+    if written:  # (a new entry: the old ones of earlier versions and other DBCs may go)
+        prune(path.parent, path.name, (".pickle", ".plans"))
+    return written
 
 
 class _Notes(logging.Handler):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 
+from gateway import cachedir
 from gateway.canbus import dbc as dbc_module
 from gateway.canbus.dbc import ChannelDbcs, load_dbc
 from gateway.errors import DbcError
@@ -462,3 +464,69 @@ def test_policy_signals_in_no_dbc_are_found_and_said(caplog):
         before = len(caplog.records)
         say_missing(policy("A.b", "C.d"), dbcs)  # none defined: a warning
         assert [r.levelno for r in caplog.records[before:]][-1] == logging.WARNING
+
+
+def _aged(path, days):
+    t = path.stat().st_mtime - days * 86400
+    os.utime(path, (t, t))
+
+
+def test_entries_unused_for_a_month_go_when_a_new_one_is_written(tmp_path, monkeypatch):
+    # GIVEN a cache holding entries of earlier versions, some used lately, and a link and a
+    # file of somebody else's kind that are not entries
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "dbc"
+    folder.mkdir(parents=True, mode=0o700)
+    old, lately = folder / ("a" * 64 + ".pickle"), folder / ("b" * 64 + ".plans")
+    for p in (old, lately, folder / "notes.txt"):
+        p.write_bytes(b"x" * 1000)
+    _aged(old, cachedir.UNUSED_DAYS + 1)
+    _aged(lately, cachedir.UNUSED_DAYS - 1)
+    _aged(folder / "notes.txt", 400)
+    (folder / ("c" * 64 + ".pickle")).symlink_to(old)
+    torn = folder / ".x.pickle.0123.tmp"  # left by a process killed while it wrote
+    torn.write_bytes(b"x")
+    _aged(torn, 1)
+    # WHEN a DBC not yet in it is loaded
+    load_dbc(KONA / "kona_ccan.cantools.dbc")
+    # THEN the entry unused for a month and the torn write are gone, the rest is kept
+    names = {p.name for p in folder.iterdir()}
+    assert old.name not in names and torn.name not in names
+    assert {lately.name, "notes.txt", "c" * 64 + ".pickle"} <= names
+    assert len([p for p in _entries(tmp_path / "cache") if not p.is_symlink()]) == 1  # the new
+
+
+def test_the_least_recently_used_entries_go_when_the_folder_is_over_its_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "dbc"
+    folder.mkdir(parents=True, mode=0o700)
+    ages = {f"{i:064x}.pickle": i for i in range(1, 6)}  # days since each was last used
+    for name, days in ages.items():
+        (folder / name).write_bytes(b"x" * 100_000)
+        _aged(folder / name, days)
+    path = KONA / "kona_ccan.cantools.dbc"
+    load_dbc(path)
+    (new,) = set(_entries(tmp_path / "cache")) - {folder / n for n in ages}
+    # a cap for 2.5 old entries besides the new one: the 3 least recently used go at the next write
+    monkeypatch.setattr("gateway.cachedir.FOLDER_BYTES", new.stat().st_size + 250_000)
+    new.unlink()
+    dbc_module._forget()
+    load_dbc(path)
+    assert {p.name for p in folder.glob("0*.pickle")} == {f"{1:064x}.pickle", f"{2:064x}.pickle"}
+    assert new.exists()
+
+
+def test_an_entry_read_is_marked_used_at_most_once_a_day(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    path = KONA / "kona_ccan.cantools.dbc"
+    load_dbc(path)
+    (entry,) = _entries(tmp_path / "cache")
+    _aged(entry, 0.5)
+    half_a_day = entry.stat().st_mtime
+    dbc_module._forget()
+    load_dbc(path)
+    assert entry.stat().st_mtime == half_a_day  # (an SD card is not written at every start)
+    _aged(entry, 40)
+    dbc_module._forget()
+    load_dbc(path)
+    assert time.time() - entry.stat().st_mtime < 60  # used: kept by the next pruning
