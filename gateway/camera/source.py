@@ -114,17 +114,19 @@ class VideoFileSource:
         cap = cv2.VideoCapture(opencv_name(self.path))
         i = 0
         last_ms = -1.0  # the stream time of the last frame read
+        last_pts = -1.0  # its presentation time in frames of the nominal rate, from time 0
         try:
             while True:
                 ok, img = cap.read()
                 if not ok or img is None:
                     break
                 last_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+                last_pts = cap.get(cv2.CAP_PROP_PTS)
                 yield Frame(i, i / self.fps, img)
                 i += 1
         finally:
             cap.release()
-        self.cut_short = self._cut_short(i, last_ms)
+        self.cut_short = self._cut_short(i, max(last_ms, last_pts * 1000.0 / self.fps))
         if self.say_cut_short and self.cut_short:
             log.warning(
                 "%s: %d of the %d frames its header declares could be read", self.path, i,
@@ -135,7 +137,10 @@ class VideoFileSource:
         """Whether the file ended before its header says (a file cut short decodes to its
         cut, then stops). The count is an estimate where the container keeps none (Matroska,
         WebM: its duration times the rate), more than the frames of a clip of variable frame
-        rate: a clip whose last frame came at the end of its duration was read whole."""
+        rate: a clip whose last frame came at the end of its duration was read whole. There
+        the duration counts from time 0, also for a clip that starts later (a segment cut
+        from a longer recording by ``ffmpeg -f segment``), so ``last_ms`` is the later of the
+        last frame's time in the stream and its time from 0 (OpenCV's PTS)."""
         if not self._count or read >= self._count:
             return False
         step_ms = 1000.0 / self.fps

@@ -176,3 +176,19 @@ def test_an_animated_gif_is_a_clip_and_a_still_gif_a_photo(tmp_path):
     assert isinstance(open_source(str(tmp_path / "anim.gif")), VideoFileSource)
     assert len(list(open_source(str(tmp_path / "anim.gif")).frames())) == 5
     assert isinstance(open_source(str(tmp_path / "still.gif")), ImageFolderSource)
+
+
+def test_a_segment_of_a_longer_recording_read_whole_is_not_said_to_be_cut_short(tmp_path, caplog):
+    # `ffmpeg -f segment` keeps each segment's times: this one starts at 2.4 s, and Matroska's
+    # duration (OpenCV's count: 40) counts from 0. Its 16 frames are the whole segment; cut
+    # in half, it is still said
+    clip = VFR_CLIP.with_name("segment_testsrc.mkv")
+    src = VideoFileSource(clip)
+    assert src.total() == 40 and len(list(src.frames())) == 16
+    assert not src.cut_short and "header declares" not in caplog.text
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    half = VideoFileSource(cut)
+    n = len(list(half.frames()))
+    assert 0 < n < 16 and half.cut_short
+    assert f"{n} of the 40 frames its header declares could be read" in caplog.text
