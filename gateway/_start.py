@@ -2,16 +2,19 @@
 modules are still being imported (the first ~0.1 s, and numpy's later on) is "interrupted"
 and exit 130, as it is later, not a traceback. A command that returns ends the process at once
 (``_exit_now``). Before anything else of the gateway is imported, the compiled methods of its
-dataclasses are read from the cache (``gateway.codecache``)."""
+dataclasses are read from the cache (``gateway.codecache``), and ``urllib.request`` is made
+to load on first use (``_lazy_urllib_request``)."""
 
 from __future__ import annotations
 
 import sys
+import types
 
 
 def main() -> int:
     try:
         _code_cache()
+        _lazy_urllib_request()
         from gateway.cli import entry
 
         code = entry()
@@ -37,6 +40,39 @@ def _code_cache() -> None:
         codecache.install()
     except Exception:  # noqa: BLE001, S110 - never a reason not to start
         pass
+
+
+def _lazy_urllib_request() -> None:
+    """paho-mqtt imports ``urllib.request`` (with ``http.client`` and most of ``email``: ~8 ms
+    of a replay's start here) for one thing: the proxy of an ``mqtt_proxy`` variable, looked
+    up only when PySocks is installed, which the gateway does not need. Until something reads
+    one of its names, ``urllib.request`` is a stand-in (``_LaterModule``) that imports the real
+    module then and answers from it. (The standard library's ``LazyLoader`` cannot do this in
+    Python 3.11: an ``import`` statement reads the module's ``__spec__``, which loads it.)"""
+    import urllib
+    from importlib.machinery import ModuleSpec
+
+    name = "urllib.request"
+    if name in sys.modules or not hasattr(urllib, "__path__"):
+        return
+    stand_in = _LaterModule(name)
+    stand_in.__spec__ = ModuleSpec(name, None)
+    sys.modules[name] = stand_in
+    urllib.request = stand_in  # type: ignore[attr-defined]  # (as an import would set it)
+
+
+class _LaterModule(types.ModuleType):
+    """A module whose names come from the real one, imported at the first name read."""
+
+    def __getattr__(self, attr: str) -> object:  # (a name this stand-in does not hold)
+        import importlib
+        import urllib
+
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        real = importlib.import_module(self.__name__)  # (which sets urllib.request to it)
+        urllib.request = real  # type: ignore[attr-defined]
+        return getattr(real, attr)
 
 
 def _exit_now(code: int) -> int:

@@ -458,6 +458,38 @@ def test_the_console_script_keeps_numpy_from_starting_idle_blas_threads():
     assert out.endswith(" 2")  # the user's choice stands
 
 
+def test_a_replay_leaves_urllib_request_unloaded_and_it_loads_whole_at_its_first_use(
+    tmp_path, broker, vin
+):
+    """paho imports ``urllib.request`` (and ``http.client``, ``email``: ~8 ms of a replay's
+    start) only for a proxy it looks up with PySocks installed. The console script puts a
+    stand-in there that imports the module at the first name read from it."""
+    from tests.conftest import KONA, KONA_CANDUMP, replay_args
+
+    probe = (
+        "import atexit, sys\n"
+        "def said():\n"
+        "    loaded = [m for m in ('http.client', 'email.parser') if m in sys.modules]\n"
+        "    print('LOADED', loaded, type(sys.modules['urllib.request']).__name__)\n"
+        "    import urllib.request\n"
+        "    from urllib.request import getproxies\n"
+        "    import urllib.request as again\n"
+        "    real = sys.modules['urllib.request']\n"
+        "    print('USED', hasattr(urllib.request, 'proxy_bypass'), type(real).__name__,\n"
+        "          getproxies is real.getproxies, urllib.request is real,\n"
+        "          again.urlopen is real.urlopen, 'http.client' in sys.modules)\n"
+        "atexit.register(said)\n"
+        "from gateway._start import main\n"
+        "sys.argv[0] = 'gateway'\n"
+        "sys.exit(main())\n"
+    )
+    dbcs = [f"can0={KONA / 'kona_pcan.cantools.dbc'}", f"can1={KONA / 'kona_ccan.cantools.dbc'}"]
+    args = replay_args(KONA_CANDUMP, dbcs, broker.url, vin, tmp_path, "--fast", "-q")
+    out = _python(probe, *args).stdout.splitlines()
+    assert "LOADED [] _LaterModule" in out
+    assert "USED True module True True True True" in out
+
+
 def test_a_replay_imports_neither_cantools_nor_python_can(tmp_path, broker, vin):
     """A candump replay decodes with the DBC's plans, without cantools and python-can (~45 ms
     of start-up here, and their memory); the first run parses and compiles the DBC in a child
