@@ -2,8 +2,9 @@
 
 It replays a drive with canaries injected (unique exact GPS points, a VIN, distinctive raw
 payloads), subscribes as an independent observer to EVERY topic on the broker (``#``), and
-searches every byte that left for every canary: as raw bytes, as hex, decimal and base64 text
-(at any alignment, standard and URL-safe), an exact position also as a binary float or
+searches every byte that left for every canary: as raw bytes, as hex (also with a space, colon
+or dash between bytes), decimal and base64 text (at any alignment, standard and URL-safe, also
+broken into lines), an exact position also as a binary float or
 integer (float64, float32, int32 of 1e-7 degrees; either byte order), and as numbers close
 enough to a true position to identify it. It also checks that every message seen
 on the broker has its line in the audit ledger. A report (Markdown and JSON) names every leak;
@@ -284,17 +285,16 @@ def search(
         ]
         for x in (lat, lon):
             binary_needles += [(form, f"{x!r} as {how}") for how, form in _binary_forms(x)]
-    payload_forms = [
-        (raw, (raw, raw.hex().encode(), raw.hex().upper().encode(), *_base64_forms(raw)))
-        for raw in canaries.payloads
-    ]
+    payload_forms = [(raw, _hex_forms(raw), _base64_forms(raw)) for raw in canaries.payloads]
+    vin_base64 = _base64_forms(canaries.vin.encode())
     for m in observed:
         blob = m.topic.encode() + b"\x00" + m.payload
-        for raw, forms in payload_forms:
-            if any(form in blob for form in forms):
+        lines = _unbroken(blob)  # base64 broken into lines (e-mail's 76 characters)
+        for raw, hexes, b64 in payload_forms:
+            if raw in blob or any(f in blob for f in hexes) or any(f in lines for f in b64):
                 leaks.append(Leak("raw CAN payload", m.topic, f"canary payload {raw.hex()}"))
         for needle in text_needles:
-            if needle in blob:
+            if needle in blob or (needle in vin_base64 and needle in lines):
                 leaks.append(Leak("canary text", m.topic, f"{needle.decode()!r} appears"))
         for needle, what in binary_needles:
             if needle in blob:
@@ -330,6 +330,22 @@ def search(
         leaks += _coarse_pairs(coarse, lats, lons, why, m.topic)
         leaks += _scaled_pairs(ints, scaled, positions, why, m.topic)
     return leaks
+
+
+def _hex_forms(raw: bytes) -> list[bytes]:
+    """``raw`` as hex text, either case, unseparated or with a space, colon or dash between
+    bytes (as candump, Wireshark and many loggers print it)."""
+    text = raw.hex()
+    forms = [text] + [raw.hex(sep) for sep in " :-"] if len(raw) > 1 else [text]
+    return [f.encode() for form in forms for f in (form, form.upper())]
+
+
+def _unbroken(blob: bytes) -> bytes:
+    """``blob`` without line breaks and other white space, also as JSON escapes them (``\\n``):
+    base64 broken into lines reads whole again."""
+    if not any(c in blob for c in (b"\n", b"\r", b"\\n", b"\\r")):
+        return blob
+    return b"".join(blob.replace(b"\\r", b"").replace(b"\\n", b"").split())
 
 
 def _base64_forms(raw: bytes) -> list[bytes]:

@@ -221,6 +221,36 @@ def test_a_canary_payload_or_the_vin_in_base64_is_found_at_any_alignment(shift):
     ]
 
 
+def test_a_canary_in_base64_broken_into_lines_or_in_separated_hex_is_found():
+    # e-mail's base64 breaks lines every 76 characters (in JSON the break reads "\\n"); loggers
+    # print bytes as "01 23 ..", "01:23:.." or "01-23-.."
+    raw = bytes.fromhex("f255ff867cf954ff94")
+    can = Canaries(positions=[], vin="CANARY12345678901", payloads=[raw])
+    filler = bytes(range(50, 105))  # puts the payload across the first line break
+    mime = base64.encodebytes(filler + raw + bytes(40))
+    assert mime.index(b"\n") < len(base64.b64encode(filler + raw))
+    vin_mime = base64.encodebytes(filler + b"CANARY12345678901")
+    observed = [
+        Observed("t/mime", pack({"blob": mime.decode()}), False),
+        Observed("t/json", json.dumps({"blob": mime.decode()}).encode(), False),
+        Observed("t/crlf", mime.replace(b"\n", b"\r\n"), False),
+        Observed("t/vin", json.dumps({"v": vin_mime.decode()}).encode(), False),
+        Observed("t/colon", pack({"d": raw.hex(":")}), False),
+        Observed("t/spaced", ("DATA " + raw.hex(" ").upper()).encode(), False),
+        Observed("t/dash", raw.hex("-").encode(), False),
+        # other bytes broken into lines, and the payload cut short: nothing
+        Observed("t/other", base64.encodebytes(filler + raw[:5] + bytes(40)), False),
+        Observed("t/short", raw[:5].hex(" ").encode(), False),
+    ]
+    leaks = search(observed, can, [], False, 1000)
+    assert sorted((lk.kind, lk.topic) for lk in leaks) == [
+        ("canary text", "t/vin"),
+        *[("raw CAN payload", t) for t in ("t/colon", "t/crlf", "t/dash", "t/json")],
+        ("raw CAN payload", "t/mime"),
+        ("raw CAN payload", "t/spaced"),
+    ]
+
+
 def test_an_exact_canary_position_packed_as_a_binary_number_is_found():
     lat, lon = 31.2219683, 121.337214
     can = Canaries(positions=[(lat, lon)], vin="CANARY12345678901")
