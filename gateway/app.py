@@ -700,9 +700,10 @@ class Gateway:
 
                 # those of the batch being sent that were already handed to the client may
                 # leave: said as such, apart (their egress lines stand)
-                doomed, flying = delete_category(self.outbox, cmd.category)
+                doomed = delete_category(self.outbox, cmd.category)
+                flying = doomed.in_flight
                 n = len(doomed) - len(flying)
-                deleted = {"deleted": on_record(doomed, flying)} if doomed else {}
+                deleted = {"deleted": on_record(doomed)} if doomed else {}
                 frames, stuck = delete_frames(self.settings.gateway.frames_path, cmd.category)
                 if stuck:
                     log.error(

@@ -783,7 +783,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
                 withdrew = ", ".join(sorted(c.value for c in consent.grants))
                 consent.withdraw(None, time.time())
                 consent.save(path)
-        doomed, _ = delete_category(outbox, category)  # (no gateway is sending: its lock)
+        doomed = delete_category(outbox, category)  # (no gateway is sending: its lock)
         n = len(doomed)
         frames, stuck = delete_frames(s.gateway.frames_path, category)
         ledger.append(

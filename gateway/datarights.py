@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.egress.outbox import Outbox, Pending
+from gateway.egress.outbox import Outbox, Withdrawn
 from gateway.egress.schema import unpack
 from gateway.telemetry.policy import Category
 
@@ -24,30 +22,24 @@ _SCHEMAS_BY_CATEGORY = {
 }
 
 
-def delete_category(
-    outbox: Outbox, category: Category | None
-) -> tuple[list[Pending], list[Pending]]:
-    """Remove waiting messages holding ``category`` (all when None): returns them, and those
-    of them already handed to the MQTT client in the batch being sent (they may leave). A
-    batch a publisher read before sends none of the others (``Outbox.withdraw``)."""
-    doomed = outbox.peek(10**9)
-    if category is not None:
-        schemas = _SCHEMAS_BY_CATEGORY.get(category, set())
-        doomed = [p for p in doomed if p.schema in schemas]
-    flying = outbox.sent_or_sending(doomed)
-    outbox.withdraw(doomed)
-    return doomed, flying
+def delete_category(outbox: Outbox, category: Category | None) -> Withdrawn:
+    """Remove waiting messages holding ``category`` (all when None): each one's seq and
+    digest, and those of them already handed to the MQTT client in the batch being sent (they
+    may leave). A batch a publisher read before sends none of the others (``Outbox.withdraw``).
+    The outbox is read a row at a time: a week's backlog is not held in memory."""
+    schemas = None if category is None else _SCHEMAS_BY_CATEGORY.get(category, set())
+    return outbox.withdraw_schemas(schemas)
 
 
-def on_record(items: Sequence[Pending], in_flight: Sequence[Pending] = ()) -> dict[str, Any]:
+def on_record(deleted: Withdrawn) -> dict[str, Any]:
     """What the ledger keeps of deleted messages: each one's seq and payload's sha256, as for
     the messages it drops (an egress line is then told apart from a message that never left),
     and the seqs of those already handed to the MQTT client when the delete came (they may
     have left)."""
     return {
-        "seqs": [p.seq for p in items],
-        "sha256": [hashlib.sha256(p.payload).hexdigest() for p in items],
-        **({"in_flight": [p.seq for p in in_flight]} if in_flight else {}),
+        "seqs": deleted.seqs,
+        "sha256": deleted.sha256,
+        **({"in_flight": deleted.in_flight} if deleted.in_flight else {}),
     }
 
 

@@ -23,8 +23,8 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.egress.guard import Released
@@ -53,6 +53,20 @@ class Pending:
     retain: bool
     schema: str
     created: float
+
+
+@dataclass
+class Withdrawn:
+    """What a delete took out of the outbox: each message's ``seq`` and its payload's sha256,
+    in the order the outbox would have sent them, and the seqs of those already handed to the
+    MQTT client (they may have left). No payloads: a week's backlog is not held in memory."""
+
+    seqs: list[int | None] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    in_flight: list[int | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
 
 
 class Outbox:
@@ -471,6 +485,49 @@ class Outbox:
         batch before does not send them (``waiting``)."""
         self._withdrawn.update(i.key for i in items)
         self.ack_many(items)
+
+    def withdraw_schemas(self, schemas: Collection[str] | None) -> Withdrawn:
+        """``withdraw`` every waiting message of ``schemas`` (all when None), in one
+        transaction, reading the file a row at a time."""
+        out = Withdrawn()
+        if self._db is not None:
+            ids: list[int] = []
+            try:
+                with self._tx() as db:
+                    rows = db.execute(
+                        "SELECT id, seq, schema, payload FROM outbox ORDER BY retain DESC, id"
+                    )
+                    for n, seq, schema, payload in rows:
+                        if schemas is None or schema in schemas:
+                            ids.append(n)
+                            out.seqs.append(seq)
+                            out.sha256.append(hashlib.sha256(payload).hexdigest())
+                            key = ("db", n)
+                            if key in self._unconfirmed or n in self._acked:
+                                out.in_flight.append(seq)
+                    db.executemany("DELETE FROM outbox WHERE id = ?", ((n,) for n in ids))
+            except sqlite3.Error as exc:
+                self._degrade(exc)  # (rolled back: what it read waits, in memory now)
+                out = Withdrawn()
+            else:
+                for n in ids:  # as ``withdraw`` and ``ack_many`` leave them
+                    self._withdrawn.add(("db", n))
+                    self._unconfirmed.discard(("db", n))
+                    self._acked.discard(n)
+                self._since_prune += len(ids)
+        held = [
+            p
+            for p in sorted(self._mem.values(), key=lambda p: not p.retain)
+            if schemas is None or p.schema in schemas
+        ]
+        if held:
+            out.in_flight += [p.seq for p in self.sent_or_sending(held)]
+            out.seqs += [p.seq for p in held]
+            out.sha256 += [hashlib.sha256(p.payload).hexdigest() for p in held]
+            self.withdraw(held)
+        if self._expected and self._since_prune >= 256:
+            self._prune_expected()
+        return out
 
     def waiting(self, item: Pending) -> bool:
         """Whether ``item`` may still be sent: not withdrawn since it was read."""

@@ -304,3 +304,29 @@ def test_retained_states_are_sent_before_a_backlog_of_summaries(tmp_path, on_dis
     assert batch[0].retain and batch[0].payload == status.payload
     seqs = [p.seq for p in batch[1:]]
     assert len(batch) == 200 and seqs == sorted(seqs)
+
+
+def test_a_delete_reads_a_large_backlog_a_row_at_a_time(tmp_path):
+    # a week offline: the delete held every payload in memory at once (here ~32 MB)
+    import dataclasses
+    import hashlib
+    import tracemalloc
+
+    from gateway.datarights import delete_category
+    from gateway.telemetry.policy import Category
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    big = [dataclasses.replace(m, payload=os.urandom(16_000)) for m in _released(ob, 2000)]
+    ob.put_many(big)
+    ob.close()
+    ob = Outbox(tmp_path / "o.sqlite")
+    order = [(p.seq, hashlib.sha256(p.payload).hexdigest()) for p in ob.peek(3)]
+    tracemalloc.start()
+    try:
+        gone = delete_category(ob, Category.VEHICLE_STATUS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(gone) == 2000 and ob.depth() == 0 and gone.in_flight == []
+    assert list(zip(gone.seqs, gone.sha256, strict=True))[:3] == order  # as it would have sent
+    assert peak < 4_000_000, peak
