@@ -712,6 +712,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         export_frames,
         export_outbox,
         on_record,
+        write_export,
     )
     from gateway.egress.ledger import Ledger
     from gateway.egress.outbox import Outbox
@@ -748,24 +749,24 @@ def _cmd_data(args: argparse.Namespace) -> int:
             Topics(s.broker.topic_prefix, s.gateway.vin),
         )
         if args.data_command == "export":
-            data: dict[str, Any] = {"vin": s.gateway.vin, "outbox": export_outbox(outbox)}
+            data: dict[str, Any] = {"vin": s.gateway.vin}
             data["frames"] = export_frames(s.gateway.frames_path)
             consent_file = s.gateway.consent_file
             if consent_file.exists():
                 data["consent"] = json.loads(consent_file.read_text())
-            text = json.dumps(data, indent=1, default=str)
             if args.out:
                 try:
-                    Path(args.out).write_text(text)
+                    with open(args.out, "w") as out:
+                        n = write_export(out, data, export_outbox(outbox))
                 except OSError as exc:
                     raise StorageError(
                         f"{args.out}: cannot write the export ({exc.strerror})"
                     ) from exc
             else:
-                print(text)
+                n = write_export(sys.stdout, data, export_outbox(outbox))
             ledger.append(
                 "data-export",
-                messages=len(data["outbox"]),
+                messages=n,
                 frames=len(data["frames"]["files"]),
                 to=args.out or "stdout",
             )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from gateway.egress.outbox import Outbox, Withdrawn
 from gateway.egress.schema import unpack
@@ -43,15 +45,38 @@ def on_record(deleted: Withdrawn) -> dict[str, Any]:
     }
 
 
-def export_outbox(outbox: Outbox) -> list[dict[str, object]]:
-    out = []
-    for p in outbox.peek(10**9):
+def export_outbox(outbox: Outbox) -> Iterator[dict[str, object]]:
+    """Each waiting message as the export shows it, read from the outbox one at a time."""
+    for p in outbox.each_waiting():
         try:
             body = unpack(p.payload)
         except Exception:  # a damaged row is exported as such
             body = {"error": "undecodable"}
-        out.append({"topic": p.topic, "seq": p.seq, "created": p.created, "body": body})
-    return out
+        yield {"topic": p.topic, "seq": p.seq, "created": p.created, "body": body}
+
+
+def write_export(out: TextIO, fields: dict[str, Any], outbox: Iterable[Any]) -> int:
+    """``fields`` with ``"outbox": [...]`` after the first of them, as ``json.dumps(...,
+    indent=1)`` writes it, the outbox's items written one at a time (a week's backlog is not
+    held in memory as objects, nor as text). How many items were written."""
+    items = iter(fields.items())
+    key, value = next(items)
+    out.write(f'{{\n {json.dumps(key)}: {_nested(value)},\n "outbox": [')
+    n = 0
+    for item in outbox:
+        out.write(("\n" if n == 0 else ",\n") + _nested(item, "  ", first=True))
+        n += 1
+    out.write("\n ]" if n else "]")
+    for key, value in items:
+        out.write(f",\n {json.dumps(key)}: {_nested(value)}")
+    out.write("\n}\n")
+    return n
+
+
+def _nested(value: Any, indent: str = " ", first: bool = False) -> str:
+    """``value`` as ``json.dumps(indent=1)`` writes it at the depth ``indent`` gives."""
+    text = json.dumps(value, indent=1, default=str).replace("\n", "\n" + indent)
+    return indent + text if first else text
 
 
 def stored_frames(folder: Path) -> list[Path]:

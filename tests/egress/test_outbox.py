@@ -330,3 +330,36 @@ def test_a_delete_reads_a_large_backlog_a_row_at_a_time(tmp_path):
     assert len(gone) == 2000 and ob.depth() == 0 and gone.in_flight == []
     assert list(zip(gone.seqs, gone.sha256, strict=True))[:3] == order  # as it would have sent
     assert peak < 4_000_000, peak
+
+
+def test_an_export_is_the_json_it_was_and_reads_a_large_backlog_a_row_at_a_time(tmp_path):
+    import dataclasses
+    import io
+    import json
+    import tracemalloc
+
+    from gateway.datarights import export_outbox, write_export
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    msgs = _released(ob, 3)
+    ob.put_many(msgs)
+    fields = {"vin": "V", "frames": {"folder": "/x", "files": [{"a": 1}]}, "consent": {}}
+    for outbox in (ob, Outbox(None)):  # (and with nothing waiting)
+        out = io.StringIO()
+        n = write_export(out, fields, export_outbox(outbox))
+        whole = {"vin": "V", "outbox": list(export_outbox(outbox)), **fields}
+        assert out.getvalue() == json.dumps(whole, indent=1, default=str) + "\n"
+        assert n == len(whole["outbox"]) == (3 if outbox is ob else 0)
+        assert [m["seq"] for m in json.loads(out.getvalue())["outbox"]] == [m.seq for m in msgs][:n]
+    # a week offline: the export held every payload, decoded, and its whole text (~32 MB here)
+    big = [dataclasses.replace(m, payload=os.urandom(16_000)) for m in _released(ob, 2000)]
+    ob.put_many(big)
+    tracemalloc.start()
+    try:
+        with open(tmp_path / "x.json", "w") as out:
+            n = write_export(out, fields, export_outbox(ob))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 2003 and peak < 4_000_000, peak
+    assert len(json.loads((tmp_path / "x.json").read_text())["outbox"]) == 2003
