@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import types
+from contextlib import AbstractContextManager
 
 
 def main() -> int:
@@ -55,8 +56,11 @@ def _lazy_urllib_request() -> None:
     name = "urllib.request"
     if name in sys.modules or not hasattr(urllib, "__path__"):
         return
+    import threading
+
     stand_in = _LaterModule(name)
     stand_in.__spec__ = ModuleSpec(name, None)
+    stand_in._lock = threading.Lock()  # (two threads' first reads import it once)
     sys.modules[name] = stand_in
     urllib.request = stand_in  # type: ignore[attr-defined]  # (as an import would set it)
 
@@ -64,14 +68,19 @@ def _lazy_urllib_request() -> None:
 class _LaterModule(types.ModuleType):
     """A module whose names come from the real one, imported at the first name read."""
 
+    _lock: AbstractContextManager[object]
+
     def __getattr__(self, attr: str) -> object:  # (a name this stand-in does not hold)
         import importlib
         import urllib
 
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        real = importlib.import_module(self.__name__)  # (which sets urllib.request to it)
-        urllib.request = real  # type: ignore[attr-defined]
+        if attr == "_lock":  # (not set: a stand-in made by hand)
+            raise AttributeError(attr)
+        with self._lock:
+            if sys.modules.get(self.__name__) is self:
+                del sys.modules[self.__name__]
+            real = importlib.import_module(self.__name__)  # (which sets urllib.request to it)
+            urllib.request = real  # type: ignore[attr-defined]
         return getattr(real, attr)
 
 

@@ -113,40 +113,47 @@ def prune(folder: Path, keep: str, suffixes: tuple[str, ...]) -> int:
     fd = _open_folder(folder)
     if fd is None:
         return 0
-    removed = 0
     try:
-        now = time.time()
-        entries: list[tuple[float, int, str]] = []
-        stale: list[str] = []
-        with os.scandir(fd) as it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if not (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()):
-                    continue
-                if e.name.endswith(suffixes) and e.name != keep:
-                    entries.append((st.st_mtime, st.st_size, e.name))
-                elif e.name.endswith(".tmp") and now - st.st_mtime > 3600:
-                    stale.append(e.name)
-        entries.sort()  # least recently used first
-        total = sum(size for _, size, _ in entries)
-        with contextlib.suppress(OSError):
-            total += os.stat(keep, dir_fd=fd, follow_symlinks=False).st_size
-        for mtime, size, name in entries:
-            if now - mtime <= UNUSED_DAYS * 86400 and total <= FOLDER_BYTES:
-                break
-            stale.append(name)
-            total -= size
-        for name in stale:
-            try:
-                os.unlink(name, dir_fd=fd)
-                removed += 1
-            except OSError:
-                pass
+        return _prune(fd, folder, keep, suffixes)
+    except OSError as exc:  # (a folder that cannot be listed: nothing pruned this time)
+        log.debug("cache %s not pruned: %s", folder, exc)
+        return 0
     finally:
         os.close(fd)
+
+
+def _prune(fd: int, folder: Path, keep: str, suffixes: tuple[str, ...]) -> int:
+    removed = 0
+    now = time.time()
+    entries: list[tuple[float, int, str]] = []
+    stale: list[str] = []
+    with os.scandir(fd) as it:
+        for e in it:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()):
+                continue
+            if e.name.endswith(suffixes) and e.name != keep:
+                entries.append((st.st_mtime, st.st_size, e.name))
+            elif e.name.endswith(".tmp") and now - st.st_mtime > 3600:
+                stale.append(e.name)
+    entries.sort()  # least recently used first
+    total = sum(size for _, size, _ in entries)
+    with contextlib.suppress(OSError):
+        total += os.stat(keep, dir_fd=fd, follow_symlinks=False).st_size
+    for mtime, size, name in entries:
+        if now - mtime <= UNUSED_DAYS * 86400 and total <= FOLDER_BYTES:
+            break
+        stale.append(name)
+        total -= size
+    for name in stale:
+        try:
+            os.unlink(name, dir_fd=fd)
+            removed += 1
+        except OSError:
+            pass
     if removed:
         log.debug("cache %s: %d unused entries removed", folder, removed)
     return removed

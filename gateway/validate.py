@@ -291,7 +291,7 @@ def search(
         blob = m.topic.encode() + b"\x00" + m.payload
         lines = _unbroken(blob)  # base64 broken into lines (e-mail's 76 characters)
         for raw, hexes, b64 in payload_forms:
-            if raw in blob or any(f in blob for f in hexes) or any(f in lines for f in b64):
+            if raw in blob or any(f in lines for f in hexes) or any(f in lines for f in b64):
                 leaks.append(Leak("raw CAN payload", m.topic, f"canary payload {raw.hex()}"))
         for needle in text_needles:
             if needle in blob or (needle in vin_base64 and needle in lines):
@@ -341,11 +341,12 @@ def _hex_forms(raw: bytes) -> list[bytes]:
 
 
 def _unbroken(blob: bytes) -> bytes:
-    """``blob`` without line breaks and other white space, also as JSON escapes them (``\\n``):
-    base64 broken into lines reads whole again."""
-    if not any(c in blob for c in (b"\n", b"\r", b"\\n", b"\\r")):
+    """``blob`` without line breaks and other white space, also as JSON escapes them (``\\n``),
+    and with JSON's ``\\/`` as ``/``: base64 or hex broken into lines reads whole again."""
+    if not any(c in blob for c in (b"\n", b"\r", b"\\n", b"\\r", b"\\/")):
         return blob
-    return b"".join(blob.replace(b"\\r", b"").replace(b"\\n", b"").split())
+    blob = blob.replace(b"\\r", b"").replace(b"\\n", b"").replace(b"\\/", b"/")
+    return b"".join(blob.split())
 
 
 def _base64_forms(raw: bytes) -> list[bytes]:

@@ -238,6 +238,8 @@ def test_a_canary_in_base64_broken_into_lines_or_in_separated_hex_is_found():
         Observed("t/colon", pack({"d": raw.hex(":")}), False),
         Observed("t/spaced", ("DATA " + raw.hex(" ").upper()).encode(), False),
         Observed("t/dash", raw.hex("-").encode(), False),
+        Observed("t/slash", json.dumps({"b": mime.decode()}).replace("/", "\\/").encode(), False),
+        Observed("t/hexlines", (raw[:4].hex(" ") + "\n" + raw[4:].hex(" ")).encode(), False),
         # other bytes broken into lines, and the payload cut short: nothing
         Observed("t/other", base64.encodebytes(filler + raw[:5] + bytes(40)), False),
         Observed("t/short", raw[:5].hex(" ").encode(), False),
@@ -245,8 +247,10 @@ def test_a_canary_in_base64_broken_into_lines_or_in_separated_hex_is_found():
     leaks = search(observed, can, [], False, 1000)
     assert sorted((lk.kind, lk.topic) for lk in leaks) == [
         ("canary text", "t/vin"),
-        *[("raw CAN payload", t) for t in ("t/colon", "t/crlf", "t/dash", "t/json")],
+        *[("raw CAN payload", t) for t in ("t/colon", "t/crlf", "t/dash", "t/hexlines")],
+        ("raw CAN payload", "t/json"),
         ("raw CAN payload", "t/mime"),
+        ("raw CAN payload", "t/slash"),
         ("raw CAN payload", "t/spaced"),
     ]
 

@@ -106,6 +106,7 @@ class VideoFileSource:
         self.fps = fps if 0.01 <= fps <= 1000.0 else 25.0
         self.size = (first.shape[1], first.shape[0])
         self.cut_short = False  # known once ``frames`` has been read to its end
+        self._matroska = _starts_with(self.path, b"\x1a\x45\xdf\xa3")  # (and WebM: EBML)
 
     def total(self) -> int | None:
         return self._count or None
@@ -126,7 +127,9 @@ class VideoFileSource:
                 i += 1
         finally:
             cap.release()
-        self.cut_short = self._cut_short(i, max(last_ms, last_pts * 1000.0 / self.fps))
+        if self._matroska:  # its duration counts from time 0 (see ``_cut_short``)
+            last_ms = max(last_ms, last_pts * 1000.0 / self.fps)
+        self.cut_short = self._cut_short(i, last_ms)
         if self.say_cut_short and self.cut_short:
             log.warning(
                 "%s: %d of the %d frames its header declares could be read", self.path, i,
@@ -139,12 +142,21 @@ class VideoFileSource:
         WebM: its duration times the rate), more than the frames of a clip of variable frame
         rate: a clip whose last frame came at the end of its duration was read whole. There
         the duration counts from time 0, also for a clip that starts later (a segment cut
-        from a longer recording by ``ffmpeg -f segment``), so ``last_ms`` is the later of the
-        last frame's time in the stream and its time from 0 (OpenCV's PTS)."""
+        from a longer recording by ``ffmpeg -f segment``), so for Matroska ``last_ms`` is the
+        later of the last frame's time in the stream and its time from 0 (OpenCV's PTS). Not
+        for other containers: an MP4's count is its header's, of frames from its start."""
         if not self._count or read >= self._count:
             return False
         step_ms = 1000.0 / self.fps
         return not (last_ms > 0 and last_ms + 1.5 * step_ms >= self._count * step_ms)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def read_image(path: Path) -> Image:

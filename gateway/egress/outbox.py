@@ -492,6 +492,7 @@ class Outbox:
         out = Withdrawn()
         if self._db is not None:
             ids: list[int] = []
+            scanned = False
             try:
                 with self._tx() as db:
                     rows = db.execute(
@@ -502,19 +503,22 @@ class Outbox:
                             ids.append(n)
                             out.seqs.append(seq)
                             out.sha256.append(hashlib.sha256(payload).hexdigest())
-                            key = ("db", n)
-                            if key in self._unconfirmed or n in self._acked:
+                            if ("db", n) in self._unconfirmed or n in self._acked:
                                 out.in_flight.append(seq)
+                    scanned = True
+                    for n in ids:  # as ``withdraw`` leaves them, before the rows go: a batch
+                        # read before does not send them, and a failing disk (``_degrade``)
+                        # does not bring them back to be sent
+                        self._withdrawn.add(("db", n))
+                        self._unconfirmed.discard(("db", n))
+                        self._acked.add(n)
                     db.executemany("DELETE FROM outbox WHERE id = ?", ((n,) for n in ids))
             except sqlite3.Error as exc:
-                self._degrade(exc)  # (rolled back: what it read waits, in memory now)
-                out = Withdrawn()
-            else:
-                for n in ids:  # as ``withdraw`` and ``ack_many`` leave them
-                    self._withdrawn.add(("db", n))
-                    self._unconfirmed.discard(("db", n))
-                    self._acked.discard(n)
-                self._since_prune += len(ids)
+                if not scanned:  # what was read waits in memory now: withdrawn from there
+                    out, ids = Withdrawn(), []
+                self._degrade(exc)
+            self._acked.difference_update(ids)
+            self._since_prune += len(ids)
         held = [
             p
             for p in sorted(self._mem.values(), key=lambda p: not p.retain)

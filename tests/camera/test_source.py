@@ -192,3 +192,17 @@ def test_a_segment_of_a_longer_recording_read_whole_is_not_said_to_be_cut_short(
     n = len(list(half.frames()))
     assert 0 < n < 16 and half.cut_short
     assert f"{n} of the 40 frames its header declares could be read" in caplog.text
+
+
+def test_an_mp4_whose_times_start_late_and_is_cut_is_still_said_to_be_cut_short(tmp_path, caplog):
+    # its count is its header's, of frames from its start: the frames' times from 0 (8 s on)
+    # are not compared with it, as a Matroska segment's are
+    clip = VFR_CLIP.with_name("offset_testsrc.mp4")
+    src = VideoFileSource(clip)
+    assert src.total() == 60 and len(list(src.frames())) == 60 and not src.cut_short
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    half = VideoFileSource(cut)
+    n = len(list(half.frames()))
+    assert 0 < n < 60 and half.cut_short
+    assert f"{n} of the 60 frames its header declares could be read" in caplog.text

@@ -530,3 +530,18 @@ def test_an_entry_read_is_marked_used_at_most_once_a_day(tmp_path, monkeypatch):
     dbc_module._forget()
     load_dbc(path)
     assert time.time() - entry.stat().st_mtime < 60  # used: kept by the next pruning
+
+
+def test_a_cache_folder_that_cannot_be_listed_is_not_pruned_and_the_load_goes_on(
+    tmp_path, monkeypatch
+):
+    # (out of file descriptors, say: scandir opens one of its own)
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+
+    def refuse(*a, **k):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(cachedir.os, "scandir", refuse)
+    assert len(load_dbc(KONA / "kona_ccan.cantools.dbc").messages) > 0
+    monkeypatch.undo()
+    assert len(_entries(tmp_path / "cache")) == 1  # written, not pruned

@@ -363,3 +363,24 @@ def test_an_export_is_the_json_it_was_and_reads_a_large_backlog_a_row_at_a_time(
         tracemalloc.stop()
     assert n == 2003 and peak < 4_000_000, peak
     assert len(json.loads((tmp_path / "x.json").read_text())["outbox"]) == 2003
+
+
+def test_a_delete_the_disk_refuses_still_withdraws_and_says_what_may_have_left(tmp_path):
+    # GIVEN a batch of 5 read by the publisher, 3 handed to the client, the first acknowledged
+    from gateway.datarights import delete_category
+    from gateway.telemetry.policy import Category
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put_many(_released(ob, 5))
+    batch = ob.peek(5)
+    for p in batch[:3]:
+        ob.sending(p)
+    ob.note_acked(batch[0])
+    # WHEN the owner's delete comes and the file refuses to delete rows (a failing disk)
+    ob._db.execute("CREATE TRIGGER t BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'io'); END")
+    gone = delete_category(ob, Category.VEHICLE_STATUS)
+    # THEN all 5 are withdrawn (none is sent from the batch or from memory), on the record,
+    # with the 3 that may have left
+    assert ob.storage_error is not None
+    assert gone.seqs == [p.seq for p in batch] and gone.in_flight == [p.seq for p in batch[:3]]
+    assert not any(ob.waiting(p) for p in batch) and ob.peek(10) == []
