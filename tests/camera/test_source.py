@@ -125,19 +125,33 @@ def test_a_video_cut_short_says_how_many_of_its_frames_were_read(tmp_path, caplo
     assert f"{n} of the 40 frames its header declares could be read" in caplog.text
 
 
-def test_a_clip_of_variable_frame_rate_read_whole_is_not_said_to_be_cut_short(tmp_path, caplog):
-    # Matroska keeps no frame count: OpenCV's (80) is its duration times the nominal rate, more
-    # than the 50 frames of a clip whose rate varies. All 50 read is the whole clip; its first
-    # half, cut off, is still said
-    src = VideoFileSource(VFR_CLIP)
-    assert src.total() == 80 and len(list(src.frames())) == 50
+@pytest.mark.parametrize(
+    ("name", "declared", "frames"),
+    [
+        # Matroska keeps no frame count: OpenCV's (80) is its duration times the nominal rate,
+        # more than the 50 frames of a clip whose rate varies
+        ("vfr_testsrc.mkv", 80, 50),
+        # `ffmpeg -f segment` keeps each segment's times: this one starts at 2.4 s, and
+        # Matroska's duration (OpenCV's count: 40) counts from 0
+        ("segment_testsrc.mkv", 40, 16),
+        # an MP4's count is its header's, of frames from its start: its frames' times from 0
+        # (8 s on) are not compared with it, as a Matroska segment's are
+        ("offset_testsrc.mp4", 60, 60),
+    ],
+)
+def test_a_clip_read_whole_is_not_said_to_be_cut_short_and_its_first_half_is(
+    tmp_path, caplog, name, declared, frames
+):
+    clip = VFR_CLIP.with_name(name)
+    src = VideoFileSource(clip)
+    assert src.total() == declared and len(list(src.frames())) == frames
     assert not src.cut_short and "header declares" not in caplog.text
-    cut = tmp_path / "cut.mkv"
-    cut.write_bytes(VFR_CLIP.read_bytes()[: VFR_CLIP.stat().st_size // 2])
+    cut = tmp_path / f"cut{clip.suffix}"
+    cut.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
     half = VideoFileSource(cut)
     n = len(list(half.frames()))
-    assert 0 < n < 50 and half.cut_short
-    assert f"{n} of the 80 frames its header declares could be read" in caplog.text
+    assert 0 < n < frames and half.cut_short
+    assert f"{n} of the {declared} frames its header declares could be read" in caplog.text
 
 
 def test_a_raw_stream_with_no_frame_count_has_no_total(caplog):
@@ -176,33 +190,3 @@ def test_an_animated_gif_is_a_clip_and_a_still_gif_a_photo(tmp_path):
     assert isinstance(open_source(str(tmp_path / "anim.gif")), VideoFileSource)
     assert len(list(open_source(str(tmp_path / "anim.gif")).frames())) == 5
     assert isinstance(open_source(str(tmp_path / "still.gif")), ImageFolderSource)
-
-
-def test_a_segment_of_a_longer_recording_read_whole_is_not_said_to_be_cut_short(tmp_path, caplog):
-    # `ffmpeg -f segment` keeps each segment's times: this one starts at 2.4 s, and Matroska's
-    # duration (OpenCV's count: 40) counts from 0. Its 16 frames are the whole segment; cut
-    # in half, it is still said
-    clip = VFR_CLIP.with_name("segment_testsrc.mkv")
-    src = VideoFileSource(clip)
-    assert src.total() == 40 and len(list(src.frames())) == 16
-    assert not src.cut_short and "header declares" not in caplog.text
-    cut = tmp_path / "cut.mkv"
-    cut.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
-    half = VideoFileSource(cut)
-    n = len(list(half.frames()))
-    assert 0 < n < 16 and half.cut_short
-    assert f"{n} of the 40 frames its header declares could be read" in caplog.text
-
-
-def test_an_mp4_whose_times_start_late_and_is_cut_is_still_said_to_be_cut_short(tmp_path, caplog):
-    # its count is its header's, of frames from its start: the frames' times from 0 (8 s on)
-    # are not compared with it, as a Matroska segment's are
-    clip = VFR_CLIP.with_name("offset_testsrc.mp4")
-    src = VideoFileSource(clip)
-    assert src.total() == 60 and len(list(src.frames())) == 60 and not src.cut_short
-    cut = tmp_path / "cut.mp4"
-    cut.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
-    half = VideoFileSource(cut)
-    n = len(list(half.frames()))
-    assert 0 < n < 60 and half.cut_short
-    assert f"{n} of the 60 frames its header declares could be read" in caplog.text
