@@ -289,7 +289,7 @@ def search(
     vin_base64 = _base64_forms(canaries.vin.encode())
     for m in observed:
         blob = m.topic.encode() + b"\x00" + m.payload
-        lines = _unbroken(blob)  # base64 broken into lines (e-mail's 76 characters)
+        lines = _unbroken(blob)  # base64 (e-mail breaks it every 76 characters) or hex in lines
         for raw, hexes, b64 in payload_forms:
             if raw in blob or any(f in lines for f in hexes) or any(f in lines for f in b64):
                 leaks.append(Leak("raw CAN payload", m.topic, f"canary payload {raw.hex()}"))
