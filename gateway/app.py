@@ -134,16 +134,19 @@ def check_vehicle_files(
     interleave in one hash chain."""
     other = outbox.foreign_topic(topics.base)
     if other is not None:
+        theirs = other.rsplit("/owner/", 1)[0]
         raise ConfigError(
-            f"{outbox_path}: holds summaries for {other.rsplit('/owner/', 1)[0]}, not "
-            f"{topics.base.rsplit('/owner', 1)[0]}: give each vehicle its own --outbox and "
+            f"{outbox_path}: holds summaries for {theirs}, not "
+            f"{topics.base.rsplit('/owner', 1)[0]}: if these are that vehicle's files, give "
+            f"--vin {theirs.rsplit('/', 1)[-1]}; else each vehicle its own --outbox and "
             "--ledger ([gateway].outbox, .ledger)"
         )
     last = last_vin(ledger)
     if last is not None and last != vin:
         raise ConfigError(
-            f"{ledger}: the audit ledger of vehicle {last}, not {vin}: give each vehicle its "
-            "own --ledger and --outbox ([gateway].ledger, .outbox)"
+            f"{ledger}: the audit ledger of vehicle {last}, not {vin}: if these are that "
+            f"vehicle's files, give --vin {last}; else each vehicle its own --ledger and "
+            "--outbox ([gateway].ledger, .outbox)"
         )
 
 

@@ -754,9 +754,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
             consent_file = s.gateway.consent_file
             if consent_file.exists():
                 data["consent"] = json.loads(consent_file.read_text())
-            if args.out:
+            if args.out and args.out != "-":
                 try:
-                    with open(args.out, "w") as out:
+                    # the owner's data, positions among it: readable by this user only, as
+                    # the outbox it comes from
+                    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with contextlib.suppress(OSError):
+                        os.fchmod(fd, 0o600)
+                    with open(fd, "w") as out:
                         n = write_export(out, data, export_outbox(outbox))
                 except OSError as exc:
                     raise StorageError(
@@ -768,7 +773,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
                 "data-export",
                 messages=n,
                 frames=len(data["frames"]["files"]),
-                to=args.out or "stdout",
+                to=args.out if args.out and args.out != "-" else "stdout",
             )
             return 0
         category = None if args.category == "all" else Category(args.category)
@@ -1179,7 +1184,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "outbox, the consent state, and the list of anonymised camera frames with their folder: "
         "the images stay files there) as one JSON document; recorded in the audit ledger.",
     )
-    e.add_argument("--out", metavar="FILE", help="file to write (default: stdout)")
+    e.add_argument(
+        "--out", metavar="FILE", help="file to write, readable by you only (default, or -: stdout)"
+    )
     d = dsub.add_parser(
         "delete",
         help="delete locally kept data of one category",

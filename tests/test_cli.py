@@ -357,6 +357,9 @@ def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path,
     assert export.returncode == 0, export.stderr
     data = json.loads((tmp_path / "export.json").read_text())
     assert len(data["outbox"]) == report.outbox_left
+    assert (tmp_path / "export.json").stat().st_mode & 0o777 == 0o600  # as the outbox is
+    dashed = run_gateway("data", "export", "--out", "-", *common, cwd=tmp_path)
+    assert json.loads(dashed.stdout) == data and not (tmp_path / "-").exists()
     delete = run_gateway("data", "delete", "--category", "vehicle_status", *common)
     assert delete.returncode == 0, delete.stderr
     # THEN the signal summaries are gone, the rest waits, and both acts are in the ledger

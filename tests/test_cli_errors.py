@@ -569,6 +569,7 @@ def test_another_vehicles_ledger_or_outbox_is_refused(tmp_path, broker):
     for data in (["export"], ["delete", "--category", "all"]):
         proc = run_gateway("data", *data, "--vin", "VEHICLEB", *common)
         assert_one_line_error(proc, "holds summaries for vehicles/V, not vehicles/VEHICLEB")
+        assert "give --vin V;" in proc.stderr  # (a forgotten --vin is the likelier mistake)
     ob = Outbox(tmp_path / "o.sqlite")
     assert ob.depth() == 3
     ob.close()
@@ -584,6 +585,7 @@ def test_another_vehicles_ledger_or_outbox_is_refused(tmp_path, broker):
         broker=broker.url,
     )  # fmt: skip
     assert_one_line_error(b, "l.jsonl: the audit ledger of vehicle V, not VEHICLEB")
+    assert "give --vin V;" in b.stderr
 
 
 def test_a_config_or_password_file_that_is_not_utf8_is_one_line(tmp_path):

@@ -96,6 +96,13 @@ class VideoFileSource:
         fps = cap.get(cv2.CAP_PROP_FPS) if ok else 0.0
         # (a raw .h264 stream has no count: OpenCV gives a negative number)
         self._count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if ok else 0
+        # Matroska (and WebM) keep no count: OpenCV's is its duration, which counts from time
+        # 0, times the rate; a clip that starts later (a segment ``ffmpeg -f segment`` cut
+        # from a longer recording) holds that many frames fewer. (OpenCV's PTS is in frames
+        # of the nominal rate, from time 0.)
+        self._matroska = _starts_with(self.path, b"\x1a\x45\xdf\xa3")  # (EBML)
+        self._start = max(0.0, cap.get(cv2.CAP_PROP_PTS)) if ok and self._matroska else 0.0
+        self._count = max(0, self._count - round(self._start))
         cap.release()
         if first is None:
             raise CameraError(
@@ -106,7 +113,6 @@ class VideoFileSource:
         self.fps = fps if 0.01 <= fps <= 1000.0 else 25.0
         self.size = (first.shape[1], first.shape[0])
         self.cut_short = False  # known once ``frames`` has been read to its end
-        self._matroska = _starts_with(self.path, b"\x1a\x45\xdf\xa3")  # (and WebM: EBML)
 
     def total(self) -> int | None:
         return self._count or None
@@ -127,8 +133,8 @@ class VideoFileSource:
                 i += 1
         finally:
             cap.release()
-        if self._matroska:  # its duration counts from time 0 (see ``_cut_short``)
-            last_ms = max(last_ms, last_pts * 1000.0 / self.fps)
+        if self._matroska:  # its duration counts from time 0 (see ``__init__``)
+            last_ms = max(last_ms, (last_pts - self._start) * 1000.0 / self.fps)
         self.cut_short = self._cut_short(i, last_ms)
         if self.say_cut_short and self.cut_short:
             log.warning(
@@ -140,11 +146,10 @@ class VideoFileSource:
         """Whether the file ended before its header says (a file cut short decodes to its
         cut, then stops). The count is an estimate where the container keeps none (Matroska,
         WebM: its duration times the rate), more than the frames of a clip of variable frame
-        rate: a clip whose last frame came at the end of its duration was read whole. There
-        the duration counts from time 0, also for a clip that starts later (a segment cut
-        from a longer recording by ``ffmpeg -f segment``), so for Matroska ``last_ms`` is the
-        later of the last frame's time in the stream and its time from 0 (OpenCV's PTS). Not
-        for other containers: an MP4's count is its header's, of frames from its start."""
+        rate: a clip whose last frame came at the end of its duration was read whole. For
+        Matroska ``last_ms`` is the later of the last frame's time in the stream and its time
+        from the first frame by OpenCV's PTS (the stream's time of a B-frame stream can lag
+        it). Not for other containers: an MP4's count is its header's."""
         if not self._count or read >= self._count:
             return False
         step_ms = 1000.0 / self.fps

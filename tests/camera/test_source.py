@@ -132,8 +132,8 @@ def test_a_video_cut_short_says_how_many_of_its_frames_were_read(tmp_path, caplo
         # more than the 50 frames of a clip whose rate varies
         ("vfr_testsrc.mkv", 80, 50),
         # `ffmpeg -f segment` keeps each segment's times: this one starts at 2.4 s, and
-        # Matroska's duration (OpenCV's count: 40) counts from 0
-        ("segment_testsrc.mkv", 40, 16),
+        # Matroska's duration (OpenCV's count: 40) counts from 0: 16 frames from its start
+        ("segment_testsrc.mkv", 16, 16),
         # an MP4's count is its header's, of frames from its start: its frames' times from 0
         # (8 s on) are not compared with it, as a Matroska segment's are
         ("offset_testsrc.mp4", 60, 60),
