@@ -93,7 +93,8 @@ def load_route(path: str | Path | None) -> np.ndarray:
         try:
             text = p.read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{p}: cannot read the route ({exc.__class__.__name__})") from exc
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise InputError(f"{p}: cannot read the route ({why})") from exc
         name = str(p)
     stripped = text.lstrip()
     points = _geojson_points(name, text) if stripped.startswith("{") else _csv_points(name, text)

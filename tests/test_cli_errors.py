@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.localbroker import free_port
@@ -144,6 +146,8 @@ def test_garbage_lines_in_a_log_are_skipped_counted_and_reported(tmp_path, broke
         (lambda p: ["data", "export", "--out", str(_file(p) / "x.json")], "cannot write"),
         (lambda p: ["validate", "--out", str(_file(p))], "cannot create the report folder"),
         (lambda p: ["validate", "--broker", f"mqtt://127.0.0.1:{free_port()}"], "subscribe"),
+        (lambda p: ["anonymize", str(VFR), str(p / "none" / "o.mp4")], "no such folder"),
+        (lambda p: ["synth", "--route", str(p / "r.csv"), "--out", str(p / "s.log")], "(No such"),
     ],
 )
 def test_outputs_that_cannot_be_written_and_an_absent_broker_are_one_line(tmp_path, argv, needle):
@@ -159,6 +163,9 @@ def test_outputs_that_cannot_be_written_and_an_absent_broker_are_one_line(tmp_pa
     proc = run_gateway(*args, cwd=tmp_path)
     assert_one_line_error(proc, needle)
     assert proc.returncode != 0
+
+
+VFR = Path(__file__).parent / "data" / "vfr_testsrc.mkv"
 
 
 def _file(p):

@@ -253,6 +253,8 @@ def _video(anon: FrameAnonymiser, src: Path, dst: Path, progress: object, tally:
             h - h % 2,
         )
     if not writer.isOpened():
+        if not dst.parent.is_dir():
+            raise StorageError(f"{dst}: no such folder: {dst.parent}")
         raise StorageError(f"{dst}: OpenCV cannot write this video")
     total = source.total()
 
