@@ -962,7 +962,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         prog, hint = self.prog, ""
-        command = next((self.commands[w] for w in self.argv if w in self.commands), None)
+        command: argparse.ArgumentParser | None = None  # the innermost command named
+        table: Mapping[str, argparse.ArgumentParser] = self.commands
+        for word in self.argv:
+            if word in table:
+                command = table[word]
+                table = {  # its own commands (gateway data export)
+                    name: p
+                    for a in command._actions
+                    if isinstance(a, argparse._SubParsersAction)
+                    for name, p in a.choices.items()
+                }
         if message.startswith("unrecognized arguments:") and command is not None:
             # the command's help, and the option meant where one is close ("--dcb", "--dbc")
             import difflib
@@ -1201,9 +1211,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         choices=CATEGORY_CHOICES,
         help="what to delete (the categories of gateway consent)",
     )
-    for q in (e, d):
-        _add_common(q)
-        _add_pipeline(q)
+    for q in (e, d):  # (the vehicle's files only: no broker, policy or pipeline is used)
+        q.add_argument(
+            "--config", metavar="FILE", help="TOML config; options given here override it"
+        )
+        q.add_argument("--vin", help="the vehicle whose files these are (its topics' VIN)")
+        q.add_argument("--topic-prefix", metavar="PREFIX", help="topic prefix (default 'vehicles')")
+        q.add_argument(
+            "--ledger", metavar="PATH", help="audit ledger (default gateway-ledger.jsonl)"
+        )
+        q.add_argument("--outbox", metavar="PATH", help="outbox (default gateway-outbox.sqlite)")
         q.set_defaults(func=_cmd_data)
 
     words = list(argv or ())

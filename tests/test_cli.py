@@ -706,6 +706,19 @@ def test_a_mistyped_option_names_the_commands_help_and_the_option_meant():
     )
     proc = run_gateway("--bogus")  # no command: the top help, and nothing close to guess
     assert proc.stderr == "gateway: error: unrecognized arguments: --bogus (see: gateway --help)\n"
+    proc = run_gateway("data", "export", "--outt", "x.json")  # a command's command: its help
+    assert proc.stderr == (
+        "gateway: error: unrecognized arguments: --outt x.json; did you mean --out? "
+        "(see: gateway data export --help)\n"
+    )
+
+
+def test_data_export_and_delete_offer_only_the_options_they_use():
+    for action in ("export", "delete"):
+        said = run_gateway("data", action, "--help").stdout
+        assert "--ledger" in said and "--outbox" in said and "--vin" in said
+        for unused in ("--broker", "--policy", "--window", "--decoder"):
+            assert unused not in said, (action, unused)
 
 
 def test_a_log_whose_ids_are_almost_all_in_no_dbc_asks_whether_the_dbc_is_the_right_one(
