@@ -133,6 +133,11 @@ def _settings(args: argparse.Namespace) -> Any:
 
             path: dict[str, Any] = {key: str(Path(ov[f"gateway.{key}"]).expanduser().resolve())}
             s = dataclasses.replace(s, gateway=dataclasses.replace(s.gateway, **path))
+    if Path(s.gateway.ledger).resolve() == Path(s.gateway.outbox).resolve():
+        raise ConfigError(
+            f"{s.gateway.ledger}: given as both the ledger and the outbox (--ledger, --outbox; "
+            "[gateway].ledger, .outbox): they are two files"
+        )
     return s
 
 

@@ -728,3 +728,11 @@ def test_gateway_config_suggests_no_far_message_for_another_vehicle_s_signals(tm
     proc = run_gateway("config", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "did you mean" not in proc.stderr and "ID118DriveSystemStatus" not in proc.stderr
+
+
+def test_one_file_given_as_both_the_ledger_and_the_outbox_is_named(tmp_path):
+    # it was "the outbox is in use by another gateway process", which was not what was wrong
+    same = str(tmp_path / "files")
+    for argv in (["data", "export"], ["replay", str(KONA_CSV), "--dbc", str(KONA_PCAN)]):
+        proc = run_gateway(*argv, "--ledger", same, "--outbox", same, cwd=tmp_path)
+        assert_one_line_error(proc, "given as both the ledger and the outbox")
