@@ -700,10 +700,14 @@ def _cmd_consent(args: argparse.Namespace) -> int:
     grants = ", ".join(
         f"{k} until {_utc(v.get('until'))}" for k, v in state.get("grants", {}).items()
     )
-    print(
-        f"gateway: {change.get('action', '?')}; collection {state.get('collection', '?')}; "
-        f"grants: {grants or 'none'}"
-    )
+    done = str(change.get("action", "?"))
+    if done == "delete":  # what it removed (the running gateway's count)
+        done += f": {change.get('removed', 0)} waiting message(s) removed"
+        if change.get("in_flight"):
+            done += f" ({change['in_flight']} more had already been handed to the broker)"
+        if change.get("frames_removed"):
+            done += f", {change['frames_removed']} stored camera frame(s)"
+    print(f"gateway: {done}; collection {state.get('collection', '?')}; grants: {grants or 'none'}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,6 +307,7 @@ def test_consent_prints_the_running_gateways_answer_and_fails_on_a_refusal(tmp_p
             if ok.returncode == 0:
                 break
         refused = run_gateway("consent", "grant", "location", "--days", "400", *common)
+        deleted = run_gateway("consent", "delete", "vehicle_status", *common)
         no_gateway = run_gateway(
             "consent", "stop", "--vin", "NOBODY", "--broker", broker.url, "--wait", "1"
         )
@@ -316,6 +318,10 @@ def test_consent_prints_the_running_gateways_answer_and_fails_on_a_refusal(tmp_p
     assert ok.returncode == 0 and "gateway: grant" in ok.stdout and "location until" in ok.stdout
     assert refused.returncode == 1 and "refused" in refused.stderr and "30 days" in refused.stderr
     assert no_gateway.returncode == 1 and "no answer" in no_gateway.stderr
+    # and how many waiting messages a delete removed (it answered "delete" only)
+    assert deleted.returncode == 0 and re.search(
+        r"gateway: delete: \d+ waiting message\(s\) removed", deleted.stdout
+    ), deleted.stdout
 
 
 @pytest.mark.parametrize(
