@@ -34,14 +34,27 @@ Lines a reader cannot parse are skipped and counted; the count is reported at th
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML config; options given here override it")
+    _add_vehicle(p)
     p.add_argument(
         "--broker",
         metavar="URL",
         help="broker, mqtt://host:port or mqtts://host:port (default mqtt://127.0.0.1:1883)",
     )
+
+
+def _add_vehicle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config; options given here override it")
     p.add_argument("--vin", help="vehicle identification number: topics are vehicles/VIN/owner/...")
     p.add_argument("--topic-prefix", metavar="PREFIX", help="topic prefix (default 'vehicles')")
+
+
+def _add_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ledger", metavar="PATH", help="audit ledger file (default gateway-ledger.jsonl)"
+    )
+    p.add_argument(
+        "--outbox", metavar="PATH", help="durable outbox (default gateway-outbox.sqlite)"
+    )
 
 
 def _seconds(text: str) -> float:
@@ -94,12 +107,7 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="aggregation window in seconds of frame time (default 60)",
     )
-    p.add_argument(
-        "--ledger", metavar="PATH", help="audit ledger file (default gateway-ledger.jsonl)"
-    )
-    p.add_argument(
-        "--outbox", metavar="PATH", help="durable outbox (default gateway-outbox.sqlite)"
-    )
+    _add_files(p)
     p.add_argument(
         "--decoder",
         choices=("vector", "cantools"),
@@ -1221,15 +1229,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="what to delete (the categories of gateway consent)",
     )
     for q in (e, d):  # (the vehicle's files only: no broker, policy or pipeline is used)
-        q.add_argument(
-            "--config", metavar="FILE", help="TOML config; options given here override it"
-        )
-        q.add_argument("--vin", help="the vehicle whose files these are (its topics' VIN)")
-        q.add_argument("--topic-prefix", metavar="PREFIX", help="topic prefix (default 'vehicles')")
-        q.add_argument(
-            "--ledger", metavar="PATH", help="audit ledger (default gateway-ledger.jsonl)"
-        )
-        q.add_argument("--outbox", metavar="PATH", help="outbox (default gateway-outbox.sqlite)")
+        _add_vehicle(q)
+        _add_files(q)
         q.set_defaults(func=_cmd_data)
 
     words = list(argv or ())
