@@ -128,7 +128,8 @@ class VideoFileSource:
                 if not ok or img is None:
                     break
                 last_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
-                last_pts = cap.get(cv2.CAP_PROP_PTS)
+                if self._matroska:  # (its count is from time 0: see ``__init__``)
+                    last_pts = cap.get(cv2.CAP_PROP_PTS)
                 yield Frame(i, i / self.fps, img)
                 i += 1
         finally:
