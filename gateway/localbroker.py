@@ -75,14 +75,43 @@ def free_port() -> int:
 def wait_for_port(
     host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
+    """Returns once ``host:port`` takes connections, and, given ``proc``, once it is ``proc``
+    that listens there: another program listening on the port (Mosquitto then fails to bind
+    it and exits) answered the probe, and the broker was taken as started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-            return
+            if proc is None or _listens(proc.pid, port) is not False:
+                return
         if proc is not None and proc.poll() is not None:
             raise BrokerError(f"mosquitto exited with status {proc.returncode}")
         time.sleep(0.02)
     raise BrokerError(f"mosquitto did not open {host}:{port} within {timeout:.0f} s")
+
+
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a TCP socket listening on ``port``; None where this
+    cannot be told (no /proc, or its entries hidden)."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table) as f:
+                next(f, None)  # the heading
+                for row in f:
+                    cols = row.split()
+                    # local address "0100007F:075B", state 0A: LISTEN; the inode is column 9
+                    if cols[3] == "0A" and int(cols[1].rpartition(":")[2], 16) == port:
+                        inodes.add(f"socket:[{cols[9]}]")
+        if not inodes:
+            return False
+        fds = Path(f"/proc/{pid}/fd")
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return True
+    except (OSError, ValueError, IndexError):
+        return None
+    return False
 
 
 @dataclass

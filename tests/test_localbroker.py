@@ -56,3 +56,32 @@ def test_a_port_held_by_a_connection_is_said_at_once_with_mosquittos_reason(tmp_
     assert "Address already in use" in str(caught.value)
     assert f"port {broker.port}" in str(caught.value)
     assert not broker.running
+
+
+def test_another_program_listening_on_the_port_is_not_taken_for_the_broker(tmp_path):
+    # GIVEN a program that listens on the broker's port (a connection to it succeeds, as the
+    # start-up probe's did, so that the broker was said to be running while Mosquitto, unable
+    # to bind the port, had exited)
+    broker = LocalBroker(workdir=tmp_path)
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", broker.port))
+        other.listen(50)
+        # WHEN the broker starts THEN it fails, saying why, and is not running
+        with pytest.raises(BrokerError) as caught:
+            broker.start(timeout=30)
+    assert "Address already in use" in str(caught.value)
+    assert not broker.running
+    broker.close()
+
+
+def test_the_probe_tells_the_brokers_own_listener_from_another_programs(tmp_path):
+    from gateway.localbroker import _listens
+
+    with LocalBroker(workdir=tmp_path) as broker:
+        assert broker._proc is not None
+        assert _listens(broker._proc.pid, broker.port) is not False
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            assert _listens(broker._proc.pid, other.getsockname()[1]) is False
