@@ -107,9 +107,10 @@ def prune(folder: Path, keep: str, suffixes: tuple[str, ...]) -> int:
     """Remove from a private ``folder`` the entries (names ending in ``suffixes``; regular
     files of this user, never followed links) not used for ``UNUSED_DAYS``, then the least
     recently used until the folder holds at most ``FOLDER_BYTES``; never ``keep`` (the entry
-    just written). A use is the entry's modification time (``open_private`` marks it). Left
-    behind by a process that died while writing, a temporary file an hour old goes too. How
-    many files were removed; best effort, like the rest of the cache."""
+    just written). A use is the entry's modification time (``open_private`` marks it); the
+    entries of one key (``<key><suffix>``) share their latest use. Left behind by a process
+    that died while writing, a temporary file an hour old goes too. How many files were
+    removed; best effort, like the rest of the cache."""
     fd = _open_folder(folder)
     if fd is None:
         return 0
@@ -139,8 +140,15 @@ def _prune(fd: int, folder: Path, keep: str, suffixes: tuple[str, ...]) -> int:
                 entries.append((st.st_mtime, st.st_size, e.name))
             elif e.name.endswith(".tmp") and now - st.st_mtime > 3600:
                 stale.append(e.name)
-    entries.sort()  # least recently used first
-    total = sum(size for _, size, _ in entries)
+    # entries of one key (the DBC cache's ``<key>.pickle`` and ``<key>.plans``) are used
+    # together: a replay reads only the plans, and the model, needed by `--decoder cantools`,
+    # must not age out beside them (it would be parsed again); the twins of ``keep`` stay too
+    used: dict[str, float] = {_stem(keep, suffixes): now}
+    for mtime, _, name in entries:
+        stem = _stem(name, suffixes)
+        used[stem] = max(used.get(stem, mtime), mtime)
+    entries = sorted((used[_stem(n, suffixes)], size, n) for _, size, n in entries)
+    total = sum(size for _, size, _ in entries)  # (least recently used first)
     with contextlib.suppress(OSError):
         total += os.stat(keep, dir_fd=fd, follow_symlinks=False).st_size
     for mtime, size, name in entries:
@@ -157,6 +165,14 @@ def _prune(fd: int, folder: Path, keep: str, suffixes: tuple[str, ...]) -> int:
     if removed:
         log.debug("cache %s: %d unused entries removed", folder, removed)
     return removed
+
+
+def _stem(name: str, suffixes: tuple[str, ...]) -> str:
+    """The key of an entry: its name without the suffix it ends in."""
+    for suffix in suffixes:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def write_private(path: Path, write: Callable[[BinaryIO], object]) -> bool:

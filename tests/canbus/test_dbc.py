@@ -545,3 +545,20 @@ def test_a_cache_folder_that_cannot_be_listed_is_not_pruned_and_the_load_goes_on
     assert len(load_dbc(KONA / "kona_ccan.cantools.dbc").messages) > 0
     monkeypatch.undo()
     assert len(_entries(tmp_path / "cache")) == 1  # written, not pruned
+
+
+def test_the_model_is_kept_while_the_plans_of_the_same_dbc_are_used(tmp_path, monkeypatch):
+    # A replay reads only the vector decoder's plans (and marks them used); cantools' model of
+    # the same DBC, read by `--decoder cantools`, must not age out beside them.
+    monkeypatch.setenv("GATEWAY_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "dbc"
+    folder.mkdir(parents=True, mode=0o700)
+    key, gone = "d" * 64, "e" * 64
+    for name in (key + ".pickle", key + ".plans", gone + ".pickle", gone + ".plans"):
+        (folder / name).write_bytes(b"x" * 1000)
+        _aged(folder / name, cachedir.UNUSED_DAYS + 5)
+    _aged(folder / (key + ".plans"), -(cachedir.UNUSED_DAYS + 4))  # used a day ago
+    load_dbc(KONA / "kona_ccan.cantools.dbc")  # writes an entry: the folder is pruned
+    names = {p.name for p in folder.iterdir()}
+    assert {key + ".pickle", key + ".plans"} <= names
+    assert not {gone + ".pickle", gone + ".plans"} & names
