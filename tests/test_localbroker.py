@@ -63,16 +63,18 @@ def test_another_program_listening_on_the_port_is_not_taken_for_the_broker(tmp_p
     # start-up probe's did, so that the broker was said to be running while Mosquitto, unable
     # to bind the port, had exited)
     broker = LocalBroker(workdir=tmp_path)
-    with socket.socket() as other:
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        other.bind(("127.0.0.1", broker.port))
-        other.listen(50)
-        # WHEN the broker starts THEN it fails, saying why, and is not running
-        with pytest.raises(BrokerError) as caught:
-            broker.start(timeout=30)
+    try:
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            other.bind(("127.0.0.1", broker.port))
+            other.listen(50)
+            # WHEN the broker starts THEN it fails, saying why, and is not running
+            with pytest.raises(BrokerError) as caught:
+                broker.start(timeout=30)
+            assert not broker.running
+    finally:
+        broker.close()  # (a broker taken as started binds the port once it is free)
     assert "Address already in use" in str(caught.value)
-    assert not broker.running
-    broker.close()
 
 
 def test_the_probe_tells_the_brokers_own_listener_from_another_programs(tmp_path):
