@@ -15,22 +15,29 @@ from gateway.telemetry.policy import Category
 # CAMERA-SEQ-UNIXTIME.jpg: the name of every frame the camera's store keeps
 FRAME_FILE = re.compile(r"^(?P<camera>[\w.-]+)-(?P<seq>\d{9})-(?P<at>\d+)\.jpg$")
 
-# which waiting messages carry each category's data
-_SCHEMAS_BY_CATEGORY = {
-    Category.LOCATION: {"gateway.location", "gateway.trip"},
+# the messages that may carry each category's data, for rows an outbox of an older version
+# wrote, which did not keep their categories: a summary of signals may hold a signal of any
+# category but the camera's (the policy of its day is not known here); gone with the rest
+_LEGACY_SCHEMAS = {
+    Category.LOCATION: {"gateway.location", "gateway.trip", "gateway.signals"},
     Category.VEHICLE_STATUS: {"gateway.signals"},
     Category.DRIVING_BEHAVIOUR: {"gateway.signals", "gateway.trip"},
+    Category.CABIN: {"gateway.signals"},
+    Category.BIOMETRIC: {"gateway.signals"},
     Category.EXTERIOR_CAMERA: {"gateway.camera"},
 }
 
 
 def delete_category(outbox: Outbox, category: Category | None) -> Withdrawn:
-    """Remove waiting messages holding ``category`` (all when None): each one's seq and
-    digest, and those of them already handed to the MQTT client in the batch being sent (they
-    may leave). A batch a publisher read before sends none of the others (``Outbox.withdraw``).
-    The outbox is read a row at a time: a week's backlog is not held in memory."""
-    schemas = None if category is None else _SCHEMAS_BY_CATEGORY.get(category, set())
-    return outbox.withdraw_schemas(schemas)
+    """Remove waiting messages holding data of ``category`` (all when None): each one's seq
+    and digest, and those of them already handed to the MQTT client in the batch being sent
+    (they may leave). A batch a publisher read before sends none of the others
+    (``Outbox.withdraw``). The outbox is read a row at a time: a week's backlog is not held in
+    memory. Each message's categories are those the egress guard found in it: a summary of
+    signals goes if any of its signals is of ``category`` (under the policy it was made by)."""
+    if category is None:
+        return outbox.withdraw_category(None)
+    return outbox.withdraw_category(category.value, _LEGACY_SCHEMAS[category])
 
 
 def on_record(deleted: Withdrawn) -> dict[str, Any]:

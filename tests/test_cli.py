@@ -386,6 +386,73 @@ def test_data_export_and_delete_act_on_the_outbox_with_ledger_evidence(tmp_path,
     assert verify.returncode == 0, verify.stderr
 
 
+def test_data_delete_of_a_sensitive_category_takes_the_summaries_holding_its_signals(tmp_path, vin):
+    """`data delete --category cabin` (or biometric, or location for a signal of that
+    category without a position) deleted nothing: a summary of signals counted as vehicle
+    status and driving data only."""
+    import asyncio
+
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+    from gateway.egress.outbox import Outbox
+
+    signals = {
+        "vehicle_status": "BMS_542.SocDisp",
+        "cabin": "Batt_HV_Status.VBatt",
+        "biometric": "BatteryCharging.Voltage_12V",
+        "location": "StabilityControl.LAT_ACCEL",
+    }
+
+    # GIVEN the summaries of four runs waiting (the broker was never reachable), each run
+    # under a policy that lets out one signal, of one category, with the owner's consent
+    def waiting():
+        ob = Outbox(tmp_path / "o.sqlite")
+        try:
+            return ob.peek(10_000)
+        finally:
+            ob.close()
+
+    made: dict[str, set[int]] = {}
+    for category, dbc_signal in signals.items():
+        policy = tmp_path / f"{category}.toml"
+        policy.write_text(
+            f'[policy]\nname = "{category}"\nversion = 1\n\n[[signal]]\nsignal = "{dbc_signal}"\n'
+            f'publish_as = "x.{category}"\ncategory = "{category}"\naggregates = ["last"]\n'
+        )
+        before = {p.seq for p in waiting()}
+        s = gateway_settings(
+            tmp_path,
+            {"can0": [str(KONA_PCAN)]},
+            vin=vin,
+            window=5.0,
+            policy=str(policy),
+            consent=["cabin:7", "biometric:7", "location:7"],
+        )
+        report = asyncio.run(
+            Gateway(s, [ReplaySource([KONA_CSV], speed=None)]).run(
+                require_broker=False, drain_timeout=0.2
+            )
+        )
+        assert report.outbox_left
+        made[category] = {
+            p.seq for p in waiting() if p.seq not in before and p.schema == "gateway.signals"
+        }
+        assert made[category], category
+    # WHEN the owner deletes each category THEN exactly the summaries of its run go
+    kept = ["cabin", "biometric", "location", "vehicle_status"]
+    while kept:
+        category = kept.pop(0)
+        delete = run_gateway("data", "delete", "--category", category, *_vehicle(tmp_path, vin))
+        assert delete.returncode == 0, delete.stderr
+        assert f"deleted {len(made[category])} waiting message(s)" in delete.stdout, delete.stdout
+        left = {p.seq for p in waiting()}
+        assert not made[category] & left
+        assert all(made[c] <= left for c in kept)
+    assert waiting() and not any(p.schema == "gateway.signals" for p in waiting())
+    verify = run_gateway("audit", "verify", str(tmp_path / "l.jsonl"))
+    assert verify.returncode == 0, verify.stderr
+
+
 @pytest.mark.broker
 def test_the_collector_is_off_during_start_up_and_comes_back_as_it_was(
     tmp_path, broker, vin, monkeypatch

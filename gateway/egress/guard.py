@@ -48,6 +48,9 @@ class Released:
     rules: tuple[str, ...]
     consent: Mapping[str, float]
     retain: bool
+    # the categories of the data it carries (``Category`` values): an owner's delete of a
+    # category removes what waits of it (``datarights.delete_category``)
+    categories: tuple[str, ...] = ()
     _token: object = field(repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -171,8 +174,26 @@ class EgressGuard:
             out.rules,
             dict(self.consent_snapshot()),
             schema.retained,
+            self._categories(schema, out),
             _TOKEN,
         )
+
+    def _categories(self, schema: Schema, out: Outgoing) -> tuple[str, ...]:
+        """The categories of the data in a message the checks let out, sorted."""
+        if schema.stream is Stream.SIGNALS:
+            rules = self.policy.by_publish_name()
+            found = {rules[name].category for name in out.body.get("signals", {})}
+        elif schema.stream is Stream.LOCATION:
+            found = {Category.LOCATION}
+        elif schema.stream is Stream.TRIPS:
+            found = {Category.DRIVING_BEHAVIOUR}
+            if "start_area" in out.body or "end_area" in out.body:
+                found.add(Category.LOCATION)
+        elif schema.stream is Stream.CAMERA:
+            found = {Category.EXTERIOR_CAMERA}
+        else:  # the gateway's own state: status, consent, health, the ledger's digest
+            found = set()
+        return tuple(sorted(c.value for c in found))
 
     def _check(self, out: Outgoing) -> Schema:
         schema = SCHEMAS.get(out.schema)

@@ -36,7 +36,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     seq INTEGER, topic TEXT NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL,
-    schema TEXT NOT NULL, created REAL NOT NULL);
+    schema TEXT NOT NULL, created REAL NOT NULL, categories TEXT);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS outbox_retained ON outbox (retain, id);
 """
@@ -53,6 +53,9 @@ class Pending:
     retain: bool
     schema: str
     created: float
+    # the categories of its data, space-separated (``Released.categories``); None for a row
+    # an older version wrote, which did not keep them
+    categories: str | None = None
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Outbox:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
+                if "categories" not in columns:  # a file of an older version: its rows NULL
+                    self._db.execute("ALTER TABLE outbox ADD COLUMN categories TEXT")
                 row = self._db.execute(
                     "SELECT MAX(v) FROM (SELECT value AS v FROM meta WHERE key='next_seq' "
                     "UNION ALL SELECT MAX(seq) + 1 FROM outbox)"
@@ -186,9 +192,12 @@ class Outbox:
             try:
                 with self._tx():
                     self._db.executemany(
-                        "INSERT INTO outbox(seq, topic, payload, retain, schema, created) "
-                        "VALUES (?,?,?,?,?,?)",
-                        [(m.seq, m.topic, m.payload, int(m.retain), m.schema, now) for m in msgs],
+                        "INSERT INTO outbox(seq, topic, payload, retain, schema, created, "
+                        "categories) VALUES (?,?,?,?,?,?,?)",
+                        [
+                            (m.seq, m.topic, m.payload, int(m.retain), m.schema, now, _cats(m))
+                            for m in msgs
+                        ],
                     )
                     self._db.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (self._next_seq,)
@@ -205,7 +214,14 @@ class Outbox:
         for msg in msgs:
             self._mem_n += 1
             self._mem[self._mem_n] = Pending(
-                ("mem", self._mem_n), msg.seq, msg.topic, msg.payload, msg.retain, msg.schema, now
+                ("mem", self._mem_n),
+                msg.seq,
+                msg.topic,
+                msg.payload,
+                msg.retain,
+                msg.schema,
+                now,
+                _cats(msg),
             )
             if len(self._mem) > self.memory_limit:
                 # the oldest not handed to the client: one in flight may leave, and its
@@ -265,11 +281,14 @@ class Outbox:
         self.storage_error = f"{self.path}: {exc}"
         if self._db is not None:
             rows: list[tuple] = []  # type: ignore[type-arg]
-            with contextlib.suppress(sqlite3.Error):
-                rows = self._db.execute(
-                    "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
-                    "ORDER BY id"
-                ).fetchall()
+            # (a file of an older version that could not take the column has no categories)
+            for categories in ("categories", "NULL"):
+                with contextlib.suppress(sqlite3.Error):
+                    rows = self._db.execute(
+                        "SELECT id, seq, topic, payload, retain, schema, created, "
+                        f"{categories} FROM outbox ORDER BY id"
+                    ).fetchall()
+                    break
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
@@ -280,7 +299,7 @@ class Outbox:
                 for r in rescued:
                     self._mem_n += 1
                     self._mem[self._mem_n] = Pending(
-                        ("mem", self._mem_n), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6]
+                        ("mem", self._mem_n), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6], r[7]
                     )
                     self._in_file.add(self._mem_n)  # still in the file too: not lost at exit
                     if ("db", r[0]) in self._unconfirmed:
@@ -486,9 +505,18 @@ class Outbox:
         self._withdrawn.update(i.key for i in items)
         self.ack_many(items)
 
-    def withdraw_schemas(self, schemas: Collection[str] | None) -> Withdrawn:
-        """``withdraw`` every waiting message of ``schemas`` (all when None), in one
-        transaction, reading the file a row at a time."""
+    def withdraw_category(self, category: str | None, legacy: Collection[str] = ()) -> Withdrawn:
+        """``withdraw`` every waiting message that carries data of ``category`` (all when
+        None), in one transaction, reading the file a row at a time. A row an older version
+        wrote did not keep its categories: it goes if its schema is in ``legacy``."""
+
+        def doomed(schema: str, categories: str | None) -> bool:
+            if category is None:
+                return True
+            if categories is None:
+                return schema in legacy
+            return category in categories.split()
+
         out = Withdrawn()
         if self._db is not None:
             ids: list[int] = []
@@ -496,10 +524,11 @@ class Outbox:
             try:
                 with self._tx() as db:
                     rows = db.execute(
-                        "SELECT id, seq, schema, payload FROM outbox ORDER BY retain DESC, id"
+                        "SELECT id, seq, schema, payload, categories FROM outbox "
+                        "ORDER BY retain DESC, id"
                     )
-                    for n, seq, schema, payload in rows:
-                        if schemas is None or schema in schemas:
+                    for n, seq, schema, payload, categories in rows:
+                        if doomed(schema, categories):
                             ids.append(n)
                             out.seqs.append(seq)
                             out.sha256.append(hashlib.sha256(payload).hexdigest())
@@ -522,7 +551,7 @@ class Outbox:
         held = [
             p
             for p in sorted(self._mem.values(), key=lambda p: not p.retain)
-            if schemas is None or p.schema in schemas
+            if doomed(p.schema, p.categories)
         ]
         if held:
             out.in_flight += [p.seq for p in self.sent_or_sending(held)]
@@ -628,3 +657,8 @@ class Outbox:
                 ) from exc
             raise
         self._lock_fd = fd
+
+
+def _cats(msg: Released) -> str:
+    """A message's categories as the outbox keeps them."""
+    return " ".join(msg.categories)

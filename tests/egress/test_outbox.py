@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
+import time
 
 import pytest
 
@@ -384,3 +385,124 @@ def test_a_delete_the_disk_refuses_still_withdraws_and_says_what_may_have_left(t
     assert ob.storage_error is not None
     assert gone.seqs == [p.seq for p in batch] and gone.in_flight == [p.seq for p in batch[:3]]
     assert not any(ob.waiting(p) for p in batch) and ob.peek(10) == []
+
+
+def _mixed(outbox):
+    """Messages of each kind under a policy with a signal of every category: a summary per
+    category (battery.soc alone, vehicle status), one of two, a position, trips with and
+    without their areas, a camera count and the gateway's status."""
+    from gateway.telemetry.policy import parse_policy
+
+    def rule(signal, name, category):
+        return {"signal": signal, "publish_as": name, "category": category, "aggregates": ["last"]}
+
+    policy = parse_policy(
+        {
+            "policy": {"name": "p", "version": 1, "location_grid_m": 1000},
+            "signal": [
+                rule("BMS_542.SocDisp", "soc", "vehicle_status"),
+                rule("VCU_200.Range", "range", "driving_behaviour"),
+                rule("Batt_HV_Status.VBatt", "seat", "cabin"),
+                rule("BatteryCharging.Voltage_12V", "pulse", "biometric"),
+                rule("StabilityControl.LAT_ACCEL", "heading", "location"),
+            ],
+        },
+        "p.toml",
+    )
+    g = EgressGuard(
+        policy,
+        Topics("vehicles", "V"),
+        consent_ok=lambda c: True,
+        consent_snapshot=lambda: {},
+        next_seq=outbox.next_seq,
+    )
+    rules = {r.publish_as: r.rule_id for r in policy.rules.values()}
+
+    def signals(*names):
+        body = {"window": [0.0, 1.0], "policy": "p@1", "signals": {n: {"last": 1} for n in names}}
+        return Outgoing("gateway.signals", body, tuple(rules[n] for n in names))
+
+    from gateway.telemetry.location import coarsen
+
+    lat, lon = coarsen(31.2, 121.5, 1000)
+    trip = {"start": 0.0, "end": 60.0, "policy": "p@1", "distance_km": 1.0}
+    made = {
+        "soc": signals("soc"),
+        "seat+range": signals("seat", "range"),
+        "pulse": signals("pulse"),
+        "heading": signals("heading"),
+        "position": Outgoing("gateway.location", {"window": [0.0, 1.0], "policy": "p@1",
+                                                  "lat": lat, "lon": lon}),
+        "trip": Outgoing("gateway.trip", trip),
+        "trip+areas": Outgoing("gateway.trip", {**trip, "start_area": {"lat": lat, "lon": lon}}),
+        "camera": Outgoing("gateway.camera", {"window": [0.0, 1.0], "policy": "p@1",
+                                              "camera": "front", "frames_seen": 1}),
+        "status": Outgoing("gateway.status", {"state": "online", "reason": ""}),
+    }  # fmt: skip
+    out = {}
+    for key, o in made.items():
+        released = g.release(o)
+        assert released is not None, key
+        out[key] = released
+    return out
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_a_delete_of_a_category_takes_every_waiting_message_holding_data_of_it(tmp_path, where):
+    # `data delete --category cabin` deleted nothing: the categories were read off the
+    # message's kind, and a summary of signals counted as vehicle status and driving data only
+    from gateway.datarights import delete_category
+    from gateway.telemetry.policy import Category
+
+    ob = Outbox(tmp_path / "o.sqlite" if where == "file" else None)
+    msgs = _mixed(ob)
+    assert msgs["seat+range"].categories == ("cabin", "driving_behaviour")
+    assert msgs["trip+areas"].categories == ("driving_behaviour", "location")
+    assert msgs["status"].categories == ()
+    ob.put_many(list(msgs.values()))
+    if where == "file":
+        ob.close()
+        ob = Outbox(tmp_path / "o.sqlite")  # (kept in the file)
+    seq = {m.seq: key for key, m in msgs.items()}
+    expected = {
+        Category.CABIN: {"seat+range"},
+        Category.BIOMETRIC: {"pulse"},
+        Category.LOCATION: {"heading", "position", "trip+areas"},
+        Category.VEHICLE_STATUS: {"soc"},
+        Category.DRIVING_BEHAVIOUR: {"trip"},  # (seat+range went with the cabin's)
+        Category.EXTERIOR_CAMERA: {"camera"},
+    }
+    for category, keys in expected.items():
+        gone = delete_category(ob, category)
+        assert {seq[s] for s in gone.seqs} == keys, category
+    assert [p.schema for p in ob.peek(100)] == ["gateway.status"]
+
+
+def test_rows_of_an_older_outbox_without_their_categories_go_by_what_their_kind_may_hold(
+    tmp_path,
+):
+    from gateway.datarights import delete_category
+    from gateway.telemetry.policy import Category
+
+    # GIVEN an outbox file an older version wrote (no categories kept), with a summary of
+    # signals and a status waiting
+    path = tmp_path / "o.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER, topic TEXT NOT "
+        "NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL, schema TEXT NOT NULL, created "
+        "REAL NOT NULL); CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+    )
+    now = time.time()
+    db.execute("INSERT INTO outbox VALUES (1, 7, 't/s', x'01', 0, 'gateway.signals', ?)", (now,))
+    db.execute("INSERT INTO outbox VALUES (2, NULL, 't/st', x'02', 1, 'gateway.status', ?)", (now,))
+    db.commit()
+    db.close()
+    # WHEN it is opened and the owner deletes the cabin's data
+    ob = Outbox(path)
+    ob.put_many(_released(ob, 1))  # (a new row beside them, with its categories)
+    gone = delete_category(ob, Category.CABIN)
+    # THEN the old summary goes (it may hold a cabin signal; which, its policy would say), the
+    # status and the new vehicle-status summary stay
+    assert gone.seqs == [7]
+    assert sorted(p.schema for p in ob.peek(10)) == ["gateway.signals", "gateway.status"]
