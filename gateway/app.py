@@ -323,7 +323,7 @@ class Gateway:
             on_inbound=self.handle_owner_message,
             may_send=self._still_consented,
             on_withheld=lambda items: self._record_drop(
-                items, "location consent no longer valid when it was to be sent"
+                items, f"{self._lapsed(items)} consent no longer valid when it was to be sent"
             ),
             on_changed=self._changed_in_outbox,
             will_status=lambda: self._status("offline", "connection lost", record=False),
@@ -530,8 +530,18 @@ class Gateway:
         self.ledger.append("blocked", schema=out.schema, reason=reason, rules=list(out.rules))
 
     def _still_consented(self, item: Pending) -> bool:
-        """Whether a waiting message may still leave: a position (or a trip with its areas)
-        only while location consent is valid now, not only when it was queued."""
+        """Whether a waiting message may still leave: data of a category that needs consent
+        (a position, a trip with its areas, a summary with a cabin or biometric signal) only
+        while that consent is valid now, not only when it was queued. (A camera summary, its
+        counts, leaves without consent, as the guard let it out: ``camera_summaries``.)"""
+        if item.categories is not None:
+            now = self.clock()
+            return all(
+                self.consent.ok(c, now)
+                for c in map(Category, item.categories.split())
+                if c.sensitive and c is not Category.EXTERIOR_CAMERA
+            )
+        # a message an older version queued, without its categories: by its kind
         if item.schema not in ("gateway.location", "gateway.trip"):
             return True
         if self.consent.ok(Category.LOCATION, self.clock()):
@@ -543,6 +553,17 @@ class Gateway:
         except Exception:  # noqa: BLE001 - ours, so not expected; kept back to be safe
             return False
         return not ("start_area" in body or "end_area" in body)
+
+    def _lapsed(self, items: list[Pending]) -> str:
+        """The categories whose consent kept ``items`` back (``_still_consented``)."""
+        now = self.clock()
+        found = {
+            c.value
+            for item in items
+            for c in map(Category, (item.categories or "location").split())
+            if c.sensitive and c is not Category.EXTERIOR_CAMERA and not self.consent.ok(c, now)
+        }
+        return " and ".join(sorted(found)) or "location"
 
     def _changed_in_outbox(self, item: Pending) -> None:
         """A waiting message whose bytes are not what the ledger recorded (its row in the

@@ -134,3 +134,62 @@ def test_an_expired_grant_is_published_on_the_consent_topic(tmp_path, broker, li
     # THEN a state with the grant was published at the start, and one without it after expiry
     assert "location" in states[0]["grants"]
     assert any(s["grants"] == {} and s["at"] > t0 + 1.5 for s in states[1:])
+
+
+@pytest.mark.broker
+def test_summaries_with_a_cabin_signal_queued_offline_do_not_leave_after_the_consent_lapsed(
+    tmp_path, broker, listen, vin
+):
+    """Only positions and trips were checked again at sending: a summary holding a cabin (or
+    biometric) signal left after its consent had lapsed."""
+    from tests.conftest import KONA_CSV, KONA_PCAN
+
+    def policy(name, *rules):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'[policy]\nname = "{name}"\nversion = 1\n'
+            + "".join(
+                f'\n[[signal]]\nsignal = "{sig}"\npublish_as = "{pub}"\ncategory = "{cat}"\n'
+                'aggregates = ["last"]\n'
+                for sig, pub, cat in rules
+            )
+        )
+        return str(path)
+
+    soc = ("BMS_542.SocDisp", "soc", "vehicle_status")
+    cabin = ("Batt_HV_Status.VBatt", "seat", "cabin")
+    clock = [2_000_000_000.0]
+
+    def run(policy_file, url, consent=()):
+        s = gateway_settings(
+            tmp_path, {"can0": [str(KONA_PCAN)]}, url=url, consent=consent, vin=vin,
+            window=5.0, policy=policy_file,
+        )  # fmt: skip
+        source = [ReplaySource([KONA_CSV], speed=None)] if url is None else []
+        gw = Gateway(s, source, clock=lambda: clock[0])
+        return asyncio.run(gw.run(require_broker=url is not None, drain_timeout=10))
+
+    # GIVEN summaries queued while the broker was away: some with a cabin signal (its consent
+    # valid for a day), some of vehicle status only
+    run(policy("both", soc, cabin), None, ["cabin:1"])
+    run(policy("status", soc), None)
+    queued = _waiting(tmp_path)
+    held = {p.seq for p in queued if p.schema == "gateway.signals" and b"seat" in p.payload}
+    plain = {p.seq for p in queued if p.schema == "gateway.signals"} - held
+    assert held and plain
+    # WHEN the gateway runs again two days later, with the broker up
+    clock[0] += 2 * DAY
+    lst = listen(broker.url, f"vehicles/{vin}/owner/#")
+    run(policy("status", soc), broker.url)
+    got = [unpack(m.payload) for m in lst.settle()]
+    # THEN the vehicle-status summaries left, none with the cabin signal; the ledger says
+    # which were held back, and why
+    sent = {b["seq"] for b in got if b.get("schema") == "gateway.signals"}
+    assert sent == plain
+    assert not any("seat" in b.get("signals", {}) for b in got)
+    dropped = [
+        e for _, e, _ in read_entries(tmp_path / "l.jsonl") if e and e.get("kind") == "dropped"
+    ]
+    assert {s for e in dropped for s in e["seqs"]} == held
+    assert all(e["reason"].startswith("cabin consent no longer valid") for e in dropped)
+    assert _waiting(tmp_path) == []

@@ -58,6 +58,14 @@ class Pending:
     categories: str | None = None
 
 
+# a row of the outbox as ``_pending`` reads it
+_ROW = "id, seq, topic, payload, retain, schema, created, categories"
+
+
+def _pending(r: tuple) -> Pending:  # type: ignore[type-arg]
+    return Pending(("db", r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6], r[7])
+
+
 @dataclass
 class Withdrawn:
     """What a delete took out of the outbox: each message's ``seq`` and its payload's sha256,
@@ -314,8 +322,7 @@ class Outbox:
         # (or has), and its egress line stands
         flying = {n for kind, n in self._unconfirmed if kind == "db"} | self._acked
         old = self._db.execute(
-            "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
-            "WHERE created < ? ORDER BY id",
+            f"SELECT {_ROW} FROM outbox WHERE created < ? ORDER BY id",
             (now - self.max_age_s,),
         ).fetchall()
         old = [r for r in old if r[0] not in flying]
@@ -324,8 +331,7 @@ class Outbox:
         (depth,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         if depth > self.max_messages:
             rows = self._db.execute(
-                "SELECT id, seq, topic, payload, retain, schema, created FROM "
-                "outbox ORDER BY id LIMIT ?",
+                f"SELECT {_ROW} FROM outbox ORDER BY id LIMIT ?",
                 (depth - self.max_messages + len(flying),),
             ).fetchall()
             rows = [r for r in rows if r[0] not in flying][: depth - self.max_messages]
@@ -337,7 +343,7 @@ class Outbox:
         with self._tx():
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(r[0],) for r in rows])
         self._dropped(
-            [Pending(("db", r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6]) for r in rows],
+            [_pending(r) for r in rows],
             why,
         )
 
@@ -381,19 +387,14 @@ class Outbox:
         if self._db is not None:
             try:
                 rows = self._db.execute(
-                    "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
-                    "WHERE retain = 1 ORDER BY id LIMIT ?",
+                    f"SELECT {_ROW} FROM outbox WHERE retain = 1 ORDER BY id LIMIT ?",
                     (limit,),
                 ).fetchall()
                 rows += self._db.execute(
-                    "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
-                    "WHERE retain = 0 ORDER BY id LIMIT ?",
+                    f"SELECT {_ROW} FROM outbox WHERE retain = 0 ORDER BY id LIMIT ?",
                     (limit - len(rows),),
                 ).fetchall()
-                out = [
-                    Pending(("db", r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6])
-                    for r in rows
-                ]
+                out = [_pending(r) for r in rows]
             except sqlite3.Error as exc:
                 self._degrade(exc)
         if len(out) < limit:
@@ -618,11 +619,8 @@ class Outbox:
         an export of a week's backlog; nothing may change the outbox until it is done)."""
         if self._db is not None:
             try:
-                for r in self._db.execute(
-                    "SELECT id, seq, topic, payload, retain, schema, created FROM outbox "
-                    "ORDER BY retain DESC, id"
-                ):
-                    yield Pending(("db", r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6])
+                for r in self._db.execute(f"SELECT {_ROW} FROM outbox ORDER BY retain DESC, id"):
+                    yield _pending(r)
             except sqlite3.Error as exc:
                 raise StorageError(f"{self.path}: cannot read the outbox ({exc})") from exc
         yield from sorted(self._mem.values(), key=lambda p: not p.retain)
