@@ -71,6 +71,11 @@ class Source(Protocol):
 # until this much wall time has passed; then the group commits and the other tasks (publisher,
 # owner commands, camera) get the event loop. Nothing else runs inside a group.
 UNPACED_GROUP_SECONDS = 0.1
+# the categories whose consent a waiting message still needs when it is sent: the sensitive
+# ones but the camera's (its summaries are counts, let out by ``camera_summaries``)
+_CONSENT_AT_SENDING = frozenset(
+    c.value for c in Category if c.sensitive and c is not Category.EXTERIOR_CAMERA
+)
 # a live bus's window closes this long after its end on the bus's clock when no later frame
 # came (a frame is handed on within ~0.1 s of its time; one this late counts as late)
 LIVE_GRACE_SECONDS = 2.0
@@ -535,12 +540,9 @@ class Gateway:
         while that consent is valid now, not only when it was queued. (A camera summary, its
         counts, leaves without consent, as the guard let it out: ``camera_summaries``.)"""
         if item.categories is not None:
-            now = self.clock()
-            return all(
-                self.consent.ok(c, now)
-                for c in map(Category, item.categories.split())
-                if c.sensitive and c is not Category.EXTERIOR_CAMERA
-            )
+            needs = [c for c in item.categories.split() if c in _CONSENT_AT_SENDING]
+            now = self.clock() if needs else 0.0
+            return all(self.consent.ok(Category(c), now) for c in needs)
         # a message an older version queued, without its categories: by its kind
         if item.schema not in ("gateway.location", "gateway.trip"):
             return True
@@ -558,10 +560,10 @@ class Gateway:
         """The categories whose consent kept ``items`` back (``_still_consented``)."""
         now = self.clock()
         found = {
-            c.value
+            c
             for item in items
-            for c in map(Category, (item.categories or "location").split())
-            if c.sensitive and c is not Category.EXTERIOR_CAMERA and not self.consent.ok(c, now)
+            for c in (item.categories or "location").split()
+            if c in _CONSENT_AT_SENDING and not self.consent.ok(Category(c), now)
         }
         return " and ".join(sorted(found)) or "location"
 
