@@ -424,8 +424,9 @@ class ReplaySource:
     timestamps: ``speed=1`` is real time, ``speed=None`` as fast as possible. Pacing sleeps
     with ``asyncio.sleep`` (python-can's ``MessageSync`` would block the event loop).
 
-    A later file, or the next lap of a loop, is shifted to start just after the previous one
-    ended, so that window time never runs backwards.
+    A later file, or the next lap of a loop, keeps its own times if they begin after the
+    previous one ended (the next segment of a recording), else it is shifted to start just
+    after, so that window time never runs backwards.
 
     Unpaced (``speed=None``), it never awaits between batches: its consumer yields to the event
     loop (the gateway does, between group commits that span several batches).
@@ -472,10 +473,13 @@ class ReplaySource:
                 for batch in iter_log(path, stats, chunking):
                     if len(batch) == 0:
                         continue
-                    if first:
+                    if first:  # its own times if they begin after the last end, else shifted
+                        # (not by the offset of a file before it: a file of absolute times
+                        # after one of relative times was put that far ahead, a replay idle)
                         first = False
-                        if last_end is not None and batch.timestamp[0] + offset <= last_end:
-                            offset = last_end - float(batch.timestamp[0]) + 0.001
+                        start = float(batch.timestamp[0])
+                        if last_end is not None:
+                            offset = 0.0 if start > last_end else last_end - start + 0.001
                     batch = shift(batch, offset)
                     if wall0 is None:
                         wall0, log0 = self.clock(), float(batch.timestamp[0])

@@ -567,3 +567,28 @@ def test_two_logs_read_side_by_side_each_count_their_own_bad_lines(tmp_path):
     assert (a.bad_lines, b.bad_lines) == (2, 0), (a.first_bad, b.first_bad)
     assert (n_a, n_b) == (98, 100)
     assert logger.propagate == before
+
+
+def test_a_later_file_is_shifted_from_its_own_times_not_by_the_shift_of_the_one_before(tmp_path):
+    # GIVEN a log of absolute times, one of times from 0 (as python-can writes ASC and BLF),
+    # and the first again: the third was shifted by the second's offset too, and began half an
+    # hour of frame time after the second ended (a paced replay sat idle that long)
+    relative = tmp_path / "relative.log"
+    relative.write_text("".join(f"({i / 100:.6f}) can0 123#11223344\n" for i in range(500)))
+    src = ReplaySource([KONA_CANDUMP, relative, KONA_CANDUMP], speed=None)
+
+    async def collect():
+        return [b async for b in src.batches()]
+
+    ts = np.concatenate([b.timestamp for b in asyncio.run(collect())])
+    n = (ts.size - 500) // 2
+    first, second, third = ts[:n], ts[n : n + 500], ts[n + 500 :]
+    # THEN each begins just after the one before ended, keeping its own spacing
+    assert 0 < second[0] - first.max() < 0.01 and 0 < third[0] - second.max() < 0.01
+    assert np.allclose(np.diff(third), np.diff(first))
+    # and a file whose own times begin after the last end keeps them
+    later = tmp_path / "later.log"
+    later.write_text(f"({first.max() + 60:.6f}) can0 123#11\n")
+    src = ReplaySource([KONA_CANDUMP, later], speed=None)
+    last = np.concatenate([b.timestamp for b in asyncio.run(collect())])[-1]
+    assert abs(last - (first.max() + 60)) < 1e-6
