@@ -382,6 +382,18 @@ def _print_report(
                     f"{_printable(st.stopped_early)}",
                     file=out,
                 )
+        if getattr(st, "off_time", 0):
+            print(
+                f"  {st.path}: skipped {st.off_time} frame(s) whose time was far off the log's "
+                f"and was not followed (first: {'; '.join(st.first_off_time)})",
+                file=out,
+            )
+        if getattr(st, "steps_back", 0):
+            print(
+                f"  {st.path}: the log's time went back {st.steps_back} time(s) (first: "
+                f"{'; '.join(st.first_steps)}); the windows open before each were closed",
+                file=out,
+            )
     d = report.decode
     unknown = sum(d.unknown_id.values())
     errors = sum(d.errors.values())

@@ -312,6 +312,12 @@ class ReadStats:
     stopped_early: str | None = None  # a binary log whose rest could not be read
     bytes_read: int = 0  # of the file, for progress
     live: bool = False  # a live bus: what is bad is a frame (numbered from 1), not a line
+    # a replay's frames whose time was far off the log's, dropped, and the times the log's time
+    # went back (``canbus.timeline``), each with the first few as "frame N: ..."
+    off_time: int = 0
+    first_off_time: list[str] = field(default_factory=list)
+    steps_back: int = 0
+    first_steps: list[str] = field(default_factory=list)
 
     KEEP = 5
 

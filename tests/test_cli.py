@@ -621,21 +621,24 @@ def test_a_stop_signal_to_the_whole_process_group_stops_a_fast_replay_cleanly(
 
 @pytest.mark.broker
 def test_samples_that_come_after_their_window_are_counted_in_the_report(tmp_path, broker, vin):
-    # GIVEN a log whose time goes back after a window was published (BMS_542: SocDisp)
+    # GIVEN a log whose time goes back after a window was published (BMS_542: SocDisp; 1 s
+    # windows, the chunks of a paced replay ending a quarter of a second after their first)
     log = tmp_path / "back.log"
     log.write_text(
         "(10.0) can0 542#1234000000000000\n"
-        "(200.0) can0 542#1235000000000000\n"
-        "(20.0) can0 542#1236000000000000\n"
-        "(300.0) can0 542#1238000000000000\n"
+        "(10.1) can0 542#1235000000000000\n"
+        "(11.5) can0 542#1236000000000000\n"
+        "(10.95) can0 542#1237000000000000\n"
+        "(12.0) can0 542#1238000000000000\n"
     )
     args = [
-        "replay", str(log), "--dbc", f"can0={KONA_PCAN}", "--speed", "10000", "--broker",
+        "replay", str(log), "--dbc", f"can0={KONA_PCAN}", "--window", "1", "--speed", "10000",
+        "--broker",
         broker.url, "--vin", vin, "--ledger", str(tmp_path / "l.jsonl"), "--outbox",
         str(tmp_path / "o.sqlite"), "-q",
     ]  # fmt: skip
     proc = run_gateway(*args)
-    # THEN the sample at 20 s, in no summary, is said
+    # THEN the sample at 10.95 s, in no summary, is said
     assert proc.returncode == 0, proc.stderr
     assert "1 signal samples came after their window had been published" in proc.stderr
 

@@ -32,6 +32,7 @@ from gateway.canbus.messages import (
     looks_binary,
     message_problem,
 )
+from gateway.canbus.timeline import TimeLine
 from gateway.errors import LogFormatError
 from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
 
@@ -410,6 +411,13 @@ def iter_log(
         )
 
 
+def _checked(line: TimeLine, batches: Iterator[FrameBatch]) -> Iterator[tuple[bool, FrameBatch]]:
+    """A log's chunks, their frames' times checked by ``line`` (``canbus.timeline``)."""
+    for batch in batches:
+        yield from line.feed(batch)
+    yield from line.finish()
+
+
 def shift(batch: FrameBatch, offset: float) -> FrameBatch:
     if offset == 0.0:
         return batch
@@ -442,6 +450,9 @@ class ReplaySource:
     wall0: float | None = None  # clock() when the first frame was due: maps log time to wall time
     log0: float = 0.0
     laps: int = 0  # laps begun (more than 1 with ``loop``)
+    # the times a log's time went back (``canbus.timeline``): the gateway closes the windows
+    # open before each, as for a live bus's clock step
+    clock_steps: int = 0
 
     @property
     def unpaced(self) -> bool:
@@ -470,9 +481,15 @@ class ReplaySource:
                 self.stats.append(stats)
                 first = True
                 chunking = FAST if self.speed is None else PACED
-                for batch in iter_log(path, stats, chunking):
-                    if len(batch) == 0:
-                        continue
+                line = TimeLine(stats)
+                for stepped, batch in _checked(line, iter_log(path, stats, chunking)):
+                    if stepped:  # the log's time went back: the gateway closes what is open
+                        self.clock_steps += 1
+                        log.warning(
+                            "%s: the log's time goes back (%s); the windows open before are "
+                            "closed",
+                            path, stats.first_steps[-1] if stats.first_steps else "",
+                        )  # fmt: skip
                     if first:  # its own times if they begin after the last end, else shifted
                         # (not by the offset of a file before it: a file of absolute times
                         # after one of relative times was put that far ahead, a replay idle)
