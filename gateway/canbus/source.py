@@ -42,14 +42,15 @@ from typing import Any
 
 import can
 
+from gateway.canbus.timeline import MAX_SKEW, STEP_FRAMES
 from gateway.errors import InputError
 from gateway.records import FrameBatch, FrameBatchBuilder, ReadStats
 
 log = logging.getLogger(__name__)
 
-# frames in a row, all off the bus's clock as last seen and agreeing (within ``max_skew``) on a
-# new one: the clock was stepped, not a frame damaged
-STEP_FRAMES = 20
+# STEP_FRAMES (from ``timeline``, which judges a replayed log's time the same way): frames in a
+# row, all off the bus's clock as last seen and agreeing (within ``max_skew``) on a new one: the
+# clock was stepped, not a frame damaged
 REOPEN_FIRST_S = 0.5
 REOPEN_MAX_S = 30.0
 _RECV_S = 0.1  # a reading thread looks at its stop flag this often
@@ -109,7 +110,7 @@ class LiveBusSource:
     tick: float = 0.5  # an empty batch this often while no frame comes (see now())
     # a frame this far off its bus's clock is dropped (None: times are taken as they come, as
     # a bench that sends a drive's frames faster than real time needs)
-    max_skew: float | None = 10.0
+    max_skew: float | None = MAX_SKEW
     errors: int = 0  # receive errors (each followed by opening the bus again)
     reopened: int = 0  # buses opened again after an error
     clock_steps: int = 0
