@@ -455,9 +455,15 @@ def _print_report(
         fixes = "; ".join(f"{n:,} {why}" for n, why in held if n)
         print(f"  GPS fixes that never left: {fixes}", file=out)
     share = 100.0 * report.bytes_released / report.raw_bytes if report.raw_bytes else 0.0
+    # (a short log's summaries can outweigh its frames: a share over 100 % says nothing)
+    of_raw = (
+        f"{share:.2f}% of {report.raw_bytes:,}"
+        if share <= 100
+        else f"more than the {report.raw_bytes:,}"
+    )
     print(
-        f"released {report.released} message(s) ({report.bytes_released:,} bytes, {share:.2f}% of "
-        f"{report.raw_bytes:,} raw CAN payload bytes), blocked {report.blocked}, sent "
+        f"released {report.released} message(s) ({report.bytes_released:,} bytes, {of_raw} "
+        f"raw CAN payload bytes), blocked {report.blocked}, sent "
         f"{report.sent} to {s.broker.url} under {s.broker.topic_prefix}/{s.gateway.vin}/owner/",
         file=out,
     )

@@ -1052,3 +1052,19 @@ def test_a_thread_still_running_at_the_end_is_waited_for_as_the_interpreter_woul
     assert proc.returncode == 0, proc.stderr
     assert "thread done" in proc.stderr
     assert "torn down" in proc.stderr  # the usual end: the interpreter waits for the thread
+
+
+@pytest.mark.broker
+def test_the_report_does_not_give_a_share_of_the_raw_bytes_over_100_percent(tmp_path, broker, vin):
+    # one frame: its 8 payload bytes against 500+ bytes of summaries ("5437.50% of 8")
+    log = tmp_path / "one.log"
+    log.write_text("(1.0) can0 542#1234000000000000\n")
+    args = [
+        "replay", str(log), "--dbc", f"can0={KONA_PCAN}", "--fast", "--broker", broker.url,
+        "--vin", vin, "--ledger", str(tmp_path / "l.jsonl"), "--outbox",
+        str(tmp_path / "o.sqlite"), "-q",
+    ]  # fmt: skip
+    proc = run_gateway(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "bytes, more than the 8 raw CAN payload bytes)" in proc.stderr
+    assert "%" not in proc.stderr.split("released", 1)[1].splitlines()[0]

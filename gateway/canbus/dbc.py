@@ -449,6 +449,8 @@ def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
         raw = path.read_bytes()
     except OSError as exc:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
+    if not raw.strip():
+        raise DbcError(f"{path}: the DBC is empty ({len(raw)} bytes, no message in it)")
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or looks_binary(raw[:65536]):
         raise DbcError(
             f"{path}: not a DBC: binary data, or text saved as UTF-16 (save it as UTF-8 or "

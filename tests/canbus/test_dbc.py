@@ -114,6 +114,16 @@ def test_a_dbc_that_is_no_text_is_said_so_in_a_short_line(tmp_path, form):
     )
 
 
+@pytest.mark.parametrize("content", [b"", b"\n \r\n\t"])
+def test_an_empty_dbc_is_said_to_be_empty(tmp_path, content):
+    # it was "Invalid syntax at line 2, column 1" (a file of 0 bytes has no line 2)
+    p = tmp_path / "empty.dbc"
+    p.write_bytes(content)
+    with pytest.raises(DbcError) as err:
+        load_dbc(p)
+    assert str(err.value) == f"{p}: the DBC is empty ({len(content)} bytes, no message in it)"
+
+
 def test_channel_specs_map_channels_and_wildcard():
     d = ChannelDbcs.from_specs(
         [f"can1={KONA / 'kona_ccan.cantools.dbc'}", str(KONA / "kona_pcan.cantools.dbc")]
