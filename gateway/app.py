@@ -539,22 +539,29 @@ class Gateway:
         (a position, a trip with its areas, a summary with a cabin or biometric signal) only
         while that consent is valid now, not only when it was queued. (A camera summary, its
         counts, leaves without consent, as the guard let it out: ``camera_summaries``.)"""
+        needs = [c for c in self._categories_of(item).split() if c in _CONSENT_AT_SENDING]
+        now = self.clock() if needs else 0.0
+        return all(self.consent.ok(Category(c), now) for c in needs)
+
+    def _categories_of(self, item: Pending) -> str:
+        """A waiting message's categories; for one an older version queued without them, read
+        off its body: a summary's signals by the policy in force (a signal it does not name,
+        none), a position, a trip's areas."""
         if item.categories is not None:
-            needs = [c for c in item.categories.split() if c in _CONSENT_AT_SENDING]
-            now = self.clock() if needs else 0.0
-            return all(self.consent.ok(Category(c), now) for c in needs)
-        # a message an older version queued, without its categories: by its kind
-        if item.schema not in ("gateway.location", "gateway.trip"):
-            return True
-        if self.consent.ok(Category.LOCATION, self.clock()):
-            return True
+            return item.categories
+        if item.schema not in ("gateway.signals", "gateway.location", "gateway.trip"):
+            return ""
         if item.schema == "gateway.location":
-            return False
+            return Category.LOCATION.value
         try:
             body = unpack(item.payload)
-        except Exception:  # noqa: BLE001 - ours, so not expected; kept back to be safe
-            return False
-        return not ("start_area" in body or "end_area" in body)
+        except Exception:  # noqa: BLE001 - ours, so not expected; held back to be safe
+            return " ".join(sorted(_CONSENT_AT_SENDING))
+        if item.schema == "gateway.trip":
+            return "location" if "start_area" in body or "end_area" in body else ""
+        rules = self.policy.by_publish_name()
+        signals = body.get("signals") if isinstance(body, dict) else None
+        return " ".join(sorted({rules[n].category.value for n in signals or () if n in rules}))
 
     def _lapsed(self, items: list[Pending]) -> str:
         """The categories whose consent kept ``items`` back (``_still_consented``)."""
@@ -562,7 +569,7 @@ class Gateway:
         found = {
             c
             for item in items
-            for c in (item.categories or "location").split()
+            for c in self._categories_of(item).split()
             if c in _CONSENT_AT_SENDING and not self.consent.ok(Category(c), now)
         }
         return " and ".join(sorted(found)) or "location"

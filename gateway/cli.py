@@ -388,6 +388,12 @@ def _print_report(
                 f"and was not followed (first: {'; '.join(st.first_off_time)})",
                 file=out,
             )
+        if getattr(st, "separate_clocks", False):
+            print(
+                f"  {st.path}: its channels run on clocks of their own (times far apart from "
+                "bus to bus): frame times were not checked against one another",
+                file=out,
+            )
         if getattr(st, "steps_back", 0):
             print(
                 f"  {st.path}: the log's time went back {st.steps_back} time(s) (first: "

@@ -318,6 +318,7 @@ class ReadStats:
     first_off_time: list[str] = field(default_factory=list)
     steps_back: int = 0
     first_steps: list[str] = field(default_factory=list)
+    separate_clocks: bool = False  # its channels each on a clock of their own: times unchecked
 
     KEEP = 5
 

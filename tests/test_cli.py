@@ -625,7 +625,8 @@ def test_samples_that_come_after_their_window_are_counted_in_the_report(tmp_path
     # windows, the chunks of a paced replay ending a quarter of a second after their first)
     log = tmp_path / "back.log"
     log.write_text(
-        "(10.0) can0 542#1234000000000000\n"
+        "".join(f"({9 + i / 100:.2f}) can0 542#1234000000000000\n" for i in range(20))
+        + "(10.0) can0 542#1234000000000000\n"
         "(10.1) can0 542#1235000000000000\n"
         "(11.5) can0 542#1236000000000000\n"
         "(10.95) can0 542#1237000000000000\n"

@@ -137,11 +137,13 @@ def test_an_expired_grant_is_published_on_the_consent_topic(tmp_path, broker, li
 
 
 @pytest.mark.broker
+@pytest.mark.parametrize("queued_by", ["this version", "an older version"])
 def test_summaries_with_a_cabin_signal_queued_offline_do_not_leave_after_the_consent_lapsed(
-    tmp_path, broker, listen, vin
+    tmp_path, broker, listen, vin, queued_by
 ):
     """Only positions and trips were checked again at sending: a summary holding a cabin (or
-    biometric) signal left after its consent had lapsed."""
+    biometric) signal left after its consent had lapsed. (An older version's outbox kept no
+    categories: a summary's are read off its signals, by the policy in force.)"""
     from tests.conftest import KONA_CSV, KONA_PCAN
 
     def policy(name, *rules):
@@ -177,10 +179,18 @@ def test_summaries_with_a_cabin_signal_queued_offline_do_not_leave_after_the_con
     held = {p.seq for p in queued if p.schema == "gateway.signals" and b"seat" in p.payload}
     plain = {p.seq for p in queued if p.schema == "gateway.signals"} - held
     assert held and plain
-    # WHEN the gateway runs again two days later, with the broker up
+    if queued_by == "an older version":
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "o.sqlite")
+        db.execute("UPDATE outbox SET categories = NULL")
+        db.commit()
+        db.close()
+    # WHEN the gateway runs again two days later, with the broker up (under the policy of
+    # both signals: it tells an older version's summaries apart)
     clock[0] += 2 * DAY
     lst = listen(broker.url, f"vehicles/{vin}/owner/#")
-    run(policy("status", soc), broker.url)
+    run(policy("both", soc, cabin), broker.url)
     got = [unpack(m.payload) for m in lst.settle()]
     # THEN the vehicle-status summaries left, none with the cabin signal; the ledger says
     # which were held back, and why

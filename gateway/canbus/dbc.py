@@ -449,7 +449,7 @@ def _parse(path: Path, notes: list[str]) -> cantools.database.can.Database:
         raw = path.read_bytes()
     except OSError as exc:
         raise DbcError(f"{path}: cannot read DBC: {exc.strerror}") from exc
-    if not raw.strip():
+    if not raw.removeprefix(b"\xef\xbb\xbf").strip():  # (a BOM alone, too)
         raise DbcError(f"{path}: the DBC is empty ({len(raw)} bytes, no message in it)")
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or looks_binary(raw[:65536]):
         raise DbcError(

@@ -485,10 +485,11 @@ class ReplaySource:
                 for stepped, batch in _checked(line, iter_log(path, stats, chunking)):
                     if stepped:  # the log's time went back: the gateway closes what is open
                         self.clock_steps += 1
+                        wall0 = None  # and a paced replay is paced from here on its new time
                         log.warning(
-                            "%s: the log's time goes back (%s); the windows open before are "
-                            "closed",
-                            path, stats.first_steps[-1] if stats.first_steps else "",
+                            "%s: the log's time goes back (%d time(s) so far, first: %s); the "
+                            "windows open before are closed",
+                            path, stats.steps_back, stats.first_steps[0],
                         )  # fmt: skip
                     if first:  # its own times if they begin after the last end, else shifted
                         # (not by the offset of a file before it: a file of absolute times

@@ -38,12 +38,13 @@ class TimeLine:
     """The time of one log, frame by frame (see the module). ``feed`` each chunk in file
     order, then ``finish``; each yields ``(stepped_back, frames)``: the frames to hand on, and
     whether the log's time went back right before them. What it drops and the steps back are
-    counted in ``stats`` (``off_time``, ``steps_back``)."""
+    counted in ``stats`` (``off_time``, ``steps_back``, ``separate_clocks``)."""
 
     stats: ReadStats
     skew: float = MAX_SKEW
     last: float | None = None  # the time of the last frame taken
-    _held: FrameBatch | None = None  # a short run off the log's time, at the end of a chunk
+    dense: int = 0  # frames in the run the last frame taken ends (counted up to STEP_FRAMES)
+    _held: FrameBatch | None = None  # frames at a chunk's end, too few yet to tell
     _seen: int = 0  # frames of the file before the current chunk (held frames not counted)
 
     def feed(self, batch: FrameBatch) -> Iterator[tuple[bool, FrameBatch]]:
@@ -52,25 +53,32 @@ class TimeLine:
         if self._held is not None:
             batch, self._held = _concat(self._held, batch), None
         ts = batch.timestamp
-        if self.last is not None and abs(float(ts[0]) - self.last) <= self.skew:
+        if self.stats.separate_clocks or (
+            self.last is not None and abs(float(ts[0]) - self.last) <= self.skew
+        ):
             d = np.diff(ts)
             # the usual chunk: one run on the log's time (fmax/fmin pass over a time that is
             # not a number, which the aggregator counts; NaN first: the general way)
-            if d.size == 0 or (
-                float(np.fmax.reduce(d)) <= self.skew and -float(np.fmin.reduce(d)) <= self.skew
+            if (
+                self.stats.separate_clocks
+                or d.size == 0
+                or (
+                    float(np.fmax.reduce(d)) <= self.skew and -float(np.fmin.reduce(d)) <= self.skew
+                )
             ):
                 last = float(ts[-1])
                 if last != last:  # (NaN)
                     last = float(np.fmax.reduce(ts))
                 if last == last:
                     self.last = last
+                self.dense = min(STEP_FRAMES, self.dense + len(batch))
                 self._seen += len(batch)
                 yield False, batch
                 return
         yield from self._runs(batch, final=False)
 
     def finish(self) -> Iterator[tuple[bool, FrameBatch]]:
-        """What is still held at the end of the file (the time did not come back: taken)."""
+        """What is still held at the end of the file, decided without what would follow."""
         held, self._held = self._held, None
         if held is not None:
             yield from self._runs(held, final=True)
@@ -87,41 +95,76 @@ class TimeLine:
             t = ts[finite]
             breaks = (np.flatnonzero(np.abs(np.diff(t)) > self.skew) + 1).tolist()
             runs = list(zip([0, *breaks], [*breaks, t.size], strict=True))
+            if len(runs) > STEP_FRAMES and _separate_clocks(batch, finite, self.skew, len(runs)):
+                # each channel on a clock of its own (a log merged from buses that were not
+                # synchronised): there is no one time of the log to judge a frame by
+                self.stats.separate_clocks = True
+                self._seen += len(batch)
+                yield False, batch
+                return
+
+            def drop(lo: int, hi: int) -> None:
+                idx = finite[lo:hi]
+                keep[idx] = False
+                self.stats.off_time += idx.size
+                ref = self.last if self.last is not None else float(t[hi])
+                for i in idx.tolist()[: ReadStats.KEEP]:
+                    off = float(ts[i]) - ref
+                    self._note(self.stats.first_off_time, i, f"time {ts[i]:.6f}, {off:+.1f} s")
+
             k = 0
             while k < len(runs):
                 lo, hi = runs[k]
-                first, last = float(t[lo]), float(t[hi - 1])
-                if self.last is None or abs(first - self.last) <= self.skew:
-                    self.last = last  # on the log's time (or the file's first run)
+                first, last, n = float(t[lo]), float(t[hi - 1]), hi - lo
+                if self.last is None:
+                    # the file's first run: damaged if short and followed by a run of
+                    # STEP_FRAMES or more (a sparse log's next run is short too: taken)
+                    if n < STEP_FRAMES and k + 1 < len(runs):
+                        nxt = runs[k + 1][1] - runs[k + 1][0]
+                        if nxt >= STEP_FRAMES:
+                            drop(lo, hi)
+                            k += 1
+                            continue
+                        if k + 2 == len(runs) and not final:
+                            hold_from = int(finite[lo])  # the next run may grow: wait
+                            break
+                    elif n < STEP_FRAMES and not final:
+                        hold_from = int(finite[lo])
+                        break
+                    self.last, self.dense = last, min(n, STEP_FRAMES)
+                    k += 1
+                    continue
+                if abs(first - self.last) <= self.skew:  # on the log's time
+                    self.last, self.dense = last, min(self.dense + n, STEP_FRAMES)
                     k += 1
                     continue
                 # off the log's time: dropped if the time comes back within STEP_FRAMES
-                # frames (damaged times), else taken (a gap, or a step back)
-                back, n = None, 0
-                for j in range(k, len(runs)):
+                # frames (damaged times), else taken (a gap, or a step back). In a sparse
+                # stretch (the run before is short) every frame may be far from the one before:
+                # taken at once (a paced replay would hold it until STEP_FRAMES more came)
+                back, count = None, 0
+                for j in range(k, len(runs) if self.dense >= STEP_FRAMES else k):
                     if abs(float(t[runs[j][0]]) - self.last) <= self.skew:
                         back = j
                         break
-                    n += runs[j][1] - runs[j][0]
-                    if n >= STEP_FRAMES:
+                    count += runs[j][1] - runs[j][0]
+                    if count >= STEP_FRAMES:
                         break
                 if back is not None:
-                    idx = finite[lo : runs[back][0]]
-                    keep[idx] = False
-                    self.stats.off_time += idx.size
-                    for i in idx.tolist()[: ReadStats.KEEP]:
-                        off = float(ts[i]) - self.last
-                        self._note(self.stats.first_off_time, i, f"time {ts[i]:.6f}, {off:+.1f} s")
+                    drop(lo, runs[back][0])
                     k = back
                     continue
-                if n < STEP_FRAMES and not final:
-                    hold_from = int(finite[lo])  # what follows decides: it waits for that
+                if count < STEP_FRAMES and self.dense >= STEP_FRAMES:
+                    if not final:
+                        hold_from = int(finite[lo])  # what follows decides: wait for it
+                        break
+                    drop(lo, t.size)  # the end of a dense log: nothing follows it
                     break
-                if first < self.last:  # (at the end of the file: nothing says otherwise)
+                if first < self.last:  # a step back (a gap forward needs no word)
                     cuts.append(int(finite[lo]))
                     self.stats.steps_back += 1
                     self._note(self.stats.first_steps, finite[lo], f"{first - self.last:+.1f} s")
-                self.last = last
+                self.last, self.dense = last, min(n, STEP_FRAMES)
                 k += 1
         if hold_from < len(batch):
             self._held = batch.select(np.arange(hold_from, len(batch)))
@@ -138,6 +181,18 @@ class TimeLine:
     def _note(self, notes: list[str], index: int, what: str) -> None:
         if len(notes) < ReadStats.KEEP:
             notes.append(f"frame {self._seen + int(index) + 1:,}: {what}")
+
+
+def _separate_clocks(batch: FrameBatch, finite: np.ndarray, skew: float, runs: int) -> bool:
+    """Whether the chunk's many runs come from channels whose own times are each consistent
+    (at most a tenth as many breaks as the chunk's): buses on clocks of their own."""
+    channel = batch.channel[finite]
+    t = batch.timestamp[finite]
+    own = 0
+    for c in np.unique(channel).tolist():
+        tc = t[channel == c]
+        own += int(np.count_nonzero(np.abs(np.diff(tc)) > skew))
+    return len(np.unique(channel)) > 1 and own * 10 <= runs
 
 
 def _concat(a: FrameBatch, b: FrameBatch) -> FrameBatch:

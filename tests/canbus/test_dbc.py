@@ -114,7 +114,7 @@ def test_a_dbc_that_is_no_text_is_said_so_in_a_short_line(tmp_path, form):
     )
 
 
-@pytest.mark.parametrize("content", [b"", b"\n \r\n\t"])
+@pytest.mark.parametrize("content", [b"", b"\n \r\n\t", b"\xef\xbb\xbf\n"])
 def test_an_empty_dbc_is_said_to_be_empty(tmp_path, content):
     # it was "Invalid syntax at line 2, column 1" (a file of 0 bytes has no line 2)
     p = tmp_path / "empty.dbc"

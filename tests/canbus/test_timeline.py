@@ -89,9 +89,38 @@ def test_a_sparse_log_and_a_last_frame_after_a_gap_are_taken_whole():
     for cuts in ([], [1, 2, 3, 17], list(range(1, 50))):
         kept, steps, stats = _run(ts, cuts)
         assert kept == list(range(50)) and steps == [] and stats.off_time == 0
-    # and a frame an hour after the rest, at the end of the file: nothing says it is damaged
-    kept, _, stats = _run([*_drive(100), 99_999.0], [])
-    assert kept == list(range(101)) and stats.off_time == 0
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_damaged_first_or_last_frame_of_a_dense_log_is_dropped(where):
+    # (a paced replay waited a day on either; a first frame a day ahead made the rest a step
+    # back, unpaced)
+    ts = _drive(300)
+    at = 0 if where == "first" else 299
+    ts[at] += 86_400.0
+    for cuts in ([], [1], [2, 299], list(range(1, 300))):
+        kept, steps, stats = _run(ts, cuts)
+        assert kept == [i for i in range(300) if i != at] and steps == [], cuts
+        assert stats.off_time == 1 and stats.first_off_time[0].startswith(f"frame {at + 1}:")
+    # a sparse log's last frame, an hour after the one before it, is its own
+    sparse = list(1000.0 + 30.0 * np.arange(10))
+    kept, _, stats = _run([*sparse, sparse[-1] + 3600], [])
+    assert kept == list(range(11)) and stats.off_time == 0
+
+
+def test_buses_on_clocks_of_their_own_are_taken_as_they_are():
+    # a log merged from two buses whose clocks were never set alike (can1 1.7e9 s ahead): each
+    # frame is far off the one before it; every frame was dropped or a step back
+    ts = np.array(_drive(2000))
+    channel = np.arange(2000) % 2
+    ts[channel == 1] += 1.7e9
+    stats = ReadStats(path="x.log")
+    line = TimeLine(stats)
+    batch = _batch(ts, channel=channel, channels=("can0", "can1"))
+    out = [p for half in (batch.select(np.arange(0, 999)), batch.select(np.arange(999, 2000)))
+           for p in line.feed(half)] + list(line.finish())  # fmt: skip
+    assert sum(len(p) for _, p in out) == 2000 and not any(s for s, _ in out)
+    assert stats.separate_clocks and stats.off_time == 0 and stats.steps_back == 0
 
 
 def test_times_that_are_not_numbers_are_left_to_the_aggregator():
@@ -107,7 +136,7 @@ def test_the_same_frames_are_kept_wherever_the_chunks_are_cut():
     # of a second after its first: a frame stamped ahead always ends one)
     rng = np.random.default_rng(7)
     for trial in range(200):
-        ts = _drive(300, rate=float(rng.choice([0.001, 0.01, 0.5])))
+        ts = _drive(300, rate=float(rng.choice([0.001, 0.01, 0.5, 30.0])))
         for _ in range(int(rng.integers(0, 4))):  # lone frames and short runs off the time
             at, width = int(rng.integers(0, 299)), int(rng.integers(1, 4))
             jump = float(rng.choice([-1e5, -40.0, 25.0, 1e6]))
@@ -197,3 +226,30 @@ def test_the_summaries_of_a_log_with_a_damaged_time_are_those_of_the_log(tmp_pat
     assert "skipped 1 frame(s) whose time was far off the log's" in said
     assert "frame 25,001: time" in said and "+30.0 s" in said
     assert "came after their window" not in said
+
+
+def test_a_paced_replay_is_paced_on_the_new_time_after_a_step_back(tmp_path, monkeypatch):
+    # after a step back the frames were all overdue on the old time: the rest of the log went
+    # out at once (an hour of frame time unpaced, for a longer log)
+    def back(lines):
+        for i in range(len(lines) // 2, len(lines)):
+            _moved(lines, i, -3600.0)
+
+    path = _kona_with(tmp_path, back)
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(delay, *a, **k):
+        slept.append(delay)
+        now[0] += delay
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    src = ReplaySource([path], speed=1.0, clock=lambda: now[0])
+
+    async def drain():
+        async for _ in src.batches():
+            pass
+
+    asyncio.run(drain())
+    assert src.clock_steps == 1
+    assert 10.0 < sum(slept) < 11.5  # the log's 10.85 s of frames, both halves paced
