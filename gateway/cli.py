@@ -382,24 +382,26 @@ def _print_report(
                     f"{_printable(st.stopped_early)}",
                     file=out,
                 )
-        if getattr(st, "off_time", 0):
-            print(
-                f"  {st.path}: skipped {st.off_time} frame(s) whose time was far off the log's "
-                f"and was not followed (first: {'; '.join(st.first_off_time)})",
-                file=out,
-            )
-        if getattr(st, "separate_clocks", False):
-            print(
-                f"  {st.path}: its channels run on clocks of their own (times far apart from "
-                "bus to bus): frame times were not checked against one another",
-                file=out,
-            )
-        if getattr(st, "steps_back", 0):
-            print(
-                f"  {st.path}: the log's time went back {st.steps_back} time(s) (first: "
+        times = [  # what the replay's time check did (``canbus.timeline``)
+            (
+                st.off_time,
+                f"skipped {st.off_time} frame(s) whose time was far off the log's and was not "
+                f"followed (first: {'; '.join(st.first_off_time)})",
+            ),
+            (
+                st.separate_clocks,
+                "its channels run on clocks of their own (times far apart from bus to bus): "
+                "frame times were not checked against one another",
+            ),
+            (
+                st.steps_back,
+                f"the log's time went back {st.steps_back} time(s) (first: "
                 f"{'; '.join(st.first_steps)}); the windows open before each were closed",
-                file=out,
-            )
+            ),
+        ]
+        for happened, what in times:
+            if happened:
+                print(f"  {st.path}: {what}", file=out)
     d = report.decode
     unknown = sum(d.unknown_id.values())
     errors = sum(d.errors.values())
