@@ -93,15 +93,19 @@ def _listens(pid: int, port: int) -> bool | None:
     """Whether process ``pid`` holds a TCP socket listening on ``port``; None where this
     cannot be told (no /proc, or its entries hidden)."""
     inodes: set[str] = set()
+    read = 0  # tables read (none without /proc: macOS)
     try:
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with contextlib.suppress(FileNotFoundError), open(table) as f:
+                read += 1
                 next(f, None)  # the heading
                 for row in f:
                     cols = row.split()
                     # local address "0100007F:075B", state 0A: LISTEN; the inode is column 9
                     if cols[3] == "0A" and int(cols[1].rpartition(":")[2], 16) == port:
                         inodes.add(f"socket:[{cols[9]}]")
+        if not read:
+            return None
         if not inodes:
             return False
         fds = Path(f"/proc/{pid}/fd")

@@ -87,3 +87,20 @@ def test_the_probe_tells_the_brokers_own_listener_from_another_programs(tmp_path
             other.bind(("127.0.0.1", 0))
             other.listen()
             assert _listens(broker._proc.pid, other.getsockname()[1]) is False
+
+
+def test_without_proc_the_listener_cannot_be_told_and_the_probe_alone_decides(monkeypatch):
+    # (macOS has no /proc: every start would have waited its timeout and failed)
+    import builtins
+
+    from gateway.localbroker import _listens
+
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert _listens(1, 1883) is None
