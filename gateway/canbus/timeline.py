@@ -8,12 +8,15 @@ summaries lost) and held a paced replay for a day. Such frames are dropped, coun
 as a bad line is. If the time does not come back, it did move: a gap (the car was off; a
 sparse log, one frame a minute), or, backwards, a log of two recordings; both are taken, and
 a step back is counted (``steps_back``), so that the gateway closes the windows open before
-it (every later sample would otherwise be late).
+it (every later sample would otherwise be late). Where the log is dense (the run before has
+``STEP_FRAMES`` frames or more), a short run far off at its very end, or a short first run
+followed by a long one off its time, is damaged too; in a sparse stretch a frame far from the
+one before is taken at once. A log whose buses each run on a clock of their own (a chunk of
+many runs whose channels are each consistent) is not checked: ``separate_clocks``.
 
 The decisions depend on the frames only, never on where the reader cut its chunks: frames off
 the log's time at the end of a chunk, too few yet to tell, wait for the next chunk's (they
-are ``held``), so ``--fast`` and ``--speed X`` drop and keep the same frames. At the end of
-the file nothing comes back: what is held then is taken.
+are ``held``), so ``--fast`` and ``--speed X`` drop and keep the same frames.
 """
 
 from __future__ import annotations
