@@ -522,7 +522,8 @@ def test_the_least_recently_used_entries_go_when_the_folder_is_over_its_size(tmp
     new.unlink()
     dbc_module._forget()
     load_dbc(path)
-    assert {p.name for p in folder.glob("0*.pickle")} == {f"{1:064x}.pickle", f"{2:064x}.pickle"}
+    left = {p.name for p in folder.iterdir()} & set(ages)  # (a real key may begin with 0 too)
+    assert left == {f"{1:064x}.pickle", f"{2:064x}.pickle"}
     assert new.exists()
 
 
