@@ -91,6 +91,15 @@ class FrameBatch:
         )
 
 
+def widen(data: npt.NDArray[np.uint8], width: int) -> npt.NDArray[np.uint8]:
+    """Frames' data bytes padded with zeros to ``width`` columns (8 to CAN FD's 64)."""
+    if data.shape[1] == width:
+        return data
+    out = np.zeros((data.shape[0], width), np.uint8)
+    out[:, : data.shape[1]] = data
+    return out
+
+
 @dataclass(slots=True)
 class FrameBatchBuilder:
     """Collects frames one at a time (live bus, python-can readers) and emits a ``FrameBatch``."""

@@ -36,7 +36,7 @@ from gateway.canbus.messages import (
     divert_logging,
     message_problem,
 )
-from gateway.records import FrameBatch, ReadStats
+from gateway.records import FrameBatch, ReadStats, widen
 
 if TYPE_CHECKING:
     import can
@@ -334,7 +334,7 @@ def _assemble(
         table = np.zeros(int(present[-1]) + 1, np.uint16)
         table[present] = [local(f"can{max(c - first, 0)}") for c in present.tolist()]
         z = np.zeros(len(lines), np.bool_)
-        cols.append((lines, ts, table[chan], fid, ext, z, z, z, dlc, cd._widen(data, width)))
+        cols.append((lines, ts, table[chan], fid, ext, z, z, z, dlc, widen(data, width)))
     if slow:
         data = np.zeros((len(slow), width), np.uint8)
         for j, (_, m) in enumerate(slow):

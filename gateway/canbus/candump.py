@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from gateway.canbus.chunking import CHUNK_FRAMES, CHUNK_SECONDS
 from gateway.errors import LogFormatError
-from gateway.records import FrameBatch, ReadStats
+from gateway.records import FrameBatch, ReadStats, widen
 
 CAN_ERR_FLAG = 0x20000000
 MAX_LINE = 512  # the longest valid line (64-byte FD frame, long channel name) is ~200
@@ -299,18 +299,10 @@ class _Cols:
             return parts[0]
         width = max(c.data.shape[1] for c in parts)
         cols = [np.concatenate([getattr(c, f) for c in parts]) for f in _FIELDS[:-1]]
-        return _Cols(*cols, np.concatenate([_widen(c.data, width) for c in parts]))
+        return _Cols(*cols, np.concatenate([widen(c.data, width) for c in parts]))
 
 
 _FIELDS = ("ts", "chan", "fid", "ext", "remote", "error", "fd", "dlc", "data")
-
-
-def _widen(data: npt.NDArray[np.uint8], width: int) -> npt.NDArray[np.uint8]:
-    if data.shape[1] == width:
-        return data
-    out = np.zeros((data.shape[0], width), np.uint8)
-    out[:, : data.shape[1]] = data
-    return out
 
 
 def _empty_cols() -> _Cols:
@@ -643,7 +635,7 @@ def _assemble(
     parts: list[tuple[Any, ...]] = []  # (lines, ts, raw id, ext, remote, fd, dlc, data, chan)
     for rows, cols in results:
         k = len(rows)
-        data = _widen(cols["data"], width)
+        data = widen(cols["data"], width)
         dlc = cols.get("dlc")
         if dlc is None:
             dlc = np.full(k, cols["data"].shape[1], np.uint8)

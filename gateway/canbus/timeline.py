@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.records import FrameBatch, ReadStats
+from gateway.records import FrameBatch, ReadStats, widen
 
 # a frame more than this many seconds from the one before it is off the log's time (as a live
 # bus's frame this far off the bus's clock is, ``LiveBusSource.max_skew``)
@@ -203,14 +203,6 @@ def _concat(a: FrameBatch, b: FrameBatch) -> FrameBatch:
     names = b.channels + tuple(n for n in a.channels if n not in b.channels)
     remap = np.array([names.index(n) for n in a.channels] or [0], np.uint16)
     width = max(a.data.shape[1], b.data.shape[1])
-
-    def wide(data: np.ndarray) -> np.ndarray:
-        if data.shape[1] == width:
-            return data
-        out = np.zeros((data.shape[0], width), np.uint8)
-        out[:, : data.shape[1]] = data
-        return out
-
     return FrameBatch(
         timestamp=np.concatenate((a.timestamp, b.timestamp)),
         channel=np.concatenate((remap[a.channel], b.channel)),
@@ -221,5 +213,5 @@ def _concat(a: FrameBatch, b: FrameBatch) -> FrameBatch:
         is_error=np.concatenate((a.is_error, b.is_error)),
         is_fd=np.concatenate((a.is_fd, b.is_fd)),
         dlc=np.concatenate((a.dlc, b.dlc)),
-        data=np.concatenate((wide(a.data), wide(b.data))),
+        data=np.concatenate((widen(a.data, width), widen(b.data, width))),
     )
