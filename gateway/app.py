@@ -19,11 +19,11 @@ import numpy as np
 
 from gateway import __version__
 from gateway.canbus.dbc import ChannelDbcs
-from gateway.egress.guard import EgressGuard, Outgoing, Released
+from gateway.egress.guard import EgressGuard, Outgoing, Released, categories_of
 from gateway.egress.ledger import Ledger, egress_hashes, last_stop, last_vin, unfinished_egress
 from gateway.egress.mqtt import MqttPublisher
 from gateway.egress.outbox import Outbox, Pending
-from gateway.egress.schema import Topics, unpack
+from gateway.egress.schema import SCHEMAS, Topics, unpack
 from gateway.errors import ConfigError, GatewayError, StorageError, make_folder
 from gateway.health import HealthMonitor
 from gateway.records import (
@@ -545,23 +545,19 @@ class Gateway:
 
     def _categories_of(self, item: Pending) -> str:
         """A waiting message's categories; for one an older version queued without them, read
-        off its body: a summary's signals by the policy in force (a signal it does not name,
-        none), a position, a trip's areas."""
+        off its body as the guard does (a summary's signals by the policy in force)."""
         if item.categories is not None:
             return item.categories
-        if item.schema not in ("gateway.signals", "gateway.location", "gateway.trip"):
+        schema = SCHEMAS.get(item.schema)
+        if schema is None:
             return ""
-        if item.schema == "gateway.location":
-            return Category.LOCATION.value
         try:
             body = unpack(item.payload)
         except Exception:  # noqa: BLE001 - ours, so not expected; held back to be safe
             return " ".join(sorted(_CONSENT_AT_SENDING))
-        if item.schema == "gateway.trip":
-            return "location" if "start_area" in body or "end_area" in body else ""
-        rules = self.policy.by_publish_name()
-        signals = body.get("signals") if isinstance(body, dict) else None
-        return " ".join(sorted({rules[n].category.value for n in signals or () if n in rules}))
+        if not isinstance(body, dict):
+            return " ".join(sorted(_CONSENT_AT_SENDING))
+        return " ".join(categories_of(self.policy, schema, body))
 
     def _lapsed(self, items: list[Pending]) -> str:
         """The categories whose consent kept ``items`` back (``_still_consented``)."""

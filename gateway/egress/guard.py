@@ -174,26 +174,9 @@ class EgressGuard:
             out.rules,
             dict(self.consent_snapshot()),
             schema.retained,
-            self._categories(schema, out),
+            categories_of(self.policy, schema, out.body),
             _TOKEN,
         )
-
-    def _categories(self, schema: Schema, out: Outgoing) -> tuple[str, ...]:
-        """The categories of the data in a message the checks let out, sorted."""
-        if schema.stream is Stream.SIGNALS:
-            rules = self.policy.by_publish_name()
-            found = {rules[name].category for name in out.body.get("signals", {})}
-        elif schema.stream is Stream.LOCATION:
-            found = {Category.LOCATION}
-        elif schema.stream is Stream.TRIPS:
-            found = {Category.DRIVING_BEHAVIOUR}
-            if "start_area" in out.body or "end_area" in out.body:
-                found.add(Category.LOCATION)
-        elif schema.stream is Stream.CAMERA:
-            found = {Category.EXTERIOR_CAMERA}
-        else:  # the gateway's own state: status, consent, health, the ledger's digest
-            found = set()
-        return tuple(sorted(c.value for c in found))
 
     def _check(self, out: Outgoing) -> Schema:
         schema = SCHEMAS.get(out.schema)
@@ -293,6 +276,27 @@ class EgressGuard:
             raise Blocked(
                 f"position {lat},{lon} is finer than the {self.policy.location_grid_m} m grid"
             )
+
+
+def categories_of(policy: Policy, schema: Schema, body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The categories of the data in a message of ``schema`` (sorted ``Category`` values): a
+    summary's signals' under ``policy`` (a name it does not know: none), a position, a trip's
+    driving data and its areas, a camera summary's counts; none for the gateway's own state
+    (status, consent, health, the ledger's digest)."""
+    found: set[Category] = set()
+    if schema.stream is Stream.SIGNALS:
+        rules = policy.by_publish_name()
+        signals = body.get("signals")
+        found = {rules[n].category for n in signals or () if n in rules}
+    elif schema.stream is Stream.LOCATION:
+        found = {Category.LOCATION}
+    elif schema.stream is Stream.TRIPS:
+        found = {Category.DRIVING_BEHAVIOUR}
+        if "start_area" in body or "end_area" in body:
+            found.add(Category.LOCATION)
+    elif schema.stream is Stream.CAMERA:
+        found = {Category.EXTERIOR_CAMERA}
+    return tuple(sorted(c.value for c in found))
 
 
 def _as_number(x: object) -> float | None:
