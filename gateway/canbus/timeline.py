@@ -56,29 +56,26 @@ class TimeLine:
         if self._held is not None:
             batch, self._held = _concat(self._held, batch), None
         ts = batch.timestamp
-        if self.stats.separate_clocks or (
-            self.last is not None and abs(float(ts[0]) - self.last) <= self.skew
-        ):
+        if not self.stats.separate_clocks:  # (else: not checked, see the module)
+            if self.last is None or not abs(float(ts[0]) - self.last) <= self.skew:
+                yield from self._runs(batch, final=False)
+                return
             d = np.diff(ts)
             # the usual chunk: one run on the log's time (fmax/fmin pass over a time that is
             # not a number, which the aggregator counts; NaN first: the general way)
-            if (
-                self.stats.separate_clocks
-                or d.size == 0
-                or (
-                    float(np.fmax.reduce(d)) <= self.skew and -float(np.fmin.reduce(d)) <= self.skew
-                )
-            ):
-                last = float(ts[-1])
-                if last != last:  # (NaN)
-                    last = float(np.fmax.reduce(ts))
-                if last == last:
-                    self.last = last
-                self.dense = min(STEP_FRAMES, self.dense + len(batch))
-                self._seen += len(batch)
-                yield False, batch
+            if d.size and not (
+                float(np.fmax.reduce(d)) <= self.skew and -float(np.fmin.reduce(d)) <= self.skew
+            ):  # (not: a NaN compares false, and goes the general way)
+                yield from self._runs(batch, final=False)
                 return
-        yield from self._runs(batch, final=False)
+        last = float(ts[-1])
+        if last != last:  # (NaN)
+            last = float(np.fmax.reduce(ts))
+        if last == last:
+            self.last = last
+        self.dense = min(STEP_FRAMES, self.dense + len(batch))
+        self._seen += len(batch)
+        yield False, batch
 
     def finish(self) -> Iterator[tuple[bool, FrameBatch]]:
         """What is still held at the end of the file, decided without what would follow."""
