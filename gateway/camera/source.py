@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,24 +168,66 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 
 
 def read_image(path: Path) -> Image:
-    """An image file as BGR uint8; unreadable files raise ``CameraError``."""
+    """An image file as BGR uint8; unreadable files raise ``CameraError``, with what the
+    image library said of it. A file it read in part (a JPEG cut short: the rest grey) is
+    read, with a warning."""
     _cv_quiet()
     try:
         data = np.fromfile(str(path), np.uint8) if path.is_file() else None
     except OSError as exc:  # no permission, a disk error: this image, not the whole run
         raise CameraError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     img: Any = None
+    said: list[str] = []
     if data is not None and data.size:
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-        if img is not None and img.dtype == np.uint16:
-            img = (img >> np.uint16(sample_bits(img) - 8)).astype(np.uint8)
-        elif img is not None and img.dtype != np.uint8:  # (float TIFFs: as OpenCV reads them)
-            img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        with native_messages(said):
+            img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+            if img is not None and img.dtype == np.uint16:
+                img = (img >> np.uint16(sample_bits(img) - 8)).astype(np.uint8)
+            elif img is not None and img.dtype != np.uint8:  # (float TIFFs: as OpenCV reads)
+                img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    why = f" ({'; '.join(dict.fromkeys(said))})" if said else ""
     if img is None:
-        raise CameraError(f"{path}: not an image OpenCV can read")
+        raise CameraError(f"{path}: not an image OpenCV can read{why}")
+    if said:
+        log.warning("%s: the image library reported a fault, read as far as it goes%s", path, why)
     if path.suffix.lower() in _PAGED and (pages := _pages(path)) > 1:
         log.warning("%s: holds %d images; only the first is read", path, pages)
     return img
+
+
+_NATIVE_LIMIT = 4096  # bytes of a library's messages kept for one image
+# OpenCV's own log prefix: "[ERROR:0@0.244] global grfmt_png.cpp:297 readHeader "
+_CV_LOG = re.compile(r"^\[\s*[A-Z]+:\d+@[\d.]+\]\s+(?:global\s+)?\S+:\d+\s+\w+\s+")
+
+
+@contextlib.contextmanager
+def native_messages(said: list[str]) -> Iterator[None]:
+    """What the C libraries under OpenCV write to the process's stderr meanwhile (libpng's
+    "libpng error: PNG input buffer is incomplete", libjpeg's "Corrupt JPEG data: ...") goes
+    into ``said``, a line each, instead of onto the terminal beside the gateway's own one-line
+    error. The stderr of the whole process is redirected, so a line another thread writes
+    meanwhile lands there too (and is shown with the image's message, not lost). Where stderr
+    cannot be redirected (no descriptor 2), nothing is captured."""
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                text = tmp.read(_NATIVE_LIMIT).decode("utf-8", "replace")
+            said += [_CV_LOG.sub("", line).strip() for line in text.splitlines() if line.strip()]
+    finally:
+        os.close(saved)
 
 
 def sample_bits(img: Any) -> int:

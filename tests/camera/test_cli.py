@@ -119,6 +119,29 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, gateway, argv, needle):
     assert needle in _one_error(err)
 
 
+def test_a_cut_png_is_one_line_that_says_what_the_image_library_found(
+    tmp_path, monkeypatch, capfd, astronaut
+):
+    """libpng writes its own "libpng error: ..." to the process's stderr (descriptor 2, past
+    Python's sys.stderr); it used to stand on a line of its own beside the gateway's error.
+    Now it is part of that one line, and nothing else reaches the terminal."""
+    if "gateway.camera.cli" not in gateway_cli._EXTRA_COMMANDS:
+        monkeypatch.setattr(
+            gateway_cli, "_EXTRA_COMMANDS", (*gateway_cli._EXTRA_COMMANDS, "gateway.camera.cli")
+        )
+    ok, data = cv2.imencode(".png", astronaut)
+    assert ok
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data.tobytes()[: data.size // 2])
+    code = gateway_cli.main(["anonymize", str(cut), str(tmp_path / "o.png"), "-q"])
+    err = capfd.readouterr().err
+    assert code == 2
+    line = _one_error(err)
+    assert "cut.png: not an image OpenCV can read (" in line and "PNG" in line, err
+    assert err.strip() == line, err  # no line of the library's own
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_an_unreadable_image_in_a_folder_is_reported_and_the_rest_written(tmp_path, gateway):
     src = tmp_path / "in"
     src.mkdir()
