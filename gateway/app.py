@@ -203,6 +203,7 @@ class RunReport:
     channels: dict[str, int] = field(default_factory=dict)  # frames per channel name
     positions_withheld: int = 0  # without location consent
     positions_in_geofence: int = 0
+    positions_no_fix: int = 0  # a coordinate that is not a finite number
     positions_limited: int = 0  # too soon after the one before, or too close to it
     # window values of sensitive signals withheld for lack of consent, by category
     withheld: dict[str, int] = field(default_factory=dict)
@@ -834,6 +835,7 @@ class Gateway:
             )
         self.report.positions_withheld += stage.withheld - before
         self.report.positions_in_geofence = stage.in_geofence
+        self.report.positions_no_fix = stage.no_fix
         self.report.positions_limited = stage.limited
 
     def publish_trip(self, trip: Trip, start_ok: bool = True) -> None:

@@ -458,6 +458,7 @@ def _print_report(
         (getattr(report, "positions_withheld", 0), "without location consent"),
         (getattr(report, "positions_in_geofence", 0), "inside a geofence"),
         (getattr(report, "positions_limited", 0), "within the policy's minimum time or distance"),
+        (getattr(report, "positions_no_fix", 0), "not a position (a coordinate not a number)"),
     ]
     if any(n for n, _ in held):
         fixes = "; ".join(f"{n:,} {why}" for n, why in held if n)

@@ -1,8 +1,8 @@
 """Location minimisation: snap to a grid, suppress inside geofences, limit rate and change.
 
 Pure functions of values; the caller passes frame time. Positions are snapped to the centre of
-a cell of about ``grid_m`` metres (latitude steps are constant; longitude steps are widened by
-1/cos(latitude) of the cell's centre so cells stay about square).
+a cell at least ``grid_m`` metres across (``coarsen``: equal rows of latitude, each cut into
+equal cells of longitude as wide as ``grid_m`` at the row's edge nearest a pole).
 """
 
 from __future__ import annotations
@@ -18,24 +18,38 @@ M_PER_DEG = 111_320.0
 EARTH_R = 6_371_000.0
 
 
-def _snap(v: float, step: float) -> float:
-    return round((math.floor(v / step) + 0.5) * step, 7)
-
-
-def _lon_step(lat_snapped: float, grid_m: float) -> float:
-    return grid_m / (M_PER_DEG * max(math.cos(math.radians(lat_snapped)), 0.01))
+def _cells(span_deg: float, cell_deg: float) -> tuple[int, float]:
+    """``span_deg`` cut into equal cells of at least ``cell_deg``: their number and size (at
+    least one cell: the whole span)."""
+    n = max(1, math.floor(span_deg / cell_deg)) if cell_deg > 0 else 1
+    return n, span_deg / n
 
 
 def coarsen(lat: float, lon: float, grid_m: float) -> tuple[float, float]:
-    """The centre of the grid cell of (lat, lon), kept on the globe: near a pole or the
-    antimeridian a cell's centre can fall beyond +-90 or +-180 degrees, and is then moved to
-    that edge (a fixed point again, as the guard's check needs)."""
-    lat_c = min(max(_snap(lat, grid_m / M_PER_DEG), -90.0), 90.0)
-    return lat_c, min(max(_snap(lon, _lon_step(lat_c, grid_m)), -180.0), 180.0)
+    """The centre of the grid cell of (lat, lon): a fixed point (``on_location_grid``).
+
+    Every cell is at least ``grid_m`` across, from pole to pole and across the antimeridian.
+    The rows of latitude cut 180 degrees into equal rows; each row cuts 360 degrees of
+    longitude into equal cells, as many as fit ``grid_m`` wide at the row's edge nearest a pole
+    (its narrowest), so the last cell before +-180 is as wide as the others (one cut short
+    there was 91 m wide at Fiji's latitude on the 1 km grid), and the cells near a pole stay
+    ``grid_m`` wide (a floor of 1 % of the equator's width let them shrink to 5 m at the South
+    Pole's station); the row at a pole is one cell. A number that is not finite has no cell:
+    ``ValueError``."""
+    if not (math.isfinite(lat) and math.isfinite(lon)):
+        raise ValueError(f"not a position: {lat}, {lon}")
+    rows, row_deg = _cells(180.0, grid_m / M_PER_DEG)
+    i = min(max(math.floor((lat + 90.0) / row_deg), 0), rows - 1)
+    south = -90.0 + i * row_deg
+    poleward = min(90.0, max(abs(south), abs(south + row_deg)))
+    across = M_PER_DEG * math.cos(math.radians(poleward))  # metres per degree there
+    n, cell_deg = _cells(360.0, grid_m / across if across > 0 else math.inf)
+    j = math.floor((lon + 180.0) / cell_deg) % n  # (+180 is -180's cell)
+    return round(south + row_deg / 2, 7), round(-180.0 + (j + 0.5) * cell_deg, 7)
 
 
 def on_location_grid(lat: float, lon: float, grid_m: float) -> bool:
-    return coarsen(lat, lon, grid_m) == (lat, lon)
+    return math.isfinite(lat) and math.isfinite(lon) and coarsen(lat, lon, grid_m) == (lat, lon)
 
 
 def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -186,6 +200,7 @@ class LocationStage:
     withheld: int = 0
     in_geofence: int = 0
     limited: int = 0
+    no_fix: int = 0  # a coordinate that is not a finite number
 
     def feed(self, series: Sequence[Any], consent_ok: bool) -> list[tuple[float, float, float]]:
         """(window start, lat, lon) for each position that may leave."""
@@ -204,6 +219,9 @@ class LocationStage:
             return []
         out = []
         for t, la, lo in pairs:
+            if not (math.isfinite(la) and math.isfinite(lo)):  # no fix (a NaN, an inf)
+                self.no_fix += 1
+                continue
             if any(g.contains(la, lo) for g in self.geofences):
                 self.in_geofence += 1
                 continue
