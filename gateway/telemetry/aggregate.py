@@ -56,10 +56,15 @@ class _Partial:
             )
         # exactly rounded, so the mean does not depend on how the stream was batched; fsum
         # reads the values through the array's memoryview (a third faster than from a list)
-        total = math.fsum(np.concatenate(self.parts).data) if self.parts else 0.0
-        return SignalAggregate(
-            self.count, self.min, self.max, total / self.count, self.last, self.unit
-        )
+        try:
+            mean = (math.fsum(np.concatenate(self.parts).data) if self.parts else 0.0) / self.count
+        except OverflowError:  # a sum past the largest float (values near 1e308): the mean of
+            # the values scaled by a power of two (exact), scaled back. It ended the gateway
+            mean = math.fsum(np.concatenate(self.parts) * _SCALE) / self.count / _SCALE
+        return SignalAggregate(self.count, self.min, self.max, mean, self.last, self.unit)
+
+
+_SCALE = 2.0**-64  # a sum of up to 2**64 floats, each scaled by it, cannot overflow
 
 
 _MAX_WINDOWS = 2.0**62  # window numbers of valid times stay well inside int64

@@ -175,10 +175,22 @@ class OwnerCommand:
     persist: bool | None = None
 
 
+_SHOWN = 40  # characters of an owner's value that a refusal quotes back
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a refusal quotes it: its repr, cut short (a 60 kB key came back whole on
+    the retained consent topic and in the ledger)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else f"{text[: _SHOWN - 3]}..."
+
+
 def _decode(payload: bytes) -> dict[str, Any]:
     try:
         raw = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    # (RecursionError: a message nested deeper than the interpreter's stack, '[' * 100000,
+    # went past every handler: the command was neither answered nor recorded)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         import msgpack
 
         try:
@@ -204,13 +216,15 @@ def parse_owner_message(kind: str, payload: bytes, now: float) -> OwnerCommand:
     known = _COMMAND_KEYS if kind == "command" else _CONSENT_KEYS
     unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
-        raise ConsentRefused(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise ConsentRefused(
+            f"unknown key {_shown(unknown[0])} (known: {', '.join(sorted(known))})"
+        )
     cat = None
     if "category" in raw and raw["category"] not in (None, "all"):
         try:
             cat = Category(raw["category"])
         except (ValueError, TypeError):
-            raise ConsentRefused(f"unknown category {raw['category']!r}") from None
+            raise ConsentRefused(f"unknown category {_shown(raw['category'])}") from None
     if kind == "command":
         action = raw.get("command")
         if action not in ("stop", "resume", "delete"):
@@ -223,7 +237,7 @@ def parse_owner_message(kind: str, payload: bytes, now: float) -> OwnerCommand:
         return OwnerCommand("persist", persist=raw["persist_across_ignition"])
     grant = raw.get("grant")
     if not isinstance(grant, bool):
-        raise ConsentRefused(f"grant must be true or false, got {grant!r}")
+        raise ConsentRefused(f"grant must be true or false, got {_shown(grant)}")
     if cat is None and grant:
         raise ConsentRefused("a grant names one category")
     if not grant:
@@ -232,7 +246,7 @@ def parse_owner_message(kind: str, payload: bytes, now: float) -> OwnerCommand:
     if until is None and "days" in raw:
         days = raw["days"]
         if isinstance(days, bool) or not isinstance(days, int | float) or not days > 0:
-            raise ConsentRefused(f"days must be a positive number, got {days!r}")
+            raise ConsentRefused(f"days must be a positive number, got {_shown(days)}")
         try:
             until = now + float(days) * 86400
         except OverflowError:  # an integer too large for a float

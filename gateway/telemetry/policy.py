@@ -127,7 +127,10 @@ def quantize(value: float, quantum: float | None) -> float:
     0.5-steps come out as 36.5 and never as 36.50000000000001."""
     if quantum is None or not math.isfinite(value):
         return value
-    return round(round(value / quantum) * quantum, _decimals(quantum))
+    steps = value / quantum
+    if not math.isfinite(steps):  # (9e307 in steps of 0.5: a whole number far past 2**53,
+        return value  # on every grid of a quantum under 1 already; round() would overflow)
+    return round(round(steps) * quantum, _decimals(quantum))
 
 
 @functools.lru_cache(maxsize=256)

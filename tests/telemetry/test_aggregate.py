@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -199,3 +200,18 @@ def test_names_only_at_the_edges_of_the_raw_range_mark_a_numeric_signal():
     assert sentinels(8, [0]) and not sentinels(8, [0], multiplexer=True)
     # short signals are enumerations
     assert not sentinels(3, [0, 6, 7])
+
+
+def test_values_near_the_largest_float_have_a_mean_and_do_not_end_the_gateway():
+    """Their sum passes the largest float: fsum raised OverflowError, and a replay of a float64
+    signal reading 9e307 ended with a traceback. The mean is the exact one, rounded once."""
+    from fractions import Fraction
+
+    vals = [9e307] * 50 + [1.7e308] * 49 + [-1.2e308, 3.0]
+    agg = WindowAggregator(100.0)
+    agg.add([_series(np.arange(len(vals), dtype=float) * 0.5, vals)])
+    (w,) = agg.flush()
+    a = w.signals["M.S"]
+    exact = sum(Fraction(v) for v in vals) / len(vals)
+    assert a.mean == pytest.approx(float(exact), rel=1e-15)
+    assert (a.count, a.min, a.max, a.last) == (101, -1.2e308, 1.7e308, 3.0)

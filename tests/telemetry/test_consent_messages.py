@@ -67,3 +67,24 @@ def test_a_consent_state_that_cannot_be_saved_leaves_no_partial_file_behind(tmp_
     with pytest.raises(StorageError, match="cannot save the consent state: No space left"):
         ConsentState().save(path)
     assert list(tmp_path.iterdir()) == []  # (a 0-byte consent-V.tmp was left)
+
+
+def test_a_message_nested_past_the_stack_is_refused_with_a_reason():
+    """'[' * 100000 raised RecursionError in the JSON parser, past every handler: the command
+    was neither answered nor put on the record."""
+    for payload in (b"[" * 100_000, b"\x91" * 100_000):
+        with pytest.raises(ConsentRefused, match="neither JSON nor msgpack"):
+            parse_owner_message("command", payload, 0.0)
+
+
+def test_a_refusal_quotes_an_owner_value_cut_short():
+    """A 60 kB unknown key came back whole on the retained consent topic and in the ledger."""
+    with pytest.raises(ConsentRefused) as caught:
+        parse_owner_message("consent/set", ('{"' + "k" * 60_000 + '": 1}').encode(), 0.0)
+    said = str(caught.value)
+    assert said.startswith("unknown key 'kkk") and "..." in said and len(said) < 200
+    with pytest.raises(ConsentRefused) as caught:
+        parse_owner_message(
+            "command", b'{"command": "delete", "category": "' + b"x" * 5000 + b'"}', 0.0
+        )
+    assert len(str(caught.value)) < 100

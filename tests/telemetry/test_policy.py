@@ -253,3 +253,16 @@ def test_a_rule_whose_aggregates_do_not_exist_for_its_signal_publishes_nothing_a
         assert out == {} and used == []
     said = [r for r in caplog.records if "none of its aggregates (mean, max)" in r.message]
     assert len(said) == 1 and "give some of: count, last, states" in said[0].message
+
+
+@pytest.mark.parametrize("value", [9e307, 1.7e308, -1.7e308, 1e300])
+@pytest.mark.parametrize("quantum", [0.5, 0.01, 1e-10])
+def test_a_value_near_the_largest_float_is_on_every_fine_grid_and_does_not_end_the_gateway(
+    value, quantum
+):
+    """``round(9e307 / 0.5)`` raised OverflowError: one CAN frame ended a replay. Such a value
+    is a whole number far past 2**53, a multiple of any quantum under 1 already."""
+    from gateway.telemetry.policy import on_grid
+
+    assert quantize(value, quantum) == value
+    assert on_grid(value, quantum)
