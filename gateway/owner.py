@@ -103,7 +103,7 @@ def format_message(msg: dict[str, Any]) -> str:
             parts = "  ".join(f"{k}={_fmt_value(v)}" for k, v in vals.items() if k != "unit")
             lines.append(f"    {name:<22} {parts} {unit}".rstrip())
         return "\n".join(lines)
-    skip = {"topic", "schema", "v", "seq", "window", "policy"}
+    skip = {"topic", "schema", "v", "seq", "salt", "window", "policy"}
     return (
         head + "  " + "  ".join(f"{k}={_fmt_value(v, k)}" for k, v in msg.items() if k not in skip)
     )

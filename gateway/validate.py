@@ -38,7 +38,7 @@ from gateway.canbus.dbc import ChannelDbcs
 from gateway.canbus.replay import ReplaySource, iter_log
 from gateway.egress.ledger import read_entries
 from gateway.egress.mqtt import make_client, message_queue, subscribe
-from gateway.egress.schema import unpack
+from gateway.egress.schema import SALT, unpack
 from gateway.errors import BrokerError, ConfigError, make_folder
 from gateway.localbroker import LocalBroker
 from gateway.settings import BrokerSettings, Settings
@@ -288,7 +288,7 @@ def search(
     payload_forms = [(raw, _hex_forms(raw), _base64_forms(raw)) for raw in canaries.payloads]
     vin_base64 = _base64_forms(canaries.vin.encode())
     for m in observed:
-        blob = m.topic.encode() + b"\x00" + m.payload
+        blob = m.topic.encode() + b"\x00" + _unsalted(m.payload)
         lines = _unbroken(blob)  # base64 (e-mail breaks it every 76 characters) or hex in lines
         for raw, hexes, b64 in payload_forms:
             if raw in blob or any(f in lines for f in hexes) or any(f in lines for f in b64):
@@ -369,6 +369,30 @@ def _base64_forms(raw: bytes) -> list[bytes]:
 
 _URL_SAFE = bytes.maketrans(b"+/", b"-_")
 _ULPS = 3  # float64 neighbours searched on either side of an exact coordinate
+
+
+_SALT_FORM = re.compile(rb"\xd9\x20([0-9a-f]{32})")  # msgpack's str8 of 32 characters
+
+
+def _unsalted(payload: bytes) -> bytes:
+    """``payload`` with its salt (``schema.SALT``: 32 random hex digits) made zeros: random
+    bytes where a 4-byte needle (a float32 coordinate) matches once in ~10^9 messages are not
+    searched. Only a salt of that exact form, where msgpack puts the value of a key "salt", is
+    made zeros, and only if it is the message's salt; anything else in it is searched as every
+    other byte."""
+    key = b"\xa4salt"
+    at = payload.find(key)
+    while at >= 0:
+        m = _SALT_FORM.match(payload, at + len(key))
+        if m:
+            try:
+                salt = unpack(payload).get(SALT)
+            except Exception:  # not ours: every byte is searched
+                return payload
+            if salt == m.group(1).decode():
+                return payload[: m.start(1)] + b"0" * 32 + payload[m.end(1) :]
+        at = payload.find(key, at + 1)
+    return payload
 
 
 def _binary_forms(x: float) -> list[tuple[str, bytes]]:

@@ -17,7 +17,7 @@ from gateway.canbus.dbc import ChannelDbcs
 from gateway.canbus.decode import CantoolsDecoder
 from gateway.canbus.replay import iter_log
 from gateway.egress.guard import EgressGuard, Outgoing
-from gateway.egress.schema import SCHEMAS, Topics, unpack
+from gateway.egress.schema import HEADER_FIELDS, SCHEMAS, Topics, unpack
 from gateway.errors import ConfigError, GatewayError
 from gateway.records import FrameBatchBuilder, ReadStats
 from gateway.telemetry.aggregate import WindowAggregator
@@ -325,7 +325,7 @@ def test_guard_never_raises_and_only_releases_plain_declared_payloads(schema, bo
         return
     decoded = unpack(msg.payload)
     assert decoded["schema"] in SCHEMAS
-    assert set(decoded) - {"schema", "v", "seq"} <= set(SCHEMAS[decoded["schema"]].fields)
+    assert set(decoded) - set(HEADER_FIELDS) <= set(SCHEMAS[decoded["schema"]].fields)
 
     def plain(x):
         if isinstance(x, dict):

@@ -10,7 +10,7 @@ import cantools
 import numpy as np
 import pytest
 
-from gateway.egress.schema import SCHEMAS, unpack
+from gateway.egress.schema import HEADER_FIELDS, SCHEMAS, unpack
 from gateway.telemetry.policy import load_policy, quantize
 from tests.conftest import (
     FIXTURES,
@@ -21,6 +21,7 @@ from tests.conftest import (
     KONA_PCAN,
     replay_args,
     run_gateway,
+    unsalted,
 )
 
 pytestmark = pytest.mark.broker
@@ -71,7 +72,7 @@ def _reference_windows() -> dict[float, dict[str, dict[str, float]]]:
 
 
 def _signals(messages) -> list[dict]:
-    return [unpack(m.payload) for m in messages if m.topic.endswith("/owner/signals")]
+    return [unsalted(unpack(m.payload)) for m in messages if m.topic.endswith("/owner/signals")]
 
 
 def test_owner_receives_summaries_equal_to_an_independent_cantools_computation(
@@ -146,7 +147,7 @@ def test_published_bytes_are_plain_summaries_and_never_raw_frames(tmp_path, brok
         body = unpack(m.payload)
         schema = SCHEMAS[body["schema"]]
         assert body["v"] == schema.version
-        assert set(body) - {"schema", "v", "seq"} <= set(schema.fields)
+        assert set(body) - set(HEADER_FIELDS) <= set(schema.fields)
         if body["schema"] == "gateway.signals":
             assert set(body["signals"]) <= allowed
         for raw in raw_payloads:

@@ -347,3 +347,23 @@ def test_gps_signals_found_by_their_name_words_and_a_log_without_them_is_said(tm
         "--out", str(tmp_path / "r2"),
     )  # fmt: skip
     assert kona.returncode == 0 and "positions NOT checked" in kona.stdout
+
+
+def test_the_salt_is_not_searched_but_anything_else_under_its_name_is():
+    """A message's salt (32 random hex digits) is made zeros before the byte search, so that a
+    4-byte needle cannot match random bytes; a value of another form under that name, or the
+    same digits elsewhere in the message, is searched as every other byte."""
+    from gateway.egress.schema import pack
+    from gateway.validate import _unsalted
+
+    salt = "0123456789abcdef" * 2
+    payload = pack({"schema": "gateway.signals", "seq": 1, "salt": salt, "signals": {}})
+    assert salt.encode() not in _unsalted(payload) and len(_unsalted(payload)) == len(payload)
+    for other in (
+        {"schema": "gateway.signals", "salt": "X" + salt[1:]},  # not hex
+        {"schema": "gateway.signals", "salt": salt + "00"},  # longer
+        {"schema": "gateway.signals", "note": {"salt": salt}, "salt": "f" * 32},  # elsewhere
+    ):
+        packed = pack(other)
+        kept = _unsalted(packed)
+        assert (salt.encode() in kept) == (salt.encode() in packed), other

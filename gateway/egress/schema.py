@@ -14,7 +14,8 @@ Topic layout (``PREFIX`` defaults to ``vehicles``)::
     PREFIX/VIN/owner/command       inbound   owner stop / resume / delete
 
 Every payload is a msgpack map with ``schema`` and ``v``; stream payloads carry ``seq``, a
-per-vehicle sequence number that survives restarts, so the owner can drop redeliveries.
+per-vehicle sequence number that survives restarts, so the owner can drop redeliveries, and
+``salt``, 32 random hex digits (see ``SALT``).
 """
 
 from __future__ import annotations
@@ -178,7 +179,10 @@ SCHEMAS: dict[str, Schema] = {
     )
 }
 
-HEADER_FIELDS = ("schema", "v", "seq")
+# the random hex of a sequenced message (``EgressGuard.release``): what makes its sha256 in the
+# audit ledger a commitment that cannot be searched for by trying the values it may hold
+SALT = "salt"
+HEADER_FIELDS = ("schema", "v", "seq", SALT)
 
 
 def pack(body: Mapping[str, Any]) -> bytes:

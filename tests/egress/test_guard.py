@@ -166,3 +166,47 @@ def test_state_names_pass_and_numbers_among_states_must_be_on_the_grid(tmp_path)
     assert g.release(out({"last": 130, "states": {"BLOCKED": 1}}))
     for bad in ({"last": "123"}, {"states": {"SNA": 1, "123.5": 2}}, {"states": {123: 1}}):
         assert g.release(out(bad)) is None, bad
+
+
+def test_a_ledger_line_cannot_be_matched_to_its_message_by_trying_the_values_it_may_hold(guard):
+    """The ledger keeps each message's sha256 (and size, sequence number, window). A position
+    has few possible values: hashing the message as the guard packs it, for every cell of a
+    50 km square, found a deleted position in seconds. 128 random bits in each message (its
+    ``salt``) leave the sha256 matchable only with the message itself."""
+    import hashlib
+
+    from gateway.egress.schema import pack
+    from gateway.telemetry.location import coarsen
+
+    guard.consent["location"] = True
+    cells = sorted(
+        {coarsen(31.2 + i * 0.01, 121.4 + j * 0.01, 1000) for i in range(10) for j in range(10)}
+    )
+    secret = cells[37]
+
+    def body(lat, lon):
+        return {
+            "window": [600.0, 660.0],
+            "policy": "owner-default@1",
+            "lat": lat,
+            "lon": lon,
+            "grid_m": 1000.0,
+            "consent_until": 0.0,
+        }
+
+    msg = guard.release(Outgoing("gateway.location", body(*secret), ("location",)))
+    assert msg is not None
+    # what a holder of the ledger knows besides the sha256: the schema, version and sequence
+    head = {"schema": "gateway.location", "v": 1, "seq": msg.seq}
+    tried = {hashlib.sha256(pack({**head, **body(*cell)})).hexdigest() for cell in cells}
+    assert msg.sha256 not in tried
+    # the message itself still matches its line, as ``gateway audit`` and the owner check it
+    assert hashlib.sha256(msg.payload).hexdigest() == msg.sha256
+    again = guard.release(Outgoing("gateway.location", body(*secret), ("location",)))
+    assert again is not None and unpack(again.payload)["salt"] != unpack(msg.payload)["salt"]
+
+
+def test_a_sender_cannot_choose_the_salt(guard):
+    out = _signals({"battery.soc": {"last": 36.5}}, salt="0" * 32)
+    assert guard.release(out) is None
+    assert "set by the guard" in guard.blocks[-1][1]
