@@ -204,6 +204,9 @@ class RunReport:
     positions_withheld: int = 0  # without location consent
     positions_in_geofence: int = 0
     positions_no_fix: int = 0  # a coordinate that is not a finite number
+    # fixes held back inside each fence of the policy, by name (with location consent: the
+    # fences are not looked at without it)
+    positions_by_fence: dict[str, int] = field(default_factory=dict)
     positions_limited: int = 0  # too soon after the one before, or too close to it
     # window values of sensitive signals withheld for lack of consent, by category
     withheld: dict[str, int] = field(default_factory=dict)
@@ -836,6 +839,10 @@ class Gateway:
         self.report.positions_withheld += stage.withheld - before
         self.report.positions_in_geofence = stage.in_geofence
         self.report.positions_no_fix = stage.no_fix
+        if stage.fence_checked:
+            self.report.positions_by_fence = {
+                f.name: stage.by_fence.get(f.name, 0) for f in stage.geofences
+            }
         self.report.positions_limited = stage.limited
 
     def publish_trip(self, trip: Trip, start_ok: bool = True) -> None:

@@ -463,6 +463,10 @@ def _print_report(
     if any(n for n, _ in held):
         fixes = "; ".join(f"{n:,} {why}" for n, why in held if n)
         print(f"  GPS fixes that never left: {fixes}", file=out)
+    fences = getattr(report, "positions_by_fence", None)
+    if fences:  # (a fence a drive passes through that holds no fix is not where it was meant)
+        each = ", ".join(f"{name} {n:,}" for name, n in fences.items())
+        print(f"  GPS fixes inside each geofence (held back): {each}", file=out)
     share = 100.0 * report.bytes_released / report.raw_bytes if report.raw_bytes else 0.0
     # (a short log's summaries can outweigh its frames: a share over 100 % says nothing)
     of_raw = (
@@ -908,6 +912,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
     for leak in result.leaks[:10]:
         print(f"  LEAK {leak.kind} on {leak.topic}: {leak.detail}")
+    if r.get("geofences"):
+        each = ", ".join(f"{name} {n:,}" for name, n in r["geofences"].items())
+        print(f"GPS fixes of the drive inside each geofence (held back): {each}")
     print(f"report: {out / 'report.md'} and {out / 'report.json'}")
     return 0 if result.ok else 1
 

@@ -611,6 +611,9 @@ def run_validation(
         "bytes_out_share": round(bytes_out / run.raw_bytes, 6) if run.raw_bytes else None,
         "policy": policy.ident,
         "location_consent": location_consent,
+        # fixes of the drive held back inside each fence (with location consent): a fence the
+        # drive passes through that holds none is not where it was meant to be
+        "geofences": dict(getattr(run, "positions_by_fence", {}) or {}),
         "canaries": {
             "positions": len(canaries.positions),
             "vin": canaries.vin,
@@ -635,6 +638,15 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"- input: `{r['input']}` with canaries injected (`{r['canary_log']}`)",
         f"- policy: `{r['policy']}`; location consent during the run: {r['location_consent']}",
+        *(
+            [
+                "- GPS fixes of the drive inside each geofence (held back): "
+                + ", ".join(f"{k} {v:,}" for k, v in r["geofences"].items())
+                + " (a fence the drive passes through that holds none is not where it was meant)"
+            ]
+            if r.get("geofences")
+            else []
+        ),
         f"- in: {r['frames_in']:,} CAN frames, {r['raw_bytes_in']:,} payload bytes",
         f"- out: {r['messages_out']} MQTT messages, {r['bytes_out']:,} bytes "
         f"({(r['bytes_out_share'] or 0) * 100:.3f}% of the bytes in), seen by an observer "

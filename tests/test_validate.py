@@ -367,3 +367,25 @@ def test_the_salt_is_not_searched_but_anything_else_under_its_name_is():
         packed = pack(other)
         kept = _unsalted(packed)
         assert (salt.encode() in kept) == (salt.encode() in packed), other
+
+
+def test_the_report_counts_the_fixes_inside_each_geofence_so_a_misplaced_one_shows(tmp_path, drive):
+    """A fence typed with a wrong digit inside the valid ranges cannot be refused when the
+    policy is read, and validate said "no leak" while positions by the intended place left:
+    the report now counts the fixes held back inside each fence, and a fence the drive passes
+    through that holds none stands out."""
+    from importlib import resources
+
+    text = resources.files("gateway.data").joinpath("policy_default.toml").read_text()
+    # the drive runs from (31.22, 121.45) north-east, 1e-4 deg a second, for 400 s
+    text += "\n[[policy.geofence]]\nname = 'on_route'\nlat = 31.23\nlon = 121.46\nradius_m = 300\n"
+    text += "\n[[policy.geofence]]\nname = 'typo'\nlat = 31.23\nlon = 112.46\nradius_m = 300\n"
+    policy = tmp_path / "fenced.toml"
+    policy.write_text(text)
+    proc = _validate(tmp_path, drive, "--policy", str(policy), "--consent", "location:1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fences = json.loads((tmp_path / "report" / "report.json").read_text())["geofences"]
+    assert list(fences) == ["on_route"] + ["typo"]
+    assert fences["on_route"] > 0 and fences["typo"] == 0, fences
+    assert f"inside each geofence (held back): on_route {fences['on_route']}, typo 0" in proc.stdout
+    assert "typo 0" in (tmp_path / "report" / "report.md").read_text()

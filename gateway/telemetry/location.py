@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import ConfigError
@@ -201,6 +201,10 @@ class LocationStage:
     in_geofence: int = 0
     limited: int = 0
     no_fix: int = 0  # a coordinate that is not a finite number
+    # fixes inside each fence (the first that holds it), by name: a fence a drive passes
+    # through that holds none is not where it was meant to be (a typo inside valid ranges)
+    by_fence: dict[str, int] = field(default_factory=dict)
+    fence_checked: int = 0  # fixes looked at by the fences (with consent, a number)
 
     def feed(self, series: Sequence[Any], consent_ok: bool) -> list[tuple[float, float, float]]:
         """(window start, lat, lon) for each position that may leave."""
@@ -222,8 +226,11 @@ class LocationStage:
             if not (math.isfinite(la) and math.isfinite(lo)):  # no fix (a NaN, an inf)
                 self.no_fix += 1
                 continue
-            if any(g.contains(la, lo) for g in self.geofences):
+            self.fence_checked += 1
+            fence = next((g for g in self.geofences if g.contains(la, lo)), None)
+            if fence is not None:
                 self.in_geofence += 1
+                self.by_fence[fence.name] = self.by_fence.get(fence.name, 0) + 1
                 continue
             if not self.limiter.admit(t, la, lo):
                 self.limited += 1
