@@ -389,9 +389,13 @@ def test_a_run_killed_between_ledger_and_outbox_has_its_unsent_summaries_on_the_
     assert sum(e["kind"] == "dropped" for e in again) == 1
 
 
-def test_a_last_will_is_on_the_record_only_when_a_broker_took_it(tmp_path, private_broker):
+def test_a_last_will_is_on_the_record_once_for_all_the_attempts_until_a_broker_takes_it(
+    tmp_path, private_broker
+):
     """The "offline" last will travels in CONNECT: it was ledgered as egress on every attempt,
-    and a car offline for a day wrote thousands of entries for messages that never left."""
+    and a car offline for a day wrote thousands of entries for messages that never left. It
+    is on the record before its first CONNECT (a broker holds it from reading the CONNECT,
+    whether or not its CONNACK arrives), once, and the same will goes with every attempt."""
     import asyncio
 
     from gateway.app import Gateway
@@ -407,13 +411,74 @@ def test_a_last_will_is_on_the_record_only_when_a_broker_took_it(tmp_path, priva
         entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
         return sum(e["kind"] == "egress" and e["schema"] == "gateway.status" for e in entries)
 
-    assert gw.publisher.reconnects >= 3 and statuses() == 0
-    private_broker.start()  # back: the next run's connection takes its will
+    assert gw.publisher.reconnects >= 3 and statuses() == 1
+    private_broker.start()  # back: the next run's connection takes its own will
     s2 = gateway_settings(
         tmp_path, {"can0": [str(KONA_PCAN)]}, url=private_broker.url, vin="LASTWILL000000001"
     )
     asyncio.run(Gateway(s2, []).run(drain_timeout=5.0))
-    assert statuses() == 3  # its will, "online", and "offline" (stopped) at the end
+    assert statuses() == 1 + 3  # its will, "online", and "offline" (stopped) at the end
+
+
+def test_a_last_will_the_broker_took_while_its_connack_came_too_late_is_on_the_record(
+    tmp_path, private_broker, monkeypatch
+):
+    """A broker holds the will from the moment it reads the CONNECT. With its CONNACK slower
+    than the gateway's connect timeout (a stalled link), the gateway gave up and closed the
+    connection; the broker published the retained "offline" will, and the ledger, told only
+    at a CONNACK, had no line for those bytes."""
+    import hashlib
+
+    import aiomqtt
+
+    from gateway.app import Gateway
+    from gateway.egress import mqtt as mqtt_mod
+    from gateway.errors import BrokerError
+
+    monkeypatch.setattr(mqtt_mod, "FIRST_CONNECT_TIMEOUT", 0.5)
+    vin = "LATECONNACK000001"
+
+    async def pipe(reader, writer, delay: float) -> None:
+        try:
+            while data := await reader.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)  # (the broker's answers: held past the timeout)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def proxied(client_r, client_w) -> None:
+        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", private_broker.port)
+        await asyncio.gather(pipe(client_r, broker_w, 0.0), pipe(broker_r, client_w, 1.5))
+
+    async def main() -> bytes | None:
+        server = await asyncio.start_server(proxied, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, url=f"mqtt://127.0.0.1:{port}")
+        s = dataclasses.replace(s, gateway=dataclasses.replace(s.gateway, vin=vin))
+        with pytest.raises(BrokerError):
+            await Gateway(s, []).run(drain_timeout=1.0)
+        await asyncio.sleep(2.0)  # the proxy passes the close on; the broker publishes the will
+        server.close()
+        async with aiomqtt.Client("127.0.0.1", private_broker.port) as sub:
+            await sub.subscribe(f"vehicles/{vin}/owner/status", qos=1)
+            try:
+                async with asyncio.timeout(3):
+                    async for m in sub.messages:
+                        return bytes(m.payload)
+            except TimeoutError:
+                return None
+        return None
+
+    will = asyncio.run(main())
+    assert will is not None, "the broker published no will: the scenario did not happen"
+    assert unpack(will)["state"] == "offline"
+    entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    recorded = {e.get("sha256") for e in entries if e["kind"] == "egress"}
+    assert hashlib.sha256(will).hexdigest() in recorded
 
 
 def test_ctrl_c_while_a_silent_broker_is_checked_ends_the_run_at_once(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
 import math
 import random
@@ -279,8 +278,8 @@ class MqttPublisher:
     # a waiting message whose bytes are not on record (``Outbox.unchanged``): not sent, and
     # removed from the outbox after this is told
     on_changed: Callable[[Pending], None] = lambda item: None
-    # the last will ("offline"), made for each connection attempt; ``on_will_sent`` is told when
-    # a connection took it (a CONNACK): a will that never reached a broker never left either
+    # the last will ("offline"); ``on_will_sent`` is told before the first CONNECT that carries
+    # it (see ``run``), and the same will goes with every attempt until a broker accepts one
     will_status: Callable[[], Released | None] | None = None
     on_will_sent: Callable[[Released], None] = lambda msg: None
     # after each connection's "online" status: the number of the connection (1, 2, ...); a
@@ -314,12 +313,25 @@ class MqttPublisher:
         connected_at: float | None = None  # when the last connection was made
         sent_at_connect = 0  # messages acknowledged before it
         quick_drops = 0  # connections in a row lost soon after they were made
+        # the last will on record that no broker has accepted a connection with yet. A broker
+        # holds a will from the moment it reads the CONNECT, not from its CONNACK: with the
+        # CONNACK late (past the connect timeout) or never read (the gateway killed), the
+        # broker published an "offline" that the ledger, told at the CONNACK, never had. So
+        # it is on the record before its first CONNECT, and goes with each attempt until one
+        # is accepted (one line for an hour of attempts, not one per attempt; an attempt
+        # that never reached a broker leaves a line for bytes that did not leave, never the
+        # other way round). The next connection's will is a new one, on the record again
+        pending_will: Released | None = None
         while True:
-            will_msg = (
-                self.will_status()
-                if self.will_status
-                else self.status("offline", "connection lost")
-            )
+            if pending_will is None:
+                pending_will = (
+                    self.will_status()
+                    if self.will_status
+                    else self.status("offline", "connection lost")
+                )
+                if pending_will is not None:
+                    self.on_will_sent(pending_will)
+            will_msg = pending_will
             will = (
                 aiomqtt.Will(will_msg.topic, will_msg.payload, qos=1, retain=True)
                 if will_msg is not None
@@ -333,11 +345,10 @@ class MqttPublisher:
                     will=will,
                     timeout=FIRST_CONNECT_TIMEOUT if first else DEFAULT_TIMEOUT,
                 )
-                # the broker holds the will from its CONNACK on: on the record then, even if
-                # the connection is closed at once (the broker publishes it at the close)
-                took_will = (
-                    None if will_msg is None else functools.partial(self.on_will_sent, will_msg)
-                )
+                def took_will() -> None:  # accepted: the next connection has a will of its own
+                    nonlocal pending_will
+                    pending_will = None
+
                 async with _connection(client, took_will):
                     self._lost = False
                     self.connected.set()
