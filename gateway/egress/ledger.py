@@ -84,16 +84,26 @@ class Ledger:
         try:
             torn = _truncate_torn_tail(self.path)
             if self.path.stat().st_size:
-                last = _last_line(self.path)
+                last, before = _last_lines(self.path)
                 try:
                     entry = json.loads(last)
                     self.head, self.count = entry["hash"], int(entry["i"]) + 1
                     self.max_seq = _tail_max_seq(self.path)
+                    prev = json.loads(before) if before is not None else None
                 except (ValueError, KeyError, TypeError, RecursionError) as exc:
                     raise StorageError(
                         f"{self.path}: the last ledger line is damaged; run "
                         f"`gateway audit verify {self.path}`"
                     ) from exc
+                # the chain goes on from the last line: one that is not the chain's own (a
+                # line appended by hand, {"i": 999, "hash": "x", ...}) was built on, and
+                # the whole ledger failed verification from there on
+                if not _continues(entry, last, prev):
+                    raise StorageError(
+                        f"{self.path}: the last ledger line does not continue the chain "
+                        f"(changed, or added by something other than the gateway); run "
+                        f"`gateway audit verify {self.path}`"
+                    )
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot open the audit ledger: {exc.strerror}"
@@ -376,20 +386,43 @@ def _lines_backwards(fh: Any, size: int, block: int = 1 << 16) -> Iterator[bytes
     yield head
 
 
-def _last_line(path: Path) -> str:
+def _last_lines(path: Path) -> tuple[str, str | None]:
     """The last line of a ledger that ends with a newline (``_truncate_torn_tail`` saw to it),
-    whatever its length."""
+    whatever its length, and the one before it (None if there is none)."""
     with open(path, "rb") as fh:
         fh.seek(0, os.SEEK_END)
         size = fh.tell()
-        line = next(_lines_backwards(fh, size - 1)) if size else b""
-    return line.decode("ascii", "replace")
+        lines = _lines_backwards(fh, size - 1) if size else iter([b""])
+        last = next(lines)
+        before = next(lines, None)
+    return last.decode("ascii", "replace"), None if before is None else before.decode(
+        "ascii", "replace"
+    )
+
+
+def _continues(entry: Any, raw: str, prev: Any) -> bool:
+    """Whether ``entry`` (read from the line ``raw``) is a ledger line that follows ``prev``
+    (the entry before it; None: it is the first): its number, its link and its own hash, in
+    the canonical form the gateway writes."""
+    if not isinstance(entry, dict) or (prev is not None and not isinstance(prev, dict)):
+        return False
+    head, number = (GENESIS, 0) if prev is None else (prev.get("hash"), prev.get("i"))
+    if prev is not None and not isinstance(number, int):
+        return False
+    return (
+        entry.get("prev") == head
+        and entry.get("i") == (0 if prev is None else number + 1)
+        and entry.get("hash") == entry_hash(head, entry)
+        and _canonical(entry).decode() == raw
+    )
 
 
 def read_entries(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """(line number, parsed entry or None, raw line)."""
     try:
-        fh = open(path, encoding="ascii", errors="replace")  # noqa: SIM115
+        # newline="": a line's "\r" is kept, and fails the canonical form (a ledger whose
+        # line ends were turned into CRLF verified as unchanged)
+        fh = open(path, encoding="ascii", errors="replace", newline="")  # noqa: SIM115
     except OSError as exc:
         raise AuditError(f"{path}: cannot read the ledger: {exc.strerror}") from exc
     with fh:

@@ -345,6 +345,7 @@ class MqttPublisher:
                     will=will,
                     timeout=FIRST_CONNECT_TIMEOUT if first else DEFAULT_TIMEOUT,
                 )
+
                 def took_will() -> None:  # accepted: the next connection has a will of its own
                     nonlocal pending_will
                     pending_will = None

@@ -389,3 +389,54 @@ def test_a_ledger_spanning_two_versions_of_a_policy_is_rechecked_against_both(tm
     assert "their policy (fleet@1 sha256 " in one.summary()
     both = verify_ledger(path, [str(v1), str(v2)])
     assert both.rechecked == 2 and both.unchecked == 0 and both.unused == []
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        # a line added by hand: the gateway chained on from its "hash" "x"
+        lambda lines, last: lines + ['{"i":999,"kind":"egress","hash":"x","prev":"y"}\n'],
+        # a self-consistent line (its own hash right) that does not link to the one before
+        lambda lines, last: lines + [_rehashed({**last, "i": last["i"] + 1, "prev": "0" * 64})],
+        # the last line's content changed, its hash left as it was
+        lambda lines, last: lines[:-1] + [lines[-1].replace('"reason":"test"', '"reason":"tost"')],
+    ],
+)
+def test_a_last_line_that_does_not_continue_the_chain_is_not_built_on(ledger_file, forge):
+    """The gateway took the last line's hash as the chain's head without checking it: a line
+    appended by hand was built on, and every line the gateway wrote after it failed
+    verification. It is refused untouched, naming the file, as a damaged one is."""
+    lines = _lines(ledger_file)
+    ledger_file.write_text("".join(forge(lines, json.loads(lines[-1]))))
+    before = ledger_file.read_bytes()
+    with pytest.raises(StorageError, match="does not continue the chain"):
+        Ledger(ledger_file, fsync=False)
+    assert ledger_file.read_bytes() == before
+
+
+def test_a_ledger_of_one_line_reopens_and_one_whose_first_line_is_forged_does_not(tmp_path):
+    path = tmp_path / "one.jsonl"
+    Ledger(path, fsync=False).close()  # (nothing appended: an empty file)
+    led = Ledger(path, fsync=False)
+    led.append("event", note="first")
+    led.close()
+    Ledger(path, fsync=False).close()
+    path.write_text(path.read_text().replace('"note":"first"', '"note":"forged"'))
+    with pytest.raises(StorageError, match="does not continue the chain"):
+        Ledger(path, fsync=False)
+
+
+def test_a_ledger_whose_line_ends_were_changed_to_crlf_fails_verification(ledger_file):
+    """Reading in text mode turned "\\r\\n" into "\\n" before the canonical-form check, and
+    a file with every line end changed verified as unchanged."""
+    ledger_file.write_bytes(ledger_file.read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(AuditError, match=":1: not in canonical form"):
+        verify_chain(ledger_file)
+
+
+def _rehashed(entry):
+    from gateway.egress.ledger import _canonical, entry_hash
+
+    entry = {k: v for k, v in entry.items() if k != "hash"}
+    entry["hash"] = entry_hash(entry["prev"], entry)
+    return _canonical(entry).decode() + "\n"
