@@ -386,6 +386,20 @@ def _lines_backwards(fh: Any, size: int, block: int = 1 << 16) -> Iterator[bytes
     yield head
 
 
+def _torn_at_end(path: str | Path, raw: str) -> bool:
+    """Whether ``raw``, a line that is no entry, is the ledger's last line, without the newline
+    every written line ends with: what ``Ledger`` cuts off as torn."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - len(raw.encode("ascii", "replace")) - 1))
+            tail = fh.read()
+    except OSError:
+        return False
+    return bool(tail) and not tail.endswith(b"\n") and tail.endswith(raw.encode("ascii", "replace"))
+
+
 def _last_lines(path: Path) -> tuple[str, str | None]:
     """The last line of a ledger that ends with a newline (``_truncate_torn_tail`` saw to it),
     whatever its length, and the one before it (None if there is none)."""
@@ -451,6 +465,12 @@ def verify_chain(path: str | Path) -> ChainReport:
     n_entries = 0
     for n, entry, raw in read_entries(path):
         if entry is None:
+            if _torn_at_end(path, raw):
+                raise AuditError(
+                    f"{path}:{n}: the last line was cut short (a write a crash or power cut "
+                    "interrupted); the gateway cuts it off, and records the cut, when it next "
+                    f"opens the ledger; the {n - 1} line(s) before it are as written"
+                )
             raise AuditError(f"{path}:{n}: not a ledger entry (damaged line: {raw[:60]!r})")
         if entry.get("i") != n_entries:
             raise AuditError(

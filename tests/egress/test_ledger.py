@@ -440,3 +440,15 @@ def _rehashed(entry):
     entry = {k: v for k, v in entry.items() if k != "hash"}
     entry["hash"] = entry_hash(entry["prev"], entry)
     return _canonical(entry).decode() + "\n"
+
+
+def test_verify_says_a_torn_last_line_is_a_write_cut_short_and_what_the_gateway_does_with_it(
+    ledger_file,
+):
+    """It said only "not a ledger entry (damaged line ...)", as for a line changed by hand."""
+    ledger_file.write_bytes(ledger_file.read_bytes() + b'{"i":7,"at":1.0,"ki')
+    with pytest.raises(AuditError, match=r":8: the last line was cut short .* the 7 line\(s\)"):
+        verify_chain(ledger_file)
+    ledger_file.write_bytes(ledger_file.read_bytes() + b"nd\n")  # ended: damaged, not torn
+    with pytest.raises(AuditError, match=":8: not a ledger entry"):
+        verify_chain(ledger_file)
