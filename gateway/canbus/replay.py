@@ -10,6 +10,7 @@ counted and skipped, and the reading goes on at the next line.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -330,6 +331,8 @@ def _iter_python_can_binary(path: Path, fmt: LogFormat, stats: ReadStats) -> Ite
     except Exception as exc:  # python-can raises assorted errors on a corrupt header
         raise LogFormatError(f"{path}: cannot read as {fmt.value}: {exc}") from exc
     size = path.stat().st_size
+    if fmt is LogFormat.BLF:
+        _guard_blf_objects(reader)
     try:
         for i, msg in enumerate(reader):
             if i % 4096 == 0:
@@ -353,6 +356,41 @@ def _iter_python_can_binary(path: Path, fmt: LogFormat, stats: ReadStats) -> Ite
     finally:
         stats.bytes_read = size
         reader.stop()
+
+
+_BLF_OBJ_HEADER = struct.Struct("<4sHHLL")  # python-can's OBJ_HEADER_BASE_STRUCT
+
+
+def _guard_blf_objects(reader: Any) -> None:
+    """python-can's BLF reader steps from object to object by each one's declared size; an
+    object that declares a size smaller than its own header (0, in a damaged file) is stepped
+    to again and again: the replay ran at 100 % of a core for good, deaf to Ctrl-C (the
+    reader runs in the event loop), or repeated one frame without end. Each container's
+    objects are walked first, as the reader will walk them, and such an object ends the
+    reading there ("a corrupt object" in the report), before the reader sees it."""
+    parse = getattr(reader, "_parse_data", None)
+    if parse is None:  # (a python-can without it: read as it reads)
+        return
+
+    def checked(data: bytes) -> Iterator[Any]:
+        pos, end = 0, len(data)
+        while True:  # (python-can's own walk: an object's start, after up to 4 bytes padding)
+            at = data.find(b"LOBJ", pos, pos + 8)
+            if at < 0 or at + _BLF_OBJ_HEADER.size > end:
+                break  # (not found: python-can says so itself; or continued in the next one)
+            obj_size = _BLF_OBJ_HEADER.unpack_from(data, at)[3]
+            if obj_size < _BLF_OBJ_HEADER.size:
+                yield from parse(data[:at])  # the objects before it are read
+                raise ValueError(
+                    f"a corrupt object (it declares {obj_size} bytes, less than its own "
+                    "header) in a BLF container"
+                )
+            if at + obj_size > end:
+                break
+            pos = at + obj_size
+        yield from parse(data)
+
+    reader._parse_data = checked
 
 
 def _batches_from_messages(

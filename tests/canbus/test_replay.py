@@ -297,6 +297,50 @@ def test_truncated_blf_keeps_what_was_read(tmp_path):
     assert len(frames) <= 2
 
 
+@pytest.mark.parametrize("obj_type", [0x7F, 1])  # a type python-can skips; a CAN message
+def test_a_blf_object_that_declares_no_size_ends_the_reading_instead_of_hanging_it(
+    tmp_path, obj_type
+):
+    """python-can steps from BLF object to object by each one's declared size: an object of
+    size 0 was stepped to for good (100 % of a core, deaf to Ctrl-C), or its frame repeated
+    without end (a 5-frame file replayed megabytes). The objects before it are read, and the
+    reading stops there, said. Read in a process of its own, so a hang fails the test."""
+    import struct
+    import subprocess
+    import sys
+
+    src = tmp_path / "five.blf"
+    with can.BLFWriter(str(src), compression_level=0) as w:
+        for i in range(5):
+            w.on_message_received(
+                can.Message(timestamp=1.0 + i, arbitration_id=0x100 + i, data=bytes([i] * 8))
+            )
+    data = bytearray(src.read_bytes())
+    at = -1
+    for _ in range(4):  # the container's LOBJ, then the objects of messages 0x100-0x102
+        at = data.index(b"LOBJ", at + 1)
+    struct.pack_into("<II", data, at + 8, 0, obj_type)  # the third message: size 0
+    bad = tmp_path / "bad.blf"
+    bad.write_bytes(bytes(data))
+    code = (
+        "import sys\n"
+        "from gateway.canbus.replay import iter_log\n"
+        "from gateway.records import ReadStats\n"
+        "st = ReadStats()\n"
+        "ids = [int(i) for b in iter_log(sys.argv[1], st) for i in b.arbitration_id]\n"
+        "print(ids, st.stopped_early)\n"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the reading of a BLF with an object of size 0 never ended")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("[256, 257] "), proc.stdout
+    assert "corrupt object (it declares 0 bytes" in proc.stdout
+
+
 def test_unknown_suffix_is_sniffed_or_refused(tmp_path):
     p = tmp_path / "capture.txt"
     p.write_text(KONA_CANDUMP.read_text()[:2000])
