@@ -518,17 +518,22 @@ class ReplaySource:
                 stats = ReadStats(path=str(path))
                 self.stats.append(stats)
                 first = True
+                said_step = False
                 chunking = FAST if self.speed is None else PACED
                 line = TimeLine(stats)
                 for stepped, batch in _checked(line, iter_log(path, stats, chunking)):
                     if stepped:  # the log's time went back: the gateway closes what is open
                         self.clock_steps += 1
                         wall0 = None  # and a paced replay is paced from here on its new time
-                        log.warning(
-                            "%s: the log's time goes back (%d time(s) so far, first: %s); the "
-                            "windows open before are closed",
-                            path, stats.steps_back, stats.first_steps[0],
-                        )  # fmt: skip
+                        if not said_step:  # once a file (a log of 119 steps said 119
+                            # lines, each with the total): the report counts them all
+                            said_step = True
+                            log.warning(
+                                "%s: the log's time goes back (first: %s); the windows open "
+                                "before are closed, here and at each later step back (counted "
+                                "in the report)",
+                                path, stats.first_steps[0],
+                            )  # fmt: skip
                     if first:  # its own times if they begin after the last end, else shifted
                         # (not by the offset of a file before it: a file of absolute times
                         # after one of relative times was put that far ahead, a replay idle)

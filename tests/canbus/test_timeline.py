@@ -253,3 +253,26 @@ def test_a_paced_replay_is_paced_on_the_new_time_after_a_step_back(tmp_path, mon
     asyncio.run(drain())
     assert src.clock_steps == 1
     assert 10.0 < sum(slept) < 11.5  # the log's 10.85 s of frames, both halves paced
+
+
+def test_a_log_whose_time_goes_back_many_times_says_so_once_and_counts_them_all(tmp_path, caplog):
+    """Each step back logged a warning with the running total: a non-monotonic log of 119
+    steps printed 119 lines. One line now, and the report's count."""
+
+    def back(lines):  # every 2,000 frames from the 5,000th, the time goes back an hour
+        for start in range(5_000, len(lines) - 2_000, 2_000):
+            for i in range(start, len(lines)):
+                _moved(lines, i, -3600.0)
+
+    path = _kona_with(tmp_path, back)
+
+    async def drain(src):
+        async for _ in src.batches():
+            pass
+
+    src = ReplaySource([path], speed=None)
+    with caplog.at_level("WARNING"):
+        asyncio.run(drain(src))
+    assert src.clock_steps >= 10 and src.stats[0].steps_back == src.clock_steps
+    said = [r for r in caplog.records if "time goes back" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
