@@ -87,7 +87,8 @@ def detect_format(path: Path) -> LogFormat:
             "and replay the log inside"
         )
     # a byte order mark (Excel's "CSV UTF-8" writes one) is not part of the first line
-    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lstrip("\ufeff").strip()
+    # (and a line may end in a lone CR, as an old Mac's: python-can reads such a CSV)
+    first = (head.splitlines() or [b""])[0].decode("utf-8", "replace").lstrip("\ufeff").strip()
     suffix = path.suffix.lower()
     named = _SUFFIXES.get(suffix, LogFormat.PYTHON_CAN_CSV if suffix == ".csv" else None)
     if named in _TEXT_NAMES:  # named as a text log

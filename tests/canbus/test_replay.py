@@ -636,3 +636,19 @@ def test_a_later_file_is_shifted_from_its_own_times_not_by_the_shift_of_the_one_
     src = ReplaySource([KONA_CANDUMP, later], speed=None)
     last = np.concatenate([b.timestamp for b in asyncio.run(collect())])[-1]
     assert abs(last - (first.max() + 60)) < 1e-6
+
+
+def test_a_python_can_csv_whose_lines_end_in_a_lone_cr_is_read(tmp_path):
+    """Its format was told by the first line split at a newline: the whole file was one line,
+    and it was refused as an "unknown CSV layout", though python-can reads it."""
+    p = tmp_path / "cr.csv"
+    with can.CSVWriter(str(p)) as w:
+        for i in range(5):
+            w.on_message_received(
+                can.Message(timestamp=1.0 + i, arbitration_id=0x100 + i, data=bytes([i] * 8))
+            )
+    p.write_bytes(p.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r"))
+    assert detect_format(p) is LogFormat.PYTHON_CAN_CSV
+    stats = ReadStats()
+    assert [f[2] for f in _frames(p, stats)] == [0x100, 0x101, 0x102, 0x103, 0x104]
+    assert stats.bad_lines == 0
