@@ -549,10 +549,12 @@ class ReplaySource:
                     if self.speed is not None:
                         due = wall0 + (float(batch.timestamp[-1]) - log0) / self.speed
                         delay = due - self.clock()
-                        if delay > 0:
-                            import asyncio  # not at the top: parsing may start before it
+                        import asyncio  # not at the top: parsing may start before it
 
-                            await asyncio.sleep(delay)
+                        # a turn for the other tasks even when behind the pace (a Pi asked for
+                        # more than it can do): without one, nothing was published, nor an
+                        # owner's command heard, until the replay caught up or ended
+                        await asyncio.sleep(max(delay, 0.0))
                     last_end = (
                         float(np.max(batch.timestamp))
                         if last_end is None
