@@ -781,8 +781,12 @@ class Gateway:
     # -- CAN path --------------------------------------------------------------------------
     def publish_window(self, w: WindowSummary) -> None:
         self.report.windows += 1
+        # a sensitive signal's values leave only under a consent that held, without a break,
+        # since the window began collecting (on this clock: consent is wall time), not only
+        # now: a grant given midway would let out the values collected before it
+        now = self.clock()
         signals, used, withheld = permitted_signals(
-            self.policy, w, lambda c: self.consent.ok(c, self.clock())
+            self.policy, w, lambda c: self.consent.ok_since(c, w.opened, now)
         )
         for rule_id in withheld:  # "signal:Message.Signal"
             cat = self.policy.rules[rule_id.partition(":")[2]].category.value
@@ -928,6 +932,7 @@ class Gateway:
                 if len(batch) and not self.consent.collecting():
                     self.report.frames_while_stopped += len(batch)  # not decoded
                 elif len(batch):
+                    taken = self.clock()  # when these samples were taken in (see publish_window)
                     if self._group is None:
                         group.enter_context(self.egress_group())
                     for trip, ok in held:
@@ -945,7 +950,7 @@ class Gateway:
                             self.publish_trip(trip, ok if trip.start != started[0] else started[1])
                         if trips.running_since not in (None, started[0]):
                             started = (trips.running_since, ok)
-                    agg.add(decoded.series)
+                    agg.add(decoded.series, taken)
                     # a live bus's window closes LIVE_GRACE_SECONDS after its end: the frames
                     # of another bus, read in another thread, may still be on their way
                     for w in agg.advance(last_t - (0.0 if now is None else LIVE_GRACE_SECONDS)):

@@ -286,11 +286,15 @@ class SignalAggregate:
 
 @dataclass(frozen=True, slots=True)
 class WindowSummary:
-    """Every signal seen in one window ``[start, end)`` of frame time."""
+    """Every signal seen in one window ``[start, end)`` of frame time, and ``opened``, the
+    gateway's clock (wall time) when the window began collecting: a sensitive signal leaves
+    only under a consent valid without a break since then (-inf: not known, so only a grant
+    older than the process covers it)."""
 
     start: float
     end: float
     signals: Mapping[str, SignalAggregate]
+    opened: float = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)

@@ -359,3 +359,83 @@ def durable_listen():
     yield make
     for lst in made:
         lst._stop.set()
+
+
+MODEL3_DRIVE = FIXTURES / "model3" / "model3_synthetic_drive.log"
+MODEL3_DBC = FIXTURES / "model3" / "Model3CAN.dbc"
+
+
+def write_policy(path: Path, *rules: tuple[str, str, str, str]) -> str:
+    """A policy file of ``(signal, publish_as, category, aggregates)`` rules (aggregates as
+    TOML, ``'["last"]'``), no quantum: its path, for ``gateway_settings(policy=...)``."""
+    path.write_text(
+        f'[policy]\nname = "{path.stem}"\nversion = 1\n'
+        + "".join(
+            f'\n[[signal]]\nsignal = "{sig}"\npublish_as = "{pub}"\ncategory = "{cat}"\n'
+            f"aggregates = {aggs}\n"
+            for sig, pub, cat, aggs in rules
+        )
+    )
+    return str(path)
+
+
+class OwnerMidDrive:
+    """A paced source: the bundled Model 3 drive in slices of ``step`` s of frame time, the
+    gateway's clock (``clock[0]``) a second further at each. Before the first slice at or past
+    ``at`` s into the drive, the owner's ``messages`` ((topic tail, body), e.g. ("command",
+    {"command": "stop"})) reach the gateway in ``box[0]``, each awaited until the gateway
+    answered it, half a second apart on the clock: through the broker at ``url`` as an owner
+    sends them (between two batches, as the MQTT task hands them over), or, without ``url``,
+    by a direct call of its handler."""
+
+    def __init__(
+        self,
+        box: list[Any],
+        clock: list[float],
+        at: float,
+        messages: Sequence[tuple[str, dict[str, Any]]],
+        url: str | None = None,
+        step: float = 10.0,
+    ) -> None:
+        self.box, self.clock, self.at, self.messages = box, clock, at, messages
+        self.url, self.step = url, step
+        self.sent_at: float | None = None  # the frame time of the first slice after them
+
+    async def batches(self) -> Any:
+        import hashlib
+        import json
+
+        import numpy as np
+
+        from gateway.canbus.chunking import FAST
+        from gateway.canbus.replay import iter_log
+
+        (batch,) = iter_log(MODEL3_DRIVE, chunking=FAST)
+        t0 = float(batch.timestamp[0])
+        piece = np.floor((batch.timestamp - t0) / self.step).astype(np.int64)
+        for k in np.unique(piece).tolist():
+            part = batch.select(np.flatnonzero(piece == k))
+            first = float(part.timestamp[0])
+            if self.sent_at is None and first - t0 >= self.at:
+                self.sent_at = first
+                for tail, body in self.messages:
+                    self.clock[0] += 0.5
+                    await self._say(tail, json.dumps(body).encode(), hashlib.sha256)
+            self.clock[0] += 1.0
+            yield part
+
+    async def _say(self, tail: str, payload: bytes, sha256: Any) -> None:
+        gw = self.box[0]
+        topic = f"{gw.topics.base}/{tail}"
+        if self.url is None:
+            await gw.handle_owner_message(topic, payload)
+            return
+        mine = sha256(payload).hexdigest()
+        host, port = self.url.removeprefix("mqtt://").split(":")
+        async with aiomqtt.Client(host, int(port)) as owner:
+            await owner.publish(topic, payload, qos=1)
+        for _ in range(200):
+            if gw.consent.last_change.get("command_sha256") == mine:
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"the gateway did not answer {payload!r}")

@@ -203,3 +203,76 @@ def test_summaries_with_a_cabin_signal_queued_offline_do_not_leave_after_the_con
     assert {s for e in dropped for s in e["seqs"]} == held
     assert all(e["reason"].startswith("cabin consent no longer valid") for e in dropped)
     assert _waiting(tmp_path) == []
+
+
+_ODOMETER_AS_CABIN = (
+    ("ID292BMS_SOC.SOCUI292", "soc", "vehicle_status", '["last"]'),
+    ("ID3B6odometer.Odometer3B6", "cabin.thing", "cabin", '["count", "last"]'),
+)
+_GRANT = ("consent/set", {"category": "cabin", "grant": True, "days": 1})
+_WITHDRAW = ("consent/set", {"category": "cabin", "grant": False})
+
+
+def _cabin_midway(tmp_path, vin, messages, consent=(), url=None):
+    """The Model 3 drive in 60 s windows, the odometer a cabin signal, ``messages`` from the
+    owner 250 s into it: the signals windows that left (from the broker at ``url``, else from
+    the outbox), the frame time of the owner's messages, and the run's report."""
+    from tests.conftest import OwnerMidDrive, write_policy
+
+    policy = write_policy(tmp_path / "cabin-odometer.toml", *_ODOMETER_AS_CABIN)
+    s = gateway_settings(
+        tmp_path, {"*": [str(DBC)]}, url=url, consent=consent, vin=vin, window=60.0,
+        policy=policy,
+    )  # fmt: skip
+    clock = [2_000_000_000.0]
+    box: list[Gateway] = []
+    source = OwnerMidDrive(box, clock, 250.0, messages, url=url)
+    gw = Gateway(s, [source], clock=lambda: clock[0])
+    box.append(gw)
+    report = asyncio.run(gw.run(require_broker=url is not None, drain_timeout=10))
+    return source.sent_at, report
+
+
+@pytest.mark.parametrize(
+    ("consent", "messages"),
+    [
+        ((), [_GRANT]),  # the auditor's case: granted while a window collects
+        (["cabin:1"], [_WITHDRAW, _GRANT]),  # withdrawn and given again while it collects
+    ],
+    ids=["granted-midway", "withdrawn-and-granted-again"],
+)
+def test_a_sensitive_window_collected_before_consent_does_not_leave_once_it_is_granted(
+    tmp_path, vin, consent, messages
+):
+    # GIVEN the odometer as a cabin signal, 60 s windows, and the owner's consent for cabin
+    # given (or given again) 250 s into the drive, while the window of its 200-260 s collects
+    at, report = _cabin_midway(tmp_path, vin, messages, consent)
+    windows = [unpack(p.payload) for p in _waiting(tmp_path) if p.schema == "gateway.signals"]
+    # THEN the window open at the grant leaves without the cabin signal, counted as withheld
+    # for lack of consent; every window that began after the grant has it
+    open_then = [w for w in windows if w["window"][0] <= at < w["window"][1]]
+    assert len(open_then) == 1 and "soc" in open_then[0]["signals"]
+    assert "cabin.thing" not in open_then[0]["signals"]
+    after = [w for w in windows if w["window"][0] > at]
+    assert len(after) >= 4 and all("cabin.thing" in w["signals"] for w in after)
+    # (before: with a grant from the start, the windows closed before the withdrawal had it)
+    before = [w for w in windows if w["window"][1] <= at]
+    assert all(("cabin.thing" in w["signals"]) == bool(consent) for w in before)
+    assert report.withheld["cabin"] == 1 + (0 if consent else len(before))
+
+
+@pytest.mark.broker
+def test_a_grant_midway_through_a_window_lets_out_only_the_windows_begun_after_it(
+    tmp_path, broker, listen, vin
+):
+    # GIVEN the drive replayed to a real broker, the owner granting cabin consent over MQTT
+    # 250 s into it, while the window of its 200-260 s collects
+    lst = listen(broker.url, f"vehicles/{vin}/owner/signals")
+    at, report = _cabin_midway(tmp_path, vin, [_GRANT], url=broker.url)
+    windows = [unpack(m.payload) for m in lst.settle()]
+    # THEN what reached the owner holds the cabin signal only for windows begun after the grant
+    with_cabin = sorted(w["window"][0] for w in windows if "cabin.thing" in w["signals"])
+    begun_after = sorted(w["window"][0] for w in windows if w["window"][0] > at)
+    assert with_cabin == begun_after and len(begun_after) >= 4
+    assert any(w["window"][0] <= at < w["window"][1] for w in windows)  # it left, without it
+    assert report.withheld["cabin"] == len(windows) - len(begun_after)

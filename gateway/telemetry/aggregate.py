@@ -6,7 +6,8 @@ stream was cut into batches (the mean is an exactly rounded ``math.fsum``), so i
 the same numbers. Memory: the values of each permitted signal are kept until its window
 closes. A window is emitted once the stream's watermark (the latest frame time seen) has
 passed its end; samples that arrive for a window already emitted are counted as late and
-dropped.
+dropped. Each window also keeps the caller's clock time (``add``'s ``now``) when it began
+collecting, for the consent check at its release.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class WindowAggregator:
     late_samples: int = 0
     invalid_samples: int = 0
     _open: dict[int, dict[str, _Partial]] = field(default_factory=dict)
+    _opened: dict[int, float] = field(default_factory=dict)  # window -> ``now`` it opened at
     _closed_below: int | None = None  # every window index below this has been emitted
     watermark: float = -np.inf
 
@@ -119,7 +121,9 @@ class WindowAggregator:
         if not self.window > 0:
             raise ValueError("window must be positive")
 
-    def add(self, series: Iterable[SignalSeries]) -> None:
+    def add(self, series: Iterable[SignalSeries], now: float = -math.inf) -> None:
+        """The samples of one batch; ``now`` is the caller's clock (wall time) as it takes
+        them in, kept by each window they open (one time per batch: none per sample)."""
         w = self.window
         for s in series:
             ts, vals = s.timestamp, s.value
@@ -150,7 +154,10 @@ class WindowAggregator:
                 ts, vals, idx = ts[order], vals[order], idx[order]
             stated = False  # a window of this signal counts states (it was opened with names)
             for k, lo, hi, vmin, vmax, t_last, v_last in _runs(idx, ts, vals):
-                bucket = self._open.setdefault(k, {})
+                bucket = self._open.get(k)
+                if bucket is None:
+                    bucket = self._open[k] = {}
+                    self._opened[k] = now
                 p = bucket.get(s.name)
                 if p is None:
                     p = bucket[s.name] = _Partial(s.unit, choices)
@@ -201,6 +208,7 @@ class WindowAggregator:
                     start=k * self.window,
                     end=(k + 1) * self.window,
                     signals={name: p.result() for name, p in sorted(bucket.items())},
+                    opened=self._opened.pop(k),
                 )
             )
         return out

@@ -38,6 +38,10 @@ class ConsentState:
     persist_across_ignition: bool = False
     last_change: dict[str, Any] = field(default_factory=dict)
     stops: int = 0  # one-touch stops in this process (not saved): a stop between two batches
+    # category -> since when its grant has been valid without a break, for grants given in
+    # this process (not saved): data collected before that moment may not leave under it. A
+    # grant loaded from the file has none: it held before anything this process collected
+    since: dict[Category, float] = field(default_factory=dict)
 
     def ok(self, category: Category, now: float) -> bool:
         if self.collection is Collection.STOPPED:
@@ -46,6 +50,16 @@ class ConsentState:
             return True
         until = self.grants.get(category)
         return until is not None and now < until
+
+    def ok_since(self, category: Category, start: float, now: float) -> bool:
+        """``ok`` now, and, for a sensitive category, its grant valid without a break since
+        ``start`` (a window that began collecting then): a grant given, or given again after
+        a withdrawal or an expiry, after ``start`` does not cover what was collected before
+        it. A grant that expired since ``start`` fails ``ok``; one given again after its
+        expiry starts a new ``since``."""
+        if not self.ok(category, now):
+            return False
+        return not category.sensitive or self.since.get(category, -math.inf) <= start
 
     def collecting(self) -> bool:
         return self.collection is Collection.ON
@@ -68,6 +82,9 @@ class ConsentState:
             raise ConsentRefused(
                 f"the expiry is more than the policy's maximum of {max_days:g} days away"
             )
+        before = self.grants.get(category)
+        if before is None or before <= now:  # not valid up to now: a new unbroken span begins
+            self.since[category] = now
         self.grants[category] = until
         self.last_change = {
             "at": now,
@@ -80,8 +97,10 @@ class ConsentState:
     def withdraw(self, category: Category | None, now: float, source: str = "owner") -> None:
         if category is None:
             self.grants.clear()
+            self.since.clear()
         else:
             self.grants.pop(category, None)
+            self.since.pop(category, None)
         self.last_change = {
             "at": now,
             "action": "withdraw",
@@ -103,6 +122,7 @@ class ConsentState:
         otherwise."""
         if not self.persist_across_ignition and self.grants:
             self.grants.clear()
+            self.since.clear()
             self.last_change = {"at": now, "action": "ignition-reset", "by": "gateway"}
 
     def snapshot(self, now: float) -> dict[str, float]:

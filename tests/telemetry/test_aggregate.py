@@ -215,3 +215,17 @@ def test_values_near_the_largest_float_have_a_mean_and_do_not_end_the_gateway():
     exact = sum(Fraction(v) for v in vals) / len(vals)
     assert a.mean == pytest.approx(float(exact), rel=1e-15)
     assert (a.count, a.min, a.max, a.last) == (101, -1.2e308, 1.7e308, 3.0)
+
+
+def test_a_window_keeps_the_clock_time_it_began_collecting_at():
+    # GIVEN batches taken in at clock times 100, 200 and 300
+    agg = WindowAggregator(10.0)
+    agg.add([_series([1, 2], [1, 2])], now=100.0)
+    agg.add([_series([3, 12], [3, 4])], now=200.0)  # window 0 again; window 1 begins
+    agg.add([_series([25], [5])], now=300.0)
+    # THEN each window says when its first samples came, not its last
+    assert [(w.start, w.opened) for w in agg.flush()] == [
+        (0.0, 100.0),
+        (10.0, 200.0),
+        (20.0, 300.0),
+    ]

@@ -1,10 +1,11 @@
-"""The owner's consent messages: only an explicit true grants; anything else is refused."""
+"""The owner's consent messages: only an explicit true grants; anything else is refused. And
+what a grant covers: only what was collected while it held without a break."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.telemetry.consent import ConsentRefused, parse_owner_message
+from gateway.telemetry.consent import ConsentRefused, ConsentState, parse_owner_message
 from gateway.telemetry.policy import Category
 
 NOW = 1_700_000_000.0
@@ -88,3 +89,41 @@ def test_a_refusal_quotes_an_owner_value_cut_short():
             "command", b'{"command": "delete", "category": "' + b"x" * 5000 + b'"}', 0.0
         )
     assert len(str(caught.value)) < 100
+
+
+def _granted(state, *steps):
+    """``state`` after each (action, at) of ``steps``: a cabin grant of a day, a withdrawal,
+    or the clock alone passing."""
+    for action, at in steps:
+        if action == "grant":
+            state.grant(Category.CABIN, at + 86400, at, 30)
+        elif action == "withdraw":
+            state.withdraw(Category.CABIN, at)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("steps", "covered"),
+    [
+        ([("grant", NOW - 10)], True),
+        ([("grant", NOW + 10)], False),  # given after the window began
+        ([("grant", NOW - 10), ("withdraw", NOW + 5), ("grant", NOW + 10)], False),
+        ([("grant", NOW - 10), ("grant", NOW + 10)], True),  # renewed while valid: no break
+        ([("grant", NOW - 86400 - 10), ("grant", NOW + 10)], False),  # expired, then given again
+        ([("grant", NOW - 10), ("withdraw", NOW + 5)], False),
+    ],
+    ids=["before", "after", "withdrawn-and-again", "renewed", "expired-and-again", "withdrawn"],
+)
+def test_a_grant_covers_a_window_only_if_it_held_without_a_break_since_the_window_began(
+    steps, covered
+):
+    state = _granted(ConsentState(), *steps)
+    assert state.ok_since(Category.CABIN, NOW, NOW + 60) is covered
+    assert state.ok_since(Category.VEHICLE_STATUS, NOW, NOW + 60)  # needs no consent
+
+
+def test_a_grant_loaded_from_the_file_covers_what_this_process_collects(tmp_path):
+    path = tmp_path / "consent.json"
+    _granted(ConsentState(), ("grant", NOW)).save(path)
+    # (given before this process started, and valid: before anything it collected)
+    assert ConsentState.load(path).ok_since(Category.CABIN, NOW - 1000, NOW + 60)
