@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -253,6 +254,20 @@ def _apply_config_consent(
             raise ConfigError(f"{name} {spec!r} refused: {exc}") from None
 
 
+@dataclass
+class _Held:
+    """What one CAN loop holds in memory and has not sent: its open windows, the location
+    stage (its last exact position), the running trip (and the frame time it started at,
+    with whether location consent was valid then), and the trips a stop ended, which leave
+    once collection is on again."""
+
+    agg: WindowAggregator
+    loc: LocationStage | None
+    trips: TripDetector | None
+    started: tuple[float | None, bool] = (None, False)
+    held: list[tuple[Trip, bool]] = field(default_factory=list)
+
+
 class Gateway:
     def __init__(
         self,
@@ -362,6 +377,8 @@ class Gateway:
         self._digest_sent_at = time.monotonic()
         # the categories granted in the consent state the owner last saw
         self._grants_published = set(self.consent.snapshot(now))
+        # what each running CAN loop holds in memory, unsent (an owner's delete reaches it)
+        self._held: list[_Held] = []
         # retained messages on the owner's topics refused in this run: (topic, sha256)
         self._refused_retained: set[tuple[str, str]] = set()
 
@@ -737,6 +754,9 @@ class Gateway:
                 flying = doomed.in_flight
                 n = len(doomed) - len(flying)
                 deleted = {"deleted": on_record(doomed)} if doomed else {}
+                # and what is held in memory, not yet sent (open windows, trips): it would
+                # leave later, after a resume even
+                held = self._forget_held(cmd.category)
                 frames, stuck = delete_frames(self.settings.gateway.frames_path, cmd.category)
                 if stuck:
                     log.error(
@@ -753,6 +773,7 @@ class Gateway:
                     "category": cmd.category.value if cmd.category else "all",
                     "removed": n,
                     **({"in_flight": len(flying)} if flying else {}),
+                    "discarded": held,
                     "frames_removed": frames,
                     **({"frames_failed": stuck} if stuck else {}),
                 }
@@ -883,13 +904,15 @@ class Gateway:
         self.emit(Outgoing("gateway.trip", body, ("trips",)))
 
     async def _can_loop(self, source: Source) -> None:
-        agg = WindowAggregator(self.settings.gateway.window)
-        loc = self._location_stage()
-        trips = TripDetector(self.policy.trips) if self.policy.trips.enabled else None
-        # the running trip's start, and whether location consent was valid when it started
-        started: tuple[float | None, bool] = (None, False)
+        # what this loop holds in memory is in ``c``, where the owner's delete reaches it
+        # (``_forget_held``, from the MQTT task, between two batches): never in locals
+        c = _Held(
+            WindowAggregator(self.settings.gateway.window),
+            self._location_stage(),
+            TripDetector(self.policy.trips) if self.policy.trips.enabled else None,
+        )
+        self._held.append(c)
         stops_seen = self.consent.stops
-        held: list[tuple[Trip, bool]] = []  # trips a stop ended, to leave when collection is on
         last_t = 0.0
         # a paced or live source: one group per batch. An unpaced one: one group for the
         # batches of UNPACED_GROUP_SECONDS, with no await inside (see Source)
@@ -905,15 +928,15 @@ class Gateway:
                     steps_seen = steps
                     with self.egress_group():
                         collecting = self.consent.collecting()
-                        for w in agg.flush():
+                        for w in c.agg.flush():
                             if collecting:
                                 self.publish_window(w)
-                        if trips is not None:
-                            held += [(t, started[1]) for t in trips.flush(last_t)]
-                            trips, started = TripDetector(self.policy.trips), (None, False)
-                    self.report.late_samples += agg.late_samples
-                    self.report.invalid_samples += agg.invalid_samples
-                    agg = WindowAggregator(self.settings.gateway.window)
+                        if c.trips is not None:
+                            c.held += [(t, c.started[1]) for t in c.trips.flush(last_t)]
+                            c.trips, c.started = TripDetector(self.policy.trips), (None, False)
+                    self.report.late_samples += c.agg.late_samples
+                    self.report.invalid_samples += c.agg.invalid_samples
+                    c.agg = WindowAggregator(self.settings.gateway.window)
                 if len(batch):
                     self.report.frames += len(batch)
                     self.report.raw_bytes += batch.raw_bytes
@@ -921,44 +944,46 @@ class Gateway:
                         self.health.on_batch(batch)
                     if self.on_batch is not None:
                         self.on_batch(batch)
-                if trips is not None and self.consent.stops != stops_seen:
+                if c.trips is not None and self.consent.stops != stops_seen:
                     # the owner stopped collection since the last batch: the running trip ends
                     # at its last moving moment before the stop (its summary must not span
                     # the stop: the odometer's distance over it), and leaves once collection
                     # is on again, as the windows open at the stop do
                     stops_seen = self.consent.stops
-                    held += [(t, started[1]) for t in trips.flush(last_t)]
-                    trips, started = TripDetector(self.policy.trips), (None, False)
+                    c.held += [(t, c.started[1]) for t in c.trips.flush(last_t)]
+                    c.trips, c.started = TripDetector(self.policy.trips), (None, False)
                 if len(batch) and not self.consent.collecting():
                     self.report.frames_while_stopped += len(batch)  # not decoded
                 elif len(batch):
                     taken = self.clock()  # when these samples were taken in (see publish_window)
                     if self._group is None:
                         group.enter_context(self.egress_group())
-                    for trip, ok in held:
+                    for trip, ok in c.held:
                         self.publish_trip(trip, ok)
-                    held = []
+                    c.held = []
                     decoded = self.decoder.decode(batch)
                     self.report.decode.merge(decoded.stats)
                     last_t = _latest(batch, last_t)
-                    if loc is not None:
-                        self.publish_positions(loc, decoded.series)
-                    if trips is not None:
+                    if c.loc is not None:
+                        self.publish_positions(c.loc, decoded.series)
+                    if c.trips is not None:
                         ok = self.consent.ok(Category.LOCATION, self.clock())
-                        for trip in trips.feed(decoded.series):
+                        started = c.started
+                        for trip in c.trips.feed(decoded.series):
                             # a trip that started in an earlier batch: consent as it was then
                             self.publish_trip(trip, ok if trip.start != started[0] else started[1])
-                        if trips.running_since not in (None, started[0]):
-                            started = (trips.running_since, ok)
-                    agg.add(decoded.series, taken)
+                        if c.trips.running_since not in (None, started[0]):
+                            c.started = (c.trips.running_since, ok)
+                    c.agg.add(decoded.series, taken)
                     # a live bus's window closes LIVE_GRACE_SECONDS after its end: the frames
                     # of another bus, read in another thread, may still be on their way
-                    for w in agg.advance(last_t - (0.0 if now is None else LIVE_GRACE_SECONDS)):
+                    closing = last_t - (0.0 if now is None else LIVE_GRACE_SECONDS)
+                    for w in c.agg.advance(closing):
                         self.publish_window(w)
                 elif now is not None and self.consent.collecting():
                     t = now()  # a silent live bus: the windows that ended on its clock close
                     if t is not None:
-                        closed = agg.advance(t - LIVE_GRACE_SECONDS)
+                        closed = c.agg.advance(t - LIVE_GRACE_SECONDS)
                         if closed:
                             with self.egress_group():
                                 for w in closed:
@@ -978,17 +1003,59 @@ class Gateway:
                     since = time.monotonic()
         finally:
             group.close()
+            self._held.remove(c)
             if self.consent.collecting():
                 with self.egress_group():
-                    for w in agg.flush():
+                    for w in c.agg.flush():
                         self.publish_window(w)
-                    for trip, ok in held:
+                    for trip, ok in c.held:
                         self.publish_trip(trip, ok)
-                    if trips is not None:
-                        for trip in trips.flush(last_t):
-                            self.publish_trip(trip, trip.start != started[0] or started[1])
-            self.report.late_samples += agg.late_samples
-            self.report.invalid_samples += agg.invalid_samples
+                    if c.trips is not None:
+                        for trip in c.trips.flush(last_t):
+                            self.publish_trip(trip, trip.start != c.started[0] or c.started[1])
+            self.report.late_samples += c.agg.late_samples
+            self.report.invalid_samples += c.agg.invalid_samples
+
+    def _forget_held(self, category: Category | None) -> dict[str, int]:
+        """The owner's delete of ``category`` (all when None), in what the CAN loops hold in
+        memory and have not sent: the category's signals in the open windows (every open
+        window for all), the trips a stop holds back and the running one (for all and
+        driving_behaviour; for location their start and end positions, and the last exact
+        position the location stage keeps). What was discarded, for the reply and the record.
+        It runs between two batches (the MQTT task's turn), when no egress group is open."""
+        found = {"windows": 0, "values": 0, "trips": 0, "trip_areas": 0}
+        names: set[str] | None = None
+        if category is not None:
+            names = {n for n, r in self.policy.rules.items() if r.category is category}
+            tc = self.policy.trips
+            if category is Category.DRIVING_BEHAVIOUR:  # what trips alone are computed from
+                names |= tc.signals - set(self.policy.rules)
+            elif category is Category.LOCATION:
+                names |= {tc.latitude, tc.longitude} - {""}
+        for c in self._held:
+            if names is None or names:
+                windows, values = c.agg.discard(names)
+                found["windows"] += windows
+                found["values"] += values
+            if category in (None, Category.DRIVING_BEHAVIOUR):
+                running = c.trips is not None and c.trips.running_since is not None
+                found["trips"] += len(c.held) + running
+                c.held = []
+                if c.trips is not None:
+                    c.trips, c.started = TripDetector(self.policy.trips), (None, False)
+            elif category is Category.LOCATION:
+                areas = [t for t, _ in c.held if (t.start_pos, t.end_pos) != (None, None)]
+                c.held = [
+                    (dataclasses.replace(t, start_pos=None, end_pos=None), ok) for t, ok in c.held
+                ]
+                found["trip_areas"] += len(areas)
+                if c.trips is not None:
+                    running = c.trips.running_since is not None
+                    found["trip_areas"] += c.trips.forget_positions() and running
+                    c.started = (c.started[0], False)
+            if category in (None, Category.LOCATION) and c.loc is not None:
+                c.loc.limiter.forget_position()
+        return found
 
     async def _backpressure(self) -> None:
         """An unpaced replay waits for a connected publisher while more than UNPACED_BACKLOG

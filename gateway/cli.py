@@ -746,6 +746,14 @@ def _cmd_consent(args: argparse.Namespace) -> int:
             done += f" ({change['in_flight']} more had already been handed to the broker)"
         if change.get("frames_removed"):
             done += f", {change['frames_removed']} stored camera frame(s)"
+        # what it held in memory, not yet sent (a gateway before this count says nothing)
+        held = change.get("discarded") or {}
+        if held.get("windows") or held.get("trips") or held.get("trip_areas"):
+            done += (
+                f"; discarded in memory: {held.get('values', 0)} value(s) of "
+                f"{held.get('windows', 0)} open window(s), {held.get('trips', 0)} trip(s)"
+                + (f", the areas of {held['trip_areas']} trip(s)" if held.get("trip_areas") else "")
+            )
     print(f"gateway: {done}; collection {state.get('collection', '?')}; grants: {grants or 'none'}")
     return 0
 

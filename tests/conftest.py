@@ -365,9 +365,10 @@ MODEL3_DRIVE = FIXTURES / "model3" / "model3_synthetic_drive.log"
 MODEL3_DBC = FIXTURES / "model3" / "Model3CAN.dbc"
 
 
-def write_policy(path: Path, *rules: tuple[str, str, str, str]) -> str:
+def write_policy(path: Path, *rules: tuple[str, str, str, str], more: str = "") -> str:
     """A policy file of ``(signal, publish_as, category, aggregates)`` rules (aggregates as
-    TOML, ``'["last"]'``), no quantum: its path, for ``gateway_settings(policy=...)``."""
+    TOML, ``'["last"]'``), no quantum, then the TOML ``more`` (a ``[trips]`` table): its path,
+    for ``gateway_settings(policy=...)``."""
     path.write_text(
         f'[policy]\nname = "{path.stem}"\nversion = 1\n'
         + "".join(
@@ -375,31 +376,32 @@ def write_policy(path: Path, *rules: tuple[str, str, str, str]) -> str:
             f"aggregates = {aggs}\n"
             for sig, pub, cat, aggs in rules
         )
+        + more
     )
     return str(path)
 
 
 class OwnerMidDrive:
     """A paced source: the bundled Model 3 drive in slices of ``step`` s of frame time, the
-    gateway's clock (``clock[0]``) a second further at each. Before the first slice at or past
-    ``at`` s into the drive, the owner's ``messages`` ((topic tail, body), e.g. ("command",
-    {"command": "stop"})) reach the gateway in ``box[0]``, each awaited until the gateway
-    answered it, half a second apart on the clock: through the broker at ``url`` as an owner
-    sends them (between two batches, as the MQTT task hands them over), or, without ``url``,
-    by a direct call of its handler."""
+    gateway's clock (``clock[0]``) a second further at each. The owner's messages of
+    ``script``, each (s into the drive, topic tail, body), e.g. (250, "command", {"command":
+    "stop"}), reach the gateway in ``box[0]`` before the first slice at or past their time,
+    each awaited until the gateway answered it, half a second apart on the clock: through the
+    broker at ``url`` as an owner sends them (so between two batches, as the MQTT task hands
+    them over), or, without ``url``, by a direct call of its handler. ``said_at``: the frame
+    time of the slice after each message."""
 
     def __init__(
         self,
         box: list[Any],
         clock: list[float],
-        at: float,
-        messages: Sequence[tuple[str, dict[str, Any]]],
+        script: Sequence[tuple[float, str, dict[str, Any]]],
         url: str | None = None,
         step: float = 10.0,
     ) -> None:
-        self.box, self.clock, self.at, self.messages = box, clock, at, messages
+        self.box, self.clock, self.script = box, clock, list(script)
         self.url, self.step = url, step
-        self.sent_at: float | None = None  # the frame time of the first slice after them
+        self.said_at: list[float] = []
 
     async def batches(self) -> Any:
         import hashlib
@@ -416,11 +418,14 @@ class OwnerMidDrive:
         for k in np.unique(piece).tolist():
             part = batch.select(np.flatnonzero(piece == k))
             first = float(part.timestamp[0])
-            if self.sent_at is None and first - t0 >= self.at:
-                self.sent_at = first
-                for tail, body in self.messages:
-                    self.clock[0] += 0.5
-                    await self._say(tail, json.dumps(body).encode(), hashlib.sha256)
+            while (
+                len(self.said_at) < len(self.script)
+                and first - t0 >= self.script[len(self.said_at)][0]
+            ):
+                _, tail, body = self.script[len(self.said_at)]
+                self.said_at.append(first)
+                self.clock[0] += 0.5
+                await self._say(tail, json.dumps(body).encode(), hashlib.sha256)
             self.clock[0] += 1.0
             yield part
 

@@ -209,8 +209,8 @@ _ODOMETER_AS_CABIN = (
     ("ID292BMS_SOC.SOCUI292", "soc", "vehicle_status", '["last"]'),
     ("ID3B6odometer.Odometer3B6", "cabin.thing", "cabin", '["count", "last"]'),
 )
-_GRANT = ("consent/set", {"category": "cabin", "grant": True, "days": 1})
-_WITHDRAW = ("consent/set", {"category": "cabin", "grant": False})
+_GRANT = (250.0, "consent/set", {"category": "cabin", "grant": True, "days": 1})
+_WITHDRAW = (250.0, "consent/set", {"category": "cabin", "grant": False})
 
 
 def _cabin_midway(tmp_path, vin, messages, consent=(), url=None):
@@ -226,11 +226,11 @@ def _cabin_midway(tmp_path, vin, messages, consent=(), url=None):
     )  # fmt: skip
     clock = [2_000_000_000.0]
     box: list[Gateway] = []
-    source = OwnerMidDrive(box, clock, 250.0, messages, url=url)
+    source = OwnerMidDrive(box, clock, messages, url=url)
     gw = Gateway(s, [source], clock=lambda: clock[0])
     box.append(gw)
     report = asyncio.run(gw.run(require_broker=url is not None, drain_timeout=10))
-    return source.sent_at, report
+    return source.said_at[0], report
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,14 @@ the same numbers. Memory: the values of each permitted signal are kept until its
 closes. A window is emitted once the stream's watermark (the latest frame time seen) has
 passed its end; samples that arrive for a window already emitted are counted as late and
 dropped. Each window also keeps the caller's clock time (``add``'s ``now``) when it began
-collecting, for the consent check at its release.
+collecting, for the consent check at its release. ``discard`` forgets what the open windows
+hold of some signals, or all (the owner's delete).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +193,23 @@ class WindowAggregator:
             return []
         self.watermark = max(self.watermark, watermark)
         return self._emit_below(int(np.floor(self.watermark / self.window)))
+
+    def discard(self, names: Collection[str] | None = None) -> tuple[int, int]:
+        """Forget the samples of the signals ``names`` (every signal when None) in every open
+        window, as if they had never come: (windows that held some, samples forgotten). A
+        window left with nothing is closed unsent; a later sample of its time opens it anew,
+        at that later ``now``."""
+        windows = samples = 0
+        for k in list(self._open):
+            bucket = self._open[k]
+            gone = list(bucket) if names is None else [n for n in bucket if n in names]
+            if not gone:
+                continue
+            windows += 1
+            samples += sum(bucket.pop(n).count for n in gone)
+            if not bucket:
+                del self._open[k], self._opened[k]
+        return windows, samples
 
     def flush(self) -> list[WindowSummary]:
         """Emit every open window, the last partial one included (end of a replay)."""

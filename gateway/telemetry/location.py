@@ -184,6 +184,11 @@ class LocationLimiter:
         self._last_t, self._last = t, (lat, lon)
         return True
 
+    def forget_position(self) -> None:
+        """Forget the last exact position (the owner deleted their location data); its time
+        stays, so the rate limit still holds, and the next fix needs no distance from it."""
+        self._last = None
+
 
 @dataclass
 class LocationStage:

@@ -350,6 +350,14 @@ class TripDetector:
             energy = max(soc0 - soc1, 0.0) / 100.0 * self.cfg.battery_kwh
         return Trip(self._start, end, dist, energy, self._start_pos, end_pos)
 
+    def forget_positions(self) -> bool:
+        """Forget every position held (the running trip's start, the latest fix, which would
+        be a trip's end or the next one's start): the owner deleted their location data.
+        Whether there was one. A trip's end area then comes only from fixes after this."""
+        held = (self._start_pos, self._lat, self._lon) != (None, None, None)
+        self._start_pos = self._lat = self._lon = None
+        return held
+
     def flush(self, t: float) -> list[Trip]:
         """End of the stream: a trip still open ends at its last moving moment."""
         if not self._driving:

@@ -229,3 +229,18 @@ def test_a_window_keeps_the_clock_time_it_began_collecting_at():
         (10.0, 200.0),
         (20.0, 300.0),
     ]
+
+
+def test_discarded_signals_are_forgotten_and_a_window_left_empty_opens_anew():
+    # GIVEN two signals in window 0, one of them in window 1 too
+    agg = WindowAggregator(10.0)
+    agg.add([_series([1, 2], [1, 2]), SignalSeries("M.T", np.array([3.0]), np.array([7.0]), "V")])
+    agg.add([_series([11], [5])], now=50.0)
+    # WHEN M.S is discarded, then a sample of window 1 comes again
+    assert agg.discard({"M.S"}) == (2, 3)
+    agg.add([_series([12], [9])], now=80.0)
+    # THEN window 0 has only M.T, and window 1 only the later sample, opened when it came
+    w0, w1 = agg.flush()
+    assert set(w0.signals) == {"M.T"}
+    assert w1.signals["M.S"].count == 1 and w1.signals["M.S"].last == 9 and w1.opened == 80.0
+    assert agg.discard() == (0, 0)  # nothing open any more

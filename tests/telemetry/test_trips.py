@@ -185,3 +185,20 @@ def test_a_trip_without_state_of_charge_readings_has_no_energy_not_zero(tmp_path
         gw.ledger.close()
     (trip,) = [unpack(m.payload) for m in Outbox(tmp_path / "o.sqlite").peek(10)]
     assert trip["distance_km"] == 7.6 and "energy_kwh" not in trip
+
+
+def test_a_trip_whose_positions_were_forgotten_has_no_start_or_end_position():
+    cfg = TripConfig(gear="D.gear", latitude="G.lat", longitude="G.lon", end_after_s=30.0)
+    gear = SignalSeries("D.gear", np.arange(0.0, 20), np.full(20, 4.0), "", choices_for(3, GEARS))
+    fix = [
+        SignalSeries(n, np.array([0.5]), np.array([v]), "")
+        for n, v in (("G.lat", 31.2), ("G.lon", 121.4))
+    ]
+    trips = TripDetector(cfg)
+    assert trips.feed([gear, *fix]) == [] and trips.running_since == 0.0
+    assert trips.forget_positions()
+    parked = SignalSeries(
+        "D.gear", np.arange(20.0, 60), np.full(40, 1.0), "", choices_for(3, GEARS)
+    )
+    (trip,) = trips.feed([parked])
+    assert (trip.start, trip.start_pos, trip.end_pos) == (0.0, None, None)
