@@ -198,6 +198,8 @@ class RunReport:
     lost_in_memory: int = 0
     # dropped by the outbox's bounds (its size, the policy's retention): never sent, recorded
     dropped: int = 0
+    # not sent, their rows changed or damaged in the outbox file while the run ran (recorded)
+    changed_in_outbox: int = 0
     late_samples: int = 0  # older than a window already published (time went backwards)
     frames_while_stopped: int = 0  # read while the owner had stopped collection: not decoded
     invalid_samples: int = 0  # NaN, infinity, a 'not available' state, a time outside any window
@@ -592,15 +594,19 @@ class Gateway:
         return " and ".join(sorted(found)) or "location"
 
     def _changed_in_outbox(self, item: Pending) -> None:
-        """A waiting message whose bytes are not what the ledger recorded (its row in the
-        outbox file was changed while the gateway ran): not sent, removed, on the record."""
+        """A waiting message whose bytes are not what the ledger recorded, or whose row is
+        damaged (its row in the outbox file was changed while the gateway ran): not sent,
+        removed, on the record, and counted (the exit status says it was never delivered)."""
+        damaged = f" ({item.damaged})" if item.damaged else ""
         log.error(
             "%s: a waiting message (seq %s, %s) was changed in the file after its egress line "
-            "was written: not sent, removed (recorded in the ledger)",
-            self.outbox.path, item.seq, item.schema,
+            "was written%s: not sent, removed (recorded in the ledger)",
+            self.outbox.path, item.seq, item.schema, damaged,
         )  # fmt: skip
+        self.report.changed_in_outbox += 1
         self._record_drop(
-            [item], "changed in the outbox file after its egress line was written: not sent"
+            [item],
+            f"changed in the outbox file after its egress line was written{damaged}: not sent",
         )
 
     def _record_drop(self, items: list[Pending], why: str) -> None:

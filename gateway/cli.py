@@ -241,7 +241,7 @@ def _undelivered(report: Any, s: Any) -> int:
     """Exit code 3 and one line if summaries are left undelivered, else 0."""
     left = report.outbox_left
     lost = getattr(report, "lost_in_memory", 0)
-    dropped = getattr(report, "dropped", 0)
+    dropped = getattr(report, "dropped", 0) + getattr(report, "changed_in_outbox", 0)
     gone = getattr(report, "outbox_lost", 0) + getattr(report, "outbox_deleted", 0)
     if not (left or lost or dropped or gone):
         return 0
@@ -253,10 +253,15 @@ def _undelivered(report: Any, s: Any) -> int:
             f"{lost} were held in memory only, because the outbox file could not be written, "
             "and are lost (the ledger records them as dropped)"
         )
-    if dropped:
+    if getattr(report, "dropped", 0):
         parts.append(
-            f"{dropped} were dropped by the outbox's bounds (its size, or the policy's "
+            f"{report.dropped} were dropped by the outbox's bounds (its size, or the policy's "
             "retention) before the broker took them (on the record)"
+        )
+    if getattr(report, "changed_in_outbox", 0):
+        parts.append(
+            f"{report.changed_in_outbox} were not sent, their rows changed or damaged in "
+            f"{s.gateway.outbox} while the gateway ran (on the record)"
         )
     if getattr(report, "outbox_lost", 0):
         parts.append(

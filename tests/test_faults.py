@@ -23,6 +23,7 @@ from tests.conftest import (
     FIXTURES,
     KONA_CSV,
     KONA_PCAN,
+    assert_one_line_error,
     gateway_settings,
     replay_args,
     run_gateway,
@@ -907,3 +908,87 @@ def test_a_publisher_that_fails_after_its_connack_stops_the_run_before_a_frame_i
     # THEN it stops with the ledger's error before it reads a frame: it did not replay the
     # whole log with no publisher (after a warning that the broker took no subscriptions)
     assert gw.report.frames == 0
+
+
+def _summaries_left_waiting(tmp_path, vin) -> list[int]:
+    """A fast Kona replay whose broker is away (gateway_settings' ledger and outbox in
+    ``tmp_path``, window 0.25 s): the seqs of the summaries of signals it left in the outbox."""
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, vin=vin, window=0.25)
+    from gateway.app import Gateway
+    from gateway.canbus.replay import ReplaySource
+
+    gw = Gateway(s, [ReplaySource([KONA_CSV], speed=None)])
+    gw.publisher.backoff_initial = 0.05
+    assert asyncio.run(gw.run(require_broker=False, drain_timeout=0)).sent == 0
+    with sqlite3.connect(tmp_path / "o.sqlite") as db:
+        rows = db.execute("SELECT seq FROM outbox WHERE schema = 'gateway.signals' ORDER BY id")
+        seqs = [q for (q,) in rows]
+    assert len(seqs) >= 20, "the test needs summaries waiting in the outbox"
+    return seqs
+
+
+# the auditor's two: a topic that is not UTF-8, a payload made text (|| X'00' turns a blob
+# into text): each made the whole outbox unreadable, taken for a failing disk, and nothing sent
+_DAMAGED_ROW = {
+    "topic not UTF-8": "topic = CAST(X'FF41' AS TEXT)",
+    "payload made text": "payload = payload || X'00'",
+}
+
+
+@pytest.mark.parametrize("damage", _DAMAGED_ROW.values(), ids=_DAMAGED_ROW.keys())
+def test_a_row_damaged_in_the_outbox_file_stops_the_start_with_exit_4_and_nothing_is_sent(
+    tmp_path, broker, vin, listen, damage
+):
+    # GIVEN summaries waiting in the outbox, one of them changed in the file by hand
+    waiting = _summaries_left_waiting(tmp_path, vin)
+    with sqlite3.connect(tmp_path / "o.sqlite") as db:
+        db.execute(f"UPDATE outbox SET {damage} WHERE seq = ?", (waiting[5],))
+    owner = listen(broker.url, f"vehicles/{vin}/owner/signals")
+    # WHEN a run starts on it, its broker there (an empty log: it only drains the outbox)
+    empty = tmp_path / "empty.log"
+    empty.write_text("")
+    proc = run_gateway(
+        "replay", str(empty), "--dbc", f"can0={KONA_PCAN}", "--broker", broker.url,
+        "--vin", vin, "--ledger", str(tmp_path / "l.jsonl"),
+        "--outbox", str(tmp_path / "o.sqlite"), "-q",
+    )  # fmt: skip
+    # THEN it stops with exit 4 and one line naming the file and the row, as for any row
+    # changed after its egress line was written (it was exit 0, "outbox cannot be written",
+    # and none of the others sent, in this run or any later one)
+    assert proc.returncode == 4, proc.stderr
+    assert_one_line_error(
+        proc, str(tmp_path / "o.sqlite"), f"seq {waiting[5]}", "Nothing was sent; move it aside"
+    )
+    assert owner.settle() == []
+    with sqlite3.connect(tmp_path / "o.sqlite") as db:  # and every one still waits
+        kept = db.execute("SELECT seq FROM outbox WHERE schema = 'gateway.signals'").fetchall()
+    assert len(kept) == len(waiting)
+
+
+def test_a_row_damaged_while_the_gateway_runs_is_not_sent_and_every_other_is(
+    tmp_path, broker, vin, listen, capsys
+):
+    from gateway.app import Gateway
+    from gateway.cli import _undelivered
+
+    # GIVEN summaries waiting in the outbox, and a gateway whose start check passed
+    waiting = _summaries_left_waiting(tmp_path, vin)
+    s = gateway_settings(tmp_path, {"can0": [str(KONA_PCAN)]}, url=broker.url, vin=vin)
+    gw = Gateway(s, [])
+    # WHEN one of them is damaged in the file before it is sent
+    with sqlite3.connect(tmp_path / "o.sqlite") as db:
+        db.execute("UPDATE outbox SET topic = CAST(X'FF41' AS TEXT) WHERE seq = ?", (waiting[5],))
+    owner = listen(broker.url, f"vehicles/{vin}/owner/signals")
+    report = asyncio.run(gw.run(drain_timeout=10))
+    # THEN every other one reaches the owner, in order; the damaged one is not sent (it was
+    # none of them: the outbox went to memory, empty, as if the disk had failed)
+    _, received = _received_seqs(owner.settle())
+    assert received == [q for q in waiting if q != waiting[5]]
+    # AND it is on the record as dropped, with the reason, and the exit status says so
+    entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    drops = [e for e in entries if e["kind"] == "dropped"]
+    assert [e["seqs"] for e in drops] == [[waiting[5]]]
+    assert "its topic is not UTF-8 text" in drops[0]["reason"]
+    assert report.changed_in_outbox == 1 and report.outbox_left == 0
+    assert _undelivered(report, s) == 3
+    assert "1 were not sent, their rows changed or damaged in" in capsys.readouterr().err

@@ -56,14 +56,56 @@ class Pending:
     # the categories of its data, space-separated (``Released.categories``); None for a row
     # an older version wrote, which did not keep them
     categories: str | None = None
+    # why its row is not one the gateway wrote (a topic that is not UTF-8, a seq that is no
+    # number: the file was changed), or None. Such a message is never sent (``unchanged``)
+    damaged: str | None = None
 
 
 # a row of the outbox as ``_pending`` reads it
 _ROW = "id, seq, topic, payload, retain, schema, created, categories"
 
 
-def _pending(r: tuple) -> Pending:  # type: ignore[type-arg]
-    return Pending(("db", r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6], r[7])
+def _pending(r: tuple, key: tuple[str, int] | None = None) -> Pending:  # type: ignore[type-arg]
+    """A row as read (its text as bytes: ``text_factory``), checked: a value of a type the outbox
+    never writes, or text that is not UTF-8, makes it ``damaged``, not an error. Python's
+    sqlite3 raised OperationalError for one such value, taken for a failing disk: the whole
+    outbox went unread, none of it sent, and nothing said."""
+    n, seq, topic, payload, retain, schema, created, categories = r
+    bad: list[str] = []
+
+    def text(name: str, value: object) -> str:
+        if isinstance(value, bytes):
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                bad.append(f"its {name} is not UTF-8 text")
+                return value.decode(errors="replace")
+        bad.append(f"its {name} is not text ({value!r:.40})")
+        return str(value)
+
+    if seq is not None and (type(seq) is not int):
+        bad.append(f"its seq is not a whole number ({seq!r:.40})")
+        seq = None
+    if not isinstance(payload, bytes):  # (a payload stored as text is read as its bytes)
+        bad.append(f"its payload is not bytes ({payload!r:.40})")
+        payload = b""
+    if retain not in (0, 1) or type(retain) is not int:
+        bad.append(f"its retain flag is not 0 or 1 ({retain!r:.40})")
+        retain = 0
+    if type(created) not in (int, float):
+        bad.append(f"its time is not a number ({created!r:.40})")
+        created = 0.0
+    return Pending(
+        key or ("db", n),
+        seq,
+        text("topic", topic),
+        payload,
+        bool(retain),
+        text("schema", schema),
+        float(created),
+        None if categories is None else text("categories", categories),
+        "; ".join(bad) or None,
+    )
 
 
 @dataclass
@@ -135,11 +177,10 @@ class Outbox:
                 columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
                 if "categories" not in columns:  # a file of an older version: its rows NULL
                     self._db.execute("ALTER TABLE outbox ADD COLUMN categories TEXT")
-                row = self._db.execute(
-                    "SELECT MAX(v) FROM (SELECT value AS v FROM meta WHERE key='next_seq' "
-                    "UNION ALL SELECT MAX(seq) + 1 FROM outbox)"
-                ).fetchone()
-                stored_seq = int(row[0] or 0)
+                stored_seq = _stored_seq(self._db)
+                # text is read as bytes, decoded by ``_pending``: one value that is not UTF-8
+                # made sqlite3 raise on every read of the table, so that no row was sent
+                self._db.text_factory = bytes
             except (sqlite3.Error, OSError) as exc:  # OSError: its folder cannot be made
                 damaged = type(exc) is sqlite3.DatabaseError  # not a disk full or read-only
                 if existed and damaged:
@@ -290,12 +331,9 @@ class Outbox:
         if self._db is not None:
             rows: list[tuple] = []  # type: ignore[type-arg]
             # (a file of an older version that could not take the column has no categories)
-            for categories in ("categories", "NULL"):
+            for columns in (_ROW, _ROW.replace("categories", "NULL")):
                 with contextlib.suppress(sqlite3.Error):
-                    rows = self._db.execute(
-                        "SELECT id, seq, topic, payload, retain, schema, created, "
-                        f"{categories} FROM outbox ORDER BY id"
-                    ).fetchall()
+                    rows = self._db.execute(f"SELECT {columns} FROM outbox ORDER BY id").fetchall()
                     break
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
@@ -306,9 +344,7 @@ class Outbox:
                 self._mem.clear()
                 for r in rescued:
                     self._mem_n += 1
-                    self._mem[self._mem_n] = Pending(
-                        ("mem", self._mem_n), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6], r[7]
-                    )
+                    self._mem[self._mem_n] = _pending(r, ("mem", self._mem_n))
                     self._in_file.add(self._mem_n)  # still in the file too: not lost at exit
                     if ("db", r[0]) in self._unconfirmed:
                         self._unconfirmed.add(("mem", self._mem_n))
@@ -367,15 +403,30 @@ class Outbox:
     # -- reading ---------------------------------------------------------------------------
     def digests(self) -> list[tuple[int | None, str]]:
         """(seq, sha256 of the payload) of every message waiting, oldest first, read a row at
-        a time (the payloads of a week's backlog are not held in memory at once)."""
+        a time (the payloads of a week's backlog are not held in memory at once).
+
+        A ``damaged`` row raises StorageError: it was changed after it was written (no gateway
+        writes such a value), like a row whose bytes differ from its egress line, which stops
+        the start too (``Gateway._check_waiting``): the user decides, before anything is sent."""
         out: list[tuple[int | None, str]] = []
+
+        def check(p: Pending) -> tuple[int | None, str]:
+            if p.damaged is not None:
+                which = f"seq {p.seq}" if p.seq is not None else f"{p.schema}, no seq"
+                raise StorageError(
+                    f"{self.path}: a message waiting in the outbox ({which}) is damaged "
+                    f"({p.damaged}): the file was changed after it was written. Nothing was "
+                    "sent; move it aside to start with an empty one"
+                )
+            return p.seq, hashlib.sha256(p.payload).hexdigest()
+
         if self._db is not None:
             try:
-                for seq, payload in self._db.execute("SELECT seq, payload FROM outbox ORDER BY id"):
-                    out.append((seq, hashlib.sha256(payload).hexdigest()))
+                for r in self._db.execute(f"SELECT {_ROW} FROM outbox ORDER BY id"):
+                    out.append(check(_pending(r)))
             except sqlite3.Error as exc:
                 self._degrade(exc)
-        out += [(m.seq, hashlib.sha256(m.payload).hexdigest()) for m in self._mem.values()]
+        out += [check(m) for m in self._mem.values()]
         return out
 
     def peek(self, limit: int = 100) -> list[Pending]:
@@ -390,8 +441,8 @@ class Outbox:
                     f"SELECT {_ROW} FROM outbox WHERE retain = 1 ORDER BY id LIMIT ?",
                     (limit,),
                 ).fetchall()
-                rows += self._db.execute(
-                    f"SELECT {_ROW} FROM outbox WHERE retain = 0 ORDER BY id LIMIT ?",
+                rows += self._db.execute(  # (!= 1: a damaged flag is read, and not sent)
+                    f"SELECT {_ROW} FROM outbox WHERE retain != 1 ORDER BY id LIMIT ?",
                     (limit - len(rows),),
                 ).fetchall()
                 out = [_pending(r) for r in rows]
@@ -486,17 +537,16 @@ class Outbox:
         base = base.rstrip("/") + "/"
         if self._db is not None:
             try:
-                row = self._db.execute(
-                    "SELECT topic FROM outbox WHERE substr(topic, 1, ?) != ? LIMIT 1",
-                    (len(base), base),
-                ).fetchone()
+                for (topic,) in self._db.execute(
+                    "SELECT topic FROM outbox WHERE substr(topic, 1, ?) != ?", (len(base), base)
+                ):
+                    with contextlib.suppress(UnicodeDecodeError, AttributeError):
+                        # (one that is not UTF-8 text is damaged, not another's: ``digests``)
+                        return topic.decode()  # type: ignore[no-any-return]
             except sqlite3.Error as exc:
                 self._degrade(exc)
-                row = None
-            if row is not None:
-                return str(row[0])
         for p in self._mem.values():
-            if not p.topic.startswith(base):
+            if not p.topic.startswith(base) and p.damaged is None:
                 return p.topic
         return None
 
@@ -524,17 +574,15 @@ class Outbox:
             scanned = False
             try:
                 with self._tx() as db:
-                    rows = db.execute(
-                        "SELECT id, seq, schema, payload, categories FROM outbox "
-                        "ORDER BY retain DESC, id"
-                    )
-                    for n, seq, schema, payload, categories in rows:
-                        if doomed(schema, categories):
+                    rows = db.execute(f"SELECT {_ROW} FROM outbox ORDER BY retain DESC, id")
+                    for p in map(_pending, rows):
+                        if doomed(p.schema, p.categories):
+                            n = p.key[1]
                             ids.append(n)
-                            out.seqs.append(seq)
-                            out.sha256.append(hashlib.sha256(payload).hexdigest())
+                            out.seqs.append(p.seq)
+                            out.sha256.append(hashlib.sha256(p.payload).hexdigest())
                             if ("db", n) in self._unconfirmed or n in self._acked:
-                                out.in_flight.append(seq)
+                                out.in_flight.append(p.seq)
                     scanned = True
                     for n in ids:  # as ``withdraw`` leaves them, before the rows go: a batch
                         # read before does not send them, and a failing disk (``_degrade``)
@@ -577,7 +625,10 @@ class Outbox:
         self._expected_loose = collections.Counter(h for q, h in waiting if q is None)
 
     def unchanged(self, item: Pending) -> bool:
-        """Whether ``item``'s payload is bytes on record (see ``expect``; True without it)."""
+        """Whether ``item``'s payload is bytes on record (see ``expect``; True without it), in
+        a row that is not ``damaged``."""
+        if item.damaged is not None:
+            return False
         if self._expected is None:
             return True
         h = hashlib.sha256(item.payload).hexdigest()
@@ -655,6 +706,17 @@ class Outbox:
                 ) from exc
             raise
         self._lock_fd = fd
+
+
+def _stored_seq(db: sqlite3.Connection) -> int:
+    """The first number no summary in the file ever had (a seq that is no number, in a
+    damaged row, is not one)."""
+    (seq,) = db.execute(
+        "SELECT MAX(v) FROM (SELECT value AS v FROM meta WHERE key='next_seq' "
+        "AND typeof(value) = 'integer' "
+        "UNION ALL SELECT MAX(seq) + 1 FROM outbox WHERE typeof(seq) = 'integer')"
+    ).fetchone()
+    return int(seq or 0)
 
 
 def _cats(msg: Released) -> str:

@@ -506,3 +506,33 @@ def test_rows_of_an_older_outbox_without_their_categories_go_by_what_their_kind_
     # status and the new vehicle-status summary stay
     assert gone.seqs == [7]
     assert sorted(p.schema for p in ob.peek(10)) == ["gateway.signals", "gateway.status"]
+
+
+# a value no gateway writes, put into the row of seq 1 by hand: each made Python's sqlite3
+# raise on every read of the table (or the gateway end with a traceback)
+_DAMAGE = {
+    "topic not UTF-8": "topic = CAST(X'FF41' AS TEXT)",
+    "schema not UTF-8": "schema = CAST(X'FF' AS TEXT)",
+    "seq not a number": "seq = 'x'",
+    "retain flag not 0 or 1": "retain = 'x'",
+}
+
+
+@pytest.mark.parametrize("damage", _DAMAGE.values(), ids=_DAMAGE.keys())
+def test_a_damaged_row_is_named_at_the_start_check_not_taken_for_a_failing_disk(tmp_path, damage):
+    # GIVEN three messages waiting, the second changed in the file by hand
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put_many(_released(ob, 3))
+    with sqlite3.connect(tmp_path / "o.sqlite") as db:
+        db.execute(f"UPDATE outbox SET {damage} WHERE seq = 1")
+    # WHEN what waits is read to be checked against the ledger
+    # THEN the file and the row are named; the file is not written off as a failing disk
+    # (the outbox went to memory empty, and what waited in the file was never sent)
+    with pytest.raises(StorageError, match=r"o\.sqlite: a message waiting .* is damaged"):
+        ob.digests()
+    assert ob.storage == "ok"
+    # AND read to be sent, only the damaged one is held back; the others go, in order
+    batch = ob.peek()
+    assert [ob.unchanged(p) for p in batch] == [True, False, True]
+    assert [p.seq for p in batch if ob.unchanged(p)] == [0, 2]
+    assert ob.storage == "ok" and ob.depth() == 3
