@@ -190,6 +190,9 @@ class RunReport:
     bytes_released: int = 0
     sent: int = 0
     outbox_left: int = 0  # waiting in the outbox file, sent on the next run
+    # sent in this run, but their rows stay in the outbox file, which could not be written
+    # (read-only): the next run that can write it sends them again (the owner drops repeats)
+    outbox_sent_kept: int = 0
     outbox_lost: int = 0  # left waiting by the last run in an outbox file that is gone
     outbox_deleted: int = 0  # waiting in an outbox file deleted while this run ran
     stopped_by: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), if one did
@@ -1195,6 +1198,7 @@ class Gateway:
                 await asyncio.wait_for(pub_task, timeout=10)
             self.report.sent = self.publisher.sent
             self.report.dropped = self.outbox.dropped
+            self.report.outbox_sent_kept = self.outbox.sent_kept
             self.report.outbox_left = self.outbox.depth()
             if self.report.outbox_left and self.outbox.file_gone():
                 # deleted (or replaced) while the gateway ran: no next run will send them
@@ -1224,8 +1228,12 @@ class Gateway:
             with step():
                 self.consent.save(self.consent_path)
             with step():
+                # (outbox_left: not delivered; the file holds those sent_kept too: not empty)
+                kept = self.report.outbox_sent_kept
                 self._record_stop(
-                    self.report.outbox_left, lost_in_memory=self.report.lost_in_memory
+                    self.report.outbox_left,
+                    lost_in_memory=self.report.lost_in_memory,
+                    **({"outbox_sent_kept": kept} if kept else {}),
                 )
             self.ledger.close()
             self.outbox.close()

@@ -239,6 +239,14 @@ def _start_parsing(args: argparse.Namespace) -> None:
 
 def _undelivered(report: Any, s: Any) -> int:
     """Exit code 3 and one line if summaries are left undelivered, else 0."""
+    kept = getattr(report, "outbox_sent_kept", 0)
+    if kept:  # delivered: not a reason for 3, but the file is not empty, and says so
+        print(
+            f"gateway: warning: {kept} summaries sent in this run stay in {s.gateway.outbox}, "
+            "which could not be written: the next run that can write it sends them again "
+            "(with the same seq: the owner drops the repeats)",
+            file=sys.stderr,
+        )
     left = report.outbox_left
     lost = getattr(report, "lost_in_memory", 0)
     dropped = getattr(report, "dropped", 0) + getattr(report, "changed_in_outbox", 0)

@@ -992,3 +992,128 @@ def test_a_row_damaged_while_the_gateway_runs_is_not_sent_and_every_other_is(
     assert report.changed_in_outbox == 1 and report.outbox_left == 0
     assert _undelivered(report, s) == 3
     assert "1 were not sent, their rows changed or damaged in" in capsys.readouterr().err
+
+
+def _can_drop_root() -> bool:
+    """Whether a command can run as a user whose file modes are enforced: any user but root,
+    or, for root, uid 1000 of a user namespace of its own (no capabilities: a file of mode
+    444 cannot be opened to be written, as for any user)."""
+    if os.geteuid() != 0:
+        return True
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-user=1000", "--map-group=1000", "true"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("broker_there", [True, False], ids=["broker there", "broker away"])
+@pytest.mark.parametrize(
+    "read_only",
+    [
+        pytest.param(
+            "disk",
+            marks=pytest.mark.skipif(
+                not _can_mount_private_tmpfs(), reason="needs `unshare -rm` to mount a tmpfs"
+            ),
+        ),
+        pytest.param(
+            "file",
+            marks=pytest.mark.skipif(
+                not _can_drop_root(), reason="needs `unshare --user` to run without root"
+            ),
+        ),
+    ],
+)
+def test_summaries_waiting_in_a_read_only_outbox_are_sent_and_said_to_stay_in_it(
+    tmp_path, broker, vin, listen, read_only, broker_there
+):
+    # GIVEN summaries waiting in an outbox that cannot be written: on a disk mounted
+    # read-only (a private mount namespace), or a file of mode 444; its ledger elsewhere
+    waiting = _summaries_left_waiting(tmp_path / "state", vin)
+    with sqlite3.connect(tmp_path / "state" / "o.sqlite") as db:
+        in_file = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    empty = tmp_path / "empty.log"
+    empty.write_text("")
+    url = broker.url if broker_there else "mqtt://127.0.0.1:1"
+    outbox = tmp_path / "state" / "o.sqlite"
+    if read_only == "disk":
+        outbox = tmp_path / "disk" / "o.sqlite"
+        outbox.parent.mkdir()
+        shell = (
+            f'mount -t tmpfs -o size=10m tmpfs "{outbox.parent}" && '
+            f'cp "{tmp_path / "state" / "o.sqlite"}" "{outbox}" && '
+            f'mount -o remount,ro "{outbox.parent}" && exec "$@"'
+        )
+        prefix = ["unshare", "-rm", "sh", "-c", shell, "sh"]
+    else:
+        outbox.chmod(0o444)
+        prefix = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+        prefix = prefix if os.geteuid() == 0 else []
+    owner = listen(broker.url, f"vehicles/{vin}/owner/signals")
+    # WHEN a run drains it (an empty log)
+    proc = subprocess.run(
+        [
+            *prefix, sys.executable, "-m", "gateway", "replay", str(empty),
+            "--dbc", f"can0={KONA_PCAN}", "--broker", url, "--vin", vin,
+            "--ledger", str(tmp_path / "state" / "l.jsonl"), "--outbox", str(outbox), "-q",
+        ],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    stop = json.loads((tmp_path / "state" / "l.jsonl").read_text().splitlines()[-1])
+    assert stop["kind"] == "stop"
+    assert "Traceback" not in proc.stderr
+    if broker_there:
+        # THEN every summary waiting in it reaches the owner in this run (none did: the file
+        # was never opened, and nothing in it read)...
+        _, received = _received_seqs(owner.settle())
+        assert received == waiting, proc.stderr
+        # ...and the stop entry and the last lines do not say the file is empty: it still
+        # holds them, and the next run that can write it sends them again (the owner drops
+        # the repeats by seq); the exit status says that all were delivered
+        assert proc.returncode == 0, proc.stderr
+        assert (stop["outbox_left"], stop.get("outbox_sent_kept")) == (0, in_file)
+        assert f"{in_file} summaries sent in this run stay in {outbox}" in proc.stderr
+    else:
+        # THEN, not sent, they are said to wait in it (the stop entry said "outbox_left": 0)
+        assert proc.returncode == 3, proc.stderr
+        assert stop["outbox_left"] == in_file and "outbox_sent_kept" not in stop
+        assert owner.settle() == []
+
+
+@pytest.mark.skipif(not _can_mount_private_tmpfs(), reason="needs `unshare -rm` to mount a tmpfs")
+def test_a_read_only_outbox_whose_write_ahead_log_cannot_be_read_stops_the_start(tmp_path, vin):
+    # GIVEN an outbox whose last rows are only in its -wal (a run killed before SQLite moved
+    # them into the file), without its -shm, on a disk mounted read-only: SQLite cannot read
+    # the -wal without making a -shm, and reading the file alone would miss those rows
+    waiting = _summaries_left_waiting(tmp_path / "state", vin)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    db = sqlite3.connect(tmp_path / "state" / "o.sqlite", isolation_level=None)
+    db.execute("PRAGMA wal_autocheckpoint = 0")
+    db.execute("DELETE FROM outbox WHERE seq = ?", (waiting[0],))  # a change held in the -wal
+    for name in ("o.sqlite", "o.sqlite-wal"):
+        shutil.copy(tmp_path / "state" / name, copy / name)
+    db.close()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    empty = tmp_path / "empty.log"
+    empty.write_text("")
+    shell = (
+        f'mount -t tmpfs -o size=10m tmpfs "{disk}" && cp "{copy}"/* "{disk}" && '
+        f'mount -o remount,ro "{disk}" && exec "$@"'
+    )
+    # WHEN a run starts on it
+    proc = subprocess.run(
+        [
+            "unshare", "-rm", "sh", "-c", shell, "sh", sys.executable, "-m", "gateway",
+            "replay", str(empty), "--dbc", f"can0={KONA_PCAN}", "--broker", "mqtt://127.0.0.1:1",
+            "--vin", vin, "--ledger", str(tmp_path / "state" / "l.jsonl"),
+            "--outbox", str(disk / "o.sqlite"), "-q",
+        ],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    # THEN it stops with exit 4 and one line naming the file (it ran saying nothing waited)
+    assert proc.returncode == 4, proc.stderr
+    assert_one_line_error(proc, str(disk / "o.sqlite"), "nor read without writing")

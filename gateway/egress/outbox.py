@@ -162,6 +162,10 @@ class Outbox:
         # changing, and sends the new state first (``peek``)
         self.retained_put = 0
         self._in_file: set[int] = set()  # memory entries that are copies of rows of the file
+        # acknowledged by the broker in this run, but their rows stay in the file, which could
+        # not be written: a later run sends them again, with the same seq (the owner drops the
+        # repeats). Not ``left`` (delivered), nor lost with a file deleted later
+        self.sent_kept = 0
         self._lock_fd: int | None = None  # holds the flock on the outbox file
         stored_seq = 0
         existed = False
@@ -192,10 +196,13 @@ class Outbox:
                         f"{self.path}: the outbox is damaged ({exc}); the summaries waiting in "
                         "it cannot be read. Move it aside to start with an empty one"
                     ) from exc
-                self._degrade(exc)
+                if existed:
+                    stored_seq = self._read_only(exc)
+                else:
+                    self._degrade(exc)
         self._next_seq = stored_seq
         # the first number no summary in the file ever had (None: no file was there to read)
-        self.stored_seq: int | None = stored_seq if self._db is not None and existed else None
+        self.stored_seq: int | None = stored_seq if existed else None
 
     # -- sequence numbers ------------------------------------------------------------------
     def reserve_seq(self, floor: int) -> None:
@@ -315,11 +322,60 @@ class Outbox:
 
         return _Tx(self._db)  # type: ignore[return-value]
 
-    def _degrade(self, exc: BaseException) -> None:
+    def _read_only(self, exc: BaseException) -> int:
+        """A file that holds what waits, but cannot be opened to be written (a read-only disk
+        or file: ``_lock`` needs O_RDWR, and nothing was read, so none of it was sent, and the
+        stop entry said none was left): it is read without writing to it, into memory
+        (``_degrade``), and sent in this run. Its rows stay in the file (``sent_kept``). What
+        cannot be read so stops the start: a run would say nothing waits. The stored seq."""
+        assert self.path is not None
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        try:
+            if self._lock_fd is None:
+                self._lock(os.O_RDONLY)  # (one gateway per outbox all the same)
+            # immutable: SQLite writes nothing, and makes no -shm file (mode=ro alone cannot
+            # open a WAL file on a read-only disk without one; on a read-only file it left a
+            # -shm the next, writable run could not write). Not while a -wal holds rows the
+            # file does not (a run killed before its checkpoint): mode=ro reads them
+            wal = Path(f"{self.path}-wal")
+            in_wal = wal.is_file() and wal.stat().st_size > 0
+            uri = self.path.resolve().as_uri() + ("?mode=ro" if in_wal else "?mode=ro&immutable=1")
+            db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            try:
+                columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+                stored_seq = _stored_seq(db)
+                db.text_factory = bytes
+                kept = _ROW if "categories" in columns else _ROW.replace("categories", "NULL")
+                rows = db.execute(f"SELECT {kept} FROM outbox ORDER BY id").fetchall()
+            finally:
+                db.close()
+        except (sqlite3.Error, OSError) as read_exc:
+            self.close()
+            raise StorageError(
+                f"{self.path}: the outbox cannot be written ({exc}), nor read without writing "
+                f"({read_exc}): the summaries waiting in it could be neither sent nor kept "
+                "track of. Make it writable, or move it aside to start with an empty one"
+            ) from read_exc
+        self._degrade(exc, rows)
+        if rows:
+            log.warning(
+                "outbox %s: read the %d message(s) waiting in it without writing to it: a run "
+                "sends them from memory, and they stay in the file, so that the next run that "
+                "can write it sends them again (the owner drops the repeats by seq)",
+                self.path,
+                len(rows),
+            )
+        return stored_seq
+
+    def _degrade(self, exc: BaseException, rows: list[tuple] | None = None) -> None:  # type: ignore[type-arg]
         """The disk failed (full, read-only, gone): carry on in memory. What still waits on the
-        disk is read into memory first (reading usually still works on a full disk), so it is
-        sent in this run, in order; it stays on the disk too, and a later run re-sends it with
-        the same ``seq``, which the owner drops. Rows the broker already acknowledged stay out."""
+        disk is read into memory first (reading usually still works on a full disk; ``rows``:
+        read already), so it is sent in this run, in order; it stays on the disk too, and a
+        later run re-sends it with the same ``seq``, which the owner drops. Rows the broker
+        already acknowledged stay out."""
         if self.storage_error is None:
             log.error(
                 "outbox %s cannot be written (%s): keeping up to %d messages in memory",
@@ -329,7 +385,7 @@ class Outbox:
             )
         self.storage_error = f"{self.path}: {exc}"
         if self._db is not None:
-            rows: list[tuple] = []  # type: ignore[type-arg]
+            rows = []
             # (a file of an older version that could not take the column has no categories)
             for columns in (_ROW, _ROW.replace("categories", "NULL")):
                 with contextlib.suppress(sqlite3.Error):
@@ -337,20 +393,24 @@ class Outbox:
                     break
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
-            self._db = None
-            rescued = [r for r in rows if r[0] not in self._acked]
-            if rescued:
-                newer = list(self._mem.values())
-                self._mem.clear()
-                for r in rescued:
-                    self._mem_n += 1
-                    self._mem[self._mem_n] = _pending(r, ("mem", self._mem_n))
-                    self._in_file.add(self._mem_n)  # still in the file too: not lost at exit
-                    if ("db", r[0]) in self._unconfirmed:
-                        self._unconfirmed.add(("mem", self._mem_n))
-                for p in newer:  # keep their keys: the publisher may hold them in flight
-                    self._mem[p.key[1]] = p
         self._db = None
+        rows = rows or []
+        # acknowledged (their delete failed, or had not come yet): delivered, and in the file
+        self.sent_kept += sum(
+            r[0] in self._acked and ("db", r[0]) not in self._withdrawn for r in rows
+        )
+        rescued = [r for r in rows if r[0] not in self._acked]
+        if rescued:
+            newer = list(self._mem.values())
+            self._mem.clear()
+            for r in rescued:
+                self._mem_n += 1
+                self._mem[self._mem_n] = _pending(r, ("mem", self._mem_n))
+                self._in_file.add(self._mem_n)  # still in the file too: not lost at exit
+                if ("db", r[0]) in self._unconfirmed:
+                    self._unconfirmed.add(("mem", self._mem_n))
+            for p in newer:  # keep their keys: the publisher may hold them in flight
+                self._mem[p.key[1]] = p
 
     def _enforce_bounds(self, now: float) -> None:
         assert self._db is not None
@@ -463,6 +523,9 @@ class Outbox:
         self._unconfirmed.discard(item.key)
         if kind == "mem":
             self._mem.pop(n, None)
+            if n in self._in_file:  # the broker has it; its row stays in the file
+                self._in_file.discard(n)
+                self.sent_kept += item.key not in self._withdrawn
         else:
             self._acked.add(n)
 
@@ -688,13 +751,14 @@ class Outbox:
             os.close(self._lock_fd)  # and with it the lock
             self._lock_fd = None
 
-    def _lock(self) -> None:
+    def _lock(self, mode: int = os.O_RDWR | os.O_CREAT) -> None:
         """One gateway at a time: a second one on the same outbox would send the same rows
         and number new summaries from the same counter (the owner drops repeated numbers as
         duplicates: real data lost). ``flock`` on the file, held until ``close`` or exit; it
-        does not touch SQLite's own (POSIX) locks."""
+        does not touch SQLite's own (POSIX) locks. ``mode``: O_RDONLY for a file that cannot
+        be written (``flock`` takes any open file)."""
         assert self.path is not None
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, mode | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

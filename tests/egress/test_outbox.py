@@ -286,6 +286,9 @@ def test_messages_acknowledged_before_the_disk_fails_are_not_sent_again(tmp_path
     # (same seq: the owner drops repeats), and every message went
     assert all(sent.count(p) == 1 for p in sent[:5])
     assert len(set(sent)) == 10
+    # and the file, which could not be written, still holds all ten, each delivered: the
+    # next run sends them again, which the stop entry says (``outbox_sent_kept``)
+    assert ob.sent_kept == 10 and ob.depth() == 0
 
 
 @pytest.mark.parametrize("on_disk", [True, False])
@@ -536,3 +539,39 @@ def test_a_damaged_row_is_named_at_the_start_check_not_taken_for_a_failing_disk(
     assert [ob.unchanged(p) for p in batch] == [True, False, True]
     assert [p.seq for p in batch if ob.unchanged(p)] == [0, 2]
     assert ob.storage == "ok" and ob.depth() == 3
+
+
+def test_an_outbox_file_that_cannot_be_written_is_read_and_its_rows_stay_in_it(
+    tmp_path, monkeypatch
+):
+    # GIVEN three messages waiting in a file that cannot be opened to be written (as for any
+    # user but root with a file of mode 444, or for anyone on a read-only disk)
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    ob.put_many(_released(ob, 3))
+    ob.close()
+    real = os.open
+
+    def refuse_writing(p, flags, *rest):  # (root ignores modes)
+        if str(p) == str(path) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p, flags, *rest)
+
+    monkeypatch.setattr(os, "open", refuse_writing)
+    # WHEN it is opened
+    ro = Outbox(path)
+    # THEN what waits is read, to be sent in this run (nothing was: the file was never
+    # opened, and the run said nothing was left), and the numbering goes on after it
+    assert ro.storage == "degraded" and ro.stored_seq == 3
+    waiting = ro.peek()
+    assert [p.seq for p in waiting] == [0, 1, 2] and ro.depth() == 3
+    # AND once the broker took them, none is left, but the file still holds them: said so
+    for p in waiting:
+        ro.sending(p)
+    ro.ack_many(waiting)
+    assert ro.depth() == 0 and ro.sent_kept == 3
+    ro.close()
+    monkeypatch.undo()
+    # (read without a -shm or -wal file left behind, that a writable run could not use)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.sqlite"]
+    assert [p.seq for p in Outbox(path).peek()] == [0, 1, 2]
