@@ -429,6 +429,26 @@ class OwnerMidDrive:
             self.clock[0] += 1.0
             yield part
 
+    @classmethod
+    def run(
+        cls,
+        settings: Any,
+        script: Sequence[tuple[float, str, dict[str, Any]]],
+        url: str | None = None,
+    ) -> tuple[OwnerMidDrive, Any]:
+        """A gateway of ``settings`` on its own clock (from 2e9 s), replaying the drive with
+        the owner's ``script`` (through the broker at ``url``, which it must reach, or by
+        direct calls): the source (its ``said_at``) and the run's report."""
+        from gateway.app import Gateway
+
+        clock = [2_000_000_000.0]
+        box: list[Any] = []
+        source = cls(box, clock, script, url=url)
+        gw = Gateway(settings, [source], clock=lambda: clock[0])
+        box.append(gw)
+        report = asyncio.run(gw.run(require_broker=url is not None, drain_timeout=10))
+        return source, report
+
     async def _say(self, tail: str, payload: bytes, sha256: Any) -> None:
         gw = self.box[0]
         topic = f"{gw.topics.base}/{tail}"

@@ -224,12 +224,7 @@ def _cabin_midway(tmp_path, vin, messages, consent=(), url=None):
         tmp_path, {"*": [str(DBC)]}, url=url, consent=consent, vin=vin, window=60.0,
         policy=policy,
     )  # fmt: skip
-    clock = [2_000_000_000.0]
-    box: list[Gateway] = []
-    source = OwnerMidDrive(box, clock, messages, url=url)
-    gw = Gateway(s, [source], clock=lambda: clock[0])
-    box.append(gw)
-    report = asyncio.run(gw.run(require_broker=url is not None, drain_timeout=10))
+    source, report = OwnerMidDrive.run(s, messages, url)
     return source.said_at[0], report
 
 

@@ -5,11 +5,8 @@ before the stop."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from gateway.app import Gateway
 from gateway.egress.ledger import read_entries
 from gateway.egress.outbox import Outbox
 from gateway.egress.schema import unpack
@@ -45,12 +42,7 @@ def _run(tmp_path, vin, script, url=None):
         tmp_path, {"*": [str(MODEL3_DBC)]}, url=url, consent=["cabin:1", "location:1"],
         vin=vin, window=60.0, policy=policy,
     )  # fmt: skip
-    clock = [2_000_000_000.0]
-    box: list[Gateway] = []
-    source = OwnerMidDrive(box, clock, script, url=url)
-    gw = Gateway(s, [source], clock=lambda: clock[0])
-    box.append(gw)
-    asyncio.run(gw.run(require_broker=url is not None, drain_timeout=10))
+    source, _ = OwnerMidDrive.run(s, script, url)
     ob = Outbox(tmp_path / "o.sqlite")
     try:
         left = [(p.schema, unpack(p.payload)) for p in ob.peek(10_000)]
