@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -96,6 +97,13 @@ def _check(args: argparse.Namespace) -> AnonymiserSettings:
             edges=args.edges,
         ),
     )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def _write_image(path: Path, image: object) -> None:
@@ -303,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, detector=detector)
     if src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES and dst.is_dir():
         dst = dst / src.name  # into a folder: the same name (not over the input itself)
-    if src.is_file() and dst.exists() and dst.resolve() == src.resolve():
+    # (the same file by any name: a hard link resolves to a path of its own, and writing the
+    # video over it left the original an empty AVI)
+    if src.is_file() and dst.exists() and _same_file(src, dst):
         raise ConfigError(f"{dst}: the output must not overwrite the input")
     anon = FrameAnonymiser(load_detectors(settings.detector), settings)
     progress = Progress("anonymize", enabled=False if args.quiet else None)

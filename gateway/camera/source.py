@@ -180,11 +180,17 @@ def read_image(path: Path) -> Image:
     said: list[str] = []
     if data is not None and data.size:
         with native_messages(said):
-            img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-            if img is not None and img.dtype == np.uint16:
-                img = (img >> np.uint16(sample_bits(img) - 8)).astype(np.uint8)
-            elif img is not None and img.dtype != np.uint8:  # (float TIFFs: as OpenCV reads)
-                img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            try:
+                img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+                if img is not None and img.dtype == np.uint16:
+                    img = (img >> np.uint16(sample_bits(img) - 8)).astype(np.uint8)
+                elif img is not None and img.dtype != np.uint8:  # (float TIFFs: as OpenCV
+                    img = cv2.imdecode(data, cv2.IMREAD_COLOR)  # reads them)
+            except cv2.error as exc:  # (a header claiming more than 2**30 pixels: OpenCV
+                # refuses it with an error, where it returns None for other damage; it
+                # ended the anonymize run, or a whole replay with a camera folder)
+                said.append(str(exc).strip().splitlines()[-1].strip())
+                img = None
     why = f" ({'; '.join(dict.fromkeys(said))})" if said else ""
     if img is None:
         raise CameraError(f"{path}: not an image OpenCV can read{why}")

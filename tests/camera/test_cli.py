@@ -142,6 +142,56 @@ def test_a_cut_png_is_one_line_that_says_what_the_image_library_found(
     assert not (tmp_path / "o.png").exists()
 
 
+def _huge_png(path):
+    """A valid PNG of 118 bytes whose header says 40000 x 40000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_whose_header_claims_a_billion_pixels_is_one_unreadable_file(tmp_path, gateway):
+    """OpenCV raises for it (more than 2**30 pixels) where it returns None for other damage:
+    a traceback, and the photos after it in the folder were never written."""
+    src = tmp_path / "in"
+    src.mkdir()
+    _huge_png(src / "a-huge.png")
+    shutil.copy(ASTRONAUT, src / "b-good.jpg")
+    code, err = gateway("anonymize", str(src), str(tmp_path / "out"), "-q")
+    assert code == 1 and "Traceback" not in err
+    assert "a-huge.png: not an image OpenCV can read" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b-good.jpg"]
+    code, err = gateway("anonymize", str(src / "a-huge.png"), str(tmp_path / "o.png"), "-q")
+    assert code == 2 and "a-huge.png: not an image OpenCV can read" in _one_error(err)
+
+
+def test_an_output_that_is_a_hard_link_of_the_input_is_refused_and_the_input_kept(
+    tmp_path, gateway
+):
+    """Compared by path, a hard link is another file: the video written over it left the
+    original an empty AVI (exit 0)."""
+    import os
+
+    src = tmp_path / "a.mp4"
+    shutil.copy(DEMO_CLIP, src)
+    os.link(src, tmp_path / "b.mp4")
+    before = src.read_bytes()
+    code, err = gateway("anonymize", str(src), str(tmp_path / "b.mp4"), "-q")
+    assert code == 2 and "must not overwrite the input" in _one_error(err)
+    assert src.read_bytes() == before
+
+
 def test_an_unreadable_image_in_a_folder_is_reported_and_the_rest_written(tmp_path, gateway):
     src = tmp_path / "in"
     src.mkdir()
