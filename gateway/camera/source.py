@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -206,24 +207,42 @@ _NATIVE_LIMIT = 4096  # bytes of a library's messages kept for one image
 _CV_LOG = re.compile(r"^\[\s*[A-Z]+:\d+@[\d.]+\]\s+(?:global\s+)?\S+:\d+\s+\w+\s+")
 
 
+_native = threading.Lock()  # held while stderr is redirected (``native_messages``)
+_native_file: Any = None  # the file it is redirected to, made once, emptied for each image
+
+
 @contextlib.contextmanager
 def native_messages(said: list[str]) -> Iterator[None]:
     """What the C libraries under OpenCV write to the process's stderr meanwhile (libpng's
     "libpng error: PNG input buffer is incomplete", libjpeg's "Corrupt JPEG data: ...") goes
     into ``said``, a line each, instead of onto the terminal beside the gateway's own one-line
     error. The stderr of the whole process is redirected, so a line another thread writes
-    meanwhile lands there too (and is shown with the image's message, not lost). Where stderr
-    cannot be redirected (no descriptor 2), nothing is captured."""
-    import tempfile
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
+    meanwhile lands there too (and is shown with the image's message, not lost). One thread
+    at a time: while another holds the redirection (a second camera's reader), nothing is
+    captured (two nested ones, undone out of order, would leave stderr in a file), and the
+    decoding is not made to wait. Nor where stderr cannot be redirected (no descriptor 2).
+    One file serves every image (made for each, it cost ~0.25 ms an image)."""
+    global _native_file
+    if not _native.acquire(blocking=False):
         yield
         return
     try:
-        with tempfile.TemporaryFile() as tmp:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved is None:
+            yield
+            return
+        try:
+            if _native_file is None:
+                import tempfile
+
+                _native_file = tempfile.TemporaryFile()  # noqa: SIM115 - kept for the process
+            tmp = _native_file
+            tmp.seek(0)
+            tmp.truncate()
             os.dup2(tmp.fileno(), 2)
             try:
                 yield
@@ -232,8 +251,10 @@ def native_messages(said: list[str]) -> Iterator[None]:
                 tmp.seek(0)
                 text = tmp.read(_NATIVE_LIMIT).decode("utf-8", "replace")
             said += [_CV_LOG.sub("", line).strip() for line in text.splitlines() if line.strip()]
+        finally:
+            os.close(saved)
     finally:
-        os.close(saved)
+        _native.release()
 
 
 def sample_bits(img: Any) -> int:
