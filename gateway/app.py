@@ -873,10 +873,8 @@ class Gateway:
         self.report.positions_withheld += stage.withheld - before
         self.report.positions_in_geofence = stage.in_geofence
         self.report.positions_no_fix = stage.no_fix
-        if stage.fence_checked:
-            self.report.positions_by_fence = {
-                f.name: stage.by_fence.get(f.name, 0) for f in stage.geofences
-            }
+        if stage.fence_checked:  # (the stage's own counts, not a copy made per batch)
+            self.report.positions_by_fence = stage.by_fence
         self.report.positions_limited = stage.limited
 
     def publish_trip(self, trip: Trip, start_ok: bool = True) -> None:
@@ -976,7 +974,7 @@ class Gateway:
                     if c.loc is not None:
                         self.publish_positions(c.loc, decoded.series)
                     if c.trips is not None:
-                        ok = self.consent.ok(Category.LOCATION, self.clock())
+                        ok = self.consent.ok(Category.LOCATION, taken)
                         started = c.started
                         for trip in c.trips.feed(decoded.series):
                             # a trip that started in an earlier batch: consent as it was then

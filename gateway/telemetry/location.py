@@ -203,13 +203,19 @@ class LocationStage:
     geofences: Sequence[Geofence]
     limiter: LocationLimiter
     withheld: int = 0
-    in_geofence: int = 0
     limited: int = 0
     no_fix: int = 0  # a coordinate that is not a finite number
     # fixes inside each fence (the first that holds it), by name: a fence a drive passes
     # through that holds none is not where it was meant to be (a typo inside valid ranges)
     by_fence: dict[str, int] = field(default_factory=dict)
     fence_checked: int = 0  # fixes looked at by the fences (with consent, a number)
+
+    def __post_init__(self) -> None:
+        self.by_fence = {f.name: 0 for f in self.geofences}  # (a fence no fix entered: 0)
+
+    @property
+    def in_geofence(self) -> int:
+        return sum(self.by_fence.values())
 
     def feed(self, series: Sequence[Any], consent_ok: bool) -> list[tuple[float, float, float]]:
         """(window start, lat, lon) for each position that may leave."""
@@ -234,8 +240,7 @@ class LocationStage:
             self.fence_checked += 1
             fence = next((g for g in self.geofences if g.contains(la, lo)), None)
             if fence is not None:
-                self.in_geofence += 1
-                self.by_fence[fence.name] = self.by_fence.get(fence.name, 0) + 1
+                self.by_fence[fence.name] += 1
                 continue
             if not self.limiter.admit(t, la, lo):
                 self.limited += 1
